@@ -1,0 +1,777 @@
+//! Two tunnels paired in memory with a fake clock: the conformance checks of spec §1.17.
+
+use std::collections::VecDeque;
+use std::sync::OnceLock;
+
+use super::*;
+use crate::certs::BotIdentity;
+use crate::stanza::xtls::MAX_CHUNK_ACCEPTED;
+use crate::stanza::{encode_data, ns};
+
+const ALICE: &str = "alice@example.net/laptop";
+const BOT: &str = "weather@bots.example.org";
+
+fn creds(jid: &str) -> BotCredentials {
+    // Key generation is the slow part of these tests: one identity per JID per test binary.
+    static CACHE: OnceLock<std::sync::Mutex<Vec<(String, BotCredentials)>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let mut cache = cache.lock().unwrap();
+    if let Some((_, c)) = cache.iter().find(|(j, _)| j == jid) {
+        return c.clone();
+    }
+    let c = BotCredentials::new(BotIdentity::generate(jid).unwrap()).unwrap();
+    cache.push((jid.to_owned(), c.clone()));
+    c
+}
+
+struct Side {
+    creds: BotCredentials,
+    policy: PeerPolicy,
+    key: TunnelKey,
+    tunnel: Option<Tunnel>,
+    events: Vec<Event>,
+    /// Replies produced outside any tunnel (refusals).
+    out: VecDeque<Element>,
+    next_prefix: u32,
+}
+
+impl Side {
+    fn new(local: &str, peer: &str, cert_jid: &str) -> Side {
+        Side {
+            creds: creds(cert_jid),
+            policy: PeerPolicy::default(),
+            key: TunnelKey {
+                local: local.into(),
+                peer: peer.into(),
+            },
+            tunnel: None,
+            events: Vec::new(),
+            out: VecDeque::new(),
+            next_prefix: 0,
+        }
+    }
+
+    fn prefix(&mut self) -> String {
+        self.next_prefix += 1;
+        format!("{}-{}-", bare(&self.key.local), self.next_prefix)
+    }
+
+    fn params(&self, config: &TunnelConfig, id_prefix: String) -> TunnelParams {
+        TunnelParams {
+            config: config.clone(),
+            key: self.key.clone(),
+            creds: self.creds.clone(),
+            policy: self.policy.clone(),
+            id_prefix,
+        }
+    }
+
+    fn tunnel(&mut self) -> &mut Tunnel {
+        self.tunnel.as_mut().expect("a tunnel exists")
+    }
+
+    fn state(&self) -> Option<State> {
+        self.tunnel.as_ref().map(Tunnel::state)
+    }
+
+    fn drain(&mut self) -> Vec<Element> {
+        let mut out: Vec<Element> = self.out.drain(..).collect();
+        if let Some(t) = self.tunnel.as_mut() {
+            while let Some(el) = t.poll_transmit() {
+                out.push(el);
+            }
+            while let Some(ev) = t.poll_event() {
+                self.events.push(ev);
+            }
+        }
+        out
+    }
+
+    fn deliver(&mut self, now: Instant, config: &TunnelConfig, el: &Element) {
+        let iq = Iq::parse(el).expect("tunnels only send IQs");
+        if iq.type_ == IqType::Set
+            && let Ok(XtlsElement::Start { offer }) = classify_request(&iq)
+        {
+            let prefix = self.prefix();
+            match Tunnel::accept(now, self.params(config, prefix), &iq, offer.as_ref()) {
+                Ok(t) => self.tunnel = Some(t),
+                Err(refusal) => self.out.push_back(refusal.reply),
+            }
+            return;
+        }
+        match self.tunnel.as_mut() {
+            Some(t) if !t.is_gone() => t.handle_iq(now, &iq),
+            _ if iq.type_.is_request() => {
+                self.out
+                    .push_back(iq.error(ErrorType::Cancel, DefinedCondition::ItemNotFound, ""))
+            }
+            _ => {}
+        }
+    }
+
+    fn stanzas(&self) -> Vec<&Element> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Stanza(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn closed(&self) -> Option<&CloseReason> {
+        self.events.iter().find_map(|e| match e {
+            Event::Closed(r) => Some(r),
+            _ => None,
+        })
+    }
+}
+
+/// Alice (initiator, a client) and the weather bot (responder), with a wire log.
+struct Pair {
+    now: Instant,
+    config: TunnelConfig,
+    alice: Side,
+    bot: Side,
+    /// Every stanza that crossed, with its direction (true = alice to bot).
+    wire: Vec<(bool, Element)>,
+}
+
+impl Pair {
+    fn new() -> Pair {
+        Pair {
+            now: Instant::now(),
+            config: TunnelConfig::default(),
+            alice: Side::new(ALICE, BOT, "alice@example.net"),
+            bot: Side::new(BOT, ALICE, BOT),
+            wire: Vec::new(),
+        }
+    }
+
+    fn start(&mut self) {
+        let prefix = self.alice.prefix();
+        let params = self.alice.params(&self.config, prefix);
+        self.alice.tunnel = Some(Tunnel::initiate(self.now, params));
+    }
+
+    /// Moves everything queued on both sides once; returns whether anything moved.
+    fn step_with(&mut self, mut tamper: impl FnMut(bool, Element) -> Option<Element>) -> bool {
+        let from_alice = self.alice.drain();
+        let from_bot = self.bot.drain();
+        let moved = !from_alice.is_empty() || !from_bot.is_empty();
+        for el in from_alice {
+            if let Some(el) = tamper(true, el) {
+                self.wire.push((true, el.clone()));
+                self.bot.deliver(self.now, &self.config, &el);
+            }
+        }
+        for el in from_bot {
+            if let Some(el) = tamper(false, el) {
+                self.wire.push((false, el.clone()));
+                self.alice.deliver(self.now, &self.config, &el);
+            }
+        }
+        moved
+    }
+
+    fn drive_with(&mut self, mut tamper: impl FnMut(bool, Element) -> Option<Element>) {
+        for _ in 0..1000 {
+            if !self.step_with(&mut tamper) {
+                self.alice.drain();
+                self.bot.drain();
+                return;
+            }
+        }
+        panic!("pair did not settle");
+    }
+
+    fn drive(&mut self) {
+        self.drive_with(|_, el| Some(el));
+    }
+
+    fn open(&mut self) {
+        self.start();
+        self.drive();
+        assert_eq!(
+            self.alice.state(),
+            Some(State::Open),
+            "alice: {:?}",
+            self.alice.events
+        );
+        assert_eq!(
+            self.bot.state(),
+            Some(State::Open),
+            "bot: {:?}",
+            self.bot.events
+        );
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        for side in [&mut self.alice, &mut self.bot] {
+            if let Some(t) = side.tunnel.as_mut() {
+                if t.poll_timeout().is_some_and(|at| at <= self.now) {
+                    t.handle_timeout(self.now);
+                }
+                while let Some(ev) = t.poll_event() {
+                    side.events.push(ev);
+                }
+            }
+        }
+    }
+
+    /// The stanzas of one direction whose payload is the named XTLS element.
+    fn sent(&self, by_alice: bool, element: &str) -> Vec<&Element> {
+        self.wire
+            .iter()
+            .filter(|(dir, el)| *dir == by_alice && el.get_child(element, ns::XTLS).is_some())
+            .map(|(_, el)| el)
+            .collect()
+    }
+
+    fn errors(&self, by_alice: bool) -> Vec<String> {
+        self.wire
+            .iter()
+            .filter(|(dir, el)| *dir == by_alice && el.attr("type") == Some("error"))
+            .map(|(_, el)| Iq::parse(el).unwrap().error_condition())
+            .collect()
+    }
+}
+
+fn message(body: &str) -> Element {
+    format!("<message xmlns='jabber:client' type='chat' id='m1'><body>{body}</body></message>")
+        .parse()
+        .unwrap()
+}
+
+fn data_iq(from: &str, to: &str, id: &str, text: &str) -> Iq {
+    let el: Element = format!(
+        "<iq xmlns='jabber:client' type='set' id='{id}' from='{from}' to='{to}'><data xmlns='urn:xmpp:tmp:xtls'>{text}</data></iq>"
+    )
+    .parse()
+    .unwrap();
+    Iq::parse(&el).unwrap()
+}
+
+fn reply_condition(el: &Element) -> String {
+    Iq::parse(el).unwrap().error_condition()
+}
+
+#[test]
+fn c01_start_proceed_echoes_id_and_addressing() {
+    let mut pair = Pair::new();
+    pair.start();
+    pair.step_with(|_, el| Some(el));
+    let start = pair.sent(true, "start")[0].clone();
+    let proceed = pair.bot.drain().into_iter().next().unwrap();
+    assert_eq!(proceed.attr("type"), Some("result"));
+    assert_eq!(proceed.attr("id"), start.attr("id"));
+    assert_eq!(proceed.attr("from"), Some(BOT), "bare stays bare");
+    assert_eq!(proceed.attr("to"), Some(ALICE));
+    assert!(proceed.has_child("proceed", ns::XTLS));
+    assert_eq!(
+        pair.bot.state(),
+        Some(State::Handshaking),
+        "TLS exists when proceed is sent"
+    );
+}
+
+#[test]
+fn c02_policy_refusals_are_not_acceptable() {
+    let mut pair = Pair::new();
+    pair.bot.policy.trust = TrustMode::Pinned;
+    pair.start();
+    pair.drive();
+    assert_eq!(pair.errors(false), vec!["not-acceptable"]);
+    assert_eq!(
+        pair.alice.closed(),
+        Some(&CloseReason::Refused("not-acceptable".into()))
+    );
+    assert!(pair.bot.tunnel.is_none());
+
+    // An offer with no key (SRP only) is refused too.
+    let mut pair = Pair::new();
+    let el: Element = format!(
+        "<iq xmlns='jabber:client' type='set' id='s1' from='{ALICE}' to='{BOT}'><start xmlns='urn:xmpp:tmp:xtls'><offer xmlns='urn:xmpp:tmp:c2ctls'><srp/></offer></start></iq>"
+    )
+    .parse()
+    .unwrap();
+    pair.bot.deliver(pair.now, &pair.config, &el);
+    assert_eq!(reply_condition(&pair.bot.drain()[0]), "not-acceptable");
+}
+
+#[test]
+fn c03_handshake_with_client_certificates_both_ways() {
+    let mut pair = Pair::new();
+    pair.open();
+    let a = pair.alice.tunnel().established().unwrap().clone();
+    let b = pair.bot.tunnel().established().unwrap().clone();
+    assert_eq!(a.tls_version, "TLSv1.3");
+    assert_eq!(b.tls_version, "TLSv1.3");
+    assert_eq!(
+        b.peer.spki_sha256.as_ref(),
+        Some(&pair.alice.creds.identity.info.fingerprints.spki_sha256)
+    );
+    assert_eq!(b.peer.trust, TrustVerdict::TofuNew);
+    assert_eq!(
+        a.peer.spki_sha256.as_ref(),
+        Some(&pair.bot.creds.identity.info.fingerprints.spki_sha256)
+    );
+    // The first data carries method='x509', later ones do not.
+    let data = pair.sent(true, "data");
+    assert_eq!(
+        data[0].get_child("data", ns::XTLS).unwrap().attr("method"),
+        Some("x509")
+    );
+    assert!(data[1..].iter().all(|d| {
+        d.get_child("data", ns::XTLS)
+            .unwrap()
+            .attr("method")
+            .is_none()
+    }));
+}
+
+#[test]
+fn c04_pinned_peer_is_known_and_a_changed_key_is_refused() {
+    let mut pair = Pair::new();
+    pair.bot.policy.pins = vec![
+        pair.alice
+            .creds
+            .identity
+            .info
+            .fingerprints
+            .spki_sha256
+            .clone(),
+    ];
+    pair.open();
+    assert_eq!(
+        pair.bot.tunnel().established().unwrap().peer.trust,
+        TrustVerdict::Pinned
+    );
+
+    let mut pair = Pair::new();
+    pair.bot.policy.pins = vec![Fingerprint::sha256(b"another key")];
+    pair.start();
+    pair.drive();
+    assert_eq!(pair.errors(false), vec!["not-acceptable"]);
+    assert!(matches!(
+        pair.bot.closed(),
+        Some(CloseReason::CertificateRejected(_))
+    ));
+    // Alice's TLS reads the bot's alert before the error reply arrives.
+    assert!(matches!(
+        pair.alice.closed(),
+        Some(CloseReason::PeerAlert(_))
+    ));
+    assert!(
+        !pair
+            .alice
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Established(_))),
+        "the initiator never reports Open before its handshake data is acknowledged"
+    );
+}
+
+#[test]
+fn c05_wrong_or_missing_xmpp_addr_is_not_acceptable() {
+    let mut pair = Pair::new();
+    // Alice presents a certificate naming someone else.
+    pair.alice.creds = creds("mallory@example.net");
+    pair.start();
+    pair.drive();
+    assert_eq!(pair.errors(false), vec!["not-acceptable"]);
+    assert!(
+        pair.sent(false, "data").len() >= 2,
+        "the alert data goes out before the error reply"
+    );
+    assert!(
+        !pair
+            .alice
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Established(_)))
+    );
+
+    // The bot's certificate names another bot: alice refuses it.
+    let mut pair = Pair::new();
+    pair.bot.creds = creds("other@bots.example.org");
+    pair.start();
+    pair.drive();
+    assert_eq!(pair.errors(true), vec!["not-acceptable"]);
+    assert!(matches!(
+        pair.alice.closed(),
+        Some(CloseReason::CertificateRejected(_))
+    ));
+}
+
+#[test]
+fn c06_stanzas_flow_with_routing_restored() {
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    let mut m = message("forecast?");
+    set_attr(&mut m, "from", ALICE);
+    set_attr(&mut m, "to", BOT);
+    pair.alice.tunnel().send(now, m).unwrap();
+    pair.drive();
+    // Routing was stripped on the wire: only the inner stanza knows nothing of addresses.
+    let got = pair.bot.stanzas();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].attr("from"), Some(ALICE));
+    assert_eq!(got[0].attr("to"), Some(BOT));
+    assert_eq!(
+        got[0].get_child("body", ns::CLIENT).unwrap().text(),
+        "forecast?"
+    );
+    let stats = pair.bot.tunnel().stats();
+    assert_eq!(stats.stanzas_in, 1);
+    assert!(stats.bytes_in > 0 && stats.bytes_out > 0);
+}
+
+#[test]
+fn c07_close_during_handshake_gets_closed() {
+    let mut pair = Pair::new();
+    pair.start();
+    pair.step_with(|_, el| Some(el)); // start
+    pair.step_with(|_, el| Some(el)); // proceed
+    assert_eq!(pair.bot.state(), Some(State::Handshaking));
+    let el: Element = format!(
+        "<iq xmlns='jabber:client' type='set' id='c1' from='{ALICE}' to='{BOT}'><close xmlns='urn:xmpp:tmp:xtls'/></iq>"
+    )
+    .parse()
+    .unwrap();
+    pair.bot.deliver(pair.now, &pair.config, &el);
+    let replies = pair.bot.drain();
+    let closed = replies.iter().find(|r| r.attr("id") == Some("c1")).unwrap();
+    assert!(closed.has_child("closed", ns::XTLS));
+    assert_eq!(pair.bot.closed(), Some(&CloseReason::PeerClosed));
+}
+
+#[test]
+fn c08_base64_whitespace_accepted_and_malformations_refused() {
+    let mut pair = Pair::new();
+    pair.start();
+    // Break every data payload into lines of 10 characters with CRLF and tabs.
+    pair.drive_with(|_, mut el| {
+        if let Some(data) = el.get_child_mut("data", ns::XTLS) {
+            let text = data.text();
+            let wrapped: Vec<String> = text
+                .as_bytes()
+                .chunks(10)
+                .map(|c| String::from_utf8(c.to_vec()).unwrap())
+                .collect();
+            let method = data.attr("method").map(str::to_owned);
+            *data = XtlsElement::Data {
+                text: format!("\n\t{}\r\n", wrapped.join("\r\n ")),
+                method,
+            }
+            .to_element();
+        }
+        Some(el)
+    });
+    assert_eq!(pair.bot.state(), Some(State::Open));
+
+    for bad in ["ab=c", "*AAA", "QUJD="] {
+        let mut pair = Pair::new();
+        pair.open();
+        let now = pair.now;
+        pair.bot
+            .tunnel()
+            .handle_iq(now, &data_iq(ALICE, BOT, "x", bad));
+        let replies = pair.bot.drain();
+        assert_eq!(reply_condition(&replies[0]), "bad-request", "{bad}");
+        assert_eq!(
+            replies[0]
+                .get_child("error", ns::CLIENT)
+                .unwrap()
+                .attr("type"),
+            Some("cancel")
+        );
+        assert!(pair.bot.tunnel().is_gone());
+        assert!(
+            replies
+                .iter()
+                .all(|r| r.get_child("close", ns::XTLS).is_none()),
+            "no close after an error"
+        );
+    }
+}
+
+#[test]
+fn c09_chunk_limits() {
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    let big = encode_data(&vec![0u8; MAX_CHUNK_ACCEPTED + 1]);
+    pair.bot
+        .tunnel()
+        .handle_iq(now, &data_iq(ALICE, BOT, "big", &big));
+    assert_eq!(reply_condition(&pair.bot.drain()[0]), "policy-violation");
+
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    pair.alice
+        .tunnel()
+        .send(now, message(&"x".repeat(100_000)))
+        .unwrap();
+    pair.drive();
+    for el in pair.sent(true, "data") {
+        let text = el.get_child("data", ns::XTLS).unwrap().text();
+        assert!(decode_data(&text).unwrap().len() <= 4096);
+    }
+    assert_eq!(pair.bot.stanzas().len(), 1);
+}
+
+#[test]
+fn c10_window_and_ack_timeout_without_resend() {
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    pair.alice
+        .tunnel()
+        .send(now, message(&"y".repeat(50_000)))
+        .unwrap();
+    // The bot never answers: Alice may have at most 4 data IQs in flight.
+    let sent = pair.alice.drain();
+    let data: Vec<_> = sent
+        .iter()
+        .filter(|e| e.has_child("data", ns::XTLS))
+        .collect();
+    assert_eq!(data.len(), 4);
+    pair.advance(Duration::from_secs(61));
+    let after = pair.alice.drain();
+    assert!(
+        after.iter().all(|e| !e.has_child("data", ns::XTLS)),
+        "no resend ever"
+    );
+    assert!(after.iter().any(|e| e.has_child("close", ns::XTLS)));
+    assert_eq!(pair.alice.state(), Some(State::Closing));
+    pair.advance(Duration::from_secs(31));
+    assert_eq!(
+        pair.alice.closed(),
+        Some(&CloseReason::Timeout("data acknowledgement"))
+    );
+}
+
+#[test]
+fn c11_corrupted_record_sends_alert_then_bad_request() {
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    pair.alice.tunnel().send(now, message("hi")).unwrap();
+    let mut out = pair.alice.drain();
+    let data = out
+        .iter_mut()
+        .find(|e| e.has_child("data", ns::XTLS))
+        .unwrap();
+    let id = data.attr("id").unwrap().to_owned();
+    let mut bytes = decode_data(&data.get_child("data", ns::XTLS).unwrap().text()).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    pair.bot
+        .tunnel()
+        .handle_iq(now, &data_iq(ALICE, BOT, &id, &encode_data(&bytes)));
+    let replies = pair.bot.drain();
+    assert_eq!(replies.len(), 2, "{replies:?}");
+    assert!(replies[0].has_child("data", ns::XTLS), "alert first");
+    assert_eq!(replies[1].attr("id"), Some(id.as_str()));
+    assert_eq!(reply_condition(&replies[1]), "bad-request");
+    assert!(matches!(pair.bot.closed(), Some(CloseReason::TlsError(_))));
+    // Alice receives the alert: result, tunnel gone, no error sent.
+    pair.alice.deliver(now, &pair.config, &replies[0]);
+    let answers = pair.alice.drain();
+    assert_eq!(answers.len(), 1);
+    assert_eq!(answers[0].attr("type"), Some("result"));
+    assert!(matches!(
+        pair.alice.closed(),
+        Some(CloseReason::PeerAlert(_))
+    ));
+}
+
+#[test]
+fn c12_inner_framing() {
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    let plain = format!(
+        "<message xmlns='jabber:client' id='1'><body>one</body></message>\
+         <message id='2'><body>two</body></message>\
+         <message from='mallory@evil.example/x' id='3'><body>spoof</body></message>\
+         <message from='{ALICE}' to='{BOT}' id='4'><body>explicit</body></message>\
+         <unknown xmlns='urn:x'/>"
+    );
+    let t = pair.alice.tunnel();
+    t.tls
+        .as_mut()
+        .unwrap()
+        .write_plaintext(plain.as_bytes())
+        .unwrap();
+    t.flush(now);
+    pair.drive();
+    let ids: Vec<_> = pair
+        .bot
+        .stanzas()
+        .iter()
+        .map(|s| s.attr("id").unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        ids,
+        ["1", "2", "4"],
+        "spoofed and non-stanza elements dropped"
+    );
+
+    // One stanza split over three records (three data IQs).
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    for part in [
+        "<message xmlns='jabber:client' id='s'><bo",
+        "dy>spl",
+        "it</body></message>",
+    ] {
+        let t = pair.alice.tunnel();
+        t.tls
+            .as_mut()
+            .unwrap()
+            .write_plaintext(part.as_bytes())
+            .unwrap();
+        t.flush(now);
+        pair.drive();
+    }
+    let got = pair.bot.stanzas();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].get_child("body", ns::CLIENT).unwrap().text(),
+        "split"
+    );
+
+    // An XML declaration inside the tunnel: the data is acknowledged, then close.
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    let t = pair.alice.tunnel();
+    t.tls
+        .as_mut()
+        .unwrap()
+        .write_plaintext(b"<?xml version='1.0'?><message/>")
+        .unwrap();
+    t.flush(now);
+    pair.drive();
+    assert!(pair.errors(false).is_empty());
+    assert_eq!(pair.sent(false, "close").len(), 1);
+    assert!(matches!(pair.bot.closed(), Some(CloseReason::InnerXml(_))));
+    assert_eq!(pair.alice.closed(), Some(&CloseReason::PeerClosed));
+}
+
+#[test]
+fn c13_graceful_close_and_crossing_closes() {
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    pair.bot.tunnel().close(now);
+    pair.drive();
+    let bot_sent: Vec<_> = pair
+        .wire
+        .iter()
+        .rev()
+        .filter(|(d, _)| !*d)
+        .take(2)
+        .collect();
+    assert!(bot_sent[0].1.has_child("close", ns::XTLS));
+    assert!(
+        bot_sent[1].1.has_child("data", ns::XTLS),
+        "close_notify data before close"
+    );
+    assert_eq!(pair.sent(true, "closed").len(), 1);
+    assert_eq!(pair.bot.closed(), Some(&CloseReason::Local));
+    assert_eq!(pair.alice.closed(), Some(&CloseReason::PeerClosed));
+
+    // Both close at once: each answers the other's close and both end.
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    pair.bot.tunnel().close(now);
+    pair.alice.tunnel().close(now);
+    pair.drive();
+    assert!(pair.alice.tunnel().is_gone());
+    assert!(pair.bot.tunnel().is_gone());
+    assert!(
+        pair.errors(true).is_empty() || pair.errors(true).iter().all(|c| c == "item-not-found")
+    );
+}
+
+#[test]
+fn c14_data_before_proceed_is_unexpected() {
+    let mut pair = Pair::new();
+    pair.start();
+    pair.alice.drain();
+    let now = pair.now;
+    pair.alice
+        .tunnel()
+        .handle_iq(now, &data_iq(BOT, ALICE, "d", "FgMB"));
+    assert_eq!(
+        reply_condition(&pair.alice.drain()[0]),
+        "unexpected-request"
+    );
+}
+
+#[test]
+fn c15_unsupported_method_and_unknown_elements() {
+    let mut pair = Pair::new();
+    pair.start();
+    pair.drive_with(|to_bot, mut el| {
+        if to_bot
+            && let Some(d) = el.get_child_mut("data", ns::XTLS)
+            && d.attr("method").is_some()
+        {
+            d.set_attr(rxml::Namespace::NONE, crate::stanza::name("method"), "srp");
+        }
+        Some(el)
+    });
+    assert_eq!(pair.errors(false), vec!["feature-not-implemented"]);
+
+    let el: Element = format!(
+        "<iq xmlns='jabber:client' type='set' id='f' from='{ALICE}' to='{BOT}'><foo xmlns='urn:xmpp:tmp:xtls'/></iq>"
+    )
+    .parse()
+    .unwrap();
+    let reply = classify_request(&Iq::parse(&el).unwrap()).unwrap_err();
+    assert_eq!(reply_condition(&reply), "feature-not-implemented");
+    let el: Element = format!(
+        "<iq xmlns='jabber:client' type='get' id='g' from='{ALICE}' to='{BOT}'><start xmlns='urn:xmpp:tmp:xtls'/></iq>"
+    )
+    .parse()
+    .unwrap();
+    let reply = classify_request(&Iq::parse(&el).unwrap()).unwrap_err();
+    assert_eq!(reply_condition(&reply), "bad-request");
+}
+
+#[test]
+fn c16_handshake_deadline_and_idle_timeout() {
+    let mut pair = Pair::new();
+    pair.start();
+    pair.step_with(|_, el| Some(el));
+    pair.step_with(|_, el| Some(el));
+    // Alice's ClientHello is lost; the bot's handshake deadline closes the tunnel.
+    pair.alice.drain();
+    pair.advance(Duration::from_secs(91));
+    assert!(
+        pair.bot
+            .drain()
+            .iter()
+            .any(|e| e.has_child("close", ns::XTLS))
+    );
+
+    let mut pair = Pair::new();
+    pair.open();
+    pair.advance(Duration::from_secs(30 * 60 + 1));
+    pair.drive();
+    assert_eq!(pair.bot.closed(), Some(&CloseReason::Idle));
+    // Both idle clocks run out together; whichever close lands first ends the other side.
+    assert!(matches!(
+        pair.alice.closed(),
+        Some(CloseReason::Idle | CloseReason::PeerClosed)
+    ));
+}

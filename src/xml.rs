@@ -1,0 +1,347 @@
+//! Incremental XML stream reading: bytes in, depth-1 elements out.
+//!
+//! Both XML streams of the component use this reader: the XEP-0114 stream from the server
+//! (whose root is the server's `<stream:stream>`), and the plaintext inside a tunnel (spec
+//! §1.9 rule 3: a synthetic, never-transmitted root is fed first). It enforces the RFC 6120
+//! restricted-XML profile through rxml (no DTD, no entities, no processing instructions,
+//! no comments) and caps the size and nesting depth of each element so a hostile peer cannot
+//! make it buffer without bound.
+
+use std::collections::VecDeque;
+
+use minidom::Element;
+use minidom::tree_builder::TreeBuilder;
+use rxml::error::EndOrError;
+use rxml::{Parse, RawEvent, RawParser};
+
+/// The synthetic root fed before tunnel plaintext (spec §1.9 rule 3).
+const SYNTHETIC_ROOT: &[u8] =
+    b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
+
+/// Caps applied to each depth-1 element.
+#[derive(Debug, Clone, Copy)]
+pub struct XmlLimits {
+    /// Largest serialized size of one depth-1 element, in bytes.
+    pub max_element_bytes: usize,
+    /// Deepest nesting allowed below the stream root.
+    pub max_depth: usize,
+}
+
+impl Default for XmlLimits {
+    fn default() -> Self {
+        Self {
+            max_element_bytes: 1024 * 1024,
+            max_depth: 64,
+        }
+    }
+}
+
+/// Why a stream could not be read further; every variant is fatal for the stream.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum XmlError {
+    /// The bytes are not well-formed restricted XML.
+    #[error("not well-formed XML: {0}")]
+    NotWellFormed(String),
+    /// One element exceeded [`XmlLimits::max_element_bytes`].
+    #[error("element larger than {0} bytes")]
+    TooLarge(usize),
+    /// Elements nested deeper than [`XmlLimits::max_depth`].
+    #[error("elements nested deeper than {0} levels")]
+    TooDeep(usize),
+    /// Character data other than whitespace between depth-1 elements.
+    #[error("character data between top-level elements")]
+    StrayText,
+    /// The stream was used after it reported an error or its end.
+    #[error("stream already ended")]
+    Ended,
+}
+
+/// What the reader produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum XmlEvent {
+    /// The stream root was opened; its attributes as (qualified name, value) pairs.
+    Header(Vec<(String, String)>),
+    /// One complete depth-1 element.
+    Element(Element),
+    /// The stream root was closed.
+    End,
+}
+
+/// Incremental reader of an XML stream.
+pub struct StreamReader {
+    parser: RawParser,
+    builder: TreeBuilder,
+    limits: XmlLimits,
+    /// Current element depth, 0 outside the root, 1 inside the root only.
+    depth: usize,
+    /// Bytes consumed by the depth-1 element under construction.
+    element_bytes: usize,
+    /// Attributes of the root element seen so far, reported in [`XmlEvent::Header`].
+    root_attrs: Vec<(String, String)>,
+    /// Namespace value to rewrite in `xmlns` declarations, and its replacement.
+    rename_ns: Option<(&'static str, &'static str)>,
+    /// Whether the header of a synthetic root is swallowed rather than reported.
+    synthetic_root: bool,
+    /// Events decoded but not yet taken.
+    out: VecDeque<XmlEvent>,
+    failed: Option<XmlError>,
+}
+
+impl StreamReader {
+    /// A reader for a stream whose root arrives in the bytes.
+    pub fn new(limits: XmlLimits) -> Self {
+        Self {
+            parser: RawParser::new(),
+            builder: TreeBuilder::new(),
+            limits,
+            depth: 0,
+            element_bytes: 0,
+            root_attrs: Vec::new(),
+            rename_ns: None,
+            synthetic_root: false,
+            out: VecDeque::new(),
+            failed: None,
+        }
+    }
+
+    /// A reader for root-less stanza sequences (tunnel plaintext, spec §1.9).
+    pub fn with_synthetic_root(limits: XmlLimits) -> Self {
+        let mut reader = Self::new(limits);
+        reader.synthetic_root = true;
+        reader
+            .feed(SYNTHETIC_ROOT)
+            .expect("the synthetic root is well-formed");
+        reader
+    }
+
+    /// Rewrites every `xmlns` declaration equal to `from` into `to` (the component stream
+    /// edge renames `jabber:component:accept` to `jabber:client`, spec §3.6).
+    pub fn rename_namespace(mut self, from: &'static str, to: &'static str) -> Self {
+        self.rename_ns = Some((from, to));
+        self
+    }
+
+    /// Feeds bytes; complete elements become available through [`StreamReader::next_event`].
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), XmlError> {
+        if let Some(err) = &self.failed {
+            return Err(err.clone());
+        }
+        loop {
+            match self.parser.parse(&mut bytes, false) {
+                Ok(Some(event)) => {
+                    if let Err(err) = self.handle(event) {
+                        self.failed = Some(err.clone());
+                        return Err(err);
+                    }
+                }
+                Ok(None) => {
+                    self.failed = Some(XmlError::Ended);
+                    return Ok(());
+                }
+                Err(EndOrError::NeedMoreData) => return Ok(()),
+                Err(EndOrError::Error(err)) => {
+                    let err = XmlError::NotWellFormed(err.to_string());
+                    self.failed = Some(err.clone());
+                    return Err(err);
+                }
+            }
+        }
+    }
+
+    /// Takes the next decoded event, if any.
+    pub fn next_event(&mut self) -> Option<XmlEvent> {
+        self.out.pop_front()
+    }
+
+    /// Bytes of the element under construction (a partial stanza), for diagnostics.
+    pub fn pending_bytes(&self) -> usize {
+        self.element_bytes
+    }
+
+    fn handle(&mut self, event: RawEvent) -> Result<(), XmlError> {
+        if self.depth >= 1 {
+            self.element_bytes += event.metrics().len();
+            if self.element_bytes > self.limits.max_element_bytes {
+                return Err(XmlError::TooLarge(self.limits.max_element_bytes));
+            }
+        }
+        let event = match event {
+            RawEvent::XmlDeclaration(..) => return Ok(()),
+            RawEvent::ElementHeadOpen(..) => {
+                self.depth += 1;
+                if self.depth > self.limits.max_depth + 1 {
+                    return Err(XmlError::TooDeep(self.limits.max_depth));
+                }
+                event
+            }
+            RawEvent::Attribute(metrics, (prefix, name), value) => {
+                let value = match self.rename_ns {
+                    Some((from, to))
+                        if value == from
+                            && (prefix.is_none() && name.as_str() == "xmlns"
+                                || prefix.as_ref().is_some_and(|p| p.as_str() == "xmlns")) =>
+                    {
+                        to.to_owned()
+                    }
+                    _ => value,
+                };
+                if self.depth == 1 {
+                    let qname = match &prefix {
+                        Some(p) => format!("{}:{}", p.as_str(), name.as_str()),
+                        None => name.as_str().to_owned(),
+                    };
+                    self.root_attrs.push((qname, value.clone()));
+                }
+                RawEvent::Attribute(metrics, (prefix, name), value)
+            }
+            RawEvent::ElementHeadClose(..) => {
+                if self.depth == 1 && !self.synthetic_root {
+                    self.out
+                        .push_back(XmlEvent::Header(std::mem::take(&mut self.root_attrs)));
+                }
+                event
+            }
+            RawEvent::ElementFoot(..) => {
+                self.depth -= 1;
+                self.process(event)?;
+                match self.depth {
+                    0 => self.out.push_back(XmlEvent::End),
+                    1 => {
+                        self.element_bytes = 0;
+                        if let Some(element) = self.builder.unshift_child() {
+                            self.out.push_back(XmlEvent::Element(element));
+                        }
+                    }
+                    _ => {}
+                }
+                return Ok(());
+            }
+            RawEvent::Text(_, ref text) if self.depth == 1 => {
+                // Whitespace between stanzas is a keepalive (RFC 6120 §4.6.1); never kept.
+                if text.chars().all(|c| matches!(c, ' ' | '\t' | '\r' | '\n')) {
+                    return Ok(());
+                }
+                return Err(XmlError::StrayText);
+            }
+            RawEvent::Text(..) => event,
+        };
+        self.process(event)
+    }
+
+    fn process(&mut self, event: RawEvent) -> Result<(), XmlError> {
+        self.builder
+            .process_event(event)
+            .map_err(|err| XmlError::NotWellFormed(err.to_string()))
+    }
+}
+
+/// Serializes an element to its XML bytes (no declaration).
+pub fn to_bytes(element: &Element) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    element
+        .write_to(&mut out)
+        .expect("writing XML to a Vec cannot fail");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn elements(reader: &mut StreamReader) -> Vec<Element> {
+        std::iter::from_fn(|| reader.next_event())
+            .filter_map(|e| match e {
+                XmlEvent::Element(el) => Some(el),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn synthetic_root_yields_stanzas_split_at_every_byte() {
+        let input = b"<message type='chat' id='a'><body>hi &amp; bye</body></message> \n<iq xmlns='jabber:client' type='get' id='b'/>";
+        let mut reader = StreamReader::with_synthetic_root(XmlLimits::default());
+        let mut got = Vec::new();
+        for byte in input {
+            reader.feed(std::slice::from_ref(byte)).unwrap();
+            got.extend(elements(&mut reader));
+        }
+        assert_eq!(got.len(), 2);
+        assert!(got[0].is("message", "jabber:client"));
+        assert_eq!(
+            got[0].get_child("body", "jabber:client").unwrap().text(),
+            "hi & bye"
+        );
+        assert!(got[1].is("iq", "jabber:client"));
+    }
+
+    #[test]
+    fn server_stream_reports_header_and_renames_namespace() {
+        let mut reader = StreamReader::new(XmlLimits::default())
+            .rename_namespace("jabber:component:accept", "jabber:client");
+        reader
+            .feed(b"<?xml version='1.0'?><stream:stream xmlns:stream='http://etherx.jabber.org/streams' xmlns='jabber:component:accept' id='abc' from='bots.localhost'><handshake/><message to='a@b'/></stream:stream>")
+            .unwrap();
+        let header = match reader.next_event() {
+            Some(XmlEvent::Header(attrs)) => attrs,
+            other => panic!("expected header, got {other:?}"),
+        };
+        assert!(header.contains(&("id".to_owned(), "abc".to_owned())));
+        let els = [reader.next_event(), reader.next_event()];
+        for el in &els {
+            match el {
+                Some(XmlEvent::Element(el)) => assert_eq!(el.ns(), "jabber:client"),
+                other => panic!("expected element, got {other:?}"),
+            }
+        }
+        assert_eq!(reader.next_event(), Some(XmlEvent::End));
+    }
+
+    #[test]
+    fn doctype_entities_and_declarations_inside_are_rejected() {
+        for bad in [
+            &b"<!DOCTYPE x [<!ENTITY a 'b'>]><message/>"[..],
+            b"<message>&lol;</message>",
+            b"<?xml version='1.0'?><message/>",
+            b"<!-- c --><message/>",
+            b"hello<message/>",
+        ] {
+            let mut reader = StreamReader::with_synthetic_root(XmlLimits::default());
+            assert!(
+                reader.feed(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let limits = XmlLimits {
+            max_element_bytes: 100,
+            max_depth: 3,
+        };
+        let mut reader = StreamReader::with_synthetic_root(limits);
+        let big = format!("<message><body>{}</body></message>", "x".repeat(200));
+        assert_eq!(reader.feed(big.as_bytes()), Err(XmlError::TooLarge(100)));
+        let mut reader = StreamReader::with_synthetic_root(limits);
+        assert_eq!(
+            reader.feed(b"<a><b><c><d/></c></b></a>"),
+            Err(XmlError::TooDeep(3))
+        );
+        let mut reader = StreamReader::with_synthetic_root(limits);
+        reader.feed(b"<a><b><c/></b></a>").unwrap();
+        assert_eq!(elements(&mut reader).len(), 1);
+    }
+
+    #[test]
+    fn whitespace_keepalives_do_not_accumulate() {
+        let mut reader = StreamReader::with_synthetic_root(XmlLimits::default());
+        for _ in 0..1000 {
+            reader.feed(b" ").unwrap();
+        }
+        reader.feed(b"<presence/>").unwrap();
+        assert_eq!(elements(&mut reader).len(), 1);
+        assert_eq!(reader.pending_bytes(), 0);
+    }
+}

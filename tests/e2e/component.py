@@ -1,0 +1,175 @@
+"""Runs the xtls-component binary against a test Prosody, and talks to its admin API.
+
+`Component` writes the component's TOML config into its own temporary directory,
+launches `xtls-component serve --config FILE` (binary from $XTLS_COMPONENT_BIN, else
+<repo>/target/debug/xtls-component; this module never builds it) with stdout and stderr
+in a log file there, waits for `GET /readyz` == 200, and stops the process by its pid.
+
+The admin client is stdlib urllib: `get/post/delete(path, token=True)` return
+`(status, body)` where body is the decoded JSON (or the raw text when it is not JSON,
+or None when empty); `token=False` omits the Authorization header, a string sends that
+string as the bearer token instead of the right one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from prosody import Prosody, free_port, log_tail, stop_pid
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_BINARY = REPO / "target" / "debug" / "xtls-component"
+
+
+def binary_path() -> Path:
+    """The component binary the tests run."""
+    return Path(os.environ.get("XTLS_COMPONENT_BIN") or DEFAULT_BINARY)
+
+
+class Component:
+    """One xtls-component process serving `echo@bots.localhost` through `prosody`."""
+
+    def __init__(self, prosody: Prosody, *, binary: Path | None = None) -> None:
+        self.prosody = prosody
+        self.binary = binary or binary_path()
+        self.dir = Path(tempfile.mkdtemp(prefix="xtls-component-"))
+        self.admin_port = free_port()
+        self.token = secrets.token_urlsafe(24)
+        self.config_path = self.dir / "xtls.toml"
+        self.log_path = self.dir / "component.log"
+        self.base_url = f"http://127.0.0.1:{self.admin_port}"
+        self._proc: subprocess.Popen | None = None
+        self.config_path.write_text(
+            f"""[component]
+domain = "{prosody.component_domain}"
+server = "127.0.0.1:{prosody.component_port}"
+secret = "{prosody.component_secret}"
+
+[admin]
+listen = "127.0.0.1:{self.admin_port}"
+token = "{self.token}"
+
+[store]
+url = "sqlite://{self.dir}/xtls.db"
+
+[[bots]]
+localpart = "echo"
+handler = "echo"
+"""
+        )
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Launch the binary and wait until /readyz answers 200."""
+        if not os.access(self.binary, os.X_OK):
+            raise RuntimeError(
+                f"component binary {self.binary} is missing or not executable: "
+                "build it first (cargo build) or set XTLS_COMPONENT_BIN"
+            )
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", "info,xtls_component=debug")
+        env.setdefault("RUST_BACKTRACE", "1")
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                [str(self.binary), "serve", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.dir,
+                env=env,
+            )
+        try:
+            self.wait_ready(timeout)
+        except Exception:
+            self.stop()
+            raise
+
+    def wait_ready(self, timeout: float = 30.0) -> float:
+        """Poll /readyz until 200; return the seconds it took."""
+        return self._poll_readyz(lambda status: status == 200, timeout, "200")
+
+    def wait_not_ready(self, timeout: float = 10.0) -> float:
+        """Poll /readyz until it answers anything but 200 (or nothing); return the seconds it took."""
+        return self._poll_readyz(lambda status: status != 200, timeout, "non-200")
+
+    def _poll_readyz(self, wanted, timeout: float, what: str) -> float:
+        start = time.monotonic()
+        status = None
+        while True:
+            if self._proc is None or self._proc.poll() is not None:
+                code = None if self._proc is None else self._proc.returncode
+                raise RuntimeError(f"component exited (status {code}) while waiting for /readyz\n{self.diagnostics()}")
+            try:
+                status, _ = self.get("/readyz", token=False, timeout=2.0)
+            except OSError:
+                status = None  # not listening (yet)
+            if wanted(status):
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(
+                    f"/readyz not {what} within {timeout} s (last: {status})\n{self.diagnostics()}"
+                )
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the component by its pid: SIGTERM, wait, SIGKILL as a last resort."""
+        if self._proc is not None:
+            stop_pid(self._proc, timeout)
+            self._proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def diagnostics(self, lines: int = 80) -> str:
+        return f"--- component log tail ({self.log_path}) ---\n{log_tail(self.log_path, lines)}"
+
+    # -- admin API ---------------------------------------------------------------------
+
+    def request(self, method: str, path: str, *, token: bool | str = True, body=None, timeout: float = 10.0):
+        """One HTTP request to the admin API; returns (status, decoded body)."""
+        headers = {"Accept": "application/json"}
+        if token is True:
+            headers["Authorization"] = f"Bearer {self.token}"
+        elif isinstance(token, str):
+            headers["Authorization"] = f"Bearer {token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, _decode(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, _decode(err.read())
+
+    def get(self, path: str, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body=None, **kw):
+        return self.request("POST", path, body=body, **kw)
+
+    def delete(self, path: str, **kw):
+        return self.request("DELETE", path, **kw)
+
+
+def _decode(raw: bytes):
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode(errors="replace")

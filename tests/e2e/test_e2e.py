@@ -1,0 +1,212 @@
+"""End-to-end tests: a real Prosody, the xtls-component binary, and a Python XTLS peer.
+
+Alice, Bob and Mallory log in over c2s and talk XTLS (shared/spec/xtls.md §1) to the
+component's echo bot `echo@bots.localhost`; the admin API is checked over real HTTP.
+Order matters only at the end: the Prosody restart and the unauthenticated DELETEs
+run last so that a failure there cannot break the other tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+import urllib.parse
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from conftest import BOT, run
+from xtls_client import XtlsError, cert_sha256, spki_sha256, xmpp_addrs
+
+START = "<start xmlns='urn:xmpp:tmp:xtls'/>"
+CLOSE = "<close xmlns='urn:xmpp:tmp:xtls'/>"
+
+
+def data(payload: str) -> str:
+    return f"<data xmlns='urn:xmpp:tmp:xtls'>{payload}</data>"
+
+
+def tunnels_of(component, bot: str = BOT) -> list[dict]:
+    """GET /v1/tunnels?bot=..; the tunnel list (a JSON array, or an object with `tunnels`)."""
+    status, body = component.get("/v1/tunnels?" + urllib.parse.urlencode({"bot": bot}, safe="@"))
+    assert status == 200, f"GET /v1/tunnels -> {status}: {body!r}"
+    listing = body.get("tunnels") if isinstance(body, dict) else body
+    assert isinstance(listing, list), f"GET /v1/tunnels: no tunnel list in {body!r}"
+    return listing
+
+
+def tunnel_of_peer(component, peer: str) -> dict:
+    rows = [t for t in tunnels_of(component) if t.get("peer") == peer]
+    assert len(rows) == 1, f"expected one tunnel with peer {peer}, got {rows!r}"
+    return rows[0]
+
+
+async def echo_roundtrip(tunnel, body: str) -> None:
+    await tunnel.send_message(body)
+    got = await tunnel.recv_message(timeout=10)
+    assert got == body, f"echo bot answered {got!r} to {body!r}"
+
+
+def test_walking_path(component, users, capsys):
+    """Certificate from the admin API, tunnel, 100 echoes in order, tunnel table, close."""
+    status, cert = component.get(f"/v1/bots/{BOT}/certificate")
+    assert status == 200, f"GET certificate -> {status}: {cert!r}"
+    missing = {"jid", "pem", "spki_sha256", "cert_sha256", "cert_sha1", "not_before", "not_after"} - set(cert)
+    assert not missing, f"certificate JSON lacks {missing}: {cert!r}"
+    assert cert["jid"] == BOT
+    der = x509.load_pem_x509_certificate(cert["pem"].encode()).public_bytes(serialization.Encoding.DER)
+    assert spki_sha256(der) == cert["spki_sha256"], "spki_sha256 does not match the PEM"
+    assert cert_sha256(der) == cert["cert_sha256"], "cert_sha256 does not match the PEM"
+    assert hashlib.sha1(der).hexdigest() == cert["cert_sha1"], "cert_sha1 does not match the PEM"
+    assert xmpp_addrs(der) == [BOT], "the bot certificate must carry exactly one XmppAddr = its JID"
+
+    async def scenario():
+        async with users.client("alice") as alice:
+            tunnel = await alice.open_tunnel(BOT)
+            assert tunnel.proceed_seen, "result to <start/> without <proceed/> (spec §1.5)"
+            assert tunnel.peer_cert_der == der, "the bot presented another certificate than the API shows"
+            assert tunnel.spki_sha256() == cert["spki_sha256"]
+            assert tunnel.peer_xmpp_addrs() == [BOT]
+
+            bodies = [f"message {i}: hello through XTLS" for i in range(100)]
+
+            async def send_all():
+                for body in bodies:
+                    await tunnel.send_message(body)
+
+            started = time.monotonic()
+            sender = asyncio.create_task(send_all())
+            received = [await tunnel.recv_message(timeout=15) for _ in bodies]
+            await sender
+            elapsed = time.monotonic() - started
+            assert received == bodies, "echoes missing, changed or out of order"
+
+            row = tunnel_of_peer(component, alice.jid)
+            assert row.get("state") == "open", row
+            assert row.get("role") == "responder", row
+            assert (row.get("peer_identity") or {}).get("spki_sha256") == alice.spki_sha256(), row
+            assert isinstance(row.get("stanzas_in"), int) and row["stanzas_in"] >= 100, row
+
+            await tunnel.close()
+            assert tunnel.state == "closed"
+            deadline = time.monotonic() + 5
+            while (row := tunnel_of_peer(component, alice.jid)).get("state") != "closed":
+                assert time.monotonic() < deadline, f"tunnel not listed as closed after <closed/>: {row}"
+                await asyncio.sleep(0.1)
+            return tunnel.handshake_seconds, elapsed
+
+    handshake, elapsed = run(scenario())
+    with capsys.disabled():
+        print(
+            f"\n[e2e] handshake (start sent -> open): {handshake * 1000:.1f} ms; "
+            f"100 messages echoed in {elapsed:.3f} s = {100 / elapsed:.0f} messages/s"
+        )
+
+
+def test_start_to_unknown_bot(component, users):
+    async def scenario():
+        async with users.client("alice") as alice:
+            reply = await alice.send_raw_iq("nobody@bots.localhost", START)
+            assert (reply.condition, reply.error_type) == ("service-unavailable", "cancel"), reply
+
+    run(scenario())
+
+
+def test_data_and_close_without_tunnel(component, users):
+    async def scenario():
+        async with users.client("alice") as alice:
+            reply = await alice.send_raw_iq(BOT, data("FgMBAAA="))
+            assert (reply.condition, reply.error_type) == ("item-not-found", "cancel"), reply
+            reply = await alice.send_raw_iq(BOT, CLOSE)
+            assert (reply.condition, reply.error_type) == ("item-not-found", "cancel"), reply
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("bad", ["ab=c", "*"])
+def test_bad_base64_kills_only_its_tunnel(component, users, bad):
+    """bad-request for bad base64 (spec §1.7 rule 1); Bob's tunnel beside it keeps echoing."""
+
+    async def scenario():
+        async with users.client("bob") as bob, users.client("alice") as alice:
+            bob_tunnel = await bob.open_tunnel(BOT)
+            await echo_roundtrip(bob_tunnel, "before")
+
+            reply = await alice.send_raw_iq(BOT, START)
+            assert reply.condition == "result", reply
+            reply = await alice.send_raw_iq(BOT, data(bad))
+            assert (reply.condition, reply.error_type) == ("bad-request", "cancel"), reply
+            reply = await alice.send_raw_iq(BOT, data("FgMBAAA="))
+            assert reply.condition == "item-not-found", f"tunnel still alive after bad-request: {reply}"
+
+            await echo_roundtrip(bob_tunnel, "after")
+            await bob_tunnel.close()
+
+    run(scenario())
+
+
+def test_foreign_xmppaddr_is_not_acceptable(component, users):
+    """Mallory presenting alice's JID in her certificate is refused (spec §2.3, §1.11)."""
+
+    async def scenario():
+        async with users.client("mallory", cert_jid="alice@localhost") as mallory:
+            try:
+                await mallory.open_tunnel(BOT)
+            except XtlsError as refused:
+                assert refused.request == "data", refused
+                assert (refused.condition, refused.error_type) == ("not-acceptable", "cancel"), refused
+            else:
+                pytest.fail("mallory presenting a certificate with XmppAddr alice@localhost was admitted")
+        # Control: the same account with an honest certificate is admitted.
+        async with users.client("mallory") as mallory:
+            tunnel = await mallory.open_tunnel(BOT)
+            await echo_roundtrip(tunnel, "honest now")
+            await tunnel.close()
+
+    run(scenario())
+
+
+def test_reconnect_after_prosody_restart(component, prosody, users, capsys):
+    prosody.stop()
+    down = component.wait_not_ready(timeout=10)
+    prosody.start()
+    up = component.wait_ready(timeout=30)
+
+    async def scenario():
+        async with users.client("alice") as alice:
+            tunnel = await alice.open_tunnel(BOT)
+            await echo_roundtrip(tunnel, "after the restart")
+            await tunnel.close()
+
+    run(scenario())
+    with capsys.disabled():
+        print(f"\n[e2e] /readyz non-200 {down:.2f} s after Prosody stopped; 200 again {up:.2f} s after it restarted")
+
+
+ADMIN_ROUTES = [
+    ("GET", "/v1/bots"),
+    ("POST", "/v1/bots"),
+    ("GET", f"/v1/bots/{BOT}"),
+    ("DELETE", f"/v1/bots/{BOT}"),
+    ("GET", f"/v1/bots/{BOT}/certificate"),
+    ("GET", f"/v1/bots/{BOT}/peers"),
+    ("GET", "/v1/tunnels"),
+    ("GET", "/v1/tunnels/1"),
+    ("DELETE", "/v1/tunnels/1"),
+]
+
+
+def test_admin_api_requires_token(component):
+    assert component.get("/healthz", token=False)[0] == 200
+    wrong = []
+    for method, path in ADMIN_ROUTES:
+        body = {"localpart": "intruder", "handler": "echo"} if method == "POST" else None
+        for token in (False, "not-the-token"):
+            status, answer = component.request(method, path, token=token, body=body)
+            if status != 401:
+                wrong.append(f"{method} {path} with token={token!r} -> {status} {answer!r}")
+    assert not wrong, "routes not answering 401:\n" + "\n".join(wrong)
+    status, bot = component.get(f"/v1/bots/{BOT}")
+    assert status == 200, f"echo bot gone after unauthenticated requests: {status} {bot!r}"

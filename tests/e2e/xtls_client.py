@@ -1,0 +1,823 @@
+"""An independent XTLS peer for the end-to-end tests: slixmpp for XMPP, stdlib `ssl` for TLS.
+
+It implements the *initiator* side of shared/spec/xtls.md §1.5–§1.10 (XTLS 0.0.5,
+namespace `urn:xmpp:tmp:xtls`) on a TLS stack other than the component's rustls:
+
+    XtlsClient (slixmpp ClientXMPP, plaintext c2s on loopback)
+        └─ Tunnel (one per bot JID as addressed: start/proceed, data window, acks, close)
+              └─ TlsEngine (sans-IO: ssl.SSLObject over two MemoryBIOs, TLS 1.3 only)
+                    └─ StanzaParser (incremental parse of the inner jabber:client stanzas, §1.9)
+
+Our TLS client presents a self-signed ECDSA P-256 certificate whose subjectAltName holds
+exactly one XmppAddr otherName (§2.2); the bot's certificate is not verified by `ssl`
+(CERT_NONE): callers compare fingerprints themselves after the handshake.
+
+Every IQ this module sends is matched to its reply by id here (slixmpp's `Iq.send()` drops
+a reply from a full JID to a bare-JID request, shared/notes/servers.md), and a reply whose
+`from` is not the JID the request went to is a protocol error (spec §1.12 rule 5).
+Errors answered by the component surface as `XtlsError(condition)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime
+import hashlib
+import ssl
+import tempfile
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import slixmpp
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from slixmpp.stanza import Iq
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher.base import MatcherBase
+
+NS_XTLS = "urn:xmpp:tmp:xtls"
+NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+NS_CLIENT = "jabber:client"
+XMPP_ADDR_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.5")  # id-on-xmppAddr, RFC 6120 §13.7.1.4
+
+CHUNK_SIZE = 4096  # raw bytes per <data/> we send (spec §1.7 rule 2)
+WINDOW = 4  # unacknowledged <data/> IQs per tunnel (spec §1.7 rule 5)
+XML_WHITESPACE = {ord(c): None for c in " \t\r\n"}  # stripped from <data/> before decoding
+STREAM_PREFIX = (
+    b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>"
+)  # synthetic, never transmitted (spec §1.9 rule 3)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class XtlsError(Exception):
+    """The peer (or a server on its behalf) answered one of our IQs with a stanza error."""
+
+    def __init__(self, condition: str, error_type: str = "", text: str = "", *, request: str = ""):
+        self.condition = condition
+        self.error_type = error_type
+        self.text = text
+        self.request = request
+        detail = f" ({text})" if text else ""
+        super().__init__(f"{request or 'request'} answered with <{condition}/> type={error_type!r}{detail}")
+
+
+class XtlsProtocolError(Exception):
+    """The peer broke the wire rules of shared/spec/xtls.md (wrong reply, bad framing, ...)."""
+
+
+class TlsFailure(Exception):
+    """TLS failed: a local handshake/record error, or a fatal alert received from the peer."""
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def der_utf8string(text: str) -> bytes:
+    """DER encoding of an ASN.1 UTF8String (tag 0x0c, definite length)."""
+    body = text.encode("utf-8")
+    n = len(body)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        octets = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(octets)]) + octets
+    return b"\x0c" + length + body
+
+
+def parse_der_utf8string(der: bytes) -> str:
+    """Inverse of `der_utf8string`; raises ValueError on anything but one UTF8String."""
+    if len(der) < 2 or der[0] != 0x0C:
+        raise ValueError(f"not a DER UTF8String: {der[:8].hex()}")
+    first = der[1]
+    if first < 0x80:
+        n, offset = first, 2
+    else:
+        k = first & 0x7F
+        if k == 0 or k > 4 or len(der) < 2 + k:
+            raise ValueError("bad DER length")
+        n, offset = int.from_bytes(der[2 : 2 + k], "big"), 2 + k
+    if len(der) != offset + n:
+        raise ValueError("DER UTF8String length does not match its content")
+    return der[offset:].decode("utf-8")
+
+
+def colon_hex(digest: bytes) -> str:
+    """Uppercase hex pairs joined by ':' (the notation of spec §2.4)."""
+    return ":".join(f"{b:02X}" for b in digest)
+
+
+def spki_sha256(cert_der: bytes) -> str:
+    """SHA-256 over the DER SubjectPublicKeyInfo: the canonical fingerprint (spec §2.4)."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return colon_hex(hashlib.sha256(spki).digest())
+
+
+def cert_sha256(cert_der: bytes) -> str:
+    """SHA-256 over the whole DER certificate (what `openssl x509 -fingerprint -sha256` shows)."""
+    return colon_hex(hashlib.sha256(cert_der).digest())
+
+
+def xmpp_addrs(cert_der: bytes) -> list[str]:
+    """All XmppAddr otherName values in the certificate's subjectAltName, decoded."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [
+        parse_der_utf8string(name.value)
+        for name in san.get_values_for_type(x509.OtherName)
+        if name.type_id == XMPP_ADDR_OID
+    ]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A self-signed certificate and its key, PEM-encoded, plus the DER of the certificate."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    cert_der: bytes
+
+    @classmethod
+    def generate(cls, xmpp_addr: str) -> "Identity":
+        """ECDSA P-256, CN and exactly one XmppAddr = `xmpp_addr`, profile of spec §2.2."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, xmpp_addr)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=365))
+            .add_extension(
+                x509.SubjectAlternativeName([x509.OtherName(XMPP_ADDR_OID, der_utf8string(xmpp_addr))]),
+                critical=False,
+            )
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                    crl_sign=False, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return cls(
+            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+            key_pem=key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+            cert_der=cert.public_bytes(serialization.Encoding.DER),
+        )
+
+    def load_into(self, ctx: ssl.SSLContext) -> None:
+        """Load this certificate and key into `ctx` (ssl only reads files; they live a moment)."""
+        with tempfile.TemporaryDirectory(prefix="xtls-id-") as tmp:
+            cert, key = Path(tmp, "cert.pem"), Path(tmp, "key.pem")
+            cert.write_bytes(self.cert_pem)
+            key.write_bytes(self.key_pem)
+            ctx.load_cert_chain(cert, key)
+
+
+def client_context(identity: Identity) -> ssl.SSLContext:
+    """TLS 1.3-only client context presenting `identity`; the peer is judged by fingerprint later."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    identity.load_into(ctx)
+    return ctx
+
+
+# --------------------------------------------------------------------------- sans-IO TLS
+
+
+class StanzaParser:
+    """Incremental parser for the tunnel plaintext: top-level jabber:client stanzas (spec §1.9)."""
+
+    def __init__(self) -> None:
+        self._parser = ET.XMLPullParser(events=("start", "end"))
+        self._parser.feed(STREAM_PREFIX)
+        self._root: ET.Element | None = None
+        self._depth = 0
+
+    def feed(self, data: bytes) -> list[ET.Element]:
+        """Feed plaintext; return the stanzas it completed. Raises ET.ParseError on bad XML."""
+        self._parser.feed(data)
+        done = []
+        for event, elem in self._parser.read_events():
+            if event == "start":
+                self._depth += 1
+                if self._root is None:
+                    self._root = elem
+            else:
+                self._depth -= 1
+                if self._depth == 1:
+                    done.append(elem)
+                    self._root.remove(elem)
+        return done
+
+
+def is_peer_alert(exc: ssl.SSLError) -> bool:
+    """True when OpenSSL reports a fatal alert received from the peer (not a local failure)."""
+    return "ALERT" in (exc.reason or "")
+
+
+class TlsEngine:
+    """One TLS endpoint over MemoryBIOs: bytes in from the peer, bytes out to it, stanzas up.
+
+    Used as the client here and (with a server context) as the in-memory peer in
+    selftest_tls.py.  Nothing in it knows about XMPP or asyncio.
+    """
+
+    def __init__(self, ctx: ssl.SSLContext, *, server_side: bool) -> None:
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._tls = ctx.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=None)
+        self._parser = StanzaParser()
+        self.handshake_done = False
+        self.peer_eof = False  # close_notify received
+
+    def step(self) -> list[ET.Element]:
+        """Advance the handshake and drain decrypted stanzas. Raises ssl.SSLError, ET.ParseError."""
+        if not self.handshake_done:
+            try:
+                self._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                return []
+            self.handshake_done = True
+        stanzas = []
+        while not self.peer_eof:
+            try:
+                plaintext = self._tls.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self.peer_eof = True
+                break
+            if not plaintext:  # SSLObject.read() returns b'' once close_notify arrived
+                self.peer_eof = True
+                break
+            stanzas.extend(self._parser.feed(plaintext))
+        return stanzas
+
+    def feed(self, payload: bytes) -> list[ET.Element]:
+        """Hand bytes received from the peer to TLS; return the stanzas completed by them."""
+        self._in.write(payload)
+        return self.step()
+
+    def write(self, plaintext: bytes) -> None:
+        """Encrypt application data (only after the handshake)."""
+        self._tls.write(plaintext)
+
+    def close_notify(self) -> None:
+        """Queue a TLS close_notify (SSL_shutdown; the peer's close_notify is not awaited)."""
+        try:
+            self._tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+
+    def take_chunks(self, size: int = CHUNK_SIZE) -> list[bytes]:
+        """Bytes TLS wants sent to the peer, cut into chunks of at most `size`."""
+        data = self._out.read()
+        return [data[i : i + size] for i in range(0, len(data), size)]
+
+    @property
+    def peer_cert_der(self) -> bytes | None:
+        """DER of the peer's end-entity certificate (available after the handshake)."""
+        return self._tls.getpeercert(binary_form=True)
+
+    @property
+    def version(self) -> str | None:
+        return self._tls.version()
+
+
+def message_xml(body: str, msg_id: str) -> bytes:
+    """`<message xmlns='jabber:client' type='chat' id=..><body>..</body></message>`, no from/to."""
+    msg = ET.Element("message", {"xmlns": NS_CLIENT, "type": "chat", "id": msg_id})
+    ET.SubElement(msg, "body").text = body
+    return ET.tostring(msg, encoding="utf-8", xml_declaration=False)
+
+
+# --------------------------------------------------------------------------- XMPP side
+
+
+@dataclass
+class IqReply:
+    """The answer to a raw IQ: `condition` is 'result' or the RFC 6120 error condition."""
+
+    condition: str
+    error_type: str
+    text: str
+    xml: str
+
+
+def error_of(iq: Iq) -> tuple[str, str, str]:
+    """(condition, type, text) of an IQ error reply."""
+    err = iq.xml.find(f"{{{NS_CLIENT}}}error")
+    if err is None:
+        return "(no <error/> element)", "", ""
+    condition, text = "(no condition)", ""
+    for child in err:
+        if child.tag == f"{{{NS_STANZAS}}}text":
+            text = child.text or ""
+        elif child.tag.startswith(f"{{{NS_STANZAS}}}"):
+            condition = child.tag.split("}", 1)[1]
+    return condition, err.get("type", ""), text
+
+
+def xtls_child(iq: Iq) -> ET.Element | None:
+    """The first child of `iq` in the XTLS namespace, if any."""
+    for child in iq.xml:
+        if child.tag.startswith(f"{{{NS_XTLS}}}"):
+            return child
+    return None
+
+
+class _Match(MatcherBase):
+    """Matcher from a predicate (slixmpp wants MatcherBase objects)."""
+
+    def __init__(self, predicate: Callable[[Iq], bool]) -> None:
+        super().__init__(None)
+        self._predicate = predicate
+
+    def match(self, xml) -> bool:
+        return isinstance(xml, Iq) and self._predicate(xml)
+
+
+class Tunnel:
+    """The initiator side of one XTLS tunnel to one bot JID (spec §1.14, left column)."""
+
+    def __init__(self, client: "XtlsClient", bot_jid: str) -> None:
+        self.client = client
+        self.bot_jid = bot_jid
+        self.state = "starting"  # starting, handshaking, open, failing, closing, closed, failed
+        self.engine: TlsEngine | None = None
+        self.proceed_seen = False  # whether the start result carried <proceed/>
+        self.handshake_seconds: float | None = None  # start sent -> open
+        self.failure: BaseException | None = None
+        self._t_start = time.monotonic()
+        self._sendq: deque[tuple[bytes, bool]] = deque()  # (chunk, carries handshake bytes)
+        self._inflight: dict[str, bool] = {}  # data IQ id -> carries handshake bytes
+        self._hs_outstanding = 0  # handshake chunks not yet acknowledged
+        self._first_data = True
+        self._close_notify_sent = False
+        self._peer_alert: ssl.SSLError | None = None
+        loop = asyncio.get_running_loop()
+        self._opened = loop.create_future()
+        self._inbox: asyncio.Queue[ET.Element | None] = asyncio.Queue()
+        self._progress = asyncio.Event()  # set whenever an ack arrives or the state changes
+
+    # -- public API -------------------------------------------------------------------
+
+    @property
+    def peer_cert_der(self) -> bytes:
+        """DER of the certificate the bot presented."""
+        if self.engine is None or self.engine.peer_cert_der is None:
+            raise XtlsProtocolError("no peer certificate (handshake not done)")
+        return self.engine.peer_cert_der
+
+    def spki_sha256(self) -> str:
+        return spki_sha256(self.peer_cert_der)
+
+    def cert_sha256(self) -> str:
+        return cert_sha256(self.peer_cert_der)
+
+    def peer_xmpp_addrs(self) -> list[str]:
+        return xmpp_addrs(self.peer_cert_der)
+
+    async def send_message(self, body: str, msg_id: str | None = None, timeout: float = 30.0) -> str:
+        """Write one chat message into the tunnel; returns once its bytes are within the window."""
+        self._check_usable("send")
+        if self.state != "open":
+            raise XtlsProtocolError(f"send_message in state {self.state}")
+        msg_id = msg_id or uuid.uuid4().hex[:12]
+        self.engine.write(message_xml(body, msg_id))
+        self._enqueue(handshake=False)
+        await self._wait(lambda: not self._sendq, timeout, "window space for send_message")
+        return msg_id
+
+    async def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every data IQ we sent has been acknowledged."""
+        await self._wait(lambda: not self._sendq and not self._inflight, timeout, "acks of our data")
+
+    async def recv_stanza(self, timeout: float = 10.0) -> ET.Element:
+        """Next stanza received through the tunnel (routing is whatever the peer wrote)."""
+        try:
+            stanza = await asyncio.wait_for(self._inbox.get(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"no stanza through the tunnel to {self.bot_jid} within {timeout} s (state {self.state})"
+            ) from None
+        if stanza is None:
+            self._inbox.put_nowait(None)  # keep waking later callers
+            raise XtlsProtocolError(f"tunnel to {self.bot_jid} ended ({self.state})") from self.failure
+        return stanza
+
+    async def recv_message(self, timeout: float = 10.0) -> str:
+        """Body of the next message received through the tunnel."""
+        stanza = await self.recv_stanza(timeout)
+        if stanza.tag != f"{{{NS_CLIENT}}}message":
+            raise XtlsProtocolError(f"expected a jabber:client message, got {ET.tostring(stanza)!r}")
+        body = stanza.find(f"{{{NS_CLIENT}}}body")
+        if body is None:
+            raise XtlsProtocolError(f"message without body: {ET.tostring(stanza)!r}")
+        return body.text or ""
+
+    async def close(self, timeout: float = 30.0) -> None:
+        """Graceful close (spec §1.10 rule 1): close_notify in a data IQ, then <close/> -> <closed/>."""
+        self._check_usable("close")
+        self.engine.close_notify()
+        self._close_notify_sent = True
+        self._enqueue(handshake=False)
+        await self.flush(timeout)
+        self._check_usable("close")
+        self.state = "closing"
+        reply = await self.client._request(self.bot_jid, ET.Element(f"{{{NS_XTLS}}}close"), timeout)
+        if reply["type"] == "error":
+            self._set_gone("failed", XtlsError(*error_of(reply), request="close"))
+            raise self.failure
+        if reply.xml.find(f"{{{NS_XTLS}}}closed") is None:
+            self._set_gone("failed", XtlsProtocolError(f"result to <close/> without <closed/>: {reply}"))
+            raise self.failure
+        self._set_gone("closed", None)
+
+    # -- opening ----------------------------------------------------------------------
+
+    async def _open(self, timeout: float) -> None:
+        self._t_start = time.monotonic()
+        reply = await self.client._request(self.bot_jid, ET.Element(f"{{{NS_XTLS}}}start"), timeout)
+        if reply["type"] == "error":
+            self._set_gone("failed", XtlsError(*error_of(reply), request="start"))
+            raise self.failure
+        self.proceed_seen = reply.xml.find(f"{{{NS_XTLS}}}proceed") is not None
+        self.state = "handshaking"
+        self.engine = TlsEngine(self.client.tls_context, server_side=False)
+        self.engine.step()  # produces the ClientHello
+        self._enqueue(handshake=True)
+        remaining = max(0.1, timeout - (time.monotonic() - self._t_start))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._opened), remaining)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"tunnel to {self.bot_jid} not open after {timeout} s: state {self.state}, "
+                f"handshake_done={self.engine.handshake_done}, unacked={len(self._inflight)}, "
+                f"queued={len(self._sendq)}"
+            ) from None
+
+    def _check_open(self) -> None:
+        if self.state == "handshaking" and self.engine.handshake_done and self._hs_outstanding == 0:
+            self.state = "open"
+            self.handshake_seconds = time.monotonic() - self._t_start
+            if not self._opened.done():
+                self._opened.set_result(None)
+
+    # -- sending ----------------------------------------------------------------------
+
+    def _enqueue(self, *, handshake: bool) -> None:
+        for chunk in self.engine.take_chunks():
+            self._sendq.append((chunk, handshake))
+            if handshake:
+                self._hs_outstanding += 1
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._sendq and len(self._inflight) < WINDOW and self.state in ("handshaking", "open"):
+            chunk, handshake = self._sendq.popleft()
+            data = ET.Element(f"{{{NS_XTLS}}}data")
+            if self._first_data:
+                data.set("method", "x509")
+                self._first_data = False
+            data.text = base64.b64encode(chunk).decode("ascii")
+            iq_id = self.client._send_iq(self.bot_jid, data, self._on_data_reply)
+            self._inflight[iq_id] = handshake
+
+    def _on_data_reply(self, iq_id: str, reply: Iq | BaseException) -> None:
+        handshake = self._inflight.pop(iq_id, None)
+        if handshake is None or self.state in ("closed", "failed"):
+            return
+        if isinstance(reply, BaseException):
+            self._set_gone("failed", reply)
+            return
+        if reply["type"] == "error":  # spec §1.7 rule 6: any error on data kills the tunnel
+            self._set_gone("failed", XtlsError(*error_of(reply), request="data"))
+            return
+        if handshake:
+            self._hs_outstanding -= 1
+        if self.state == "failing" and not self._inflight:
+            self._set_gone("failed", TlsFailure(f"peer sent a TLS alert: {self._peer_alert}"))
+            return
+        self._pump()
+        self._check_open()
+        self._progress.set()
+
+    # -- receiving --------------------------------------------------------------------
+
+    def _on_data(self, iq: Iq, data: ET.Element) -> None:
+        """An inbound <data/> IQ-set for this tunnel (spec §1.7, §1.11)."""
+        if self.state == "starting":  # spec §1.11: data before our proceed arrived
+            self.client._reply_error(iq, "unexpected-request", "cancel")
+            self._set_gone("failed", XtlsProtocolError("bot sent <data/> before answering <start/>"))
+            return
+        if self.state not in ("handshaking", "open", "closing"):
+            self.client._reply_error(iq, "item-not-found", "cancel")
+            return
+        text = (data.text or "").translate(XML_WHITESPACE)
+        try:
+            payload = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            self.client._reply_error(iq, "bad-request", "cancel")
+            self._set_gone("failed", XtlsProtocolError(f"bot sent bad base64: {text[:40]!r}"))
+            return
+        try:
+            stanzas = self.engine.feed(payload)
+        except ssl.SSLError as exc:
+            if is_peer_alert(exc):  # spec §1.11: result, then discard
+                self.client._reply_result(iq)
+                self._peer_alert = exc
+                if self._inflight:  # the reply to our data may say why (e.g. not-acceptable)
+                    self.state = "failing"
+                else:
+                    self._set_gone("failed", TlsFailure(f"peer sent a TLS alert: {exc}"))
+                return
+            alerts = self.engine.take_chunks()  # local failure sequence, spec §1.11
+            for chunk in alerts:
+                alert = ET.Element(f"{{{NS_XTLS}}}data")
+                alert.text = base64.b64encode(chunk).decode("ascii")
+                self.client._send_iq(self.bot_jid, alert, lambda *_: None)
+            self.client._reply_error(iq, "bad-request", "cancel")
+            self._set_gone("failed", TlsFailure(f"local TLS error on the bot's data: {exc}"))
+            return
+        except ET.ParseError as exc:  # spec §1.9 rule 1: result, then close
+            self.client._reply_result(iq)
+            self._set_gone("failed", XtlsProtocolError(f"bad XML inside the tunnel: {exc}"))
+            self.client._send_iq(self.bot_jid, ET.Element(f"{{{NS_XTLS}}}close"), lambda *_: None)
+            return
+        self.client._reply_result(iq)
+        for stanza in stanzas:
+            self._inbox.put_nowait(stanza)
+        if self.state == "handshaking":
+            self._enqueue(handshake=True)
+            self._check_open()
+        self._progress.set()
+
+    def _on_close(self, iq: Iq) -> None:
+        """The bot closed the tunnel (spec §1.10 rule 2): answer <closed/>."""
+        reply = iq.reply(clear=True)
+        reply.append(ET.Element(f"{{{NS_XTLS}}}closed"))
+        self.client.xmpp.send(reply)
+        if self.state == "closing":  # crossing closes: either answer ends it
+            self._set_gone("closed", None)
+        elif self._close_notify_sent:
+            self._set_gone("failed", XtlsProtocolError(
+                "bot sent <close/> right after our close_notify instead of waiting for ours (spec §1.10 rule 5)"
+            ))
+        else:
+            self._set_gone("failed", XtlsProtocolError(f"bot closed the tunnel in state {self.state}"))
+
+    # -- state helpers ----------------------------------------------------------------
+
+    def _set_gone(self, state: str, failure: BaseException | None) -> None:
+        if self.state in ("closed", "failed"):
+            return
+        self.state = state
+        self.failure = failure
+        self._sendq.clear()
+        self.client._forget(self)
+        if not self._opened.done():  # only reachable with a failure: closing needs an open tunnel
+            self._opened.set_exception(failure or XtlsProtocolError(f"tunnel to {self.bot_jid} {state}"))
+            self._opened.exception()  # mark retrieved; _open re-raises it
+        self._inbox.put_nowait(None)
+        self._progress.set()
+
+    def _check_usable(self, what: str) -> None:
+        if self.state in ("failed", "closed", "failing"):
+            raise XtlsProtocolError(f"cannot {what}: tunnel to {self.bot_jid} is {self.state}") from self.failure
+
+    async def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            self._check_usable(f"wait for {what}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"tunnel to {self.bot_jid}: no {what} within {timeout} s "
+                    f"(state {self.state}, unacked {len(self._inflight)}, queued {len(self._sendq)})"
+                )
+            self._progress.clear()
+            try:
+                await asyncio.wait_for(self._progress.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+
+
+class XtlsClient:
+    """A logged-in XMPP client that opens XTLS tunnels as initiator.
+
+    `cert_jid` chooses the XmppAddr in our certificate (default: our own bare JID);
+    a negative test puts someone else's JID there.
+    """
+
+    def __init__(self, jid: str, password: str, *, host: str, port: int, cert_jid: str | None = None) -> None:
+        self.xmpp = slixmpp.ClientXMPP(
+            jid,
+            password,
+            plugin_config={"feature_mechanisms": {"unencrypted_plain": True, "unencrypted_scram": True}},
+        )
+        # Plaintext c2s on loopback only: no direct TLS, no STARTTLS.
+        self.xmpp.enable_direct_tls = False
+        self.xmpp.enable_starttls = False
+        self.xmpp.enable_plaintext = True
+        self._host, self._port = host, port
+        self.identity = Identity.generate(cert_jid or slixmpp.JID(jid).bare)
+        self.tls_context = client_context(self.identity)
+        self._pending: dict[str, tuple[str, Callable[[str, Iq | BaseException], None]]] = {}
+        self._tunnels: dict[str, Tunnel] = {}
+        self.xmpp.register_handler(
+            Callback("xtls replies", _Match(self._is_our_reply), self._on_reply)
+        )
+        self.xmpp.register_handler(
+            Callback("xtls requests", _Match(self._is_xtls_request), self._on_request)
+        )
+        self.xmpp.add_event_handler("disconnected", self._on_disconnected)
+
+    @property
+    def jid(self) -> str:
+        """Our full JID as bound by the server."""
+        return str(self.xmpp.boundjid.full)
+
+    def spki_sha256(self) -> str:
+        """Fingerprint of our own certificate's key."""
+        return spki_sha256(self.identity.cert_der)
+
+    # -- connection -------------------------------------------------------------------
+
+    async def connect(self, timeout: float = 15.0) -> None:
+        """Connect over plaintext c2s, authenticate, bind; return at session start."""
+        loop = asyncio.get_running_loop()
+        started = loop.create_future()
+
+        def fail(reason):
+            if not started.done():
+                started.set_exception(ConnectionError(f"{self.xmpp.requested_jid}: {reason}"))
+
+        self.xmpp.add_event_handler("session_start", lambda _: started.done() or started.set_result(None), disposable=True)
+        self.xmpp.add_event_handler("failed_all_auth", lambda _: fail("authentication failed"), disposable=True)
+        self.xmpp.add_event_handler("connection_failed", lambda e: fail(f"connection failed: {e}"), disposable=True)
+        self.xmpp.connect(self._host, self._port)
+        try:
+            await asyncio.wait_for(started, timeout)
+        except BaseException as exc:
+            self.xmpp.cancel_connection_attempt()
+            self.xmpp.abort()
+            if isinstance(exc, asyncio.TimeoutError):
+                raise TimeoutError(f"{self.xmpp.requested_jid}: no session within {timeout} s") from None
+            raise
+
+    async def disconnect(self) -> None:
+        """Close the XMPP stream (tunnels still open just die)."""
+        if self.xmpp.transport is not None:
+            await asyncio.wait_for(self.xmpp.disconnect(wait=2.0), 5.0)
+
+    async def __aenter__(self) -> "XtlsClient":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.disconnect()
+
+    def _on_disconnected(self, reason) -> None:
+        failure = ConnectionError(f"XMPP stream of {self.jid} lost: {reason}")
+        for iq_id, (_, callback) in list(self._pending.items()):
+            del self._pending[iq_id]
+            callback(iq_id, failure)
+        for tunnel in list(self._tunnels.values()):
+            tunnel._set_gone("failed", failure)
+
+    # -- tunnels ----------------------------------------------------------------------
+
+    async def open_tunnel(self, bot_jid: str, timeout: float = 30.0) -> Tunnel:
+        """start -> proceed -> TLS 1.3 handshake -> open (all handshake data acked)."""
+        key = str(slixmpp.JID(bot_jid))
+        if key in self._tunnels:
+            raise XtlsProtocolError(f"a tunnel to {key} is already live")
+        tunnel = Tunnel(self, key)
+        self._tunnels[key] = tunnel
+        try:
+            await tunnel._open(timeout)
+        except BaseException:
+            tunnel._set_gone("failed", tunnel.failure or XtlsProtocolError("open abandoned"))
+            raise
+        return tunnel
+
+    def _forget(self, tunnel: Tunnel) -> None:
+        if self._tunnels.get(tunnel.bot_jid) is tunnel:
+            del self._tunnels[tunnel.bot_jid]
+
+    # -- raw IQs ----------------------------------------------------------------------
+
+    async def send_raw_iq(self, to: str, child: str | ET.Element, itype: str = "set", timeout: float = 10.0) -> IqReply:
+        """Send one IQ with `child` (XML text or element) and return how it was answered."""
+        element = ET.fromstring(child) if isinstance(child, str) else child
+        reply = await self._request(to, element, timeout, itype)
+        if reply["type"] == "error":
+            condition, error_type, text = error_of(reply)
+        else:
+            condition, error_type, text = "result", "", ""
+        return IqReply(condition, error_type, text, str(reply))
+
+    # -- IQ plumbing ------------------------------------------------------------------
+
+    def _send_iq(self, to: str, child: ET.Element, callback, itype: str = "set") -> str:
+        iq = self.xmpp.make_iq(ito=to, itype=itype)
+        iq["id"] = uuid.uuid4().hex
+        iq.append(child)
+        self._pending[iq["id"]] = (str(slixmpp.JID(to)), callback)
+        self.xmpp.send(iq)
+        return iq["id"]
+
+    async def _request(self, to: str, child: ET.Element, timeout: float, itype: str = "set") -> Iq:
+        fut = asyncio.get_running_loop().create_future()
+
+        def done(_iq_id: str, reply: Iq | BaseException) -> None:
+            if fut.done():
+                return
+            if isinstance(reply, BaseException):
+                fut.set_exception(reply)
+            else:
+                fut.set_result(reply)
+
+        iq_id = self._send_iq(to, child, done, itype)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            self._pending.pop(iq_id, None)
+            raise TimeoutError(f"no answer to <{child.tag.split('}')[-1]}/> sent to {to} within {timeout} s") from None
+
+    def _is_our_reply(self, iq: Iq) -> bool:
+        return iq["type"] in ("result", "error") and iq["id"] in self._pending
+
+    def _on_reply(self, iq: Iq) -> None:
+        expected_from, callback = self._pending.pop(iq["id"])
+        if str(iq["from"]) != expected_from:
+            callback(iq["id"], XtlsProtocolError(
+                f"reply to an IQ sent to {expected_from} came from {iq['from']} (spec §1.12): {iq}"
+            ))
+            return
+        callback(iq["id"], iq)
+
+    def _is_xtls_request(self, iq: Iq) -> bool:
+        return iq["type"] in ("set", "get") and xtls_child(iq) is not None
+
+    def _on_request(self, iq: Iq) -> None:
+        child = xtls_child(iq)
+        name = child.tag.split("}", 1)[1]
+        tunnel = self._tunnels.get(str(iq["from"]))
+        if name == "start":  # this peer is an initiator only
+            self._reply_error(iq, "service-unavailable", "cancel")
+        elif name not in ("data", "close"):
+            self._reply_error(iq, "feature-not-implemented", "cancel")
+        elif iq["type"] != "set":
+            self._reply_error(iq, "bad-request", "modify")
+        elif tunnel is None:
+            self._reply_error(iq, "item-not-found", "cancel")
+        elif name == "data":
+            tunnel._on_data(iq, child)
+        else:
+            tunnel._on_close(iq)
+
+    def _reply_result(self, iq: Iq) -> None:
+        self.xmpp.send(iq.reply(clear=True))
+
+    def _reply_error(self, iq: Iq, condition: str, error_type: str) -> None:
+        reply = iq.reply(clear=True)
+        reply["type"] = "error"
+        reply["error"]["condition"] = condition
+        reply["error"]["type"] = error_type
+        self.xmpp.send(reply)
