@@ -11,6 +11,7 @@
 //! | [`tunnel`] | the sans-IO XTLS engine: one tunnel as a state machine over rustls |
 
 pub mod certs;
+pub mod config;
 pub mod stanza;
 pub mod tunnel;
 pub mod xml;

@@ -78,7 +78,9 @@ handler = "echo"
                 f"component binary {self.binary} is missing or not executable: "
                 "build it first (cargo build) or set XTLS_COMPONENT_BIN"
             )
-        env = dict(os.environ)
+        # The component reads XTLS_* variables as config overrides (XTLS_A__B = a.b), so the
+        # harness's own XTLS_COMPONENT_BIN would become an unknown key: the file is the config.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("XTLS_")}
         env.setdefault("RUST_LOG", "info,xtls_component=debug")
         env.setdefault("RUST_BACKTRACE", "1")
         with open(self.log_path, "ab") as log:

@@ -17,7 +17,7 @@ import pytest
 
 from component import Component
 from prosody import Prosody
-from xtls_client import XtlsClient
+from xtls_client import Identity, XtlsClient
 
 USERS = {"alice": "alice-secret", "bob": "bob-secret", "mallory": "mallory-secret"}
 BOT = "echo@bots.localhost"
@@ -29,15 +29,32 @@ def run(coro, timeout: float = 120.0):
 
 
 class Users:
-    """Makes logged-out XtlsClients for the registered users (`async with users.client(..)`)."""
+    """Makes logged-out XtlsClients for the registered users (`async with users.client(..)`).
+
+    Each user keeps one certificate for the whole session, as one device would: the echo
+    bot trusts on first use and refuses a changed key (spec §2.3).
+    """
 
     def __init__(self, prosody: Prosody) -> None:
         self.prosody = prosody
+        self._identities: dict[tuple[str, str], Identity] = {}
 
-    def client(self, name: str, *, cert_jid: str | None = None) -> XtlsClient:
-        """A client for `name` with a fresh resource; `cert_jid` overrides the XmppAddr."""
+    def identity(self, name: str, cert_jid: str | None = None) -> Identity:
+        """The session's certificate for `name`, with XmppAddr `cert_jid` (default: own JID)."""
+        xmpp_addr = cert_jid or f"{name}@{self.prosody.host}"
+        key = (name, xmpp_addr)
+        if key not in self._identities:
+            self._identities[key] = Identity.generate(xmpp_addr)
+        return self._identities[key]
+
+    def client(self, name: str, *, cert_jid: str | None = None, identity: Identity | None = None) -> XtlsClient:
+        """A client for `name` with a fresh resource, presenting `identity`, else the session's
+        certificate with XmppAddr `cert_jid`."""
         jid = f"{name}@{self.prosody.host}/e2e-{uuid.uuid4().hex[:8]}"
-        return XtlsClient(jid, USERS[name], host="127.0.0.1", port=self.prosody.c2s_port, cert_jid=cert_jid)
+        return XtlsClient(
+            jid, USERS[name], host="127.0.0.1", port=self.prosody.c2s_port,
+            identity=identity or self.identity(name, cert_jid),
+        )
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from conftest import BOT, run
-from xtls_client import XtlsError, cert_sha256, spki_sha256, xmpp_addrs
+from xtls_client import Identity, XtlsError, cert_sha256, spki_sha256, xmpp_addrs
 
 START = "<start xmlns='urn:xmpp:tmp:xtls'/>"
 CLOSE = "<close xmlns='urn:xmpp:tmp:xtls'/>"
@@ -164,6 +164,25 @@ def test_foreign_xmppaddr_is_not_acceptable(component, users):
             tunnel = await mallory.open_tunnel(BOT)
             await echo_roundtrip(tunnel, "honest now")
             await tunnel.close()
+
+    run(scenario())
+
+
+def test_changed_key_is_refused_under_tofu(component, users):
+    """The echo bot trusts on first use: a second key for the same JID is refused (spec §2.3)."""
+
+    async def scenario():
+        async with users.client("bob") as bob:  # pins bob's session key if not yet pinned
+            tunnel = await bob.open_tunnel(BOT)
+            await echo_roundtrip(tunnel, "my usual key")
+            await tunnel.close()
+        async with users.client("bob", identity=Identity.generate("bob@localhost")) as bob:
+            try:
+                await bob.open_tunnel(BOT)
+            except XtlsError as refused:
+                assert (refused.request, refused.condition) == ("data", "not-acceptable"), refused
+            else:
+                pytest.fail("bob with a new key was admitted although another key is pinned for him")
 
     run(scenario())
 

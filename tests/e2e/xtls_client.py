@@ -640,11 +640,12 @@ class Tunnel:
 class XtlsClient:
     """A logged-in XMPP client that opens XTLS tunnels as initiator.
 
-    `cert_jid` chooses the XmppAddr in our certificate (default: our own bare JID);
-    a negative test puts someone else's JID there.
+    `identity` is the certificate and key our TLS client presents; by default a new one
+    whose XmppAddr is our own bare JID.  Bots trust on first use and refuse a changed key
+    (spec §2.3), so callers that log in as the same user twice should pass the same identity.
     """
 
-    def __init__(self, jid: str, password: str, *, host: str, port: int, cert_jid: str | None = None) -> None:
+    def __init__(self, jid: str, password: str, *, host: str, port: int, identity: Identity | None = None) -> None:
         self.xmpp = slixmpp.ClientXMPP(
             jid,
             password,
@@ -655,7 +656,7 @@ class XtlsClient:
         self.xmpp.enable_starttls = False
         self.xmpp.enable_plaintext = True
         self._host, self._port = host, port
-        self.identity = Identity.generate(cert_jid or slixmpp.JID(jid).bare)
+        self.identity = identity or Identity.generate(slixmpp.JID(jid).bare)
         self.tls_context = client_context(self.identity)
         self._pending: dict[str, tuple[str, Callable[[str, Iq | BaseException], None]]] = {}
         self._tunnels: dict[str, Tunnel] = {}

@@ -1,0 +1,551 @@
+//! The configuration: one TOML file, every key overridable from the environment.
+//!
+//! Keys map to environment variables as `XTLS_<SECTION>__<KEY>`, e.g. `component.secret` is
+//! `XTLS_COMPONENT__SECRET` and `admin.token` is `XTLS_ADMIN__TOKEN`. Secrets may instead come
+//! from files (`secret_file`, `token_file`). Unknown keys are errors. The documented example
+//! with every default is `config/xtls-component.toml`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+use crate::tunnel::{PeerAuth, TrustMode, TunnelConfig};
+
+/// A secret value: never printed, never serialized.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value, for the one place that must use it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment could not be parsed into the configuration.
+    #[error("{0}")]
+    Parse(#[from] Box<figment::Error>),
+    /// A key has a value that parses but cannot be used.
+    #[error("config key `{key}`: {problem}")]
+    Invalid {
+        /// The dotted key.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The link to the XMPP server.
+    pub component: ComponentConfig,
+    /// The admin HTTP API.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The SQL store.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Tunnel timers and sizes (spec §1.13).
+    #[serde(default)]
+    pub tunnel: TunnelSettings,
+    /// Capacity caps.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Bots created at start when missing.
+    #[serde(default)]
+    pub bots: Vec<BotConfig>,
+}
+
+/// `[component]`: the XEP-0114 link.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentConfig {
+    /// The component's domain, as declared in the server.
+    pub domain: String,
+    /// The server's component port, `host:port`.
+    #[serde(default = "default_server")]
+    pub server: String,
+    /// The shared secret.
+    #[serde(default)]
+    pub secret: Option<Secret>,
+    /// A file holding the shared secret (trailing newline ignored).
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Seconds between whitespace keepalives.
+    #[serde(default = "default_keepalive")]
+    pub keepalive_secs: u64,
+    /// Seconds between XEP-0199 pings to the server.
+    #[serde(default = "default_ping_interval")]
+    pub ping_interval_secs: u64,
+    /// Seconds a ping may stay unanswered before the link is reconnected.
+    #[serde(default = "default_ping_timeout")]
+    pub ping_timeout_secs: u64,
+    /// Longest reconnect back-off, in seconds.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_secs: u64,
+}
+
+fn default_server() -> String {
+    "127.0.0.1:5347".into()
+}
+fn default_keepalive() -> u64 {
+    60
+}
+fn default_ping_interval() -> u64 {
+    120
+}
+fn default_ping_timeout() -> u64 {
+    30
+}
+fn default_reconnect_max() -> u64 {
+    60
+}
+
+/// `[admin]`: the HTTP admin API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address to listen on.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// The bearer token required on `/v1`.
+    #[serde(default)]
+    pub token: Option<Secret>,
+    /// A file holding the token.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8347))
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            token: None,
+            token_file: None,
+        }
+    }
+}
+
+/// `[store]`: where state lives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// SQLite URL; the file is created when missing.
+    #[serde(default = "default_store_url")]
+    pub url: String,
+}
+
+fn default_store_url() -> String {
+    "sqlite://xtls-component.db".into()
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: default_store_url(),
+        }
+    }
+}
+
+/// `[tunnel]`: timers and sizes of every tunnel (spec §1.13).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelSettings {
+    /// Raw bytes per `<data/>` sent (at most 65535).
+    pub chunk_size: usize,
+    /// Unacknowledged `data` IQs per tunnel.
+    pub window: usize,
+    /// Seconds allowed for the answer to our `start`.
+    pub start_timeout_secs: u64,
+    /// Seconds from `start` to an open tunnel.
+    pub handshake_timeout_secs: u64,
+    /// Seconds allowed for the acknowledgement of one `data`.
+    pub ack_timeout_secs: u64,
+    /// Seconds allowed for the answer to our `close`.
+    pub close_timeout_secs: u64,
+    /// Seconds without application data before an open tunnel is closed; 0 disables.
+    pub idle_timeout_secs: u64,
+    /// Largest inner stanza in bytes.
+    pub max_inner_stanza: usize,
+    /// Bytes queued per tunnel before senders are told to wait.
+    pub max_queued_out: usize,
+    /// Whether bots put a XEP-0250 offer in the `start`s they send.
+    pub send_offer: bool,
+}
+
+impl Default for TunnelSettings {
+    fn default() -> Self {
+        let t = TunnelConfig::default();
+        Self {
+            chunk_size: t.chunk_size,
+            window: t.window,
+            start_timeout_secs: t.start_timeout.as_secs(),
+            handshake_timeout_secs: t.handshake_timeout.as_secs(),
+            ack_timeout_secs: t.ack_timeout.as_secs(),
+            close_timeout_secs: t.close_timeout.as_secs(),
+            idle_timeout_secs: t.idle_timeout.map_or(0, |d| d.as_secs()),
+            max_inner_stanza: t.max_inner_stanza,
+            max_queued_out: t.max_queued_out,
+            send_offer: t.send_offer,
+        }
+    }
+}
+
+impl TunnelSettings {
+    /// The engine's view of these settings.
+    pub fn to_tunnel_config(&self) -> TunnelConfig {
+        TunnelConfig {
+            chunk_size: self.chunk_size,
+            window: self.window,
+            start_timeout: Duration::from_secs(self.start_timeout_secs),
+            handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
+            ack_timeout: Duration::from_secs(self.ack_timeout_secs),
+            close_timeout: Duration::from_secs(self.close_timeout_secs),
+            idle_timeout: (self.idle_timeout_secs > 0)
+                .then(|| Duration::from_secs(self.idle_timeout_secs)),
+            peer_eof_timeout: Duration::from_secs(self.close_timeout_secs),
+            max_inner_stanza: self.max_inner_stanza,
+            max_queued_out: self.max_queued_out,
+            send_offer: self.send_offer,
+        }
+    }
+}
+
+/// `[limits]`: capacity caps; exceeding one is answered `resource-constraint` (spec §1.11).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Live tunnels per bot.
+    pub tunnels_per_bot: usize,
+    /// Live tunnels per peer bare JID, per bot.
+    pub tunnels_per_peer: usize,
+    /// Live tunnels in the whole component.
+    pub tunnels_total: usize,
+    /// Concurrent TLS handshakes in the whole component.
+    pub handshakes: usize,
+    /// Stanzas queued for one bot before the router answers `wait`.
+    pub bot_queue: usize,
+    /// Stanzas queued for the server before senders wait.
+    pub outbound_queue: usize,
+    /// Largest stanza accepted from the server, in bytes.
+    pub max_stanza_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            tunnels_per_bot: 1000,
+            tunnels_per_peer: 16,
+            tunnels_total: 10_000,
+            handshakes: 64,
+            bot_queue: 1024,
+            outbound_queue: 4096,
+            max_stanza_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// What a bot does with the stanzas that reach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Handler {
+    /// Answers every tunneled message with the same body through the same tunnel.
+    Echo,
+}
+
+impl Handler {
+    /// The config and API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Handler::Echo => "echo",
+        }
+    }
+
+    /// Reads a stored name.
+    pub fn parse(s: &str) -> Option<Handler> {
+        (s == "echo").then_some(Handler::Echo)
+    }
+}
+
+/// `[[bots]]`: a bot created at start when missing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BotConfig {
+    /// The bot's localpart; its JID is `localpart@domain`.
+    pub localpart: String,
+    /// What the bot does.
+    pub handler: Handler,
+    /// Whether peers must present a certificate.
+    #[serde(default)]
+    pub peer_auth: PeerAuth,
+    /// How peers' keys are trusted.
+    #[serde(default)]
+    pub trust: TrustMode,
+}
+
+impl Config {
+    /// Loads the file (if given) with environment overrides, and validates it.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::new();
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(invalid(
+                    "--config",
+                    format!("{} does not exist", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        // Only section-qualified names (`XTLS_SECTION__KEY`) are config keys, so unrelated
+        // variables that merely share the prefix are left alone.
+        let env = Env::prefixed("XTLS_")
+            .filter(|key| key.as_str().contains("__"))
+            .split("__");
+        Self::from_figment(figment.merge(env))
+    }
+
+    /// Extracts and validates a configuration from any figment (used by tests too).
+    pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&mut self) -> Result<(), ConfigError> {
+        let domain = &self.component.domain;
+        match jid::Jid::new(domain) {
+            Ok(j) if j.node().is_none() && j.resource().is_none() => {
+                self.component.domain = j.to_string();
+            }
+            _ => {
+                return Err(invalid(
+                    "component.domain",
+                    format!("'{domain}' is not a domain"),
+                ));
+            }
+        }
+        if !self.component.server.contains(':') {
+            return Err(invalid("component.server", "expected host:port"));
+        }
+        let secret = read_secret(
+            "component.secret",
+            self.component.secret.take(),
+            self.component.secret_file.as_deref(),
+        )?;
+        self.component.secret = Some(secret);
+        let token = read_secret(
+            "admin.token",
+            self.admin.token.take(),
+            self.admin.token_file.as_deref(),
+        )?;
+        if token.expose().len() < 8 {
+            return Err(invalid("admin.token", "must be at least 8 characters"));
+        }
+        self.admin.token = Some(token);
+        if !self.store.url.starts_with("sqlite:") {
+            return Err(invalid("store.url", "only sqlite: URLs are supported"));
+        }
+        let t = &self.tunnel;
+        if t.chunk_size == 0 || t.chunk_size > crate::stanza::xtls::MAX_CHUNK_ACCEPTED {
+            return Err(invalid("tunnel.chunk_size", "must be between 1 and 65535"));
+        }
+        if t.window == 0 {
+            return Err(invalid("tunnel.window", "must be at least 1"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, bot) in self.bots.iter().enumerate() {
+            let key = format!("bots[{i}].localpart");
+            let jid = format!("{}@{}", bot.localpart, self.component.domain);
+            if crate::certs::normalize_bare(&jid).is_none() || bot.localpart.is_empty() {
+                return Err(invalid(
+                    &key,
+                    format!("'{}' is not a valid localpart", bot.localpart),
+                ));
+            }
+            if !seen.insert(bot.localpart.to_lowercase()) {
+                return Err(invalid(
+                    &key,
+                    format!("'{}' is declared twice", bot.localpart),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The component secret (present after validation).
+    pub fn secret(&self) -> &Secret {
+        self.component.secret.as_ref().expect("validated config")
+    }
+
+    /// The admin token (present after validation).
+    pub fn token(&self) -> &Secret {
+        self.admin.token.as_ref().expect("validated config")
+    }
+}
+
+fn read_secret(
+    key: &str,
+    value: Option<Secret>,
+    file: Option<&Path>,
+) -> Result<Secret, ConfigError> {
+    match (value, file) {
+        (Some(_), Some(_)) => Err(invalid(
+            key,
+            format!("set either {key} or {key}_file, not both"),
+        )),
+        (Some(v), None) if v.expose().is_empty() => Err(invalid(key, "is empty")),
+        (Some(v), None) => Ok(v),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                invalid(
+                    &format!("{key}_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            let text = text.trim_end_matches(['\n', '\r']);
+            if text.is_empty() {
+                return Err(invalid(
+                    &format!("{key}_file"),
+                    format!("{} is empty", path.display()),
+                ));
+            }
+            Ok(Secret::new(text))
+        }
+        (None, None) => Err(invalid(
+            key,
+            format!(
+                "missing: set {key}, {key}_file, or the environment variable XTLS_{}",
+                env_name(key)
+            ),
+        )),
+    }
+}
+
+fn env_name(key: &str) -> String {
+    key.to_uppercase().replace('.', "__")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Serialized;
+
+    fn load(toml: &str) -> Result<Config, ConfigError> {
+        Config::from_figment(Figment::new().merge(Toml::string(toml)))
+    }
+
+    const MINIMAL: &str = r#"
+        [component]
+        domain = "bots.example.org"
+        secret = "s3cret"
+        [admin]
+        token = "token-123456"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.component.server, "127.0.0.1:5347");
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:8347");
+        assert_eq!(c.store.url, "sqlite://xtls-component.db");
+        assert_eq!(c.tunnel.window, 4);
+        assert_eq!(c.limits.tunnels_per_peer, 16);
+        assert_eq!(c.secret().expose(), "s3cret");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = load(&MINIMAL.replace("secret = \"s3cret\"", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("component.secret") && e.contains("XTLS_COMPONENT__SECRET"),
+            "{e}"
+        );
+        let e = load(&format!("{MINIMAL}\n[tunnel]\nwindow = 0"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tunnel.window"), "{e}");
+        let e = load(&format!("{MINIMAL}\n[tunnel]\nwindoww = 2"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("windoww"), "{e}");
+        let e = load(&MINIMAL.replace("bots.example.org", "a@b"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("component.domain"), "{e}");
+        let e = load(&format!(
+            "{MINIMAL}\n[[bots]]\nlocalpart=\"echo\"\nhandler=\"echo\"\n[[bots]]\nlocalpart=\"echo\"\nhandler=\"echo\""
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bots[1].localpart"), "{e}");
+        let e = load(&format!(
+            "{MINIMAL}\n[[bots]]\nlocalpart=\"x\"\nhandler=\"parrot\""
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("parrot"), "{e}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_never_print() {
+        let dir = std::env::temp_dir().join(format!("xtls-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let toml = MINIMAL.replace(
+            "secret = \"s3cret\"",
+            &format!("secret_file = {:?}", file.display().to_string()),
+        );
+        let c = load(&toml).unwrap();
+        assert_eq!(c.secret().expose(), "from-file");
+        assert!(!format!("{c:?}").contains("from-file"));
+        assert!(!format!("{c:?}").contains("token-123456"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn environment_style_overrides_win() {
+        // Env::prefixed("XTLS_").split("__") maps XTLS_COMPONENT__SECRET to component.secret;
+        // the same nesting is exercised here without touching the process environment.
+        let figment = Figment::new()
+            .merge(Toml::string(MINIMAL))
+            .merge(Serialized::default("component.secret", "from-env"));
+        let c = Config::from_figment(figment).unwrap();
+        assert_eq!(c.secret().expose(), "from-env");
+    }
+}
