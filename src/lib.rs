@@ -9,9 +9,22 @@
 //! | [`stanza`] | protocol vocabulary: namespaces, IQ envelopes, XTLS elements, stanza errors |
 //! | [`certs`] | bot certificates, fingerprints, XmppAddr identity checks |
 //! | [`tunnel`] | the sans-IO XTLS engine: one tunnel as a state machine over rustls |
+//! | [`component`] | the XEP-0114 link to the server: handshake, keepalive, reconnect |
+//! | [`router`] | inbound stanza to the addressed bot, or an answer when no bot owns it |
+//! | [`session`] | per-bot drivers owning their tunnels; the live session table |
+//! | [`store`] | SQLite: bots, keys, pins, tunnel history |
+//! | [`admin`] | the axum admin API |
+//! | [`config`] | the TOML configuration with environment overrides |
+//! | [`app`] | wiring and ordered shutdown |
 
+pub mod admin;
+pub mod app;
 pub mod certs;
+pub mod component;
 pub mod config;
+pub mod router;
+pub mod session;
 pub mod stanza;
+pub mod store;
 pub mod tunnel;
 pub mod xml;

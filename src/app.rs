@@ -1,0 +1,123 @@
+//! Wiring: store, bots, component link, router and admin API, with an ordered shutdown.
+
+use std::future::Future;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+
+use crate::admin::{self, AdminState};
+use crate::component::{self, LinkConfig, LinkEvent, LinkStatus};
+use crate::config::Config;
+use crate::router;
+use crate::session::{BotTable, NewBot, Shared};
+use crate::store::Store;
+
+/// Runs the component until `shutdown` resolves or the server refuses the configuration.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let store = Store::open(&config.store.url)
+        .await
+        .with_context(|| format!("cannot open the store at {}", config.store.url))?;
+    let stale = store.close_stale_tunnels().await?;
+    if stale > 0 {
+        tracing::info!(
+            count = stale,
+            "tunnels left open by a previous run marked closed"
+        );
+    }
+
+    let (out_tx, out_rx) = mpsc::channel(config.limits.outbound_queue.max(1));
+    let shared = Shared::new(
+        store.clone(),
+        out_tx.clone(),
+        config.tunnel.to_tunnel_config(),
+        config.limits.clone(),
+        config.component.domain.clone(),
+    );
+    let bots = BotTable::load(shared).await.context("cannot load bots")?;
+    for bot in &config.bots {
+        if bots.by_localpart(&bot.localpart).is_none() {
+            bots.create(NewBot {
+                localpart: bot.localpart.clone(),
+                handler: bot.handler,
+                peer_auth: bot.peer_auth,
+                trust: bot.trust,
+            })
+            .await
+            .with_context(|| format!("cannot create bot {}", bot.localpart))?;
+        }
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (status_tx, status_rx) = watch::channel(LinkStatus::Connecting(None));
+    let (events_tx, mut events_rx) = mpsc::channel(config.limits.outbound_queue.max(1));
+    let link_config = LinkConfig::new(
+        &config.component,
+        config.secret().clone(),
+        config.limits.max_stanza_bytes,
+    );
+    let mut link = tokio::spawn(component::run(
+        link_config,
+        events_tx,
+        out_rx,
+        status_tx,
+        stop_rx.clone(),
+    ));
+
+    let router_bots = bots.clone();
+    let router = tokio::spawn(async move {
+        while let Some(event) = events_rx.recv().await {
+            match event {
+                LinkEvent::Up => router_bots.broadcast_link(true).await,
+                LinkEvent::Down(reason) => {
+                    tracing::warn!(reason, "all tunnels lost with the server link");
+                    router_bots.broadcast_link(false).await;
+                }
+                LinkEvent::Stanza(stanza) => {
+                    if let Some(reply) = router::route(stanza, &router_bots) {
+                        let _ = out_tx.send(reply).await;
+                    }
+                }
+            }
+        }
+    });
+
+    let listener = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin.listen)", config.admin.listen))?;
+    tracing::info!(listen = %config.admin.listen, "admin API listening");
+    let state = AdminState {
+        bots: bots.clone(),
+        token: config.token().clone(),
+        link: status_rx,
+    };
+    let mut admin_stop = stop_rx.clone();
+    let admin = tokio::spawn(async move {
+        axum::serve(listener, admin::app(state))
+            .with_graceful_shutdown(async move {
+                let _ = admin_stop.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    let outcome = tokio::select! {
+        _ = shutdown => Ok(()),
+        result = &mut link => match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::Error::new(e)),
+            Err(e) => Err(anyhow::Error::new(e).context("component link task failed")),
+        },
+    };
+
+    // Ordered shutdown: bots close their tunnels (their `<close/>`s are queued), then the
+    // link writes them and the stream footer, then the admin API and the store stop.
+    tracing::info!("shutting down");
+    bots.stop_all().await;
+    let _ = stop_tx.send(true);
+    if !link.is_finished() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut link).await;
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), admin).await;
+    router.abort();
+    store.close().await;
+    outcome
+}

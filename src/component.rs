@@ -1,0 +1,487 @@
+//! The XEP-0114 link to the XMPP server: connect, handshake, read, write, keep alive,
+//! reconnect (spec §3).
+//!
+//! This is the only code that touches the server socket. It knows neither the router nor the
+//! bots: it hands every inbound stanza to a channel and writes what arrives on another.
+//! Inbound stanzas are renamed from `jabber:component:accept` to `jabber:client` at this edge
+//! (spec §3.6); every outbound `from`/`to` is validated before writing (spec §3.2), because one
+//! bad address kills the whole stream.
+
+use std::time::Duration;
+
+use minidom::Element;
+use rand::Rng;
+use sha1::{Digest, Sha1};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep, timeout};
+
+use crate::config::{ComponentConfig, Secret};
+use crate::stanza::{IqType, build_iq, ns};
+use crate::xml::{StreamReader, XmlEvent, XmlLimits, to_bytes};
+
+/// What the link reports to the rest of the component.
+#[derive(Debug)]
+pub enum LinkEvent {
+    /// The stream is authenticated (again).
+    Up,
+    /// A stanza from the server, in `jabber:client`.
+    Stanza(Element),
+    /// The stream was lost; every tunnel on it is gone (spec §3.5 rule 4).
+    Down(String),
+}
+
+/// Whether the link is usable, for `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkStatus {
+    /// Not authenticated yet, or reconnecting; the last problem if any.
+    Connecting(Option<String>),
+    /// Authenticated.
+    Up,
+}
+
+/// Why the link cannot work at all.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The server refused our configuration on the first attempt (spec §3.5 rule 2).
+    #[error("the server refused the component: {condition}{}", text.as_ref().map(|t| format!(" ({t})")).unwrap_or_default())]
+    Refused {
+        /// The stream error condition.
+        condition: String,
+        /// The server's text, if any.
+        text: Option<String>,
+    },
+}
+
+/// A failure of one connection attempt or session.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("XML: {0}")]
+    Xml(#[from] crate::xml::XmlError),
+    #[error("stream error {condition}{}", text.as_ref().map(|t| format!(": {t}")).unwrap_or_default())]
+    Stream {
+        condition: String,
+        text: Option<String>,
+    },
+    #[error("{0}")]
+    Protocol(String),
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("shutting down")]
+    Shutdown,
+}
+
+/// Stream errors that mean the configuration is wrong (spec §3.5 rule 2).
+const CONFIG_ERRORS: &[&str] = &[
+    "not-authorized",
+    "host-unknown",
+    "invalid-namespace",
+    "improper-addressing",
+];
+
+/// The handshake value of XEP-0114: lowercase hex SHA-1 of stream id and secret.
+pub fn handshake_digest(stream_id: &str, secret: &str) -> String {
+    let digest = Sha1::digest(format!("{stream_id}{secret}").as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Serializes an outbound stanza in the stream's default namespace.
+///
+/// Prosody routes only stanzas whose namespace is the stream default (it strips it and then
+/// treats the stanza as `jabber:client`); a stanza written with an explicit
+/// `xmlns='jabber:client'` is handed to local handlers and dropped. So the rename of spec §3.6
+/// applies in both directions: the top-level declaration becomes `jabber:component:accept`,
+/// and children in the same namespace inherit it.
+pub fn to_stream_bytes(stanza: &Element) -> Vec<u8> {
+    let bytes = to_bytes(stanza);
+    let client = format!("<{} xmlns='{}'", stanza.name(), ns::CLIENT);
+    match bytes.strip_prefix(client.as_bytes()) {
+        Some(rest) => {
+            let mut out = format!("<{} xmlns='{}'", stanza.name(), ns::COMPONENT).into_bytes();
+            out.extend_from_slice(rest);
+            out
+        }
+        None => bytes,
+    }
+}
+
+/// Checks an outbound stanza's addresses against the component's domain (spec §3.2).
+pub fn validate_outbound(stanza: &Element, domain: &str) -> Result<(), String> {
+    let from = stanza.attr("from").ok_or("missing from")?;
+    let to = stanza.attr("to").ok_or("missing to")?;
+    let from = jid::Jid::new(from).map_err(|e| format!("invalid from '{from}': {e}"))?;
+    if from.domain().as_str() != domain {
+        return Err(format!("from '{from}' is outside {domain}"));
+    }
+    jid::Jid::new(to).map_err(|e| format!("invalid to '{to}': {e}"))?;
+    Ok(())
+}
+
+/// The link's settings.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// The component domain.
+    pub domain: String,
+    /// `host:port` of the server's component listener.
+    pub server: String,
+    /// The shared secret.
+    pub secret: Secret,
+    /// Whitespace keepalive interval.
+    pub keepalive: Duration,
+    /// XEP-0199 ping interval.
+    pub ping_interval: Duration,
+    /// Ping answer timeout.
+    pub ping_timeout: Duration,
+    /// Longest back-off.
+    pub reconnect_max: Duration,
+    /// Largest inbound stanza.
+    pub max_stanza_bytes: usize,
+}
+
+impl LinkConfig {
+    /// Builds the link settings from the `[component]` section.
+    pub fn new(c: &ComponentConfig, secret: Secret, max_stanza_bytes: usize) -> LinkConfig {
+        LinkConfig {
+            domain: c.domain.clone(),
+            server: c.server.clone(),
+            secret,
+            keepalive: Duration::from_secs(c.keepalive_secs.max(1)),
+            ping_interval: Duration::from_secs(c.ping_interval_secs.max(1)),
+            ping_timeout: Duration::from_secs(c.ping_timeout_secs.max(1)),
+            reconnect_max: Duration::from_secs(c.reconnect_max_secs.max(1)),
+            max_stanza_bytes,
+        }
+    }
+
+    /// The server's own domain, target of keepalive pings: the parent of the component domain.
+    fn ping_target(&self) -> &str {
+        self.domain
+            .split_once('.')
+            .map(|(_, parent)| parent)
+            .filter(|p| p.contains('.') || *p == "localhost")
+            .unwrap_or(&self.domain)
+    }
+}
+
+/// Runs the link until `shutdown` turns true; returns an error only for a configuration the
+/// server refuses on the first attempt.
+pub async fn run(
+    config: LinkConfig,
+    events: mpsc::Sender<LinkEvent>,
+    mut outbound: mpsc::Receiver<Element>,
+    status: watch::Sender<LinkStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), LinkError> {
+    let mut ever_up = false;
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = Instant::now();
+        let result = session(
+            &config,
+            &events,
+            &mut outbound,
+            &status,
+            &mut shutdown,
+            &mut ever_up,
+        )
+        .await;
+        let problem = match result {
+            Err(SessionError::Shutdown) | Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if let SessionError::Stream { condition, text } = &problem
+            && !ever_up
+            && CONFIG_ERRORS.contains(&condition.as_str())
+        {
+            status.send_replace(LinkStatus::Connecting(Some(problem.to_string())));
+            return Err(LinkError::Refused {
+                condition: condition.clone(),
+                text: text.clone(),
+            });
+        }
+        let conflict =
+            matches!(&problem, SessionError::Stream { condition, .. } if condition == "conflict");
+        tracing::warn!(error = %problem, "component link lost");
+        status.send_replace(LinkStatus::Connecting(Some(problem.to_string())));
+        if started.elapsed() >= Duration::from_secs(30) {
+            backoff = Duration::from_secs(1);
+        }
+        let wait = if conflict {
+            config.reconnect_max
+        } else {
+            let jitter = rand::rng().random_range(0.8..1.2);
+            backoff.mul_f64(jitter).min(config.reconnect_max)
+        };
+        backoff = (backoff * 2).min(config.reconnect_max);
+        tokio::select! {
+            _ = sleep(wait) => {}
+            _ = stopped(&mut shutdown) => return Ok(()),
+        }
+    }
+}
+
+async fn session(
+    config: &LinkConfig,
+    events: &mpsc::Sender<LinkEvent>,
+    outbound: &mut mpsc::Receiver<Element>,
+    status: &watch::Sender<LinkStatus>,
+    shutdown: &mut watch::Receiver<bool>,
+    ever_up: &mut bool,
+) -> Result<(), SessionError> {
+    let mut stream = timeout(Duration::from_secs(10), TcpStream::connect(&config.server))
+        .await
+        .map_err(|_| SessionError::Timeout("connect"))??;
+    stream.set_nodelay(true)?;
+    let mut reader = StreamReader::new(XmlLimits {
+        max_element_bytes: config.max_stanza_bytes,
+        max_depth: 64,
+    })
+    .rename_namespace(ns::COMPONENT, ns::CLIENT);
+    let header = format!(
+        "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' to='{}'>",
+        ns::COMPONENT,
+        ns::STREAM,
+        config.domain
+    );
+    stream.write_all(header.as_bytes()).await?;
+    let mut buf = vec![0u8; 16 * 1024];
+
+    // Header, then handshake (spec §3.1).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut stream_id = None;
+    let mut handshake_sent = false;
+    loop {
+        while let Some(event) = reader.next_event() {
+            match event {
+                XmlEvent::Header(attrs) => {
+                    stream_id = attrs
+                        .into_iter()
+                        .find(|(k, _)| k == "id")
+                        .map(|(_, v)| v)
+                        .filter(|v| !v.is_empty());
+                }
+                XmlEvent::Element(el) if el.name() == "error" && el.ns() == ns::STREAM => {
+                    return Err(stream_error(&el));
+                }
+                XmlEvent::Element(el) if el.name() == "handshake" && handshake_sent => {
+                    return authenticated(
+                        config, stream, reader, buf, events, outbound, status, shutdown, ever_up,
+                    )
+                    .await;
+                }
+                XmlEvent::Element(el) => {
+                    return Err(SessionError::Protocol(format!(
+                        "unexpected <{}/> before authentication",
+                        el.name()
+                    )));
+                }
+                XmlEvent::End => {
+                    return Err(SessionError::Protocol("server closed the stream".into()));
+                }
+            }
+        }
+        if let (Some(id), false) = (&stream_id, handshake_sent) {
+            let digest = handshake_digest(id, config.secret.expose());
+            stream
+                .write_all(format!("<handshake>{digest}</handshake>").as_bytes())
+                .await?;
+            handshake_sent = true;
+        }
+        let n = tokio::select! {
+            r = timeout(deadline.saturating_duration_since(Instant::now()), stream.read(&mut buf)) => {
+                r.map_err(|_| SessionError::Timeout("handshake"))??
+            }
+            _ = stopped(shutdown) => return Err(SessionError::Shutdown),
+        };
+        if n == 0 {
+            return Err(SessionError::Protocol(
+                "server closed the connection during the handshake".into(),
+            ));
+        }
+        reader.feed(&buf[..n])?;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn authenticated(
+    config: &LinkConfig,
+    stream: TcpStream,
+    mut reader: StreamReader,
+    mut buf: Vec<u8>,
+    events: &mpsc::Sender<LinkEvent>,
+    outbound: &mut mpsc::Receiver<Element>,
+    status: &watch::Sender<LinkStatus>,
+    shutdown: &mut watch::Receiver<bool>,
+    ever_up: &mut bool,
+) -> Result<(), SessionError> {
+    tracing::info!(
+        domain = config.domain,
+        server = config.server,
+        "component authenticated"
+    );
+    *ever_up = true;
+    status.send_replace(LinkStatus::Up);
+    let _ = events.send(LinkEvent::Up).await;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut keepalive = tokio::time::interval(config.keepalive);
+    keepalive.reset();
+    let mut ping = tokio::time::interval(config.ping_interval);
+    ping.reset();
+    let mut ping_pending: Option<(String, Instant)> = None;
+    let ping_prefix = format!("ping-{:016x}-", rand::random::<u64>());
+    let mut ping_count = 0u64;
+
+    let result: Result<(), SessionError> = async {
+        loop {
+            let ping_deadline = ping_pending.as_ref().map(|(_, at)| *at);
+            tokio::select! {
+                read = rd.read(&mut buf) => {
+                    let n = read?;
+                    if n == 0 {
+                        return Err(SessionError::Protocol("server closed the connection".into()));
+                    }
+                    reader.feed(&buf[..n])?;
+                    while let Some(event) = reader.next_event() {
+                        match event {
+                            XmlEvent::Element(el) if el.ns() == ns::STREAM && el.name() == "error" => {
+                                return Err(stream_error(&el));
+                            }
+                            XmlEvent::Element(el) => {
+                                tracing::trace!(xml = %String::from_utf8_lossy(&to_bytes(&el)), "from server");
+                                if let Some((id, _)) = &ping_pending
+                                    && el.name() == "iq"
+                                    && el.attr("id") == Some(id.as_str())
+                                {
+                                    ping_pending = None;
+                                    continue;
+                                }
+                                if events.send(LinkEvent::Stanza(el)).await.is_err() {
+                                    return Err(SessionError::Shutdown);
+                                }
+                            }
+                            XmlEvent::End => return Err(SessionError::Protocol("server closed the stream".into())),
+                            XmlEvent::Header(_) => {}
+                        }
+                    }
+                }
+                out = outbound.recv() => {
+                    let Some(stanza) = out else { return Err(SessionError::Shutdown) };
+                    if let Err(problem) = validate_outbound(&stanza, &config.domain) {
+                        tracing::error!(problem, stanza = stanza.name(), "outbound stanza dropped: it would kill the stream");
+                        continue;
+                    }
+                    let bytes = to_stream_bytes(&stanza);
+                    tracing::trace!(xml = %String::from_utf8_lossy(&bytes), "to server");
+                    wr.write_all(&bytes).await?;
+                }
+                _ = keepalive.tick() => {
+                    wr.write_all(b" ").await?;
+                }
+                _ = ping.tick(), if ping_pending.is_none() => {
+                    ping_count += 1;
+                    let id = format!("{ping_prefix}{ping_count}");
+                    let iq = build_iq(IqType::Get, &id, &config.domain, config.ping_target(), Some(Element::bare("ping", ns::PING)));
+                    wr.write_all(&to_stream_bytes(&iq)).await?;
+                    ping_pending = Some((id, Instant::now() + config.ping_timeout));
+                }
+                _ = async { tokio::time::sleep_until(ping_deadline.unwrap_or_else(Instant::now)).await }, if ping_deadline.is_some() => {
+                    return Err(SessionError::Timeout("server ping"));
+                }
+                _ = stopped(shutdown) => {
+                    // Drain what the bots queued on their way out (their `<close/>`s), then the footer.
+                    while let Ok(stanza) = outbound.try_recv() {
+                        if validate_outbound(&stanza, &config.domain).is_ok() {
+                            wr.write_all(&to_stream_bytes(&stanza)).await?;
+                        }
+                    }
+                    wr.write_all(b"</stream:stream>").await?;
+                    wr.shutdown().await?;
+                    return Err(SessionError::Shutdown);
+                }
+            }
+        }
+    }
+    .await;
+    if !matches!(result, Err(SessionError::Shutdown)) {
+        let reason = match &result {
+            Err(e) => e.to_string(),
+            Ok(()) => "closed".into(),
+        };
+        let _ = events.send(LinkEvent::Down(reason)).await;
+    }
+    result
+}
+
+/// Resolves once shutdown is requested (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+fn stream_error(el: &Element) -> SessionError {
+    let condition = el
+        .children()
+        .find(|c| c.ns() == ns::STREAM_ERRORS && c.name() != "text")
+        .map(|c| c.name().to_owned())
+        .unwrap_or_else(|| "undefined-condition".into());
+    let text = el
+        .get_child("text", ns::STREAM_ERRORS)
+        .map(|t| t.text())
+        .filter(|t| !t.is_empty());
+    SessionError::Stream { condition, text }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_matches_the_spec_vectors() {
+        assert_eq!(
+            handshake_digest("sid", "123456"),
+            "9accec263ab84a43c6037ccf7cd48cb1d3f6df8e"
+        );
+        assert_eq!(
+            handshake_digest("3BF96D32", "secret"),
+            "b09ea9b3b7f586be8a08d0a3dd7466f110aeb136"
+        );
+    }
+
+    #[test]
+    fn outbound_stanzas_use_the_stream_namespace() {
+        let iq = build_iq(
+            IqType::Result,
+            "1",
+            "e@bots.localhost",
+            "a@localhost/x",
+            Some(Element::bare("proceed", ns::XTLS)),
+        );
+        let text = String::from_utf8(to_stream_bytes(&iq)).unwrap();
+        assert!(
+            text.starts_with("<iq xmlns='jabber:component:accept'"),
+            "{text}"
+        );
+        assert!(
+            text.contains("<proceed xmlns='urn:xmpp:tmp:xtls'/>"),
+            "{text}"
+        );
+        let parsed: Element = text.parse().unwrap();
+        assert_eq!(parsed.attr("from"), Some("e@bots.localhost"));
+    }
+
+    #[test]
+    fn outbound_addresses_are_validated() {
+        let ok: Element = "<message xmlns='jabber:client' from='echo@bots.example.org' to='alice@example.net/x'/>".parse().unwrap();
+        assert!(validate_outbound(&ok, "bots.example.org").is_ok());
+        let foreign: Element = "<message xmlns='jabber:client' from='echo@example.org' to='a@b'/>"
+            .parse()
+            .unwrap();
+        assert!(validate_outbound(&foreign, "bots.example.org").is_err());
+        let no_to: Element = "<message xmlns='jabber:client' from='bots.example.org'/>"
+            .parse()
+            .unwrap();
+        assert!(validate_outbound(&no_to, "bots.example.org").is_err());
+    }
+}

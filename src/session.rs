@@ -1,0 +1,945 @@
+//! The session table: one driver task per bot owns that bot's tunnels and their single timer.
+//!
+//! A driver receives the stanzas the router addressed to its bot, feeds them to the tunnel
+//! engine, writes what the engines emit to the component link, runs the bot's handler on the
+//! decrypted stanzas, and keeps the live session table and the store's history current.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use minidom::Element;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::certs::{BotIdentity, Fingerprints, normalize_bare};
+use crate::config::{Handler, LimitsConfig};
+use crate::stanza::xtls::XtlsElement;
+use crate::stanza::{DefinedCondition, ErrorType, Iq, IqType, build_iq, error_reply, name, ns};
+use crate::store::{BotRecord, PeerIdentityRecord, Store, StoreError, TunnelRecord, now};
+use crate::tunnel::{
+    BotCredentials, CloseReason, Event, PeerAuth, PeerPolicy, State, TrustMode, Tunnel,
+    TunnelConfig, TunnelKey, TunnelParams, bare, classify_request,
+};
+
+/// Everything the drivers share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The store.
+    pub store: Store,
+    /// Stanzas for the server.
+    pub out: mpsc::Sender<Element>,
+    /// Live tunnels, by id.
+    pub table: TunnelTable,
+    /// Timers and sizes of every tunnel.
+    pub tunnel_config: TunnelConfig,
+    /// Capacity caps.
+    pub limits: LimitsConfig,
+    /// The component domain.
+    pub domain: String,
+    handshakes: AtomicUsize,
+    tunnels: AtomicUsize,
+}
+
+impl Shared {
+    /// Bundles the shared parts.
+    pub fn new(
+        store: Store,
+        out: mpsc::Sender<Element>,
+        tunnel_config: TunnelConfig,
+        limits: LimitsConfig,
+        domain: String,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            store,
+            out,
+            table: TunnelTable::default(),
+            tunnel_config,
+            limits,
+            domain,
+            handshakes: AtomicUsize::new(0),
+            tunnels: AtomicUsize::new(0),
+        })
+    }
+}
+
+/// The live part of the session table, readable by the admin API.
+#[derive(Debug, Clone, Default)]
+pub struct TunnelTable(Arc<RwLock<HashMap<String, TunnelRecord>>>);
+
+impl TunnelTable {
+    /// A snapshot of every live tunnel.
+    pub fn snapshot(&self) -> Vec<TunnelRecord> {
+        self.0
+            .read()
+            .expect("table lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// One live tunnel.
+    pub fn get(&self, id: &str) -> Option<TunnelRecord> {
+        self.0.read().expect("table lock").get(id).cloned()
+    }
+
+    fn put(&self, record: &TunnelRecord) {
+        self.0
+            .write()
+            .expect("table lock")
+            .insert(record.id.clone(), record.clone());
+    }
+
+    fn remove(&self, id: &str) {
+        self.0.write().expect("table lock").remove(id);
+    }
+}
+
+/// What a driver is asked to do.
+#[derive(Debug)]
+pub enum BotCommand {
+    /// A stanza addressed to the bot.
+    Stanza(Element),
+    /// Close one tunnel gracefully; answers whether it existed.
+    CloseTunnel(String, oneshot::Sender<bool>),
+    /// The server link was lost: every tunnel is gone.
+    LinkDown,
+    /// The server link is back: tell former peers their tunnels are gone.
+    LinkUp,
+    /// Close every tunnel and stop.
+    Stop(CloseReason, oneshot::Sender<()>),
+}
+
+/// A running bot as the rest of the component sees it.
+#[derive(Debug, Clone)]
+pub struct BotHandle {
+    /// The stored bot.
+    pub record: BotRecord,
+    /// Its certificate fingerprints.
+    pub fingerprints: Fingerprints,
+    /// Its identity (certificate PEM and validity for the API).
+    pub identity: Arc<BotIdentity>,
+    tx: mpsc::Sender<BotCommand>,
+}
+
+impl BotHandle {
+    /// Hands a stanza to the driver without waiting; `Err` when its queue is full or it stopped.
+    pub fn try_deliver(
+        &self,
+        stanza: Element,
+    ) -> Result<(), mpsc::error::TrySendError<BotCommand>> {
+        self.tx.try_send(BotCommand::Stanza(stanza))
+    }
+}
+
+/// Why a bot could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum BotError {
+    /// The localpart does not make a valid JID.
+    #[error("'{0}' is not a valid localpart")]
+    InvalidLocalpart(String),
+    /// A bot with that JID exists.
+    #[error("bot {0} already exists")]
+    Duplicate(String),
+    /// Certificate generation failed.
+    #[error(transparent)]
+    Cert(#[from] crate::certs::CertError),
+    /// The bot key is unusable for TLS.
+    #[error(transparent)]
+    Credentials(#[from] crate::tunnel::CredentialsError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for BotError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Duplicate(what) => BotError::Duplicate(what),
+            other => BotError::Store(other),
+        }
+    }
+}
+
+/// What a new bot is.
+#[derive(Debug, Clone)]
+pub struct NewBot {
+    /// The localpart.
+    pub localpart: String,
+    /// The handler.
+    pub handler: Handler,
+    /// Whether peers must present certificates.
+    pub peer_auth: PeerAuth,
+    /// How peer keys are trusted.
+    pub trust: TrustMode,
+}
+
+/// The registry of running bots.
+#[derive(Debug, Clone)]
+pub struct BotTable {
+    bots: Arc<RwLock<HashMap<String, BotHandle>>>,
+    shared: Arc<Shared>,
+}
+
+fn peer_auth_str(p: PeerAuth) -> &'static str {
+    match p {
+        PeerAuth::Required => "required",
+        PeerAuth::Optional => "optional",
+    }
+}
+
+fn trust_str(t: TrustMode) -> &'static str {
+    match t {
+        TrustMode::Tofu => "tofu",
+        TrustMode::Pinned => "pinned",
+    }
+}
+
+impl BotTable {
+    /// Loads every stored bot and starts its driver.
+    pub async fn load(shared: Arc<Shared>) -> Result<BotTable, BotError> {
+        let table = BotTable {
+            bots: Arc::default(),
+            shared,
+        };
+        for record in table.shared.store.list_bots().await? {
+            let identity = table.shared.store.load_identity(&record.jid).await?;
+            table.start(record, identity)?;
+        }
+        Ok(table)
+    }
+
+    /// The shared parts.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Creates, stores and starts a bot.
+    pub async fn create(&self, new: NewBot) -> Result<BotHandle, BotError> {
+        let jid = normalize_bare(&format!("{}@{}", new.localpart, self.shared.domain))
+            .filter(|_| !new.localpart.is_empty() && !new.localpart.contains(['/', '@']))
+            .ok_or_else(|| BotError::InvalidLocalpart(new.localpart.clone()))?;
+        let localpart = jid.split('@').next().unwrap_or_default().to_owned();
+        if self.by_localpart(&localpart).is_some() {
+            return Err(BotError::Duplicate(jid));
+        }
+        let identity = BotIdentity::generate(&jid)?;
+        let record = BotRecord {
+            jid,
+            localpart,
+            handler: new.handler.as_str().to_owned(),
+            peer_auth: peer_auth_str(new.peer_auth).to_owned(),
+            trust: trust_str(new.trust).to_owned(),
+            created_at: now(),
+        };
+        self.shared.store.insert_bot(&record, &identity).await?;
+        tracing::info!(bot = record.jid, spki_sha256 = %identity.info.fingerprints.spki_sha256, "bot created");
+        self.start(record, identity)
+    }
+
+    fn start(&self, record: BotRecord, identity: BotIdentity) -> Result<BotHandle, BotError> {
+        let creds = BotCredentials::new(identity)?;
+        let (tx, rx) = mpsc::channel(self.shared.limits.bot_queue.max(1));
+        let handle = BotHandle {
+            fingerprints: creds.identity.info.fingerprints.clone(),
+            identity: creds.identity.clone(),
+            record: record.clone(),
+            tx,
+        };
+        let driver = BotDriver {
+            handler: Handler::parse(&record.handler).unwrap_or(Handler::Echo),
+            peer_auth: if record.peer_auth == "optional" {
+                PeerAuth::Optional
+            } else {
+                PeerAuth::Required
+            },
+            trust: if record.trust == "pinned" {
+                TrustMode::Pinned
+            } else {
+                TrustMode::Tofu
+            },
+            bot: record,
+            creds,
+            rx,
+            shared: self.shared.clone(),
+            tunnels: HashMap::new(),
+            former_peers: Vec::new(),
+        };
+        self.bots
+            .write()
+            .expect("bots lock")
+            .insert(handle.record.localpart.clone(), handle.clone());
+        tokio::spawn(driver.run());
+        Ok(handle)
+    }
+
+    /// The bot with this localpart (case-insensitive per RFC 7622 preparation).
+    pub fn by_localpart(&self, localpart: &str) -> Option<BotHandle> {
+        let key = normalize_bare(&format!("{localpart}@{}", self.shared.domain))?;
+        let lp = key.split('@').next()?.to_owned();
+        self.bots.read().expect("bots lock").get(&lp).cloned()
+    }
+
+    /// The bot with this bare JID.
+    pub fn by_jid(&self, jid: &str) -> Option<BotHandle> {
+        let jid = normalize_bare(jid)?;
+        let (lp, domain) = jid.split_once('@')?;
+        (domain == self.shared.domain)
+            .then(|| self.by_localpart(lp))
+            .flatten()
+    }
+
+    /// Every bot, by JID.
+    pub fn list(&self) -> Vec<BotHandle> {
+        let mut bots: Vec<_> = self
+            .bots
+            .read()
+            .expect("bots lock")
+            .values()
+            .cloned()
+            .collect();
+        bots.sort_by(|a, b| a.record.jid.cmp(&b.record.jid));
+        bots
+    }
+
+    /// Closes a bot's tunnels, stops it and deletes it; `false` when it did not exist.
+    pub async fn delete(&self, jid: &str) -> Result<bool, BotError> {
+        let Some(handle) = self.by_jid(jid) else {
+            return Ok(false);
+        };
+        self.bots
+            .write()
+            .expect("bots lock")
+            .remove(&handle.record.localpart);
+        let (done, wait) = oneshot::channel();
+        if handle
+            .tx
+            .send(BotCommand::Stop(CloseReason::BotDeleted, done))
+            .await
+            .is_ok()
+        {
+            let _ = wait.await;
+        }
+        self.shared.store.delete_bot(&handle.record.jid).await?;
+        tracing::info!(bot = handle.record.jid, "bot deleted");
+        Ok(true)
+    }
+
+    /// Asks the owner of a live tunnel to close it; `false` when no live tunnel has that id.
+    pub async fn close_tunnel(&self, id: &str) -> bool {
+        let Some(record) = self.shared.table.get(id) else {
+            return false;
+        };
+        let Some(handle) = self.by_jid(&record.bot) else {
+            return false;
+        };
+        let (tx, rx) = oneshot::channel();
+        if handle
+            .tx
+            .send(BotCommand::CloseTunnel(id.to_owned(), tx))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Tells every driver about the link.
+    pub async fn broadcast_link(&self, up: bool) {
+        for bot in self.list() {
+            let cmd = if up {
+                BotCommand::LinkUp
+            } else {
+                BotCommand::LinkDown
+            };
+            let _ = bot.tx.send(cmd).await;
+        }
+    }
+
+    /// Stops every driver, closing their tunnels.
+    pub async fn stop_all(&self) {
+        for bot in self.list() {
+            let (done, wait) = oneshot::channel();
+            if bot
+                .tx
+                .send(BotCommand::Stop(CloseReason::Shutdown, done))
+                .await
+                .is_ok()
+            {
+                let _ = wait.await;
+            }
+        }
+    }
+}
+
+struct Live {
+    tunnel: Tunnel,
+    record: TunnelRecord,
+    /// Whether this tunnel counts against the concurrent-handshake cap.
+    in_handshake: bool,
+}
+
+struct BotDriver {
+    bot: BotRecord,
+    handler: Handler,
+    peer_auth: PeerAuth,
+    trust: TrustMode,
+    creds: BotCredentials,
+    rx: mpsc::Receiver<BotCommand>,
+    shared: Arc<Shared>,
+    tunnels: HashMap<TunnelKey, Live>,
+    /// Peers of tunnels lost with the link, told with `<close/>` once it is back.
+    former_peers: Vec<TunnelKey>,
+}
+
+fn state_str(s: State) -> &'static str {
+    match s {
+        State::Starting => "starting",
+        State::Handshaking => "handshaking",
+        State::Open => "open",
+        State::Closing => "closing",
+        State::Closed => "closed",
+    }
+}
+
+fn normalize(jid: &str) -> Option<String> {
+    jid::Jid::new(jid).ok().map(|j| j.to_string())
+}
+
+fn random_prefix() -> String {
+    format!("x{:016x}-", rand::random::<u64>())
+}
+
+impl BotDriver {
+    async fn run(mut self) {
+        loop {
+            let deadline = self
+                .tunnels
+                .values()
+                .filter_map(|l| l.tunnel.poll_timeout())
+                .min()
+                .map(Instant::from_std);
+            tokio::select! {
+                cmd = self.rx.recv() => {
+                    let Some(cmd) = cmd else { break };
+                    if let BotCommand::Stop(reason, done) = cmd {
+                        self.stop(reason).await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    self.handle(cmd).await;
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    let now = Instant::now().into_std();
+                    for live in self.tunnels.values_mut() {
+                        if live.tunnel.poll_timeout().is_some_and(|at| at <= now) {
+                            live.tunnel.handle_timeout(now);
+                        }
+                    }
+                }
+            }
+            self.pump().await;
+        }
+    }
+
+    async fn send(&self, stanza: Element) {
+        if self.shared.out.send(stanza).await.is_err() {
+            tracing::debug!("outbound channel closed");
+        }
+    }
+
+    async fn handle(&mut self, cmd: BotCommand) {
+        match cmd {
+            BotCommand::Stanza(el) => self.handle_stanza(el).await,
+            BotCommand::CloseTunnel(id, done) => {
+                let now = Instant::now().into_std();
+                let found = self.tunnels.values_mut().find(|l| l.record.id == id);
+                let exists = found.is_some();
+                if let Some(live) = found {
+                    live.tunnel.close(now);
+                }
+                let _ = done.send(exists);
+            }
+            BotCommand::LinkDown => {
+                for (key, live) in self.tunnels.iter_mut() {
+                    live.tunnel.abandon(CloseReason::ConnectionLost);
+                    self.former_peers.push(key.clone());
+                }
+            }
+            BotCommand::LinkUp => {
+                // Spec §3.5 rule 4: paced `<close/>` so peers drop zombie state.
+                let peers = std::mem::take(&mut self.former_peers);
+                let out = self.shared.out.clone();
+                tokio::spawn(async move {
+                    for key in peers {
+                        let close = build_iq(
+                            IqType::Set,
+                            &format!("{}1", random_prefix()),
+                            &key.local,
+                            &key.peer,
+                            Some(XtlsElement::Close.to_element()),
+                        );
+                        if out.send(close).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                });
+            }
+            BotCommand::Stop(..) => unreachable!("handled by run"),
+        }
+    }
+
+    async fn stop(&mut self, reason: CloseReason) {
+        for (key, live) in self.tunnels.iter_mut() {
+            if live.tunnel.state() != State::Closed {
+                let close = build_iq(
+                    IqType::Set,
+                    &format!("{}1", random_prefix()),
+                    &key.local,
+                    &key.peer,
+                    Some(XtlsElement::Close.to_element()),
+                );
+                let _ = self.shared.out.send(close).await;
+                live.tunnel.abandon(reason.clone());
+            }
+        }
+        self.pump().await;
+    }
+
+    async fn handle_stanza(&mut self, el: Element) {
+        match el.name() {
+            "iq" => self.handle_iq(el).await,
+            "presence" => self.handle_presence(el).await,
+            "message" => {
+                tracing::debug!(
+                    bot = self.bot.jid,
+                    from = el.attr("from"),
+                    "message in clear ignored"
+                );
+            }
+            _ => {}
+        }
+    }
+
+    async fn handle_presence(&mut self, el: Element) {
+        let from = el.attr("from").unwrap_or_default().to_owned();
+        let to = el.attr("to").unwrap_or(&self.bot.jid).to_owned();
+        let presence = |type_: Option<&str>| {
+            let mut p = Element::builder("presence", ns::CLIENT)
+                .attr(name("from"), bare(&to))
+                .attr(name("to"), bare(&from))
+                .build();
+            if let Some(t) = type_ {
+                p.set_attr(rxml::Namespace::NONE, name("type"), t);
+            }
+            p
+        };
+        match el.attr("type") {
+            Some("subscribe") => {
+                self.send(presence(Some("subscribed"))).await;
+                self.send(presence(None)).await;
+            }
+            Some("probe") => self.send(presence(None)).await,
+            Some("unavailable") => {
+                // Spec §1.13: the peer went away, its tunnels with it (no `<close/>`).
+                let Some(from) = normalize(&from) else { return };
+                for (key, live) in self.tunnels.iter_mut() {
+                    if key.peer == from || (!from.contains('/') && bare(&key.peer) == from) {
+                        live.tunnel.abandon(CloseReason::PeerGone);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn handle_iq(&mut self, el: Element) {
+        let Ok(iq) = Iq::parse(&el) else {
+            if el.attr("type") != Some("error") && el.attr("type") != Some("result") {
+                self.send(error_reply(
+                    &el,
+                    ErrorType::Modify,
+                    DefinedCondition::BadRequest,
+                    "malformed IQ",
+                ))
+                .await;
+            }
+            return;
+        };
+        let now = Instant::now().into_std();
+        let (Some(local), Some(peer)) = (normalize(&iq.to), normalize(&iq.from)) else {
+            if iq.type_.is_request() {
+                self.send(iq.error(ErrorType::Modify, DefinedCondition::JidMalformed, ""))
+                    .await;
+            }
+            return;
+        };
+        let key = TunnelKey { local, peer };
+        if !iq.type_.is_request() {
+            if let Some(live) = self.tunnels.get_mut(&key) {
+                live.tunnel.handle_iq(now, &iq);
+            } else {
+                tracing::debug!(
+                    bot = self.bot.jid,
+                    id = iq.id,
+                    "answer for no tunnel dropped"
+                );
+            }
+            return;
+        }
+        let xtls = iq.children.iter().any(|c| c.ns() == ns::XTLS);
+        if xtls {
+            match classify_request(&iq) {
+                Err(reply) => self.send(reply).await,
+                Ok(XtlsElement::Start { offer }) => self.handle_start(now, key, &iq, offer).await,
+                Ok(_) => match self.tunnels.get_mut(&key) {
+                    Some(live) if live.tunnel.state() != State::Closed => {
+                        live.tunnel.handle_iq(now, &iq)
+                    }
+                    _ => {
+                        self.send(iq.error(
+                            ErrorType::Cancel,
+                            DefinedCondition::ItemNotFound,
+                            "no such tunnel",
+                        ))
+                        .await
+                    }
+                },
+            }
+            return;
+        }
+        let reply = match iq.single_payload() {
+            None => iq.error(
+                ErrorType::Modify,
+                DefinedCondition::BadRequest,
+                "an IQ request carries exactly one child",
+            ),
+            Some(p)
+                if iq.type_ == IqType::Get
+                    && p.is("query", ns::DISCO_INFO)
+                    && p.attr("node").is_none() =>
+            {
+                iq.result(Some(bot_disco_info()))
+            }
+            Some(p) if iq.type_ == IqType::Get && p.is("ping", ns::PING) => iq.result(None),
+            Some(_) => iq.error(ErrorType::Cancel, DefinedCondition::ServiceUnavailable, ""),
+        };
+        self.send(reply).await;
+    }
+
+    async fn handle_start(
+        &mut self,
+        now: std::time::Instant,
+        key: TunnelKey,
+        iq: &Iq,
+        offer: Option<crate::stanza::xtls::Offer>,
+    ) {
+        if let Some(live) = self.tunnels.get_mut(&key) {
+            if live.tunnel.state() == State::Starting {
+                // Simultaneous start (spec §1.11): the JID that sorts first has priority.
+                if key.local < key.peer {
+                    self.send(iq.error(ErrorType::Cancel, DefinedCondition::Conflict, ""))
+                        .await;
+                    return;
+                }
+            }
+            live.tunnel.abandon(CloseReason::Replaced);
+            self.pump().await;
+        }
+        let limits = &self.shared.limits;
+        let peer_bare = bare(&key.peer).to_owned();
+        let per_peer = self
+            .tunnels
+            .keys()
+            .filter(|k| bare(&k.peer) == peer_bare)
+            .count();
+        let over = if self.tunnels.len() >= limits.tunnels_per_bot {
+            Some("too many tunnels for this bot")
+        } else if per_peer >= limits.tunnels_per_peer {
+            Some("too many tunnels for this peer")
+        } else if self.shared.tunnels.load(Ordering::Relaxed) >= limits.tunnels_total {
+            Some("too many tunnels")
+        } else if self.shared.handshakes.load(Ordering::Relaxed) >= limits.handshakes {
+            Some("too many handshakes in progress")
+        } else {
+            None
+        };
+        if let Some(text) = over {
+            self.send(iq.error(ErrorType::Wait, DefinedCondition::ResourceConstraint, text))
+                .await;
+            return;
+        }
+        let pins = match self.shared.store.pins(&self.bot.jid, &peer_bare).await {
+            Ok(pins) => pins,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read pins");
+                self.send(iq.error(
+                    ErrorType::Wait,
+                    DefinedCondition::InternalServerError,
+                    "store unavailable",
+                ))
+                .await;
+                return;
+            }
+        };
+        let params = TunnelParams {
+            config: self.shared.tunnel_config.clone(),
+            key: key.clone(),
+            creds: self.creds.clone(),
+            policy: PeerPolicy {
+                peer_auth: self.peer_auth,
+                trust: self.trust,
+                pins,
+            },
+            id_prefix: random_prefix(),
+        };
+        match Tunnel::accept(now, params, iq, offer.as_ref()) {
+            Err(refusal) => {
+                tracing::info!(bot = self.bot.jid, peer = key.peer, condition = ?refusal.condition, "start refused");
+                self.send(refusal.reply).await;
+            }
+            Ok(tunnel) => {
+                let record = TunnelRecord {
+                    id: format!("{:016x}", rand::random::<u64>()),
+                    bot: self.bot.jid.clone(),
+                    local: key.local.clone(),
+                    peer: key.peer.clone(),
+                    role: "responder".into(),
+                    state: state_str(tunnel.state()).into(),
+                    tls_version: None,
+                    cipher_suite: None,
+                    peer_identity: PeerIdentityRecord {
+                        spki_sha256: None,
+                        trust: "pending".into(),
+                    },
+                    stanzas_in: 0,
+                    stanzas_out: 0,
+                    bytes_in: 0,
+                    bytes_out: 0,
+                    opened_at: now_precise(),
+                    established_at: None,
+                    closed_at: None,
+                    close_reason: None,
+                };
+                tracing::info!(
+                    bot = self.bot.jid,
+                    peer = key.peer,
+                    tunnel = record.id,
+                    "tunnel accepted"
+                );
+                self.save(&record).await;
+                self.shared.table.put(&record);
+                self.shared.handshakes.fetch_add(1, Ordering::Relaxed);
+                self.shared.tunnels.fetch_add(1, Ordering::Relaxed);
+                self.tunnels.insert(
+                    key,
+                    Live {
+                        tunnel,
+                        record,
+                        in_handshake: true,
+                    },
+                );
+            }
+        }
+    }
+
+    async fn save(&self, record: &TunnelRecord) {
+        if let Err(e) = self.shared.store.save_tunnel(record).await {
+            tracing::error!(error = %e, tunnel = record.id, "cannot record tunnel");
+        }
+    }
+
+    /// Drains every tunnel's output and events until nothing moves; drops finished tunnels.
+    async fn pump(&mut self) {
+        let keys: Vec<TunnelKey> = self.tunnels.keys().cloned().collect();
+        for key in keys {
+            while let Some(live) = self.tunnels.get_mut(&key) {
+                let mut stanzas = Vec::new();
+                while let Some(el) = live.tunnel.poll_transmit() {
+                    stanzas.push(el);
+                }
+                let mut events = Vec::new();
+                while let Some(ev) = live.tunnel.poll_event() {
+                    events.push(ev);
+                }
+                if stanzas.is_empty() && events.is_empty() {
+                    break;
+                }
+                for el in stanzas {
+                    self.send(el).await;
+                }
+                for ev in events {
+                    self.on_event(&key, ev).await;
+                }
+            }
+            if let Some(live) = self.tunnels.get_mut(&key) {
+                let stats = live.tunnel.stats();
+                live.record.stanzas_in = stats.stanzas_in;
+                live.record.stanzas_out = stats.stanzas_out;
+                live.record.bytes_in = stats.bytes_in;
+                live.record.bytes_out = stats.bytes_out;
+                live.record.state = state_str(live.tunnel.state()).into();
+                if live.tunnel.is_gone() {
+                    let live = self.tunnels.remove(&key).expect("present");
+                    self.shared.table.remove(&live.record.id);
+                    self.shared.tunnels.fetch_sub(1, Ordering::Relaxed);
+                    if live.in_handshake {
+                        self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    self.save(&live.record).await;
+                } else {
+                    self.shared.table.put(&live.record);
+                }
+            }
+        }
+    }
+
+    async fn on_event(&mut self, key: &TunnelKey, event: Event) {
+        let now = Instant::now().into_std();
+        let Some(live) = self.tunnels.get_mut(key) else {
+            return;
+        };
+        match event {
+            Event::Established(est) => {
+                let r = &mut live.record;
+                r.state = "open".into();
+                r.tls_version = Some(est.tls_version.clone());
+                r.cipher_suite = Some(est.cipher_suite.clone());
+                r.peer_identity = PeerIdentityRecord {
+                    spki_sha256: est.peer.spki_sha256.as_ref().map(ToString::to_string),
+                    trust: est.peer.trust.as_str().into(),
+                };
+                r.established_at = Some(now_precise());
+                if live.in_handshake {
+                    live.in_handshake = false;
+                    self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
+                }
+                let record = r.clone();
+                tracing::info!(
+                    bot = self.bot.jid,
+                    peer = key.peer,
+                    tunnel = record.id,
+                    trust = record.peer_identity.trust,
+                    "tunnel open"
+                );
+                if let Some(spki) = &est.peer.spki_sha256
+                    && let Err(e) = self
+                        .shared
+                        .store
+                        .record_pin(
+                            &self.bot.jid,
+                            bare(&key.peer),
+                            spki,
+                            est.peer.cert_der.as_deref(),
+                        )
+                        .await
+                {
+                    tracing::error!(error = %e, "cannot record peer pin");
+                }
+                self.save(&record).await;
+            }
+            Event::Stanza(stanza) => match self.handler {
+                Handler::Echo => {
+                    if let Some(reply) = echo(&stanza)
+                        && let Err(e) = live.tunnel.send(now, reply)
+                    {
+                        tracing::warn!(error = %e, tunnel = live.record.id, "echo not sent");
+                    }
+                }
+            },
+            Event::Writable => {}
+            Event::Closed(reason) => {
+                let r = &mut live.record;
+                r.state = "closed".into();
+                r.closed_at = Some(now_precise());
+                r.close_reason = Some(reason.to_string());
+                tracing::info!(bot = self.bot.jid, peer = key.peer, tunnel = r.id, reason = %reason, "tunnel closed");
+            }
+        }
+    }
+}
+
+/// RFC 3339 with sub-second precision, so listings order tunnels opened in the same second.
+fn now_precise() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The echo handler: a message with a body comes back with the same body; an inner IQ
+/// request gets `service-unavailable` (spec §1.9 rule 7).
+fn echo(stanza: &Element) -> Option<Element> {
+    match stanza.name() {
+        "message" if stanza.attr("type") != Some("error") => {
+            let body = stanza.get_child("body", ns::CLIENT)?;
+            let mut reply = Element::builder("message", ns::CLIENT).build();
+            for attr in ["type", "id"] {
+                if let Some(v) = stanza.attr(attr) {
+                    reply.set_attr(rxml::Namespace::NONE, name(attr), v);
+                }
+            }
+            let mut b = Element::bare("body", ns::CLIENT);
+            b.append_text(body.text());
+            reply.append_child(b);
+            Some(reply)
+        }
+        "iq" if matches!(stanza.attr("type"), Some("get" | "set")) => Some(error_reply(
+            stanza,
+            ErrorType::Cancel,
+            DefinedCondition::ServiceUnavailable,
+            "",
+        )),
+        _ => None,
+    }
+}
+
+/// disco#info of a bot (spec §1.4).
+pub fn bot_disco_info() -> Element {
+    let mut q = Element::bare("query", ns::DISCO_INFO);
+    q.append_child(
+        Element::builder("identity", ns::DISCO_INFO)
+            .attr(name("category"), "client")
+            .attr(name("type"), "bot")
+            .build(),
+    );
+    for var in [ns::DISCO_INFO, ns::XTLS, ns::PING] {
+        q.append_child(
+            Element::builder("feature", ns::DISCO_INFO)
+                .attr(name("var"), var)
+                .build(),
+        );
+    }
+    q
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_answers_messages_and_refuses_inner_iqs() {
+        let m: Element = "<message xmlns='jabber:client' type='chat' id='7' from='a@b/c' to='e@bots'><body>hi</body></message>".parse().unwrap();
+        let r = echo(&m).unwrap();
+        assert_eq!(r.attr("id"), Some("7"));
+        assert_eq!(r.attr("type"), Some("chat"));
+        assert_eq!(r.get_child("body", ns::CLIENT).unwrap().text(), "hi");
+        let iq: Element = "<iq xmlns='jabber:client' type='get' id='q' from='a@b/c' to='e@bots'><query xmlns='urn:x'/></iq>".parse().unwrap();
+        assert_eq!(
+            Iq::parse(&echo(&iq).unwrap()).unwrap().error_condition(),
+            "service-unavailable"
+        );
+        let err: Element = "<message xmlns='jabber:client' type='error'><body>x</body></message>"
+            .parse()
+            .unwrap();
+        assert!(echo(&err).is_none());
+    }
+
+    #[test]
+    fn disco_lists_the_xtls_feature() {
+        let q = bot_disco_info();
+        assert!(q.children().any(|c| c.attr("var") == Some(ns::XTLS)));
+    }
+}
