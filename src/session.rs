@@ -19,8 +19,8 @@ use crate::stanza::xtls::XtlsElement;
 use crate::stanza::{DefinedCondition, ErrorType, Iq, IqType, build_iq, error_reply, name, ns};
 use crate::store::{BotRecord, PeerIdentityRecord, Store, StoreError, TunnelRecord, now};
 use crate::tunnel::{
-    BotCredentials, CloseReason, Event, PeerAuth, PeerPolicy, State, TrustMode, Tunnel,
-    TunnelConfig, TunnelKey, TunnelParams, bare, classify_request,
+    BotCredentials, CloseReason, DuplicateStart, Event, PeerAuth, PeerPolicy, State, TrustMode,
+    Tunnel, TunnelConfig, TunnelKey, TunnelParams, bare, classify_request,
 };
 
 /// Everything the drivers share.
@@ -638,13 +638,10 @@ impl BotDriver {
         offer: Option<crate::stanza::xtls::Offer>,
     ) {
         if let Some(live) = self.tunnels.get_mut(&key) {
-            if live.tunnel.state() == State::Starting {
-                // Simultaneous start (spec §1.11): the JID that sorts first has priority.
-                if key.local < key.peer {
-                    self.send(iq.error(ErrorType::Cancel, DefinedCondition::Conflict, ""))
-                        .await;
-                    return;
-                }
+            if live.tunnel.on_duplicate_start() == DuplicateStart::Conflict {
+                self.send(iq.error(ErrorType::Cancel, DefinedCondition::Conflict, ""))
+                    .await;
+                return;
             }
             live.tunnel.abandon(CloseReason::Replaced);
             self.pump().await;

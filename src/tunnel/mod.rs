@@ -239,6 +239,15 @@ pub enum Event {
     Closed(CloseReason),
 }
 
+/// The answer to a second `start` for a live tunnel's key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DuplicateStart {
+    /// We win a simultaneous start: answer `conflict`, keep waiting for our proceed.
+    Conflict,
+    /// Abandon the old tunnel ([`CloseReason::Replaced`]) and handle the `start` as new.
+    Replace,
+}
+
 /// Why [`Tunnel::send`] refused a stanza.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SendError {
@@ -501,6 +510,18 @@ impl Tunnel {
     /// Facts of the handshake, once established.
     pub fn established(&self) -> Option<&Established> {
         self.established.as_ref()
+    }
+
+    /// What to do with a peer's `start` for this tunnel's key while it is live (spec §1.11).
+    pub fn on_duplicate_start(&self) -> DuplicateStart {
+        // A true race: both sent `start`. The JID that sorts first (i;octet) has priority;
+        // ours is the `from` of our start (key.local), theirs the `from` of theirs (key.peer).
+        if self.state == State::Starting && self.key.local.as_bytes() < self.key.peer.as_bytes() {
+            DuplicateStart::Conflict
+        } else {
+            // Any other live state: the peer lost its state; the old tunnel gives way.
+            DuplicateStart::Replace
+        }
     }
 
     /// Whether the tunnel reached its terminal state.

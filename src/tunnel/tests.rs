@@ -92,6 +92,18 @@ impl Side {
         if iq.type_ == IqType::Set
             && let Ok(XtlsElement::Start { offer }) = classify_request(&iq)
         {
+            // The owner's rule for a start on a live key (what the session driver does).
+            if let Some(t) = self.tunnel.as_mut().filter(|t| !t.is_gone()) {
+                if t.on_duplicate_start() == DuplicateStart::Conflict {
+                    self.out
+                        .push_back(iq.error(ErrorType::Cancel, DefinedCondition::Conflict, ""));
+                    return;
+                }
+                t.abandon(CloseReason::Replaced);
+                while let Some(ev) = t.poll_event() {
+                    self.events.push(ev);
+                }
+            }
             let prefix = self.prefix();
             match Tunnel::accept(now, self.params(config, prefix), &iq, offer.as_ref()) {
                 Ok(t) => self.tunnel = Some(t),
@@ -139,13 +151,25 @@ struct Pair {
 
 impl Pair {
     fn new() -> Pair {
+        Pair::between(ALICE, "alice@example.net")
+    }
+
+    /// A pair whose client side has another JID (the bot is always [`BOT`]).
+    fn between(client: &str, client_cert: &str) -> Pair {
         Pair {
             now: Instant::now(),
             config: TunnelConfig::default(),
-            alice: Side::new(ALICE, BOT, "alice@example.net"),
-            bot: Side::new(BOT, ALICE, BOT),
+            alice: Side::new(client, BOT, client_cert),
+            bot: Side::new(BOT, client, BOT),
             wire: Vec::new(),
         }
+    }
+
+    /// The bot side initiates too (it sends its own `start`).
+    fn bot_starts(&mut self) {
+        let prefix = self.bot.prefix();
+        let params = self.bot.params(&self.config, prefix);
+        self.bot.tunnel = Some(Tunnel::initiate(self.now, params));
     }
 
     fn start(&mut self) {
@@ -774,4 +798,75 @@ fn c16_handshake_deadline_and_idle_timeout() {
         pair.alice.closed(),
         Some(CloseReason::Idle | CloseReason::PeerClosed)
     ));
+}
+
+#[test]
+fn c17_simultaneous_start_tie_break_both_orders() {
+    // alice@... sorts before weather@...: alice wins, the bot becomes responder.
+    // zed@... sorts after weather@...: the bot wins and stays initiator.
+    for (client, cert, bot_role) in [
+        (ALICE, "alice@example.net", Role::Responder),
+        ("zed@example.net/desk", "zed@example.net", Role::Initiator),
+    ] {
+        let mut pair = Pair::between(client, cert);
+        pair.start();
+        pair.bot_starts();
+        pair.drive();
+        assert_eq!(
+            pair.alice.state(),
+            Some(State::Open),
+            "{client}: {:?}",
+            pair.alice.events
+        );
+        assert_eq!(
+            pair.bot.state(),
+            Some(State::Open),
+            "{client}: {:?}",
+            pair.bot.events
+        );
+        assert_eq!(pair.bot.tunnel().role(), bot_role, "{client}");
+        assert_eq!(
+            pair.errors(true).len() + pair.errors(false).len(),
+            1,
+            "exactly one conflict"
+        );
+        let conflicts: Vec<_> = pair
+            .errors(true)
+            .into_iter()
+            .chain(pair.errors(false))
+            .collect();
+        assert_eq!(conflicts, ["conflict"]);
+        // Exactly one tunnel results: it carries stanzas both ways.
+        let now = pair.now;
+        pair.alice
+            .tunnel()
+            .send(now, message("after the race"))
+            .unwrap();
+        pair.bot.tunnel().send(now, message("me too")).unwrap();
+        pair.drive();
+        assert_eq!(pair.bot.stanzas().len(), 1);
+        assert_eq!(pair.alice.stanzas().len(), 1);
+    }
+}
+
+#[test]
+fn c18_second_start_replaces_an_open_tunnel() {
+    let mut pair = Pair::new();
+    pair.open();
+    // Alice restarted: her new start reaches the bot while the old tunnel is open.
+    pair.alice.tunnel = None;
+    pair.start();
+    pair.drive();
+    assert!(
+        pair.bot
+            .events
+            .contains(&Event::Closed(CloseReason::Replaced))
+    );
+    assert_eq!(
+        pair.bot.state(),
+        Some(State::Open),
+        "the new handshake works"
+    );
+    assert_eq!(pair.alice.state(), Some(State::Open));
+    assert!(pair.errors(false).is_empty());
 }

@@ -188,6 +188,60 @@ def test_changed_key_is_refused_under_tofu(component, users):
     run(scenario())
 
 
+def test_bot_lifecycle_through_the_api(component, users):
+    """Create a bot over HTTP, tunnel to it, close the tunnel and delete the bot over HTTP."""
+    weather = "weather@bots.localhost"
+    status, bot = component.post("/v1/bots", {"localpart": "weather", "handler": "echo", "peer_auth": "required"})
+    assert status == 201, f"POST /v1/bots -> {status}: {bot!r}"
+    assert bot["jid"] == weather and bot["handler"] == "echo", bot
+    assert set(bot["fingerprints"]) == {"spki_sha256", "cert_sha256", "cert_sha1"}, bot
+    assert component.post("/v1/bots", {"localpart": "weather", "handler": "echo"})[0] == 409
+    assert component.post("/v1/bots", {"localpart": "bad/part", "handler": "echo"})[0] == 422
+    assert component.post("/v1/bots", {"localpart": "x", "handler": "parrot"})[0] == 422
+    assert component.get("/v1/bots/nobody@bots.localhost")[0] == 404
+    assert component.get("/v1/tunnels/0000000000000000")[0] == 404
+    assert weather in [b["jid"] for b in component.get("/v1/bots")[1]]
+
+    async def scenario():
+        async with users.client("alice") as alice:
+            tunnel = await alice.open_tunnel(weather)
+            assert tunnel.spki_sha256() == bot["fingerprints"]["spki_sha256"]
+            await echo_roundtrip(tunnel, "weather?")
+            row = tunnel_of_peer_for(component, weather, alice.jid)
+            assert row["state"] == "open", row
+            status, answer = component.delete(f"/v1/tunnels/{row['id']}")
+            assert status == 202, f"DELETE tunnel -> {status}: {answer!r}"
+            deadline = time.monotonic() + 10
+            while tunnel.state not in ("closed", "failed"):
+                assert time.monotonic() < deadline, f"bot did not close the tunnel: {tunnel.state}"
+                await asyncio.sleep(0.05)
+            deadline = time.monotonic() + 10
+            while (row := component.get(f"/v1/tunnels/{row['id']}")[1])["state"] != "closed":
+                assert time.monotonic() < deadline, row
+                time.sleep(0.05)
+            assert row["close_reason"].startswith("local_close"), row
+            status, peers = component.get(f"/v1/bots/{weather}/peers")
+            assert status == 200 and [p["jid"] for p in peers] == ["alice@localhost"], peers
+            assert peers[0]["pins"][0]["spki_sha256"] == alice.spki_sha256(), peers
+
+    run(scenario())
+    assert component.delete(f"/v1/bots/{weather}")[0] == 204
+    assert component.get(f"/v1/bots/{weather}")[0] == 404
+
+    async def gone():
+        async with users.client("alice") as alice:
+            reply = await alice.send_raw_iq(weather, START)
+            assert (reply.condition, reply.error_type) == ("service-unavailable", "cancel"), reply
+
+    run(gone())
+
+
+def tunnel_of_peer_for(component, bot: str, peer: str) -> dict:
+    rows = [t for t in tunnels_of(component, bot) if t.get("peer") == peer and t.get("state") != "closed"]
+    assert len(rows) == 1, f"expected one live tunnel of {peer} to {bot}: {rows}"
+    return rows[0]
+
+
 def test_reconnect_after_prosody_restart(component, prosody, users, capsys):
     prosody.stop()
     down = component.wait_not_ready(timeout=10)
