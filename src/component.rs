@@ -323,6 +323,18 @@ async fn authenticated(
         "component authenticated"
     );
     *ever_up = true;
+    // Stanzas queued while the link was down belong to tunnels that died with it (spec §3.5
+    // rule 4); sending them on the new stream would only confuse their peers.
+    let mut stale = 0usize;
+    while outbound.try_recv().is_ok() {
+        stale += 1;
+    }
+    if stale > 0 {
+        tracing::info!(
+            count = stale,
+            "stanzas queued for the lost stream discarded"
+        );
+    }
     status.send_replace(LinkStatus::Up);
     let _ = events.send(LinkEvent::Up).await;
     let (mut rd, mut wr) = stream.into_split();

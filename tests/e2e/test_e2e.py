@@ -188,6 +188,33 @@ def test_changed_key_is_refused_under_tofu(component, users):
     run(scenario())
 
 
+def test_bot_answers_disco_and_presence(component, users):
+    """disco#info lists XTLS (spec §1.4); other IQs get service-unavailable; a subscriber sees the bot online."""
+
+    async def scenario():
+        async with users.client("bob") as bob:
+            reply = await bob.send_raw_iq(BOT, "<query xmlns='http://jabber.org/protocol/disco#info'/>", itype="get")
+            assert reply.condition == "result", reply
+            assert "urn:xmpp:tmp:xtls" in reply.xml, reply.xml
+            reply = await bob.send_raw_iq(BOT, "<query xmlns='jabber:iq:version'/>", itype="get")
+            assert (reply.condition, reply.error_type) == ("service-unavailable", "cancel"), reply
+            loop = asyncio.get_running_loop()
+            online = loop.create_future()
+
+            def on_available(p):
+                if p["from"].bare == BOT and not online.done():
+                    online.set_result(p)
+
+            bob.xmpp.add_event_handler("presence_available", on_available)
+            bob.xmpp.send_presence()  # presence reaches available resources only
+            bob.xmpp.send_presence_subscription(pto=BOT)
+            # Prosody turns the bot's `subscribed` into a roster push; its available presence
+            # then reaches bob: the bot is online in his roster.
+            await asyncio.wait_for(online, 10)
+
+    run(scenario())
+
+
 def test_bot_lifecycle_through_the_api(component, users):
     """Create a bot over HTTP, tunnel to it, close the tunnel and delete the bot over HTTP."""
     weather = "weather@bots.localhost"
