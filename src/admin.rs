@@ -118,7 +118,7 @@ pub fn app(state: AdminState) -> Router {
         .route("/tunnels", get(list_tunnels))
         .route("/tunnels/{id}", get(get_tunnel).delete(delete_tunnel))
         .fallback(|| async { ApiError::NotFound("route".into()) })
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+        .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))

@@ -73,8 +73,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                     router_bots.broadcast_link(false).await;
                 }
                 LinkEvent::Stanza(stanza) => {
-                    if let Some(reply) = router::route(stanza, &router_bots) {
-                        let _ = out_tx.send(reply).await;
+                    // Never wait here: the link waits for this loop, and this loop must not
+                    // wait for the link (a flood of requests would deadlock both).
+                    if let Some(reply) = router::route(stanza, &router_bots)
+                        && out_tx.try_send(reply).is_err()
+                    {
+                        tracing::warn!("outbound queue full: router reply dropped");
                     }
                 }
             }
@@ -111,7 +115,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // Ordered shutdown: bots close their tunnels (their `<close/>`s are queued), then the
     // link writes them and the stream footer, then the admin API and the store stop.
     tracing::info!("shutting down");
-    bots.stop_all().await;
+    if tokio::time::timeout(std::time::Duration::from_secs(10), bots.stop_all())
+        .await
+        .is_err()
+    {
+        tracing::warn!("bots did not stop within 10 s");
+    }
     let _ = stop_tx.send(true);
     if !link.is_finished() {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), &mut link).await;

@@ -15,7 +15,7 @@ use sha1::{Digest, Sha1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, timeout};
 
 use crate::config::{ComponentConfig, Secret};
 use crate::stanza::{IqType, build_iq, ns};
@@ -216,9 +216,15 @@ pub async fn run(
             backoff.mul_f64(jitter).min(config.reconnect_max)
         };
         backoff = (backoff * 2).min(config.reconnect_max);
-        tokio::select! {
-            _ = sleep(wait) => {}
-            _ = stopped(&mut shutdown) => return Ok(()),
+        // While waiting, keep draining the outbound queue: its stanzas belong to tunnels that
+        // died with the stream, and drivers must never block on a link that is down.
+        let until = Instant::now() + wait;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                _ = stopped(&mut shutdown) => return Ok(()),
+                stanza = outbound.recv() => if stanza.is_none() { return Ok(()) },
+            }
         }
     }
 }

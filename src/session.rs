@@ -593,7 +593,14 @@ impl BotDriver {
         let xtls = iq.children.iter().any(|c| c.ns() == ns::XTLS);
         if xtls {
             match classify_request(&iq) {
-                Err(reply) => self.send(reply).await,
+                Err(reply) => {
+                    self.send(reply).await;
+                    // After any error about a tunnel, it is gone (spec §1.11).
+                    if let Some(live) = self.tunnels.get_mut(&key) {
+                        live.tunnel
+                            .abandon(CloseReason::Protocol("malformed XTLS request".into()));
+                    }
+                }
                 Ok(XtlsElement::Start { offer }) => self.handle_start(now, key, &iq, offer).await,
                 Ok(_) => match self.tunnels.get_mut(&key) {
                     Some(live) if live.tunnel.state() != State::Closed => {

@@ -355,10 +355,12 @@ impl Store {
     ) -> Result<Vec<TunnelRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT * FROM tunnels WHERE (?1 IS NULL OR bot_jid = ?1) AND (?2 IS NULL OR state = ?2) \
-             ORDER BY opened_at DESC, id DESC LIMIT ?3",
+             AND (?3 IS NULL OR peer = ?3 OR substr(peer, 1, length(?3) + 1) = ?3 || '/') \
+             ORDER BY opened_at DESC, id DESC LIMIT ?4",
         )
         .bind(&filter.bot)
         .bind(&filter.state)
+        .bind(&filter.peer)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;

@@ -568,9 +568,9 @@ impl Tunnel {
                 let payload = match classify_request(iq) {
                     Ok(payload) => payload,
                     Err(reply) => {
-                        // A malformed request about this tunnel: answer it and keep going
-                        // only if it was never an XTLS request at all.
+                        // A malformed XTLS request: answered, and the tunnel is gone (spec §1.11).
                         self.transmit.push_back(reply);
+                        self.finish(CloseReason::Protocol("malformed XTLS request".into()));
                         return;
                     }
                 };
@@ -819,9 +819,11 @@ impl Tunnel {
             self.peer_eof_deadline = Some(now + self.config.peer_eof_timeout);
         }
         // TLS output first: an initiator's last handshake flight must count as unacknowledged
-        // before the Open rule is checked (spec §1.8).
-        self.flush(now);
-        self.check_open(now);
+        // before the Open rule is checked (spec §1.8). Nothing goes out after our `<close/>`.
+        if matches!(self.state, State::Handshaking | State::Open) {
+            self.flush(now);
+            self.check_open(now);
+        }
     }
 
     /// Parses plaintext into stanzas and queues them as events.
@@ -890,8 +892,10 @@ impl Tunnel {
                 if handshake {
                     self.hs_unacked -= 1;
                 }
-                self.check_open(now);
+                // Flush first: handshake bytes still queued behind a full window must count
+                // as unacknowledged before the Open rule is checked (spec §1.8).
                 self.flush(now);
+                self.check_open(now);
             }
             Request::Close => {
                 let reason = self.closing_reason.take().unwrap_or(CloseReason::Local);
@@ -979,6 +983,7 @@ impl Tunnel {
             self.out_bytes.extend(out);
         }
         while !self.out_bytes.is_empty() && self.data_in_flight() < self.config.window {
+            // (Called only in Handshaking and Open: `begin_closing` empties the queue.)
             let n = self.out_bytes.len().min(self.config.chunk_size);
             let chunk: Vec<u8> = self.out_bytes.drain(..n).collect();
             let method = (self.role == Role::Initiator && !self.sent_first_data).then_some("x509");

@@ -870,3 +870,76 @@ fn c18_second_start_replaces_an_open_tunnel() {
     assert_eq!(pair.alice.state(), Some(State::Open));
     assert!(pair.errors(false).is_empty());
 }
+
+#[test]
+fn c19_records_after_close_notify_are_refused_not_spun_on() {
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    // Alice's close_notify reaches the bot; then more bytes arrive on the same tunnel.
+    let t = pair.alice.tunnel();
+    t.tls.as_mut().unwrap().send_close_notify();
+    t.flush(now);
+    pair.drive();
+    assert_eq!(
+        pair.bot.state(),
+        Some(State::Open),
+        "close_notify alone waits for <close/>"
+    );
+    pair.bot.tunnel().handle_iq(
+        now,
+        &data_iq(ALICE, BOT, "late", &encode_data(&[0x17, 3, 3, 0, 1, 0])),
+    );
+    let replies = pair.bot.drain();
+    let answer = replies
+        .iter()
+        .find(|r| r.attr("id") == Some("late"))
+        .unwrap();
+    assert_eq!(reply_condition(answer), "bad-request");
+    assert!(pair.bot.tunnel().is_gone());
+}
+
+#[test]
+fn c20_malformed_request_ends_the_tunnel() {
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    let el: Element = format!(
+        "<iq xmlns='jabber:client' type='get' id='g' from='{ALICE}' to='{BOT}'><data xmlns='urn:xmpp:tmp:xtls'>AAAA</data></iq>"
+    )
+    .parse()
+    .unwrap();
+    pair.bot.tunnel().handle_iq(now, &Iq::parse(&el).unwrap());
+    assert_eq!(reply_condition(&pair.bot.drain()[0]), "bad-request");
+    assert!(
+        pair.bot.tunnel().is_gone(),
+        "after any error about a tunnel it is gone"
+    );
+}
+
+#[test]
+fn c21_initiator_waits_for_every_handshake_ack_with_a_window_of_one() {
+    let mut pair = Pair::new();
+    pair.config.window = 1;
+    pair.config.chunk_size = 100;
+    pair.start();
+    for _ in 0..1000 {
+        let moved = pair.step_with(|_, el| Some(el));
+        // The bot opens when it has read alice's Finished, the last handshake byte; alice
+        // may open only after the ack of the IQ that carried it.
+        if pair.alice.state() == Some(State::Open) {
+            assert_eq!(
+                pair.bot.state(),
+                Some(State::Open),
+                "alice opened before her Finished was acknowledged"
+            );
+        }
+        if !moved {
+            break;
+        }
+    }
+    assert_eq!(pair.alice.state(), Some(State::Open));
+    assert_eq!(pair.bot.state(), Some(State::Open));
+    // Small chunks and a window of one: the client's last flight took several data IQs.
+    assert!(pair.sent(true, "data").len() > 3);
+}

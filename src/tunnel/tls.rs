@@ -374,14 +374,17 @@ impl TlsSession {
         let mut eof = false;
         loop {
             let mut refused = None;
-            if !bytes.is_empty()
-                && let Err(e) = self.conn.read_tls(&mut bytes)
-            {
-                // The received-plaintext buffer is full: drain it below, then retry.
-                refused = Some(e);
+            let mut consumed = 0;
+            if !bytes.is_empty() {
+                match self.conn.read_tls(&mut bytes) {
+                    Ok(n) => consumed = n,
+                    // The received-plaintext buffer is full: drain it below, then retry.
+                    Err(e) => refused = Some(e),
+                }
             }
             let state = self.conn.process_new_packets().map_err(classify)?;
             let available = state.plaintext_bytes_to_read();
+            let was_refused = refused.is_some();
             if let Some(e) = refused.filter(|_| available == 0) {
                 return Err(TlsFailure::Protocol(e.to_string()));
             }
@@ -400,6 +403,12 @@ impl TlsSession {
             }
             if bytes.is_empty() {
                 return Ok(eof);
+            }
+            if consumed == 0 && !was_refused {
+                // rustls reads nothing after close_notify: the rest can never be consumed.
+                return Err(TlsFailure::Protocol(
+                    "TLS records after close_notify".into(),
+                ));
             }
         }
     }
