@@ -947,3 +947,133 @@ mod tests {
         assert!(q.children().any(|c| c.attr("var") == Some(ns::XTLS)));
     }
 }
+
+#[cfg(test)]
+mod driver_tests {
+    use super::*;
+
+    async fn table(
+        limits: LimitsConfig,
+    ) -> (BotTable, mpsc::Receiver<Element>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "xtls-session-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&format!("sqlite://{}/t.db", dir.display()))
+            .await
+            .unwrap();
+        let (out, rx) = mpsc::channel(64);
+        let shared = Shared::new(
+            store,
+            out,
+            TunnelConfig::default(),
+            limits,
+            "bots.example.org".into(),
+        );
+        (BotTable::load(shared).await.unwrap(), rx, dir)
+    }
+
+    fn start(from: &str, id: &str) -> Element {
+        format!(
+            "<iq xmlns='jabber:client' type='set' id='{id}' from='{from}' to='echo@bots.example.org'><start xmlns='urn:xmpp:tmp:xtls'/></iq>"
+        )
+        .parse()
+        .unwrap()
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<Element>) -> Iq {
+        let el = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the driver answers")
+            .expect("channel open");
+        Iq::parse(&el).unwrap()
+    }
+
+    #[tokio::test]
+    async fn limits_answer_resource_constraint_wait_and_unknown_tunnels_item_not_found() {
+        let limits = LimitsConfig {
+            tunnels_per_peer: 1,
+            ..LimitsConfig::default()
+        };
+        let (bots, mut rx, dir) = table(limits).await;
+        let bot = bots
+            .create(NewBot {
+                localpart: "Echo".into(),
+                handler: Handler::Echo,
+                peer_auth: PeerAuth::Required,
+                trust: TrustMode::Tofu,
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            bot.record.jid, "echo@bots.example.org",
+            "localparts are normalized"
+        );
+        assert!(matches!(
+            bots.create(NewBot {
+                localpart: "echo".into(),
+                handler: Handler::Echo,
+                peer_auth: PeerAuth::Required,
+                trust: TrustMode::Tofu,
+            })
+            .await,
+            Err(BotError::Duplicate(_))
+        ));
+
+        bot.try_deliver(start("alice@example.net/a", "s1")).unwrap();
+        let proceed = next(&mut rx).await;
+        assert_eq!((proceed.type_, proceed.id.as_str()), (IqType::Result, "s1"));
+        assert_eq!(bots.shared().table.snapshot().len(), 1);
+
+        // A second tunnel for the same bare JID exceeds tunnels_per_peer = 1.
+        bot.try_deliver(start("alice@example.net/b", "s2")).unwrap();
+        let refused = next(&mut rx).await;
+        assert_eq!(refused.error_condition(), "resource-constraint");
+        let error = refused
+            .children
+            .iter()
+            .find(|c| c.name() == "error")
+            .unwrap();
+        assert_eq!(error.attr("type"), Some("wait"));
+
+        // data and close for a key with no tunnel.
+        for payload in [
+            "<data xmlns='urn:xmpp:tmp:xtls'>AAAA</data>",
+            "<close xmlns='urn:xmpp:tmp:xtls'/>",
+        ] {
+            let el: Element = format!(
+                "<iq xmlns='jabber:client' type='set' id='d' from='bob@example.net/x' to='echo@bots.example.org'>{payload}</iq>"
+            )
+            .parse()
+            .unwrap();
+            bot.try_deliver(el).unwrap();
+            assert_eq!(next(&mut rx).await.error_condition(), "item-not-found");
+        }
+
+        // Deleting the bot tells the peer and empties the session table.
+        assert!(bots.delete("echo@bots.example.org").await.unwrap());
+        let close = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(close.has_child("close", ns::XTLS));
+        assert!(bots.shared().table.snapshot().is_empty());
+        let history = bots
+            .shared()
+            .store
+            .list_tunnels(&Default::default(), 10)
+            .await
+            .unwrap();
+        assert_eq!(history[0].state, "closed");
+        assert!(
+            history[0]
+                .close_reason
+                .as_deref()
+                .unwrap()
+                .starts_with("bot_deleted")
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
