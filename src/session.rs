@@ -124,6 +124,14 @@ pub struct BotHandle {
 }
 
 impl BotHandle {
+    /// Closes the bot's tunnels and stops its driver; returns once it stopped.
+    async fn stop(&self, reason: CloseReason) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(BotCommand::Stop(reason, done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
     /// Hands a stanza to the driver without waiting; `Err` when its queue is full or it stopped.
     pub fn try_deliver(
         &self,
@@ -312,15 +320,7 @@ impl BotTable {
             .write()
             .expect("bots lock")
             .remove(&handle.record.localpart);
-        let (done, wait) = oneshot::channel();
-        if handle
-            .tx
-            .send(BotCommand::Stop(CloseReason::BotDeleted, done))
-            .await
-            .is_ok()
-        {
-            let _ = wait.await;
-        }
+        handle.stop(CloseReason::BotDeleted).await;
         self.shared.store.delete_bot(&handle.record.jid).await?;
         tracing::info!(bot = handle.record.jid, "bot deleted");
         Ok(true)
@@ -361,15 +361,7 @@ impl BotTable {
     /// Stops every driver, closing their tunnels.
     pub async fn stop_all(&self) {
         for bot in self.list() {
-            let (done, wait) = oneshot::channel();
-            if bot
-                .tx
-                .send(BotCommand::Stop(CloseReason::Shutdown, done))
-                .await
-                .is_ok()
-            {
-                let _ = wait.await;
-            }
+            bot.stop(CloseReason::Shutdown).await;
         }
     }
 }
@@ -706,28 +698,14 @@ impl BotDriver {
                 self.send(refusal.reply).await;
             }
             Ok(tunnel) => {
-                let record = TunnelRecord {
-                    id: format!("{:016x}", rand::random::<u64>()),
-                    bot: self.bot.jid.clone(),
-                    local: key.local.clone(),
-                    peer: key.peer.clone(),
-                    role: "responder".into(),
-                    state: state_str(tunnel.state()).into(),
-                    tls_version: None,
-                    cipher_suite: None,
-                    peer_identity: PeerIdentityRecord {
-                        spki_sha256: None,
-                        trust: "pending".into(),
-                    },
-                    stanzas_in: 0,
-                    stanzas_out: 0,
-                    bytes_in: 0,
-                    bytes_out: 0,
-                    opened_at: now_precise(),
-                    established_at: None,
-                    closed_at: None,
-                    close_reason: None,
-                };
+                let record = TunnelRecord::new(
+                    format!("{:016x}", rand::random::<u64>()),
+                    &self.bot.jid,
+                    &key,
+                    "responder",
+                    state_str(tunnel.state()),
+                    now_precise(),
+                );
                 tracing::info!(
                     bot = self.bot.jid,
                     peer = key.peer,

@@ -117,6 +117,41 @@ pub struct TunnelRecord {
     pub close_reason: Option<String>,
 }
 
+impl TunnelRecord {
+    /// A row for a tunnel that has just been created: no handshake facts, no counts yet.
+    pub fn new(
+        id: String,
+        bot: &str,
+        key: &crate::tunnel::TunnelKey,
+        role: &str,
+        state: &str,
+        opened_at: String,
+    ) -> TunnelRecord {
+        TunnelRecord {
+            id,
+            bot: bot.to_owned(),
+            local: key.local.clone(),
+            peer: key.peer.clone(),
+            role: role.to_owned(),
+            state: state.to_owned(),
+            tls_version: None,
+            cipher_suite: None,
+            peer_identity: PeerIdentityRecord {
+                spki_sha256: None,
+                trust: "pending".into(),
+            },
+            stanzas_in: 0,
+            stanzas_out: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            opened_at,
+            established_at: None,
+            closed_at: None,
+            close_reason: None,
+        }
+    }
+}
+
 /// Filter for tunnel listings.
 #[derive(Debug, Clone, Default)]
 pub struct TunnelFilter {
@@ -471,28 +506,18 @@ mod tests {
         );
         assert_eq!(store.list_pins(&bot.jid).await.unwrap().len(), 1);
 
-        let mut t = TunnelRecord {
-            id: "t1".into(),
-            bot: bot.jid.clone(),
+        let key = crate::tunnel::TunnelKey {
             local: bot.jid.clone(),
             peer: "alice@example.net/laptop".into(),
-            role: "responder".into(),
-            state: "handshaking".into(),
-            tls_version: None,
-            cipher_suite: None,
-            peer_identity: PeerIdentityRecord {
-                spki_sha256: None,
-                trust: "pending".into(),
-            },
-            stanzas_in: 0,
-            stanzas_out: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            opened_at: now(),
-            established_at: None,
-            closed_at: None,
-            close_reason: None,
         };
+        let mut t = TunnelRecord::new(
+            "t1".into(),
+            &bot.jid,
+            &key,
+            "responder",
+            "handshaking",
+            now(),
+        );
         store.save_tunnel(&t).await.unwrap();
         t.state = "closed".into();
         t.stanzas_in = 7;
