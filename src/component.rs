@@ -166,37 +166,48 @@ impl LinkConfig {
     }
 }
 
+/// The link's channels and state across reconnects.
+struct Link {
+    config: LinkConfig,
+    events: mpsc::Sender<LinkEvent>,
+    outbound: mpsc::Receiver<Element>,
+    status: watch::Sender<LinkStatus>,
+    shutdown: watch::Receiver<bool>,
+    /// Whether the stream was ever authenticated (config errors are fatal only before).
+    ever_up: bool,
+}
+
 /// Runs the link until `shutdown` turns true; returns an error only for a configuration the
 /// server refuses on the first attempt.
 pub async fn run(
     config: LinkConfig,
     events: mpsc::Sender<LinkEvent>,
-    mut outbound: mpsc::Receiver<Element>,
+    outbound: mpsc::Receiver<Element>,
     status: watch::Sender<LinkStatus>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
-    let mut ever_up = false;
+    let mut link = Link {
+        config,
+        events,
+        outbound,
+        status,
+        shutdown,
+        ever_up: false,
+    };
     let mut backoff = Duration::from_secs(1);
     loop {
         let started = Instant::now();
-        let result = session(
-            &config,
-            &events,
-            &mut outbound,
-            &status,
-            &mut shutdown,
-            &mut ever_up,
-        )
-        .await;
+        let result = link.session().await;
         let problem = match result {
             Err(SessionError::Shutdown) | Ok(()) => return Ok(()),
             Err(e) => e,
         };
         if let SessionError::Stream { condition, text } = &problem
-            && !ever_up
+            && !link.ever_up
             && CONFIG_ERRORS.contains(&condition.as_str())
         {
-            status.send_replace(LinkStatus::Connecting(Some(problem.to_string())));
+            link.status
+                .send_replace(LinkStatus::Connecting(Some(problem.to_string())));
             return Err(LinkError::Refused {
                 condition: condition.clone(),
                 text: text.clone(),
@@ -205,154 +216,151 @@ pub async fn run(
         let conflict =
             matches!(&problem, SessionError::Stream { condition, .. } if condition == "conflict");
         tracing::warn!(error = %problem, "component link lost");
-        status.send_replace(LinkStatus::Connecting(Some(problem.to_string())));
+        link.status
+            .send_replace(LinkStatus::Connecting(Some(problem.to_string())));
         if started.elapsed() >= Duration::from_secs(30) {
             backoff = Duration::from_secs(1);
         }
         let wait = if conflict {
-            config.reconnect_max
+            link.config.reconnect_max
         } else {
             let jitter = rand::rng().random_range(0.8..1.2);
-            backoff.mul_f64(jitter).min(config.reconnect_max)
+            backoff.mul_f64(jitter).min(link.config.reconnect_max)
         };
-        backoff = (backoff * 2).min(config.reconnect_max);
+        backoff = (backoff * 2).min(link.config.reconnect_max);
         // While waiting, keep draining the outbound queue: its stanzas belong to tunnels that
         // died with the stream, and drivers must never block on a link that is down.
         let until = Instant::now() + wait;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(until) => break,
-                _ = stopped(&mut shutdown) => return Ok(()),
-                stanza = outbound.recv() => if stanza.is_none() { return Ok(()) },
+                _ = stopped(&mut link.shutdown) => return Ok(()),
+                stanza = link.outbound.recv() => if stanza.is_none() { return Ok(()) },
             }
         }
     }
 }
 
-async fn session(
-    config: &LinkConfig,
-    events: &mpsc::Sender<LinkEvent>,
-    outbound: &mut mpsc::Receiver<Element>,
-    status: &watch::Sender<LinkStatus>,
-    shutdown: &mut watch::Receiver<bool>,
-    ever_up: &mut bool,
-) -> Result<(), SessionError> {
-    let mut stream = timeout(Duration::from_secs(10), TcpStream::connect(&config.server))
-        .await
-        .map_err(|_| SessionError::Timeout("connect"))??;
-    stream.set_nodelay(true)?;
-    let mut reader = StreamReader::new(XmlLimits {
-        max_element_bytes: config.max_stanza_bytes,
-        max_depth: 64,
-    })
-    .rename_namespace(ns::COMPONENT, ns::CLIENT);
-    let header = format!(
-        "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' to='{}'>",
-        ns::COMPONENT,
-        ns::STREAM,
-        config.domain
-    );
-    stream.write_all(header.as_bytes()).await?;
-    let mut buf = vec![0u8; 16 * 1024];
-
-    // Header, then handshake (spec §3.1).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut stream_id = None;
-    let mut handshake_sent = false;
-    loop {
-        while let Some(event) = reader.next_event() {
-            match event {
-                XmlEvent::Header(attrs) => {
-                    stream_id = attrs
-                        .into_iter()
-                        .find(|(k, _)| k == "id")
-                        .map(|(_, v)| v)
-                        .filter(|v| !v.is_empty());
-                }
-                XmlEvent::Element(el) if el.name() == "error" && el.ns() == ns::STREAM => {
-                    return Err(stream_error(&el));
-                }
-                XmlEvent::Element(el) if el.name() == "handshake" && handshake_sent => {
-                    return authenticated(
-                        config, stream, reader, buf, events, outbound, status, shutdown, ever_up,
-                    )
-                    .await;
-                }
-                XmlEvent::Element(el) => {
-                    return Err(SessionError::Protocol(format!(
-                        "unexpected <{}/> before authentication",
-                        el.name()
-                    )));
-                }
-                XmlEvent::End => {
-                    return Err(SessionError::Protocol("server closed the stream".into()));
-                }
-            }
-        }
-        if let (Some(id), false) = (&stream_id, handshake_sent) {
-            let digest = handshake_digest(id, config.secret.expose());
-            stream
-                .write_all(format!("<handshake>{digest}</handshake>").as_bytes())
-                .await?;
-            handshake_sent = true;
-        }
-        let n = tokio::select! {
-            r = timeout(deadline.saturating_duration_since(Instant::now()), stream.read(&mut buf)) => {
-                r.map_err(|_| SessionError::Timeout("handshake"))??
-            }
-            _ = stopped(shutdown) => return Err(SessionError::Shutdown),
-        };
-        if n == 0 {
-            return Err(SessionError::Protocol(
-                "server closed the connection during the handshake".into(),
-            ));
-        }
-        reader.feed(&buf[..n])?;
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn authenticated(
-    config: &LinkConfig,
-    stream: TcpStream,
-    mut reader: StreamReader,
-    mut buf: Vec<u8>,
-    events: &mpsc::Sender<LinkEvent>,
-    outbound: &mut mpsc::Receiver<Element>,
-    status: &watch::Sender<LinkStatus>,
-    shutdown: &mut watch::Receiver<bool>,
-    ever_up: &mut bool,
-) -> Result<(), SessionError> {
-    tracing::info!(
-        domain = config.domain,
-        server = config.server,
-        "component authenticated"
-    );
-    *ever_up = true;
-    // Stanzas queued while the link was down belong to tunnels that died with it (spec §3.5
-    // rule 4); sending them on the new stream would only confuse their peers.
-    let mut stale = 0usize;
-    while outbound.try_recv().is_ok() {
-        stale += 1;
-    }
-    if stale > 0 {
-        tracing::info!(
-            count = stale,
-            "stanzas queued for the lost stream discarded"
+impl Link {
+    /// One connection: connect, header, handshake, then [`Link::authenticated`].
+    async fn session(&mut self) -> Result<(), SessionError> {
+        let config = &self.config;
+        let mut stream = timeout(Duration::from_secs(10), TcpStream::connect(&config.server))
+            .await
+            .map_err(|_| SessionError::Timeout("connect"))??;
+        stream.set_nodelay(true)?;
+        let mut reader = StreamReader::new(XmlLimits {
+            max_element_bytes: config.max_stanza_bytes,
+            max_depth: 64,
+        })
+        .rename_namespace(ns::COMPONENT, ns::CLIENT);
+        let header = format!(
+            "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' to='{}'>",
+            ns::COMPONENT,
+            ns::STREAM,
+            config.domain
         );
-    }
-    status.send_replace(LinkStatus::Up);
-    let _ = events.send(LinkEvent::Up).await;
-    let (mut rd, mut wr) = stream.into_split();
-    let mut keepalive = tokio::time::interval(config.keepalive);
-    keepalive.reset();
-    let mut ping = tokio::time::interval(config.ping_interval);
-    ping.reset();
-    let mut ping_pending: Option<(String, Instant)> = None;
-    let ping_prefix = format!("ping-{:016x}-", rand::random::<u64>());
-    let mut ping_count = 0u64;
+        stream.write_all(header.as_bytes()).await?;
+        let mut buf = vec![0u8; 16 * 1024];
 
-    let result: Result<(), SessionError> = async {
+        // Header, then handshake (spec §3.1).
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut stream_id = None;
+        let mut handshake_sent = false;
+        loop {
+            while let Some(event) = reader.next_event() {
+                match event {
+                    XmlEvent::Header(attrs) => {
+                        stream_id = attrs
+                            .into_iter()
+                            .find(|(k, _)| k == "id")
+                            .map(|(_, v)| v)
+                            .filter(|v| !v.is_empty());
+                    }
+                    XmlEvent::Element(el) if el.name() == "error" && el.ns() == ns::STREAM => {
+                        return Err(stream_error(&el));
+                    }
+                    XmlEvent::Element(el) if el.name() == "handshake" && handshake_sent => {
+                        return self.authenticated(stream, reader, buf).await;
+                    }
+                    XmlEvent::Element(el) => {
+                        return Err(SessionError::Protocol(format!(
+                            "unexpected <{}/> before authentication",
+                            el.name()
+                        )));
+                    }
+                    XmlEvent::End => {
+                        return Err(SessionError::Protocol("server closed the stream".into()));
+                    }
+                }
+            }
+            if let (Some(id), false) = (&stream_id, handshake_sent) {
+                let digest = handshake_digest(id, config.secret.expose());
+                stream
+                    .write_all(format!("<handshake>{digest}</handshake>").as_bytes())
+                    .await?;
+                handshake_sent = true;
+            }
+            let n = tokio::select! {
+                r = timeout(deadline.saturating_duration_since(Instant::now()), stream.read(&mut buf)) => {
+                    r.map_err(|_| SessionError::Timeout("handshake"))??
+                }
+                _ = stopped(&mut self.shutdown) => return Err(SessionError::Shutdown),
+            };
+            if n == 0 {
+                return Err(SessionError::Protocol(
+                    "server closed the connection during the handshake".into(),
+                ));
+            }
+            reader.feed(&buf[..n])?;
+        }
+    }
+
+    /// The authenticated stream: read, write, keep alive, until it fails or shutdown.
+    async fn authenticated(
+        &mut self,
+        stream: TcpStream,
+        mut reader: StreamReader,
+        mut buf: Vec<u8>,
+    ) -> Result<(), SessionError> {
+        let Link {
+            config,
+            events,
+            outbound,
+            status,
+            shutdown,
+            ever_up,
+        } = self;
+        tracing::info!(
+            domain = config.domain,
+            server = config.server,
+            "component authenticated"
+        );
+        *ever_up = true;
+        // Stanzas queued while the link was down belong to tunnels that died with it (spec §3.5
+        // rule 4); sending them on the new stream would only confuse their peers.
+        let mut stale = 0usize;
+        while outbound.try_recv().is_ok() {
+            stale += 1;
+        }
+        if stale > 0 {
+            tracing::info!(
+                count = stale,
+                "stanzas queued for the lost stream discarded"
+            );
+        }
+        status.send_replace(LinkStatus::Up);
+        let _ = events.send(LinkEvent::Up).await;
+        let (mut rd, mut wr) = stream.into_split();
+        let mut keepalive = tokio::time::interval(config.keepalive);
+        keepalive.reset();
+        let mut ping = tokio::time::interval(config.ping_interval);
+        ping.reset();
+        let mut ping_pending: Option<(String, Instant)> = None;
+        let ping_prefix = format!("ping-{:016x}-", rand::random::<u64>());
+        let mut ping_count = 0u64;
+
+        let result: Result<(), SessionError> = async {
         loop {
             let ping_deadline = ping_pending.as_ref().map(|(_, at)| *at);
             tokio::select! {
@@ -423,14 +431,15 @@ async fn authenticated(
         }
     }
     .await;
-    if !matches!(result, Err(SessionError::Shutdown)) {
-        let reason = match &result {
-            Err(e) => e.to_string(),
-            Ok(()) => "closed".into(),
-        };
-        let _ = events.send(LinkEvent::Down(reason)).await;
+        if !matches!(result, Err(SessionError::Shutdown)) {
+            let reason = match &result {
+                Err(e) => e.to_string(),
+                Ok(()) => "closed".into(),
+            };
+            let _ = events.send(LinkEvent::Down(reason)).await;
+        }
+        result
     }
-    result
 }
 
 /// Resolves once shutdown is requested (or its sender is gone).

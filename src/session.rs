@@ -404,6 +404,18 @@ fn random_prefix() -> String {
     format!("x{:016x}-", rand::random::<u64>())
 }
 
+/// A `<close/>` for a tunnel that no engine holds any more (lost with the link, or dropped
+/// at shutdown): its answer matches nothing and is dropped.
+fn standalone_close(key: &TunnelKey) -> Element {
+    build_iq(
+        IqType::Set,
+        &format!("{}1", random_prefix()),
+        &key.local,
+        &key.peer,
+        Some(XtlsElement::Close.to_element()),
+    )
+}
+
 impl BotDriver {
     async fn run(mut self) {
         loop {
@@ -466,14 +478,7 @@ impl BotDriver {
                 let out = self.shared.out.clone();
                 tokio::spawn(async move {
                     for key in peers {
-                        let close = build_iq(
-                            IqType::Set,
-                            &format!("{}1", random_prefix()),
-                            &key.local,
-                            &key.peer,
-                            Some(XtlsElement::Close.to_element()),
-                        );
-                        if out.send(close).await.is_err() {
+                        if out.send(standalone_close(&key)).await.is_err() {
                             return;
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -487,14 +492,7 @@ impl BotDriver {
     async fn stop(&mut self, reason: CloseReason) {
         for (key, live) in self.tunnels.iter_mut() {
             if live.tunnel.state() != State::Closed {
-                let close = build_iq(
-                    IqType::Set,
-                    &format!("{}1", random_prefix()),
-                    &key.local,
-                    &key.peer,
-                    Some(XtlsElement::Close.to_element()),
-                );
-                let _ = self.shared.out.send(close).await;
+                let _ = self.shared.out.send(standalone_close(key)).await;
                 live.tunnel.abandon(reason.clone());
             }
         }
