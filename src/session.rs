@@ -702,7 +702,7 @@ impl BotDriver {
                     &key,
                     "responder",
                     state_str(tunnel.state()),
-                    now_precise(),
+                    crate::store::now(),
                 );
                 tracing::info!(
                     bot = self.bot.jid,
@@ -792,7 +792,7 @@ impl BotDriver {
                     spki_sha256: est.peer.spki_sha256.as_ref().map(ToString::to_string),
                     trust: est.peer.trust.as_str().into(),
                 };
-                r.established_at = Some(now_precise());
+                r.established_at = Some(crate::store::now());
                 if live.in_handshake {
                     live.in_handshake = false;
                     self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
@@ -834,19 +834,12 @@ impl BotDriver {
             Event::Closed(reason) => {
                 let r = &mut live.record;
                 r.state = "closed".into();
-                r.closed_at = Some(now_precise());
+                r.closed_at = Some(crate::store::now());
                 r.close_reason = Some(reason.to_string());
                 tracing::info!(bot = self.bot.jid, peer = key.peer, tunnel = r.id, reason = %reason, "tunnel closed");
             }
         }
     }
-}
-
-/// RFC 3339 with sub-second precision, so listings order tunnels opened in the same second.
-fn now_precise() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 /// The echo handler: a message with a body comes back with the same body; an inner IQ

@@ -32,7 +32,7 @@ pub enum StoreError {
     Duplicate(String),
 }
 
-/// The current time as RFC 3339.
+/// The current time as RFC 3339, with sub-second precision (listings sort on it).
 pub fn now() -> String {
     rfc3339(time::OffsetDateTime::now_utc())
 }
