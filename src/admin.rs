@@ -35,6 +35,10 @@ pub struct AdminState {
 pub enum ApiError {
     /// 401.
     Unauthorized,
+    /// 403: a valid token without the scope.
+    Forbidden,
+    /// 429, with the seconds to wait.
+    TooManyRequests(u64, String),
     /// 404, naming what.
     NotFound(String),
     /// 409.
@@ -49,6 +53,8 @@ impl ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::TooManyRequests(..) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -62,6 +68,8 @@ impl IntoResponse for ApiError {
         let status = self.status_code();
         let detail = match &self {
             ApiError::Unauthorized => "a valid bearer token is required".to_owned(),
+            ApiError::Forbidden => "this token does not reach that resource".to_owned(),
+            ApiError::TooManyRequests(_, what) => what.clone(),
             ApiError::NotFound(what) => format!("{what} not found"),
             ApiError::Conflict(what) | ApiError::Invalid(what) => what.clone(),
             ApiError::Internal(cause) => {
@@ -69,7 +77,12 @@ impl IntoResponse for ApiError {
                 "internal error; see the component log".to_owned()
             }
         };
-        problem(status, &detail)
+        let mut resp = problem(status, &detail);
+        if let ApiError::TooManyRequests(secs, _) = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
     }
 }
 
@@ -110,13 +123,18 @@ impl From<BotError> for ApiError {
 
 /// The router; tests call it without a port.
 pub fn app(state: AdminState) -> Router {
-    let v1 = Router::new()
+    let admin_only = Router::new()
         .route("/bots", get(list_bots).post(create_bot))
         .route("/bots/{jid}", get(get_bot).delete(delete_bot))
         .route("/bots/{jid}/certificate", get(get_certificate))
         .route("/bots/{jid}/peers", get(get_peers))
         .route("/tunnels", get(list_tunnels))
         .route("/tunnels/{id}", get(get_tunnel).delete(delete_tunnel))
+        .merge(crate::botapi::admin_routes())
+        .route_layer(middleware::from_fn(require_admin));
+    let v1 = Router::new()
+        .merge(admin_only)
+        .merge(crate::botapi::routes())
         .fallback(|| async { ApiError::NotFound("route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -131,17 +149,71 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+/// Who is calling: the operator (admin token) or one bot (a token of that bot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The admin token: everything.
+    Admin,
+    /// A bot token: that bot's events, messages, webhook and deliveries.
+    Bot(String),
+}
+
+impl Caller {
+    /// Allows the admin and the bot itself; 403 for any other bot.
+    pub fn may_act_for(&self, bot_jid: &str) -> Result<(), ApiError> {
+        match self {
+            Caller::Admin => Ok(()),
+            Caller::Bot(jid) if jid == bot_jid => Ok(()),
+            Caller::Bot(_) => Err(ApiError::Forbidden),
+        }
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or(ApiError::Unauthorized)
+    }
+}
+
+async fn require_token(
+    State(state): State<AdminState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match presented {
-        Some(token) if same(token.as_bytes(), state.token.expose().as_bytes()) => {
-            next.run(request).await
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let caller = match presented {
+        Some(token) if same(token.as_bytes(), state.token.expose().as_bytes()) => Caller::Admin,
+        Some(token) if token.starts_with(crate::botapi::TOKEN_PREFIX) => {
+            match state.bots.shared().store.token_bot(&token).await {
+                Ok(Some(jid)) => Caller::Bot(jid),
+                Ok(None) => return ApiError::Unauthorized.into_response(),
+                Err(e) => return ApiError::from(e).into_response(),
+            }
         }
-        _ => ApiError::Unauthorized.into_response(),
+        _ => return ApiError::Unauthorized.into_response(),
+    };
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+async fn require_admin(caller: Caller, request: Request, next: Next) -> Response {
+    match caller {
+        Caller::Admin => next.run(request).await,
+        Caller::Bot(_) => ApiError::Forbidden.into_response(),
     }
 }
 
@@ -186,10 +258,16 @@ fn bot_json(bot: &BotHandle) -> Value {
     })
 }
 
-fn find_bot(state: &AdminState, jid: &str) -> Result<BotHandle, ApiError> {
+/// The bot named in a path, by bare JID or localpart.
+pub fn find_bot(state: &AdminState, jid: &str) -> Result<BotHandle, ApiError> {
     state
         .bots
         .by_jid(jid)
+        .or_else(|| {
+            (!jid.contains('@'))
+                .then(|| state.bots.by_localpart(jid))
+                .flatten()
+        })
         .ok_or_else(|| ApiError::NotFound(format!("bot {jid}")))
 }
 
@@ -213,7 +291,7 @@ struct CreateBot {
 }
 
 fn default_handler() -> Handler {
-    Handler::Echo
+    Handler::Api
 }
 
 async fn create_bot(

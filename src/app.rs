@@ -32,6 +32,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         config.tunnel.to_tunnel_config(),
         config.limits.clone(),
         config.component.domain.clone(),
+        &config.events,
+        config.webhooks.clone(),
     );
     let bots = BotTable::load(shared).await.context("cannot load bots")?;
     for bot in &config.bots {
@@ -46,6 +48,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             .with_context(|| format!("cannot create bot {}", bot.localpart))?;
         }
     }
+
+    let retention = std::time::Duration::from_secs(config.events.retention_secs);
+    let pruner_store = store.clone();
+    let pruner = tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(600));
+        loop {
+            every.tick().await;
+            let before = crate::certs::rfc3339(time::OffsetDateTime::now_utc() - retention);
+            match pruner_store.prune_events(&before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(count = n, "acknowledged events past retention deleted"),
+                Err(e) => tracing::warn!(error = %e, "cannot prune the event logs"),
+            }
+        }
+    });
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (status_tx, status_rx) = watch::channel(LinkStatus::Connecting(None));
@@ -127,6 +144,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), admin).await;
     router.abort();
+    pruner.abort();
     store.close().await;
     outcome
 }

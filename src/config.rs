@@ -80,6 +80,12 @@ pub struct Config {
     /// Capacity caps.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The bots' event logs.
+    #[serde(default)]
+    pub events: EventsConfig,
+    /// Webhook delivery.
+    #[serde(default)]
+    pub webhooks: WebhooksConfig,
     /// Bots created at start when missing.
     #[serde(default)]
     pub bots: Vec<BotConfig>,
@@ -278,12 +284,61 @@ impl Default for LimitsConfig {
     }
 }
 
+/// `[events]`: the bots' event logs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Seconds an acknowledged event is kept before it is deleted.
+    pub retention_secs: u64,
+    /// Most events committed in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            retention_secs: 24 * 3600,
+            max_batch: 256,
+        }
+    }
+}
+
+/// `[webhooks]`: how events are pushed to bots' webhooks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// First retry delay, in milliseconds; it doubles per attempt.
+    pub initial_backoff_ms: u64,
+    /// Longest retry delay, in milliseconds.
+    pub max_backoff_ms: u64,
+    /// Seconds after the first attempt at which an event is dead-lettered.
+    pub max_age_secs: u64,
+    /// Default request timeout, in milliseconds.
+    pub timeout_ms: u64,
+    /// Default concurrent requests per bot.
+    pub max_in_flight: usize,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff_ms: 1000,
+            max_backoff_ms: 600_000,
+            max_age_secs: 24 * 3600,
+            timeout_ms: 5000,
+            max_in_flight: 8,
+        }
+    }
+}
+
 /// What a bot does with the stanzas that reach it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Handler {
     /// Answers every tunneled message with the same body through the same tunnel.
     Echo,
+    /// Logs everything to the bot's event log for the bot-facing API (docs/bot-api.md).
+    Api,
 }
 
 impl Handler {
@@ -291,12 +346,17 @@ impl Handler {
     pub fn as_str(self) -> &'static str {
         match self {
             Handler::Echo => "echo",
+            Handler::Api => "api",
         }
     }
 
     /// Reads a stored name.
     pub fn parse(s: &str) -> Option<Handler> {
-        (s == "echo").then_some(Handler::Echo)
+        match s {
+            "echo" => Some(Handler::Echo),
+            "api" => Some(Handler::Api),
+            _ => None,
+        }
     }
 }
 

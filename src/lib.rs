@@ -13,18 +13,24 @@
 //! | [`router`] | inbound stanza to the addressed bot, or an answer when no bot owns it |
 //! | [`session`] | per-bot drivers owning their tunnels; the live session table |
 //! | [`store`] | SQLite: bots, keys, pins, tunnel history |
+//! | [`eventlog`] | the durable per-bot event log and its shared cursor |
+//! | [`webhook`] | signed webhook delivery of the event logs, retries and dead letters |
 //! | [`admin`] | the axum admin API |
+//! | [`botapi`] | the bot-facing routes: events, webhook, deliveries, tokens |
 //! | [`config`] | the TOML configuration with environment overrides |
 //! | [`app`] | wiring and ordered shutdown |
 
 pub mod admin;
 pub mod app;
+pub mod botapi;
 pub mod certs;
 pub mod component;
 pub mod config;
+pub mod eventlog;
 pub mod router;
 pub mod session;
 pub mod stanza;
 pub mod store;
 pub mod tunnel;
+pub mod webhook;
 pub mod xml;

@@ -4,17 +4,18 @@
 //! engine, writes what the engines emit to the component link, runs the bot's handler on the
 //! decrypted stanzas, and keeps the live session table and the store's history current.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use minidom::Element;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::certs::{BotIdentity, Fingerprints, normalize_bare};
-use crate::config::{Handler, LimitsConfig};
+use crate::config::{EventsConfig, Handler, LimitsConfig, WebhooksConfig};
+use crate::eventlog::{self, NewEvent};
 use crate::stanza::xtls::XtlsElement;
 use crate::stanza::{DefinedCondition, ErrorType, Iq, IqType, build_iq, error_reply, name, ns};
 use crate::store::{BotRecord, PeerIdentityRecord, Store, StoreError, TunnelRecord, now};
@@ -38,6 +39,10 @@ pub struct Shared {
     pub limits: LimitsConfig,
     /// The component domain.
     pub domain: String,
+    /// Most events committed in one transaction.
+    pub max_batch: usize,
+    /// Webhook delivery settings.
+    pub webhooks: WebhooksConfig,
     handshakes: AtomicUsize,
     tunnels: AtomicUsize,
 }
@@ -50,6 +55,8 @@ impl Shared {
         tunnel_config: TunnelConfig,
         limits: LimitsConfig,
         domain: String,
+        events: &EventsConfig,
+        webhooks: WebhooksConfig,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             store,
@@ -58,6 +65,8 @@ impl Shared {
             tunnel_config,
             limits,
             domain,
+            max_batch: events.max_batch.max(1),
+            webhooks,
             handshakes: AtomicUsize::new(0),
             tunnels: AtomicUsize::new(0),
         })
@@ -107,6 +116,8 @@ pub enum BotCommand {
     LinkDown,
     /// The server link is back: tell former peers their tunnels are gone.
     LinkUp,
+    /// Inner stanzas to send into a live tunnel, by tunnel id.
+    Reply(String, Vec<Element>),
     /// Close every tunnel and stop.
     Stop(CloseReason, oneshot::Sender<()>),
 }
@@ -120,6 +131,10 @@ pub struct BotHandle {
     pub fingerprints: Fingerprints,
     /// Its identity (certificate PEM and validity for the API).
     pub identity: Arc<BotIdentity>,
+    /// The `seq` of the newest committed event.
+    pub events: watch::Receiver<u64>,
+    /// Wakes the webhook deliverer when the webhook or the dead letters change.
+    pub webhook_changed: Arc<tokio::sync::Notify>,
     tx: mpsc::Sender<BotCommand>,
 }
 
@@ -130,6 +145,11 @@ impl BotHandle {
         if self.tx.send(BotCommand::Stop(reason, done)).await.is_ok() {
             let _ = wait.await;
         }
+    }
+
+    /// Sends inner stanzas into a live tunnel of this bot (a webhook's synchronous reply).
+    pub async fn reply(&self, tunnel_id: String, stanzas: Vec<Element>) {
+        let _ = self.tx.send(BotCommand::Reply(tunnel_id, stanzas)).await;
     }
 
     /// Hands a stanza to the driver without waiting; `Err` when its queue is full or it stopped.
@@ -213,7 +233,8 @@ impl BotTable {
         };
         for record in table.shared.store.list_bots().await? {
             let identity = table.shared.store.load_identity(&record.jid).await?;
-            table.start(record, identity)?;
+            let last_seq = table.shared.store.last_seq(&record.jid).await?;
+            table.start(record, identity, last_seq)?;
         }
         Ok(table)
     }
@@ -243,20 +264,34 @@ impl BotTable {
         };
         self.shared.store.insert_bot(&record, &identity).await?;
         tracing::info!(bot = record.jid, spki_sha256 = %identity.info.fingerprints.spki_sha256, "bot created");
-        self.start(record, identity)
+        self.start(record, identity, 0)
     }
 
-    fn start(&self, record: BotRecord, identity: BotIdentity) -> Result<BotHandle, BotError> {
+    fn start(
+        &self,
+        record: BotRecord,
+        identity: BotIdentity,
+        last_seq: u64,
+    ) -> Result<BotHandle, BotError> {
         let creds = BotCredentials::new(identity)?;
         let (tx, rx) = mpsc::channel(self.shared.limits.bot_queue.max(1));
+        let (events_tx, events) = watch::channel(last_seq);
         let handle = BotHandle {
             fingerprints: creds.identity.info.fingerprints.clone(),
             identity: creds.identity.clone(),
             record: record.clone(),
+            events,
+            webhook_changed: Arc::default(),
             tx,
         };
+        let handler = Handler::parse(&record.handler).unwrap_or(Handler::Echo);
         let driver = BotDriver {
-            handler: Handler::parse(&record.handler).unwrap_or(Handler::Echo),
+            handler,
+            logging: handler == Handler::Api,
+            last_seq,
+            events_tx,
+            pending_events: Vec::new(),
+            held: Vec::new(),
             peer_auth: if record.peer_auth == "optional" {
                 PeerAuth::Optional
             } else {
@@ -279,6 +314,9 @@ impl BotTable {
             .expect("bots lock")
             .insert(handle.record.localpart.clone(), handle.clone());
         tokio::spawn(driver.run());
+        if handler == Handler::Api {
+            tokio::spawn(crate::webhook::run(handle.clone(), self.shared.clone()));
+        }
         Ok(handle)
     }
 
@@ -376,6 +414,16 @@ struct Live {
 struct BotDriver {
     bot: BotRecord,
     handler: Handler,
+    /// Whether this bot keeps an event log (the `api` handler).
+    logging: bool,
+    /// The `seq` of the newest committed event.
+    last_seq: u64,
+    events_tx: watch::Sender<u64>,
+    /// Events of this step, committed before `held` goes out; stanza events name their tunnel.
+    pending_events: Vec<(Option<TunnelKey>, NewEvent)>,
+    /// Stanzas for the server, held until this step's events are committed (the durability
+    /// rule: a `data` IQ is acknowledged only once what it carried is stored).
+    held: Vec<(Option<TunnelKey>, Element)>,
     peer_auth: PeerAuth,
     trust: TrustMode,
     creds: BotCredentials,
@@ -428,12 +476,16 @@ impl BotDriver {
             tokio::select! {
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { break };
-                    if let BotCommand::Stop(reason, done) = cmd {
-                        self.stop(reason).await;
-                        let _ = done.send(());
+                    if self.dispatch(cmd).await {
                         return;
                     }
-                    self.handle(cmd).await;
+                    // Take what is already queued too, so one commit covers many `data` IQs.
+                    for _ in 1..self.shared.max_batch {
+                        let Ok(cmd) = self.rx.try_recv() else { break };
+                        if self.dispatch(cmd).await {
+                            return;
+                        }
+                    }
                 }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     let now = Instant::now().into_std();
@@ -445,12 +497,75 @@ impl BotDriver {
                 }
             }
             self.pump().await;
+            self.flush().await;
         }
     }
 
-    async fn send(&self, stanza: Element) {
-        if self.shared.out.send(stanza).await.is_err() {
-            tracing::debug!("outbound channel closed");
+    /// Handles one command; `true` once the driver has stopped.
+    async fn dispatch(&mut self, cmd: BotCommand) -> bool {
+        if let BotCommand::Stop(reason, done) = cmd {
+            self.pump().await;
+            self.flush().await;
+            self.stop(reason).await;
+            let _ = done.send(());
+            return true;
+        }
+        self.handle(cmd).await;
+        false
+    }
+
+    /// Queues a stanza for the server; it leaves at the end of this step.
+    async fn send(&mut self, stanza: Element) {
+        self.held.push((None, stanza));
+    }
+
+    fn log(&mut self, key: Option<&TunnelKey>, event: NewEvent) {
+        if self.logging {
+            self.pending_events.push((key.cloned(), event));
+        }
+    }
+
+    /// Commits this step's events, then releases the held stanzas. When the commit fails,
+    /// the acknowledgements of the tunnels whose stanzas were not stored become errors and
+    /// those tunnels end: the peer must not believe they arrived.
+    async fn flush(&mut self) {
+        if !self.pending_events.is_empty() {
+            let (keys, events): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.pending_events).into_iter().unzip();
+            match self
+                .shared
+                .store
+                .append_events(&self.bot.jid, self.last_seq, &events)
+                .await
+            {
+                Ok(stored) => {
+                    self.last_seq += stored.len() as u64;
+                    self.events_tx.send_replace(self.last_seq);
+                }
+                Err(e) => {
+                    tracing::error!(bot = self.bot.jid, error = %e, lost = events.len(), "cannot commit events; refusing what they carried");
+                    let failed: HashSet<TunnelKey> = keys.into_iter().flatten().collect();
+                    self.held = std::mem::take(&mut self.held)
+                        .into_iter()
+                        .filter_map(|(key, el)| match &key {
+                            Some(k) if failed.contains(k) => {
+                                refuse_ack(&el).map(|error| (key, error))
+                            }
+                            _ => Some((key, el)),
+                        })
+                        .collect();
+                    for key in &failed {
+                        if let Some(live) = self.tunnels.get_mut(key) {
+                            live.tunnel.abandon(CloseReason::StoreUnavailable);
+                        }
+                    }
+                }
+            }
+        }
+        for (_, stanza) in std::mem::take(&mut self.held) {
+            if self.shared.out.send(stanza).await.is_err() {
+                tracing::debug!("outbound channel closed");
+            }
         }
     }
 
@@ -485,7 +600,24 @@ impl BotDriver {
                     }
                 });
             }
-            BotCommand::Stop(..) => unreachable!("handled by run"),
+            BotCommand::Reply(id, stanzas) => {
+                let now = Instant::now().into_std();
+                match self.tunnels.values_mut().find(|l| l.record.id == id) {
+                    Some(live) => {
+                        for stanza in stanzas {
+                            if let Err(e) = live.tunnel.send(now, stanza) {
+                                tracing::warn!(bot = self.bot.jid, tunnel = id, error = %e, "webhook reply not sent");
+                            }
+                        }
+                    }
+                    None => tracing::warn!(
+                        bot = self.bot.jid,
+                        tunnel = id,
+                        "webhook reply for a tunnel that is gone dropped"
+                    ),
+                }
+            }
+            BotCommand::Stop(..) => unreachable!("handled by dispatch"),
         }
     }
 
@@ -497,6 +629,7 @@ impl BotDriver {
             }
         }
         self.pump().await;
+        self.flush().await;
     }
 
     async fn handle_stanza(&mut self, el: Element) {
@@ -712,6 +845,15 @@ impl BotDriver {
                 );
                 self.save(&record).await;
                 self.shared.table.put(&record);
+                self.log(
+                    Some(&key),
+                    NewEvent {
+                        kind: "tunnel.opened",
+                        tunnel_id: Some(record.id.clone()),
+                        peer: Some(key.peer.clone()),
+                        data: serde_json::json!({ "role": "responder" }),
+                    },
+                );
                 self.shared.handshakes.fetch_add(1, Ordering::Relaxed);
                 self.shared.tunnels.fetch_add(1, Ordering::Relaxed);
                 self.tunnels.insert(
@@ -748,9 +890,8 @@ impl BotDriver {
                 if stanzas.is_empty() && events.is_empty() {
                     break;
                 }
-                for el in stanzas {
-                    self.send(el).await;
-                }
+                self.held
+                    .extend(stanzas.into_iter().map(|el| (Some(key.clone()), el)));
                 for ev in events {
                     self.on_event(&key, ev).await;
                 }
@@ -805,6 +946,34 @@ impl BotDriver {
                     trust = record.peer_identity.trust,
                     "tunnel open"
                 );
+                let identity = eventlog::identity_json(Some(&est));
+                self.log(
+                    Some(key),
+                    NewEvent {
+                        kind: "tunnel.established",
+                        tunnel_id: Some(record.id.clone()),
+                        peer: Some(key.peer.clone()),
+                        data: serde_json::json!({
+                            "tls_version": est.tls_version,
+                            "cipher_suite": est.cipher_suite,
+                            "identity": identity,
+                        }),
+                    },
+                );
+                if est.peer.trust == crate::tunnel::TrustVerdict::TofuNew {
+                    self.log(
+                        Some(key),
+                        NewEvent {
+                            kind: "peer.identity_new",
+                            tunnel_id: Some(record.id.clone()),
+                            peer: Some(key.peer.clone()),
+                            data: serde_json::json!({
+                                "peer": bare(&key.peer),
+                                "spki_sha256": record.peer_identity.spki_sha256,
+                            }),
+                        },
+                    );
+                }
                 if let Some(spki) = &est.peer.spki_sha256
                     && let Err(e) = self
                         .shared
@@ -829,17 +998,76 @@ impl BotDriver {
                         tracing::warn!(error = %e, tunnel = live.record.id, "echo not sent");
                     }
                 }
+                Handler::Api => {
+                    let event = eventlog::stanza_event(
+                        &stanza,
+                        &live.record.id,
+                        &key.peer,
+                        eventlog::identity_json(live.tunnel.established()),
+                    );
+                    self.log(Some(key), event);
+                }
             },
             Event::Writable => {}
             Event::Closed(reason) => {
                 let r = &mut live.record;
+                let stage = if r.state == "starting" {
+                    "start"
+                } else {
+                    "handshake"
+                };
+                let event = eventlog::close_event(
+                    &reason,
+                    r.established_at.is_some(),
+                    stage,
+                    &r.id,
+                    &key.peer,
+                );
+                let changed = matches!(&reason, CloseReason::CertificateRejected(text) if text.contains("does not match the key pinned"));
+                let id = r.id.clone();
                 r.state = "closed".into();
                 r.closed_at = Some(crate::store::now());
                 r.close_reason = Some(reason.to_string());
                 tracing::info!(bot = self.bot.jid, peer = key.peer, tunnel = r.id, reason = %reason, "tunnel closed");
+                if changed {
+                    self.log(
+                        Some(key),
+                        NewEvent {
+                            kind: "peer.identity_changed",
+                            tunnel_id: Some(id),
+                            peer: Some(key.peer.clone()),
+                            data: serde_json::json!({
+                                "peer": bare(&key.peer),
+                                "reason": reason.to_string(),
+                            }),
+                        },
+                    );
+                }
+                self.log(Some(key), event);
             }
         }
     }
+}
+
+/// The error that replaces the acknowledgement of a `data` IQ whose stanzas could not be
+/// stored; `None` for anything else of that tunnel, which is dropped with it.
+fn refuse_ack(stanza: &Element) -> Option<Element> {
+    if stanza.name() != "iq" || stanza.attr("type") != Some("result") {
+        return None;
+    }
+    let mut request = Element::builder("iq", ns::CLIENT)
+        .attr(name("type"), "set")
+        .attr(name("id"), stanza.attr("id").unwrap_or_default())
+        .attr(name("from"), stanza.attr("to").unwrap_or_default())
+        .attr(name("to"), stanza.attr("from").unwrap_or_default())
+        .build();
+    request.append_child(Element::bare("data", ns::XTLS));
+    Some(error_reply(
+        &request,
+        ErrorType::Wait,
+        DefinedCondition::ResourceConstraint,
+        "the event log is unavailable",
+    ))
 }
 
 /// The echo handler: a message with a body comes back with the same body; an inner IQ
@@ -920,6 +1148,7 @@ mod tests {
 #[cfg(test)]
 mod driver_tests {
     use super::*;
+    use crate::tunnel::PeerPolicy;
 
     async fn table(
         limits: LimitsConfig,
@@ -940,6 +1169,8 @@ mod driver_tests {
             TunnelConfig::default(),
             limits,
             "bots.example.org".into(),
+            &EventsConfig::default(),
+            WebhooksConfig::default(),
         );
         (BotTable::load(shared).await.unwrap(), rx, dir)
     }
@@ -1043,6 +1274,105 @@ mod driver_tests {
                 .unwrap()
                 .starts_with("bot_deleted")
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Feeds the peer's stanzas to the bot and the bot's to the peer until the peer is open.
+    async fn until_open(peer: &mut Tunnel, bot: &BotHandle, rx: &mut mpsc::Receiver<Element>) {
+        for _ in 0..100 {
+            while let Some(el) = peer.poll_transmit() {
+                bot.try_deliver(el).unwrap();
+            }
+            if peer.state() == State::Open {
+                return;
+            }
+            let el = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("the driver answers")
+                .expect("channel open");
+            peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
+        }
+        panic!("the tunnel never opened");
+    }
+
+    #[tokio::test]
+    async fn an_api_bot_commits_events_before_acknowledging_data() {
+        let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+        let bot = bots
+            .create(NewBot {
+                localpart: "weather".into(),
+                handler: Handler::Api,
+                peer_auth: PeerAuth::Required,
+                trust: TrustMode::Tofu,
+            })
+            .await
+            .unwrap();
+        let store = bots.shared().store.clone();
+        let mut peer = Tunnel::initiate(
+            std::time::Instant::now(),
+            TunnelParams {
+                config: TunnelConfig::default(),
+                key: TunnelKey {
+                    local: "alice@example.net/phone".into(),
+                    peer: bot.record.jid.clone(),
+                },
+                creds: BotCredentials::new(BotIdentity::generate("alice@example.net").unwrap())
+                    .unwrap(),
+                policy: PeerPolicy::default(),
+                id_prefix: "alice-".into(),
+            },
+        );
+        until_open(&mut peer, &bot, &mut rx).await;
+
+        let message: Element =
+            "<message xmlns='jabber:client' type='chat'><body>forecast?</body></message>"
+                .parse()
+                .unwrap();
+        peer.send(std::time::Instant::now(), message).unwrap();
+        let data = peer.poll_transmit().expect("a data IQ");
+        let data_id = data.attr("id").unwrap().to_owned();
+        bot.try_deliver(data).unwrap();
+        loop {
+            let el = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if el.attr("id") == Some(data_id.as_str()) {
+                assert_eq!(el.attr("type"), Some("result"));
+                break;
+            }
+            peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
+            while let Some(el) = peer.poll_transmit() {
+                bot.try_deliver(el).unwrap();
+            }
+        }
+        // The acknowledgement left only after the event was committed.
+        let events = store.read_events(&bot.record.jid, 0, 100).await.unwrap();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "tunnel.opened",
+                "tunnel.established",
+                "peer.identity_new",
+                "message.received"
+            ]
+        );
+        let received = &events[3];
+        assert_eq!(received.data["body"], "forecast?");
+        assert_eq!(received.peer.as_deref(), Some("alice@example.net/phone"));
+        assert_eq!(received.data["identity"]["trust"], "tofu_new");
+        assert!(
+            received.data["stanza"]
+                .as_str()
+                .unwrap()
+                .contains("from='alice@example.net/phone'"),
+            "routing restored: {}",
+            received.data["stanza"]
+        );
+        assert_eq!(*bot.events.borrow(), 4);
+        assert_eq!(store.cursor(&bot.record.jid).await.unwrap(), 0);
+        assert_eq!(store.ack_through(&bot.record.jid, 3).await.unwrap(), 3);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -30,6 +30,9 @@ pub enum StoreError {
     /// A row with the same key exists.
     #[error("{0} already exists")]
     Duplicate(String),
+    /// A concurrent writer changed what this write depended on.
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 /// The current time as RFC 3339, with sub-second precision (listings sort on it).
@@ -196,6 +199,11 @@ impl Store {
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Store { pool })
+    }
+
+    /// The connection pool, for the modules that keep their queries beside their types.
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
     }
 
     /// Closes the pool, waiting for running queries.

@@ -235,6 +235,33 @@ impl StreamReader {
     }
 }
 
+/// Parses one stanza written by a bot (`message`, `presence` or `iq`; `jabber:client` is the
+/// default namespace), with the same restrictions as tunnel plaintext.
+pub fn parse_stanza(text: &str) -> Result<Element, XmlError> {
+    let mut reader = StreamReader::with_synthetic_root(XmlLimits::default());
+    reader.feed(text.as_bytes())?;
+    let mut found = Vec::new();
+    while let Some(event) = reader.next_event() {
+        if let XmlEvent::Element(el) = event {
+            found.push(el);
+        }
+    }
+    if reader.pending_bytes() > 0 {
+        return Err(XmlError::NotWellFormed("incomplete element".into()));
+    }
+    match found.pop() {
+        Some(el) if found.is_empty() && matches!(el.name(), "message" | "presence" | "iq") => {
+            Ok(el)
+        }
+        Some(_) if !found.is_empty() => Err(XmlError::NotWellFormed("more than one stanza".into())),
+        Some(el) => Err(XmlError::NotWellFormed(format!(
+            "<{}/> is not a stanza",
+            el.name()
+        ))),
+        None => Err(XmlError::NotWellFormed("no stanza".into())),
+    }
+}
+
 /// Serializes an element to its XML bytes (no declaration).
 pub fn to_bytes(element: &Element) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
@@ -242,6 +269,22 @@ pub fn to_bytes(element: &Element) -> Vec<u8> {
         .write_to(&mut out)
         .expect("writing XML to a Vec cannot fail");
     out
+}
+
+#[cfg(test)]
+mod parse_stanza_tests {
+    use super::*;
+
+    #[test]
+    fn one_stanza_in_the_client_namespace() {
+        let el = parse_stanza("<message><body>hi</body></message>").unwrap();
+        assert_eq!(el.ns(), "jabber:client");
+        assert!(parse_stanza("<message/><message/>").is_err());
+        assert!(parse_stanza("<message>").is_err());
+        assert!(parse_stanza("<foo/>").is_err());
+        assert!(parse_stanza("").is_err());
+        assert!(parse_stanza("<!DOCTYPE x><message/>").is_err());
+    }
 }
 
 #[cfg(test)]

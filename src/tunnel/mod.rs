@@ -161,6 +161,8 @@ pub enum CloseReason {
     Shutdown,
     /// The bot was deleted.
     BotDeleted,
+    /// What arrived could not be stored, so it was refused.
+    StoreUnavailable,
 }
 
 impl CloseReason {
@@ -183,6 +185,7 @@ impl CloseReason {
             CloseReason::ConnectionLost => "connection_lost",
             CloseReason::Shutdown => "shutdown",
             CloseReason::BotDeleted => "bot_deleted",
+            CloseReason::StoreUnavailable => "store_unavailable",
         }
     }
 }

@@ -1,0 +1,276 @@
+//! The durable per-bot event log and its shared cursor (docs/bot-api.md).
+//!
+//! The bot's driver is the only writer: it appends a batch of events in one transaction before
+//! acknowledging the `data` IQs that produced them. Readers (poll, SSE, webhook) share one
+//! cursor per bot: the highest `seq` up to which every event is acknowledged or dead.
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::Row;
+use sqlx::sqlite::SqliteRow;
+
+use crate::store::{Store, StoreError, now};
+
+/// Pending delivery.
+pub const PENDING: i64 = 0;
+/// Acknowledged by a reader.
+pub const ACKED: i64 = 1;
+/// Given up on by the webhook deliverer.
+pub const DEAD: i64 = 2;
+
+/// An event about to be appended.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// The event type, e.g. `message.received`.
+    pub kind: &'static str,
+    /// The tunnel it belongs to.
+    pub tunnel_id: Option<String>,
+    /// The peer's JID.
+    pub peer: Option<String>,
+    /// Type-specific payload.
+    pub data: Value,
+}
+
+/// One stored event: the envelope every reader sees.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EventRecord {
+    /// Stable id (the webhook id).
+    pub id: String,
+    /// Per-bot sequence number.
+    pub seq: u64,
+    /// The event type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The bot's bare JID.
+    pub bot: String,
+    /// When it happened.
+    pub occurred_at: String,
+    /// The tunnel it belongs to.
+    pub tunnel_id: Option<String>,
+    /// The peer's JID.
+    pub peer: Option<String>,
+    /// Type-specific payload.
+    pub data: Value,
+}
+
+const EVENT_COLUMNS: &str = "id, seq, type, bot_jid, occurred_at, tunnel_id, peer, data";
+
+pub(crate) fn event_from_row(row: &SqliteRow) -> EventRecord {
+    let data: String = row.get("data");
+    EventRecord {
+        id: row.get("id"),
+        seq: row.get::<i64, _>("seq") as u64,
+        kind: row.get("type"),
+        bot: row.get("bot_jid"),
+        occurred_at: row.get("occurred_at"),
+        tunnel_id: row.get("tunnel_id"),
+        peer: row.get("peer"),
+        data: serde_json::from_str(&data).unwrap_or(Value::Null),
+    }
+}
+
+/// A fresh event id.
+pub fn event_id() -> String {
+    format!(
+        "evt_{:016x}{:08x}",
+        rand::random::<u64>(),
+        rand::random::<u32>()
+    )
+}
+
+/// Unix milliseconds now.
+pub fn unix_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+impl Store {
+    /// The highest `seq` ever given to an event of this bot.
+    pub async fn last_seq(&self, bot: &str) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT last_seq FROM bots WHERE jid = ?")
+            .bind(bot)
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("bot {bot}")))?;
+        Ok(row.get::<i64, _>(0) as u64)
+    }
+
+    /// Appends events with `seq` from `after + 1`, in one transaction; returns them as stored.
+    pub async fn append_events(
+        &self,
+        bot: &str,
+        after: u64,
+        events: &[NewEvent],
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let mut stored = Vec::with_capacity(events.len());
+        let occurred_at = now();
+        for (i, e) in events.iter().enumerate() {
+            let record = EventRecord {
+                id: event_id(),
+                seq: after + 1 + i as u64,
+                kind: e.kind.to_owned(),
+                bot: bot.to_owned(),
+                occurred_at: occurred_at.clone(),
+                tunnel_id: e.tunnel_id.clone(),
+                peer: e.peer.clone(),
+                data: e.data.clone(),
+            };
+            sqlx::query(
+                "INSERT INTO events (bot_jid, seq, id, type, tunnel_id, peer, occurred_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(bot)
+            .bind(record.seq as i64)
+            .bind(&record.id)
+            .bind(&record.kind)
+            .bind(&record.tunnel_id)
+            .bind(&record.peer)
+            .bind(&record.occurred_at)
+            .bind(record.data.to_string())
+            .execute(&mut *tx)
+            .await?;
+            stored.push(record);
+        }
+        let last = after + events.len() as u64;
+        let done = sqlx::query("UPDATE bots SET last_seq = ? WHERE jid = ? AND last_seq = ?")
+            .bind(last as i64)
+            .bind(bot)
+            .bind(after as i64)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Conflict(format!(
+                "event log of {bot} moved past seq {after}"
+            )));
+        }
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    /// Up to `limit` events with `seq > after`, oldest first.
+    pub async fn read_events(
+        &self,
+        bot: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE bot_jid = ? AND seq > ? ORDER BY seq LIMIT ?"
+        ))
+        .bind(bot)
+        .bind(after as i64)
+        .bind(limit as i64)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.iter().map(event_from_row).collect())
+    }
+
+    /// One event by `seq`.
+    pub async fn event(&self, bot: &str, seq: u64) -> Result<Option<EventRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE bot_jid = ? AND seq = ?"
+        ))
+        .bind(bot)
+        .bind(seq as i64)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.as_ref().map(event_from_row))
+    }
+
+    /// The bot's cursor: every event up to it is acknowledged or dead.
+    pub async fn cursor(&self, bot: &str) -> Result<u64, StoreError> {
+        let row = sqlx::query(
+            "SELECT COALESCE((SELECT MIN(seq) - 1 FROM events WHERE bot_jid = ?1 AND state = 0), (SELECT last_seq FROM bots WHERE jid = ?1), 0)",
+        )
+        .bind(bot)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(row.get::<i64, _>(0) as u64)
+    }
+
+    /// Acknowledges every pending event up to `seq`; returns the new cursor.
+    pub async fn ack_through(&self, bot: &str, seq: u64) -> Result<u64, StoreError> {
+        sqlx::query(
+            "UPDATE events SET state = 1, acked_at = ? WHERE bot_jid = ? AND seq <= ? AND state = 0",
+        )
+        .bind(now())
+        .bind(bot)
+        .bind(seq as i64)
+        .execute(self.pool())
+        .await?;
+        self.cursor(bot).await
+    }
+
+    /// Deletes acknowledged events and delivery attempts older than `before` (RFC 3339).
+    pub async fn prune_events(&self, before: &str) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM events WHERE state = 1 AND occurred_at < ?")
+            .bind(before)
+            .execute(self.pool())
+            .await?;
+        sqlx::query("DELETE FROM delivery_attempts WHERE at < ?")
+            .bind(before)
+            .execute(self.pool())
+            .await?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// The `identity` object of an event: the peer's key and the trust verdict.
+pub fn identity_json(established: Option<&crate::tunnel::Established>) -> Value {
+    match established {
+        Some(est) => serde_json::json!({
+            "spki_sha256": est.peer.spki_sha256.as_ref().map(ToString::to_string),
+            "trust": est.peer.trust.as_str(),
+        }),
+        None => Value::Null,
+    }
+}
+
+/// The event for a stanza that arrived through a tunnel.
+pub fn stanza_event(
+    stanza: &minidom::Element,
+    tunnel_id: &str,
+    peer: &str,
+    identity: Value,
+) -> NewEvent {
+    let kind = match stanza.name() {
+        "message" => "message.received",
+        "presence" => "presence.received",
+        _ => "iq.received",
+    };
+    let xml = String::from_utf8_lossy(&crate::xml::to_bytes(stanza)).into_owned();
+    let mut data = serde_json::json!({ "stanza": xml, "identity": identity });
+    if let Some(body) = stanza.get_child("body", crate::stanza::ns::CLIENT) {
+        data["body"] = Value::String(body.text());
+    }
+    NewEvent {
+        kind,
+        tunnel_id: Some(tunnel_id.to_owned()),
+        peer: Some(peer.to_owned()),
+        data,
+    }
+}
+
+/// The event for a tunnel that ended: `tunnel.failed` when it never opened, else `tunnel.closed`.
+pub fn close_event(
+    reason: &crate::tunnel::CloseReason,
+    established: bool,
+    stage: &str,
+    tunnel_id: &str,
+    peer: &str,
+) -> NewEvent {
+    let data = if established {
+        serde_json::json!({ "reason": reason.to_string(), "code": reason.code() })
+    } else {
+        serde_json::json!({ "stage": stage, "reason": reason.to_string(), "code": reason.code() })
+    };
+    NewEvent {
+        kind: if established {
+            "tunnel.closed"
+        } else {
+            "tunnel.failed"
+        },
+        tunnel_id: Some(tunnel_id.to_owned()),
+        peer: Some(peer.to_owned()),
+        data,
+    }
+}

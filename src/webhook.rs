@@ -1,0 +1,623 @@
+//! Webhook delivery of a bot's event log: signed `POST`s (Standard Webhooks), retries with
+//! back-off, dead letters, in order per tunnel, a bounded number in flight per bot.
+//!
+//! One deliverer task runs per `api` bot. It reads the head (oldest pending event) of every
+//! tunnel's queue from the store, posts the ones that are due, and records each outcome.
+
+use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use hmac::{Hmac, Mac};
+use minidom::Element;
+use serde::Serialize;
+use serde_json::Value;
+use sha2::Sha256;
+use sqlx::Row;
+use tokio::task::JoinSet;
+
+use crate::config::{Secret, WebhooksConfig};
+use crate::eventlog::{EventRecord, unix_ms};
+use crate::session::{BotHandle, Shared};
+use crate::stanza::ns;
+use crate::store::{Store, StoreError, now};
+
+/// A bot's webhook as stored.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    /// Where events are posted.
+    pub url: String,
+    /// The signing secret, `whsec_<base64>`.
+    pub secret: Secret,
+    /// Request timeout.
+    pub timeout_ms: u64,
+    /// Concurrent requests.
+    pub max_in_flight: usize,
+    /// When a delivery last succeeded.
+    pub last_success_at: Option<String>,
+    /// The last failure.
+    pub last_error: Option<String>,
+}
+
+/// One delivery attempt, for `GET .../deliveries`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attempt {
+    /// The event id (the `webhook-id`).
+    pub event_id: String,
+    /// The event's `seq`.
+    pub seq: u64,
+    /// When the attempt ended.
+    pub at: String,
+    /// The HTTP status, when an answer came.
+    pub status: Option<u16>,
+    /// What went wrong.
+    pub error: Option<String>,
+    /// How long it took.
+    pub duration_ms: u64,
+}
+
+/// A dead-lettered event.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    /// The event id.
+    pub event_id: String,
+    /// The event's `seq`.
+    pub seq: u64,
+    /// The event type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last failure.
+    pub last_error: Option<String>,
+}
+
+/// The head of one tunnel's queue of pending events.
+#[derive(Debug, Clone)]
+struct Head {
+    event: EventRecord,
+    attempts: u32,
+    first_attempt_ms: Option<i64>,
+    next_attempt_ms: Option<i64>,
+}
+
+/// How an attempt ended.
+enum Outcome {
+    Delivered,
+    Retry { at_ms: i64 },
+    Dead,
+}
+
+/// A new random signing secret.
+pub fn generate_secret() -> String {
+    let key: [u8; 24] = rand::random();
+    format!("whsec_{}", B64.encode(key))
+}
+
+/// The key inside a `whsec_` secret; `None` when it is not one.
+pub fn secret_key(secret: &str) -> Option<Vec<u8>> {
+    let key = B64.decode(secret.strip_prefix("whsec_")?).ok()?;
+    (key.len() >= 16 && key.len() <= 64).then_some(key)
+}
+
+/// The `webhook-signature` value: `v1,<base64 HMAC-SHA256(key, "id.timestamp.body")>`.
+pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("v1,{}", B64.encode(mac.finalize().into_bytes()))
+}
+
+/// The delay before retry number `attempts` (1-based), with ±20 % jitter.
+pub fn backoff(config: &WebhooksConfig, attempts: u32) -> Duration {
+    let base = config
+        .initial_backoff_ms
+        .saturating_mul(1u64 << attempts.saturating_sub(1).min(32))
+        .min(config.max_backoff_ms);
+    Duration::from_millis((base as f64 * rand::random_range(0.8..1.2)) as u64)
+}
+
+/// The stanzas of a webhook's synchronous `reply`: an object with `body`, a raw stanza
+/// string, or a list of those.
+pub fn reply_stanzas(reply: &Value) -> Result<Vec<Element>, String> {
+    match reply {
+        Value::Array(items) => items.iter().try_fold(Vec::new(), |mut all, item| {
+            all.extend(reply_stanzas(item)?);
+            Ok(all)
+        }),
+        Value::Object(map) => {
+            let body = map
+                .get("body")
+                .and_then(Value::as_str)
+                .ok_or("a reply object needs a string `body`")?;
+            let kind = map.get("type").and_then(Value::as_str).unwrap_or("chat");
+            let mut message = Element::builder("message", ns::CLIENT)
+                .attr(crate::stanza::name("type"), kind)
+                .build();
+            let mut b = Element::bare("body", ns::CLIENT);
+            b.append_text(body);
+            message.append_child(b);
+            Ok(vec![message])
+        }
+        Value::String(xml) => {
+            let el = crate::xml::parse_stanza(xml).map_err(|e| format!("reply stanza: {e}"))?;
+            Ok(vec![el])
+        }
+        _ => Err("`reply` must be an object, a string or a list".into()),
+    }
+}
+
+fn client() -> &'static reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("xtls-component/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("the HTTP client builds")
+    })
+}
+
+/// Runs one bot's deliverer until the bot stops.
+pub async fn run(bot: BotHandle, shared: Arc<Shared>) {
+    let jid = bot.record.jid.clone();
+    let store = &shared.store;
+    let mut events = bot.events.clone();
+    let mut in_flight: JoinSet<String> = JoinSet::new();
+    let mut busy: HashSet<String> = HashSet::new();
+    loop {
+        let mut wake: Option<i64> = None;
+        match store.webhook(&jid).await {
+            Ok(Some(hook)) if in_flight.len() < hook.max_in_flight => {
+                match store.webhook_heads(&jid).await {
+                    Ok(heads) => {
+                        let now_ms = unix_ms();
+                        for head in heads {
+                            let group = head.event.tunnel_id.clone().unwrap_or_default();
+                            if busy.contains(&group) {
+                                continue;
+                            }
+                            if let Some(at) = head.next_attempt_ms.filter(|at| *at > now_ms) {
+                                wake = Some(wake.map_or(at, |w| w.min(at)));
+                                continue;
+                            }
+                            if in_flight.len() >= hook.max_in_flight {
+                                break;
+                            }
+                            busy.insert(group.clone());
+                            let (hook, store, bot, config) = (
+                                hook.clone(),
+                                store.clone(),
+                                bot.clone(),
+                                shared.webhooks.clone(),
+                            );
+                            in_flight.spawn(async move {
+                                deliver(&hook, &store, &bot, &config, head).await;
+                                group
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(bot = jid, error = %e, "cannot read pending events");
+                        wake = Some(unix_ms() + 5000);
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(bot = jid, error = %e, "cannot read webhook");
+                wake = Some(unix_ms() + 5000);
+            }
+        }
+        let sleep =
+            wake.map(|at| Duration::from_millis(at.saturating_sub(unix_ms()).max(0) as u64));
+        tokio::select! {
+            changed = events.changed() => if changed.is_err() { break },
+            _ = bot.webhook_changed.notified() => {}
+            Some(done) = in_flight.join_next() => {
+                if let Ok(group) = done {
+                    busy.remove(&group);
+                }
+            }
+            _ = tokio::time::sleep(sleep.unwrap_or_default()), if sleep.is_some() => {}
+        }
+    }
+    in_flight.shutdown().await;
+}
+
+/// Posts one event and records the outcome.
+async fn deliver(
+    hook: &Webhook,
+    store: &Store,
+    bot: &BotHandle,
+    config: &WebhooksConfig,
+    head: Head,
+) {
+    let event = &head.event;
+    let body = serde_json::to_vec(event).expect("an event serializes");
+    let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
+    let Some(key) = secret_key(hook.secret.expose()) else {
+        tracing::error!(bot = event.bot, "stored webhook secret unusable");
+        return;
+    };
+    let started = std::time::Instant::now();
+    let answer = client()
+        .post(&hook.url)
+        .timeout(Duration::from_millis(hook.timeout_ms))
+        .header("content-type", "application/json")
+        .header("webhook-id", &event.id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", sign(&key, &event.id, timestamp, &body))
+        .body(body)
+        .send()
+        .await;
+    let (status, error) = match answer {
+        Ok(resp) if resp.status().is_success() => {
+            let status = resp.status().as_u16();
+            let reply = resp.json::<Value>().await.ok();
+            let mut error = None;
+            if let (Some(reply), Some(tunnel)) = (
+                reply.as_ref().and_then(|r| r.get("reply")),
+                event.tunnel_id.as_ref(),
+            ) {
+                match reply_stanzas(reply) {
+                    Ok(stanzas) if !stanzas.is_empty() => bot.reply(tunnel.clone(), stanzas).await,
+                    Ok(_) => {}
+                    Err(e) => error = Some(format!("reply ignored: {e}")),
+                }
+            }
+            (Some(status), error)
+        }
+        Ok(resp) => (
+            Some(resp.status().as_u16()),
+            Some(format!("HTTP {}", resp.status())),
+        ),
+        Err(e) => (None, Some(describe(&e))),
+    };
+    let delivered = status.is_some_and(|s| (200..300).contains(&s));
+    let attempts = head.attempts + 1;
+    let now_ms = unix_ms();
+    let first = head.first_attempt_ms.unwrap_or(now_ms);
+    let outcome = if delivered {
+        Outcome::Delivered
+    } else if now_ms.saturating_sub(first) >= (config.max_age_secs as i64).saturating_mul(1000) {
+        Outcome::Dead
+    } else {
+        Outcome::Retry {
+            at_ms: now_ms + backoff(config, attempts).as_millis() as i64,
+        }
+    };
+    if !delivered {
+        tracing::warn!(
+            bot = event.bot,
+            seq = event.seq,
+            attempts,
+            error = error.as_deref().unwrap_or(""),
+            "webhook delivery failed"
+        );
+    }
+    let attempt = Attempt {
+        event_id: event.id.clone(),
+        seq: event.seq,
+        at: now(),
+        status,
+        error,
+        duration_ms: started.elapsed().as_millis() as u64,
+    };
+    if let Err(e) = store
+        .record_attempt(&event.bot, &attempt, first, &outcome)
+        .await
+    {
+        tracing::error!(bot = event.bot, error = %e, "cannot record webhook attempt");
+    }
+}
+
+/// An HTTP failure in words, without the URL (which may carry credentials).
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out".into()
+    } else if e.is_connect() {
+        "connection failed".into()
+    } else if e.is_redirect() {
+        "redirects are not followed".into()
+    } else {
+        "request failed".into()
+    }
+}
+
+fn webhook_from_row(row: &sqlx::sqlite::SqliteRow) -> Webhook {
+    Webhook {
+        url: row.get("url"),
+        secret: Secret::new(row.get::<String, _>("secret")),
+        timeout_ms: row.get::<i64, _>("timeout_ms") as u64,
+        max_in_flight: row.get::<i64, _>("max_in_flight").max(1) as usize,
+        last_success_at: row.get("last_success_at"),
+        last_error: row.get("last_error"),
+    }
+}
+
+impl Store {
+    /// A bot's webhook.
+    pub async fn webhook(&self, bot: &str) -> Result<Option<Webhook>, StoreError> {
+        let row = sqlx::query("SELECT * FROM webhooks WHERE bot_jid = ?")
+            .bind(bot)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.as_ref().map(webhook_from_row))
+    }
+
+    /// Sets a bot's webhook.
+    pub async fn put_webhook(&self, bot: &str, hook: &Webhook) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO webhooks (bot_jid, url, secret, timeout_ms, max_in_flight, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT(bot_jid) DO UPDATE SET url = excluded.url, secret = excluded.secret, timeout_ms = excluded.timeout_ms, \
+             max_in_flight = excluded.max_in_flight, updated_at = excluded.updated_at, last_error = NULL",
+        )
+        .bind(bot)
+        .bind(&hook.url)
+        .bind(hook.secret.expose())
+        .bind(hook.timeout_ms as i64)
+        .bind(hook.max_in_flight as i64)
+        .bind(now())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Removes a bot's webhook; `false` when it had none.
+    pub async fn delete_webhook(&self, bot: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM webhooks WHERE bot_jid = ?")
+            .bind(bot)
+            .execute(self.pool())
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// The oldest pending event of each tunnel (and of the events without one), by `seq`.
+    async fn webhook_heads(&self, bot: &str) -> Result<Vec<Head>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT e.id, e.seq, e.type, e.bot_jid, e.occurred_at, e.tunnel_id, e.peer, e.data, \
+                    e.attempts, e.first_attempt_ms, e.next_attempt_ms \
+             FROM events e JOIN (SELECT MIN(seq) AS seq FROM events WHERE bot_jid = ?1 AND state = 0 \
+                                 GROUP BY COALESCE(tunnel_id, '')) h ON e.seq = h.seq \
+             WHERE e.bot_jid = ?1 ORDER BY e.seq",
+        )
+        .bind(bot)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| Head {
+                event: crate::eventlog::event_from_row(row),
+                attempts: row.get::<i64, _>("attempts") as u32,
+                first_attempt_ms: row.get("first_attempt_ms"),
+                next_attempt_ms: row.get("next_attempt_ms"),
+            })
+            .collect())
+    }
+
+    /// Records an attempt and its outcome in one transaction.
+    async fn record_attempt(
+        &self,
+        bot: &str,
+        attempt: &Attempt,
+        first_attempt_ms: i64,
+        outcome: &Outcome,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(
+            "INSERT INTO delivery_attempts (bot_jid, event_id, seq, at, status, error, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(bot)
+        .bind(&attempt.event_id)
+        .bind(attempt.seq as i64)
+        .bind(&attempt.at)
+        .bind(attempt.status.map(i64::from))
+        .bind(&attempt.error)
+        .bind(attempt.duration_ms as i64)
+        .execute(&mut *tx)
+        .await?;
+        let (state, next) = match outcome {
+            Outcome::Delivered => (crate::eventlog::ACKED, None),
+            Outcome::Retry { at_ms } => (crate::eventlog::PENDING, Some(*at_ms)),
+            Outcome::Dead => (crate::eventlog::DEAD, None),
+        };
+        sqlx::query(
+            "UPDATE events SET state = ?, attempts = attempts + 1, first_attempt_ms = COALESCE(first_attempt_ms, ?), \
+             next_attempt_ms = ?, last_error = ?, acked_at = CASE WHEN ? = 1 THEN ? ELSE acked_at END \
+             WHERE bot_jid = ? AND seq = ? AND state = 0",
+        )
+        .bind(state)
+        .bind(first_attempt_ms)
+        .bind(next)
+        .bind(&attempt.error)
+        .bind(state)
+        .bind(&attempt.at)
+        .bind(bot)
+        .bind(attempt.seq as i64)
+        .execute(&mut *tx)
+        .await?;
+        let delivered = matches!(outcome, Outcome::Delivered);
+        sqlx::query(
+            "UPDATE webhooks SET last_success_at = CASE WHEN ?1 THEN ?2 ELSE last_success_at END, \
+             last_error = CASE WHEN ?1 THEN last_error ELSE ?3 END WHERE bot_jid = ?4",
+        )
+        .bind(delivered)
+        .bind(&attempt.at)
+        .bind(&attempt.error)
+        .bind(bot)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The latest attempts, newest first.
+    pub async fn attempts(&self, bot: &str, limit: u32) -> Result<Vec<Attempt>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT event_id, seq, at, status, error, duration_ms FROM delivery_attempts WHERE bot_jid = ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(bot)
+        .bind(limit as i64)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| Attempt {
+                event_id: row.get("event_id"),
+                seq: row.get::<i64, _>("seq") as u64,
+                at: row.get("at"),
+                status: row.get::<Option<i64>, _>("status").map(|s| s as u16),
+                error: row.get("error"),
+                duration_ms: row.get::<i64, _>("duration_ms") as u64,
+            })
+            .collect())
+    }
+
+    /// Every dead letter, oldest first.
+    pub async fn dead_letters(&self, bot: &str) -> Result<Vec<DeadLetter>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, seq, type, attempts, last_error FROM events WHERE bot_jid = ? AND state = 2 ORDER BY seq",
+        )
+        .bind(bot)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|row| DeadLetter {
+                event_id: row.get("id"),
+                seq: row.get::<i64, _>("seq") as u64,
+                kind: row.get("type"),
+                attempts: row.get::<i64, _>("attempts") as u32,
+                last_error: row.get("last_error"),
+            })
+            .collect())
+    }
+
+    /// Pending and dead event counts.
+    pub async fn event_counts(&self, bot: &str) -> Result<(u64, u64), StoreError> {
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(state = 0), 0) AS pending, COALESCE(SUM(state = 2), 0) AS dead FROM events WHERE bot_jid = ?",
+        )
+        .bind(bot)
+        .fetch_one(self.pool())
+        .await?;
+        Ok((
+            row.get::<i64, _>("pending") as u64,
+            row.get::<i64, _>("dead") as u64,
+        ))
+    }
+
+    /// Puts dead letters (all, or those `seq`s) back in the queue; returns how many.
+    pub async fn retry_dead(&self, bot: &str, seqs: Option<&[u64]>) -> Result<u64, StoreError> {
+        self.update_dead(
+            bot,
+            seqs,
+            "UPDATE events SET state = 0, attempts = 0, first_attempt_ms = NULL, next_attempt_ms = NULL",
+        )
+        .await
+    }
+
+    /// Deletes dead letters (all, or those `seq`s); returns how many.
+    pub async fn drop_dead(&self, bot: &str, seqs: Option<&[u64]>) -> Result<u64, StoreError> {
+        self.update_dead(bot, seqs, "DELETE FROM events").await
+    }
+
+    async fn update_dead(
+        &self,
+        bot: &str,
+        seqs: Option<&[u64]>,
+        action: &str,
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let mut total = 0;
+        let base = format!("{action} WHERE bot_jid = ? AND state = 2");
+        match seqs {
+            None => {
+                total += sqlx::query(&base)
+                    .bind(bot)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+            Some(seqs) => {
+                for seq in seqs {
+                    total += sqlx::query(&format!("{base} AND seq = ?"))
+                        .bind(bot)
+                        .bind(*seq as i64)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_matches_the_standard_webhooks_example() {
+        // The example of the Standard Webhooks specification.
+        let key = secret_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let body = br#"{"test": 2432232314}"#;
+        assert_eq!(
+            sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body),
+            "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+        );
+    }
+
+    #[test]
+    fn secrets_round_trip_and_bad_ones_are_refused() {
+        let s = generate_secret();
+        assert_eq!(secret_key(&s).unwrap().len(), 24);
+        assert!(secret_key("nope").is_none());
+        assert!(secret_key("whsec_!!").is_none());
+        assert!(secret_key("whsec_AAAA").is_none(), "too short");
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let c = WebhooksConfig {
+            initial_backoff_ms: 1000,
+            max_backoff_ms: 10_000,
+            ..WebhooksConfig::default()
+        };
+        for (attempt, base) in [
+            (1, 1000u64),
+            (2, 2000),
+            (3, 4000),
+            (5, 10_000),
+            (40, 10_000),
+        ] {
+            let d = backoff(&c, attempt).as_millis() as u64;
+            assert!(d >= base * 8 / 10 && d <= base * 12 / 10, "{attempt}: {d}");
+        }
+    }
+
+    #[test]
+    fn replies_become_stanzas() {
+        let one = reply_stanzas(&serde_json::json!({"body": "hi"})).unwrap();
+        assert_eq!(one[0].get_child("body", ns::CLIENT).unwrap().text(), "hi");
+        assert_eq!(one[0].attr("type"), Some("chat"));
+        let many = reply_stanzas(&serde_json::json!([
+            {"body": "a"},
+            "<message xmlns='jabber:client'><body>b</body></message>"
+        ]))
+        .unwrap();
+        assert_eq!(many.len(), 2);
+        assert!(reply_stanzas(&serde_json::json!({"nobody": 1})).is_err());
+        assert!(reply_stanzas(&serde_json::json!("<message")).is_err());
+        assert!(reply_stanzas(&serde_json::json!(3)).is_err());
+    }
+}
