@@ -128,7 +128,10 @@ pub fn app(state: AdminState) -> Router {
         .route("/bots/{jid}", get(get_bot).delete(delete_bot))
         .route("/bots/{jid}/certificate", get(get_certificate))
         .route("/bots/{jid}/peers", get(get_peers))
-        .route("/tunnels", get(list_tunnels))
+        .route(
+            "/tunnels",
+            get(list_tunnels).post(crate::botapi::open_tunnel),
+        )
         .route("/tunnels/{id}", get(get_tunnel).delete(delete_tunnel))
         .merge(crate::botapi::admin_routes())
         .route_layer(middleware::from_fn(require_admin));

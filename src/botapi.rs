@@ -19,7 +19,7 @@ use sqlx::Row;
 
 use crate::admin::{AdminState, ApiError, Caller, find_bot};
 use crate::eventlog::EventRecord;
-use crate::session::BotHandle;
+use crate::session::{BotHandle, OutMsg, Submitted, chat_message};
 use crate::store::{Store, StoreError, now};
 use crate::webhook::{self, Webhook};
 
@@ -36,6 +36,8 @@ pub fn routes() -> Router<AdminState> {
         )
         .route("/bots/{jid}/deliveries", get(get_deliveries))
         .route("/bots/{jid}/deliveries/{action}", post(dead_letters))
+        .route("/bots/{jid}/messages", post(post_message))
+        .route("/bots/{jid}/messages/{id}", get(get_message))
 }
 
 /// Routes only the admin token may use.
@@ -371,6 +373,190 @@ async fn delete_token(
     } else {
         Err(ApiError::NotFound(format!("token {id}")))
     }
+}
+
+/// Body of `POST .../messages`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostMessage {
+    to: String,
+    body: Option<String>,
+    stanza: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    reopen: bool,
+}
+
+fn valid_jid(jid: &str, field: &str) -> Result<String, ApiError> {
+    jid::Jid::new(jid)
+        .map(|j| j.to_string())
+        .map_err(|e| ApiError::Invalid(format!("{field}: '{jid}' is not a valid JID: {e}")))
+}
+
+/// `status`, and `reason` and `tunnel_id` when known, with the caller's other fields.
+fn outcome_json(mut answer: Value, outcome: &Submitted) -> Value {
+    answer["status"] = json!(outcome.status);
+    if let Some(reason) = &outcome.reason {
+        answer["reason"] = json!(reason);
+    }
+    if let Some(tunnel) = &outcome.tunnel_id {
+        answer["tunnel_id"] = json!(tunnel);
+    }
+    answer
+}
+
+async fn post_message(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(jid): Path<String>,
+    headers: HeaderMap,
+    body: Result<Json<PostMessage>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let bot = scoped(&state, &caller, &jid)?;
+    let Json(body) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let store = &state.bots.shared().store;
+    let idempotency_key = headers
+        .get("idempotency-key")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 255)
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    ApiError::Invalid(
+                        "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+                    )
+                })
+        })
+        .transpose()?;
+    if let Some(key) = &idempotency_key
+        && let Some(first) = store.message_by_key(&bot.record.jid, key).await?
+    {
+        return Ok((StatusCode::ACCEPTED, Json(json!({"id": first.id, "to": first.to, "status": first.status, "reason": first.reason}))).into_response());
+    }
+    let to = valid_jid(&body.to, "to")?;
+    if to.split('@').nth(1).unwrap_or(&to).split('/').next()
+        == Some(state.bots.shared().domain.as_str())
+    {
+        return Err(ApiError::Invalid(
+            "to: messages go to peers, not to bots of this component".into(),
+        ));
+    }
+    let stanza = match (&body.body, &body.stanza) {
+        (Some(text), None) => chat_message(text, body.kind.as_deref().unwrap_or("chat")),
+        (None, Some(xml)) => {
+            crate::xml::parse_stanza(xml).map_err(|e| ApiError::Invalid(format!("stanza: {e}")))?
+        }
+        _ => {
+            return Err(ApiError::Invalid(
+                "give exactly one of body and stanza".into(),
+            ));
+        }
+    };
+    let msg = OutMsg {
+        id: format!(
+            "msg_{:016x}{:08x}",
+            rand::random::<u64>(),
+            rand::random::<u32>()
+        ),
+        to: to.clone(),
+        stanza,
+        reopen: body.reopen,
+    };
+    match store
+        .insert_message(&bot.record.jid, &msg, idempotency_key.as_deref())
+        .await
+    {
+        Ok(()) => {}
+        Err(StoreError::Duplicate(_)) => {
+            // A concurrent request with the same key won the race.
+            let key = idempotency_key.as_deref().unwrap_or_default();
+            let first = store
+                .message_by_key(&bot.record.jid, key)
+                .await?
+                .ok_or_else(|| ApiError::Internal("idempotent message vanished".into()))?;
+            return Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({"id": first.id, "to": first.to, "status": first.status})),
+            )
+                .into_response());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let id = msg.id.clone();
+    let outcome = bot.submit(msg).await.unwrap_or(Submitted {
+        status: "accepted",
+        reason: None,
+        tunnel_id: None,
+    });
+    if outcome.status == "rate_limited" {
+        // Not accepted: the caller retries.
+        store.delete_message(&id).await?;
+        return Err(ApiError::TooManyRequests(
+            1,
+            outcome.reason.unwrap_or_else(|| "try again shortly".into()),
+        ));
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(outcome_json(json!({ "id": id, "to": to }), &outcome)),
+    )
+        .into_response())
+}
+
+async fn get_message(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path((jid, id)): Path<(String, String)>,
+) -> Result<Json<crate::session::MessageRecord>, ApiError> {
+    let bot = scoped(&state, &caller, &jid)?;
+    state
+        .bots
+        .shared()
+        .store
+        .message(&bot.record.jid, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("message {id}")))
+}
+
+/// Body of `POST /v1/tunnels`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenTunnel {
+    bot: String,
+    peer: String,
+}
+
+/// `POST /v1/tunnels`: the bot opens a tunnel to a full JID; the outcome arrives as events.
+pub async fn open_tunnel(
+    State(state): State<AdminState>,
+    body: Result<Json<OpenTunnel>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let Json(body) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let bot = find_bot(&state, &body.bot)?;
+    let peer = valid_jid(&body.peer, "peer")?;
+    if !peer.contains('/') {
+        return Err(ApiError::Invalid("peer must be a full JID".into()));
+    }
+    let outcome = bot
+        .open(peer.clone())
+        .await
+        .ok_or_else(|| ApiError::Internal("the bot did not answer".into()))?;
+    if outcome.status == "rate_limited" {
+        return Err(ApiError::TooManyRequests(
+            1,
+            outcome.reason.unwrap_or_default(),
+        ));
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(outcome_json(
+            json!({ "bot": bot.record.jid, "peer": peer }),
+            &outcome,
+        )),
+    ))
 }
 
 /// What a bot token is stored as.

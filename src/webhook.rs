@@ -21,7 +21,6 @@ use tokio::task::JoinSet;
 use crate::config::{Secret, WebhooksConfig};
 use crate::eventlog::{EventRecord, unix_ms};
 use crate::session::{BotHandle, Shared};
-use crate::stanza::ns;
 use crate::store::{Store, StoreError, now};
 
 /// A bot's webhook as stored.
@@ -136,13 +135,7 @@ pub fn reply_stanzas(reply: &Value) -> Result<Vec<Element>, String> {
                 .and_then(Value::as_str)
                 .ok_or("a reply object needs a string `body`")?;
             let kind = map.get("type").and_then(Value::as_str).unwrap_or("chat");
-            let mut message = Element::builder("message", ns::CLIENT)
-                .attr(crate::stanza::name("type"), kind)
-                .build();
-            let mut b = Element::bare("body", ns::CLIENT);
-            b.append_text(body);
-            message.append_child(b);
-            Ok(vec![message])
+            Ok(vec![crate::session::chat_message(body, kind)])
         }
         Value::String(xml) => {
             let el = crate::xml::parse_stanza(xml).map_err(|e| format!("reply stanza: {e}"))?;
@@ -565,6 +558,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stanza::ns;
 
     #[test]
     fn signature_matches_the_standard_webhooks_example() {

@@ -238,6 +238,8 @@ pub enum Event {
     Stanza(Element),
     /// `send` may be called again after it refused with [`SendError::Blocked`].
     Writable,
+    /// Every `data` carrying the stanza that [`Tunnel::send`] marked so was acknowledged.
+    Acknowledged(u64),
     /// The tunnel is gone.
     Closed(CloseReason),
 }
@@ -278,7 +280,12 @@ pub struct Stats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Request {
     Start,
-    Data { handshake: bool },
+    /// `start..end`: the chunk's place in the ciphertext we ever queued.
+    Data {
+        handshake: bool,
+        start: u64,
+        end: u64,
+    },
     Close,
 }
 
@@ -319,6 +326,10 @@ pub struct Tunnel {
     idle_deadline: Option<Instant>,
     peer_eof_deadline: Option<Instant>,
     blocked: bool,
+    /// Ciphertext bytes ever queued for the peer.
+    bytes_queued: u64,
+    /// Marks of sent stanzas not yet acknowledged, oldest first.
+    marks: VecDeque<u64>,
     inner: StreamReader,
     plaintext: Vec<u8>,
     transmit: VecDeque<Element>,
@@ -397,6 +408,8 @@ impl Tunnel {
             idle_deadline: None,
             peer_eof_deadline: None,
             blocked: false,
+            bytes_queued: 0,
+            marks: VecDeque::new(),
             inner: StreamReader::with_synthetic_root(limits),
             plaintext: Vec::new(),
             transmit: VecDeque::new(),
@@ -596,7 +609,9 @@ impl Tunnel {
     }
 
     /// Queues a stanza for the peer: routing stripped (spec §1.9 rule 4), encrypted, chunked.
-    pub fn send(&mut self, now: Instant, mut stanza: Element) -> Result<(), SendError> {
+    /// Returns its mark: [`Event::Acknowledged`] with this mark (or a later one) follows once
+    /// the peer acknowledged every `data` carrying it.
+    pub fn send(&mut self, now: Instant, mut stanza: Element) -> Result<u64, SendError> {
         if self.state != State::Open || self.close_pending.is_some() {
             return Err(SendError::NotOpen);
         }
@@ -615,7 +630,9 @@ impl Tunnel {
         self.stats.stanzas_out += 1;
         self.touch(now);
         self.flush(now);
-        Ok(())
+        let mark = self.bytes_queued;
+        self.marks.push_back(mark);
+        Ok(mark)
     }
 
     /// Closes gracefully: close_notify in a `data`, then `<close/>` after its ack (spec §1.10).
@@ -886,7 +903,7 @@ impl Tunnel {
                     self.finish(CloseReason::Refused(condition));
                 }
             }
-            Request::Data { handshake } => {
+            Request::Data { handshake, .. } => {
                 if !ok {
                     // Spec §1.7 rule 6–7: no resend, no `close`.
                     self.finish(CloseReason::PeerError(iq.error_condition()));
@@ -895,6 +912,7 @@ impl Tunnel {
                 if handshake {
                     self.hs_unacked -= 1;
                 }
+                self.report_acknowledged();
                 // Flush first: handshake bytes still queued behind a full window must count
                 // as unacknowledged before the Open rule is checked (spec §1.8).
                 self.flush(now);
@@ -983,12 +1001,14 @@ impl Tunnel {
         if let Some(tls) = self.tls.as_mut() {
             let mut out = Vec::new();
             tls.drain_output(&mut out);
+            self.bytes_queued += out.len() as u64;
             self.out_bytes.extend(out);
         }
         while !self.out_bytes.is_empty() && self.data_in_flight() < self.config.window {
             // (Called only in Handshaking and Open: `begin_closing` empties the queue.)
             let n = self.out_bytes.len().min(self.config.chunk_size);
             let chunk: Vec<u8> = self.out_bytes.drain(..n).collect();
+            let start = self.bytes_queued - self.out_bytes.len() as u64 - n as u64;
             let method = (self.role == Role::Initiator && !self.sent_first_data).then_some("x509");
             self.sent_first_data = true;
             self.stats.bytes_out += chunk.len() as u64;
@@ -998,7 +1018,11 @@ impl Tunnel {
             }
             self.request(
                 now,
-                Request::Data { handshake },
+                Request::Data {
+                    handshake,
+                    start,
+                    end: start + n as u64,
+                },
                 XtlsElement::data(&chunk, method).to_element(),
             );
         }
@@ -1009,6 +1033,26 @@ impl Tunnel {
         if self.close_pending.is_some() && self.out_bytes.is_empty() && self.data_in_flight() == 0 {
             let reason = self.close_pending.take().expect("checked above");
             self.begin_closing(now, reason);
+        }
+    }
+
+    /// Reports the marks of sent stanzas whose every byte the peer has acknowledged.
+    fn report_acknowledged(&mut self) {
+        let unacked_from = self
+            .outstanding
+            .iter()
+            .filter_map(|o| match o.kind {
+                Request::Data { start, .. } => Some(start),
+                _ => None,
+            })
+            .min()
+            .unwrap_or(self.bytes_queued - self.out_bytes.len() as u64);
+        let mut newest = None;
+        while self.marks.front().is_some_and(|m| *m <= unacked_from) {
+            newest = self.marks.pop_front();
+        }
+        if let Some(mark) = newest {
+            self.events.push_back(Event::Acknowledged(mark));
         }
     }
 

@@ -943,3 +943,49 @@ fn c21_initiator_waits_for_every_handshake_ack_with_a_window_of_one() {
     // Small chunks and a window of one: the client's last flight took several data IQs.
     assert!(pair.sent(true, "data").len() > 3);
 }
+
+#[test]
+fn c22_a_sent_stanza_is_reported_acknowledged_only_after_every_chunk_is() {
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    // Three chunks of 4096 bytes and a window of 4: one stanza spans several data IQs.
+    let first = pair
+        .alice
+        .tunnel()
+        .send(now, message(&"y".repeat(10_000)))
+        .unwrap();
+    let second = pair.alice.tunnel().send(now, message("short")).unwrap();
+    assert!(second > first, "marks grow with the ciphertext");
+    let data: Vec<Element> = pair
+        .alice
+        .drain()
+        .into_iter()
+        .filter(|e| e.has_child("data", ns::XTLS))
+        .collect();
+    assert!(data.len() >= 3, "{} data IQs", data.len());
+    let acknowledged = |pair: &mut Pair| -> Vec<u64> {
+        let t = pair.alice.tunnel();
+        std::iter::from_fn(|| t.poll_event())
+            .filter_map(|e| match e {
+                Event::Acknowledged(m) => Some(m),
+                _ => None,
+            })
+            .collect()
+    };
+    // Acknowledging all but the first chunk reports nothing: the first stanza starts there.
+    for el in &data[1..] {
+        let iq = Iq::parse(el).unwrap();
+        let result = iq.result(None);
+        pair.alice
+            .tunnel()
+            .handle_iq(now, &Iq::parse(&result).unwrap());
+    }
+    assert_eq!(acknowledged(&mut pair), Vec::<u64>::new());
+    let iq = Iq::parse(&data[0]).unwrap();
+    let result = iq.result(None);
+    pair.alice
+        .tunnel()
+        .handle_iq(now, &Iq::parse(&result).unwrap());
+    assert_eq!(acknowledged(&mut pair), vec![second]);
+}

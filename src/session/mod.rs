@@ -24,6 +24,10 @@ use crate::tunnel::{
     Tunnel, TunnelConfig, TunnelKey, TunnelParams, bare, classify_request,
 };
 
+mod outbound;
+
+pub use outbound::{FINAL, MessageRecord, OutMsg, Submitted, chat_message};
+
 /// Everything the drivers share.
 #[derive(Debug)]
 pub struct Shared {
@@ -118,6 +122,10 @@ pub enum BotCommand {
     LinkUp,
     /// Inner stanzas to send into a live tunnel, by tunnel id.
     Reply(String, Vec<Element>),
+    /// A message from the API.
+    Submit(Box<OutMsg>, oneshot::Sender<Submitted>),
+    /// Open a tunnel to a full JID.
+    Open(String, oneshot::Sender<Submitted>),
     /// Close every tunnel and stop.
     Stop(CloseReason, oneshot::Sender<()>),
 }
@@ -150,6 +158,30 @@ impl BotHandle {
     /// Sends inner stanzas into a live tunnel of this bot (a webhook's synchronous reply).
     pub async fn reply(&self, tunnel_id: String, stanzas: Vec<Element>) {
         let _ = self.tx.send(BotCommand::Reply(tunnel_id, stanzas)).await;
+    }
+
+    /// Hands a stored message to the driver; its first outcome, or `None` when the driver
+    /// did not answer in time (the message stays accepted and is reported by its status).
+    pub async fn submit(&self, msg: OutMsg) -> Option<Submitted> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(BotCommand::Submit(Box::new(msg), tx))
+            .await
+            .ok()?;
+        tokio::time::timeout(Duration::from_secs(15), rx)
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Asks the driver to open a tunnel to a full JID.
+    pub async fn open(&self, peer: String) -> Option<Submitted> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(BotCommand::Open(peer, tx)).await.ok()?;
+        tokio::time::timeout(Duration::from_secs(15), rx)
+            .await
+            .ok()?
+            .ok()
     }
 
     /// Hands a stanza to the driver without waiting; `Err` when its queue is full or it stopped.
@@ -292,6 +324,7 @@ impl BotTable {
             events_tx,
             pending_events: Vec::new(),
             held: Vec::new(),
+            out: outbound::Outbound::default(),
             peer_auth: if record.peer_auth == "optional" {
                 PeerAuth::Optional
             } else {
@@ -424,6 +457,8 @@ struct BotDriver {
     /// Stanzas for the server, held until this step's events are committed (the durability
     /// rule: a `data` IQ is acknowledged only once what it carried is stored).
     held: Vec<(Option<TunnelKey>, Element)>,
+    /// Messages the bot sends.
+    out: outbound::Outbound,
     peer_auth: PeerAuth,
     trust: TrustMode,
     creds: BotCredentials,
@@ -466,13 +501,19 @@ fn standalone_close(key: &TunnelKey) -> Element {
 
 impl BotDriver {
     async fn run(mut self) {
+        self.recover_messages().await;
+        self.pump().await;
+        self.flush().await;
         loop {
             let deadline = self
                 .tunnels
                 .values()
                 .filter_map(|l| l.tunnel.poll_timeout())
                 .min()
-                .map(Instant::from_std);
+                .map(Instant::from_std)
+                .into_iter()
+                .chain(self.disco_deadline())
+                .min();
             tokio::select! {
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { break };
@@ -494,9 +535,14 @@ impl BotDriver {
                             live.tunnel.handle_timeout(now);
                         }
                     }
+                    self.disco_timeouts(Instant::from_std(now)).await;
                 }
             }
             self.pump().await;
+            if !self.out.resubmit.is_empty() {
+                self.resubmit().await;
+                self.pump().await;
+            }
             self.flush().await;
         }
     }
@@ -617,6 +663,8 @@ impl BotDriver {
                     ),
                 }
             }
+            BotCommand::Submit(msg, reply) => self.submit(*msg, Some(reply)).await,
+            BotCommand::Open(peer, reply) => self.open_to(peer, reply).await,
             BotCommand::Stop(..) => unreachable!("handled by dispatch"),
         }
     }
@@ -648,6 +696,7 @@ impl BotDriver {
     }
 
     async fn handle_presence(&mut self, el: Element) {
+        self.track_presence(&el);
         let from = el.attr("from").unwrap_or_default().to_owned();
         let to = el.attr("to").unwrap_or(&self.bot.jid).to_owned();
         let presence = |type_: Option<&str>| {
@@ -701,6 +750,9 @@ impl BotDriver {
             return;
         };
         let key = TunnelKey { local, peer };
+        if !iq.type_.is_request() && self.on_disco_answer(&iq).await {
+            return;
+        }
         if !iq.type_.is_request() {
             if let Some(live) = self.tunnels.get_mut(&key) {
                 live.tunnel.handle_iq(now, &iq);
@@ -776,31 +828,13 @@ impl BotDriver {
             live.tunnel.abandon(CloseReason::Replaced);
             self.pump().await;
         }
-        let limits = &self.shared.limits;
-        let peer_bare = bare(&key.peer).to_owned();
-        let per_peer = self
-            .tunnels
-            .keys()
-            .filter(|k| bare(&k.peer) == peer_bare)
-            .count();
-        let over = if self.tunnels.len() >= limits.tunnels_per_bot {
-            Some("too many tunnels for this bot")
-        } else if per_peer >= limits.tunnels_per_peer {
-            Some("too many tunnels for this peer")
-        } else if self.shared.tunnels.load(Ordering::Relaxed) >= limits.tunnels_total {
-            Some("too many tunnels")
-        } else if self.shared.handshakes.load(Ordering::Relaxed) >= limits.handshakes {
-            Some("too many handshakes in progress")
-        } else {
-            None
-        };
-        if let Some(text) = over {
+        if let Some(text) = self.over_limit(&key) {
             self.send(iq.error(ErrorType::Wait, DefinedCondition::ResourceConstraint, text))
                 .await;
             return;
         }
-        let pins = match self.shared.store.pins(&self.bot.jid, &peer_bare).await {
-            Ok(pins) => pins,
+        let params = match self.tunnel_params(&key).await {
+            Ok(params) => params,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read pins");
                 self.send(iq.error(
@@ -812,7 +846,47 @@ impl BotDriver {
                 return;
             }
         };
-        let params = TunnelParams {
+        match Tunnel::accept(now, params, iq, offer.as_ref()) {
+            Err(refusal) => {
+                tracing::info!(bot = self.bot.jid, peer = key.peer, condition = ?refusal.condition, "start refused");
+                self.send(refusal.reply).await;
+            }
+            Ok(tunnel) => {
+                self.adopt(key, tunnel).await;
+            }
+        }
+    }
+
+    /// Which capacity cap a new tunnel to `key` would exceed.
+    fn over_limit(&self, key: &TunnelKey) -> Option<&'static str> {
+        let limits = &self.shared.limits;
+        let peer_bare = bare(&key.peer);
+        let per_peer = self
+            .tunnels
+            .keys()
+            .filter(|k| bare(&k.peer) == peer_bare)
+            .count();
+        if self.tunnels.len() >= limits.tunnels_per_bot {
+            Some("too many tunnels for this bot")
+        } else if per_peer >= limits.tunnels_per_peer {
+            Some("too many tunnels for this peer")
+        } else if self.shared.tunnels.load(Ordering::Relaxed) >= limits.tunnels_total {
+            Some("too many tunnels")
+        } else if self.shared.handshakes.load(Ordering::Relaxed) >= limits.handshakes {
+            Some("too many handshakes in progress")
+        } else {
+            None
+        }
+    }
+
+    /// What a new tunnel to `key` is made of, with the pins held for the peer.
+    async fn tunnel_params(&self, key: &TunnelKey) -> Result<TunnelParams, StoreError> {
+        let pins = self
+            .shared
+            .store
+            .pins(&self.bot.jid, bare(&key.peer))
+            .await?;
+        Ok(TunnelParams {
             config: self.shared.tunnel_config.clone(),
             key: key.clone(),
             creds: self.creds.clone(),
@@ -822,50 +896,53 @@ impl BotDriver {
                 pins,
             },
             id_prefix: random_prefix(),
+        })
+    }
+
+    /// Takes a new tunnel into the session table; returns its id.
+    async fn adopt(&mut self, key: TunnelKey, tunnel: Tunnel) -> String {
+        let role = match tunnel.role() {
+            crate::tunnel::Role::Initiator => "initiator",
+            crate::tunnel::Role::Responder => "responder",
         };
-        match Tunnel::accept(now, params, iq, offer.as_ref()) {
-            Err(refusal) => {
-                tracing::info!(bot = self.bot.jid, peer = key.peer, condition = ?refusal.condition, "start refused");
-                self.send(refusal.reply).await;
-            }
-            Ok(tunnel) => {
-                let record = TunnelRecord::new(
-                    format!("{:016x}", rand::random::<u64>()),
-                    &self.bot.jid,
-                    &key,
-                    "responder",
-                    state_str(tunnel.state()),
-                    crate::store::now(),
-                );
-                tracing::info!(
-                    bot = self.bot.jid,
-                    peer = key.peer,
-                    tunnel = record.id,
-                    "tunnel accepted"
-                );
-                self.save(&record).await;
-                self.shared.table.put(&record);
-                self.log(
-                    Some(&key),
-                    NewEvent {
-                        kind: "tunnel.opened",
-                        tunnel_id: Some(record.id.clone()),
-                        peer: Some(key.peer.clone()),
-                        data: serde_json::json!({ "role": "responder" }),
-                    },
-                );
-                self.shared.handshakes.fetch_add(1, Ordering::Relaxed);
-                self.shared.tunnels.fetch_add(1, Ordering::Relaxed);
-                self.tunnels.insert(
-                    key,
-                    Live {
-                        tunnel,
-                        record,
-                        in_handshake: true,
-                    },
-                );
-            }
-        }
+        let record = TunnelRecord::new(
+            format!("{:016x}", rand::random::<u64>()),
+            &self.bot.jid,
+            &key,
+            role,
+            state_str(tunnel.state()),
+            crate::store::now(),
+        );
+        tracing::info!(
+            bot = self.bot.jid,
+            peer = key.peer,
+            tunnel = record.id,
+            role,
+            "tunnel created"
+        );
+        self.save(&record).await;
+        self.shared.table.put(&record);
+        self.log(
+            Some(&key),
+            NewEvent {
+                kind: "tunnel.opened",
+                tunnel_id: Some(record.id.clone()),
+                peer: Some(key.peer.clone()),
+                data: serde_json::json!({ "role": role }),
+            },
+        );
+        self.shared.handshakes.fetch_add(1, Ordering::Relaxed);
+        self.shared.tunnels.fetch_add(1, Ordering::Relaxed);
+        let id = record.id.clone();
+        self.tunnels.insert(
+            key,
+            Live {
+                tunnel,
+                record,
+                in_handshake: true,
+            },
+        );
+        id
     }
 
     async fn save(&self, record: &TunnelRecord) {
@@ -989,6 +1066,7 @@ impl BotDriver {
                     tracing::error!(error = %e, "cannot record peer pin");
                 }
                 self.save(&record).await;
+                self.send_waiting(key).await;
             }
             Event::Stanza(stanza) => match self.handler {
                 Handler::Echo => {
@@ -1008,7 +1086,8 @@ impl BotDriver {
                     self.log(Some(key), event);
                 }
             },
-            Event::Writable => {}
+            Event::Writable => self.send_waiting(key).await,
+            Event::Acknowledged(mark) => self.on_acknowledged(key, mark).await,
             Event::Closed(reason) => {
                 let r = &mut live.record;
                 let stage = if r.state == "starting" {
@@ -1044,6 +1123,7 @@ impl BotDriver {
                     );
                 }
                 self.log(Some(key), event);
+                self.on_closed_outbound(key, &reason).await;
             }
         }
     }

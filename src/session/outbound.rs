@@ -1,0 +1,759 @@
+//! What a bot sends: messages submitted through the API go into an open tunnel to the peer,
+//! or wait while the bot opens one as initiator (disco#info check first, spec §1.4–§1.8).
+//! Every message is stored; its status moves accepted → opening/queued → sent → acknowledged
+//! (the peer acknowledged every `data` carrying it) or ends in a failure, each change a
+//! `delivery.status` event.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use minidom::Element;
+use serde::Serialize;
+use serde_json::{Value, json};
+use sqlx::Row;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::{BotDriver, normalize};
+use crate::eventlog::NewEvent;
+use crate::stanza::{Iq, IqType, build_iq, name, ns};
+use crate::store::{Store, StoreError, now};
+use crate::tunnel::{CloseReason, SendError, State, Tunnel, TunnelKey, bare};
+
+/// How long a peer may take to answer our disco#info.
+const DISCO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages waiting for one tunnel to open, at most.
+const MAX_WAITING: usize = 1000;
+
+/// A message a bot asked to send.
+#[derive(Debug, Clone)]
+pub struct OutMsg {
+    /// `msg_…`.
+    pub id: String,
+    /// The recipient as given (full or bare JID), normalized.
+    pub to: String,
+    /// The inner stanza.
+    pub stanza: Element,
+    /// Whether a message whose tunnel ended before its acknowledgement goes out on a new one.
+    pub reopen: bool,
+}
+
+/// The first outcome of a submission, as `POST .../messages` reports it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Submitted {
+    /// `sent`, `queued`, `opening`, or a failure (`no_xtls_support`, `refused`,
+    /// `identity_changed`, `peer_unavailable`, `rate_limited`).
+    pub status: &'static str,
+    /// Why, for failures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The tunnel carrying it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tunnel_id: Option<String>,
+}
+
+impl Submitted {
+    fn new(status: &'static str, reason: Option<String>, tunnel_id: Option<String>) -> Self {
+        Self {
+            status,
+            reason,
+            tunnel_id,
+        }
+    }
+}
+
+type Reply = Option<oneshot::Sender<Submitted>>;
+
+/// A disco#info query in flight before a tunnel is opened.
+#[derive(Debug)]
+struct Disco {
+    key: TunnelKey,
+    deadline: Instant,
+    msgs: Vec<(OutMsg, Reply)>,
+    opens: Vec<oneshot::Sender<Submitted>>,
+}
+
+/// The driver's outbound bookkeeping.
+#[derive(Debug, Default)]
+pub(super) struct Outbound {
+    /// Disco queries by IQ id.
+    discos: HashMap<String, Disco>,
+    /// Messages waiting for their tunnel to open (or for room in it).
+    waiting: HashMap<TunnelKey, VecDeque<OutMsg>>,
+    /// Messages sent and not yet acknowledged, with their marks.
+    unacked: HashMap<TunnelKey, VecDeque<(u64, OutMsg)>>,
+    /// Available resources of peers, by bare JID: (full JID, priority).
+    presence: HashMap<String, Vec<(String, i8)>>,
+    /// Messages already sent once on a tunnel that ended (not reopened twice).
+    reopened: std::collections::HashSet<String>,
+    /// Messages to submit again on a new tunnel.
+    pub(super) resubmit: Vec<OutMsg>,
+}
+
+impl BotDriver {
+    /// Takes one message: into an open tunnel, behind one opening, or opens one.
+    pub(super) async fn submit(&mut self, msg: OutMsg, reply: Reply) {
+        let Some(key) = self.route_to(&msg.to) else {
+            self.settle(
+                &msg,
+                "peer_unavailable",
+                Some("no available resource of the peer is known".into()),
+                reply,
+            )
+            .await;
+            return;
+        };
+        if let Some(live) = self.tunnels.get_mut(&key) {
+            let id = live.record.id.clone();
+            match live.tunnel.state() {
+                State::Open if self.out.waiting.get(&key).is_none_or(VecDeque::is_empty) => {
+                    let now = Instant::now().into_std();
+                    match live.tunnel.send(now, msg.stanza.clone()) {
+                        Ok(mark) => {
+                            self.out
+                                .unacked
+                                .entry(key)
+                                .or_default()
+                                .push_back((mark, msg.clone()));
+                            self.settle(&msg, "sent", None, reply).await;
+                            self.set_tunnel(&msg, &id).await;
+                        }
+                        Err(SendError::Blocked) => {
+                            self.refuse(
+                                &msg,
+                                reply,
+                                "the tunnel's window and queue are full",
+                                Some(id),
+                            )
+                            .await;
+                        }
+                        Err(SendError::NotOpen) => {
+                            self.refuse(&msg, reply, "the tunnel is closing", Some(id))
+                                .await;
+                        }
+                    }
+                }
+                State::Starting | State::Handshaking | State::Open => {
+                    let queue = self.out.waiting.entry(key).or_default();
+                    if queue.len() >= MAX_WAITING {
+                        self.refuse(
+                            &msg,
+                            reply,
+                            "too many messages wait for this tunnel",
+                            Some(id),
+                        )
+                        .await;
+                        return;
+                    }
+                    queue.push_back(msg.clone());
+                    self.settle(&msg, "queued", None, reply).await;
+                    self.set_tunnel(&msg, &id).await;
+                }
+                State::Closing | State::Closed => {
+                    self.refuse(&msg, reply, "the tunnel is closing", Some(id))
+                        .await;
+                }
+            }
+            return;
+        }
+        if let Some(disco) = self.out.discos.values_mut().find(|d| d.key == key) {
+            disco.msgs.push((msg, reply));
+            return;
+        }
+        self.ask_disco(key, vec![(msg, reply)], Vec::new()).await;
+    }
+
+    /// Opens a tunnel to a full JID (`POST /v1/tunnels`).
+    pub(super) async fn open_to(&mut self, peer: String, reply: oneshot::Sender<Submitted>) {
+        let key = TunnelKey {
+            local: self.bot.jid.clone(),
+            peer,
+        };
+        if let Some(live) = self.tunnels.get(&key) {
+            let _ = reply.send(Submitted::new(
+                "sent",
+                Some("a tunnel to this peer is live".into()),
+                Some(live.record.id.clone()),
+            ));
+            return;
+        }
+        if let Some(disco) = self.out.discos.values_mut().find(|d| d.key == key) {
+            disco.opens.push(reply);
+            return;
+        }
+        self.ask_disco(key, Vec::new(), vec![reply]).await;
+    }
+
+    /// The tunnel key a recipient maps to: the live tunnel to it (any resource of a bare
+    /// JID), or else the available resource of highest priority.
+    fn route_to(&self, to: &str) -> Option<TunnelKey> {
+        if to.contains('/') {
+            return Some(
+                self.tunnels
+                    .keys()
+                    .find(|k| k.peer == to)
+                    .cloned()
+                    .unwrap_or_else(|| TunnelKey {
+                        local: self.bot.jid.clone(),
+                        peer: to.to_owned(),
+                    }),
+            );
+        }
+        let live = self
+            .tunnels
+            .iter()
+            .filter(|(k, _)| bare(&k.peer) == to)
+            .max_by_key(|(_, l)| l.tunnel.state() == State::Open)
+            .map(|(k, _)| k.clone());
+        live.or_else(|| {
+            let (full, _) = self.out.presence.get(to)?.iter().max_by_key(|(_, p)| *p)?;
+            Some(TunnelKey {
+                local: self.bot.jid.clone(),
+                peer: full.clone(),
+            })
+        })
+    }
+
+    async fn ask_disco(
+        &mut self,
+        key: TunnelKey,
+        msgs: Vec<(OutMsg, Reply)>,
+        opens: Vec<oneshot::Sender<Submitted>>,
+    ) {
+        let id = format!("disco-{:016x}", rand::random::<u64>());
+        let query = Element::bare("query", ns::DISCO_INFO);
+        self.send(build_iq(
+            IqType::Get,
+            &id,
+            &key.local,
+            &key.peer,
+            Some(query),
+        ))
+        .await;
+        self.out.discos.insert(
+            id,
+            Disco {
+                key,
+                deadline: Instant::now() + DISCO_TIMEOUT,
+                msgs,
+                opens,
+            },
+        );
+    }
+
+    /// Handles the answer to one of our disco queries; `false` when it is not one.
+    pub(super) async fn on_disco_answer(&mut self, iq: &Iq) -> bool {
+        let Some(disco) = self.out.discos.remove(&iq.id) else {
+            return false;
+        };
+        if normalize(&iq.from).as_deref() != Some(disco.key.peer.as_str()) {
+            // Not from whom we asked: keep waiting for the real answer.
+            self.out.discos.insert(iq.id.clone(), disco);
+            return true;
+        }
+        let outcome = match iq.type_ {
+            IqType::Result => {
+                let supports = iq.children.iter().any(|q| {
+                    q.is("query", ns::DISCO_INFO)
+                        && q.children().any(|f| {
+                            f.is("feature", ns::DISCO_INFO) && f.attr("var") == Some(ns::XTLS)
+                        })
+                });
+                if supports {
+                    None
+                } else {
+                    Some((
+                        "no_xtls_support",
+                        "the peer does not advertise urn:xmpp:tmp:xtls".to_owned(),
+                    ))
+                }
+            }
+            _ => Some((
+                "peer_unavailable",
+                format!("disco#info answered {}", iq.error_condition()),
+            )),
+        };
+        match outcome {
+            Some((status, reason)) => self.fail_disco(disco, status, reason).await,
+            None => self.initiate(disco).await,
+        }
+        true
+    }
+
+    /// Fails the disco queries whose deadline passed.
+    pub(super) async fn disco_timeouts(&mut self, now: Instant) {
+        let late: Vec<String> = self
+            .out
+            .discos
+            .iter()
+            .filter(|(_, d)| d.deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in late {
+            let disco = self.out.discos.remove(&id).expect("listed");
+            self.fail_disco(
+                disco,
+                "peer_unavailable",
+                "disco#info was not answered".into(),
+            )
+            .await;
+        }
+    }
+
+    /// The earliest disco deadline.
+    pub(super) fn disco_deadline(&self) -> Option<Instant> {
+        self.out.discos.values().map(|d| d.deadline).min()
+    }
+
+    async fn fail_disco(&mut self, disco: Disco, status: &'static str, reason: String) {
+        tracing::info!(
+            bot = self.bot.jid,
+            peer = disco.key.peer,
+            status,
+            reason,
+            "no tunnel opened"
+        );
+        self.log(
+            Some(&disco.key),
+            NewEvent {
+                kind: "tunnel.failed",
+                tunnel_id: None,
+                peer: Some(disco.key.peer.clone()),
+                data: json!({ "stage": "disco", "reason": reason, "code": status }),
+            },
+        );
+        for (msg, reply) in disco.msgs {
+            self.settle(&msg, status, Some(reason.clone()), reply).await;
+        }
+        for reply in disco.opens {
+            let _ = reply.send(Submitted::new(status, Some(reason.clone()), None));
+        }
+    }
+
+    async fn initiate(&mut self, disco: Disco) {
+        let key = disco.key;
+        let refused = self
+            .over_limit(&key)
+            .map(|text| ("rate_limited", text.to_owned()));
+        let params = match refused {
+            Some(_) => None,
+            None => match self.tunnel_params(&key).await {
+                Ok(params) => Some(params),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read pins");
+                    None
+                }
+            },
+        };
+        let Some(params) = params else {
+            let (status, reason) = refused.unwrap_or(("rate_limited", "store unavailable".into()));
+            for (msg, reply) in disco.msgs {
+                self.refuse(&msg, reply, &reason, None).await;
+            }
+            for reply in disco.opens {
+                let _ = reply.send(Submitted::new(status, Some(reason.clone()), None));
+            }
+            return;
+        };
+        let tunnel = Tunnel::initiate(Instant::now().into_std(), params);
+        let id = self.adopt(key.clone(), tunnel).await;
+        for (msg, reply) in disco.msgs {
+            self.settle(&msg, "opening", None, reply).await;
+            self.set_tunnel(&msg, &id).await;
+            self.out
+                .waiting
+                .entry(key.clone())
+                .or_default()
+                .push_back(msg);
+        }
+        for reply in disco.opens {
+            let _ = reply.send(Submitted::new("opening", None, Some(id.clone())));
+        }
+    }
+
+    /// Sends what waits for a tunnel that is open (again writable).
+    pub(super) async fn send_waiting(&mut self, key: &TunnelKey) {
+        let now = Instant::now().into_std();
+        loop {
+            let Some(live) = self.tunnels.get_mut(key) else {
+                return;
+            };
+            if live.tunnel.state() != State::Open {
+                return;
+            }
+            let Some(msg) = self.out.waiting.get_mut(key).and_then(VecDeque::pop_front) else {
+                return;
+            };
+            match live.tunnel.send(now, msg.stanza.clone()) {
+                Ok(mark) => {
+                    self.out
+                        .unacked
+                        .entry(key.clone())
+                        .or_default()
+                        .push_back((mark, msg.clone()));
+                    self.settle(&msg, "sent", None, None).await;
+                }
+                Err(_) => {
+                    // Full: the rest goes out on the next Writable event.
+                    self.out
+                        .waiting
+                        .entry(key.clone())
+                        .or_default()
+                        .push_front(msg);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The peer acknowledged every `data` up to `mark`.
+    pub(super) async fn on_acknowledged(&mut self, key: &TunnelKey, mark: u64) {
+        let mut done = Vec::new();
+        if let Some(queue) = self.out.unacked.get_mut(key) {
+            while queue.front().is_some_and(|(m, _)| *m <= mark) {
+                done.push(queue.pop_front().expect("checked").1);
+            }
+        }
+        for msg in done {
+            self.out.reopened.remove(&msg.id);
+            self.settle(&msg, "acknowledged", None, None).await;
+        }
+    }
+
+    /// A tunnel ended: what it did not deliver fails, or goes out on a new tunnel.
+    pub(super) async fn on_closed_outbound(&mut self, key: &TunnelKey, reason: &CloseReason) {
+        let mut lost: Vec<OutMsg> = self.out.waiting.remove(key).unwrap_or_default().into();
+        lost.extend(
+            self.out
+                .unacked
+                .remove(key)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(_, m)| m),
+        );
+        let status = match reason {
+            CloseReason::Refused(_) => "refused",
+            CloseReason::CertificateRejected(text)
+                if text.contains("does not match the key pinned") =>
+            {
+                "identity_changed"
+            }
+            _ => "failed",
+        };
+        for msg in lost {
+            if msg.reopen && self.out.reopened.insert(msg.id.clone()) {
+                tracing::info!(
+                    bot = self.bot.jid,
+                    message = msg.id,
+                    "message goes out on a new tunnel"
+                );
+                // Submitted once the ended tunnel has left the table.
+                self.out.resubmit.push(msg);
+            } else {
+                self.settle(&msg, status, Some(format!("tunnel ended: {reason}")), None)
+                    .await;
+            }
+        }
+    }
+
+    /// Follows peers' availability, to route messages addressed to a bare JID.
+    pub(super) fn track_presence(&mut self, el: &Element) {
+        let Some(from) = el.attr("from").and_then(normalize) else {
+            return;
+        };
+        if !from.contains('/') {
+            return;
+        }
+        let bare_jid = bare(&from).to_owned();
+        let resources = self.out.presence.entry(bare_jid.clone()).or_default();
+        resources.retain(|(full, _)| *full != from);
+        match el.attr("type") {
+            None => {
+                let priority = el
+                    .get_child("priority", ns::CLIENT)
+                    .and_then(|p| p.text().trim().parse().ok())
+                    .unwrap_or(0);
+                resources.push((from, priority));
+            }
+            Some(_) => {
+                if resources.is_empty() {
+                    self.out.presence.remove(&bare_jid);
+                }
+            }
+        }
+    }
+
+    /// At start: messages a previous run accepted and did not finish fail visibly, or go out
+    /// again when they asked for that.
+    pub(super) async fn recover_messages(&mut self) {
+        let pending = match self.shared.store.unfinished_messages(&self.bot.jid).await {
+            Ok(pending) => pending,
+            Err(e) => {
+                tracing::error!(bot = self.bot.jid, error = %e, "cannot read unfinished messages");
+                return;
+            }
+        };
+        for msg in pending {
+            if msg.reopen {
+                self.out.reopened.insert(msg.id.clone());
+                self.submit(msg, None).await;
+            } else {
+                self.settle(
+                    &msg,
+                    "failed",
+                    Some("the component restarted before the peer acknowledged it".into()),
+                    None,
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Submits again what lost its tunnel and asked for a new one.
+    pub(super) async fn resubmit(&mut self) {
+        for msg in std::mem::take(&mut self.out.resubmit) {
+            self.submit(msg, None).await;
+        }
+    }
+
+    /// Refuses a message for now: `rate_limited` to a waiting API caller (nothing is
+    /// accepted), or a visible failure for a message accepted earlier.
+    async fn refuse(
+        &mut self,
+        msg: &OutMsg,
+        reply: Reply,
+        reason: &str,
+        tunnel_id: Option<String>,
+    ) {
+        match reply {
+            Some(reply) => {
+                let _ = reply.send(Submitted::new(
+                    "rate_limited",
+                    Some(reason.into()),
+                    tunnel_id,
+                ));
+            }
+            None => self.settle(msg, "failed", Some(reason.into()), None).await,
+        }
+    }
+
+    /// Records a status change (store and event) and answers the submitter.
+    async fn settle(
+        &mut self,
+        msg: &OutMsg,
+        status: &'static str,
+        reason: Option<String>,
+        reply: Reply,
+    ) {
+        if let Err(e) = self
+            .shared
+            .store
+            .update_message(&msg.id, status, reason.as_deref())
+            .await
+        {
+            tracing::error!(bot = self.bot.jid, message = msg.id, error = %e, "cannot record message status");
+        }
+        self.log(
+            None,
+            NewEvent {
+                kind: "delivery.status",
+                tunnel_id: None,
+                peer: Some(msg.to.clone()),
+                data: json!({ "message_id": msg.id, "to": msg.to, "status": status, "reason": reason }),
+            },
+        );
+        answer(reply, Submitted::new(status, reason, None));
+    }
+
+    async fn set_tunnel(&self, msg: &OutMsg, tunnel_id: &str) {
+        if let Err(e) = self
+            .shared
+            .store
+            .set_message_tunnel(&msg.id, tunnel_id)
+            .await
+        {
+            tracing::error!(message = msg.id, error = %e, "cannot record message tunnel");
+        }
+    }
+}
+
+fn answer(reply: Reply, outcome: Submitted) {
+    if let Some(reply) = reply {
+        let _ = reply.send(outcome);
+    }
+}
+
+/// Statuses after which nothing more happens to a message.
+pub const FINAL: &[&str] = &[
+    "acknowledged",
+    "failed",
+    "no_xtls_support",
+    "refused",
+    "identity_changed",
+    "peer_unavailable",
+];
+
+/// A stored message, as `GET .../messages/{id}` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageRecord {
+    /// `msg_…`.
+    pub id: String,
+    /// The bot.
+    pub bot: String,
+    /// The recipient.
+    pub to: String,
+    /// The current status.
+    pub status: String,
+    /// Why, for failures.
+    pub reason: Option<String>,
+    /// The tunnel that carried it.
+    pub tunnel_id: Option<String>,
+    /// When it was accepted.
+    pub created_at: String,
+    /// Every status with its time.
+    pub history: Value,
+}
+
+fn message_from_row(row: &sqlx::sqlite::SqliteRow) -> MessageRecord {
+    let history: String = row.get("history");
+    MessageRecord {
+        id: row.get("id"),
+        bot: row.get("bot_jid"),
+        to: row.get("to_jid"),
+        status: row.get("status"),
+        reason: row.get("reason"),
+        tunnel_id: row.get("tunnel_id"),
+        created_at: row.get("created_at"),
+        history: serde_json::from_str(&history).unwrap_or(Value::Null),
+    }
+}
+
+impl Store {
+    /// Stores a message as accepted; `Err(Duplicate)` when the idempotency key was used.
+    pub async fn insert_message(
+        &self,
+        bot: &str,
+        msg: &OutMsg,
+        idempotency_key: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let at = now();
+        let history = json!([{ "status": "accepted", "at": at }]).to_string();
+        let stanza = String::from_utf8_lossy(&crate::xml::to_bytes(&msg.stanza)).into_owned();
+        let done = sqlx::query(
+            "INSERT INTO messages (id, bot_jid, idempotency_key, to_jid, stanza, reopen, status, history, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, 'accepted', ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(&msg.id)
+        .bind(bot)
+        .bind(idempotency_key)
+        .bind(&msg.to)
+        .bind(stanza)
+        .bind(msg.reopen)
+        .bind(history)
+        .bind(at)
+        .execute(self.pool())
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::Duplicate("idempotency key".into()));
+        }
+        Ok(())
+    }
+
+    /// Moves a message to a new status, appending it to the history.
+    pub async fn update_message(
+        &self,
+        id: &str,
+        status: &str,
+        reason: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE messages SET status = ?1, reason = ?2, \
+             history = json_insert(history, '$[#]', json_object('status', ?1, 'at', ?3, 'reason', ?2)) WHERE id = ?4",
+        )
+        .bind(status)
+        .bind(reason)
+        .bind(now())
+        .bind(id)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn set_message_tunnel(&self, id: &str, tunnel_id: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE messages SET tunnel_id = ? WHERE id = ?")
+            .bind(tunnel_id)
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a message that was not accepted.
+    pub async fn delete_message(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM messages WHERE id = ?")
+            .bind(id)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// One message of a bot.
+    pub async fn message(&self, bot: &str, id: &str) -> Result<Option<MessageRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM messages WHERE bot_jid = ? AND id = ?")
+            .bind(bot)
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.as_ref().map(message_from_row))
+    }
+
+    /// The message a bot stored under an idempotency key.
+    pub async fn message_by_key(
+        &self,
+        bot: &str,
+        key: &str,
+    ) -> Result<Option<MessageRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM messages WHERE bot_jid = ? AND idempotency_key = ?")
+            .bind(bot)
+            .bind(key)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.as_ref().map(message_from_row))
+    }
+
+    /// A bot's messages that have not reached a final status, oldest first.
+    async fn unfinished_messages(&self, bot: &str) -> Result<Vec<OutMsg>, StoreError> {
+        let placeholders = vec!["?"; FINAL.len()].join(", ");
+        let sql = format!(
+            "SELECT id, to_jid, stanza, reopen FROM messages WHERE bot_jid = ? AND status NOT IN ({placeholders}) ORDER BY created_at"
+        );
+        let mut query = sqlx::query(&sql).bind(bot);
+        for status in FINAL {
+            query = query.bind(*status);
+        }
+        let rows = query.fetch_all(self.pool()).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                let stanza = crate::xml::parse_stanza(&row.get::<String, _>("stanza")).ok()?;
+                Some(OutMsg {
+                    id: row.get("id"),
+                    to: row.get("to_jid"),
+                    stanza,
+                    reopen: row.get("reopen"),
+                })
+            })
+            .collect())
+    }
+}
+
+/// The inner stanza of `{"body": …}`.
+pub fn chat_message(body: &str, kind: &str) -> Element {
+    let mut message = Element::builder("message", ns::CLIENT)
+        .attr(name("type"), kind)
+        .build();
+    let mut b = Element::bare("body", ns::CLIENT);
+    b.append_text(body);
+    message.append_child(b);
+    message
+}
