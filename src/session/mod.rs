@@ -47,6 +47,8 @@ pub struct Shared {
     pub max_batch: usize,
     /// Webhook delivery settings.
     pub webhooks: WebhooksConfig,
+    /// Whether the component link is authenticated.
+    pub link_up: std::sync::atomic::AtomicBool,
     handshakes: AtomicUsize,
     tunnels: AtomicUsize,
 }
@@ -71,6 +73,7 @@ impl Shared {
             domain,
             max_batch: events.max_batch.max(1),
             webhooks,
+            link_up: Default::default(),
             handshakes: AtomicUsize::new(0),
             tunnels: AtomicUsize::new(0),
         })
@@ -419,6 +422,7 @@ impl BotTable {
 
     /// Tells every driver about the link.
     pub async fn broadcast_link(&self, up: bool) {
+        self.shared.link_up.store(up, Ordering::Relaxed);
         for bot in self.list() {
             let cmd = if up {
                 BotCommand::LinkUp
@@ -1453,6 +1457,168 @@ mod driver_tests {
         assert_eq!(*bot.events.borrow(), 4);
         assert_eq!(store.cursor(&bot.record.jid).await.unwrap(), 0);
         assert_eq!(store.ack_through(&bot.record.jid, 3).await.unwrap(), 3);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    async fn recv(rx: &mut mpsc::Receiver<Element>) -> Element {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the driver sends")
+            .expect("channel open")
+    }
+
+    fn disco_answer(request: &Element, xtls: bool) -> Element {
+        let iq = Iq::parse(request).unwrap();
+        assert!(iq.children[0].is("query", ns::DISCO_INFO));
+        let mut q = Element::bare("query", ns::DISCO_INFO);
+        if xtls {
+            q.append_child(
+                Element::builder("feature", ns::DISCO_INFO)
+                    .attr(name("var"), ns::XTLS)
+                    .build(),
+            );
+        }
+        iq.result(Some(q))
+    }
+
+    #[tokio::test]
+    async fn a_bot_opens_a_tunnel_after_disco_and_reports_the_peer_acknowledgement() {
+        let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+        bots.shared().link_up.store(true, Ordering::Relaxed);
+        let bot = bots
+            .create(NewBot {
+                localpart: "weather".into(),
+                handler: Handler::Api,
+                peer_auth: PeerAuth::Required,
+                trust: TrustMode::Tofu,
+            })
+            .await
+            .unwrap();
+        let store = bots.shared().store.clone();
+        let alice = "alice@example.net/phone";
+        let msg = |id: &str, to: &str| OutMsg {
+            id: id.into(),
+            to: to.into(),
+            stanza: chat_message("sunny", "chat"),
+            reopen: false,
+        };
+
+        // A client without XTLS: no start is ever sent.
+        let m0 = msg("msg_0", "bob@example.net/pc");
+        store
+            .insert_message(&bot.record.jid, &m0, None)
+            .await
+            .unwrap();
+        let submitting = tokio::spawn({
+            let bot = bot.clone();
+            async move { bot.submit(m0).await }
+        });
+        let disco = recv(&mut rx).await;
+        assert_eq!(disco.attr("to"), Some("bob@example.net/pc"));
+        bot.try_deliver(disco_answer(&disco, false)).unwrap();
+        assert_eq!(submitting.await.unwrap().unwrap().status, "no_xtls_support");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), rx.recv())
+                .await
+                .is_err(),
+            "nothing follows a negative disco answer"
+        );
+
+        // A client with XTLS: disco, start, handshake, the message, its acknowledgement.
+        let m1 = msg("msg_1", alice);
+        store
+            .insert_message(&bot.record.jid, &m1, None)
+            .await
+            .unwrap();
+        let submitting = tokio::spawn({
+            let bot = bot.clone();
+            async move { bot.submit(m1).await }
+        });
+        let disco = recv(&mut rx).await;
+        bot.try_deliver(disco_answer(&disco, true)).unwrap();
+        let outcome = submitting.await.unwrap().unwrap();
+        assert_eq!(outcome.status, "opening");
+        let start = Iq::parse(&recv(&mut rx).await).unwrap();
+        let Ok(XtlsElement::Start { offer }) = classify_request(&start) else {
+            panic!("a start follows the disco answer")
+        };
+        let mut peer = Tunnel::accept(
+            std::time::Instant::now(),
+            TunnelParams {
+                config: TunnelConfig::default(),
+                key: TunnelKey {
+                    local: alice.into(),
+                    peer: bot.record.jid.clone(),
+                },
+                creds: BotCredentials::new(BotIdentity::generate("alice@example.net").unwrap())
+                    .unwrap(),
+                policy: PeerPolicy::default(),
+                id_prefix: "alice-".into(),
+            },
+            &start,
+            offer.as_ref(),
+        )
+        .unwrap();
+        let mut got = None;
+        for _ in 0..100 {
+            while let Some(el) = peer.poll_transmit() {
+                bot.try_deliver(el).unwrap();
+            }
+            while let Some(ev) = peer.poll_event() {
+                if let Event::Stanza(s) = ev {
+                    got = Some(s);
+                }
+            }
+            let status = store
+                .message(&bot.record.jid, "msg_1")
+                .await
+                .unwrap()
+                .unwrap()
+                .status;
+            if got.is_some() && status == "acknowledged" {
+                break;
+            }
+            if let Ok(Some(el)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
+            {
+                peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
+            }
+        }
+        let got = got.expect("the message arrived through the tunnel");
+        assert_eq!(got.get_child("body", ns::CLIENT).unwrap().text(), "sunny");
+        assert_eq!(got.attr("from"), Some(bot.record.jid.as_str()));
+        let record = store
+            .message(&bot.record.jid, "msg_1")
+            .await
+            .unwrap()
+            .unwrap();
+        let history: Vec<&str> = record
+            .history
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["status"].as_str().unwrap())
+            .collect();
+        assert_eq!(history, ["accepted", "opening", "sent", "acknowledged"]);
+        assert!(record.tunnel_id.is_some());
+        let kinds: Vec<String> = store
+            .read_events(&bot.record.jid, 0, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| format!("{}:{}", e.kind, e.data["status"].as_str().unwrap_or("")))
+            .collect();
+        assert!(
+            kinds.contains(&"delivery.status:no_xtls_support".to_owned()),
+            "{kinds:?}"
+        );
+        assert!(
+            kinds.contains(&"delivery.status:acknowledged".to_owned()),
+            "{kinds:?}"
+        );
+        assert!(
+            kinds.contains(&"tunnel.established:".to_owned()),
+            "{kinds:?}"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

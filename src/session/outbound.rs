@@ -5,6 +5,7 @@
 //! `delivery.status` event.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use minidom::Element;
@@ -495,8 +496,9 @@ impl BotDriver {
         };
         for msg in pending {
             if msg.reopen {
+                // Goes out once the server link is up.
                 self.out.reopened.insert(msg.id.clone());
-                self.submit(msg, None).await;
+                self.out.resubmit.push(msg);
             } else {
                 self.settle(
                     &msg,
@@ -509,8 +511,11 @@ impl BotDriver {
         }
     }
 
-    /// Submits again what lost its tunnel and asked for a new one.
+    /// Submits again what lost its tunnel and asked for a new one (once the link is up).
     pub(super) async fn resubmit(&mut self) {
+        if !self.shared.link_up.load(Ordering::Relaxed) {
+            return;
+        }
         for msg in std::mem::take(&mut self.out.resubmit) {
             self.submit(msg, None).await;
         }
