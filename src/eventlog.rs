@@ -102,6 +102,19 @@ impl Store {
         events: &[NewEvent],
     ) -> Result<Vec<EventRecord>, StoreError> {
         let mut tx = self.pool().begin().await?;
+        // Claim the seq range first: a writer that lost track of it cannot fork the log.
+        let last = after + events.len() as u64;
+        let done = sqlx::query("UPDATE bots SET last_seq = ? WHERE jid = ? AND last_seq = ?")
+            .bind(last as i64)
+            .bind(bot)
+            .bind(after as i64)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Conflict(format!(
+                "event log of {bot} moved past seq {after}"
+            )));
+        }
         let mut stored = Vec::with_capacity(events.len());
         let occurred_at = now();
         for (i, e) in events.iter().enumerate() {
@@ -129,18 +142,6 @@ impl Store {
             .execute(&mut *tx)
             .await?;
             stored.push(record);
-        }
-        let last = after + events.len() as u64;
-        let done = sqlx::query("UPDATE bots SET last_seq = ? WHERE jid = ? AND last_seq = ?")
-            .bind(last as i64)
-            .bind(bot)
-            .bind(after as i64)
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() != 1 {
-            return Err(StoreError::Conflict(format!(
-                "event log of {bot} moved past seq {after}"
-            )));
         }
         tx.commit().await?;
         Ok(stored)
@@ -200,7 +201,8 @@ impl Store {
         self.cursor(bot).await
     }
 
-    /// Deletes acknowledged events and delivery attempts older than `before` (RFC 3339).
+    /// Deletes acknowledged events, delivery attempts and finished messages older than
+    /// `before` (RFC 3339).
     pub async fn prune_events(&self, before: &str) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM events WHERE state = 1 AND occurred_at < ?")
             .bind(before)
@@ -210,6 +212,13 @@ impl Store {
             .bind(before)
             .execute(self.pool())
             .await?;
+        let finished = vec!["?"; crate::session::FINAL.len()].join(", ");
+        let sql = format!("DELETE FROM messages WHERE created_at < ? AND status IN ({finished})");
+        let mut query = sqlx::query(&sql).bind(before);
+        for status in crate::session::FINAL {
+            query = query.bind(*status);
+        }
+        query.execute(self.pool()).await?;
         Ok(done.rows_affected())
     }
 }
@@ -272,5 +281,58 @@ pub fn close_event(
         tunnel_id: Some(tunnel_id.to_owned()),
         peer: Some(peer.to_owned()),
         data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certs::BotIdentity;
+    use crate::store::BotRecord;
+
+    #[tokio::test]
+    async fn append_read_acknowledge_and_prune() {
+        let (store, dir) = crate::store::tests::temp_store().await;
+        let jid = "weather@bots.example.org";
+        let bot = BotRecord {
+            jid: jid.into(),
+            localpart: "weather".into(),
+            handler: "api".into(),
+            peer_auth: "required".into(),
+            trust: "tofu".into(),
+            created_at: now(),
+        };
+        store
+            .insert_bot(&bot, &BotIdentity::generate(jid).unwrap())
+            .await
+            .unwrap();
+        let event = |n: u32| NewEvent {
+            kind: "message.received",
+            tunnel_id: Some(format!("t{}", n % 2)),
+            peer: Some("alice@example.net/a".into()),
+            data: serde_json::json!({ "body": n.to_string() }),
+        };
+        let stored = store
+            .append_events(jid, 0, &[event(1), event(2), event(3)])
+            .await
+            .unwrap();
+        assert_eq!(stored.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert!(
+            matches!(
+                store.append_events(jid, 2, &[event(4)]).await,
+                Err(StoreError::Conflict(_))
+            ),
+            "a writer that lost track of seq cannot fork the log"
+        );
+        assert_eq!(store.last_seq(jid).await.unwrap(), 3);
+        assert_eq!(store.read_events(jid, 1, 10).await.unwrap(), stored[1..]);
+        assert_eq!(store.cursor(jid).await.unwrap(), 0);
+        assert_eq!(store.ack_through(jid, 2).await.unwrap(), 2);
+        assert_eq!(store.ack_through(jid, 99).await.unwrap(), 3);
+        // Nothing is pruned before its time; acknowledged events are after it.
+        assert_eq!(store.prune_events("2000-01-01T00:00:00Z").await.unwrap(), 0);
+        assert_eq!(store.prune_events("9999-01-01T00:00:00Z").await.unwrap(), 3);
+        assert_eq!(store.cursor(jid).await.unwrap(), 3, "the cursor survives");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

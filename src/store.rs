@@ -463,10 +463,11 @@ fn tunnel_from_row(r: &sqlx::sqlite::SqliteRow) -> TunnelRecord {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    async fn temp_store() -> (Store, std::path::PathBuf) {
+    /// A store in a fresh directory; the caller removes the directory.
+    pub(crate) async fn temp_store() -> (Store, std::path::PathBuf) {
         let dir = std::env::temp_dir().join(format!(
             "xtls-store-{}-{}",
             std::process::id(),
