@@ -581,7 +581,7 @@ impl Store {
             .bind(bot)
             .bind(token_hash(token))
             .bind(created_at)
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         Ok(())
     }
@@ -616,7 +616,7 @@ impl Store {
         let done = sqlx::query("DELETE FROM bot_tokens WHERE bot_jid = ? AND id = ?")
             .bind(bot)
             .bind(id)
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         Ok(done.rows_affected() > 0)
     }

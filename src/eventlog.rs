@@ -101,7 +101,7 @@ impl Store {
         after: u64,
         events: &[NewEvent],
     ) -> Result<Vec<EventRecord>, StoreError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.writer().begin().await?;
         // Claim the seq range first: a writer that lost track of it cannot fork the log.
         let last = after + events.len() as u64;
         let done = sqlx::query("UPDATE bots SET last_seq = ? WHERE jid = ? AND last_seq = ?")
@@ -196,7 +196,7 @@ impl Store {
         .bind(now())
         .bind(bot)
         .bind(seq as i64)
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         self.cursor(bot).await
     }
@@ -206,11 +206,11 @@ impl Store {
     pub async fn prune_events(&self, before: &str) -> Result<u64, StoreError> {
         let done = sqlx::query("DELETE FROM events WHERE state = 1 AND occurred_at < ?")
             .bind(before)
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         sqlx::query("DELETE FROM delivery_attempts WHERE at < ?")
             .bind(before)
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         let finished = vec!["?"; crate::session::FINAL.len()].join(", ");
         let sql = format!("DELETE FROM messages WHERE created_at < ? AND status IN ({finished})");
@@ -218,7 +218,7 @@ impl Store {
         for status in crate::session::FINAL {
             query = query.bind(*status);
         }
-        query.execute(self.pool()).await?;
+        query.execute(self.writer()).await?;
         Ok(done.rows_affected())
     }
 }

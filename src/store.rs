@@ -181,7 +181,11 @@ impl TunnelFilter {
 /// Handle to the database; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
+    /// Readers.
     pool: SqlitePool,
+    /// The one writing connection: writers queue here, in order and without SQLite's
+    /// sleep-and-retry busy handler.
+    writer: SqlitePool,
 }
 
 impl Store {
@@ -193,29 +197,39 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations").run(&writer).await?;
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
             .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Store { pool })
+        Ok(Store { pool, writer })
     }
 
-    /// The connection pool, for the modules that keep their queries beside their types.
+    /// The reading pool, for the modules that keep their queries beside their types.
     pub(crate) fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// The writing connection (every INSERT, UPDATE and DELETE goes through it).
+    pub(crate) fn writer(&self) -> &SqlitePool {
+        &self.writer
     }
 
     /// Closes the pool, waiting for running queries.
     pub async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
     }
 
     /// Proves the database accepts writes.
     pub async fn check_writable(&self) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO health (id, checked_at) VALUES (1, ?) ON CONFLICT(id) DO UPDATE SET checked_at = excluded.checked_at")
             .bind(now())
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(())
     }
@@ -226,7 +240,7 @@ impl Store {
             "UPDATE tunnels SET state = 'closed', closed_at = ?, close_reason = 'component_restart' WHERE state != 'closed'",
         )
         .bind(now())
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(done.rows_affected())
     }
@@ -237,7 +251,7 @@ impl Store {
         bot: &BotRecord,
         identity: &BotIdentity,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.writer.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO bots (jid, localpart, handler, peer_auth, trust, created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         )
@@ -293,7 +307,7 @@ impl Store {
     pub async fn delete_bot(&self, jid: &str) -> Result<bool, StoreError> {
         let done = sqlx::query("DELETE FROM bots WHERE jid = ?")
             .bind(jid)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -330,7 +344,7 @@ impl Store {
         .bind(cert_der)
         .bind(&at)
         .bind(&at)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }
@@ -385,7 +399,7 @@ impl Store {
         .bind(&t.established_at)
         .bind(&t.closed_at)
         .bind(&t.close_reason)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await?;
         Ok(())
     }

@@ -157,44 +157,97 @@ fn client() -> &'static reqwest::Client {
     })
 }
 
+/// Most pending events a deliverer holds in memory; more are read as these go out.
+const WINDOW: usize = 1024;
+
+/// One bot's pending events, by tunnel, as the deliverer holds them.
+#[derive(Default)]
+struct Queues {
+    /// Pending events per tunnel (`""` for events without one), oldest first.
+    by_group: std::collections::BTreeMap<String, std::collections::VecDeque<Head>>,
+    /// Highest `seq` read from the store.
+    read_through: u64,
+    /// Events held.
+    len: usize,
+}
+
+impl Queues {
+    fn push(&mut self, head: Head) {
+        self.read_through = self.read_through.max(head.event.seq);
+        let group = head.event.tunnel_id.clone().unwrap_or_default();
+        self.by_group.entry(group).or_default().push_back(head);
+        self.len += 1;
+    }
+
+    /// Takes the oldest event of a group out (delivered or dead).
+    fn pop(&mut self, group: &str) {
+        if let Some(queue) = self.by_group.get_mut(group) {
+            if queue.pop_front().is_some() {
+                self.len -= 1;
+            }
+            if queue.is_empty() {
+                self.by_group.remove(group);
+            }
+        }
+    }
+}
+
 /// Runs one bot's deliverer until the bot stops.
 pub async fn run(bot: BotHandle, shared: Arc<Shared>) {
     let jid = bot.record.jid.clone();
     let store = &shared.store;
     let mut events = bot.events.clone();
-    let mut in_flight: JoinSet<String> = JoinSet::new();
+    let mut in_flight: JoinSet<(String, Option<Head>)> = JoinSet::new();
     let mut busy: HashSet<String> = HashSet::new();
+    let mut queues = Queues::default();
+    let mut hook: Option<Webhook> = None;
+    // Reading from scratch: at start, and when the webhook or the dead letters change.
+    let mut reload = true;
     loop {
         let mut wake: Option<i64> = None;
-        match store.webhook(&jid).await {
-            Ok(Some(hook)) if in_flight.len() < hook.max_in_flight => {
-                match store.webhook_heads(&jid).await {
+        if reload {
+            match store.webhook(&jid).await {
+                Ok(h) => {
+                    hook = h;
+                    reload = false;
+                    // Keep the queues of events in flight; everything else is read again.
+                    queues.by_group.retain(|group, _| busy.contains(group));
+                    queues.by_group.values_mut().for_each(|q| q.truncate(1));
+                    queues.len = queues.by_group.len();
+                    queues.read_through = 0;
+                }
+                Err(e) => {
+                    tracing::error!(bot = jid, error = %e, "cannot read webhook");
+                    wake = Some(unix_ms() + 5000);
+                }
+            }
+        }
+        if let Some(hook) = &hook {
+            let committed = *events.borrow();
+            if queues.len < WINDOW / 2 && queues.read_through < committed {
+                let in_memory: HashSet<u64> = queues
+                    .by_group
+                    .values()
+                    .flat_map(|q| q.iter().map(|h| h.event.seq))
+                    .collect();
+                let limit = WINDOW - queues.len;
+                match store
+                    .pending_events(&jid, queues.read_through, limit as u32)
+                    .await
+                {
                     Ok(heads) => {
-                        let now_ms = unix_ms();
+                        let full = heads.len() == limit;
+                        let last = heads.last().map(|h| h.event.seq);
                         for head in heads {
-                            let group = head.event.tunnel_id.clone().unwrap_or_default();
-                            if busy.contains(&group) {
-                                continue;
+                            if !in_memory.contains(&head.event.seq) {
+                                queues.push(head);
                             }
-                            if let Some(at) = head.next_attempt_ms.filter(|at| *at > now_ms) {
-                                wake = Some(wake.map_or(at, |w| w.min(at)));
-                                continue;
-                            }
-                            if in_flight.len() >= hook.max_in_flight {
-                                break;
-                            }
-                            busy.insert(group.clone());
-                            let (hook, store, bot, config) = (
-                                hook.clone(),
-                                store.clone(),
-                                bot.clone(),
-                                shared.webhooks.clone(),
-                            );
-                            in_flight.spawn(async move {
-                                deliver(&hook, &store, &bot, &config, head).await;
-                                group
-                            });
                         }
+                        // A short read saw everything committed before it.
+                        queues.read_through = match last {
+                            Some(last) if full => last,
+                            _ => committed,
+                        };
                     }
                     Err(e) => {
                         tracing::error!(bot = jid, error = %e, "cannot read pending events");
@@ -202,20 +255,50 @@ pub async fn run(bot: BotHandle, shared: Arc<Shared>) {
                     }
                 }
             }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(bot = jid, error = %e, "cannot read webhook");
-                wake = Some(unix_ms() + 5000);
+            let now_ms = unix_ms();
+            for (group, queue) in &queues.by_group {
+                if in_flight.len() >= hook.max_in_flight {
+                    break;
+                }
+                let Some(head) = queue.front() else { continue };
+                if busy.contains(group) {
+                    continue;
+                }
+                if let Some(at) = head.next_attempt_ms.filter(|at| *at > now_ms) {
+                    wake = Some(wake.map_or(at, |w| w.min(at)));
+                    continue;
+                }
+                busy.insert(group.clone());
+                let (hook, store, bot, config, head, group) = (
+                    hook.clone(),
+                    store.clone(),
+                    bot.clone(),
+                    shared.webhooks.clone(),
+                    head.clone(),
+                    group.clone(),
+                );
+                in_flight.spawn(async move {
+                    let retry = deliver(&hook, &store, &bot, &config, head).await;
+                    (group, retry)
+                });
             }
         }
         let sleep =
             wake.map(|at| Duration::from_millis(at.saturating_sub(unix_ms()).max(0) as u64));
         tokio::select! {
             changed = events.changed() => if changed.is_err() { break },
-            _ = bot.webhook_changed.notified() => {}
+            _ = bot.webhook_changed.notified() => reload = true,
             Some(done) = in_flight.join_next() => {
-                if let Ok(group) = done {
+                if let Ok((group, retry)) = done {
                     busy.remove(&group);
+                    match retry {
+                        Some(head) => {
+                            if let Some(front) = queues.by_group.get_mut(&group).and_then(|q| q.front_mut()) {
+                                *front = head;
+                            }
+                        }
+                        None => queues.pop(&group),
+                    }
                 }
             }
             _ = tokio::time::sleep(sleep.unwrap_or_default()), if sleep.is_some() => {}
@@ -231,15 +314,19 @@ async fn deliver(
     bot: &BotHandle,
     config: &WebhooksConfig,
     head: Head,
-) {
+) -> Option<Head> {
     let event = &head.event;
     let body = serde_json::to_vec(event).expect("an event serializes");
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
     let Some(key) = secret_key(hook.secret.expose()) else {
         tracing::error!(bot = event.bot, "stored webhook secret unusable");
-        return;
+        return Some(Head {
+            next_attempt_ms: Some(unix_ms() + 60_000),
+            ..head
+        });
     };
     let started = std::time::Instant::now();
+    tracing::trace!(bot = event.bot, seq = event.seq, "webhook delivery");
     let answer = client()
         .post(&hook.url)
         .timeout(Duration::from_millis(hook.timeout_ms))
@@ -309,6 +396,15 @@ async fn deliver(
     {
         tracing::error!(bot = event.bot, error = %e, "cannot record webhook attempt");
     }
+    match outcome {
+        Outcome::Retry { at_ms } => Some(Head {
+            attempts,
+            first_attempt_ms: Some(first),
+            next_attempt_ms: Some(at_ms),
+            event: head.event,
+        }),
+        Outcome::Delivered | Outcome::Dead => None,
+    }
 }
 
 /// An HTTP failure in words, without the URL (which may carry credentials).
@@ -358,7 +454,7 @@ impl Store {
         .bind(hook.timeout_ms as i64)
         .bind(hook.max_in_flight as i64)
         .bind(now())
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -367,21 +463,25 @@ impl Store {
     pub async fn delete_webhook(&self, bot: &str) -> Result<bool, StoreError> {
         let done = sqlx::query("DELETE FROM webhooks WHERE bot_jid = ?")
             .bind(bot)
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         Ok(done.rows_affected() > 0)
     }
 
-    /// The oldest pending event of each tunnel (and of the events without one), by `seq`.
-    async fn webhook_heads(&self, bot: &str) -> Result<Vec<Head>, StoreError> {
+    /// Pending events after `after`, oldest first.
+    async fn pending_events(
+        &self,
+        bot: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<Head>, StoreError> {
         let rows = sqlx::query(
-            "SELECT e.id, e.seq, e.type, e.bot_jid, e.occurred_at, e.tunnel_id, e.peer, e.data, \
-                    e.attempts, e.first_attempt_ms, e.next_attempt_ms \
-             FROM events e JOIN (SELECT MIN(seq) AS seq FROM events WHERE bot_jid = ?1 AND state = 0 \
-                                 GROUP BY COALESCE(tunnel_id, '')) h ON e.seq = h.seq \
-             WHERE e.bot_jid = ?1 ORDER BY e.seq",
+            "SELECT id, seq, type, bot_jid, occurred_at, tunnel_id, peer, data, attempts, first_attempt_ms, next_attempt_ms \
+             FROM events WHERE bot_jid = ? AND state = 0 AND seq > ? ORDER BY seq LIMIT ?",
         )
         .bind(bot)
+        .bind(after as i64)
+        .bind(limit as i64)
         .fetch_all(self.pool())
         .await?;
         Ok(rows
@@ -403,7 +503,7 @@ impl Store {
         first_attempt_ms: i64,
         outcome: &Outcome,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.writer().begin().await?;
         sqlx::query(
             "INSERT INTO delivery_attempts (bot_jid, event_id, seq, at, status, error, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
@@ -528,7 +628,7 @@ impl Store {
         seqs: Option<&[u64]>,
         action: &str,
     ) -> Result<u64, StoreError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.writer().begin().await?;
         let mut total = 0;
         let base = format!("{action} WHERE bot_jid = ? AND state = 2");
         match seqs {

@@ -656,7 +656,7 @@ impl Store {
         .bind(msg.reopen)
         .bind(history)
         .bind(at)
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::Duplicate("idempotency key".into()));
@@ -679,7 +679,7 @@ impl Store {
         .bind(reason)
         .bind(now())
         .bind(id)
-        .execute(self.pool())
+        .execute(self.writer())
         .await?;
         Ok(())
     }
@@ -688,7 +688,7 @@ impl Store {
         sqlx::query("UPDATE messages SET tunnel_id = ? WHERE id = ?")
             .bind(tunnel_id)
             .bind(id)
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         Ok(())
     }
@@ -697,7 +697,7 @@ impl Store {
     pub async fn delete_message(&self, id: &str) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM messages WHERE id = ?")
             .bind(id)
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         Ok(())
     }

@@ -4,11 +4,13 @@
 launches `xtls-component serve --config FILE` (binary from $XTLS_COMPONENT_BIN, else
 <repo>/target/debug/xtls-component; this module never builds it) with stdout and stderr
 in a log file there, waits for `GET /readyz` == 200, and stops the process by its pid.
+`kill()` ends it with SIGKILL (a crash: no shutdown code runs); `start()` again runs it on
+the same config, store file, admin port and log, so `kill(); start()` is a crash and restart.
 
 The admin client is stdlib urllib: `get/post/delete(path, token=True)` return
 `(status, body)` where body is the decoded JSON (or the raw text when it is not JSON,
 or None when empty); `token=False` omits the Authorization header, a string sends that
-string as the bearer token instead of the right one.
+string as the bearer token instead of the right one; `headers` adds request headers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -35,22 +38,45 @@ def binary_path() -> Path:
     return Path(os.environ.get("XTLS_COMPONENT_BIN") or DEFAULT_BINARY)
 
 
-class Component:
-    """One xtls-component process serving `echo@bots.localhost` through `prosody`."""
+ECHO_BOT = """[[bots]]
+localpart = "echo"
+handler = "echo"
+"""
 
-    def __init__(self, prosody: Prosody, *, binary: Path | None = None) -> None:
+
+class Component:
+    """One xtls-component process serving bots through `prosody`.
+
+    By default it serves `echo@bots.localhost` on the component domain `bots.localhost`.
+    `domain` picks another domain Prosody declares (e.g. `prosody.api_component_domain`),
+    `bots` replaces the `[[bots]]` TOML (use "" for none) and `extra_config` is appended to
+    the file as is (e.g. a `[webhooks]` section).
+    """
+
+    def __init__(
+        self,
+        prosody: Prosody,
+        *,
+        binary: Path | None = None,
+        domain: str | None = None,
+        bots: str = ECHO_BOT,
+        extra_config: str = "",
+    ) -> None:
         self.prosody = prosody
         self.binary = binary or binary_path()
+        self.domain = domain or prosody.component_domain
         self.dir = Path(tempfile.mkdtemp(prefix="xtls-component-"))
         self.admin_port = free_port()
         self.token = secrets.token_urlsafe(24)
         self.config_path = self.dir / "xtls.toml"
         self.log_path = self.dir / "component.log"
+        self.store_path = self.dir / "xtls.db"
         self.base_url = f"http://127.0.0.1:{self.admin_port}"
+        self.starts = 0  # how many times start() launched the binary
         self._proc: subprocess.Popen | None = None
         self.config_path.write_text(
             f"""[component]
-domain = "{prosody.component_domain}"
+domain = "{self.domain}"
 server = "127.0.0.1:{prosody.component_port}"
 secret = "{prosody.component_secret}"
 
@@ -59,12 +85,10 @@ listen = "127.0.0.1:{self.admin_port}"
 token = "{self.token}"
 
 [store]
-url = "sqlite://{self.dir}/xtls.db"
+url = "sqlite://{self.store_path}"
 
-[[bots]]
-localpart = "echo"
-handler = "echo"
-"""
+{bots}
+{extra_config}"""
         )
 
     @property
@@ -83,7 +107,10 @@ handler = "echo"
         env = {k: v for k, v in os.environ.items() if not k.startswith("XTLS_")}
         env.setdefault("RUST_LOG", "info,xtls_component=debug")
         env.setdefault("RUST_BACKTRACE", "1")
+        self.starts += 1
         with open(self.log_path, "ab") as log:
+            log.write(f"\n=== harness: start #{self.starts} of {self.binary} ===\n".encode())
+            log.flush()
             self._proc = subprocess.Popen(
                 [str(self.binary), "serve", "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
@@ -131,6 +158,26 @@ handler = "echo"
             stop_pid(self._proc, timeout)
             self._proc = None
 
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL the component by its pid (a crash) and reap it; the store file stays."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            os.kill(self._proc.pid, signal.SIGKILL)
+        self._proc.wait(timeout=timeout)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n=== harness: SIGKILL (exit status {self._proc.returncode}) ===\n".encode())
+        self._proc = None
+
+    def restart(self, *, crash: bool = False, timeout: float = 30.0) -> None:
+        """Stop (SIGTERM, or SIGKILL with `crash=True`) and start again on the same config,
+        store, ports and log; returns once /readyz answers 200."""
+        if crash:
+            self.kill()
+        else:
+            self.stop()
+        self.start(timeout)
+
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -140,8 +187,10 @@ handler = "echo"
 
     # -- admin API ---------------------------------------------------------------------
 
-    def request(self, method: str, path: str, *, token: bool | str = True, body=None, timeout: float = 10.0):
+    def request(self, method: str, path: str, *, token: bool | str = True, body=None, timeout: float = 10.0,
+                headers: dict[str, str] | None = None):
         """One HTTP request to the admin API; returns (status, decoded body)."""
+        extra = headers or {}
         headers = {"Accept": "application/json"}
         if token is True:
             headers["Authorization"] = f"Bearer {self.token}"
@@ -151,6 +200,7 @@ handler = "echo"
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
+        headers.update(extra)
         req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -166,6 +216,9 @@ handler = "echo"
 
     def delete(self, path: str, **kw):
         return self.request("DELETE", path, **kw)
+
+    def put(self, path: str, body=None, **kw):
+        return self.request("PUT", path, body=body, **kw)
 
 
 def _decode(raw: bytes):

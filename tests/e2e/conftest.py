@@ -88,7 +88,7 @@ def users(prosody) -> Users:
 def pytest_runtest_makereport(item, call):
     report = yield
     if report.when == "call" and report.failed:
-        for name in ("component", "prosody"):
+        for name in ("component", "api_component", "prosody"):
             fixture = item.funcargs.get(name)
             if fixture is not None:
                 report.sections.append((f"{name} log tail", fixture.diagnostics()))

@@ -30,6 +30,7 @@ PROSODYCTL_BIN = "/usr/bin/prosodyctl"
 PROSODY_USER = "prosody"
 VIRTUAL_HOST = "localhost"
 COMPONENT_DOMAIN = "bots.localhost"
+API_COMPONENT_DOMAIN = "api.localhost"  # a second component domain, for a second component process
 
 
 def ensure_installed() -> None:
@@ -91,16 +92,18 @@ def log_tail(path: Path, lines: int = 60) -> str:
 
 
 class Prosody:
-    """One private Prosody instance: VirtualHost `localhost`, Component `bots.localhost`.
+    """One private Prosody instance: VirtualHost `localhost`, Components `bots.localhost` and
+    `api.localhost` (same secret; each takes one component connection).
 
     Attributes a test uses: `c2s_port`, `component_port`, `component_secret`,
-    `host` (the VirtualHost), `component_domain`, `log_path`, `pid`.
+    `host` (the VirtualHost), `component_domain`, `api_component_domain`, `log_path`, `pid`.
     """
 
     def __init__(self, *, log_level: str = "info", workdir: str | None = None) -> None:
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="xtls-prosody-"))
         self.host = VIRTUAL_HOST
         self.component_domain = COMPONENT_DOMAIN
+        self.api_component_domain = API_COMPONENT_DOMAIN
         self.component_secret = secrets.token_hex(16)
         self.c2s_port = free_port()
         self.component_port = free_port()
@@ -151,6 +154,9 @@ network_settings = {{ nagle = false }}
 VirtualHost "{self.host}"
 
 Component "{self.component_domain}"
+    component_secret = "{self.component_secret}"
+
+Component "{self.api_component_domain}"
     component_secret = "{self.component_secret}"
 """
         )

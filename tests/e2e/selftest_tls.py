@@ -219,19 +219,7 @@ def test_stanza_parser_framing():
         pass
 
 
-def main() -> int:
-    tests = [(name, fn) for name, fn in globals().items() if name.startswith("test_")]
-    failed = 0
-    for name, fn in tests:
-        try:
-            fn()
-            print(f"ok    {name}")
-        except Exception as exc:  # report every failure, then exit non-zero
-            failed += 1
-            print(f"FAIL  {name}: {type(exc).__name__}: {exc}")
-    print(f"{len(tests) - failed} passed, {failed} failed")
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    import pytest
+
+    sys.exit(pytest.main([__file__, "-q"]))

@@ -1,16 +1,20 @@
 """An independent XTLS peer for the end-to-end tests: slixmpp for XMPP, stdlib `ssl` for TLS.
 
-It implements the *initiator* side of shared/spec/xtls.md §1.5–§1.10 (XTLS 0.0.5,
-namespace `urn:xmpp:tmp:xtls`) on a TLS stack other than the component's rustls:
+It implements both roles of shared/spec/xtls.md §1.4–§1.10 (XTLS 0.0.5, namespace
+`urn:xmpp:tmp:xtls`) on a TLS stack other than the component's rustls:
 
-    XtlsClient (slixmpp ClientXMPP, plaintext c2s on loopback)
-        └─ Tunnel (one per bot JID as addressed: start/proceed, data window, acks, close)
+    XtlsClient (slixmpp ClientXMPP, plaintext c2s on loopback; answers disco#info)
+        └─ Tunnel (one per peer JID: start/proceed, data window, acks, close)
               └─ TlsEngine (sans-IO: ssl.SSLObject over two MemoryBIOs, TLS 1.3 only)
                     └─ StanzaParser (incremental parse of the inner jabber:client stanzas, §1.9)
 
-Our TLS client presents a self-signed ECDSA P-256 certificate whose subjectAltName holds
-exactly one XmppAddr otherName (§2.2); the bot's certificate is not verified by `ssl`
-(CERT_NONE): callers compare fingerprints themselves after the handshake.
+As **initiator** (`open_tunnel`) we are the TLS client; the bot's certificate is not verified
+by `ssl` (CERT_NONE): callers compare fingerprints themselves after the handshake.
+As **responder** (`serve`, then `next_tunnel`) we answer the bot's disco#info and `start`
+with `proceed` and are the TLS server: we request the bot's client certificate, accept only
+the one pinned for that bot (the admin API shows it), and check its XmppAddr (§2.3).
+Either way we present a self-signed ECDSA P-256 certificate whose subjectAltName holds
+exactly one XmppAddr otherName = our bare JID (§2.2).
 
 Every IQ this module sends is matched to its reply by id here (slixmpp's `Iq.send()` drops
 a reply from a full JID to a bare-JID request, shared/notes/servers.md), and a reply whose
@@ -47,6 +51,9 @@ from slixmpp.xmlstream.matcher.base import MatcherBase
 NS_XTLS = "urn:xmpp:tmp:xtls"
 NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 NS_CLIENT = "jabber:client"
+NS_C2CTLS = "urn:xmpp:tmp:c2ctls"  # XEP-0250 offers (spec §1.6)
+NS_PUBKEY = "urn:xmpp:tmp:pubkey"  # XEP-0189 v0.8 keyinfo inside an offer
+NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
 XMPP_ADDR_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.5")  # id-on-xmppAddr, RFC 6120 §13.7.1.4
 
 CHUNK_SIZE = 4096  # raw bytes per <data/> we send (spec §1.7 rule 2)
@@ -215,6 +222,28 @@ def client_context(identity: Identity) -> ssl.SSLContext:
     return ctx
 
 
+def server_context(identity: Identity, trusted_peer_pem: bytes | str | None, *, require_cert: bool = True) -> ssl.SSLContext:
+    """TLS 1.3-only server context for the responder role (spec §1.8): presents `identity`,
+    sends a CertificateRequest, and accepts exactly the certificate `trusted_peer_pem`.
+
+    Python's `ssl` cannot accept an arbitrary self-signed client certificate (it has no verify
+    callback), so the peer's certificate is pinned by making it the only trust anchor: the
+    user compared the bot's fingerprint out of band (the admin API), which is what a pin is.
+    With `require_cert=False` a peer without a certificate is admitted (CERT_OPTIONAL); a
+    certificate that is presented is still checked against the pin.  No session tickets.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED if require_cert else ssl.CERT_OPTIONAL
+    ctx.num_tickets = 0  # spec §1.8: no tickets, no resumption
+    if trusted_peer_pem is not None:
+        pem = trusted_peer_pem.decode() if isinstance(trusted_peer_pem, bytes) else trusted_peer_pem
+        ctx.load_verify_locations(cadata=pem)
+    identity.load_into(ctx)
+    return ctx
+
+
 # --------------------------------------------------------------------------- sans-IO TLS
 
 
@@ -371,22 +400,81 @@ class _Match(MatcherBase):
         return isinstance(xml, Iq) and self._predicate(xml)
 
 
-class Tunnel:
-    """The initiator side of one XTLS tunnel to one bot JID (spec §1.14, left column)."""
+@dataclass
+class StartRequest:
+    """One `<start/>` that reached this client, and how it was answered (for assertions)."""
 
-    def __init__(self, client: "XtlsClient", bot_jid: str) -> None:
+    from_jid: str
+    to_jid: str
+    offer: bool  # carried an XEP-0250 <offer/> (spec §1.6)
+    offered_names: list[str]  # the keyinfo <name/>s of that offer
+    answer: str = ""  # 'proceed' or the error condition we answered with
+    xml: str = ""
+
+
+@dataclass
+class ResponderPolicy:
+    """How `XtlsClient` answers peers that open tunnels to it (see `XtlsClient.serve`)."""
+
+    trusted: dict[str, bytes | str]  # peer bare JID -> PEM of the certificate accepted for it
+    advertise: bool = True  # list urn:xmpp:tmp:xtls in disco#info (spec §1.4)
+    accept: bool = True  # answer <start/> with <proceed/>; False: service-unavailable
+    answer_offer: bool = True  # put our own XEP-0250 offer in <proceed/> when <start/> had one
+    require_peer_cert: bool = True  # CertificateRequest is always sent; False admits no certificate
+    auto_reply: Callable[[ET.Element], bytes | str | list | None] | None = None
+
+
+def sha1_hex(der: bytes) -> str:
+    """Lowercase hex SHA-1 of a DER certificate: an XEP-0189 v0.8 keyinfo name (spec §1.6)."""
+    return hashlib.sha1(der).hexdigest()
+
+
+def pem_to_der(pem: bytes | str) -> bytes:
+    text = pem.decode() if isinstance(pem, bytes) else pem
+    return x509.load_pem_x509_certificate(text.encode()).public_bytes(serialization.Encoding.DER)
+
+
+def bare(jid: str) -> str:
+    return str(slixmpp.JID(jid).bare)
+
+
+class Tunnel:
+    """One XTLS tunnel with one peer JID, in either role (spec §1.14).
+
+    * `role="initiator"`: we sent `<start/>` and are the TLS client (`XtlsClient.open_tunnel`).
+    * `role="responder"`: the peer sent `<start/>`, we answered `<proceed/>` and are the TLS
+      server, requesting the peer's certificate (`XtlsClient.serve`, `XtlsClient.next_tunnel`).
+
+    Inner stanzas get their routing restored as spec §1.9 rule 4 says (`from` := peer,
+    `to` := our JID as addressed); one whose inner `from`/`to` contradicts the carrying IQ is
+    dropped and counted in `inner_dropped`.  `inner_routing_seen` counts inner stanzas that
+    arrived with a `from` or `to` at all: senders must strip them.
+    """
+
+    def __init__(self, client: "XtlsClient", peer_jid: str, *, role: str = "initiator", local_jid: str | None = None) -> None:
+        if role not in ("initiator", "responder"):
+            raise ValueError(role)
         self.client = client
-        self.bot_jid = bot_jid
-        self.state = "starting"  # starting, handshaking, open, failing, closing, closed, failed
+        self.peer_jid = peer_jid  # the peer's JID exactly as used on the wire (the tunnel key)
+        self.role = role
+        self._local_jid = local_jid  # our JID as the peer addresses it (None: our bound full JID)
+        # starting, handshaking, open, failing, closing, closed, failed
+        self.state = "starting" if role == "initiator" else "handshaking"
         self.engine: TlsEngine | None = None
-        self.proceed_seen = False  # whether the start result carried <proceed/>
-        self.handshake_seconds: float | None = None  # start sent -> open
+        self.proceed_seen = False  # initiator: whether the start result carried <proceed/>
+        self.handshake_seconds: float | None = None  # start sent/received -> open
         self.failure: BaseException | None = None
+        self.closed_by_peer = False  # the peer sent <close/>
+        self.inner_routing_seen = 0
+        self.inner_dropped = 0
+        self.stanzas_in = 0
+        self.auto_reply: Callable[[ET.Element], bytes | str | list | None] | None = None
         self._t_start = time.monotonic()
         self._sendq: deque[tuple[bytes, bool]] = deque()  # (chunk, carries handshake bytes)
         self._inflight: dict[str, bool] = {}  # data IQ id -> carries handshake bytes
         self._hs_outstanding = 0  # handshake chunks not yet acknowledged
-        self._first_data = True
+        self._first_data = role == "initiator"  # initiator: method='x509' on our first data only
+        self._first_data_in = role == "responder"  # responder: check `method` of the peer's first data
         self._close_notify_sent = False
         self._peer_alert: ssl.SSLError | None = None
         loop = asyncio.get_running_loop()
@@ -397,10 +485,19 @@ class Tunnel:
     # -- public API -------------------------------------------------------------------
 
     @property
+    def bot_jid(self) -> str:
+        """The peer's JID (a bot, in the tests); kept for the initiator-only callers."""
+        return self.peer_jid
+
+    @property
+    def local_jid(self) -> str:
+        return self._local_jid or self.client.jid
+
+    @property
     def peer_cert_der(self) -> bytes:
-        """DER of the certificate the bot presented."""
+        """DER of the certificate the peer presented."""
         if self.engine is None or self.engine.peer_cert_der is None:
-            raise XtlsProtocolError("no peer certificate (handshake not done)")
+            raise XtlsProtocolError("no peer certificate (handshake not done, or none sent)")
         return self.engine.peer_cert_der
 
     def spki_sha256(self) -> str:
@@ -412,32 +509,49 @@ class Tunnel:
     def peer_xmpp_addrs(self) -> list[str]:
         return xmpp_addrs(self.peer_cert_der)
 
+    async def wait_open(self, timeout: float = 30.0) -> None:
+        """Wait until the handshake is complete (responder: the peer's Finished was fed)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._opened), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"{self.role} tunnel with {self.peer_jid} not open after {timeout} s: state {self.state}"
+            ) from None
+
     async def send_message(self, body: str, msg_id: str | None = None, timeout: float = 30.0) -> str:
         """Write one chat message into the tunnel; returns once its bytes are within the window."""
+        msg_id = msg_id or uuid.uuid4().hex[:12]
+        await self.send_stanza(message_xml(body, msg_id), timeout)
+        return msg_id
+
+    async def send_stanza(self, xml: bytes | str, timeout: float = 30.0) -> None:
+        """Write one inner stanza (routing already stripped); returns once it is within the window."""
+        self.queue_stanza(xml)
+        await self._wait(lambda: not self._sendq, timeout, "window space for send_stanza")
+
+    def queue_stanza(self, xml: bytes | str) -> None:
+        """Write one inner stanza now and queue its records (no waiting; for callbacks)."""
         self._check_usable("send")
         if self.state != "open":
-            raise XtlsProtocolError(f"send_message in state {self.state}")
-        msg_id = msg_id or uuid.uuid4().hex[:12]
-        self.engine.write(message_xml(body, msg_id))
+            raise XtlsProtocolError(f"send in state {self.state}")
+        self.engine.write(xml.encode() if isinstance(xml, str) else xml)
         self._enqueue(handshake=False)
-        await self._wait(lambda: not self._sendq, timeout, "window space for send_message")
-        return msg_id
 
     async def flush(self, timeout: float = 30.0) -> None:
         """Wait until every data IQ we sent has been acknowledged."""
         await self._wait(lambda: not self._sendq and not self._inflight, timeout, "acks of our data")
 
     async def recv_stanza(self, timeout: float = 10.0) -> ET.Element:
-        """Next stanza received through the tunnel (routing is whatever the peer wrote)."""
+        """Next stanza received through the tunnel, routing restored (spec §1.9 rule 4)."""
         try:
             stanza = await asyncio.wait_for(self._inbox.get(), timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(
-                f"no stanza through the tunnel to {self.bot_jid} within {timeout} s (state {self.state})"
+                f"no stanza through the tunnel with {self.peer_jid} within {timeout} s (state {self.state})"
             ) from None
         if stanza is None:
             self._inbox.put_nowait(None)  # keep waking later callers
-            raise XtlsProtocolError(f"tunnel to {self.bot_jid} ended ({self.state})") from self.failure
+            raise XtlsProtocolError(f"tunnel with {self.peer_jid} ended ({self.state})") from self.failure
         return stanza
 
     async def recv_message(self, timeout: float = 10.0) -> str:
@@ -459,7 +573,9 @@ class Tunnel:
         await self.flush(timeout)
         self._check_usable("close")
         self.state = "closing"
-        reply = await self.client._request(self.bot_jid, ET.Element(f"{{{NS_XTLS}}}close"), timeout)
+        reply = await self.client._request(self.peer_jid, ET.Element(f"{{{NS_XTLS}}}close"), timeout)
+        if self.state == "closed":  # crossing closes: the peer's <close/> ended it first (§1.10 rule 4)
+            return
         if reply["type"] == "error":
             self._set_gone("failed", XtlsError(*error_of(reply), request="close"))
             raise self.failure
@@ -471,8 +587,11 @@ class Tunnel:
     # -- opening ----------------------------------------------------------------------
 
     async def _open(self, timeout: float) -> None:
+        """Initiator: start -> proceed -> ClientHello ... -> open."""
         self._t_start = time.monotonic()
-        reply = await self.client._request(self.bot_jid, ET.Element(f"{{{NS_XTLS}}}start"), timeout)
+        reply = await self.client._request(self.peer_jid, ET.Element(f"{{{NS_XTLS}}}start"), timeout)
+        if self.state != "starting":  # lost a simultaneous-start tie-break meanwhile (spec §1.11)
+            raise self.failure or XtlsProtocolError(f"tunnel to {self.peer_jid} {self.state}")
         if reply["type"] == "error":
             self._set_gone("failed", XtlsError(*error_of(reply), request="start"))
             raise self.failure
@@ -486,17 +605,42 @@ class Tunnel:
             await asyncio.wait_for(asyncio.shield(self._opened), remaining)
         except asyncio.TimeoutError:
             raise TimeoutError(
-                f"tunnel to {self.bot_jid} not open after {timeout} s: state {self.state}, "
+                f"tunnel to {self.peer_jid} not open after {timeout} s: state {self.state}, "
                 f"handshake_done={self.engine.handshake_done}, unacked={len(self._inflight)}, "
                 f"queued={len(self._sendq)}"
             ) from None
 
+    def _accept(self, ctx: ssl.SSLContext) -> None:
+        """Responder: the TLS server state exists from the moment we answer proceed (spec §1.5 rule 9)."""
+        self._t_start = time.monotonic()
+        self.engine = TlsEngine(ctx, server_side=True)
+
     def _check_open(self) -> None:
-        if self.state == "handshaking" and self.engine.handshake_done and self._hs_outstanding == 0:
-            self.state = "open"
-            self.handshake_seconds = time.monotonic() - self._t_start
-            if not self._opened.done():
-                self._opened.set_result(None)
+        if self.state != "handshaking" or not self.engine.handshake_done:
+            return
+        # spec §1.8: the initiator is open only once every handshake data IQ is acknowledged;
+        # the responder once the client's Finished was fed.
+        if self.role == "initiator" and self._hs_outstanding:
+            return
+        self.state = "open"
+        self.handshake_seconds = time.monotonic() - self._t_start
+        if not self._opened.done():
+            self._opened.set_result(None)
+
+    def _peer_identity_problem(self) -> str | None:
+        """Responder: the XmppAddr check of spec §2.3 on the client certificate (the pin was
+        already checked by `ssl`).  None when acceptable."""
+        der = self.engine.peer_cert_der
+        if der is None:
+            policy = self.client._responder
+            if policy is not None and not policy.require_peer_cert:
+                return None
+            return "the peer presented no certificate"
+        expected = bare(self.peer_jid)
+        addrs = xmpp_addrs(der)
+        if expected not in addrs:
+            return f"peer certificate XmppAddr {addrs} does not name {expected}"
+        return None
 
     # -- sending ----------------------------------------------------------------------
 
@@ -515,7 +659,7 @@ class Tunnel:
                 data.set("method", "x509")
                 self._first_data = False
             data.text = base64.b64encode(chunk).decode("ascii")
-            iq_id = self.client._send_iq(self.bot_jid, data, self._on_data_reply)
+            iq_id = self.client._send_iq(self.peer_jid, data, self._on_data_reply)
             self._inflight[iq_id] = handshake
 
     def _on_data_reply(self, iq_id: str, reply: Iq | BaseException) -> None:
@@ -543,18 +687,30 @@ class Tunnel:
         """An inbound <data/> IQ-set for this tunnel (spec §1.7, §1.11)."""
         if self.state == "starting":  # spec §1.11: data before our proceed arrived
             self.client._reply_error(iq, "unexpected-request", "cancel")
-            self._set_gone("failed", XtlsProtocolError("bot sent <data/> before answering <start/>"))
+            self._set_gone("failed", XtlsProtocolError("peer sent <data/> before answering <start/>"))
             return
         if self.state not in ("handshaking", "open", "closing"):
             self.client._reply_error(iq, "item-not-found", "cancel")
             return
+        if self._first_data_in:  # spec §1.6: missing method = x509, anything else unsupported
+            self._first_data_in = False
+            method = data.get("method")
+            if method not in (None, "x509"):
+                self.client._reply_error(iq, "feature-not-implemented", "cancel")
+                self._set_gone("failed", XtlsProtocolError(f"peer's first <data/> has method={method!r}"))
+                return
         text = (data.text or "").translate(XML_WHITESPACE)
         try:
             payload = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             self.client._reply_error(iq, "bad-request", "cancel")
-            self._set_gone("failed", XtlsProtocolError(f"bot sent bad base64: {text[:40]!r}"))
+            self._set_gone("failed", XtlsProtocolError(f"peer sent bad base64: {text[:40]!r}"))
             return
+        if len(payload) > 65535:  # spec §1.7 rule 2
+            self.client._reply_error(iq, "policy-violation", "cancel")
+            self._set_gone("failed", XtlsProtocolError(f"peer sent a chunk of {len(payload)} bytes"))
+            return
+        was_done = self.engine.handshake_done
         try:
             stanzas = self.engine.feed(payload)
         except ssl.SSLError as exc:
@@ -570,36 +726,74 @@ class Tunnel:
             for chunk in alerts:
                 alert = ET.Element(f"{{{NS_XTLS}}}data")
                 alert.text = base64.b64encode(chunk).decode("ascii")
-                self.client._send_iq(self.bot_jid, alert, lambda *_: None)
-            self.client._reply_error(iq, "bad-request", "cancel")
-            self._set_gone("failed", TlsFailure(f"local TLS error on the bot's data: {exc}"))
+                self.client._send_iq(self.peer_jid, alert, lambda *_: None)
+            rejected = isinstance(exc, ssl.SSLCertVerificationError) or "CERTIFICATE" in (exc.reason or "")
+            self.client._reply_error(iq, "not-acceptable" if rejected else "bad-request", "cancel")
+            self._set_gone("failed", TlsFailure(f"local TLS error on the peer's data: {exc}"))
             return
         except ET.ParseError as exc:  # spec §1.9 rule 1: result, then close
             self.client._reply_result(iq)
             self._set_gone("failed", XtlsProtocolError(f"bad XML inside the tunnel: {exc}"))
-            self.client._send_iq(self.bot_jid, ET.Element(f"{{{NS_XTLS}}}close"), lambda *_: None)
+            self.client._send_iq(self.peer_jid, ET.Element(f"{{{NS_XTLS}}}close"), lambda *_: None)
             return
+        if self.role == "responder" and not was_done and self.engine.handshake_done:
+            problem = self._peer_identity_problem()
+            if problem is not None:  # spec §1.11: rejected certificate
+                self.client._reply_error(iq, "not-acceptable", "cancel")
+                self._set_gone("failed", XtlsProtocolError(problem))
+                return
         self.client._reply_result(iq)
-        for stanza in stanzas:
-            self._inbox.put_nowait(stanza)
         if self.state == "handshaking":
             self._enqueue(handshake=True)
             self._check_open()
+        for stanza in stanzas:
+            self._deliver(stanza)
         self._progress.set()
 
+    def _deliver(self, stanza: ET.Element) -> None:
+        """Restore routing (spec §1.9 rule 4), queue for the reader, run the auto-reply."""
+        frm, to = stanza.get("from"), stanza.get("to")
+        if frm is not None or to is not None:
+            self.inner_routing_seen += 1
+        try:
+            if frm is not None and bare(frm) != bare(self.peer_jid):
+                self.inner_dropped += 1
+                return
+            if to is not None and to not in (self.local_jid, bare(self.local_jid)):
+                self.inner_dropped += 1
+                return
+        except slixmpp.InvalidJID:
+            self.inner_dropped += 1
+            return
+        stanza.set("from", self.peer_jid)
+        stanza.set("to", self.local_jid)
+        self.stanzas_in += 1
+        self._inbox.put_nowait(stanza)
+        if self.auto_reply is None or self.state != "open" or self.engine.peer_eof:
+            return
+        answer = self.auto_reply(stanza)
+        if answer is None:
+            return
+        for xml in answer if isinstance(answer, list) else [answer]:
+            self.engine.write(xml.encode() if isinstance(xml, str) else xml)
+        self._enqueue(handshake=False)
+
     def _on_close(self, iq: Iq) -> None:
-        """The bot closed the tunnel (spec §1.10 rule 2): answer <closed/>."""
+        """The peer closed the tunnel (spec §1.10 rule 2): answer <closed/>."""
         reply = iq.reply(clear=True)
         reply.append(ET.Element(f"{{{NS_XTLS}}}closed"))
         self.client.xmpp.send(reply)
+        self.closed_by_peer = True
         if self.state == "closing":  # crossing closes: either answer ends it
             self._set_gone("closed", None)
         elif self._close_notify_sent:
             self._set_gone("failed", XtlsProtocolError(
-                "bot sent <close/> right after our close_notify instead of waiting for ours (spec §1.10 rule 5)"
+                "peer sent <close/> right after our close_notify instead of waiting for ours (spec §1.10 rule 5)"
             ))
+        elif self.engine is not None and self.engine.peer_eof:  # close_notify, then <close/>: graceful
+            self._set_gone("closed", None)
         else:
-            self._set_gone("failed", XtlsProtocolError(f"bot closed the tunnel in state {self.state}"))
+            self._set_gone("failed", XtlsProtocolError(f"peer closed the tunnel in state {self.state} without close_notify"))
 
     # -- state helpers ----------------------------------------------------------------
 
@@ -611,14 +805,14 @@ class Tunnel:
         self._sendq.clear()
         self.client._forget(self)
         if not self._opened.done():  # only reachable with a failure: closing needs an open tunnel
-            self._opened.set_exception(failure or XtlsProtocolError(f"tunnel to {self.bot_jid} {state}"))
+            self._opened.set_exception(failure or XtlsProtocolError(f"tunnel with {self.peer_jid} {state}"))
             self._opened.exception()  # mark retrieved; _open re-raises it
         self._inbox.put_nowait(None)
         self._progress.set()
 
     def _check_usable(self, what: str) -> None:
         if self.state in ("failed", "closed", "failing"):
-            raise XtlsProtocolError(f"cannot {what}: tunnel to {self.bot_jid} is {self.state}") from self.failure
+            raise XtlsProtocolError(f"cannot {what}: tunnel with {self.peer_jid} is {self.state}") from self.failure
 
     async def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -627,7 +821,7 @@ class Tunnel:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(
-                    f"tunnel to {self.bot_jid}: no {what} within {timeout} s "
+                    f"tunnel with {self.peer_jid}: no {what} within {timeout} s "
                     f"(state {self.state}, unacked {len(self._inflight)}, queued {len(self._sendq)})"
                 )
             self._progress.clear()
@@ -637,12 +831,33 @@ class Tunnel:
                 pass
 
 
-class XtlsClient:
-    """A logged-in XMPP client that opens XTLS tunnels as initiator.
+def reply_to_messages(answer: Callable[[str], str | None]) -> Callable[[ET.Element], bytes | None]:
+    """An `auto_reply` that answers every message with a body by `answer(body)` (None: no reply)."""
 
-    `identity` is the certificate and key our TLS client presents; by default a new one
-    whose XmppAddr is our own bare JID.  Bots trust on first use and refuse a changed key
-    (spec §2.3), so callers that log in as the same user twice should pass the same identity.
+    def auto_reply(stanza: ET.Element) -> bytes | None:
+        if stanza.tag != f"{{{NS_CLIENT}}}message":
+            return None
+        body = stanza.findtext(f"{{{NS_CLIENT}}}body")
+        if body is None:
+            return None
+        text = answer(body)
+        return None if text is None else message_xml(text, uuid.uuid4().hex[:12])
+
+    return auto_reply
+
+
+class XtlsClient:
+    """A logged-in XMPP client that opens XTLS tunnels as initiator and, after `serve()`,
+    accepts them as responder.
+
+    `identity` is the certificate and key our TLS endpoint presents (as client and as server);
+    by default a new one whose XmppAddr is our own bare JID.  Bots trust on first use and
+    refuse a changed key (spec §2.3), so callers that log in as the same user twice should
+    pass the same identity.
+
+    The client always answers disco#info (spec §1.4); it lists `urn:xmpp:tmp:xtls` only when
+    it serves as responder with `advertise=True`.  `disco_requests` and `start_requests`
+    record what reached it.
     """
 
     def __init__(self, jid: str, password: str, *, host: str, port: int, identity: Identity | None = None) -> None:
@@ -660,11 +875,20 @@ class XtlsClient:
         self.tls_context = client_context(self.identity)
         self._pending: dict[str, tuple[str, Callable[[str, Iq | BaseException], None]]] = {}
         self._tunnels: dict[str, Tunnel] = {}
+        self._responder: ResponderPolicy | None = None
+        self._server_contexts: dict[str, ssl.SSLContext] = {}
+        self.disco_requests: list[str] = []  # `from` of every disco#info query answered
+        self.start_requests: list[StartRequest] = []  # every <start/> that reached us
+        self.accepted_tunnels: list[Tunnel] = []  # responder tunnels, in order of acceptance
+        self._accepted: asyncio.Queue[Tunnel] = asyncio.Queue()
         self.xmpp.register_handler(
             Callback("xtls replies", _Match(self._is_our_reply), self._on_reply)
         )
         self.xmpp.register_handler(
             Callback("xtls requests", _Match(self._is_xtls_request), self._on_request)
+        )
+        self.xmpp.register_handler(
+            Callback("disco#info", _Match(self._is_disco_info_get), self._on_disco_info)
         )
         self.xmpp.add_event_handler("disconnected", self._on_disconnected)
 
@@ -676,6 +900,130 @@ class XtlsClient:
     def spki_sha256(self) -> str:
         """Fingerprint of our own certificate's key."""
         return spki_sha256(self.identity.cert_der)
+
+    # -- responder role ---------------------------------------------------------------
+
+    def serve(
+        self,
+        trusted: dict[str, bytes | str] | None = None,
+        *,
+        advertise: bool = True,
+        accept: bool = True,
+        answer_offer: bool = True,
+        require_peer_cert: bool = True,
+        auto_reply: Callable[[ET.Element], bytes | str | list | None] | None = None,
+    ) -> None:
+        """Accept tunnels opened to us (spec §1.5, responder = TLS server).
+
+        `trusted` maps a peer's bare JID to the PEM certificate we accept for it (the bot's
+        certificate from the admin API); a `start` from a peer without an entry is refused with
+        `not-acceptable` (spec §1.5 rule 3).  `advertise=False` leaves `urn:xmpp:tmp:xtls` out
+        of disco#info; `accept=False` answers `start` with `service-unavailable`.  `auto_reply`
+        is called with every inner stanza received on an open responder tunnel (routing
+        restored) and may return inner stanza(s) to send back at once.
+        """
+        self._responder = ResponderPolicy(
+            trusted={bare(k): v for k, v in (trusted or {}).items()},
+            advertise=advertise,
+            accept=accept,
+            answer_offer=answer_offer,
+            require_peer_cert=require_peer_cert,
+            auto_reply=auto_reply,
+        )
+        self._server_contexts.clear()
+
+    async def next_tunnel(self, timeout: float = 10.0) -> Tunnel:
+        """The next tunnel a peer opened to us (returned at once after our <proceed/>)."""
+        try:
+            return await asyncio.wait_for(self._accepted.get(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"{self.jid}: no <start/> accepted within {timeout} s "
+                f"(disco#info queries: {len(self.disco_requests)}, starts: {len(self.start_requests)})"
+            ) from None
+
+    def _server_context(self, peer_bare: str) -> ssl.SSLContext:
+        if peer_bare not in self._server_contexts:
+            policy = self._responder
+            self._server_contexts[peer_bare] = server_context(
+                self.identity, policy.trusted.get(peer_bare), require_cert=policy.require_peer_cert
+            )
+        return self._server_contexts[peer_bare]
+
+    def _on_start(self, iq: Iq, start: ET.Element) -> None:
+        """A peer wants a tunnel with us (spec §1.5, §1.6, §1.11)."""
+        peer = str(iq["from"])
+        offer = start.find(f"{{{NS_C2CTLS}}}offer")
+        names = [] if offer is None else [(n.text or "").strip().lower() for n in offer.iter(f"{{{NS_PUBKEY}}}name")]
+        record = StartRequest(peer, str(iq["to"]), offer is not None, names, xml=str(iq))
+        self.start_requests.append(record)
+
+        def refuse(condition: str, error_type: str) -> None:
+            record.answer = condition
+            self._reply_error(iq, condition, error_type)
+
+        policy = self._responder
+        if policy is None or not policy.accept:
+            return refuse("service-unavailable", "cancel")
+        if iq["type"] != "set" or len(iq.xml) != 1:
+            return refuse("bad-request", "modify")
+        if offer is not None and not names:  # e.g. only <srp/>: we need a certificate (spec §1.6)
+            return refuse("not-acceptable", "cancel")
+        peer_bare = bare(peer)
+        trusted = policy.trusted.get(peer_bare)
+        if trusted is None and policy.require_peer_cert:  # nothing pinned for this peer
+            return refuse("not-acceptable", "cancel")
+        existing = self._tunnels.get(peer)
+        if existing is not None:
+            if existing.role == "initiator" and existing.state == "starting":
+                # Simultaneous start (spec §1.11): the JID that sorts first (i;octet) has priority.
+                if self.jid.encode() < peer.encode():
+                    return refuse("conflict", "cancel")
+                existing._set_gone("failed", XtlsProtocolError(f"lost the simultaneous-start tie-break to {peer}"))
+            else:  # the peer lost its state: replace silently
+                existing._set_gone("failed", XtlsProtocolError(f"replaced by a new <start/> from {peer}"))
+        tunnel = Tunnel(self, peer, role="responder", local_jid=str(iq["to"]))
+        tunnel.auto_reply = policy.auto_reply
+        tunnel._accept(self._server_context(peer_bare))
+        self._tunnels[peer] = tunnel
+        reply = iq.reply(clear=True)
+        proceed = ET.Element(f"{{{NS_XTLS}}}proceed")
+        if offer is not None and policy.answer_offer:  # XEP-0250 as XTLS 0.0.5 §4.2 asks
+            ours = ET.SubElement(proceed, f"{{{NS_C2CTLS}}}offer")
+            keyinfo = ET.SubElement(ours, f"{{{NS_PUBKEY}}}keyinfo")
+            ET.SubElement(keyinfo, f"{{{NS_PUBKEY}}}name").text = sha1_hex(self.identity.cert_der)
+            known = set()
+            if trusted is not None:
+                der = pem_to_der(trusted)
+                known = {sha1_hex(der), hashlib.sha256(der).hexdigest()}
+            if not known.intersection(names):
+                ET.SubElement(ours, f"{{{NS_C2CTLS}}}insecure")
+        reply.append(proceed)
+        self.xmpp.send(reply)
+        record.answer = "proceed"
+        self.accepted_tunnels.append(tunnel)
+        self._accepted.put_nowait(tunnel)
+
+    # -- disco ------------------------------------------------------------------------
+
+    def _is_disco_info_get(self, iq: Iq) -> bool:
+        return iq["type"] == "get" and iq.xml.find(f"{{{NS_DISCO_INFO}}}query") is not None
+
+    def _on_disco_info(self, iq: Iq) -> None:
+        self.disco_requests.append(str(iq["from"]))
+        query = ET.Element(f"{{{NS_DISCO_INFO}}}query")
+        node = iq.xml.find(f"{{{NS_DISCO_INFO}}}query").get("node")
+        if node is not None:
+            query.set("node", node)
+        ET.SubElement(query, f"{{{NS_DISCO_INFO}}}identity", {"category": "client", "type": "pc", "name": "xtls e2e peer"})
+        features = [NS_DISCO_INFO]
+        if self._responder is not None and self._responder.advertise:
+            features.append(NS_XTLS)
+        for var in features:
+            ET.SubElement(query, f"{{{NS_DISCO_INFO}}}feature", {"var": var})
+        reply = iq.reply(clear=True)
+        reply.append(query)
+        self.xmpp.send(reply)
 
     # -- connection -------------------------------------------------------------------
 
@@ -727,7 +1075,7 @@ class XtlsClient:
         """start -> proceed -> TLS 1.3 handshake -> open (all handshake data acked)."""
         key = str(slixmpp.JID(bot_jid))
         if key in self._tunnels:
-            raise XtlsProtocolError(f"a tunnel to {key} is already live")
+            raise XtlsProtocolError(f"a tunnel with {key} is already live")
         tunnel = Tunnel(self, key)
         self._tunnels[key] = tunnel
         try:
@@ -738,8 +1086,8 @@ class XtlsClient:
         return tunnel
 
     def _forget(self, tunnel: Tunnel) -> None:
-        if self._tunnels.get(tunnel.bot_jid) is tunnel:
-            del self._tunnels[tunnel.bot_jid]
+        if self._tunnels.get(tunnel.peer_jid) is tunnel:
+            del self._tunnels[tunnel.peer_jid]
 
     # -- raw IQs ----------------------------------------------------------------------
 
@@ -799,12 +1147,15 @@ class XtlsClient:
     def _on_request(self, iq: Iq) -> None:
         child = xtls_child(iq)
         name = child.tag.split("}", 1)[1]
+        if name == "start":
+            self._on_start(iq, child)
+            return
         tunnel = self._tunnels.get(str(iq["from"]))
-        if name == "start":  # this peer is an initiator only
-            self._reply_error(iq, "service-unavailable", "cancel")
+        if name in ("proceed", "closed"):  # known elements, wrong IQ type (spec §1.11)
+            self._reply_error(iq, "bad-request", "modify")
         elif name not in ("data", "close"):
             self._reply_error(iq, "feature-not-implemented", "cancel")
-        elif iq["type"] != "set":
+        elif iq["type"] != "set" or len(iq.xml) != 1:
             self._reply_error(iq, "bad-request", "modify")
         elif tunnel is None:
             self._reply_error(iq, "item-not-found", "cancel")
