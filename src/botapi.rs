@@ -96,23 +96,27 @@ async fn get_events(
         })
         .transpose()?;
     // Naming a position acknowledges everything up to it (the shared cursor).
-    let start = match last_event_id.or(q.after) {
+    // From a position: everything after it (a replay). From the cursor: what no reader
+    // acknowledged yet, so a webhook's deliveries are not read twice.
+    let position = last_event_id.or(q.after);
+    let start = match position {
         Some(after) => {
             store.ack_through(&jid, after).await?;
             after
         }
         None => store.cursor(&jid).await?,
     };
+    let pending_only = position.is_none();
     if wants_stream {
-        return Ok(stream(store, bot, start).into_response());
+        return Ok(stream(store, bot, start, pending_only).into_response());
     }
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     let wait = Duration::from_secs(q.wait.unwrap_or(0).min(60));
     let mut seen = bot.events.clone();
-    let mut events = store.read_events(&jid, start, limit).await?;
+    let mut events = store.read_events(&jid, start, limit, pending_only).await?;
     if events.is_empty() && !wait.is_zero() {
         let _ = tokio::time::timeout(wait, seen.wait_for(|last| *last > start)).await;
-        events = store.read_events(&jid, start, limit).await?;
+        events = store.read_events(&jid, start, limit, pending_only).await?;
     }
     Ok(Json(json!({
         "events": events,
@@ -134,17 +138,20 @@ fn stream(
     store: Store,
     bot: BotHandle,
     after: u64,
+    pending_only: bool,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     struct Cursor {
         store: Store,
         bot: BotHandle,
         after: u64,
+        pending_only: bool,
         buffer: std::collections::VecDeque<EventRecord>,
     }
     let cursor = Cursor {
         store,
         bot,
         after,
+        pending_only,
         buffer: Default::default(),
     };
     let events = futures_util::stream::unfold(cursor, |mut c| async move {
@@ -153,9 +160,16 @@ fn stream(
                 c.after = e.seq;
                 return Some((Ok(sse_event(&e)), c));
             }
-            match c.store.read_events(&c.bot.record.jid, c.after, 200).await {
+            let committed = *c.bot.events.borrow();
+            match c
+                .store
+                .read_events(&c.bot.record.jid, c.after, 200, c.pending_only)
+                .await
+            {
                 Ok(events) if !events.is_empty() => c.buffer.extend(events),
                 Ok(_) => {
+                    // Nothing to send up to `committed` (all of it acknowledged elsewhere).
+                    c.after = c.after.max(committed);
                     let mut seen = c.bot.events.clone();
                     let after = c.after;
                     // The driver is gone when the bot stopped: end the stream.
@@ -436,9 +450,7 @@ async fn post_message(
         return Ok((StatusCode::ACCEPTED, Json(json!({"id": first.id, "to": first.to, "status": first.status, "reason": first.reason}))).into_response());
     }
     let to = valid_jid(&body.to, "to")?;
-    if to.split('@').nth(1).unwrap_or(&to).split('/').next()
-        == Some(state.bots.shared().domain.as_str())
-    {
+    if jid::Jid::new(&to).is_ok_and(|j| j.domain().as_str() == state.bots.shared().domain) {
         return Err(ApiError::Invalid(
             "to: messages go to peers, not to bots of this component".into(),
         ));
@@ -464,11 +476,32 @@ async fn post_message(
         stanza,
         reopen: body.reopen,
     };
-    match store
-        .insert_message(&bot.record.jid, &msg, idempotency_key.as_deref())
-        .await
-    {
-        Ok(()) => {}
+    let id = msg.id.clone();
+    // Stored and handed over in a task of its own: a client that goes away mid-request
+    // cannot leave an accepted message that nobody sends.
+    let accepted = tokio::spawn({
+        let (store, bot, key) = (store.clone(), bot.clone(), idempotency_key.clone());
+        async move {
+            store
+                .insert_message(&bot.record.jid, &msg, key.as_deref())
+                .await?;
+            let id = msg.id.clone();
+            let outcome = bot.submit(msg).await.unwrap_or(Submitted {
+                status: "accepted",
+                reason: None,
+                tunnel_id: None,
+            });
+            if outcome.status == "rate_limited" {
+                // Not accepted: the caller retries.
+                store.delete_message(&id).await?;
+            }
+            Ok::<_, StoreError>(outcome)
+        }
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let outcome = match accepted {
+        Ok(outcome) => outcome,
         Err(StoreError::Duplicate(_)) => {
             // A concurrent request with the same key won the race.
             let key = idempotency_key.as_deref().unwrap_or_default();
@@ -483,16 +516,8 @@ async fn post_message(
                 .into_response());
         }
         Err(e) => return Err(e.into()),
-    }
-    let id = msg.id.clone();
-    let outcome = bot.submit(msg).await.unwrap_or(Submitted {
-        status: "accepted",
-        reason: None,
-        tunnel_id: None,
-    });
+    };
     if outcome.status == "rate_limited" {
-        // Not accepted: the caller retries.
-        store.delete_message(&id).await?;
         return Err(ApiError::TooManyRequests(
             1,
             outcome.reason.unwrap_or_else(|| "try again shortly".into()),

@@ -147,18 +147,21 @@ impl Store {
         Ok(stored)
     }
 
-    /// Up to `limit` events with `seq > after`, oldest first.
+    /// Up to `limit` events with `seq > after`, oldest first; with `pending_only`, only
+    /// those no reader has acknowledged yet.
     pub async fn read_events(
         &self,
         bot: &str,
         after: u64,
         limit: u32,
+        pending_only: bool,
     ) -> Result<Vec<EventRecord>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE bot_jid = ? AND seq > ? ORDER BY seq LIMIT ?"
+            "SELECT {EVENT_COLUMNS} FROM events WHERE bot_jid = ? AND seq > ? AND (state = 0 OR NOT ?) ORDER BY seq LIMIT ?"
         ))
         .bind(bot)
         .bind(after as i64)
+        .bind(pending_only)
         .bind(limit as i64)
         .fetch_all(self.pool())
         .await?;
@@ -175,6 +178,16 @@ impl Store {
         .fetch_optional(self.pool())
         .await?;
         Ok(row.as_ref().map(event_from_row))
+    }
+
+    /// An event's delivery state ([`PENDING`], [`ACKED`] or [`DEAD`]); `None` once deleted.
+    pub async fn event_state(&self, bot: &str, seq: u64) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query("SELECT state FROM events WHERE bot_jid = ? AND seq = ?")
+            .bind(bot)
+            .bind(seq as i64)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(row.map(|r| r.get(0)))
     }
 
     /// The bot's cursor: every event up to it is acknowledged or dead.
@@ -325,7 +338,10 @@ mod tests {
             "a writer that lost track of seq cannot fork the log"
         );
         assert_eq!(store.last_seq(jid).await.unwrap(), 3);
-        assert_eq!(store.read_events(jid, 1, 10).await.unwrap(), stored[1..]);
+        assert_eq!(
+            store.read_events(jid, 1, 10, false).await.unwrap(),
+            stored[1..]
+        );
         assert_eq!(store.cursor(jid).await.unwrap(), 0);
         assert_eq!(store.ack_through(jid, 2).await.unwrap(), 2);
         assert_eq!(store.ack_through(jid, 99).await.unwrap(), 3);

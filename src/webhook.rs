@@ -158,7 +158,9 @@ fn client() -> &'static reqwest::Client {
 }
 
 /// Most pending events a deliverer holds in memory; more are read as these go out.
-const WINDOW: usize = 1024;
+const WINDOW: usize = 4096;
+/// Most pending events held per tunnel, so one stuck tunnel cannot fill the window.
+const PER_TUNNEL: usize = 16;
 
 /// One bot's pending events, by tunnel, as the deliverer holds them.
 #[derive(Default)]
@@ -169,13 +171,25 @@ struct Queues {
     read_through: u64,
     /// Events held.
     len: usize,
+    /// Tunnels with events left in the store because their queue was full: nothing more
+    /// of theirs is held until a read from the start, so each queue stays a prefix in order.
+    overflowed: HashSet<String>,
 }
 
 impl Queues {
+    /// Holds an event, unless its tunnel already has [`PER_TUNNEL`] held or overflowed (it
+    /// stays in the store and is read again once that queue drains).
     fn push(&mut self, head: Head) {
-        self.read_through = self.read_through.max(head.event.seq);
         let group = head.event.tunnel_id.clone().unwrap_or_default();
-        self.by_group.entry(group).or_default().push_back(head);
+        if self.overflowed.contains(&group) {
+            return;
+        }
+        let queue = self.by_group.entry(group.clone()).or_default();
+        if queue.len() >= PER_TUNNEL {
+            self.overflowed.insert(group);
+            return;
+        }
+        queue.push_back(head);
         self.len += 1;
     }
 
@@ -203,6 +217,7 @@ pub async fn run(bot: BotHandle, shared: Arc<Shared>) {
     let mut hook: Option<Webhook> = None;
     // Reading from scratch: at start, and when the webhook or the dead letters change.
     let mut reload = true;
+
     loop {
         let mut wake: Option<i64> = None;
         if reload {
@@ -215,6 +230,7 @@ pub async fn run(bot: BotHandle, shared: Arc<Shared>) {
                     queues.by_group.values_mut().for_each(|q| q.truncate(1));
                     queues.len = queues.by_group.len();
                     queues.read_through = 0;
+                    queues.overflowed.clear();
                 }
                 Err(e) => {
                     tracing::error!(bot = jid, error = %e, "cannot read webhook");
@@ -224,7 +240,17 @@ pub async fn run(bot: BotHandle, shared: Arc<Shared>) {
         }
         if let Some(hook) = &hook {
             let committed = *events.borrow();
-            if queues.len < WINDOW / 2 && queues.read_through < committed {
+            if queues.overflowed.iter().any(|g| {
+                queues
+                    .by_group
+                    .get(g)
+                    .is_none_or(|q| q.len() < PER_TUNNEL / 2)
+            }) {
+                // A tunnel that had more than it could hold drained: read again from the start.
+                queues.overflowed.clear();
+                queues.read_through = 0;
+            }
+            while queues.len < WINDOW / 2 && queues.read_through < committed {
                 let in_memory: HashSet<u64> = queues
                     .by_group
                     .values()
@@ -243,6 +269,14 @@ pub async fn run(bot: BotHandle, shared: Arc<Shared>) {
                                 queues.push(head);
                             }
                         }
+                        tracing::trace!(
+                            bot = jid,
+                            after = queues.read_through,
+                            read = last,
+                            held = queues.len,
+                            full,
+                            "pending events read"
+                        );
                         // A short read saw everything committed before it.
                         queues.read_through = match last {
                             Some(last) if full => last,
@@ -252,6 +286,7 @@ pub async fn run(bot: BotHandle, shared: Arc<Shared>) {
                     Err(e) => {
                         tracing::error!(bot = jid, error = %e, "cannot read pending events");
                         wake = Some(unix_ms() + 5000);
+                        break;
                     }
                 }
             }
@@ -325,6 +360,18 @@ async fn deliver(
             ..head
         });
     };
+    // A poll or a stream may have acknowledged it since it was read.
+    match store.event_state(&event.bot, event.seq).await {
+        Ok(Some(crate::eventlog::PENDING)) => {}
+        Ok(_) => return None,
+        Err(e) => {
+            tracing::error!(bot = event.bot, error = %e, "cannot read event state");
+            return Some(Head {
+                next_attempt_ms: Some(unix_ms() + 5000),
+                ..head
+            });
+        }
+    }
     let started = std::time::Instant::now();
     tracing::trace!(bot = event.bot, seq = event.seq, "webhook delivery");
     let answer = client()
@@ -340,7 +387,9 @@ async fn deliver(
     let (status, error) = match answer {
         Ok(resp) if resp.status().is_success() => {
             let status = resp.status().as_u16();
-            let reply = resp.json::<Value>().await.ok();
+            let reply = read_limited(resp, MAX_REPLY_BYTES)
+                .await
+                .and_then(|body| serde_json::from_slice::<Value>(&body).ok());
             let mut error = None;
             if let (Some(reply), Some(tunnel)) = (
                 reply.as_ref().and_then(|r| r.get("reply")),
@@ -395,6 +444,13 @@ async fn deliver(
         .await
     {
         tracing::error!(bot = event.bot, error = %e, "cannot record webhook attempt");
+        // Unrecorded, it is still pending in the store: try again (same webhook-id).
+        return Some(Head {
+            attempts,
+            first_attempt_ms: Some(first),
+            next_attempt_ms: Some(unix_ms() + 5000),
+            event: head.event,
+        });
     }
     match outcome {
         Outcome::Retry { at_ms } => Some(Head {
@@ -405,6 +461,21 @@ async fn deliver(
         }),
         Outcome::Delivered | Outcome::Dead => None,
     }
+}
+
+/// Largest webhook answer read (a synchronous reply).
+const MAX_REPLY_BYTES: usize = 256 * 1024;
+
+/// The answer body, or `None` when it is larger than `limit` or breaks off.
+async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.ok()? {
+        if body.len() + chunk.len() > limit {
+            return None;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Some(body)
 }
 
 /// An HTTP failure in words, without the URL (which may carry credentials).

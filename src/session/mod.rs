@@ -321,6 +321,7 @@ impl BotTable {
         };
         let handler = Handler::parse(&record.handler).unwrap_or(Handler::Echo);
         let driver = BotDriver {
+            started_at: crate::store::now(),
             handler,
             logging: handler == Handler::Api,
             last_seq,
@@ -343,7 +344,7 @@ impl BotTable {
             rx,
             shared: self.shared.clone(),
             tunnels: HashMap::new(),
-            former_peers: Vec::new(),
+            former_peers: Arc::default(),
         };
         self.bots
             .write()
@@ -450,6 +451,8 @@ struct Live {
 
 struct BotDriver {
     bot: BotRecord,
+    /// When this driver was made: messages accepted earlier belong to a previous run.
+    started_at: String,
     handler: Handler,
     /// Whether this bot keeps an event log (the `api` handler).
     logging: bool,
@@ -470,7 +473,7 @@ struct BotDriver {
     shared: Arc<Shared>,
     tunnels: HashMap<TunnelKey, Live>,
     /// Peers of tunnels lost with the link, told with `<close/>` once it is back.
-    former_peers: Vec<TunnelKey>,
+    former_peers: Arc<std::sync::Mutex<std::collections::VecDeque<TunnelKey>>>,
 }
 
 fn state_str(s: State) -> &'static str {
@@ -486,6 +489,9 @@ fn state_str(s: State) -> &'static str {
 fn normalize(jid: &str) -> Option<String> {
     jid::Jid::new(jid).ok().map(|j| j.to_string())
 }
+
+/// Events kept for the next commit while the store refuses them.
+const MAX_RETAINED_EVENTS: usize = 10_000;
 
 fn random_prefix() -> String {
     format!("x{:016x}-", rand::random::<u64>())
@@ -569,9 +575,11 @@ impl BotDriver {
         self.held.push((None, stanza));
     }
 
-    fn log(&mut self, key: Option<&TunnelKey>, event: NewEvent) {
+    /// Logs an event; `acked_by` names the tunnel whose `data` acknowledgement waits for it
+    /// (a stanza that arrived), so a failed commit refuses that acknowledgement.
+    fn log(&mut self, acked_by: Option<&TunnelKey>, event: NewEvent) {
         if self.logging {
-            self.pending_events.push((key.cloned(), event));
+            self.pending_events.push((acked_by.cloned(), event));
         }
     }
 
@@ -593,8 +601,30 @@ impl BotDriver {
                     self.events_tx.send_replace(self.last_seq);
                 }
                 Err(e) => {
-                    tracing::error!(bot = self.bot.jid, error = %e, lost = events.len(), "cannot commit events; refusing what they carried");
-                    let failed: HashSet<TunnelKey> = keys.into_iter().flatten().collect();
+                    tracing::error!(bot = self.bot.jid, error = %e, "cannot commit events; refusing the stanzas they carried");
+                    if matches!(e, StoreError::Conflict(_))
+                        && let Ok(last) = self.shared.store.last_seq(&self.bot.jid).await
+                    {
+                        self.last_seq = last;
+                    }
+                    let mut failed: HashSet<TunnelKey> = HashSet::new();
+                    for (key, event) in keys.into_iter().zip(events) {
+                        match key {
+                            Some(key) => {
+                                failed.insert(key);
+                            }
+                            // Nothing was acknowledged on its account: it waits for the next
+                            // commit (within reason while the store stays down).
+                            None if self.pending_events.len() < MAX_RETAINED_EVENTS => {
+                                self.pending_events.push((None, event))
+                            }
+                            None => tracing::error!(
+                                bot = self.bot.jid,
+                                kind = event.kind,
+                                "event dropped: the store stays unavailable"
+                            ),
+                        }
+                    }
                     self.held = std::mem::take(&mut self.held)
                         .into_iter()
                         .filter_map(|(key, el)| match &key {
@@ -632,17 +662,22 @@ impl BotDriver {
                 let _ = done.send(exists);
             }
             BotCommand::LinkDown => {
+                let mut former = self.former_peers.lock().expect("former peers lock");
                 for (key, live) in self.tunnels.iter_mut() {
                     live.tunnel.abandon(CloseReason::ConnectionLost);
-                    self.former_peers.push(key.clone());
+                    former.push_back(key.clone());
                 }
             }
             BotCommand::LinkUp => {
                 // Spec §3.5 rule 4: paced `<close/>` so peers drop zombie state.
-                let peers = std::mem::take(&mut self.former_peers);
+                // A new tunnel to one of them takes it off the list (`adopt`): its `start`
+                // replaces the stale state, and a late `<close/>` would end the new tunnel.
+                let peers = self.former_peers.clone();
                 let out = self.shared.out.clone();
                 tokio::spawn(async move {
-                    for key in peers {
+                    loop {
+                        let next = peers.lock().expect("former peers lock").pop_front();
+                        let Some(key) = next else { return };
                         if out.send(standalone_close(&key)).await.is_err() {
                             return;
                         }
@@ -654,23 +689,46 @@ impl BotDriver {
                 let now = Instant::now().into_std();
                 match self.tunnels.values_mut().find(|l| l.record.id == id) {
                     Some(live) => {
-                        for stanza in stanzas {
-                            if let Err(e) = live.tunnel.send(now, stanza) {
-                                tracing::warn!(bot = self.bot.jid, tunnel = id, error = %e, "webhook reply not sent");
-                            }
+                        let peer = live.record.peer.clone();
+                        let failures: Vec<String> = stanzas
+                            .into_iter()
+                            .filter_map(|stanza| live.tunnel.send(now, stanza).err())
+                            .map(|e| e.to_string())
+                            .collect();
+                        for e in failures {
+                            self.reply_failed(&id, Some(peer.clone()), &e);
                         }
                     }
-                    None => tracing::warn!(
-                        bot = self.bot.jid,
-                        tunnel = id,
-                        "webhook reply for a tunnel that is gone dropped"
-                    ),
+                    None => self.reply_failed(&id, None, "the tunnel is gone"),
                 }
             }
             BotCommand::Submit(msg, reply) => self.submit(*msg, Some(reply)).await,
             BotCommand::Open(peer, reply) => self.open_to(peer, reply).await,
             BotCommand::Stop(..) => unreachable!("handled by dispatch"),
         }
+    }
+
+    /// A webhook's synchronous reply could not go into its tunnel: said in the log.
+    fn reply_failed(&mut self, tunnel_id: &str, peer: Option<String>, why: &str) {
+        tracing::warn!(
+            bot = self.bot.jid,
+            tunnel = tunnel_id,
+            why,
+            "webhook reply not sent"
+        );
+        self.log(
+            None,
+            NewEvent {
+                kind: "delivery.status",
+                tunnel_id: Some(tunnel_id.to_owned()),
+                peer,
+                data: serde_json::json!({
+                    "message_id": null,
+                    "status": "failed",
+                    "reason": format!("webhook reply not sent: {why}"),
+                }),
+            },
+        );
     }
 
     async fn stop(&mut self, reason: CloseReason) {
@@ -924,10 +982,14 @@ impl BotDriver {
             role,
             "tunnel created"
         );
+        self.former_peers
+            .lock()
+            .expect("former peers lock")
+            .retain(|k| *k != key);
         self.save(&record).await;
         self.shared.table.put(&record);
         self.log(
-            Some(&key),
+            None,
             NewEvent {
                 kind: "tunnel.opened",
                 tunnel_id: Some(record.id.clone()),
@@ -1029,7 +1091,7 @@ impl BotDriver {
                 );
                 let identity = eventlog::identity_json(Some(&est));
                 self.log(
-                    Some(key),
+                    None,
                     NewEvent {
                         kind: "tunnel.established",
                         tunnel_id: Some(record.id.clone()),
@@ -1043,7 +1105,7 @@ impl BotDriver {
                 );
                 if est.peer.trust == crate::tunnel::TrustVerdict::TofuNew {
                     self.log(
-                        Some(key),
+                        None,
                         NewEvent {
                             kind: "peer.identity_new",
                             tunnel_id: Some(record.id.clone()),
@@ -1114,7 +1176,7 @@ impl BotDriver {
                 tracing::info!(bot = self.bot.jid, peer = key.peer, tunnel = r.id, reason = %reason, "tunnel closed");
                 if changed {
                     self.log(
-                        Some(key),
+                        None,
                         NewEvent {
                             kind: "peer.identity_changed",
                             tunnel_id: Some(id),
@@ -1126,7 +1188,7 @@ impl BotDriver {
                         },
                     );
                 }
-                self.log(Some(key), event);
+                self.log(None, event);
                 self.on_closed_outbound(key, &reason).await;
             }
         }
@@ -1431,7 +1493,10 @@ mod driver_tests {
             }
         }
         // The acknowledgement left only after the event was committed.
-        let events = store.read_events(&bot.record.jid, 0, 100).await.unwrap();
+        let events = store
+            .read_events(&bot.record.jid, 0, 100, false)
+            .await
+            .unwrap();
         let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(
             kinds,
@@ -1601,7 +1666,7 @@ mod driver_tests {
         assert_eq!(history, ["accepted", "opening", "sent", "acknowledged"]);
         assert!(record.tunnel_id.is_some());
         let kinds: Vec<String> = store
-            .read_events(&bot.record.jid, 0, 100)
+            .read_events(&bot.record.jid, 0, 100, false)
             .await
             .unwrap()
             .into_iter()

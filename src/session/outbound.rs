@@ -25,6 +25,10 @@ use crate::tunnel::{CloseReason, SendError, State, Tunnel, TunnelKey, bare};
 const DISCO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages waiting for one tunnel to open, at most.
 const MAX_WAITING: usize = 1000;
+/// Peers whose available resources a bot remembers, at most.
+const MAX_PRESENCE_PEERS: usize = 10_000;
+/// Resources remembered per peer, at most.
+const MAX_RESOURCES: usize = 16;
 
 /// A message a bot asked to send.
 #[derive(Debug, Clone)]
@@ -158,6 +162,11 @@ impl BotDriver {
             return;
         }
         if let Some(disco) = self.out.discos.values_mut().find(|d| d.key == key) {
+            if disco.msgs.len() >= MAX_WAITING {
+                self.refuse(&msg, reply, "too many messages wait for this peer", None)
+                    .await;
+                return;
+            }
             disco.msgs.push((msg, reply));
             return;
         }
@@ -315,7 +324,7 @@ impl BotDriver {
             "no tunnel opened"
         );
         self.log(
-            Some(&disco.key),
+            None,
             NewEvent {
                 kind: "tunnel.failed",
                 tunnel_id: None,
@@ -333,6 +342,17 @@ impl BotDriver {
 
     async fn initiate(&mut self, disco: Disco) {
         let key = disco.key;
+        if let Some(live) = self.tunnels.get(&key) {
+            // The peer opened a tunnel with this key while we asked: use it.
+            let id = live.record.id.clone();
+            for (msg, reply) in disco.msgs {
+                Box::pin(self.submit(msg, reply)).await;
+            }
+            for reply in disco.opens {
+                let _ = reply.send(Submitted::new("opening", None, Some(id.clone())));
+            }
+            return;
+        }
         let refused = self
             .over_limit(&key)
             .map(|text| ("rate_limited", text.to_owned()));
@@ -423,15 +443,22 @@ impl BotDriver {
 
     /// A tunnel ended: what it did not deliver fails, or goes out on a new tunnel.
     pub(super) async fn on_closed_outbound(&mut self, key: &TunnelKey, reason: &CloseReason) {
-        let mut lost: Vec<OutMsg> = self.out.waiting.remove(key).unwrap_or_default().into();
-        lost.extend(
-            self.out
-                .unacked
-                .remove(key)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(_, m)| m),
-        );
+        // Oldest first: what was sent, then what waited.
+        let mut lost: Vec<OutMsg> = self
+            .out
+            .unacked
+            .remove(key)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect();
+        let waiting = self.out.waiting.remove(key).unwrap_or_default();
+        if *reason == CloseReason::Replaced {
+            // The peer's new tunnel has the same key: what never went out waits for it.
+            self.out.resubmit.extend(waiting);
+        } else {
+            lost.extend(waiting);
+        }
         let status = match reason {
             CloseReason::Refused(_) => "refused",
             CloseReason::CertificateRejected(text)
@@ -466,6 +493,11 @@ impl BotDriver {
             return;
         }
         let bare_jid = bare(&from).to_owned();
+        if !self.out.presence.contains_key(&bare_jid)
+            && self.out.presence.len() >= MAX_PRESENCE_PEERS
+        {
+            return;
+        }
         let resources = self.out.presence.entry(bare_jid.clone()).or_default();
         resources.retain(|(full, _)| *full != from);
         match el.attr("type") {
@@ -474,7 +506,9 @@ impl BotDriver {
                     .get_child("priority", ns::CLIENT)
                     .and_then(|p| p.text().trim().parse().ok())
                     .unwrap_or(0);
-                resources.push((from, priority));
+                if resources.len() < MAX_RESOURCES {
+                    resources.push((from, priority));
+                }
             }
             Some(_) => {
                 if resources.is_empty() {
@@ -487,7 +521,12 @@ impl BotDriver {
     /// At start: messages a previous run accepted and did not finish fail visibly, or go out
     /// again when they asked for that.
     pub(super) async fn recover_messages(&mut self) {
-        let pending = match self.shared.store.unfinished_messages(&self.bot.jid).await {
+        let pending = match self
+            .shared
+            .store
+            .unfinished_messages(&self.bot.jid, &self.started_at)
+            .await
+        {
             Ok(pending) => pending,
             Err(e) => {
                 tracing::error!(bot = self.bot.jid, error = %e, "cannot read unfinished messages");
@@ -530,15 +569,10 @@ impl BotDriver {
         reason: &str,
         tunnel_id: Option<String>,
     ) {
-        match reply {
-            Some(reply) => {
-                let _ = reply.send(Submitted::new(
-                    "rate_limited",
-                    Some(reason.into()),
-                    tunnel_id,
-                ));
-            }
-            None => self.settle(msg, "failed", Some(reason.into()), None).await,
+        let outcome = Submitted::new("rate_limited", Some(reason.into()), tunnel_id);
+        // The caller deletes a refused message; when it stopped waiting, it is ours to fail.
+        if let Some(Err(_)) | None = reply.map(|r| r.send(outcome)) {
+            self.settle(msg, "failed", Some(reason.into()), None).await;
         }
     }
 
@@ -550,6 +584,9 @@ impl BotDriver {
         reason: Option<String>,
         reply: Reply,
     ) {
+        if FINAL.contains(&status) {
+            self.out.reopened.remove(&msg.id);
+        }
         if let Err(e) = self
             .shared
             .store
@@ -727,12 +764,18 @@ impl Store {
     }
 
     /// A bot's messages that have not reached a final status, oldest first.
-    async fn unfinished_messages(&self, bot: &str) -> Result<Vec<OutMsg>, StoreError> {
+    /// Messages accepted before `before` (by an earlier run) are the ones to recover; later
+    /// ones are in the hands of this run already.
+    async fn unfinished_messages(
+        &self,
+        bot: &str,
+        before: &str,
+    ) -> Result<Vec<OutMsg>, StoreError> {
         let placeholders = vec!["?"; FINAL.len()].join(", ");
         let sql = format!(
-            "SELECT id, to_jid, stanza, reopen FROM messages WHERE bot_jid = ? AND status NOT IN ({placeholders}) ORDER BY created_at"
+            "SELECT id, to_jid, stanza, reopen FROM messages WHERE bot_jid = ? AND created_at < ? AND status NOT IN ({placeholders}) ORDER BY created_at"
         );
-        let mut query = sqlx::query(&sql).bind(bot);
+        let mut query = sqlx::query(&sql).bind(bot).bind(before);
         for status in FINAL {
             query = query.bind(*status);
         }

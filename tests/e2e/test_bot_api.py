@@ -234,6 +234,51 @@ def test_webhook_outage_loses_nothing_and_keeps_order(api_component, users):
         receiver.stop()
 
 
+def test_a_failing_tunnel_does_not_hold_back_another(api_component, users):
+    """The receiver refuses every event of alice's tunnel; bob's 40 messages still all arrive,
+    in order, while alice's head is retried; once the receiver accepts, alice's follow in order."""
+    bot = new_api_bot(api_component, "stuck")
+    receiver = WebhookReceiver()
+    stuck_tunnel: dict = {}
+    receiver.respond = lambda d: 500 if d.tunnel_id and d.tunnel_id == stuck_tunnel.get("id") else 200
+    try:
+        put_webhook(api_component, bot, receiver, timeout_ms=2000)
+        alice_bodies = [f"alice {i}" for i in range(40)]
+        bob_bodies = [f"bob {i}" for i in range(40)]
+
+        async def scenario():
+            async with users.client("alice") as alice, users.client("bob") as bob:
+                a = await alice.open_tunnel(bot)
+                await call(receiver.wait_for, lambda r: r.acked("tunnel.established"), 10, "alice's tunnel")
+                stuck_tunnel["id"] = receiver.acked("tunnel.established")[0].tunnel_id
+                for body in alice_bodies:  # more than the deliverer holds per tunnel
+                    await a.send_message(body)
+                await a.flush()
+                b = await bob.open_tunnel(bot)
+                for body in bob_bodies:
+                    await b.send_message(body)
+                await call(
+                    receiver.wait_for,
+                    lambda r: [x.data.get("body") for x in r.acked("message.received")] == bob_bodies,
+                    20,
+                    "bob's messages, in order, while alice's tunnel is refused",
+                )
+                assert len({d.seq for d in receiver.answered(500)}) == 1, "only the head of alice's queue is tried"
+                receiver.respond = None
+                await call(receiver.wait_for, lambda r: len(r.acked("message.received")) == 80, 30, "all 80")
+                await a.close()
+                await b.close()
+
+        run(scenario(), 90)
+        bodies = [d.data.get("body") for d in receiver.acked("message.received")]
+        assert [x for x in bodies if x.startswith("alice")] == alice_bodies
+        assert [x for x in bodies if x.startswith("bob")] == bob_bodies
+        assert delivery_problems(receiver.deliveries) == [], delivery_problems(receiver.deliveries)
+    finally:
+        drop_webhook(api_component, bot)
+        receiver.stop()
+
+
 def test_sse_replay_and_long_poll_give_what_the_webhook_got(api_component, users):
     bot = new_api_bot(api_component, "sse")
     receiver = WebhookReceiver()
