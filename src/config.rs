@@ -379,24 +379,43 @@ pub struct BotConfig {
 impl Config {
     /// Loads the file (if given) with environment overrides, and validates it.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
-        let mut figment = Figment::new();
-        if let Some(path) = path {
-            if !path.exists() {
-                return Err(invalid(
-                    "--config",
-                    format!("{} does not exist", path.display()),
-                ));
-            }
-            figment = figment.merge(Toml::file(path));
-        }
-        // Only section-qualified names (`XTLS_SECTION__KEY`) are config keys, so unrelated
-        // variables that merely share the prefix are left alone.
-        let env = Env::prefixed("XTLS_")
-            .filter(|key| key.as_str().contains("__"))
-            .split("__");
-        Self::from_figment(figment.merge(env))
+        Self::from_figment(sources(path)?)
     }
+}
 
+/// The configuration file (if given) merged with the `XTLS_` environment.
+fn sources(path: Option<&Path>) -> Result<Figment, ConfigError> {
+    let mut figment = Figment::new();
+    if let Some(path) = path {
+        if !path.exists() {
+            return Err(invalid(
+                "--config",
+                format!("{} does not exist", path.display()),
+            ));
+        }
+        figment = figment.merge(Toml::file(path));
+    }
+    // Only section-qualified names (`XTLS_SECTION__KEY`) are config keys, so unrelated
+    // variables that merely share the prefix are left alone.
+    let env = Env::prefixed("XTLS_")
+        .filter(|key| key.as_str().contains("__"))
+        .split("__");
+    Ok(figment.merge(env))
+}
+
+/// The admin listener of a configuration (file and environment), without requiring the rest
+/// of it: what `healthcheck` needs inside a container that has no secrets in its environment.
+pub fn admin_listen(path: Option<&Path>) -> Result<SocketAddr, ConfigError> {
+    let figment = sources(path)?;
+    if !figment.contains("admin.listen") {
+        return Ok(default_admin_listen());
+    }
+    figment
+        .extract_inner::<SocketAddr>("admin.listen")
+        .map_err(|e| ConfigError::Parse(Box::new(e)))
+}
+
+impl Config {
     /// Extracts and validates a configuration from any figment (used by tests too).
     pub fn from_figment(figment: Figment) -> Result<Config, ConfigError> {
         let mut config: Config = figment.extract().map_err(Box::new)?;

@@ -28,6 +28,18 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Ask a running instance's /healthz; exit 0 when it answers 200 (for container health checks).
+    Healthcheck {
+        /// The admin address to ask; by default `admin.listen` of the configuration.
+        #[arg(long)]
+        addr: Option<std::net::SocketAddr>,
+        /// The TOML configuration file (read for `admin.listen` only).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -42,6 +54,11 @@ fn main() -> ExitCode {
     let (config_path, serve) = match cli.command {
         Command::Serve { config } => (config, true),
         Command::CheckConfig { config } => (config, false),
+        Command::Healthcheck {
+            addr,
+            config,
+            timeout,
+        } => return healthcheck(addr, config, timeout),
     };
     let config = match Config::load(config_path.as_deref()) {
         Ok(config) => config,
@@ -65,6 +82,35 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("xtls-component: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `healthcheck`: GET /healthz on the admin listener, over loopback when it listens on all
+/// addresses.
+fn healthcheck(
+    addr: Option<std::net::SocketAddr>,
+    config: Option<PathBuf>,
+    timeout: u64,
+) -> ExitCode {
+    let addr = match addr {
+        Some(addr) => addr,
+        None => match xtls_component::config::admin_listen(config.as_deref()) {
+            Ok(addr) => addr,
+            Err(e) => {
+                eprintln!("xtls-component: configuration error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match xtls_component::admin::probe_health(addr, std::time::Duration::from_secs(timeout)) {
+        Ok(()) => {
+            println!("healthy");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("xtls-component: unhealthy: {e}");
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,112 @@
+"""What can be checked of the container image and the compose examples without Docker.
+
+Docker is not available where this project is built, so the image is never built here.
+These tests hold the Dockerfile and deploy/ to the code: the paths the Dockerfile copies
+exist, its binary name and port match the crate and the defaults, the compose files parse
+and agree with the server configurations beside them, and the `healthcheck` subcommand the
+image's HEALTHCHECK runs works against a running instance.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from component import binary_path
+from prosody import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def instructions(name: str) -> list[str]:
+    """The arguments of every instruction `name`, continuation lines joined."""
+    joined = re.sub(r"\\\n\s*", " ", DOCKERFILE)
+    return [m.group(1).strip() for m in re.finditer(rf"^{name}\s+(.*)$", joined, re.M)]
+
+
+def test_every_path_the_dockerfile_copies_exists():
+    copies = [c for c in instructions("COPY") if not c.startswith("--from")]
+    assert copies, "the build stage copies the sources"
+    for args in copies:
+        *sources, _dest = args.split()
+        for source in sources:
+            assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
+
+
+def test_binary_name_and_port_match_the_code():
+    cargo = tomllib.loads((ROOT / "Cargo.toml").read_text())
+    (binary,) = [b["name"] for b in cargo["bin"]]
+    assert f"--bin {binary}" in " ".join(instructions("RUN"))
+    assert f"/usr/local/bin/{binary}" in " ".join(instructions("COPY"))
+    assert instructions("ENTRYPOINT") == [f'["{binary}"]']
+    config = tomllib.loads((ROOT / "config" / "xtls-component.toml").read_text())
+    default_port = int(config["admin"]["listen"].rsplit(":", 1)[1])
+    assert instructions("EXPOSE") == [str(default_port)]
+    env = " ".join(instructions("ENV"))
+    assert f"XTLS_ADMIN__LISTEN=0.0.0.0:{default_port}" in env
+    (health,) = instructions("HEALTHCHECK")
+    assert f'CMD ["{binary}", "healthcheck"' in health
+    assert instructions("STOPSIGNAL") == ["SIGTERM"]
+    assert instructions("USER") == ["xtls"], "the image runs as a non-root user"
+    labels = " ".join(instructions("LABEL"))
+    for key in ("title", "version", "source", "revision"):
+        assert f"org.opencontainers.image.{key}=" in labels
+
+
+def compose(server: str) -> dict:
+    return yaml.safe_load((ROOT / "deploy" / server / "docker-compose.yml").read_text())
+
+
+def component_env(doc: dict) -> dict:
+    return doc["services"]["xtls-component"]["environment"]
+
+
+def test_prosody_compose_matches_its_server_config():
+    doc = compose("prosody")
+    env = component_env(doc)
+    cfg = (ROOT / "deploy" / "prosody" / "prosody.cfg.lua").read_text()
+    host, port = env["XTLS_COMPONENT__SERVER"].rsplit(":", 1)
+    assert host in doc["services"], f"{host} is not a service of the compose file"
+    assert re.search(rf"component_ports\s*=\s*{{\s*{port}\s*}}", cfg), "component port differs"
+    assert re.search(rf'Component\s+"{re.escape(env["XTLS_COMPONENT__DOMAIN"])}"', cfg)
+    assert f'component_secret = "{env["XTLS_COMPONENT__SECRET"]}"' in cfg
+    assert doc["services"]["xtls-component"]["ports"] == [f"127.0.0.1:{instructions('EXPOSE')[0]}:8347"]
+
+
+def test_ejabberd_compose_matches_its_server_config():
+    doc = compose("ejabberd")
+    env = component_env(doc)
+    cfg = yaml.safe_load((ROOT / "deploy" / "ejabberd" / "ejabberd.yml").read_text())
+    host, port = env["XTLS_COMPONENT__SERVER"].rsplit(":", 1)
+    assert host in doc["services"]
+    (service,) = [l for l in cfg["listen"] if l["module"] == "ejabberd_service"]
+    assert service["port"] == int(port)
+    assert service["hosts"][env["XTLS_COMPONENT__DOMAIN"]]["password"] == env["XTLS_COMPONENT__SECRET"]
+    assert doc["services"]["xtls-component"]["ports"] == [f"127.0.0.1:{instructions('EXPOSE')[0]}:8347"]
+
+
+def test_healthcheck_subcommand_against_a_running_instance(component):
+    binary = str(binary_path())
+    ok = subprocess.run(
+        [binary, "healthcheck", "--addr", f"127.0.0.1:{component.admin_port}"], capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    # From the configuration, as the image's HEALTHCHECK does (only admin.listen is read).
+    from_config = subprocess.run(
+        [binary, "healthcheck", "--config", str(component.config_path)],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert from_config.returncode == 0, from_config.stderr
+    down = subprocess.run(
+        [binary, "healthcheck", "--addr", f"127.0.0.1:{free_port()}", "--timeout", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert down.returncode == 1 and "unhealthy" in down.stderr, (down.returncode, down.stderr)
