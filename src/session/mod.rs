@@ -321,6 +321,7 @@ impl BotTable {
         };
         let handler = Handler::parse(&record.handler).unwrap_or(Handler::Echo);
         let driver = BotDriver {
+            stopping: None,
             started_at: crate::store::now(),
             handler,
             logging: handler == Handler::Api,
@@ -436,9 +437,9 @@ impl BotTable {
 
     /// Stops every driver, closing their tunnels.
     pub async fn stop_all(&self) {
-        for bot in self.list() {
-            bot.stop(CloseReason::Shutdown).await;
-        }
+        let bots = self.list();
+        futures_util::future::join_all(bots.iter().map(|bot| bot.stop(CloseReason::Shutdown)))
+            .await;
     }
 }
 
@@ -449,8 +450,20 @@ struct Live {
     in_handshake: bool,
 }
 
+/// A driver closing its tunnels before it stops.
+struct Stopping {
+    deadline: Instant,
+    reason: CloseReason,
+    done: Vec<oneshot::Sender<()>>,
+}
+
+/// How long a stopping driver waits for its peers to answer the graceful close.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 struct BotDriver {
     bot: BotRecord,
+    /// Set once asked to stop: new work is refused while the tunnels close.
+    stopping: Option<Stopping>,
     /// When this driver was made: messages accepted earlier belong to a previous run.
     started_at: String,
     handler: Handler,
@@ -523,6 +536,7 @@ impl BotDriver {
                 .map(Instant::from_std)
                 .into_iter()
                 .chain(self.disco_deadline())
+                .chain(self.stopping.as_ref().map(|s| s.deadline))
                 .min();
             tokio::select! {
                 cmd = self.rx.recv() => {
@@ -554,20 +568,56 @@ impl BotDriver {
                 self.pump().await;
             }
             self.flush().await;
+            if self.finish_stopping().await {
+                return;
+            }
         }
     }
 
     /// Handles one command; `true` once the driver has stopped.
     async fn dispatch(&mut self, cmd: BotCommand) -> bool {
         if let BotCommand::Stop(reason, done) = cmd {
-            self.pump().await;
-            self.flush().await;
-            self.stop(reason).await;
-            let _ = done.send(());
-            return true;
+            if let Some(stopping) = self.stopping.as_mut() {
+                stopping.done.push(done);
+                return false;
+            }
+            // Graceful: close_notify and `<close/>` on every tunnel, then wait (bounded)
+            // for the peers' answers while the driver keeps running.
+            let now = Instant::now();
+            for (key, live) in self.tunnels.iter_mut() {
+                if live.tunnel.state() == State::Open {
+                    live.tunnel.close_because(now.into_std(), reason.clone());
+                } else if live.tunnel.state() != State::Closed {
+                    // Nothing to protect before the handshake is done: `<close/>` at once.
+                    self.held.push((None, standalone_close(key)));
+                    live.tunnel.abandon(reason.clone());
+                }
+            }
+            self.stopping = Some(Stopping {
+                deadline: now + STOP_GRACE,
+                reason,
+                done: vec![done],
+            });
+            return false;
         }
         self.handle(cmd).await;
         false
+    }
+
+    /// Once stopping and every tunnel is closed (or the grace period is over): stops.
+    async fn finish_stopping(&mut self) -> bool {
+        let Some(stopping) = self.stopping.as_ref() else {
+            return false;
+        };
+        if !self.tunnels.is_empty() && Instant::now() < stopping.deadline {
+            return false;
+        }
+        let stopping = self.stopping.take().expect("checked");
+        self.stop(stopping.reason).await;
+        for done in stopping.done {
+            let _ = done.send(());
+        }
+        true
     }
 
     /// Queues a stanza for the server; it leaves at the end of this step.
@@ -921,6 +971,9 @@ impl BotDriver {
 
     /// Which capacity cap a new tunnel to `key` would exceed.
     fn over_limit(&self, key: &TunnelKey) -> Option<&'static str> {
+        if self.stopping.is_some() {
+            return Some("the bot is stopping");
+        }
         let limits = &self.shared.limits;
         let peer_bare = bare(&key.peer);
         let per_peer = self
@@ -1683,6 +1736,91 @@ mod driver_tests {
         assert!(
             kinds.contains(&"tunnel.established:".to_owned()),
             "{kinds:?}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn stopping_closes_tunnels_with_close_notify_then_close() {
+        let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+        let bot = bots
+            .create(NewBot {
+                localpart: "weather".into(),
+                handler: Handler::Api,
+                peer_auth: PeerAuth::Required,
+                trust: TrustMode::Tofu,
+            })
+            .await
+            .unwrap();
+        let mut peer = Tunnel::initiate(
+            std::time::Instant::now(),
+            TunnelParams {
+                config: TunnelConfig::default(),
+                key: TunnelKey {
+                    local: "alice@example.net/phone".into(),
+                    peer: bot.record.jid.clone(),
+                },
+                creds: BotCredentials::new(BotIdentity::generate("alice@example.net").unwrap())
+                    .unwrap(),
+                policy: PeerPolicy::default(),
+                id_prefix: "alice-".into(),
+            },
+        );
+        until_open(&mut peer, &bot, &mut rx).await;
+        let stopped = tokio::spawn({
+            let bot = bot.clone();
+            async move { bot.stop(CloseReason::Shutdown).await }
+        });
+        let mut saw_close = false;
+        let mut data_before_close = false;
+        let mut closed = None;
+        for _ in 0..50 {
+            while let Some(el) = peer.poll_transmit() {
+                bot.try_deliver(el).unwrap();
+            }
+            while let Some(ev) = peer.poll_event() {
+                if let Event::Closed(reason) = ev {
+                    closed = Some(reason);
+                }
+            }
+            if closed.is_some() {
+                break;
+            }
+            let Ok(Some(el)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await else {
+                break;
+            };
+            saw_close |= el.has_child("close", ns::XTLS);
+            data_before_close |= !saw_close && el.has_child("data", ns::XTLS);
+            peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
+        }
+        while let Some(el) = peer.poll_transmit() {
+            bot.try_deliver(el).unwrap();
+        }
+        assert!(saw_close, "the bot sent <close/>");
+        assert!(
+            data_before_close,
+            "close_notify travelled in a data IQ before <close/>"
+        );
+        assert_eq!(
+            closed,
+            Some(CloseReason::PeerClosed),
+            "the peer saw a graceful close (close_notify first, then <close/>)"
+        );
+        tokio::time::timeout(Duration::from_secs(5), stopped)
+            .await
+            .expect("the driver stops once its tunnels are closed")
+            .unwrap();
+        let events = bots
+            .shared()
+            .store
+            .read_events(&bot.record.jid, 0, 100, false)
+            .await
+            .unwrap();
+        let last = events.last().unwrap();
+        assert_eq!(
+            (last.kind.as_str(), last.data["code"].as_str()),
+            ("tunnel.closed", Some("shutdown")),
+            "the close was logged before the driver stopped"
         );
         std::fs::remove_dir_all(dir).unwrap();
     }

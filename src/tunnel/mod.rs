@@ -640,6 +640,11 @@ impl Tunnel {
         self.close_with(now, CloseReason::Local);
     }
 
+    /// [`Tunnel::close`], reporting `reason` when it is done (shutdown, bot deleted).
+    pub fn close_because(&mut self, now: Instant, reason: CloseReason) {
+        self.close_with(now, reason);
+    }
+
     /// Ends the tunnel at once without sending anything (the stream is gone, or the peer is).
     pub fn abandon(&mut self, reason: CloseReason) {
         self.finish(reason);
