@@ -1476,6 +1476,38 @@ mod driver_tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// The `api` bot weather@bots.example.org.
+    async fn api_bot(bots: &BotTable) -> BotHandle {
+        bots.create(NewBot {
+            localpart: "weather".into(),
+            handler: Handler::Api,
+            peer_auth: PeerAuth::Required,
+            trust: TrustMode::Tofu,
+        })
+        .await
+        .unwrap()
+    }
+
+    /// alice@example.net/phone's engine, with a tunnel to the bot open.
+    async fn open_peer(bot: &BotHandle, rx: &mut mpsc::Receiver<Element>) -> Tunnel {
+        let mut peer = Tunnel::initiate(
+            std::time::Instant::now(),
+            TunnelParams {
+                config: TunnelConfig::default(),
+                key: TunnelKey {
+                    local: "alice@example.net/phone".into(),
+                    peer: bot.record.jid.clone(),
+                },
+                creds: BotCredentials::new(BotIdentity::generate("alice@example.net").unwrap())
+                    .unwrap(),
+                policy: PeerPolicy::default(),
+                id_prefix: "alice-".into(),
+            },
+        );
+        until_open(&mut peer, bot, rx).await;
+        peer
+    }
+
     /// Feeds the peer's stanzas to the bot and the bot's to the peer until the peer is open.
     async fn until_open(peer: &mut Tunnel, bot: &BotHandle, rx: &mut mpsc::Receiver<Element>) {
         for _ in 0..100 {
@@ -1497,31 +1529,9 @@ mod driver_tests {
     #[tokio::test]
     async fn an_api_bot_commits_events_before_acknowledging_data() {
         let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
-        let bot = bots
-            .create(NewBot {
-                localpart: "weather".into(),
-                handler: Handler::Api,
-                peer_auth: PeerAuth::Required,
-                trust: TrustMode::Tofu,
-            })
-            .await
-            .unwrap();
+        let bot = api_bot(&bots).await;
         let store = bots.shared().store.clone();
-        let mut peer = Tunnel::initiate(
-            std::time::Instant::now(),
-            TunnelParams {
-                config: TunnelConfig::default(),
-                key: TunnelKey {
-                    local: "alice@example.net/phone".into(),
-                    peer: bot.record.jid.clone(),
-                },
-                creds: BotCredentials::new(BotIdentity::generate("alice@example.net").unwrap())
-                    .unwrap(),
-                policy: PeerPolicy::default(),
-                id_prefix: "alice-".into(),
-            },
-        );
-        until_open(&mut peer, &bot, &mut rx).await;
+        let mut peer = open_peer(&bot, &mut rx).await;
 
         let message: Element =
             "<message xmlns='jabber:client' type='chat'><body>forecast?</body></message>"
@@ -1603,15 +1613,7 @@ mod driver_tests {
     async fn a_bot_opens_a_tunnel_after_disco_and_reports_the_peer_acknowledgement() {
         let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
         bots.shared().link_up.store(true, Ordering::Relaxed);
-        let bot = bots
-            .create(NewBot {
-                localpart: "weather".into(),
-                handler: Handler::Api,
-                peer_auth: PeerAuth::Required,
-                trust: TrustMode::Tofu,
-            })
-            .await
-            .unwrap();
+        let bot = api_bot(&bots).await;
         let store = bots.shared().store.clone();
         let alice = "alice@example.net/phone";
         let msg = |id: &str, to: &str| OutMsg {
@@ -1743,30 +1745,8 @@ mod driver_tests {
     #[tokio::test]
     async fn stopping_closes_tunnels_with_close_notify_then_close() {
         let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
-        let bot = bots
-            .create(NewBot {
-                localpart: "weather".into(),
-                handler: Handler::Api,
-                peer_auth: PeerAuth::Required,
-                trust: TrustMode::Tofu,
-            })
-            .await
-            .unwrap();
-        let mut peer = Tunnel::initiate(
-            std::time::Instant::now(),
-            TunnelParams {
-                config: TunnelConfig::default(),
-                key: TunnelKey {
-                    local: "alice@example.net/phone".into(),
-                    peer: bot.record.jid.clone(),
-                },
-                creds: BotCredentials::new(BotIdentity::generate("alice@example.net").unwrap())
-                    .unwrap(),
-                policy: PeerPolicy::default(),
-                id_prefix: "alice-".into(),
-            },
-        );
-        until_open(&mut peer, &bot, &mut rx).await;
+        let bot = api_bot(&bots).await;
+        let mut peer = open_peer(&bot, &mut rx).await;
         let stopped = tokio::spawn({
             let bot = bot.clone();
             async move { bot.stop(CloseReason::Shutdown).await }
