@@ -539,3 +539,51 @@ def test_sigkill_loses_no_acknowledged_message(api_component, users):
     for msg, text in zip(msgs, bodies):
         check_message_event(msg, bot, peer, text, spki)
     assert len({m["tunnel_id"] for m in msgs}) == 1
+
+
+def test_sigterm_closes_tunnels_gracefully_and_loses_nothing(api_component, users):
+    """SIGTERM while alice is sending: her tunnel ends with close_notify and then <close/>,
+    the process exits 0, and after a restart the log holds every acknowledged message and the
+    tunnel.closed of the shutdown."""
+    bot = new_api_bot(api_component, "term")
+    flushed = [f"before shutdown {i}" for i in range(20)]
+    sent: list[str] = []
+
+    async def scenario():
+        async with users.client("alice") as alice:
+            tunnel = await alice.open_tunnel(bot)
+            for body in flushed:
+                await tunnel.send_message(body)
+            await tunnel.flush()  # every data IQ carrying them was acknowledged
+
+            async def keep_sending():
+                i = 0
+                while tunnel.state == "open":
+                    body = f"during shutdown {i}"
+                    try:
+                        await tunnel.send_message(body)
+                    except Exception:
+                        return
+                    sent.append(body)
+                    i += 1
+                    await asyncio.sleep(0.005)
+
+            sender = asyncio.create_task(keep_sending())
+            await asyncio.sleep(0.1)
+            process = api_component._proc
+            await call(api_component.stop)
+            assert process.returncode == 0, f"exit status {process.returncode}"
+            await until(lambda: tunnel.state == "closed", 10, "the tunnel closed")
+            await sender
+            assert tunnel.engine.peer_eof, "close_notify arrived before the tunnel ended"
+            assert tunnel.closed_by_peer, "the component sent <close/>"
+
+    run(scenario(), 40)
+    api_component.start()
+    status, body = poll_events(api_component, bot, after=0, limit=1000)
+    assert status == 200, (status, body)
+    bodies = [m["data"].get("body") for m in messages_received(body["events"])]
+    assert bodies[: len(flushed)] == flushed, "acknowledged messages lost"
+    assert bodies[len(flushed):] == sent[: len(bodies) - len(flushed)], "messages reordered or invented"
+    closed = [e for e in body["events"] if e["type"] == "tunnel.closed"]
+    assert [e["data"]["code"] for e in closed] == ["shutdown"], closed
