@@ -140,7 +140,12 @@ pub fn app(state: AdminState) -> Router {
         .merge(crate::botapi::routes())
         .fallback(|| async { ApiError::NotFound("route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
+    let metrics = Router::new()
+        .route("/metrics", get(metrics_route))
+        .route_layer(middleware::from_fn(require_admin))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
+        .merge(metrics)
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .nest("/v1", v1)
@@ -184,6 +189,70 @@ pub fn probe_health(
         Some(code) => Err(format!("/healthz answered {code}")),
         None => Err(format!("{addr} did not answer HTTP")),
     }
+}
+
+/// The metrics router for a listener of its own (no token: bind it where only the scraper
+/// reaches it).
+pub fn metrics_app(bots: BotTable) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let bots = bots.clone();
+            async move { metrics_response(&bots).await }
+        }),
+    )
+}
+
+async fn metrics_route(State(state): State<AdminState>) -> Response {
+    metrics_response(&state.bots).await
+}
+
+/// Reads the state gauges and renders every metric.
+async fn metrics_response(bots: &BotTable) -> Response {
+    let shared = bots.shared();
+    let m = &shared.metrics;
+    let list = bots.list();
+    m.bots.set(list.len() as i64);
+    m.certificate_expiry.clear();
+    for bot in &list {
+        if let Ok(t) = time::OffsetDateTime::parse(
+            &bot.identity.info.not_after,
+            &time::format_description::well_known::Rfc3339,
+        ) {
+            m.certificate_expiry
+                .get_or_create(&crate::metrics::Bot {
+                    bot: bot.record.jid.clone(),
+                })
+                .set(t.unix_timestamp());
+        }
+    }
+    m.tunnels.clear();
+    for state in STATES {
+        m.tunnels
+            .get_or_create(&crate::metrics::StateLabel {
+                state: (*state).into(),
+            })
+            .set(0);
+    }
+    for t in shared.table.snapshot() {
+        m.tunnels
+            .get_or_create(&crate::metrics::StateLabel { state: t.state })
+            .inc();
+    }
+    match shared.store.pending_total().await {
+        Ok(n) => {
+            m.pending_events.set(n as i64);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot count pending events for /metrics"),
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
 }
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte from timings.

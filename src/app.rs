@@ -84,8 +84,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let router = tokio::spawn(async move {
         while let Some(event) = events_rx.recv().await {
             match event {
-                LinkEvent::Up => router_bots.broadcast_link(true).await,
-                LinkEvent::Down(reason) => {
+                LinkEvent::Up => {
+                    router_bots.shared().metrics.connected.set(1);
+                    router_bots.broadcast_link(true).await
+                }
+                LinkEvent::Down(code, reason) => {
+                    let metrics = &router_bots.shared().metrics;
+                    metrics.connected.set(0);
+                    metrics
+                        .reconnects
+                        .get_or_create(&crate::metrics::Reason {
+                            reason: code.into(),
+                        })
+                        .inc();
                     tracing::warn!(reason, "all tunnels lost with the server link");
                     router_bots.broadcast_link(false).await;
                 }
@@ -110,6 +121,24 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         bots: bots.clone(),
         token: config.token().clone(),
         link: status_rx,
+    };
+    let metrics_server = match config.metrics.listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (metrics.listen)"))?;
+            tracing::info!(listen = %addr, "metrics listening");
+            let mut stop = stop_rx.clone();
+            let app = admin::metrics_app(bots.clone());
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await
+            }))
+        }
+        None => None,
     };
     let mut admin_stop = stop_rx.clone();
     let admin = tokio::spawn(async move {
@@ -144,6 +173,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), admin).await;
     router.abort();
+    if let Some(server) = metrics_server {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    }
     pruner.abort();
     store.close().await;
     outcome

@@ -28,8 +28,9 @@ pub enum LinkEvent {
     Up,
     /// A stanza from the server, in `jabber:client`.
     Stanza(Element),
-    /// The stream was lost; every tunnel on it is gone (spec §3.5 rule 4).
-    Down(String),
+    /// The stream was lost; every tunnel on it is gone (spec §3.5 rule 4): a short code
+    /// (`io`, `xml`, `stream_error`, `protocol`, `timeout`, `closed`) and the details.
+    Down(&'static str, String),
 }
 
 /// Whether the link is usable, for `/readyz`.
@@ -72,6 +73,19 @@ enum SessionError {
     Timeout(&'static str),
     #[error("shutting down")]
     Shutdown,
+}
+
+impl SessionError {
+    fn code(&self) -> &'static str {
+        match self {
+            SessionError::Io(_) => "io",
+            SessionError::Xml(_) => "xml",
+            SessionError::Stream { .. } => "stream_error",
+            SessionError::Protocol(_) => "protocol",
+            SessionError::Timeout(_) => "timeout",
+            SessionError::Shutdown => "shutdown",
+        }
+    }
 }
 
 /// Stream errors that mean the configuration is wrong (spec §3.5 rule 2).
@@ -432,11 +446,11 @@ impl Link {
     }
     .await;
         if !matches!(result, Err(SessionError::Shutdown)) {
-            let reason = match &result {
-                Err(e) => e.to_string(),
-                Ok(()) => "closed".into(),
+            let (code, reason) = match &result {
+                Err(e) => (e.code(), e.to_string()),
+                Ok(()) => ("closed", "closed".into()),
             };
-            let _ = events.send(LinkEvent::Down(reason)).await;
+            let _ = events.send(LinkEvent::Down(code, reason)).await;
         }
         result
     }

@@ -83,6 +83,9 @@ pub struct Config {
     /// The bots' event logs.
     #[serde(default)]
     pub events: EventsConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// Webhook delivery.
     #[serde(default)]
     pub webhooks: WebhooksConfig,
@@ -282,6 +285,14 @@ impl Default for LimitsConfig {
             max_stanza_bytes: 1024 * 1024,
         }
     }
+}
+
+/// `[metrics]`: where `/metrics` is served.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A listener of its own, without token; unset: on the admin listener, admin token required.
+    pub listen: Option<SocketAddr>,
 }
 
 /// `[events]`: the bots' event logs.

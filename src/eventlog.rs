@@ -190,6 +190,14 @@ impl Store {
         Ok(row.map(|r| r.get(0)))
     }
 
+    /// Events no reader has acknowledged yet, over all bots.
+    pub async fn pending_total(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM events WHERE state = 0")
+            .fetch_one(self.pool())
+            .await?;
+        Ok(row.get::<i64, _>(0) as u64)
+    }
+
     /// The bot's cursor: every event up to it is acknowledged or dead.
     pub async fn cursor(&self, bot: &str) -> Result<u64, StoreError> {
         let row = sqlx::query(

@@ -17,6 +17,7 @@
 //! | [`webhook`] | signed webhook delivery of the event logs, retries and dead letters |
 //! | [`admin`] | the axum admin API |
 //! | [`botapi`] | the bot-facing routes: events, webhook, deliveries, tokens |
+//! | [`metrics`] | Prometheus counters and gauges, `/metrics` |
 //! | [`config`] | the TOML configuration with environment overrides |
 //! | [`app`] | wiring and ordered shutdown |
 
@@ -27,6 +28,7 @@ pub mod certs;
 pub mod component;
 pub mod config;
 pub mod eventlog;
+pub mod metrics;
 pub mod router;
 pub mod session;
 pub mod stanza;

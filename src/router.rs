@@ -34,6 +34,7 @@ pub fn route(stanza: Element, bots: &BotTable) -> Option<Element> {
             Ok(()) => None,
             Err(mpsc::error::TrySendError::Full(crate::session::BotCommand::Stanza(stanza))) => {
                 tracing::warn!(bot = bot.record.jid, "bot queue full");
+                bots.shared().metrics.rejected("bot_queue");
                 is_request.then(|| {
                     error_reply(
                         &stanza,

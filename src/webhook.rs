@@ -304,16 +304,15 @@ pub async fn run(bot: BotHandle, shared: Arc<Shared>) {
                     continue;
                 }
                 busy.insert(group.clone());
-                let (hook, store, bot, config, head, group) = (
+                let (hook, shared, bot, head, group) = (
                     hook.clone(),
-                    store.clone(),
+                    shared.clone(),
                     bot.clone(),
-                    shared.webhooks.clone(),
                     head.clone(),
                     group.clone(),
                 );
                 in_flight.spawn(async move {
-                    let retry = deliver(&hook, &store, &bot, &config, head).await;
+                    let retry = deliver(&hook, &shared, &bot, head).await;
                     (group, retry)
                 });
             }
@@ -343,13 +342,8 @@ pub async fn run(bot: BotHandle, shared: Arc<Shared>) {
 }
 
 /// Posts one event and records the outcome.
-async fn deliver(
-    hook: &Webhook,
-    store: &Store,
-    bot: &BotHandle,
-    config: &WebhooksConfig,
-    head: Head,
-) -> Option<Head> {
+async fn deliver(hook: &Webhook, shared: &Shared, bot: &BotHandle, head: Head) -> Option<Head> {
+    let (store, config) = (&shared.store, &shared.webhooks);
     let event = &head.event;
     let body = serde_json::to_vec(event).expect("an event serializes");
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -431,6 +425,18 @@ async fn deliver(
             "webhook delivery failed"
         );
     }
+    let result = match outcome {
+        Outcome::Delivered => "delivered",
+        Outcome::Retry { .. } => "failed",
+        Outcome::Dead => "dead",
+    };
+    shared
+        .metrics
+        .webhook_deliveries
+        .get_or_create(&crate::metrics::Outcome {
+            result: result.into(),
+        })
+        .inc();
     let attempt = Attempt {
         event_id: event.id.clone(),
         seq: event.seq,

@@ -49,6 +49,8 @@ pub struct Shared {
     pub webhooks: WebhooksConfig,
     /// Whether the component link is authenticated.
     pub link_up: std::sync::atomic::AtomicBool,
+    /// Counters and histograms.
+    pub metrics: crate::metrics::Metrics,
     handshakes: AtomicUsize,
     tunnels: AtomicUsize,
 }
@@ -74,6 +76,7 @@ impl Shared {
             max_batch: events.max_batch.max(1),
             webhooks,
             link_up: Default::default(),
+            metrics: Default::default(),
             handshakes: AtomicUsize::new(0),
             tunnels: AtomicUsize::new(0),
         })
@@ -445,6 +448,8 @@ impl BotTable {
 
 struct Live {
     tunnel: Tunnel,
+    /// When the tunnel was created (for the handshake duration).
+    created: Instant,
     record: TunnelRecord,
     /// Whether this tunnel counts against the concurrent-handshake cap.
     in_handshake: bool,
@@ -971,8 +976,17 @@ impl BotDriver {
 
     /// Which capacity cap a new tunnel to `key` would exceed.
     fn over_limit(&self, key: &TunnelKey) -> Option<&'static str> {
+        let over = self.which_limit(key);
+        if let Some((kind, _)) = over {
+            self.shared.metrics.rejected(kind);
+        }
+        over.map(|(_, text)| text)
+    }
+
+    /// The limit (kind and text) a new tunnel to `key` would exceed.
+    fn which_limit(&self, key: &TunnelKey) -> Option<(&'static str, &'static str)> {
         if self.stopping.is_some() {
-            return Some("the bot is stopping");
+            return Some(("stopping", "the bot is stopping"));
         }
         let limits = &self.shared.limits;
         let peer_bare = bare(&key.peer);
@@ -982,13 +996,13 @@ impl BotDriver {
             .filter(|k| bare(&k.peer) == peer_bare)
             .count();
         if self.tunnels.len() >= limits.tunnels_per_bot {
-            Some("too many tunnels for this bot")
+            Some(("tunnels_per_bot", "too many tunnels for this bot"))
         } else if per_peer >= limits.tunnels_per_peer {
-            Some("too many tunnels for this peer")
+            Some(("tunnels_per_peer", "too many tunnels for this peer"))
         } else if self.shared.tunnels.load(Ordering::Relaxed) >= limits.tunnels_total {
-            Some("too many tunnels")
+            Some(("tunnels_total", "too many tunnels"))
         } else if self.shared.handshakes.load(Ordering::Relaxed) >= limits.handshakes {
-            Some("too many handshakes in progress")
+            Some(("handshakes", "too many handshakes in progress"))
         } else {
             None
         }
@@ -1058,6 +1072,7 @@ impl BotDriver {
             Live {
                 tunnel,
                 record,
+                created: Instant::now(),
                 in_handshake: true,
             },
         );
@@ -1094,6 +1109,13 @@ impl BotDriver {
             }
             if let Some(live) = self.tunnels.get_mut(&key) {
                 let stats = live.tunnel.stats();
+                let r = &live.record;
+                self.shared.metrics.traffic(
+                    stats.stanzas_in - r.stanzas_in,
+                    stats.stanzas_out - r.stanzas_out,
+                    stats.bytes_in - r.bytes_in,
+                    stats.bytes_out - r.bytes_out,
+                );
                 live.record.stanzas_in = stats.stanzas_in;
                 live.record.stanzas_out = stats.stanzas_out;
                 live.record.bytes_in = stats.bytes_in;
@@ -1134,6 +1156,11 @@ impl BotDriver {
                     live.in_handshake = false;
                     self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
                 }
+                let metrics = &self.shared.metrics;
+                metrics.opened(&r.role, true);
+                metrics
+                    .handshake_seconds
+                    .observe(live.created.elapsed().as_secs_f64());
                 let record = r.clone();
                 tracing::info!(
                     bot = self.bot.jid,
@@ -1222,6 +1249,12 @@ impl BotDriver {
                     &key.peer,
                 );
                 let changed = matches!(&reason, CloseReason::CertificateRejected(text) if text.contains("does not match the key pinned"));
+                if r.established_at.is_none() {
+                    self.shared.metrics.opened(&r.role, false);
+                }
+                if changed {
+                    self.shared.metrics.identity_changes.inc();
+                }
                 let id = r.id.clone();
                 r.state = "closed".into();
                 r.closed_at = Some(crate::store::now());

@@ -587,3 +587,49 @@ def test_sigterm_closes_tunnels_gracefully_and_loses_nothing(api_component, user
     assert bodies[len(flushed):] == sent[: len(bodies) - len(flushed)], "messages reordered or invented"
     closed = [e for e in body["events"] if e["type"] == "tunnel.closed"]
     assert [e["data"]["code"] for e in closed] == ["shutdown"], closed
+
+
+def test_metrics_moved_during_the_run_and_name_no_peer(api_component, users):
+    """GET /metrics (admin token) after traffic through this module's component."""
+    bot = new_api_bot(api_component, "metered")
+    receiver = WebhookReceiver()
+    try:
+        put_webhook(api_component, bot, receiver)
+
+        async def scenario():
+            async with users.client("bob") as bob:
+                tunnel = await bob.open_tunnel(bot)
+                for i in range(5):
+                    await tunnel.send_message(f"metered {i}")
+                await call(receiver.wait_for, lambda r: len(r.acked("message.received")) == 5, 10, "5 deliveries")
+                return bob.jid
+
+        peer = run(scenario(), 30)
+        status, text = api_component.get("/metrics")
+        assert status == 200, (status, text)
+        assert isinstance(text, str), text
+
+        def value(name: str, **labels) -> float:
+            want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            pattern = rf"^{re.escape(name)}(\{{{re.escape(want)}\}})? (\S+)$" if want else rf"^{re.escape(name)} (\S+)$"
+            m = re.search(pattern, text, re.M)
+            assert m, f"{name} {labels} not in /metrics:\n{text}"
+            return float(m.groups()[-1])
+
+        assert value("xtls_component_connected") == 1
+        assert value("xtls_tunnels_opened_total", role="responder", result="established") >= 1
+        assert value("xtls_tunnel_stanzas_total", direction="in") >= 5
+        assert value("xtls_tunnel_bytes_total", direction="out") > 0
+        assert value("xtls_webhook_deliveries_total", result="delivered") >= 5
+        assert value("xtls_bots") >= 1
+        assert value("xtls_certificate_expiry_timestamp_seconds", bot=bot) > time.time()
+        assert re.search(r'^xtls_build_info\{version="[^"]+"\} 1$', text, re.M), text
+        assert "xtls_handshake_duration_seconds_count" in text
+        assert peer.split("/")[0] not in text, "a peer JID leaked into a label"
+        assert api_component.get("/metrics", token=False)[0] == 401
+        status, tok = api_component.post(f"/v1/bots/{bot}/tokens")
+        assert status == 201, (status, tok)
+        assert api_component.get("/metrics", token=tok["token"])[0] == 403
+    finally:
+        drop_webhook(api_component, bot)
+        receiver.stop()
