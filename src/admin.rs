@@ -154,11 +154,10 @@ pub fn app(state: AdminState) -> Router {
 
 /// Asks `GET /healthz` of an instance listening on `addr` (loopback when it listens on all
 /// addresses); `Err` says why it is not healthy.
-pub fn probe_health(
+pub async fn probe_health(
     addr: std::net::SocketAddr,
     timeout: std::time::Duration,
 ) -> Result<(), String> {
-    use std::io::{Read, Write};
     let mut addr = addr;
     if addr.ip().is_unspecified() {
         addr.set_ip(match addr {
@@ -166,28 +165,15 @@ pub fn probe_health(
             std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .and_then(|()| stream.set_write_timeout(Some(timeout)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        stream,
-        "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("cannot ask {addr}: {e}"))?;
-    let mut answer = Vec::new();
-    stream
-        .take(64 * 1024)
-        .read_to_end(&mut answer)
+    let answer = crate::webhook::client()
+        .get(format!("http://{addr}/healthz"))
+        .timeout(timeout)
+        .send()
+        .await
         .map_err(|e| format!("no answer from {addr}: {e}"))?;
-    let status_line = answer.split(|b| *b == b'\n').next().unwrap_or_default();
-    let status_line = String::from_utf8_lossy(status_line);
-    match status_line.split_whitespace().nth(1) {
-        Some("200") => Ok(()),
-        Some(code) => Err(format!("/healthz answered {code}")),
-        None => Err(format!("{addr} did not answer HTTP")),
+    match answer.status() {
+        StatusCode::OK => Ok(()),
+        status => Err(format!("/healthz answered {status}")),
     }
 }
 

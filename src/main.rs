@@ -104,7 +104,15 @@ fn healthcheck(
             }
         },
     };
-    match xtls_component::admin::probe_health(addr, std::time::Duration::from_secs(timeout)) {
+    let probe = xtls_component::admin::probe_health(addr, std::time::Duration::from_secs(timeout));
+    let answer = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(probe),
+        Err(e) => Err(format!("cannot start the runtime: {e}")),
+    };
+    match answer {
         Ok(()) => {
             println!("healthy");
             ExitCode::SUCCESS

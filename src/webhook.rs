@@ -145,7 +145,8 @@ pub fn reply_stanzas(reply: &Value) -> Result<Vec<Element>, String> {
     }
 }
 
-fn client() -> &'static reqwest::Client {
+/// The process's HTTP client (no redirects followed), with the ring crypto provider.
+pub(crate) fn client() -> &'static reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
     CLIENT.get_or_init(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -185,6 +186,14 @@ impl Queues {
             return;
         }
         let queue = self.by_group.entry(group.clone()).or_default();
+        // Each queue is its tunnel's oldest pending events in order: a read from the start
+        // meets the ones already held again.
+        if queue
+            .back()
+            .is_some_and(|held| held.event.seq >= head.event.seq)
+        {
+            return;
+        }
         if queue.len() >= PER_TUNNEL {
             self.overflowed.insert(group);
             return;
@@ -251,11 +260,6 @@ pub async fn run(bot: BotHandle, shared: Arc<Shared>) {
                 queues.read_through = 0;
             }
             while queues.len < WINDOW / 2 && queues.read_through < committed {
-                let in_memory: HashSet<u64> = queues
-                    .by_group
-                    .values()
-                    .flat_map(|q| q.iter().map(|h| h.event.seq))
-                    .collect();
                 let limit = WINDOW - queues.len;
                 match store
                     .pending_events(&jid, queues.read_through, limit as u32)
@@ -265,9 +269,7 @@ pub async fn run(bot: BotHandle, shared: Arc<Shared>) {
                         let full = heads.len() == limit;
                         let last = heads.last().map(|h| h.event.seq);
                         for head in heads {
-                            if !in_memory.contains(&head.event.seq) {
-                                queues.push(head);
-                            }
+                            queues.push(head);
                         }
                         tracing::trace!(
                             bot = jid,

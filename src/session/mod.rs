@@ -169,21 +169,21 @@ impl BotHandle {
     /// Hands a stored message to the driver; its first outcome, or `None` when the driver
     /// did not answer in time (the message stays accepted and is reported by its status).
     pub async fn submit(&self, msg: OutMsg) -> Option<Submitted> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(BotCommand::Submit(Box::new(msg), tx))
-            .await
-            .ok()?;
-        tokio::time::timeout(Duration::from_secs(15), rx)
-            .await
-            .ok()?
-            .ok()
+        self.ask(|tx| BotCommand::Submit(Box::new(msg), tx)).await
     }
 
     /// Asks the driver to open a tunnel to a full JID.
     pub async fn open(&self, peer: String) -> Option<Submitted> {
+        self.ask(|tx| BotCommand::Open(peer, tx)).await
+    }
+
+    /// Sends a command and waits (bounded) for the driver's first answer to it.
+    async fn ask(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Submitted>) -> BotCommand,
+    ) -> Option<Submitted> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(BotCommand::Open(peer, tx)).await.ok()?;
+        self.tx.send(command(tx)).await.ok()?;
         tokio::time::timeout(Duration::from_secs(15), rx)
             .await
             .ok()?
