@@ -10,9 +10,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 use tokio::sync::watch;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
+use crate::apidoc::{BotPath, PROBLEM_JSON, Problem, TunnelPath};
 use crate::component::LinkStatus;
 use crate::config::{Handler, Secret};
 use crate::session::{BotError, BotHandle, BotTable, NewBot};
@@ -87,17 +90,15 @@ impl IntoResponse for ApiError {
 }
 
 fn problem(status: StatusCode, detail: &str) -> Response {
-    let body = json!({
-        "type": "about:blank",
-        "title": status.canonical_reason().unwrap_or("error"),
-        "status": status.as_u16(),
-        "detail": detail,
-    });
+    let body = Problem {
+        kind: "about:blank".into(),
+        title: status.canonical_reason().unwrap_or("error").into(),
+        status: status.as_u16(),
+        detail: detail.into(),
+    };
     let mut resp = (status, Json(body)).into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
     if status == StatusCode::UNAUTHORIZED {
         resp.headers_mut()
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -123,33 +124,72 @@ impl From<BotError> for ApiError {
 
 /// The router; tests call it without a port.
 pub fn app(state: AdminState) -> Router {
-    let admin_only = Router::new()
-        .route("/bots", get(list_bots).post(create_bot))
-        .route("/bots/{jid}", get(get_bot).delete(delete_bot))
-        .route("/bots/{jid}/certificate", get(get_certificate))
-        .route("/bots/{jid}/peers", get(get_peers))
-        .route(
-            "/tunnels",
-            get(list_tunnels).post(crate::botapi::open_tunnel),
-        )
-        .route("/tunnels/{id}", get(get_tunnel).delete(delete_tunnel))
+    let (router, doc) = routes(state.clone()).split_for_parts();
+    let document = crate::apidoc::finish(doc)
+        .to_json()
+        .expect("the OpenAPI document serializes");
+    router
+        .layer(axum::Extension(OpenApiJson(std::sync::Arc::new(document))))
+        .with_state(state)
+}
+
+/// The serialized OpenAPI document, made once at start-up.
+#[derive(Clone)]
+struct OpenApiJson(std::sync::Arc<String>);
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "health", responses(
+    (status = 200, description = "The OpenAPI 3.1 document of this API", body = Object)))]
+async fn openapi_json(axum::Extension(doc): axum::Extension<OpenApiJson>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        doc.0.as_str().to_owned(),
+    )
+        .into_response()
+}
+
+/// The admin API's routes with their OpenAPI document.
+pub fn routes(state: AdminState) -> OpenApiRouter<AdminState> {
+    let admin_only = OpenApiRouter::new()
+        .routes(routes!(list_bots, create_bot))
+        .routes(routes!(get_bot, delete_bot))
+        .routes(routes!(get_certificate))
+        .routes(routes!(get_peers))
+        .routes(routes!(list_tunnels, crate::botapi::open_tunnel))
+        .routes(routes!(get_tunnel, delete_tunnel))
         .merge(crate::botapi::admin_routes())
         .route_layer(middleware::from_fn(require_admin));
-    let v1 = Router::new()
+    let v1 = OpenApiRouter::new()
+        .routes(routes!(openapi_json))
         .merge(admin_only)
         .merge(crate::botapi::routes())
         .fallback(|| async { ApiError::NotFound("route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
-    let metrics = Router::new()
-        .route("/metrics", get(metrics_route))
+    let metrics = OpenApiRouter::new()
+        .routes(routes!(metrics_route))
         .route_layer(middleware::from_fn(require_admin))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
+        .route_layer(middleware::from_fn_with_state(state, require_token));
+    OpenApiRouter::with_openapi(<crate::apidoc::ApiDoc as utoipa::OpenApi>::openapi())
         .merge(metrics)
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
         .nest("/v1", v1)
-        .with_state(state)
+}
+
+/// The answer of `/healthz`.
+#[derive(Serialize, ToSchema)]
+struct Health {
+    /// Always `ok`: the process answers.
+    status: String,
+}
+
+/// Liveness: the process answers HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process is alive", body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
 }
 
 /// Asks `GET /healthz` of an instance listening on `addr` (loopback when it listens on all
@@ -189,6 +229,10 @@ pub fn metrics_app(bots: BotTable) -> Router {
     )
 }
 
+/// Prometheus metrics (OpenMetrics text), with the admin token.
+#[utoipa::path(get, path = "/metrics", tag = "health", responses(
+    (status = 200, description = "Every metric", body = String,
+        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")))]
 async fn metrics_route(State(state): State<AdminState>) -> Response {
     metrics_response(&state.bots).await
 }
@@ -314,16 +358,47 @@ async fn require_admin(caller: Caller, request: Request, next: Next) -> Response
     }
 }
 
+/// The answer of `/readyz`.
+#[derive(Serialize, ToSchema)]
+struct Readiness {
+    /// Both checks pass.
+    ready: bool,
+    /// The component stream to the XMPP server.
+    component: Check,
+    /// The store accepts writes.
+    store: Check,
+}
+
+/// One readiness check.
+#[derive(Serialize, ToSchema)]
+struct Check {
+    /// Whether it passes.
+    ok: bool,
+    /// Why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<String>,
+}
+
+/// Readiness: the component stream is up and the store accepts writes.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, description = "Ready", body = Readiness),
+    (status = 503, description = "Not ready, with the reason", body = Readiness)))]
 async fn readyz(State(state): State<AdminState>) -> Response {
     let link = state.link.borrow().clone();
     let store = state.bots.shared().store.check_writable().await;
     let component = match &link {
-        LinkStatus::Up => json!({"ok": true}),
-        LinkStatus::Connecting(problem) => json!({"ok": false, "problem": problem}),
+        LinkStatus::Up => Check {
+            ok: true,
+            problem: None,
+        },
+        LinkStatus::Connecting(problem) => Check {
+            ok: false,
+            problem: problem.clone(),
+        },
     };
-    let store_json = match &store {
-        Ok(()) => json!({"ok": true}),
-        Err(e) => json!({"ok": false, "problem": e.to_string()}),
+    let store_check = Check {
+        ok: store.is_ok(),
+        problem: store.as_ref().err().map(ToString::to_string),
     };
     let ready = link == LinkStatus::Up && store.is_ok();
     let status = if ready {
@@ -331,28 +406,65 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        Json(json!({"ready": ready, "component": component, "store": store_json})),
-    )
-        .into_response()
+    let body = Readiness {
+        ready,
+        component,
+        store: store_check,
+    };
+    (status, Json(body)).into_response()
 }
 
-fn bot_json(bot: &BotHandle) -> Value {
-    let f = &bot.fingerprints;
-    json!({
-        "jid": bot.record.jid,
-        "localpart": bot.record.localpart,
-        "handler": bot.record.handler,
-        "peer_auth": bot.record.peer_auth,
-        "trust": bot.record.trust,
-        "created_at": bot.record.created_at,
-        "fingerprints": {
-            "spki_sha256": f.spki_sha256.to_string(),
-            "cert_sha256": f.cert_sha256.to_string(),
-            "cert_sha1": f.cert_sha1.to_string(),
-        },
-    })
+/// A bot as the API shows it.
+#[derive(Serialize, ToSchema)]
+pub struct BotView {
+    /// The bot's bare JID.
+    jid: String,
+    /// Its localpart.
+    localpart: String,
+    /// `echo` or `api`.
+    handler: String,
+    /// `required` or `optional`.
+    peer_auth: String,
+    /// `tofu` or `pinned`.
+    trust: String,
+    /// When it was created (RFC 3339).
+    created_at: String,
+    /// Its certificate's fingerprints, to compare out of band.
+    fingerprints: FingerprintsView,
+}
+
+/// A certificate's fingerprints, colon-separated upper-case hex.
+#[derive(Serialize, ToSchema)]
+struct FingerprintsView {
+    /// SHA-256 of the SubjectPublicKeyInfo: what peers pin.
+    spki_sha256: String,
+    /// SHA-256 of the DER certificate.
+    cert_sha256: String,
+    /// SHA-1 of the DER certificate.
+    cert_sha1: String,
+}
+
+impl FingerprintsView {
+    fn of(f: &crate::certs::Fingerprints) -> Self {
+        FingerprintsView {
+            spki_sha256: f.spki_sha256.to_string(),
+            cert_sha256: f.cert_sha256.to_string(),
+            cert_sha1: f.cert_sha1.to_string(),
+        }
+    }
+}
+
+fn bot_view(bot: &BotHandle) -> BotView {
+    let r = &bot.record;
+    BotView {
+        jid: r.jid.clone(),
+        localpart: r.localpart.clone(),
+        handler: r.handler.clone(),
+        peer_auth: r.peer_auth.clone(),
+        trust: r.trust.clone(),
+        created_at: r.created_at.clone(),
+        fingerprints: FingerprintsView::of(&bot.fingerprints),
+    }
 }
 
 /// The bot named in a path, by bare JID or localpart.
@@ -368,21 +480,26 @@ pub fn find_bot(state: &AdminState, jid: &str) -> Result<BotHandle, ApiError> {
         .ok_or_else(|| ApiError::NotFound(format!("bot {jid}")))
 }
 
-async fn list_bots(State(state): State<AdminState>) -> Json<Value> {
-    Json(Value::Array(
-        state.bots.list().iter().map(bot_json).collect(),
-    ))
+/// Every bot.
+#[utoipa::path(get, path = "/bots", tag = "bots",
+    responses((status = 200, description = "The bots", body = [BotView])))]
+async fn list_bots(State(state): State<AdminState>) -> Json<Vec<BotView>> {
+    Json(state.bots.list().iter().map(bot_view).collect())
 }
 
 /// Body of `POST /v1/bots`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateBot {
+    /// The new bot's localpart (RFC 7622).
     localpart: String,
+    /// What the bot does with what reaches it; default `api`.
     #[serde(default = "default_handler")]
     handler: Handler,
+    /// Whether peers must present a certificate; default `required`.
     #[serde(default)]
     peer_auth: PeerAuth,
+    /// How peers' keys become trusted; default `tofu`.
     #[serde(default)]
     trust: TrustMode,
 }
@@ -391,10 +508,15 @@ fn default_handler() -> Handler {
     Handler::Api
 }
 
+/// Creates a bot with a new key and certificate.
+#[utoipa::path(post, path = "/bots", tag = "bots", request_body = CreateBot, responses(
+    (status = 201, description = "Created", body = BotView),
+    (status = 409, description = "A bot with that localpart exists", body = Problem, content_type = PROBLEM_JSON),
+    (status = 422, description = "Not a valid body or localpart", body = Problem, content_type = PROBLEM_JSON)))]
 async fn create_bot(
     State(state): State<AdminState>,
     body: Result<Json<CreateBot>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<BotView>), ApiError> {
     let Json(body) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
     let bot = state
         .bots
@@ -405,16 +527,24 @@ async fn create_bot(
             trust: body.trust,
         })
         .await?;
-    Ok((StatusCode::CREATED, Json(bot_json(&bot))))
+    Ok((StatusCode::CREATED, Json(bot_view(&bot))))
 }
 
+/// One bot.
+#[utoipa::path(get, path = "/bots/{jid}", tag = "bots", params(BotPath), responses(
+    (status = 200, description = "The bot", body = BotView),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
 async fn get_bot(
     State(state): State<AdminState>,
     Path(jid): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(bot_json(&find_bot(&state, &jid)?)))
+) -> Result<Json<BotView>, ApiError> {
+    Ok(Json(bot_view(&find_bot(&state, &jid)?)))
 }
 
+/// Deletes a bot: its tunnels close, its key and history go.
+#[utoipa::path(delete, path = "/bots/{jid}", tag = "bots", params(BotPath), responses(
+    (status = 204, description = "Deleted"),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
 async fn delete_bot(
     State(state): State<AdminState>,
     Path(jid): Path<String>,
@@ -426,55 +556,99 @@ async fn delete_bot(
     }
 }
 
+/// A bot's certificate (public part only).
+#[derive(Serialize, ToSchema)]
+struct CertificateView {
+    /// The bot's bare JID (the certificate's XmppAddr).
+    jid: String,
+    /// The certificate, PEM.
+    pem: String,
+    /// SHA-256 of the SubjectPublicKeyInfo.
+    spki_sha256: String,
+    /// SHA-256 of the DER certificate.
+    cert_sha256: String,
+    /// SHA-1 of the DER certificate.
+    cert_sha1: String,
+    /// Start of validity (RFC 3339).
+    not_before: String,
+    /// End of validity (RFC 3339).
+    not_after: String,
+}
+
+/// A bot's certificate and fingerprints.
+#[utoipa::path(get, path = "/bots/{jid}/certificate", tag = "bots", params(BotPath), responses(
+    (status = 200, description = "The certificate", body = CertificateView),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
 async fn get_certificate(
     State(state): State<AdminState>,
     Path(jid): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CertificateView>, ApiError> {
     let bot = find_bot(&state, &jid)?;
     let id = &bot.identity;
-    Ok(Json(json!({
-        "jid": bot.record.jid,
-        "pem": id.cert_pem(),
-        "spki_sha256": id.info.fingerprints.spki_sha256.to_string(),
-        "cert_sha256": id.info.fingerprints.cert_sha256.to_string(),
-        "cert_sha1": id.info.fingerprints.cert_sha1.to_string(),
-        "not_before": id.info.not_before,
-        "not_after": id.info.not_after,
-    })))
+    let f = FingerprintsView::of(&id.info.fingerprints);
+    Ok(Json(CertificateView {
+        jid: bot.record.jid.clone(),
+        pem: id.cert_pem(),
+        spki_sha256: f.spki_sha256,
+        cert_sha256: f.cert_sha256,
+        cert_sha1: f.cert_sha1,
+        not_before: id.info.not_before.clone(),
+        not_after: id.info.not_after.clone(),
+    }))
 }
 
+/// A peer a bot has seen, with the keys it presented.
+#[derive(Serialize, ToSchema)]
+struct PeerView {
+    /// The peer's bare JID.
+    jid: String,
+    /// Its keys, oldest first.
+    pins: Vec<crate::store::PeerPin>,
+}
+
+/// The peers a bot knows and their pinned keys.
+#[utoipa::path(get, path = "/bots/{jid}/peers", tag = "bots", params(BotPath), responses(
+    (status = 200, description = "The peers", body = [PeerView]),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
 async fn get_peers(
     State(state): State<AdminState>,
     Path(jid): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Vec<PeerView>>, ApiError> {
     let bot = find_bot(&state, &jid)?;
     let pins = state.bots.shared().store.list_pins(&bot.record.jid).await?;
-    let mut peers: Vec<Value> = Vec::new();
+    let mut peers: Vec<PeerView> = Vec::new();
     for pin in pins {
         match peers.last_mut() {
-            Some(last) if last["jid"] == pin.peer => {
-                last["pins"]
-                    .as_array_mut()
-                    .expect("pins array")
-                    .push(json!(pin));
-            }
-            _ => peers.push(json!({"jid": pin.peer, "pins": [pin]})),
+            Some(last) if last.jid == pin.peer => last.pins.push(pin),
+            _ => peers.push(PeerView {
+                jid: pin.peer.clone(),
+                pins: vec![pin],
+            }),
         }
     }
-    Ok(Json(Value::Array(peers)))
+    Ok(Json(peers))
 }
 
 /// Query of `GET /v1/tunnels`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct TunnelQuery {
+    /// Only this bot's tunnels (bare JID).
     bot: Option<String>,
+    /// Only tunnels with this peer.
     peer: Option<String>,
+    /// Only tunnels in this state: starting, handshaking, open, closing or closed.
     state: Option<String>,
+    /// At most this many, newest first (1 to 10000; default 200).
     limit: Option<i64>,
 }
 
 const STATES: &[&str] = &["starting", "handshaking", "open", "closing", "closed"];
 
+/// The session table: live tunnels and history, newest first.
+#[utoipa::path(get, path = "/tunnels", tag = "tunnels", params(TunnelQuery), responses(
+    (status = 200, description = "The tunnels", body = [TunnelRecord]),
+    (status = 422, description = "A query parameter is not valid", body = Problem, content_type = PROBLEM_JSON)))]
 async fn list_tunnels(
     State(state): State<AdminState>,
     query: Result<Query<TunnelQuery>, axum::extract::rejection::QueryRejection>,
@@ -512,6 +686,10 @@ async fn list_tunnels(
     Ok(Json(all))
 }
 
+/// One tunnel, live or historical.
+#[utoipa::path(get, path = "/tunnels/{id}", tag = "tunnels", params(TunnelPath), responses(
+    (status = 200, description = "The tunnel", body = TunnelRecord),
+    (status = 404, description = "No such tunnel", body = Problem, content_type = PROBLEM_JSON)))]
 async fn get_tunnel(
     State(state): State<AdminState>,
     Path(id): Path<String>,
@@ -529,12 +707,20 @@ async fn get_tunnel(
         .ok_or_else(|| ApiError::NotFound(format!("tunnel {id}")))
 }
 
-#[derive(Serialize)]
+/// A close that has begun.
+#[derive(Serialize, ToSchema)]
 struct Accepted {
+    /// The tunnel id.
     id: String,
-    state: &'static str,
+    /// `closing`.
+    state: String,
 }
 
+/// Closes a tunnel (close_notify, then `<close/>`).
+#[utoipa::path(delete, path = "/tunnels/{id}", tag = "tunnels", params(TunnelPath), responses(
+    (status = 202, description = "Closing", body = Accepted),
+    (status = 404, description = "No such tunnel", body = Problem, content_type = PROBLEM_JSON),
+    (status = 409, description = "Already closed", body = Problem, content_type = PROBLEM_JSON)))]
 async fn delete_tunnel(
     State(state): State<AdminState>,
     Path(id): Path<String>,
@@ -544,7 +730,7 @@ async fn delete_tunnel(
             StatusCode::ACCEPTED,
             Json(Accepted {
                 id,
-                state: "closing",
+                state: "closing".into(),
             }),
         ));
     }

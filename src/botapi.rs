@@ -4,47 +4,57 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use sqlx::Row;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::admin::{AdminState, ApiError, Caller, find_bot};
+use crate::apidoc::{BotPath, PROBLEM_JSON, Problem};
 use crate::eventlog::EventRecord;
-use crate::session::{BotHandle, OutMsg, Submitted, chat_message};
+use crate::session::{BotHandle, MessageRecord, OutMsg, Submitted, chat_message};
 use crate::store::{Store, StoreError, now};
-use crate::webhook::{self, Webhook};
+use crate::webhook::{self, Attempt, DeadLetter, Webhook};
 
 /// Every bot token starts with this.
 pub const TOKEN_PREFIX: &str = "xtb_";
 
 /// Routes a bot token may use for its own bot.
-pub fn routes() -> Router<AdminState> {
-    Router::new()
-        .route("/bots/{jid}/events", get(get_events))
-        .route(
-            "/bots/{jid}/webhook",
-            get(get_webhook).put(put_webhook).delete(delete_webhook),
-        )
-        .route("/bots/{jid}/deliveries", get(get_deliveries))
-        .route("/bots/{jid}/deliveries/{action}", post(dead_letters))
-        .route("/bots/{jid}/messages", post(post_message))
-        .route("/bots/{jid}/messages/{id}", get(get_message))
+pub fn routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_events))
+        .routes(routes!(get_webhook, put_webhook, delete_webhook))
+        .routes(routes!(get_deliveries))
+        .routes(routes!(retry_dead_letters))
+        .routes(routes!(drop_dead_letters))
+        .routes(routes!(post_message))
+        .routes(routes!(get_message))
 }
 
 /// Routes only the admin token may use.
-pub fn admin_routes() -> Router<AdminState> {
-    Router::new()
-        .route("/bots/{jid}/tokens", get(list_tokens).post(create_token))
-        .route("/bots/{jid}/tokens/{id}", delete(delete_token))
+pub fn admin_routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(delete_token))
+}
+
+/// A bot and one of its things, named in a path.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct BotItemPath {
+    /// The bot's bare JID, or its localpart.
+    pub jid: String,
+    /// The item's id.
+    pub id: String,
 }
 
 /// The bot named in the path, if the caller may act for it.
@@ -63,14 +73,37 @@ pub fn scoped(state: &AdminState, caller: &Caller, jid: &str) -> Result<BotHandl
 }
 
 /// Query of `GET .../events`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
+    /// Events after this seq; everything up to it is acknowledged. Default: the cursor.
     after: Option<u64>,
+    /// At most this many (1 to 1000; default 100).
     limit: Option<u32>,
+    /// Seconds to wait for an event when there is none (long poll; at most 60).
     wait: Option<u64>,
 }
 
+/// A page of events.
+#[derive(Serialize, ToSchema)]
+struct EventsPage {
+    /// The events, in seq order.
+    events: Vec<EventRecord>,
+    /// Everything up to this seq is acknowledged.
+    cursor: u64,
+    /// The newest committed seq.
+    last_seq: u64,
+}
+
+/// The bot's event log, by poll or (with `Accept: text/event-stream`) Server-Sent Events.
+#[utoipa::path(get, path = "/bots/{jid}/events", tag = "bot-api", params(BotPath, EventsQuery,
+    ("Last-Event-ID" = Option<u64>, Header, description = "SSE: resume after this seq")),
+    responses(
+        (status = 200, description = "Events (JSON), or a stream of them (SSE, each `data` an event)",
+            content((EventsPage = "application/json"), (String = "text/event-stream"))),
+        (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "A query parameter is not valid", body = Problem, content_type = PROBLEM_JSON)))]
 async fn get_events(
     State(state): State<AdminState>,
     caller: Caller,
@@ -118,11 +151,12 @@ async fn get_events(
         let _ = tokio::time::timeout(wait, seen.wait_for(|last| *last > start)).await;
         events = store.read_events(&jid, start, limit, pending_only).await?;
     }
-    Ok(Json(json!({
-        "events": events,
-        "cursor": store.cursor(&jid).await?,
-        "last_seq": *bot.events.borrow(),
-    }))
+    let last_seq = *bot.events.borrow();
+    Ok(Json(EventsPage {
+        events,
+        cursor: store.cursor(&jid).await?,
+        last_seq,
+    })
     .into_response())
 }
 
@@ -189,24 +223,53 @@ fn stream(
     )
 }
 
-fn webhook_json(hook: &Webhook, pending: u64, dead: u64) -> Value {
-    json!({
-        "url": hook.url,
-        "secret_set": true,
-        "timeout_ms": hook.timeout_ms,
-        "max_in_flight": hook.max_in_flight,
-        "pending": pending,
-        "dead": dead,
-        "last_success_at": hook.last_success_at,
-        "last_error": hook.last_error,
-    })
+/// A bot's webhook and its delivery state.
+#[derive(Serialize, ToSchema)]
+struct WebhookView {
+    /// Where events are POSTed.
+    url: String,
+    /// Always true: the secret is write-only.
+    secret_set: bool,
+    /// The signing secret, only in the answer to the `PUT` that generated it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
+    /// Per-request timeout.
+    timeout_ms: u64,
+    /// Tunnels whose events may be in flight at once.
+    max_in_flight: usize,
+    /// Events not delivered yet.
+    pending: u64,
+    /// Events given up on (dead letters).
+    dead: u64,
+    /// The last 2xx (RFC 3339).
+    last_success_at: Option<String>,
+    /// The last failure.
+    last_error: Option<String>,
 }
 
+fn webhook_view(hook: &Webhook, pending: u64, dead: u64) -> WebhookView {
+    WebhookView {
+        url: hook.url.clone(),
+        secret_set: true,
+        secret: None,
+        timeout_ms: hook.timeout_ms,
+        max_in_flight: hook.max_in_flight,
+        pending,
+        dead,
+        last_success_at: hook.last_success_at.clone(),
+        last_error: hook.last_error.clone(),
+    }
+}
+
+/// The bot's webhook.
+#[utoipa::path(get, path = "/bots/{jid}/webhook", tag = "bot-api", params(BotPath), responses(
+    (status = 200, description = "The webhook", body = WebhookView),
+    (status = 404, description = "No such bot, or no webhook", body = Problem, content_type = PROBLEM_JSON)))]
 async fn get_webhook(
     State(state): State<AdminState>,
     caller: Caller,
     Path(jid): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<WebhookView>, ApiError> {
     let bot = scoped(&state, &caller, &jid)?;
     let store = &state.bots.shared().store;
     let hook = store
@@ -214,25 +277,35 @@ async fn get_webhook(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("webhook of {}", bot.record.jid)))?;
     let (pending, dead) = store.event_counts(&bot.record.jid).await?;
-    Ok(Json(webhook_json(&hook, pending, dead)))
+    Ok(Json(webhook_view(&hook, pending, dead)))
 }
 
 /// Body of `PUT .../webhook`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PutWebhook {
+    /// An http or https URL.
     url: String,
+    /// `whsec_` and 16 to 64 bytes in base64; generated (and returned once) when absent.
     secret: Option<String>,
+    /// Per-request timeout, 100 to 60000 ms.
     timeout_ms: Option<u64>,
+    /// Tunnels whose events may be in flight at once, 1 to 64.
     max_in_flight: Option<usize>,
 }
 
+/// Sets the bot's webhook; pending events start flowing to it.
+#[utoipa::path(put, path = "/bots/{jid}/webhook", tag = "bot-api", params(BotPath),
+    request_body = PutWebhook, responses(
+    (status = 200, description = "The webhook as set", body = WebhookView),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON),
+    (status = 422, description = "Not a valid body, URL or secret", body = Problem, content_type = PROBLEM_JSON)))]
 async fn put_webhook(
     State(state): State<AdminState>,
     caller: Caller,
     Path(jid): Path<String>,
     body: Result<Json<PutWebhook>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<WebhookView>, ApiError> {
     let bot = scoped(&state, &caller, &jid)?;
     let Json(body) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
     let url = reqwest::Url::parse(&body.url).map_err(|e| ApiError::Invalid(format!("url: {e}")))?;
@@ -266,14 +339,18 @@ async fn put_webhook(
     bot.webhook_changed.notify_one();
     tracing::info!(bot = bot.record.jid, "webhook set");
     let (pending, dead) = store.event_counts(&bot.record.jid).await?;
-    let mut answer = webhook_json(&hook, pending, dead);
+    let mut answer = webhook_view(&hook, pending, dead);
     if generated {
         // Shown once: the secret is write-only from here on.
-        answer["secret"] = Value::String(secret);
+        answer.secret = Some(secret);
     }
     Ok(Json(answer))
 }
 
+/// Removes the bot's webhook; events wait in the log for a reader.
+#[utoipa::path(delete, path = "/bots/{jid}/webhook", tag = "bot-api", params(BotPath), responses(
+    (status = 204, description = "Removed"),
+    (status = 404, description = "No such bot, or no webhook", body = Problem, content_type = PROBLEM_JSON)))]
 async fn delete_webhook(
     State(state): State<AdminState>,
     caller: Caller,
@@ -294,53 +371,138 @@ async fn delete_webhook(
     }
 }
 
+/// Recent webhook attempts and the dead letters.
+#[derive(Serialize, ToSchema)]
+struct Deliveries {
+    /// The latest 100 attempts, newest first.
+    attempts: Vec<Attempt>,
+    /// Every dead letter, oldest first.
+    dead_letters: Vec<DeadLetter>,
+}
+
+/// The webhook's recent attempts and dead letters.
+#[utoipa::path(get, path = "/bots/{jid}/deliveries", tag = "bot-api", params(BotPath), responses(
+    (status = 200, description = "Attempts and dead letters", body = Deliveries),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
 async fn get_deliveries(
     State(state): State<AdminState>,
     caller: Caller,
     Path(jid): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Deliveries>, ApiError> {
     let bot = scoped(&state, &caller, &jid)?;
     let store = &state.bots.shared().store;
-    Ok(Json(json!({
-        "attempts": store.attempts(&bot.record.jid, 100).await?,
-        "dead_letters": store.dead_letters(&bot.record.jid).await?,
-    })))
+    Ok(Json(Deliveries {
+        attempts: store.attempts(&bot.record.jid, 100).await?,
+        dead_letters: store.dead_letters(&bot.record.jid).await?,
+    }))
 }
 
 /// Body of the dead-letter actions.
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct DeadLetterAction {
+    /// The dead letters by seq; all of them when absent.
     seq: Option<Vec<u64>>,
 }
 
-/// `POST .../deliveries/retry` puts dead letters back in the queue; `.../drop` deletes them.
-async fn dead_letters(
+/// How many dead letters an action reached.
+#[derive(Serialize, ToSchema)]
+struct DeadLetterCount {
+    /// Dead letters put back in the queue (`retry`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retried: Option<u64>,
+    /// Dead letters deleted (`drop`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dropped: Option<u64>,
+}
+
+/// Puts dead letters back in the webhook's queue.
+#[utoipa::path(post, path = "/bots/{jid}/deliveries/retry", tag = "bot-api", params(BotPath),
+    request_body = DeadLetterAction, responses(
+    (status = 200, description = "How many were queued again", body = DeadLetterCount),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON),
+    (status = 422, description = "Not a valid body", body = Problem, content_type = PROBLEM_JSON)))]
+async fn retry_dead_letters(
     State(state): State<AdminState>,
     caller: Caller,
-    Path((jid, action)): Path<(String, String)>,
+    Path(jid): Path<String>,
     body: Result<Json<DeadLetterAction>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let bot = scoped(&state, &caller, &jid)?;
+) -> Result<Json<DeadLetterCount>, ApiError> {
+    dead_letters(&state, &caller, &jid, body, true).await
+}
+
+/// Deletes dead letters.
+#[utoipa::path(post, path = "/bots/{jid}/deliveries/drop", tag = "bot-api", params(BotPath),
+    request_body = DeadLetterAction, responses(
+    (status = 200, description = "How many were deleted", body = DeadLetterCount),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON),
+    (status = 422, description = "Not a valid body", body = Problem, content_type = PROBLEM_JSON)))]
+async fn drop_dead_letters(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(jid): Path<String>,
+    body: Result<Json<DeadLetterAction>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<DeadLetterCount>, ApiError> {
+    dead_letters(&state, &caller, &jid, body, false).await
+}
+
+/// Puts dead letters back in the queue (`retry`) or deletes them.
+async fn dead_letters(
+    state: &AdminState,
+    caller: &Caller,
+    jid: &str,
+    body: Result<Json<DeadLetterAction>, axum::extract::rejection::JsonRejection>,
+    retry: bool,
+) -> Result<Json<DeadLetterCount>, ApiError> {
+    let bot = scoped(state, caller, jid)?;
     let Json(body) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
     let store = &state.bots.shared().store;
     let seqs = body.seq.as_deref();
-    let answer = match action.as_str() {
-        "retry" => {
-            let n = store.retry_dead(&bot.record.jid, seqs).await?;
-            bot.webhook_changed.notify_one();
-            json!({ "retried": n })
+    Ok(Json(if retry {
+        let n = store.retry_dead(&bot.record.jid, seqs).await?;
+        bot.webhook_changed.notify_one();
+        DeadLetterCount {
+            retried: Some(n),
+            dropped: None,
         }
-        "drop" => json!({ "dropped": store.drop_dead(&bot.record.jid, seqs).await? }),
-        _ => return Err(ApiError::NotFound("route".into())),
-    };
-    Ok(Json(answer))
+    } else {
+        DeadLetterCount {
+            retried: None,
+            dropped: Some(store.drop_dead(&bot.record.jid, seqs).await?),
+        }
+    }))
 }
 
+/// A new bot token: the only time the token itself is shown.
+#[derive(Serialize, ToSchema)]
+struct TokenCreated {
+    /// The token's id (`tok_…`), to revoke it.
+    id: String,
+    /// The bot it acts for.
+    bot: String,
+    /// The bearer token (`xtb_…`); only its hash is kept.
+    token: String,
+    /// When it was created (RFC 3339).
+    created_at: String,
+}
+
+/// A bot token as listed (never the token itself).
+#[derive(Serialize, ToSchema)]
+pub struct TokenInfo {
+    /// The token's id.
+    id: String,
+    /// When it was created (RFC 3339).
+    created_at: String,
+}
+
+/// Creates a token for the bot.
+#[utoipa::path(post, path = "/bots/{jid}/tokens", tag = "tokens", params(BotPath), responses(
+    (status = 201, description = "The new token", body = TokenCreated),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
 async fn create_token(
     State(state): State<AdminState>,
     Path(jid): Path<String>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
     let bot = find_bot(&state, &jid)?;
     let token = format!(
         "{TOKEN_PREFIX}{}",
@@ -357,20 +519,33 @@ async fn create_token(
     tracing::info!(bot = bot.record.jid, token_id = id, "bot token created");
     Ok((
         StatusCode::CREATED,
-        Json(json!({ "id": id, "bot": bot.record.jid, "token": token, "created_at": created_at })),
+        Json(TokenCreated {
+            id,
+            bot: bot.record.jid.clone(),
+            token,
+            created_at,
+        }),
     ))
 }
 
+/// The bot's tokens (ids only).
+#[utoipa::path(get, path = "/bots/{jid}/tokens", tag = "tokens", params(BotPath), responses(
+    (status = 200, description = "The tokens", body = [TokenInfo]),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
 async fn list_tokens(
     State(state): State<AdminState>,
     Path(jid): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Vec<TokenInfo>>, ApiError> {
     let bot = find_bot(&state, &jid)?;
-    Ok(Json(Value::Array(
+    Ok(Json(
         state.bots.shared().store.tokens(&bot.record.jid).await?,
-    )))
+    ))
 }
 
+/// Revokes a token.
+#[utoipa::path(delete, path = "/bots/{jid}/tokens/{id}", tag = "tokens", params(BotItemPath), responses(
+    (status = 204, description = "Revoked"),
+    (status = 404, description = "No such bot or token", body = Problem, content_type = PROBLEM_JSON)))]
 async fn delete_token(
     State(state): State<AdminState>,
     Path((jid, id)): Path<(String, String)>,
@@ -389,17 +564,62 @@ async fn delete_token(
     }
 }
 
-/// Body of `POST .../messages`.
-#[derive(Debug, Deserialize)]
+/// Body of `POST .../messages`: exactly one of `body` and `stanza`.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PostMessage {
+    /// The peer: a full JID, or a bare JID to reach its tunnel's resource.
     to: String,
+    /// The text of a message stanza.
     body: Option<String>,
+    /// A whole stanza (XML), sent as it is with routing added.
     stanza: Option<String>,
+    /// The message type with `body` (default `chat`).
     #[serde(rename = "type")]
     kind: Option<String>,
+    /// Open a new tunnel if the one carrying it dies before the peer acknowledges it.
     #[serde(default)]
     reopen: bool,
+}
+
+/// What became of a submitted message (see `GET .../messages/{id}` for the rest).
+#[derive(Serialize, ToSchema)]
+struct MessageAccepted {
+    /// The message id (`msg_…`).
+    id: String,
+    /// The recipient.
+    to: String,
+    /// `accepted`, `sent`, `queued`, `opening`, or a failure (`no_xtls_support`,
+    /// `refused`, `identity_changed`, `peer_unavailable`, `failed`).
+    status: String,
+    /// Why, for failures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    /// The tunnel carrying it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tunnel_id: Option<String>,
+}
+
+impl MessageAccepted {
+    fn new(id: String, to: String, outcome: Submitted) -> Self {
+        MessageAccepted {
+            id,
+            to,
+            status: outcome.status.to_owned(),
+            reason: outcome.reason,
+            tunnel_id: outcome.tunnel_id,
+        }
+    }
+
+    fn replay(first: MessageRecord) -> Self {
+        MessageAccepted {
+            id: first.id,
+            to: first.to,
+            status: first.status,
+            reason: first.reason,
+            tunnel_id: first.tunnel_id,
+        }
+    }
 }
 
 fn valid_jid(jid: &str, field: &str) -> Result<String, ApiError> {
@@ -408,18 +628,14 @@ fn valid_jid(jid: &str, field: &str) -> Result<String, ApiError> {
         .map_err(|e| ApiError::Invalid(format!("{field}: '{jid}' is not a valid JID: {e}")))
 }
 
-/// `status`, and `reason` and `tunnel_id` when known, with the caller's other fields.
-fn outcome_json(mut answer: Value, outcome: &Submitted) -> Value {
-    answer["status"] = json!(outcome.status);
-    if let Some(reason) = &outcome.reason {
-        answer["reason"] = json!(reason);
-    }
-    if let Some(tunnel) = &outcome.tunnel_id {
-        answer["tunnel_id"] = json!(tunnel);
-    }
-    answer
-}
-
+/// Sends a message to a peer through a tunnel, opening one if needed.
+#[utoipa::path(post, path = "/bots/{jid}/messages", tag = "bot-api", params(BotPath,
+    ("Idempotency-Key" = Option<String>, Header, description = "A retried request with the same key answers the first one's message")),
+    request_body = PostMessage, responses(
+    (status = 202, description = "Accepted, with where it stands", body = MessageAccepted),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON),
+    (status = 422, description = "Not a valid body, JID or stanza", body = Problem, content_type = PROBLEM_JSON),
+    (status = 429, description = "Too many messages waiting for this peer; see Retry-After", body = Problem, content_type = PROBLEM_JSON)))]
 async fn post_message(
     State(state): State<AdminState>,
     caller: Caller,
@@ -447,7 +663,7 @@ async fn post_message(
     if let Some(key) = &idempotency_key
         && let Some(first) = store.message_by_key(&bot.record.jid, key).await?
     {
-        return Ok((StatusCode::ACCEPTED, Json(json!({"id": first.id, "to": first.to, "status": first.status, "reason": first.reason}))).into_response());
+        return Ok((StatusCode::ACCEPTED, Json(MessageAccepted::replay(first))).into_response());
     }
     let to = valid_jid(&body.to, "to")?;
     if jid::Jid::new(&to).is_ok_and(|j| j.domain().as_str() == state.bots.shared().domain) {
@@ -509,11 +725,7 @@ async fn post_message(
                 .message_by_key(&bot.record.jid, key)
                 .await?
                 .ok_or_else(|| ApiError::Internal("idempotent message vanished".into()))?;
-            return Ok((
-                StatusCode::ACCEPTED,
-                Json(json!({"id": first.id, "to": first.to, "status": first.status})),
-            )
-                .into_response());
+            return Ok((StatusCode::ACCEPTED, Json(MessageAccepted::replay(first))).into_response());
         }
         Err(e) => return Err(e.into()),
     };
@@ -525,16 +737,20 @@ async fn post_message(
     }
     Ok((
         StatusCode::ACCEPTED,
-        Json(outcome_json(json!({ "id": id, "to": to }), &outcome)),
+        Json(MessageAccepted::new(id, to, outcome)),
     )
         .into_response())
 }
 
+/// A message and its history.
+#[utoipa::path(get, path = "/bots/{jid}/messages/{id}", tag = "bot-api", params(BotItemPath), responses(
+    (status = 200, description = "The message", body = MessageRecord),
+    (status = 404, description = "No such bot or message", body = Problem, content_type = PROBLEM_JSON)))]
 async fn get_message(
     State(state): State<AdminState>,
     caller: Caller,
     Path((jid, id)): Path<(String, String)>,
-) -> Result<Json<crate::session::MessageRecord>, ApiError> {
+) -> Result<Json<MessageRecord>, ApiError> {
     let bot = scoped(&state, &caller, &jid)?;
     state
         .bots
@@ -547,18 +763,42 @@ async fn get_message(
 }
 
 /// Body of `POST /v1/tunnels`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OpenTunnel {
+    /// The bot (bare JID or localpart).
     bot: String,
+    /// The peer's full JID.
     peer: String,
 }
 
-/// `POST /v1/tunnels`: the bot opens a tunnel to a full JID; the outcome arrives as events.
+/// A tunnel the bot is opening.
+#[derive(Serialize, ToSchema)]
+pub struct TunnelOpening {
+    /// The bot's bare JID.
+    bot: String,
+    /// The peer's full JID.
+    peer: String,
+    /// `opening`, `open` (one exists), or a failure (`no_xtls_support`, `peer_unavailable`).
+    status: String,
+    /// Why, for failures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+    /// The tunnel's id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tunnel_id: Option<String>,
+}
+
+/// The bot opens a tunnel to a full JID; the outcome arrives as events.
+#[utoipa::path(post, path = "/tunnels", tag = "tunnels", request_body = OpenTunnel, responses(
+    (status = 202, description = "Opening", body = TunnelOpening),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON),
+    (status = 422, description = "Not a valid body or JID", body = Problem, content_type = PROBLEM_JSON),
+    (status = 429, description = "Too many tunnels being opened; see Retry-After", body = Problem, content_type = PROBLEM_JSON)))]
 pub async fn open_tunnel(
     State(state): State<AdminState>,
     body: Result<Json<OpenTunnel>, axum::extract::rejection::JsonRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<TunnelOpening>), ApiError> {
     let Json(body) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
     let bot = find_bot(&state, &body.bot)?;
     let peer = valid_jid(&body.peer, "peer")?;
@@ -577,10 +817,13 @@ pub async fn open_tunnel(
     }
     Ok((
         StatusCode::ACCEPTED,
-        Json(outcome_json(
-            json!({ "bot": bot.record.jid, "peer": peer }),
-            &outcome,
-        )),
+        Json(TunnelOpening {
+            bot: bot.record.jid.clone(),
+            peer,
+            status: outcome.status.to_owned(),
+            reason: outcome.reason,
+            tunnel_id: outcome.tunnel_id,
+        }),
     ))
 }
 
@@ -621,7 +864,7 @@ impl Store {
     }
 
     /// A bot's tokens (ids and creation times only).
-    pub async fn tokens(&self, bot: &str) -> Result<Vec<Value>, StoreError> {
+    pub async fn tokens(&self, bot: &str) -> Result<Vec<TokenInfo>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, created_at FROM bot_tokens WHERE bot_jid = ? ORDER BY created_at",
         )
@@ -630,8 +873,9 @@ impl Store {
         .await?;
         Ok(rows
             .iter()
-            .map(|r| {
-                json!({"id": r.get::<String, _>("id"), "created_at": r.get::<String, _>("created_at")})
+            .map(|r| TokenInfo {
+                id: r.get("id"),
+                created_at: r.get("created_at"),
             })
             .collect())
     }

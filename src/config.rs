@@ -343,7 +343,7 @@ impl Default for WebhooksConfig {
 }
 
 /// What a bot does with the stanzas that reach it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Handler {
     /// Answers every tunneled message with the same body through the same tunnel.

@@ -32,7 +32,7 @@ pub struct NewEvent {
 }
 
 /// One stored event: the envelope every reader sees.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct EventRecord {
     /// Stable id (the webhook id).
     pub id: String,

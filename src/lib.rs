@@ -17,11 +17,13 @@
 //! | [`webhook`] | signed webhook delivery of the event logs, retries and dead letters |
 //! | [`admin`] | the axum admin API |
 //! | [`botapi`] | the bot-facing routes: events, webhook, deliveries, tokens |
+//! | [`apidoc`] | the admin API's OpenAPI document, generated from the handlers |
 //! | [`metrics`] | Prometheus counters and gauges, `/metrics` |
 //! | [`config`] | the TOML configuration with environment overrides |
 //! | [`app`] | wiring and ordered shutdown |
 
 pub mod admin;
+pub mod apidoc;
 pub mod app;
 pub mod botapi;
 pub mod certs;

@@ -58,7 +58,7 @@ pub struct BotRecord {
 }
 
 /// A pinned peer key.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct PeerPin {
     /// The peer's bare JID.
     pub peer: String,
@@ -73,7 +73,7 @@ pub struct PeerPin {
 }
 
 /// The peer identity part of a tunnel row.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default, utoipa::ToSchema)]
 pub struct PeerIdentityRecord {
     /// SPKI SHA-256 of the peer's key, colon hex; `None` before the handshake or without one.
     pub spki_sha256: Option<String>,
@@ -82,7 +82,7 @@ pub struct PeerIdentityRecord {
 }
 
 /// One row of the session table, live or historical (the admin API's tunnel object).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct TunnelRecord {
     /// Tunnel id.
     pub id: String,

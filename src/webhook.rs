@@ -41,7 +41,7 @@ pub struct Webhook {
 }
 
 /// One delivery attempt, for `GET .../deliveries`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Attempt {
     /// The event id (the `webhook-id`).
     pub event_id: String,
@@ -58,7 +58,7 @@ pub struct Attempt {
 }
 
 /// A dead-lettered event.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeadLetter {
     /// The event id.
     pub event_id: String,

@@ -636,7 +636,7 @@ pub const FINAL: &[&str] = &[
 ];
 
 /// A stored message, as `GET .../messages/{id}` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct MessageRecord {
     /// `msg_…`.
     pub id: String,

@@ -19,7 +19,17 @@ use rustls::{
 use crate::certs::{BotIdentity, Fingerprint, PeerCertInfo};
 
 /// Whether a peer must present a certificate (spec "Scope of the first version").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    Default,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum PeerAuth {
     /// A client certificate is requested and required.
@@ -30,7 +40,17 @@ pub enum PeerAuth {
 }
 
 /// How a bot decides whether a peer's key is trusted (spec §2.3 step 6).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    Default,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum TrustMode {
     /// Trust on first use: an unknown peer is pinned, a changed key is refused.

@@ -1,4 +1,4 @@
-"""Runs the xtls-component binary against a test Prosody, and talks to its admin API.
+"""Runs the xtls-component binary against a test server (Prosody or ejabberd), and talks to its admin API.
 
 `Component` writes the component's TOML config into its own temporary directory,
 launches `xtls-component serve --config FILE` (binary from $XTLS_COMPONENT_BIN, else
@@ -27,7 +27,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from prosody import Prosody, free_port, log_tail, stop_pid
+from openapi_check import OpenApiChecker
+from prosody import free_port, log_tail, stop_pid
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BINARY = REPO / "target" / "debug" / "xtls-component"
@@ -45,26 +46,27 @@ handler = "echo"
 
 
 class Component:
-    """One xtls-component process serving bots through `prosody`.
+    """One xtls-component process serving bots through `server`: a `Prosody` or an
+    `Ejabberd` (anything with `component_domain`, `component_port` and `component_secret`).
 
     By default it serves `echo@bots.localhost` on the component domain `bots.localhost`.
-    `domain` picks another domain Prosody declares (e.g. `prosody.api_component_domain`),
+    `domain` picks another domain the server declares (e.g. `server.api_component_domain`),
     `bots` replaces the `[[bots]]` TOML (use "" for none) and `extra_config` is appended to
     the file as is (e.g. a `[webhooks]` section).
     """
 
     def __init__(
         self,
-        prosody: Prosody,
+        server,
         *,
         binary: Path | None = None,
         domain: str | None = None,
         bots: str = ECHO_BOT,
         extra_config: str = "",
     ) -> None:
-        self.prosody = prosody
+        self.server = server
         self.binary = binary or binary_path()
-        self.domain = domain or prosody.component_domain
+        self.domain = domain or server.component_domain
         self.dir = Path(tempfile.mkdtemp(prefix="xtls-component-"))
         self.admin_port = free_port()
         self.token = secrets.token_urlsafe(24)
@@ -72,13 +74,14 @@ class Component:
         self.log_path = self.dir / "component.log"
         self.store_path = self.dir / "xtls.db"
         self.base_url = f"http://127.0.0.1:{self.admin_port}"
+        self._openapi: OpenApiChecker | None = None
         self.starts = 0  # how many times start() launched the binary
         self._proc: subprocess.Popen | None = None
         self.config_path.write_text(
             f"""[component]
 domain = "{self.domain}"
-server = "127.0.0.1:{prosody.component_port}"
-secret = "{prosody.component_secret}"
+server = "127.0.0.1:{server.component_port}"
+secret = "{server.component_secret}"
 
 [admin]
 listen = "127.0.0.1:{self.admin_port}"
@@ -204,9 +207,22 @@ url = "sqlite://{self.store_path}"
         req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return resp.status, _decode(resp.read())
+                status, content_type, answer = resp.status, resp.headers.get("Content-Type"), _decode(resp.read())
         except urllib.error.HTTPError as err:
-            return err.code, _decode(err.read())
+            status, content_type, answer = err.code, err.headers.get("Content-Type"), _decode(err.read())
+        self.openapi().check(method, path, status, content_type, answer)
+        if 200 <= status < 300:
+            self.openapi().check_request(method, path, body)
+        return status, answer
+
+    def openapi(self) -> OpenApiChecker:
+        """The checker for this binary's OpenAPI document (fetched once per process run)."""
+        if self._openapi is None:
+            req = urllib.request.Request(self.base_url + "/v1/openapi.json",
+                                         headers={"Authorization": f"Bearer {self.token}"})
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                self._openapi = OpenApiChecker(json.loads(resp.read()))
+        return self._openapi
 
     def get(self, path: str, **kw):
         return self.request("GET", path, **kw)

@@ -1,0 +1,117 @@
+//! The admin API's OpenAPI document, generated from the handlers' annotations.
+//!
+//! Each handler carries a `#[utoipa::path]` and is mounted with `utoipa_axum::routes!`, so a
+//! route cannot exist without its entry in the document. What every `/v1` operation shares
+//! (the bearer token, the 401/403/500 problems) is added here once.
+
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, OpenApi, Ref, ResponseBuilder};
+use utoipa::{IntoParams, ToSchema};
+
+/// The document's fixed part: title, version, tags and the problem schema.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "xtls-component admin API",
+        description = "Bots, certificates, peers, the session table, and the bot-facing API \
+                       (events, webhooks, messages). See README.md and docs/bot-api.md."
+    ),
+    components(schemas(Problem)),
+    tags(
+        (name = "health", description = "Liveness, readiness and metrics"),
+        (name = "bots", description = "Bots and their certificates (admin token)"),
+        (name = "tunnels", description = "The session table (admin token)"),
+        (name = "tokens", description = "Bot tokens (admin token)"),
+        (name = "bot-api", description = "What a bot token may use for its own bot"),
+    )
+)]
+pub struct ApiDoc;
+
+/// An error body (RFC 9457 problem details), sent as `application/problem+json`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    /// Always `about:blank`: the status says what kind of problem it is.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The status's reason phrase.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong, for a person.
+    pub detail: String,
+}
+
+/// The bot named in a path.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct BotPath {
+    /// The bot's bare JID, or its localpart.
+    pub jid: String,
+}
+
+/// The tunnel named in a path.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct TunnelPath {
+    /// The tunnel id.
+    pub id: String,
+}
+
+/// The media type of every error body.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Adds the bearer scheme and the problems every `/v1` operation may answer.
+pub fn finish(mut doc: OpenApi) -> OpenApi {
+    let components = doc.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "bearer",
+        SecurityScheme::Http(
+            HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .description(Some(
+                    "The admin token (admin.token), or a bot token (xtb_...) for the bot-api routes",
+                ))
+                .build(),
+        ),
+    );
+    let problem = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                PROBLEM_JSON,
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
+            .build()
+    };
+    for (path, item) in doc.paths.paths.iter_mut() {
+        if !path.starts_with("/v1/") && path != "/metrics" {
+            continue;
+        }
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+        ];
+        for op in operations.into_iter().flatten() {
+            op.security = Some(vec![SecurityRequirement::new(
+                "bearer",
+                Vec::<String>::new(),
+            )]);
+            let responses = &mut op.responses.responses;
+            for (status, what) in [
+                ("401", "No token, or one that is not valid"),
+                ("403", "A valid token that does not reach this resource"),
+                ("500", "An internal error (details in the component's log)"),
+            ] {
+                responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| problem(what).into());
+            }
+        }
+    }
+    doc
+}
