@@ -1,10 +1,13 @@
-"""Session fixtures for the end-to-end tests: one Prosody, one component, three users.
+"""Session fixtures for the end-to-end tests: one Prosody, one component, three users;
+and, for the tests that also run against ejabberd, one ejabberd with its own component
+and the same three users (started only when such a test is selected).
 
-Set XTLS_E2E_PROSODY_LOG=debug to have Prosody log every stanza (shown on failure).
+Set XTLS_E2E_PROSODY_LOG=debug to have Prosody log every stanza (shown on failure);
+XTLS_E2E_EJABBERD_LOG=debug does the same for ejabberd.
 
 Tests are plain functions that run their scenario with `run(coro)` (asyncio.run with
 an overall deadline), so no pytest asyncio plugin is needed.  When a test fails, the
-report gets the tail of the component's and Prosody's logs.
+report gets the tail of the component's and the server's logs.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import uuid
 import pytest
 
 from component import Component
+from ejabberd import Ejabberd
 from prosody import Prosody
 from xtls_client import Identity, XtlsClient
 
@@ -35,13 +39,13 @@ class Users:
     bot trusts on first use and refuses a changed key (spec §2.3).
     """
 
-    def __init__(self, prosody: Prosody) -> None:
-        self.prosody = prosody
+    def __init__(self, server: Prosody | Ejabberd) -> None:
+        self.server = server
         self._identities: dict[tuple[str, str], Identity] = {}
 
     def identity(self, name: str, cert_jid: str | None = None) -> Identity:
         """The session's certificate for `name`, with XmppAddr `cert_jid` (default: own JID)."""
-        xmpp_addr = cert_jid or f"{name}@{self.prosody.host}"
+        xmpp_addr = cert_jid or f"{name}@{self.server.host}"
         key = (name, xmpp_addr)
         if key not in self._identities:
             self._identities[key] = Identity.generate(xmpp_addr)
@@ -50,16 +54,15 @@ class Users:
     def client(self, name: str, *, cert_jid: str | None = None, identity: Identity | None = None) -> XtlsClient:
         """A client for `name` with a fresh resource, presenting `identity`, else the session's
         certificate with XmppAddr `cert_jid`."""
-        jid = f"{name}@{self.prosody.host}/e2e-{uuid.uuid4().hex[:8]}"
+        jid = f"{name}@{self.server.host}/e2e-{uuid.uuid4().hex[:8]}"
         return XtlsClient(
-            jid, USERS[name], host="127.0.0.1", port=self.prosody.c2s_port,
+            jid, USERS[name], host="127.0.0.1", port=self.server.c2s_port,
             identity=identity or self.identity(name, cert_jid),
         )
 
 
-@pytest.fixture(scope="session")
-def prosody():
-    server = Prosody(log_level=os.environ.get("XTLS_E2E_PROSODY_LOG", "info"))
+def _running(server):
+    """Start `server`, register USERS, yield it; stop it and remove its files afterwards."""
     try:
         server.start()
         for name, password in USERS.items():
@@ -69,9 +72,8 @@ def prosody():
         server.cleanup()
 
 
-@pytest.fixture(scope="session")
-def component(prosody):
-    comp = Component(prosody)
+def _component(server):
+    comp = Component(server)
     try:
         comp.start()
         yield comp
@@ -80,15 +82,40 @@ def component(prosody):
 
 
 @pytest.fixture(scope="session")
+def prosody():
+    yield from _running(Prosody(log_level=os.environ.get("XTLS_E2E_PROSODY_LOG", "info")))
+
+
+@pytest.fixture(scope="session")
+def component(prosody):
+    yield from _component(prosody)
+
+
+@pytest.fixture(scope="session")
 def users(prosody) -> Users:
     return Users(prosody)
+
+
+@pytest.fixture(scope="session")
+def ejabberd():
+    yield from _running(Ejabberd(log_level=os.environ.get("XTLS_E2E_EJABBERD_LOG", "info")))
+
+
+@pytest.fixture(scope="session")
+def ejabberd_component(ejabberd):
+    yield from _component(ejabberd)
+
+
+@pytest.fixture(scope="session")
+def ejabberd_users(ejabberd) -> Users:
+    return Users(ejabberd)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
     if report.when == "call" and report.failed:
-        for name in ("component", "api_component", "prosody"):
+        for name in ("component", "api_component", "prosody", "ejabberd_component", "ejabberd"):
             fixture = item.funcargs.get(name)
             if fixture is not None:
                 report.sections.append((f"{name} log tail", fixture.diagnostics()))

@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 
 from component import binary_path
-from prosody import free_port
+from ejabberd import Ejabberd
+from prosody import Prosody, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -88,6 +89,37 @@ def test_ejabberd_compose_matches_its_server_config():
     assert service["port"] == int(port)
     assert service["hosts"][env["XTLS_COMPONENT__DOMAIN"]]["password"] == env["XTLS_COMPONENT__SECRET"]
     assert doc["services"]["xtls-component"]["ports"] == [f"127.0.0.1:{instructions('EXPOSE')[0]}:8347"]
+
+
+def readme_block(heading: str) -> str:
+    """The first fenced code block after the line starting with `heading` in the README."""
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(rf"^{re.escape(heading)}.*?^```\w*\n(.*?)^```", readme, re.M | re.S)
+    assert match, f"no code block after {heading!r} in README.md"
+    return match.group(1)
+
+
+def service_listener(cfg: dict) -> dict:
+    (listener,) = [l for l in cfg["listen"] if l["module"] == "ejabberd_service"]
+    return listener
+
+
+def test_readme_server_snippets_match_the_tested_configs(tmp_path):
+    """The README's component declarations say what the end-to-end servers are run with."""
+    tested = service_listener(yaml.safe_load(Ejabberd(workdir=str(tmp_path / "ejabberd")).config_path.read_text()))
+    shown = service_listener(yaml.safe_load(readme_block("**ejabberd**")))
+    assert set(shown) == set(tested), "README and tests/e2e/ejabberd.py set different listener options"
+    for key in set(tested) - {"port", "hosts"}:
+        assert shown[key] == tested[key], f"{key}: README {shown[key]!r}, tested {tested[key]!r}"
+    assert all(set(h) == {"password"} for h in [*shown["hosts"].values(), *tested["hosts"].values()])
+
+    tested_lua = Prosody(workdir=str(tmp_path / "prosody")).config_path.read_text()
+    shown_lua = readme_block("**Prosody**")
+    for setting in ("network_settings", "component_interfaces"):
+        (line,) = [l for l in shown_lua.splitlines() if l.startswith(setting)]
+        assert line.split("--")[0].strip() in tested_lua, f"README's {line!r} is not what the tests run"
+    assert re.search(r'^Component "[^"]+"\n    component_secret = "[^"]+"$', shown_lua, re.M)
+    assert re.search(r'^Component "[^"]+"\n    component_secret = "[^"]+"$', tested_lua, re.M)
 
 
 def test_healthcheck_subcommand_against_a_running_instance(component):

@@ -2,6 +2,7 @@
 
 Alice, Bob and Mallory log in over c2s and talk XTLS (shared/spec/xtls.md §1) to the
 component's echo bot `echo@bots.localhost`; the admin API is checked over real HTTP.
+The walking path runs against ejabberd as well (its own server, component and users).
 Order matters only at the end: the Prosody restart and the unauthenticated DELETEs
 run last so that a failure there cannot break the other tests.
 """
@@ -49,8 +50,9 @@ async def echo_roundtrip(tunnel, body: str) -> None:
     assert got == body, f"echo bot answered {got!r} to {body!r}"
 
 
-def test_walking_path(component, users, capsys):
-    """Certificate from the admin API, tunnel, 100 echoes in order, tunnel table, close."""
+def walking_path(component, users, capsys) -> None:
+    """Certificate from the admin API, tunnel, 100 echoes in order, tunnel table, close:
+    through whichever server `component` and `users` are connected to."""
     status, cert = component.get(f"/v1/bots/{BOT}/certificate")
     assert status == 200, f"GET certificate -> {status}: {cert!r}"
     missing = {"jid", "pem", "spki_sha256", "cert_sha256", "cert_sha1", "not_before", "not_after"} - set(cert)
@@ -99,11 +101,22 @@ def test_walking_path(component, users, capsys):
             return tunnel.handshake_seconds, elapsed
 
     handshake, elapsed = run(scenario())
+    server = type(users.server).__name__
     with capsys.disabled():
         print(
-            f"\n[e2e] handshake (start sent -> open): {handshake * 1000:.1f} ms; "
+            f"\n[e2e] {server}: handshake (start sent -> open): {handshake * 1000:.1f} ms; "
             f"100 messages echoed in {elapsed:.3f} s = {100 / elapsed:.0f} messages/s"
         )
+
+
+def test_walking_path(component, users, capsys):
+    """The walking path through Prosody."""
+    walking_path(component, users, capsys)
+
+
+def test_walking_path_ejabberd(ejabberd_component, ejabberd_users, capsys):
+    """The same walking path through ejabberd (component on its `ejabberd_service` listener)."""
+    walking_path(ejabberd_component, ejabberd_users, capsys)
 
 
 def test_start_to_unknown_bot(component, users):

@@ -1,0 +1,322 @@
+"""A throwaway ejabberd server for the end-to-end tests, the counterpart of prosody.py.
+
+`Ejabberd` writes a private `ejabberd.yml`, `ejabberdctl.cfg` and `inetrc` into its own
+temporary directory (it never touches /etc/ejabberd, /var/lib/ejabberd or the system
+service), with its own spool (Mnesia) and log directories, free loopback ports and a
+unique Erlang node name, so it can run beside anything else, a system ejabberd included.
+
+It starts the Erlang VM in the foreground exactly as `ejabberdctl foreground` would
+(same `erl` arguments and environment), but without the ejabberdctl shell in between:
+`setpriv` and `erl` both exec, so the pid recorded is the VM's own (`beam.smp`).  It is
+stopped by that pid (SIGTERM makes the VM run `init:stop()`), never by name, and stop()
+waits for the VM's helper processes (`erl_child_setup`, `inet_gethost`) to be gone too.
+`ejabberdctl` is used only against this node, with this node's configuration
+(`register`).
+
+Facts this relies on (shared/notes/servers.md): ejabberd runs as the `ejabberd` user with
+HOME set to its state directory (the Erlang cookie there is private to this instance);
+`ERL_DIST_PORT` + `INET_DIST_INTERFACE=127.0.0.1` keep epmd off (it would listen on
+0.0.0.0:4369 and outlive the node) and the distribution port on loopback; Debian's
+sample config shapes c2s traffic (here every listener says `shaper: none`); several
+component domains on one `ejabberd_service` listener need `global_routes: false`, or
+each component receives the traffic of all of them.  ejabberd sets TCP_NODELAY on its
+listening sockets (accepted sockets inherit it), so there is no Nagle setting to make.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from prosody import free_port, log_tail, stop_pid, wait_for_port
+
+EJABBERDCTL_BIN = "/usr/sbin/ejabberdctl"
+ERL_BIN = "/usr/bin/erl"
+EJABBERD_USER = "ejabberd"
+VIRTUAL_HOST = "localhost"
+COMPONENT_DOMAIN = "bots.localhost"
+API_COMPONENT_DOMAIN = "api.localhost"  # a second component domain, as in prosody.py
+
+
+def _erl_libs() -> str:
+    """The ERL_LIBS ejabberdctl exports (where the Debian package puts the ejabberd app)."""
+    try:
+        script = Path(EJABBERDCTL_BIN).read_text(errors="replace")
+    except FileNotFoundError as exc:
+        raise RuntimeError(f"{EJABBERDCTL_BIN} is missing: apt-get install ejabberd") from exc
+    match = re.search(r"^ERL_LIBS='([^']+)'", script, re.M)
+    return match.group(1) if match else "/usr/lib/x86_64-linux-gnu"
+
+
+def _children(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name is in parentheses and may contain spaces: split after it.
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    todo, seen = [pid], []
+    while todo:
+        for child in _children(todo.pop()):
+            seen.append(child)
+            todo.append(child)
+    return seen
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class Ejabberd:
+    """One private ejabberd instance: host `localhost`, component domains `bots.localhost`
+    and `api.localhost` on one `ejabberd_service` listener (same secret, `global_routes:
+    false`, so each component connection gets only its own domain's traffic).
+
+    Attributes a test uses, as on `Prosody`: `c2s_port`, `component_port`,
+    `component_secret`, `host`, `component_domain`, `api_component_domain`, `log_path`, `pid`.
+    """
+
+    def __init__(self, *, log_level: str = "info", workdir: str | None = None) -> None:
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="xtls-ejabberd-"))
+        self.host = VIRTUAL_HOST
+        self.component_domain = COMPONENT_DOMAIN
+        self.api_component_domain = API_COMPONENT_DOMAIN
+        self.component_secret = secrets.token_hex(16)
+        ports: set[int] = set()
+        while len(ports) < 3:
+            ports.add(free_port())
+        self.c2s_port, self.component_port, self.dist_port = sorted(ports)
+        self.node = f"xtls-e2e-{secrets.token_hex(4)}@localhost"
+        self.log_level = log_level
+        self.spool_dir = self.dir / "spool"  # Mnesia, and HOME (the Erlang cookie)
+        self.logs_dir = self.dir / "logs"
+        self.config_path = self.dir / "ejabberd.yml"
+        self.ctl_config_path = self.dir / "ejabberdctl.cfg"
+        self.inetrc_path = self.dir / "inetrc"
+        self.log_path = self.logs_dir / "ejabberd.log"
+        self.error_log_path = self.logs_dir / "error.log"
+        self.console_path = self.dir / "console.log"
+        self._proc: subprocess.Popen | None = None
+        self._write_config()
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the running Erlang VM, None when stopped."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def _write_config(self) -> None:
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(exist_ok=True)
+        cookie = self.spool_dir / ".erlang.cookie"
+        cookie.write_text(secrets.token_hex(16).upper())
+        cookie.chmod(0o400)
+        # Only the listeners below: no s2s, no HTTP, no STUN; plaintext c2s on loopback.
+        self.config_path.write_text(
+            f"""# Private test configuration written by tests/e2e/ejabberd.py.
+hosts:
+  - {self.host}
+loglevel: {self.log_level}
+log_rotate_count: 0
+certfiles: []
+acme:
+  auto: false
+auth_method: internal
+auth_password_format: plain
+
+listen:
+  -
+    port: {self.c2s_port}
+    ip: "127.0.0.1"
+    module: ejabberd_c2s
+    shaper: none
+    starttls: false
+    starttls_required: false
+  -
+    port: {self.component_port}
+    ip: "127.0.0.1"
+    module: ejabberd_service
+    shaper: none
+    global_routes: false
+    hosts:
+      {self.component_domain}:
+        password: "{self.component_secret}"
+      {self.api_component_domain}:
+        password: "{self.component_secret}"
+
+s2s_access: none
+acl:
+  local:
+    user_regexp: ""
+access_rules:
+  local:
+    allow: local
+  register:
+    deny: all
+
+modules:
+  mod_disco: {{}}
+  mod_ping: {{}}
+  mod_roster: {{}}
+"""
+        )
+        # Read by `ejabberdctl --config-dir DIR` (register); start() passes the same to erl.
+        self.ctl_config_path.write_text(
+            f"""# Private ejabberdctl configuration written by tests/e2e/ejabberd.py.
+ERLANG_NODE={self.node}
+INET_DIST_INTERFACE=127.0.0.1
+ERL_DIST_PORT={self.dist_port}
+ERL_OPTIONS="-env ERL_CRASH_DUMP_BYTES 0"
+EJABBERD_PID_PATH={self.dir}/ejabberd.pid
+EJABBERD_BYPASS_WARNINGS=true
+"""
+        )
+        self.inetrc_path.write_text(
+            '{lookup,["file","native"]}.\n{host,{127,0,0,1}, ["localhost"]}.\n{file, resolv, "/etc/resolv.conf"}.\n'
+        )
+        self._chown()
+
+    def _chown(self) -> None:
+        user = pwd.getpwnam(EJABBERD_USER)
+        for root, dirs, files in os.walk(self.dir):
+            for name in [root, *(os.path.join(root, d) for d in dirs), *(os.path.join(root, f) for f in files)]:
+                os.chown(name, user.pw_uid, user.pw_gid)
+
+    def _as_ejabberd(self, *argv: str) -> list[str]:
+        return ["setpriv", f"--reuid={EJABBERD_USER}", f"--regid={EJABBERD_USER}", "--init-groups", "--", *argv]
+
+    def _env(self) -> dict[str, str]:
+        """The environment ejabberdctl gives the VM, with this instance's paths."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("ERL_", "EJABBERD_"))}
+        env.update(
+            HOME=str(self.spool_dir),
+            EJABBERD_CONFIG_PATH=str(self.config_path),
+            EJABBERD_LOG_PATH=str(self.log_path),
+            EJABBERD_PID_PATH=str(self.dir / "ejabberd.pid"),
+            ERL_CRASH_DUMP=str(self.logs_dir / "erl_crash.dump"),
+            ERL_DIST_PORT=str(self.dist_port),
+            ERL_INETRC=str(self.inetrc_path),
+            ERL_MAX_PORTS="32000",
+            ERL_MAX_ETS_TABLES="1400",
+            ERL_LIBS=_erl_libs(),
+        )
+        return env
+
+    def _erl_argv(self) -> list[str]:
+        """`ejabberdctl foreground`'s erl command line for this instance's ejabberdctl.cfg."""
+        return [
+            ERL_BIN, "-sname", self.node,
+            "+K", "true", "+P", "250000", "-env", "ERL_CRASH_DUMP_BYTES", "0",
+            "-kernel", "inet_dist_use_interface", "{127,0,0,1}",
+            "-erl_epmd_port", str(self.dist_port), "-start_epmd", "false",
+            "-mnesia", "dir", f'"{self.spool_dir}"',
+            "-s", "ejabberd", "-noinput",
+        ]
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start ejabberd in the foreground and wait until both ports accept TCP."""
+        if self.pid is not None:
+            raise RuntimeError(f"ejabberd already running as pid {self.pid}")
+        self._chown()
+        console = open(self.console_path, "ab")
+        try:
+            self._proc = subprocess.Popen(
+                self._as_ejabberd(*self._erl_argv()),
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                cwd=self.spool_dir,
+                env=self._env(),
+            )
+        finally:
+            console.close()
+        alive = lambda: self._proc.poll() is None  # noqa: E731
+        try:
+            wait_for_port(self.c2s_port, timeout, alive)
+            wait_for_port(self.component_port, timeout, alive)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop()
+            raise RuntimeError(f"ejabberd did not start: {exc}\n{self.diagnostics()}") from exc
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop the VM by its pid (SIGTERM: init:stop(); SIGKILL as a last resort) and wait
+        until its helper processes are gone as well."""
+        if self._proc is None:
+            return
+        helpers = _descendants(self._proc.pid) if self._proc.poll() is None else []
+        stop_pid(self._proc, timeout)
+        self._proc = None
+        deadline = time.monotonic() + 5
+        while any(_alive(p) for p in helpers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in helpers:  # children of our VM that outlived it: ours to end, by pid
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def restart(self) -> None:
+        """Stop and start again on the same ports, node name and spool."""
+        self.stop()
+        self.start()
+
+    def ctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        """Run `ejabberdctl ARGS` against this node (its config dir, spool, logs, node name)."""
+        return subprocess.run(
+            self._as_ejabberd(
+                EJABBERDCTL_BIN, "--config-dir", str(self.dir), "--config", str(self.config_path),
+                "--spool", str(self.spool_dir), "--logs", str(self.logs_dir), "--node", self.node, *args,
+            ),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            cwd=self.spool_dir,
+            env=self._env(),
+            timeout=timeout,
+        )
+
+    def register(self, user: str, password: str) -> str:
+        """Create the account `user@localhost`; return its bare JID."""
+        result = self.ctl("register", user, self.host, password)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"ejabberdctl register {user} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+            )
+        return f"{user}@{self.host}"
+
+    def diagnostics(self) -> str:
+        """Console output, error log and log tail, for failure messages."""
+        return (
+            f"--- ejabberd console ({self.console_path}) ---\n{log_tail(self.console_path, 20)}\n"
+            f"--- ejabberd error log ({self.error_log_path}) ---\n{log_tail(self.error_log_path, 20)}\n"
+            f"--- ejabberd log tail ({self.log_path}) ---\n{log_tail(self.log_path)}"
+        )
+
+    def cleanup(self) -> None:
+        """Stop the server and remove its directory."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
