@@ -31,6 +31,12 @@ pub struct AdminState {
     pub token: Secret,
     /// The component link's status.
     pub link: watch::Receiver<LinkStatus>,
+    /// Body size and time limits.
+    pub limits: std::sync::Arc<crate::http::HttpLimits>,
+    /// The `Host` names answered.
+    pub allowed_hosts: std::sync::Arc<crate::http::AllowedHosts>,
+    /// Browser origins allowed by CORS (none by default).
+    pub cors_origins: Vec<String>,
 }
 
 /// An API error, rendered as problem+json.
@@ -48,6 +54,12 @@ pub enum ApiError {
     Conflict(String),
     /// 422.
     Invalid(String),
+    /// 413, with the limit in bytes.
+    PayloadTooLarge(usize),
+    /// 408: the body did not arrive in time.
+    RequestTimeout,
+    /// 421: a `Host` this API does not answer to.
+    MisdirectedHost,
     /// 500; the cause is logged, not returned.
     Internal(String),
 }
@@ -61,6 +73,9 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::MisdirectedHost => StatusCode::MISDIRECTED_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -75,6 +90,15 @@ impl IntoResponse for ApiError {
             ApiError::TooManyRequests(_, what) => what.clone(),
             ApiError::NotFound(what) => format!("{what} not found"),
             ApiError::Conflict(what) | ApiError::Invalid(what) => what.clone(),
+            ApiError::PayloadTooLarge(limit) => {
+                format!("the request body is larger than {limit} bytes (admin.max_body_bytes)")
+            }
+            ApiError::RequestTimeout => {
+                "the request body did not arrive in time (admin.body_timeout_secs)".to_owned()
+            }
+            ApiError::MisdirectedHost => {
+                "this Host is not one the admin API answers to (admin.allowed_hosts)".to_owned()
+            }
             ApiError::Internal(cause) => {
                 tracing::error!(cause, "admin API internal error");
                 "internal error; see the component log".to_owned()
@@ -128,9 +152,50 @@ pub fn app(state: AdminState) -> Router {
     let document = crate::apidoc::finish(doc)
         .to_json()
         .expect("the OpenAPI document serializes");
-    router
+    let router = router
         .layer(axum::Extension(OpenApiJson(std::sync::Arc::new(document))))
-        .with_state(state)
+        .with_state(state.clone());
+    let router = match cors(&state.cors_origins) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    };
+    router.layer(middleware::from_fn_with_state(
+        state.allowed_hosts.clone(),
+        crate::http::check_host,
+    ))
+}
+
+/// CORS for the configured origins; `None` (no CORS headers at all) when there are none.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderName, Method};
+    if origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                HeaderName::from_static("idempotency-key"),
+                HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([header::RETRY_AFTER])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
+/// A JSON body, or the problem that says why it is not one.
+pub fn json_body<T>(
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, ApiError> {
+    body.map(|Json(value)| value)
+        .map_err(|e| ApiError::Invalid(e.body_text()))
 }
 
 /// The serialized OpenAPI document, made once at start-up.
@@ -164,6 +229,14 @@ pub fn routes(state: AdminState) -> OpenApiRouter<AdminState> {
         .merge(admin_only)
         .merge(crate::botapi::routes())
         .fallback(|| async { ApiError::NotFound("route".into()) })
+        // read_body enforces admin.max_body_bytes; the extractors' own 2 MB cap would
+        // contradict a larger setting.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        // Only a caller with a valid token gets its body read.
+        .layer(middleware::from_fn_with_state(
+            state.limits.clone(),
+            crate::http::read_body,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), require_token));
     let metrics = OpenApiRouter::new()
         .routes(routes!(metrics_route))
@@ -517,7 +590,7 @@ async fn create_bot(
     State(state): State<AdminState>,
     body: Result<Json<CreateBot>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<BotView>), ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let body = crate::admin::json_body(body)?;
     let bot = state
         .bots
         .create(NewBot {

@@ -61,7 +61,8 @@ pub struct TunnelPath {
 /// The media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
-/// Adds the bearer scheme and the problems every `/v1` operation may answer.
+/// Adds the bearer scheme and the problems every operation may answer (bad `Host`; for
+/// `/v1`: token, scope, internal; with a body: too slow, too large).
 pub fn finish(mut doc: OpenApi) -> OpenApi {
     let components = doc.components.get_or_insert_with(Default::default);
     components.add_security_scheme(
@@ -87,9 +88,7 @@ pub fn finish(mut doc: OpenApi) -> OpenApi {
             .build()
     };
     for (path, item) in doc.paths.paths.iter_mut() {
-        if !path.starts_with("/v1/") && path != "/metrics" {
-            continue;
-        }
+        let with_token = path.starts_with("/v1/") || path == "/metrics";
         let operations = [
             &mut item.get,
             &mut item.put,
@@ -97,16 +96,32 @@ pub fn finish(mut doc: OpenApi) -> OpenApi {
             &mut item.delete,
         ];
         for op in operations.into_iter().flatten() {
-            op.security = Some(vec![SecurityRequirement::new(
-                "bearer",
-                Vec::<String>::new(),
-            )]);
+            let mut common = vec![(
+                "421",
+                "The Host header is not one this API answers to (admin.allowed_hosts)",
+            )];
+            if with_token {
+                op.security = Some(vec![SecurityRequirement::new(
+                    "bearer",
+                    Vec::<String>::new(),
+                )]);
+                common.extend([
+                    ("401", "No token, or one that is not valid"),
+                    ("403", "A valid token that does not reach this resource"),
+                    ("500", "An internal error (details in the component's log)"),
+                ]);
+            }
+            if op.request_body.is_some() {
+                common.extend([
+                    (
+                        "408",
+                        "The body did not arrive in time (admin.body_timeout_secs)",
+                    ),
+                    ("413", "The body is larger than admin.max_body_bytes"),
+                ]);
+            }
             let responses = &mut op.responses.responses;
-            for (status, what) in [
-                ("401", "No token, or one that is not valid"),
-                ("403", "A valid token that does not reach this resource"),
-                ("500", "An internal error (details in the component's log)"),
-            ] {
+            for (status, what) in common {
                 responses
                     .entry(status.to_owned())
                     .or_insert_with(|| problem(what).into());

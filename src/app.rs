@@ -117,10 +117,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .await
         .with_context(|| format!("cannot listen on {} (admin.listen)", config.admin.listen))?;
     tracing::info!(listen = %config.admin.listen, "admin API listening");
+    let limits = config.admin.http_limits();
     let state = AdminState {
         bots: bots.clone(),
         token: config.token().clone(),
         link: status_rx,
+        limits: std::sync::Arc::new(limits.clone()),
+        allowed_hosts: std::sync::Arc::new(crate::http::AllowedHosts::new(
+            &config.admin.allowed_hosts,
+            config.admin.listen,
+        )),
+        cors_origins: config.admin.cors_origins.clone(),
     };
     let metrics_server = match config.metrics.listen {
         Some(addr) => {
@@ -128,25 +135,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 .await
                 .with_context(|| format!("cannot listen on {addr} (metrics.listen)"))?;
             tracing::info!(listen = %addr, "metrics listening");
-            let mut stop = stop_rx.clone();
-            let app = admin::metrics_app(bots.clone());
+            let (stop, app, limits) = (
+                stop_rx.clone(),
+                admin::metrics_app(bots.clone()),
+                limits.clone(),
+            );
             Some(tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await
+                crate::http::serve(listener, app, &limits, stop).await
             }))
         }
         None => None,
     };
-    let mut admin_stop = stop_rx.clone();
+    let admin_stop = stop_rx.clone();
     let admin = tokio::spawn(async move {
-        axum::serve(listener, admin::app(state))
-            .with_graceful_shutdown(async move {
-                let _ = admin_stop.wait_for(|s| *s).await;
-            })
-            .await
+        crate::http::serve(listener, admin::app(state), &limits, admin_stop).await
     });
 
     let outcome = tokio::select! {

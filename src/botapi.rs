@@ -307,7 +307,7 @@ async fn put_webhook(
     body: Result<Json<PutWebhook>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<WebhookView>, ApiError> {
     let bot = scoped(&state, &caller, &jid)?;
-    let Json(body) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let body = crate::admin::json_body(body)?;
     let url = reqwest::Url::parse(&body.url).map_err(|e| ApiError::Invalid(format!("url: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
         return Err(ApiError::Invalid("url must be an http or https URL".into()));
@@ -455,7 +455,7 @@ async fn dead_letters(
     retry: bool,
 ) -> Result<Json<DeadLetterCount>, ApiError> {
     let bot = scoped(state, caller, jid)?;
-    let Json(body) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let body = crate::admin::json_body(body)?;
     let store = &state.bots.shared().store;
     let seqs = body.seq.as_deref();
     Ok(Json(if retry {
@@ -644,7 +644,7 @@ async fn post_message(
     body: Result<Json<PostMessage>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let bot = scoped(&state, &caller, &jid)?;
-    let Json(body) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let body = crate::admin::json_body(body)?;
     let store = &state.bots.shared().store;
     let idempotency_key = headers
         .get("idempotency-key")
@@ -799,7 +799,7 @@ pub async fn open_tunnel(
     State(state): State<AdminState>,
     body: Result<Json<OpenTunnel>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<TunnelOpening>), ApiError> {
-    let Json(body) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let body = crate::admin::json_body(body)?;
     let bot = find_bot(&state, &body.bot)?;
     let peer = valid_jid(&body.peer, "peer")?;
     if !peer.contains('/') {

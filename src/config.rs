@@ -152,10 +152,44 @@ pub struct AdminConfig {
     /// A file holding the token.
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Names the `Host` header may carry (`*`: any); empty: loopback and the listen address.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Origins allowed to call the API from a browser (CORS); empty: none.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
+    /// Largest request body, in bytes.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Seconds a client has to send its request headers.
+    #[serde(default = "default_header_timeout_secs")]
+    pub header_timeout_secs: u64,
+    /// Seconds a client has to send its request body.
+    #[serde(default = "default_body_timeout_secs")]
+    pub body_timeout_secs: u64,
+    /// Connections served at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8347))
+}
+
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
+}
+
+fn default_header_timeout_secs() -> u64 {
+    10
+}
+
+fn default_body_timeout_secs() -> u64 {
+    30
+}
+
+fn default_max_connections() -> usize {
+    256
 }
 
 impl Default for AdminConfig {
@@ -164,6 +198,24 @@ impl Default for AdminConfig {
             listen: default_admin_listen(),
             token: None,
             token_file: None,
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
+            max_body_bytes: default_max_body_bytes(),
+            header_timeout_secs: default_header_timeout_secs(),
+            body_timeout_secs: default_body_timeout_secs(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The HTTP server's limits.
+    pub fn http_limits(&self) -> crate::http::HttpLimits {
+        crate::http::HttpLimits {
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_secs),
+            body_timeout: std::time::Duration::from_secs(self.body_timeout_secs),
+            max_body_bytes: self.max_body_bytes,
+            max_connections: self.max_connections,
         }
     }
 }
@@ -465,6 +517,32 @@ impl Config {
             return Err(invalid("admin.token", "must be at least 8 characters"));
         }
         self.admin.token = Some(token);
+        let a = &self.admin;
+        if a.max_body_bytes < 1024 {
+            return Err(invalid("admin.max_body_bytes", "must be at least 1024"));
+        }
+        if a.header_timeout_secs == 0 || a.body_timeout_secs == 0 || a.max_connections == 0 {
+            return Err(invalid(
+                "admin",
+                "header_timeout_secs, body_timeout_secs and max_connections must be at least 1",
+            ));
+        }
+        for origin in &a.cors_origins {
+            let well_formed = (origin.starts_with("https://") || origin.starts_with("http://"))
+                && !origin.ends_with('/')
+                && origin.split("://").nth(1).is_some_and(|rest| {
+                    !rest.is_empty() && !rest.contains('/') && !rest.contains('*')
+                })
+                && axum::http::HeaderValue::from_str(origin).is_ok();
+            if !well_formed {
+                return Err(invalid(
+                    "admin.cors_origins",
+                    format!(
+                        "'{origin}' is not an origin like https://admin.example.org (no path, no wildcard)"
+                    ),
+                ));
+            }
+        }
         if !self.store.url.starts_with("sqlite:") {
             return Err(invalid("store.url", "only sqlite: URLs are supported"));
         }
@@ -574,6 +652,27 @@ mod tests {
         assert_eq!(c.tunnel.window, 4);
         assert_eq!(c.limits.tunnels_per_peer, 16);
         assert_eq!(c.secret().expose(), "s3cret");
+    }
+
+    #[test]
+    fn admin_api_limits_and_origins_are_checked() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.admin.max_body_bytes, 1024 * 1024);
+        assert!(c.admin.cors_origins.is_empty() && c.admin.allowed_hosts.is_empty());
+        let with = |line: &str| load(&MINIMAL.replace("[admin]", &format!("[admin]\n{line}")));
+        assert!(with(r#"cors_origins = ["https://console.example.org:8443"]"#).is_ok());
+        for bad in [
+            "*",
+            "https://a.example/",
+            "https://a.example/path",
+            "ftp://a",
+            "https://",
+        ] {
+            let e = with(&format!("cors_origins = [\"{bad}\"]")).unwrap_err();
+            assert!(e.to_string().contains("admin.cors_origins"), "{bad}: {e}");
+        }
+        assert!(with("max_body_bytes = 10").is_err());
+        assert!(with("max_connections = 0").is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //! | [`store`] | SQLite: bots, keys, pins, tunnel history |
 //! | [`eventlog`] | the durable per-bot event log and its shared cursor |
 //! | [`webhook`] | signed webhook delivery of the event logs, retries and dead letters |
+//! | [`http`] | the HTTP server under the admin API: deadlines, caps, `Host` allow-list |
 //! | [`admin`] | the axum admin API |
 //! | [`botapi`] | the bot-facing routes: events, webhook, deliveries, tokens |
 //! | [`apidoc`] | the admin API's OpenAPI document, generated from the handlers |
@@ -30,6 +31,7 @@ pub mod certs;
 pub mod component;
 pub mod config;
 pub mod eventlog;
+pub mod http;
 pub mod metrics;
 pub mod router;
 pub mod session;

@@ -51,8 +51,9 @@ class Component:
 
     By default it serves `echo@bots.localhost` on the component domain `bots.localhost`.
     `domain` picks another domain the server declares (e.g. `server.api_component_domain`),
-    `bots` replaces the `[[bots]]` TOML (use "" for none) and `extra_config` is appended to
-    the file as is (e.g. a `[webhooks]` section).
+    `bots` replaces the `[[bots]]` TOML (use "" for none), `admin_config` adds keys to the
+    `[admin]` section and `extra_config` is appended to the file as is (e.g. a `[webhooks]`
+    section).
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class Component:
         domain: str | None = None,
         bots: str = ECHO_BOT,
         extra_config: str = "",
+        admin_config: str = "",
     ) -> None:
         self.server = server
         self.binary = binary or binary_path()
@@ -75,6 +77,7 @@ class Component:
         self.store_path = self.dir / "xtls.db"
         self.base_url = f"http://127.0.0.1:{self.admin_port}"
         self._openapi: OpenApiChecker | None = None
+        self._secrets: set[str] = set()
         self.starts = 0  # how many times start() launched the binary
         self._proc: subprocess.Popen | None = None
         self.config_path.write_text(
@@ -86,6 +89,7 @@ secret = "{server.component_secret}"
 [admin]
 listen = "127.0.0.1:{self.admin_port}"
 token = "{self.token}"
+{admin_config}
 
 [store]
 url = "sqlite://{self.store_path}"
@@ -182,8 +186,29 @@ url = "sqlite://{self.store_path}"
         self.start(timeout)
 
     def cleanup(self) -> None:
+        """Stop the process, check its log holds no secret, remove its files."""
         self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.assert_log_has_no_secrets()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def secrets_seen(self) -> set[str]:
+        """Every secret this component was given or gave out: the component secret, the
+        admin token, bot tokens and webhook secrets that went through `request`."""
+        return {self.server.component_secret, self.token, *self._secrets}
+
+    def assert_log_has_no_secrets(self) -> None:
+        """Raise AssertionError naming the kind of secret found in the component's log."""
+        if not self.log_path.exists():
+            return
+        log = self.log_path.read_text(errors="replace")
+        kinds = {self.server.component_secret: "the component secret", self.token: "the admin token"}
+        leaked = sorted({kinds.get(s) or ("a bot token" if s.startswith("xtb_") else "a webhook secret")
+                         for s in self.secrets_seen() if s and s in log})
+        if "PRIVATE KEY" in log:
+            leaked.append("a PEM private key")
+        assert not leaked, f"the component log {self.log_path} contains secrets: {leaked}"
 
     def diagnostics(self, lines: int = 80) -> str:
         return f"--- component log tail ({self.log_path}) ---\n{log_tail(self.log_path, lines)}"
@@ -210,6 +235,7 @@ url = "sqlite://{self.store_path}"
                 status, content_type, answer = resp.status, resp.headers.get("Content-Type"), _decode(resp.read())
         except urllib.error.HTTPError as err:
             status, content_type, answer = err.code, err.headers.get("Content-Type"), _decode(err.read())
+        self._secrets.update(_secret_values(body) | _secret_values(answer))
         self.openapi().check(method, path, status, content_type, answer)
         if 200 <= status < 300:
             self.openapi().check_request(method, path, body)
@@ -235,6 +261,17 @@ url = "sqlite://{self.store_path}"
 
     def put(self, path: str, body=None, **kw):
         return self.request("PUT", path, body=body, **kw)
+
+
+def _secret_values(value) -> set[str]:
+    """Bot tokens (xtb_...) and webhook secrets (whsec_...) anywhere in a JSON value."""
+    if isinstance(value, str):
+        return {value} if value.startswith(("xtb_", "whsec_")) else set()
+    if isinstance(value, dict):
+        return set().union(*map(_secret_values, value.values()))
+    if isinstance(value, list):
+        return set().union(*map(_secret_values, value))
+    return set()
 
 
 def _decode(raw: bytes):
