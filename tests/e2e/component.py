@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from openapi_check import OpenApiChecker
-from prosody import free_port, log_tail, stop_pid
+from xmpp_server import free_port, log_tail, stop_pid
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BINARY = REPO / "target" / "debug" / "xtls-component"

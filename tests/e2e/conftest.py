@@ -21,6 +21,7 @@ import pytest
 from component import Component
 from ejabberd import Ejabberd
 from prosody import Prosody
+from xmpp_server import XmppServer
 from xtls_client import Identity, XtlsClient
 
 USERS = {"alice": "alice-secret", "bob": "bob-secret", "mallory": "mallory-secret"}
@@ -39,7 +40,7 @@ class Users:
     bot trusts on first use and refuses a changed key (spec §2.3).
     """
 
-    def __init__(self, server: Prosody | Ejabberd) -> None:
+    def __init__(self, server: XmppServer) -> None:
         self.server = server
         self._identities: dict[tuple[str, str], Identity] = {}
 

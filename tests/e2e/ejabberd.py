@@ -26,24 +26,17 @@ listening sockets (accepted sockets inherit it), so there is no Nagle setting to
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import secrets
-import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
-from prosody import free_port, log_tail, stop_pid, wait_for_port
+from xmpp_server import XmppServer
 
 EJABBERDCTL_BIN = "/usr/sbin/ejabberdctl"
 ERL_BIN = "/usr/bin/erl"
-EJABBERD_USER = "ejabberd"
-VIRTUAL_HOST = "localhost"
-COMPONENT_DOMAIN = "bots.localhost"
-API_COMPONENT_DOMAIN = "api.localhost"  # a second component domain, as in prosody.py
 
 
 def _erl_libs() -> str:
@@ -91,27 +84,26 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-class Ejabberd:
+class Ejabberd(XmppServer):
     """One private ejabberd instance: host `localhost`, component domains `bots.localhost`
     and `api.localhost` on one `ejabberd_service` listener (same secret, `global_routes:
     false`, so each component connection gets only its own domain's traffic).
 
-    Attributes a test uses, as on `Prosody`: `c2s_port`, `component_port`,
-    `component_secret`, `host`, `component_domain`, `api_component_domain`, `log_path`, `pid`.
+    Attributes a test uses: those of `XmppServer`, as on `Prosody` (`c2s_port`,
+    `component_port`, `component_secret`, `host`, `component_domain`,
+    `api_component_domain`, `log_path`, `pid`).
     """
 
+    name = "ejabberd"
+    user = "ejabberd"
+    ctl_name = "ejabberdctl"
+    start_timeout = 30.0
+    stop_timeout = 15.0
+
     def __init__(self, *, log_level: str = "info", workdir: str | None = None) -> None:
-        self.dir = Path(workdir or tempfile.mkdtemp(prefix="xtls-ejabberd-"))
-        self.host = VIRTUAL_HOST
-        self.component_domain = COMPONENT_DOMAIN
-        self.api_component_domain = API_COMPONENT_DOMAIN
-        self.component_secret = secrets.token_hex(16)
-        ports: set[int] = set()
-        while len(ports) < 3:
-            ports.add(free_port())
-        self.c2s_port, self.component_port, self.dist_port = sorted(ports)
+        super().__init__(log_level=log_level, workdir=workdir)
+        self.dist_port = self._new_port()
         self.node = f"xtls-e2e-{secrets.token_hex(4)}@localhost"
-        self.log_level = log_level
         self.spool_dir = self.dir / "spool"  # Mnesia, and HOME (the Erlang cookie)
         self.logs_dir = self.dir / "logs"
         self.config_path = self.dir / "ejabberd.yml"
@@ -119,14 +111,8 @@ class Ejabberd:
         self.inetrc_path = self.dir / "inetrc"
         self.log_path = self.logs_dir / "ejabberd.log"
         self.error_log_path = self.logs_dir / "error.log"
-        self.console_path = self.dir / "console.log"
-        self._proc: subprocess.Popen | None = None
+        self.run_dir = self.spool_dir
         self._write_config()
-
-    @property
-    def pid(self) -> int | None:
-        """Pid of the running Erlang VM, None when stopped."""
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def _write_config(self) -> None:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -199,15 +185,6 @@ EJABBERD_BYPASS_WARNINGS=true
         )
         self._chown()
 
-    def _chown(self) -> None:
-        user = pwd.getpwnam(EJABBERD_USER)
-        for root, dirs, files in os.walk(self.dir):
-            for name in [root, *(os.path.join(root, d) for d in dirs), *(os.path.join(root, f) for f in files)]:
-                os.chown(name, user.pw_uid, user.pw_gid)
-
-    def _as_ejabberd(self, *argv: str) -> list[str]:
-        return ["setpriv", f"--reuid={EJABBERD_USER}", f"--regid={EJABBERD_USER}", "--init-groups", "--", *argv]
-
     def _env(self) -> dict[str, str]:
         """The environment ejabberdctl gives the VM, with this instance's paths."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("ERL_", "EJABBERD_"))}
@@ -225,7 +202,7 @@ EJABBERD_BYPASS_WARNINGS=true
         )
         return env
 
-    def _erl_argv(self) -> list[str]:
+    def _argv(self) -> list[str]:
         """`ejabberdctl foreground`'s erl command line for this instance's ejabberdctl.cfg."""
         return [
             ERL_BIN, "-sname", self.node,
@@ -236,39 +213,11 @@ EJABBERD_BYPASS_WARNINGS=true
             "-s", "ejabberd", "-noinput",
         ]
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start ejabberd in the foreground and wait until both ports accept TCP."""
-        if self.pid is not None:
-            raise RuntimeError(f"ejabberd already running as pid {self.pid}")
-        self._chown()
-        console = open(self.console_path, "ab")
-        try:
-            self._proc = subprocess.Popen(
-                self._as_ejabberd(*self._erl_argv()),
-                stdin=subprocess.DEVNULL,
-                stdout=console,
-                stderr=subprocess.STDOUT,
-                cwd=self.spool_dir,
-                env=self._env(),
-            )
-        finally:
-            console.close()
-        alive = lambda: self._proc.poll() is None  # noqa: E731
-        try:
-            wait_for_port(self.c2s_port, timeout, alive)
-            wait_for_port(self.component_port, timeout, alive)
-        except (RuntimeError, TimeoutError) as exc:
-            self.stop()
-            raise RuntimeError(f"ejabberd did not start: {exc}\n{self.diagnostics()}") from exc
-
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """Stop the VM by its pid (SIGTERM: init:stop(); SIGKILL as a last resort) and wait
         until its helper processes are gone as well."""
-        if self._proc is None:
-            return
-        helpers = _descendants(self._proc.pid) if self._proc.poll() is None else []
-        stop_pid(self._proc, timeout)
-        self._proc = None
+        helpers = _descendants(self.pid) if self.pid is not None else []
+        super().stop(timeout)
         deadline = time.monotonic() + 5
         while any(_alive(p) for p in helpers) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -279,15 +228,10 @@ EJABBERD_BYPASS_WARNINGS=true
                 except ProcessLookupError:
                     pass
 
-    def restart(self) -> None:
-        """Stop and start again on the same ports, node name and spool."""
-        self.stop()
-        self.start()
-
     def ctl(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
         """Run `ejabberdctl ARGS` against this node (its config dir, spool, logs, node name)."""
         return subprocess.run(
-            self._as_ejabberd(
+            self._as_user(
                 EJABBERDCTL_BIN, "--config-dir", str(self.dir), "--config", str(self.config_path),
                 "--spool", str(self.spool_dir), "--logs", str(self.logs_dir), "--node", self.node, *args,
             ),
@@ -299,24 +243,9 @@ EJABBERD_BYPASS_WARNINGS=true
             timeout=timeout,
         )
 
-    def register(self, user: str, password: str) -> str:
-        """Create the account `user@localhost`; return its bare JID."""
-        result = self.ctl("register", user, self.host, password)
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"ejabberdctl register {user} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
-            )
-        return f"{user}@{self.host}"
-
-    def diagnostics(self) -> str:
-        """Console output, error log and log tail, for failure messages."""
-        return (
-            f"--- ejabberd console ({self.console_path}) ---\n{log_tail(self.console_path, 20)}\n"
-            f"--- ejabberd error log ({self.error_log_path}) ---\n{log_tail(self.error_log_path, 20)}\n"
-            f"--- ejabberd log tail ({self.log_path}) ---\n{log_tail(self.log_path)}"
-        )
-
-    def cleanup(self) -> None:
-        """Stop the server and remove its directory."""
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def _logs(self) -> list[tuple[str, Path, int]]:
+        return [
+            ("console", self.console_path, 20),
+            ("error log", self.error_log_path, 20),
+            ("log tail", self.log_path, 60),
+        ]
