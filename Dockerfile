@@ -21,13 +21,11 @@ LABEL org.opencontainers.image.title="xtls-component" \
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --home /var/lib/xtls-component --create-home xtls
+ && useradd --system --uid 10001 --user-group --home /var/lib/xtls-component --create-home xtls
 COPY --from=build /src/target/release/xtls-component /usr/local/bin/xtls-component
-COPY config/xtls-component.toml /etc/xtls-component/xtls-component.toml
-# The secret and the admin token come from XTLS_COMPONENT__SECRET / XTLS_ADMIN__TOKEN (or
-# their *_FILE keys pointing at mounted secrets); any other key as XTLS_<SECTION>__<KEY>.
-ENV XTLS_STORE__URL=sqlite:///var/lib/xtls-component/xtls-component.db \
-    XTLS_ADMIN__LISTEN=0.0.0.0:8347
+# No secrets and no domain in the image: they come from XTLS_<SECTION>__<KEY> variables or
+# *_FILE keys pointing at mounted secrets, and the component refuses to start without them.
+COPY config/docker.toml /etc/xtls-component/xtls-component.toml
 VOLUME /var/lib/xtls-component
 EXPOSE 8347
 USER xtls

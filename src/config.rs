@@ -67,6 +67,7 @@ fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The link to the XMPP server.
+    #[serde(default)]
     pub component: ComponentConfig,
     /// The admin HTTP API.
     #[serde(default)]
@@ -98,7 +99,8 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ComponentConfig {
-    /// The component's domain, as declared in the server.
+    /// The component's domain, as declared in the server (required).
+    #[serde(default)]
     pub domain: String,
     /// The server's component port, `host:port`.
     #[serde(default = "default_server")]
@@ -121,6 +123,21 @@ pub struct ComponentConfig {
     /// Longest reconnect back-off, in seconds.
     #[serde(default = "default_reconnect_max")]
     pub reconnect_max_secs: u64,
+}
+
+impl Default for ComponentConfig {
+    fn default() -> Self {
+        Self {
+            domain: String::new(),
+            server: default_server(),
+            secret: None,
+            secret_file: None,
+            keepalive_secs: default_keepalive(),
+            ping_interval_secs: default_ping_interval(),
+            ping_timeout_secs: default_ping_timeout(),
+            reconnect_max_secs: default_reconnect_max(),
+        }
+    }
 }
 
 fn default_server() -> String {
@@ -488,6 +505,12 @@ impl Config {
 
     fn validate(&mut self) -> Result<(), ConfigError> {
         let domain = &self.component.domain;
+        if domain.is_empty() {
+            return Err(invalid(
+                "component.domain",
+                "missing: set component.domain, or the environment variable XTLS_COMPONENT__DOMAIN",
+            ));
+        }
         match jid::Jid::new(domain) {
             Ok(j) if j.node().is_none() && j.resource().is_none() => {
                 self.component.domain = j.to_string();

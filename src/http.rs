@@ -154,12 +154,20 @@ impl AllowedHosts {
     }
 }
 
-/// Refuses requests whose `Host` is not an allowed name (DNS rebinding), with 421.
+/// The liveness and readiness probes: orchestrators send any `Host` (a pod address), and
+/// they reveal nothing a rebinding page could use.
+pub const PROBES: [&str; 2] = ["/healthz", "/readyz"];
+
+/// Refuses requests whose `Host` is not an allowed name (DNS rebinding), with 421; the
+/// probes answer whatever the `Host`.
 pub async fn check_host(
     State(allowed): State<Arc<AllowedHosts>>,
     req: Request,
     next: Next,
 ) -> Response {
+    if PROBES.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
     let host = req
         .headers()
         .get(header::HOST)

@@ -18,7 +18,8 @@ import yaml
 
 from component import binary_path
 from ejabberd import Ejabberd
-from prosody import Prosody, free_port
+from prosody import Prosody
+from xmpp_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -48,8 +49,10 @@ def test_binary_name_and_port_match_the_code():
     config = tomllib.loads((ROOT / "config" / "xtls-component.toml").read_text())
     default_port = int(config["admin"]["listen"].rsplit(":", 1)[1])
     assert instructions("EXPOSE") == [str(default_port)]
-    env = " ".join(instructions("ENV"))
-    assert f"XTLS_ADMIN__LISTEN=0.0.0.0:{default_port}" in env
+    image_config = tomllib.loads((ROOT / "config" / "docker.toml").read_text())
+    assert image_config["admin"]["listen"] == f"0.0.0.0:{default_port}"
+    assert image_config["store"]["url"].startswith("sqlite:///var/lib/xtls-component/")
+    assert "VOLUME /var/lib/xtls-component" in DOCKERFILE
     (health,) = instructions("HEALTHCHECK")
     assert f'CMD ["{binary}", "healthcheck"' in health
     assert instructions("STOPSIGNAL") == ["SIGTERM"]
@@ -57,6 +60,29 @@ def test_binary_name_and_port_match_the_code():
     labels = " ".join(instructions("LABEL"))
     for key in ("title", "version", "source", "revision"):
         assert f"org.opencontainers.image.{key}=" in labels
+
+
+def test_the_image_config_holds_no_secret_and_needs_them_from_the_environment(tmp_path):
+    """The image's own configuration starts nothing until the operator gives the domain,
+    the secret and the token, by value or as mounted files (the *_FILE forms)."""
+    binary, image_config = str(binary_path()), str(ROOT / "config" / "docker.toml")
+    text = (ROOT / "config" / "docker.toml").read_text()
+    assert "secret" not in text.replace("SECRET", "").split("[admin]")[1] and "token =" not in text
+
+    def check(**env):
+        return subprocess.run([binary, "check-config", "--config", image_config], capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", **env})
+
+    bare = check()
+    assert bare.returncode == 2 and "component.domain" in bare.stderr, bare.stderr
+    (tmp_path / "secret").write_text("component-secret\n")
+    (tmp_path / "token").write_text("admin-token-123456\n")
+    given = check(XTLS_COMPONENT__DOMAIN="bots.example.org", XTLS_COMPONENT__SERVER="prosody:5347",
+                  XTLS_COMPONENT__SECRET_FILE=str(tmp_path / "secret"),
+                  XTLS_ADMIN__TOKEN_FILE=str(tmp_path / "token"))
+    assert given.returncode == 0, given.stderr
+    no_token = check(XTLS_COMPONENT__DOMAIN="bots.example.org", XTLS_COMPONENT__SECRET="component-secret")
+    assert no_token.returncode == 2 and "XTLS_ADMIN__TOKEN" in no_token.stderr, no_token.stderr
 
 
 def compose(server: str) -> dict:
