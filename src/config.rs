@@ -340,6 +340,10 @@ pub struct LimitsConfig {
     pub outbound_queue: usize,
     /// Largest stanza accepted from the server, in bytes.
     pub max_stanza_bytes: usize,
+    /// `start`s one peer (bare JID) may send per minute, to all bots together.
+    pub starts_per_peer_per_minute: u32,
+    /// `start`s one peer may send at once before the per-minute rate applies.
+    pub start_burst_per_peer: u32,
 }
 
 impl Default for LimitsConfig {
@@ -352,6 +356,8 @@ impl Default for LimitsConfig {
             bot_queue: 1024,
             outbound_queue: 4096,
             max_stanza_bytes: 1024 * 1024,
+            starts_per_peer_per_minute: 120,
+            start_burst_per_peer: 20,
         }
     }
 }

@@ -25,6 +25,7 @@ use crate::tunnel::{
 };
 
 mod outbound;
+mod rate;
 
 pub use outbound::{FINAL, MessageRecord, OutMsg, Submitted, chat_message};
 
@@ -51,6 +52,7 @@ pub struct Shared {
     pub link_up: std::sync::atomic::AtomicBool,
     /// Counters and histograms.
     pub metrics: crate::metrics::Metrics,
+    start_rate: rate::StartRate,
     handshakes: AtomicUsize,
     tunnels: AtomicUsize,
 }
@@ -67,6 +69,10 @@ impl Shared {
         webhooks: WebhooksConfig,
     ) -> Arc<Shared> {
         Arc::new(Shared {
+            start_rate: rate::StartRate::new(
+                limits.starts_per_peer_per_minute,
+                limits.start_burst_per_peer,
+            ),
             store,
             out,
             table: TunnelTable::default(),
@@ -936,6 +942,17 @@ impl BotDriver {
         iq: &Iq,
         offer: Option<crate::stanza::xtls::Offer>,
     ) {
+        // Before anything else: a flood of starts must not replace a live tunnel either.
+        if !self.shared.start_rate.allow(bare(&key.peer), now) {
+            self.shared.metrics.rejected("start_rate");
+            self.send(iq.error(
+                ErrorType::Wait,
+                DefinedCondition::ResourceConstraint,
+                "too many starts from this peer",
+            ))
+            .await;
+            return;
+        }
         if let Some(live) = self.tunnels.get_mut(&key) {
             if live.tunnel.on_duplicate_start() == DuplicateStart::Conflict {
                 self.send(iq.error(ErrorType::Cancel, DefinedCondition::Conflict, ""))
