@@ -188,6 +188,23 @@ pub struct Store {
     writer: SqlitePool,
 }
 
+/// Whether the writer connection may be reused: not inside a transaction, in SQLite's view
+/// or in sqlx's. After a failed write (a full disk, an I/O error) SQLite may roll a
+/// transaction back by itself or keep it open while sqlx believes otherwise; every later
+/// "committed" write would then go into a transaction nobody commits. Such a connection is
+/// closed (SQLite rolls back what it held) and the pool opens a fresh one.
+async fn writer_is_clean(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::Connection as _;
+    // BEGIN fails inside a transaction; it takes no lock, so a busy database does not matter.
+    let clean = sqlx::query("BEGIN").execute(&mut *conn).await.is_ok()
+        && sqlx::query("ROLLBACK").execute(&mut *conn).await.is_ok()
+        && !conn.is_in_transaction();
+    if !clean {
+        tracing::warn!("the store's writer connection was left inside a transaction; reopening it");
+    }
+    Ok(clean)
+}
+
 impl Store {
     /// Opens (creating when missing) and migrates the database.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
@@ -199,6 +216,7 @@ impl Store {
             .busy_timeout(Duration::from_secs(5));
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .after_release(|conn, _| Box::pin(writer_is_clean(conn)))
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations").run(&writer).await?;

@@ -1072,8 +1072,10 @@ impl BotDriver {
             .retain(|k| *k != key);
         self.save(&record).await;
         self.shared.table.put(&record);
+        // Tied to the tunnel: while the store cannot take it, the `proceed` (or our `start`)
+        // is held back, the peer is told to wait, and the tunnel ends before it begins.
         self.log(
-            None,
+            Some(&key),
             NewEvent {
                 kind: "tunnel.opened",
                 tunnel_id: Some(record.id.clone()),
@@ -1298,19 +1300,19 @@ impl BotDriver {
     }
 }
 
-/// The error that replaces the acknowledgement of a `data` IQ whose stanzas could not be
-/// stored; `None` for anything else of that tunnel, which is dropped with it.
+/// The `resource-constraint` (wait) error that replaces an IQ result of a tunnel whose events
+/// could not be stored (the acknowledgement of a `data`, the `proceed` of a `start`); `None`
+/// for anything else of that tunnel, which is dropped with it.
 fn refuse_ack(stanza: &Element) -> Option<Element> {
     if stanza.name() != "iq" || stanza.attr("type") != Some("result") {
         return None;
     }
-    let mut request = Element::builder("iq", ns::CLIENT)
+    let request = Element::builder("iq", ns::CLIENT)
         .attr(name("type"), "set")
         .attr(name("id"), stanza.attr("id").unwrap_or_default())
         .attr(name("from"), stanza.attr("to").unwrap_or_default())
         .attr(name("to"), stanza.attr("from").unwrap_or_default())
         .build();
-    request.append_child(Element::bare("data", ns::XTLS));
     Some(error_reply(
         &request,
         ErrorType::Wait,
