@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sqlite3
 import subprocess
+import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -183,3 +186,163 @@ def test_a_full_disk(prosody, users, small_disk):
         assert integrity(comp.store_path) == "ok"
         recovers(comp, users, bot, "bob", "after the disk was freed")
         assert "full" in comp.log_path.read_text().lower(), "the log names the cause"
+
+
+class TcpProxy:
+    """A TCP relay between the component and the server, so a test can cut the component's
+    link while the users' own connections to the server stay up."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                inside, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                outside = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                inside.close()
+                continue
+            with self.lock:
+                self.pairs.append((inside, outside))
+            for a, b in ((inside, outside), (outside, inside)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> int:
+        """Ends every relayed connection (both sides see it drop); returns how many."""
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for pair in pairs:
+            for s in pair:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+        return len(pairs)
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+async def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+def test_a_cut_server_link_closes_tunnels_with_a_reason_and_paced_close_and_loses_nothing(prosody, users):
+    """The component's link to the server drops while alice (still connected to the server)
+    has a tunnel open and sending: the component reconnects, reports the tunnel closed with a
+    reason, sends alice a <close/> for it (spec §3.5), and every stanza she saw acknowledged is
+    in the bot's log."""
+    proxy = TcpProxy(prosody.component_port)
+    via_proxy = types.SimpleNamespace(
+        component_domain=prosody.api_component_domain, component_port=proxy.port,
+        component_secret=prosody.component_secret, api_component_domain=prosody.api_component_domain)
+    comp = Component(via_proxy, bots="")
+    try:
+        comp.start()
+        bot = new_api_bot(comp, "cut")
+        acknowledged: list[str] = []
+
+        async def scenario():
+            async with users.client("alice") as alice:
+                tunnel = await alice.open_tunnel(bot)
+                for i in range(20):
+                    await tunnel.send_message(f"before the cut {i}")
+                    await tunnel.flush()
+                    acknowledged.append(f"before the cut {i}")
+                assert proxy.cut() == 1
+                await call(comp.wait_ready, 30)
+                await wait_for(lambda: tunnel.closed_by_peer, 15, "paced <close/> from the component")
+                # A new tunnel works at once.
+                again = await alice.open_tunnel(bot)
+                await again.send_message("after the reconnect")
+                await again.flush()
+                acknowledged.append("after the reconnect")
+                await again.close()
+                return tunnel
+
+        run(scenario(), 90)
+        status, tunnels = comp.get(f"/v1/tunnels?bot={bot}")
+        assert status == 200, tunnels
+        first = min(tunnels, key=lambda t: t["opened_at"])
+        assert first["state"] == "closed" and first["close_reason"] == "connection_lost", first
+        status, page = poll_events(comp, bot, after=0, limit=1000)
+        bodies = [m["data"].get("body") for m in messages_received(page["events"])]
+        missing = [b for b in acknowledged if b not in bodies]
+        assert not missing, f"acknowledged but not in the log: {missing}"
+        closed = [e for e in page["events"] if e["type"] == "tunnel.closed" and e["tunnel_id"] == first["id"]]
+        assert closed and closed[0]["data"].get("reason") == "connection_lost", closed
+    finally:
+        comp.cleanup()
+        proxy.close()
+
+
+def test_a_server_restart_during_traffic_loses_nothing_acknowledged(prosody, users):
+    """Prosody restarts while alice sends: the component reconnects by itself, the tunnel is
+    reported closed with a reason, and every acknowledged stanza is in the bot's log."""
+    with durable_component(prosody) as comp:
+        bot = new_api_bot(comp, "restart")
+        acknowledged: list[str] = []
+
+        async def scenario():
+            async with users.client("alice") as alice:
+                tunnel = await alice.open_tunnel(bot)
+                i = 0
+                restarted = False
+                while True:
+                    body = f"message {i}"
+                    try:
+                        await tunnel.send_message(body)
+                        await tunnel.flush(timeout=5)
+                    except Exception:
+                        break  # the server went away under the client
+                    if tunnel.failure is not None or tunnel.state != "open":
+                        break  # flush() also returns when the data IQ was answered with an error
+                    acknowledged.append(body)
+                    i += 1
+                    if i == 15 and not restarted:
+                        restarted = True
+                        asyncio.get_running_loop().run_in_executor(None, prosody.restart)
+
+        with contextlib.suppress(Exception):
+            run(scenario(), 60)
+        comp.wait_ready(timeout=30)
+        assert len(acknowledged) >= 15
+        status, page = poll_events(comp, bot, after=0, limit=1000)
+        bodies = [m["data"].get("body") for m in messages_received(page["events"])]
+        missing = [b for b in acknowledged if b not in bodies]
+        assert not missing, f"acknowledged but not in the log: {missing}"
+        status, tunnels = comp.get(f"/v1/tunnels?bot={bot}")
+        (tunnel,) = tunnels
+        assert tunnel["state"] == "closed" and tunnel["close_reason"] == "connection_lost", tunnel
+
+        async def after():
+            async with users.client("bob") as bob:
+                tunnel = await bob.open_tunnel(bot)
+                await tunnel.send_message("after the restart")
+                await tunnel.flush()
+
+        run(after(), 60)
