@@ -94,6 +94,8 @@ pub struct Metrics {
     pub identity_changes: Counter,
     /// Work refused for capacity, by kind.
     pub limit_rejections: Family<Kind, Counter>,
+    /// Tunnels that ended, by reason (deadlines and limits among them).
+    pub tunnels_closed: Family<Reason, Counter>,
     /// Webhook attempts by result.
     pub webhook_deliveries: Family<Outcome, Counter>,
     /// Events no reader has acknowledged yet, over all bots.
@@ -118,6 +120,7 @@ impl Default for Metrics {
             bytes: Family::default(),
             identity_changes: Counter::default(),
             limit_rejections: Family::default(),
+            tunnels_closed: Family::default(),
             webhook_deliveries: Family::default(),
             pending_events: Gauge::default(),
             certificate_expiry: Family::default(),
@@ -166,6 +169,11 @@ impl Default for Metrics {
             m.limit_rejections.clone(),
         );
         registry.register(
+            "tunnels_closed",
+            "Tunnels that ended, by reason (e.g. timeout_handshake, idle, inner_xml)",
+            m.tunnels_closed.clone(),
+        );
+        registry.register(
             "webhook_deliveries",
             "Webhook attempts by result",
             m.webhook_deliveries.clone(),
@@ -192,6 +200,17 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a tunnel that ended.
+    pub fn closed(&self, reason: &crate::tunnel::CloseReason) {
+        let reason = match reason {
+            crate::tunnel::CloseReason::Timeout(which) => {
+                format!("timeout_{}", which.replace(' ', "_"))
+            }
+            other => other.code().to_owned(),
+        };
+        self.tunnels_closed.get_or_create(&Reason { reason }).inc();
+    }
+
     /// Counts a refusal.
     pub fn rejected(&self, kind: &str) {
         self.limit_rejections
@@ -251,6 +270,8 @@ mod tests {
         m.traffic(2, 3, 100, 200);
         m.opened("responder", true);
         m.rejected("tunnels_per_peer");
+        m.closed(&crate::tunnel::CloseReason::Timeout("handshake"));
+        m.closed(&crate::tunnel::CloseReason::Idle);
         let text = m.render();
         for line in [
             "xtls_component_connected 1",
@@ -258,6 +279,8 @@ mod tests {
             "xtls_tunnel_bytes_total{direction=\"out\"} 200",
             "xtls_tunnels_opened_total{role=\"responder\",result=\"established\"} 1",
             "xtls_limit_rejections_total{kind=\"tunnels_per_peer\"} 1",
+            "xtls_tunnels_closed_total{reason=\"timeout_handshake\"} 1",
+            "xtls_tunnels_closed_total{reason=\"idle\"} 1",
             "xtls_build_info{version=\"",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");

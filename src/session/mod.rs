@@ -1254,6 +1254,7 @@ impl BotDriver {
             Event::Writable => self.send_waiting(key).await,
             Event::Acknowledged(mark) => self.on_acknowledged(key, mark).await,
             Event::Closed(reason) => {
+                self.shared.metrics.closed(&reason);
                 let r = &mut live.record;
                 let stage = if r.state == "starting" {
                     "start"

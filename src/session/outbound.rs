@@ -569,6 +569,7 @@ impl BotDriver {
         reason: &str,
         tunnel_id: Option<String>,
     ) {
+        self.shared.metrics.rejected("outbound_messages");
         let outcome = Submitted::new("rate_limited", Some(reason.into()), tunnel_id);
         // The caller deletes a refused message; when it stopped waiting, it is ours to fail.
         if let Some(Err(_)) | None = reply.map(|r| r.send(outcome)) {
