@@ -22,6 +22,7 @@ use crate::admin::{AdminState, ApiError, Caller, find_bot};
 use crate::apidoc::{BotPath, PROBLEM_JSON, Problem};
 use crate::eventlog::EventRecord;
 use crate::session::{BotHandle, MessageRecord, OutMsg, Submitted, chat_message};
+use crate::stanza::is_xml_text;
 use crate::store::{Store, StoreError, now};
 use crate::webhook::{self, Attempt, DeadLetter, Webhook};
 
@@ -672,7 +673,16 @@ async fn post_message(
         ));
     }
     let stanza = match (&body.body, &body.stanza) {
-        (Some(text), None) => chat_message(text, body.kind.as_deref().unwrap_or("chat")),
+        (Some(text), None) => {
+            let kind = body.kind.as_deref().unwrap_or("chat");
+            if !is_xml_text(text) || !is_xml_text(kind) {
+                return Err(ApiError::Invalid(
+                    "body and type must not contain control characters other than tab, CR and LF"
+                        .into(),
+                ));
+            }
+            chat_message(text, kind)
+        }
         (None, Some(xml)) => {
             crate::xml::parse_stanza(xml).map_err(|e| ApiError::Invalid(format!("stanza: {e}")))?
         }

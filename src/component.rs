@@ -122,6 +122,37 @@ pub fn to_stream_bytes(stanza: &Element) -> Vec<u8> {
     }
 }
 
+/// The answer to a request the stream reader dropped for a limit: `policy-violation`
+/// (modify) for an IQ get or set addressed to this domain; `None` for anything else.
+fn refuse_skipped(
+    name: &str,
+    attrs: &[(String, String)],
+    reason: &crate::xml::XmlError,
+    domain: &str,
+) -> Option<Element> {
+    let attr = |key: &str| {
+        attrs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    if name != "iq" || !matches!(attr("type"), Some("get" | "set")) {
+        return None;
+    }
+    let mut request = Element::builder("iq", ns::CLIENT).build();
+    for key in ["id", "from", "to"] {
+        crate::stanza::set_attr(&mut request, key, attr(key)?);
+    }
+    let reply = crate::stanza::error_reply(
+        &request,
+        crate::stanza::ErrorType::Modify,
+        crate::stanza::DefinedCondition::PolicyViolation,
+        &reason.to_string(),
+    );
+    validate_outbound(&reply, domain).ok()?;
+    Some(reply)
+}
+
 /// Checks an outbound stanza's addresses against the component's domain (spec §3.2).
 pub fn validate_outbound(stanza: &Element, domain: &str) -> Result<(), String> {
     let from = stanza.attr("from").ok_or("missing from")?;
@@ -267,7 +298,9 @@ impl Link {
             max_element_bytes: config.max_stanza_bytes,
             max_depth: 64,
         })
-        .rename_namespace(ns::COMPONENT, ns::CLIENT);
+        .rename_namespace(ns::COMPONENT, ns::CLIENT)
+        // One stanza over a limit costs that stanza, not the stream that carries every tunnel.
+        .skip_oversized();
         let header = format!(
             "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}' to='{}'>",
             ns::COMPONENT,
@@ -301,6 +334,11 @@ impl Link {
                         return Err(SessionError::Protocol(format!(
                             "unexpected <{}/> before authentication",
                             el.name()
+                        )));
+                    }
+                    XmlEvent::Skipped { name, reason, .. } => {
+                        return Err(SessionError::Protocol(format!(
+                            "<{name}/> before authentication: {reason}"
                         )));
                     }
                     XmlEvent::End => {
@@ -400,6 +438,12 @@ impl Link {
                                 }
                                 if events.send(LinkEvent::Stanza(el)).await.is_err() {
                                     return Err(SessionError::Shutdown);
+                                }
+                            }
+                            XmlEvent::Skipped { name, attrs, reason } => {
+                                tracing::warn!(stanza = name, %reason, "stanza from the server dropped");
+                                if let Some(reply) = refuse_skipped(&name, &attrs, &reason, &config.domain) {
+                                    wr.write_all(&to_stream_bytes(&reply)).await?;
                                 }
                             }
                             XmlEvent::End => return Err(SessionError::Protocol("server closed the stream".into())),

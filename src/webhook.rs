@@ -135,6 +135,9 @@ pub fn reply_stanzas(reply: &Value) -> Result<Vec<Element>, String> {
                 .and_then(Value::as_str)
                 .ok_or("a reply object needs a string `body`")?;
             let kind = map.get("type").and_then(Value::as_str).unwrap_or("chat");
+            if !crate::stanza::is_xml_text(body) || !crate::stanza::is_xml_text(kind) {
+                return Err("a reply's body and type must not contain control characters".into());
+            }
             Ok(vec![crate::session::chat_message(body, kind)])
         }
         Value::String(xml) => {
@@ -792,5 +795,8 @@ mod tests {
         assert!(reply_stanzas(&serde_json::json!({"nobody": 1})).is_err());
         assert!(reply_stanzas(&serde_json::json!("<message")).is_err());
         assert!(reply_stanzas(&serde_json::json!(3)).is_err());
+        // A control character would panic the XML writer in the tunnel (fuzzing found it).
+        assert!(reply_stanzas(&serde_json::json!({"body": "a\u{18}b"})).is_err());
+        assert!(reply_stanzas(&serde_json::json!({"body": "a", "type": "\u{0}"})).is_err());
     }
 }

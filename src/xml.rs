@@ -63,9 +63,23 @@ pub enum XmlEvent {
     Header(Vec<(String, String)>),
     /// One complete depth-1 element.
     Element(Element),
+    /// A depth-1 element over a limit, read to its end and dropped (readers made with
+    /// [`StreamReader::skip_oversized`]): its local name, the attributes read before the
+    /// limit was hit, and which limit.
+    Skipped {
+        /// The element's local name (`iq`, `message`, ...).
+        name: String,
+        /// Its attributes as (qualified name, value), as far as they were read.
+        attrs: Vec<(String, String)>,
+        /// The limit it exceeded.
+        reason: XmlError,
+    },
     /// The stream root was closed.
     End,
 }
+
+/// A depth-1 element's local name and the attributes read so far.
+type Head = (String, Vec<(String, String)>);
 
 /// Incremental reader of an XML stream.
 pub struct StreamReader {
@@ -85,6 +99,16 @@ pub struct StreamReader {
     /// Events decoded but not yet taken.
     out: VecDeque<XmlEvent>,
     failed: Option<XmlError>,
+    /// Whether an element over a limit is skipped (the stream goes on) rather than fatal.
+    skip_oversized: bool,
+    /// The root's head events, replayed into a fresh tree builder after a skipped element.
+    root_events: Vec<RawEvent>,
+    /// Whether the root's head is complete (no more events for `root_events`).
+    root_ready: bool,
+    /// The depth-1 element being skipped, and the limit it hit.
+    skipping: Option<(Head, XmlError)>,
+    /// Name and attributes of the depth-1 element being read (for [`XmlEvent::Skipped`]).
+    current: Head,
 }
 
 impl StreamReader {
@@ -101,7 +125,20 @@ impl StreamReader {
             synthetic_root: false,
             out: VecDeque::new(),
             failed: None,
+            skip_oversized: false,
+            root_events: Vec::new(),
+            root_ready: false,
+            skipping: None,
+            current: Default::default(),
         }
+    }
+
+    /// Makes an element over a limit cost only itself: it is read to its end without being
+    /// kept and reported as [`XmlEvent::Skipped`] (for the server stream, which carries every
+    /// tunnel; inside a tunnel a limit ends the tunnel instead).
+    pub fn skip_oversized(mut self) -> Self {
+        self.skip_oversized = true;
+        self
     }
 
     /// A reader for root-less stanza sequences (tunnel plaintext, spec §1.9).
@@ -159,18 +196,35 @@ impl StreamReader {
     }
 
     fn handle(&mut self, event: RawEvent) -> Result<(), XmlError> {
-        if self.depth >= 1 {
+        if self.skipping.is_some() {
+            return self.skip(event, false);
+        }
+        // Only the events of depth-1 elements count: the root's head (the synthetic one too,
+        // whatever the limit) and whitespace between stanzas are no stanza's bytes.
+        let in_element =
+            self.depth >= 2 || (self.depth == 1 && matches!(event, RawEvent::ElementHeadOpen(..)));
+        if in_element {
             self.element_bytes += event.metrics().len();
             if self.element_bytes > self.limits.max_element_bytes {
-                return Err(XmlError::TooLarge(self.limits.max_element_bytes));
+                let limit = XmlError::TooLarge(self.limits.max_element_bytes);
+                return self.over_limit(event, limit, false);
             }
         }
         let event = match event {
             RawEvent::XmlDeclaration(..) => return Ok(()),
-            RawEvent::ElementHeadOpen(..) => {
+            RawEvent::ElementHeadOpen(_, (_, ref name)) => {
                 self.depth += 1;
+                if self.depth == 2 {
+                    if self.synthetic_root && name.as_str() == "stream" {
+                        // Spec §1.9 rule 1: no stream header inside a tunnel.
+                        return Err(XmlError::NotWellFormed(
+                            "a stream header inside the tunnel".into(),
+                        ));
+                    }
+                    self.current = (name.as_str().to_owned(), Vec::new());
+                }
                 if self.depth > self.limits.max_depth + 1 {
-                    return Err(XmlError::TooDeep(self.limits.max_depth));
+                    return self.over_limit(event, XmlError::TooDeep(self.limits.max_depth), true);
                 }
                 event
             }
@@ -185,12 +239,16 @@ impl StreamReader {
                     }
                     _ => value,
                 };
-                if self.depth == 1 {
+                if self.depth <= 2 {
                     let qname = match &prefix {
                         Some(p) => format!("{}:{}", p.as_str(), name.as_str()),
                         None => name.as_str().to_owned(),
                     };
-                    self.root_attrs.push((qname, value.clone()));
+                    if self.depth == 1 {
+                        self.root_attrs.push((qname, value.clone()));
+                    } else if self.skip_oversized {
+                        self.current.1.push((qname, value.clone()));
+                    }
                 }
                 RawEvent::Attribute(metrics, (prefix, name), value)
             }
@@ -229,9 +287,65 @@ impl StreamReader {
     }
 
     fn process(&mut self, event: RawEvent) -> Result<(), XmlError> {
+        if self.skip_oversized && !self.root_ready {
+            self.root_ready = matches!(event, RawEvent::ElementHeadClose(..));
+            self.root_events.push(event.clone());
+        }
         self.builder
             .process_event(event)
             .map_err(|err| XmlError::NotWellFormed(err.to_string()))
+    }
+
+    /// `event` hit a limit: fatal, or (with [`StreamReader::skip_oversized`]) the start of
+    /// skipping the depth-1 element it belongs to. `counted`: the event's depth change is
+    /// already applied.
+    fn over_limit(
+        &mut self,
+        event: RawEvent,
+        reason: XmlError,
+        counted: bool,
+    ) -> Result<(), XmlError> {
+        let opens = matches!(event, RawEvent::ElementHeadOpen(..)) && !counted;
+        let depth = self.depth + usize::from(opens);
+        if !self.skip_oversized || depth < 2 {
+            return Err(reason);
+        }
+        let (name, attrs) = match &event {
+            RawEvent::ElementHeadOpen(_, (_, name)) if depth == 2 => {
+                (name.as_str().to_owned(), Vec::new())
+            }
+            _ => std::mem::take(&mut self.current),
+        };
+        self.skipping = Some(((name, attrs), reason));
+        // The partial element goes with the tree builder; the root is rebuilt at its end.
+        self.builder = TreeBuilder::new();
+        self.skip(event, counted)
+    }
+
+    /// Follows the depth of a skipped element without keeping anything of it.
+    fn skip(&mut self, event: RawEvent, counted: bool) -> Result<(), XmlError> {
+        if !counted {
+            match event {
+                RawEvent::ElementHeadOpen(..) => self.depth += 1,
+                RawEvent::ElementFoot(..) => self.depth -= 1,
+                _ => {}
+            }
+        }
+        if self.depth == 1 {
+            let ((name, attrs), reason) = self.skipping.take().expect("an element is skipped");
+            self.element_bytes = 0;
+            for event in self.root_events.clone() {
+                self.builder
+                    .process_event(event)
+                    .map_err(|err| XmlError::NotWellFormed(err.to_string()))?;
+            }
+            self.out.push_back(XmlEvent::Skipped {
+                name,
+                attrs,
+                reason,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -250,13 +364,19 @@ pub fn parse_stanza(text: &str) -> Result<Element, XmlError> {
         return Err(XmlError::NotWellFormed("incomplete element".into()));
     }
     match found.pop() {
-        Some(el) if found.is_empty() && matches!(el.name(), "message" | "presence" | "iq") => {
+        // Spec §1.9 rule 5: a peer ignores anything else, so refuse it here, not silently there.
+        Some(el)
+            if found.is_empty()
+                && matches!(el.name(), "message" | "presence" | "iq")
+                && el.ns() == crate::stanza::ns::CLIENT =>
+        {
             Ok(el)
         }
         Some(_) if !found.is_empty() => Err(XmlError::NotWellFormed("more than one stanza".into())),
         Some(el) => Err(XmlError::NotWellFormed(format!(
-            "<{}/> is not a stanza",
-            el.name()
+            "<{} xmlns='{}'/> is not a stanza",
+            el.name(),
+            el.ns()
         ))),
         None => Err(XmlError::NotWellFormed("no stanza".into())),
     }
@@ -284,6 +404,20 @@ mod parse_stanza_tests {
         assert!(parse_stanza("<foo/>").is_err());
         assert!(parse_stanza("").is_err());
         assert!(parse_stanza("<!DOCTYPE x><message/>").is_err());
+    }
+
+    #[test]
+    fn a_stanza_in_another_namespace_is_refused() {
+        // Found by the `stanza` fuzz target: these parsed, and the peer then dropped them.
+        for other in [
+            "<x:iq xmlns:x='jabber:component:accept' type='get' id='1'/>",
+            "<message xmlns='urn:other'><body>hi</body></message>",
+            "<presence xmlns='jabber:server'/>",
+        ] {
+            assert!(parse_stanza(other).is_err(), "{other}");
+        }
+        let el = parse_stanza("<c:message xmlns:c='jabber:client'/>").unwrap();
+        assert_eq!(el.ns(), "jabber:client");
     }
 }
 
@@ -316,6 +450,118 @@ mod tests {
             "hi & bye"
         );
         assert!(got[1].is("iq", "jabber:client"));
+    }
+
+    const HEADER: &str = "<?xml version='1.0'?><stream:stream xmlns:stream='http://etherx.jabber.org/streams' xmlns='jabber:component:accept' id='abc'>";
+
+    /// Feeds `body` after the stream header, in pieces of `step` bytes, to a reader that skips
+    /// oversized elements; returns its events after the header.
+    fn skipping_events(body: &str, step: usize) -> Vec<XmlEvent> {
+        let limits = XmlLimits {
+            max_element_bytes: 300,
+            max_depth: 4,
+        };
+        let mut reader = StreamReader::new(limits)
+            .rename_namespace("jabber:component:accept", "jabber:client")
+            .skip_oversized();
+        let input = format!("{HEADER}{body}");
+        let mut events = Vec::new();
+        for piece in input.as_bytes().chunks(step) {
+            reader.feed(piece).unwrap();
+            events.extend(std::iter::from_fn(|| reader.next_event()));
+        }
+        events.retain(|e| !matches!(e, XmlEvent::Header(_)));
+        events
+    }
+
+    #[test]
+    fn an_oversized_element_is_skipped_and_the_stream_goes_on() {
+        let deep = format!(
+            "<iq type='get' id='d' from='a@b/c' to='x@bots'>{}{}</iq>",
+            "<x xmlns='urn:x'>".repeat(8),
+            "</x>".repeat(8)
+        );
+        let big_text = format!("<message id='t'><body>{}</body></message>", "h".repeat(400));
+        let many_children = format!("<message id='m'>{}</message>", "<a/>".repeat(100));
+        let big_attr = format!(
+            "<iq id='b' type='set' to='x@bots' from='a@b/c' z='{}' xmlns:p='urn:p'><p:q/></iq>",
+            "v".repeat(400)
+        );
+        for oversized in [&deep, &big_text, &many_children, &big_attr] {
+            let body = format!(
+                "<message id='1'><body>one</body></message>{oversized}<presence id='2'><x xmlns='urn:y'/></presence>"
+            );
+            for step in [1, 7, body.len() + HEADER.len()] {
+                let events = skipping_events(&body, step);
+                assert_eq!(
+                    events.len(),
+                    3,
+                    "{oversized} in steps of {step}: {events:?}"
+                );
+                let XmlEvent::Element(first) = &events[0] else {
+                    panic!("{events:?}")
+                };
+                assert!(first.is("message", "jabber:client"));
+                let XmlEvent::Skipped {
+                    name,
+                    attrs,
+                    reason,
+                } = &events[1]
+                else {
+                    panic!("{events:?}")
+                };
+                assert!(name == "iq" || name == "message", "{name}");
+                assert!(attrs.iter().any(|(k, _)| k == "id"), "{attrs:?}");
+                assert!(matches!(
+                    reason,
+                    XmlError::TooLarge(300) | XmlError::TooDeep(4)
+                ));
+                // The root was rebuilt: namespaces still resolve after the skipped element.
+                let XmlEvent::Element(last) = &events[2] else {
+                    panic!("{events:?}")
+                };
+                assert!(last.is("presence", "jabber:client"), "{last:?}");
+                assert!(last.get_child("x", "urn:y").is_some());
+            }
+        }
+    }
+
+    #[test]
+    fn the_stream_end_after_a_skipped_element_is_seen() {
+        let body = format!("<message>{}</message></stream:stream>", "<a/>".repeat(100));
+        let events = skipping_events(&body, 5);
+        assert!(matches!(events[0], XmlEvent::Skipped { .. }));
+        assert_eq!(events[1], XmlEvent::End);
+    }
+
+    #[test]
+    fn without_skipping_a_limit_ends_the_stream() {
+        let mut reader = StreamReader::new(XmlLimits {
+            max_element_bytes: 300,
+            max_depth: 4,
+        });
+        reader.feed(HEADER.as_bytes()).unwrap();
+        let err = reader
+            .feed(format!("<message>{}</message>", "<a/>".repeat(100)).as_bytes())
+            .unwrap_err();
+        assert_eq!(err, XmlError::TooLarge(300));
+    }
+
+    #[test]
+    fn a_stream_header_inside_a_tunnel_is_refused() {
+        for header in [
+            "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='x'>",
+            "<s:stream xmlns:s='http://etherx.jabber.org/streams'>",
+        ] {
+            let mut reader = StreamReader::with_synthetic_root(XmlLimits::default());
+            assert!(
+                matches!(
+                    reader.feed(header.as_bytes()),
+                    Err(XmlError::NotWellFormed(_))
+                ),
+                "{header}"
+            );
+        }
     }
 
     #[test]
@@ -374,6 +620,36 @@ mod tests {
         );
         let mut reader = StreamReader::with_synthetic_root(limits);
         reader.feed(b"<a><b><c/></b></a>").unwrap();
+        assert_eq!(elements(&mut reader).len(), 1);
+    }
+
+    #[test]
+    fn the_root_head_is_no_stanza_s_bytes() {
+        // Found by the `inner_framing` fuzz target: the synthetic root's 84 bytes counted
+        // against the first inner stanza, and a limit below them panicked in the constructor.
+        let stanza = b"<message><body>0123456789</body></message>";
+        let limits = XmlLimits {
+            max_element_bytes: stanza.len(),
+            max_depth: 4,
+        };
+        let mut reader = StreamReader::with_synthetic_root(limits);
+        reader.feed(b"\n  \n").unwrap();
+        reader.feed(stanza).unwrap();
+        assert_eq!(elements(&mut reader).len(), 1);
+        let mut reader = StreamReader::with_synthetic_root(XmlLimits {
+            max_element_bytes: 8,
+            max_depth: 4,
+        });
+        assert_eq!(reader.feed(stanza), Err(XmlError::TooLarge(8)));
+        // The server's stream header does not count either.
+        let mut reader = StreamReader::new(limits);
+        let header = format!(
+            "<stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams' id='{}'>",
+            "x".repeat(100)
+        );
+        reader.feed(header.as_bytes()).unwrap();
+        reader.feed(stanza).unwrap();
+        assert!(matches!(reader.next_event(), Some(XmlEvent::Header(_))));
         assert_eq!(elements(&mut reader).len(), 1);
     }
 

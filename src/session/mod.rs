@@ -355,6 +355,7 @@ impl BotTable {
             shared: self.shared.clone(),
             tunnels: HashMap::new(),
             former_peers: Arc::default(),
+            pacer_generation: Arc::default(),
         };
         self.bots
             .write()
@@ -498,6 +499,8 @@ struct BotDriver {
     tunnels: HashMap<TunnelKey, Live>,
     /// Peers of tunnels lost with the link, told with `<close/>` once it is back.
     former_peers: Arc<std::sync::Mutex<std::collections::VecDeque<TunnelKey>>>,
+    /// Which link session's pacer may send `<close/>`s to `former_peers`.
+    pacer_generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn state_str(s: State) -> &'static str {
@@ -733,10 +736,20 @@ impl BotDriver {
                 // Spec §3.5 rule 4: paced `<close/>` so peers drop zombie state.
                 // A new tunnel to one of them takes it off the list (`adopt`): its `start`
                 // replaces the stale state, and a late `<close/>` would end the new tunnel.
+                // One pacer per link session: it stops when the link goes down again (the
+                // rest waits for the next one), so no `<close/>` is spent on a dead link.
+                let generation = self.pacer_generation.fetch_add(1, Ordering::Relaxed) + 1;
+                let current = self.pacer_generation.clone();
                 let peers = self.former_peers.clone();
+                let shared = self.shared.clone();
                 let out = self.shared.out.clone();
                 tokio::spawn(async move {
                     loop {
+                        if !shared.link_up.load(Ordering::Relaxed)
+                            || current.load(Ordering::Relaxed) != generation
+                        {
+                            return;
+                        }
                         let next = peers.lock().expect("former peers lock").pop_front();
                         let Some(key) = next else { return };
                         if out.send(standalone_close(&key)).await.is_err() {

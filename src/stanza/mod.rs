@@ -51,6 +51,18 @@ pub fn remove_attr(element: &mut Element, attr: &'static str) {
     element.attrs_mut().remove(&rxml::Namespace::NONE, attr);
 }
 
+/// Whether XML 1.0 can carry `text` as character data or an attribute value (its `Char`
+/// production: no control characters but tab, LF and CR, no U+FFFE or U+FFFF).
+///
+/// Strings from outside the XML streams (the bot API, webhook replies) must pass this before
+/// they go into an element: serializing anything else panics in the XML writer.
+pub fn is_xml_text(text: &str) -> bool {
+    text.chars().all(|c| {
+        matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}')
+            || c >= '\u{10000}'
+    })
+}
+
 /// The four IQ types of RFC 6120 §8.2.3.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IqType {
@@ -263,6 +275,24 @@ mod tests {
             Iq::parse(&parse("<message xmlns='jabber:client'/>")),
             Err(IqError::NotIq)
         );
+    }
+
+    #[test]
+    fn xml_text_excludes_what_the_writer_refuses() {
+        // Found by the `tunnel` fuzz target: a message body with U+0018 panicked in `send`.
+        for bad in ["\u{18}", "a\u{0}b", "\u{b}", "\u{FFFE}", "x\u{FFFF}"] {
+            assert!(!is_xml_text(bad), "{bad:?}");
+        }
+        for good in [
+            "",
+            "hi \t\r\n",
+            "\u{D7FF}\u{E000}\u{FFFD}\u{10000}\u{10FFFF}",
+            "é😀",
+        ] {
+            assert!(is_xml_text(good), "{good:?}");
+            // What passes, the writer takes.
+            crate::xml::to_bytes(&crate::session::chat_message(good, good));
+        }
     }
 
     #[test]

@@ -880,6 +880,10 @@ class XtlsClient:
         self.disco_requests: list[str] = []  # `from` of every disco#info query answered
         self.start_requests: list[StartRequest] = []  # every <start/> that reached us
         self.accepted_tunnels: list[Tunnel] = []  # responder tunnels, in order of acceptance
+        self.xtls_requests: list[str] = []  # every XTLS IQ get/set that reached us, as XML
+        # Hostile-peer tests: a request for which this returns True is recorded and left
+        # unanswered (e.g. a peer that never acknowledges the bot's <data/>).
+        self.ignore_request: Callable[[Iq], bool] | None = None
         self._accepted: asyncio.Queue[Tunnel] = asyncio.Queue()
         self.xmpp.register_handler(
             Callback("xtls replies", _Match(self._is_our_reply), self._on_reply)
@@ -1101,6 +1105,11 @@ class XtlsClient:
             condition, error_type, text = "result", "", ""
         return IqReply(condition, error_type, text, str(reply))
 
+    def send_raw(self, xml: str) -> None:
+        """Write `xml` to the c2s stream as it is, in order with everything else we send (no
+        reply is awaited: for results, errors and stanzas that get no answer)."""
+        self.xmpp.send(xml)
+
     # -- IQ plumbing ------------------------------------------------------------------
 
     def _send_iq(self, to: str, child: ET.Element, callback, itype: str = "set") -> str:
@@ -1145,6 +1154,9 @@ class XtlsClient:
         return iq["type"] in ("set", "get") and xtls_child(iq) is not None
 
     def _on_request(self, iq: Iq) -> None:
+        self.xtls_requests.append(str(iq))
+        if self.ignore_request is not None and self.ignore_request(iq):
+            return
         child = xtls_child(iq)
         name = child.tag.split("}", 1)[1]
         if name == "start":
