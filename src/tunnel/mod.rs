@@ -799,10 +799,12 @@ impl Tunnel {
             }
             Err(failure) => {
                 // Spec §1.11, local TLS failure: the alert goes first, then the error reply.
+                // What TLS queued before the alert (a whole handshake flight, say) can be
+                // larger than a chunk: spec §1.7 rule 2 holds here too.
                 let mut alert = Vec::new();
                 tls.drain_output(&mut alert);
-                if !alert.is_empty() {
-                    let data = XtlsElement::data(&alert, None).to_element();
+                for chunk in alert.chunks(self.config.chunk_size.max(1)) {
+                    let data = XtlsElement::data(chunk, None).to_element();
                     let id = self.fresh_id();
                     self.transmit.push_back(build_iq(
                         IqType::Set,

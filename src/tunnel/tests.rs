@@ -989,3 +989,37 @@ fn c22_a_sent_stanza_is_reported_acknowledged_only_after_every_chunk_is() {
         .handle_iq(now, &Iq::parse(&result).unwrap());
     assert_eq!(acknowledged(&mut pair), vec![second]);
 }
+
+#[test]
+fn c23_the_alert_of_a_local_tls_failure_is_chunked_too() {
+    // Found by the `tunnel` fuzz target: a ClientHello and a bad record in one payload made
+    // the bot's whole flight plus its alert one `data` of 788 bytes with 100-byte chunks.
+    let mut pair = Pair::new();
+    pair.config.chunk_size = 100;
+    pair.config.window = 64;
+    pair.start();
+    pair.step_with(|_, el| Some(el)); // start
+    pair.step_with(|_, el| Some(el)); // proceed; alice's ClientHello is queued
+    let mut hello = Vec::new();
+    for el in pair.alice.drain() {
+        if let Some(d) = el.get_child("data", ns::XTLS) {
+            hello.extend(decode_data(&d.text()).unwrap());
+        }
+    }
+    assert!(!hello.is_empty());
+    hello.extend([0x17, 3, 3, 0, 1, 0]);
+    let now = pair.now;
+    pair.bot
+        .tunnel()
+        .handle_iq(now, &data_iq(ALICE, BOT, "hello", &encode_data(&hello)));
+    let replies = pair.bot.drain();
+    let data: Vec<usize> = replies
+        .iter()
+        .filter_map(|r| r.get_child("data", ns::XTLS))
+        .map(|d| decode_data(&d.text()).unwrap().len())
+        .collect();
+    assert!(data.len() > 1, "the flight and the alert: {data:?}");
+    assert!(data.iter().all(|n| (1..=100).contains(n)), "{data:?}");
+    assert_eq!(reply_condition(replies.last().unwrap()), "bad-request");
+    assert!(pair.bot.tunnel().is_gone());
+}
