@@ -21,8 +21,7 @@ use utoipa_axum::routes;
 use crate::admin::{AdminState, ApiError, Caller, find_bot};
 use crate::apidoc::{BotPath, PROBLEM_JSON, Problem};
 use crate::eventlog::EventRecord;
-use crate::session::{BotHandle, MessageRecord, OutMsg, Submitted, chat_message};
-use crate::stanza::is_xml_text;
+use crate::session::{BotHandle, MessageRecord, OutMsg, Submitted, checked_chat_message};
 use crate::store::{Store, StoreError, now};
 use crate::webhook::{self, Attempt, DeadLetter, Webhook};
 
@@ -673,16 +672,8 @@ async fn post_message(
         ));
     }
     let stanza = match (&body.body, &body.stanza) {
-        (Some(text), None) => {
-            let kind = body.kind.as_deref().unwrap_or("chat");
-            if !is_xml_text(text) || !is_xml_text(kind) {
-                return Err(ApiError::Invalid(
-                    "body and type must not contain control characters other than tab, CR and LF"
-                        .into(),
-                ));
-            }
-            chat_message(text, kind)
-        }
+        (Some(text), None) => checked_chat_message(text, body.kind.as_deref().unwrap_or("chat"))
+            .map_err(|e| ApiError::Invalid(e.into()))?,
         (None, Some(xml)) => {
             crate::xml::parse_stanza(xml).map_err(|e| ApiError::Invalid(format!("stanza: {e}")))?
         }

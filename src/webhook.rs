@@ -135,10 +135,7 @@ pub fn reply_stanzas(reply: &Value) -> Result<Vec<Element>, String> {
                 .and_then(Value::as_str)
                 .ok_or("a reply object needs a string `body`")?;
             let kind = map.get("type").and_then(Value::as_str).unwrap_or("chat");
-            if !crate::stanza::is_xml_text(body) || !crate::stanza::is_xml_text(kind) {
-                return Err("a reply's body and type must not contain control characters".into());
-            }
-            Ok(vec![crate::session::chat_message(body, kind)])
+            Ok(vec![crate::session::checked_chat_message(body, kind)?])
         }
         Value::String(xml) => {
             let el = crate::xml::parse_stanza(xml).map_err(|e| format!("reply stanza: {e}"))?;

@@ -27,7 +27,7 @@ use crate::tunnel::{
 mod outbound;
 mod rate;
 
-pub use outbound::{FINAL, MessageRecord, OutMsg, Submitted, chat_message};
+pub use outbound::{FINAL, MessageRecord, OutMsg, Submitted, chat_message, checked_chat_message};
 
 /// Everything the drivers share.
 #[derive(Debug)]

@@ -796,7 +796,16 @@ impl Store {
     }
 }
 
-/// The inner stanza of `{"body": …}`.
+/// The inner stanza of `{"body": …}` from text that came from outside (the bot API, a
+/// webhook reply): refused when XML cannot carry it, since the writer would panic on it.
+pub fn checked_chat_message(body: &str, kind: &str) -> Result<Element, &'static str> {
+    if !crate::stanza::is_xml_text(body) || !crate::stanza::is_xml_text(kind) {
+        return Err("body and type must not contain control characters other than tab, CR and LF");
+    }
+    Ok(chat_message(body, kind))
+}
+
+/// The inner stanza of `{"body": …}`; the text must be XML text ([`checked_chat_message`]).
 pub fn chat_message(body: &str, kind: &str) -> Element {
     let mut message = Element::builder("message", ns::CLIENT)
         .attr(name("type"), kind)
