@@ -820,6 +820,18 @@ impl BotDriver {
         match el.name() {
             "iq" => self.handle_iq(el).await,
             "presence" => self.handle_presence(el).await,
+            // The echo bot answers a plain message in plain: the baseline the load tool
+            // measures tunnels against (docs/performance.md).
+            "message" if self.handler == Handler::Echo => {
+                let (Some(from), Some(to)) = (el.attr("from"), el.attr("to")) else {
+                    return;
+                };
+                if let Some(mut reply) = echo(&el) {
+                    reply.set_attr(rxml::Namespace::NONE, name("from"), to);
+                    reply.set_attr(rxml::Namespace::NONE, name("to"), from);
+                    self.send(reply).await;
+                }
+            }
             "message" => {
                 tracing::debug!(
                     bot = self.bot.jid,

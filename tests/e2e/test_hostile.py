@@ -1039,7 +1039,9 @@ STREAM_INPUT = {
     "unknown-query-to-the-component-domain": (
         f"<iq type='get' id='{{id}}' from='{PEER}' to='{{domain}}'><query xmlns='jabber:iq:version'/></iq>",
         ("service-unavailable", "cancel")),
-    "message-in-clear-to-a-bot": (f"<message id='{{id}}' from='{PEER}' to='{{bot}}'><body>hi</body></message>", None),
+    # The echo bot answers a plain message in plain (the load tool's baseline), once.
+    "message-in-clear-to-the-echo-bot": (
+        f"<message id='{{id}}' from='{PEER}' to='{{bot}}'><body>hi</body></message>", "message"),
     "message-to-the-component-domain": (
         f"<message id='{{id}}' from='{PEER}' to='{{domain}}'><body>hi</body></message>", None),
     "presence-of-a-bogus-type": (f"<presence id='{{id}}' type='bogus' from='{PEER}' to='{{bot}}'/>", None),
@@ -1071,6 +1073,10 @@ def test_stream_input(h, bystander, hostile, xml, expected):
     written = [w for w in h.tap.written_since(mark) if w.attr("id") == iq_id]
     if expected is None:
         assert not written, [w.xml for w in written]
+    elif expected == "message":
+        assert len(written) == 1, [w.xml for w in written]
+        assert written[0].name == "message" and written[0].attr("to") == PEER, written[0].xml
+        assert [c.text for c in written[0].element if c.tag.endswith("}body")] == ["hi"], written[0].xml
     else:
         assert len(written) == 1, [w.xml for w in written]
         assert (written[0].error() or "result") == expected, written[0].xml
