@@ -307,6 +307,34 @@ impl Store {
         Ok(rows.iter().map(bot_from_row).collect())
     }
 
+    /// Every bot with its stored key, certificate and last event `seq`, in one query (start-up).
+    pub async fn load_bots(&self) -> Result<Vec<StoredBot>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT b.jid, b.localpart, b.handler, b.peer_auth, b.trust, b.created_at, b.last_seq, \
+             k.key_der, k.cert_der \
+             FROM bots b LEFT JOIN bot_keys k ON k.bot_jid = b.jid ORDER BY b.jid",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let record = bot_from_row(r);
+                let (Some(key_der), Some(cert_der)) = (
+                    r.get::<Option<Vec<u8>>, _>("key_der"),
+                    r.get::<Option<Vec<u8>>, _>("cert_der"),
+                ) else {
+                    return Err(StoreError::NotFound(format!("key of bot {}", record.jid)));
+                };
+                Ok(StoredBot {
+                    last_seq: r.get::<i64, _>("last_seq") as u64,
+                    record,
+                    key_der,
+                    cert_der,
+                })
+            })
+            .collect()
+    }
+
     /// The stored identity of a bot.
     pub async fn load_identity(&self, jid: &str) -> Result<BotIdentity, StoreError> {
         let row = sqlx::query("SELECT key_der, cert_der FROM bot_keys WHERE bot_jid = ?")
@@ -454,6 +482,19 @@ impl Store {
             .await?;
         Ok(row.as_ref().map(tunnel_from_row))
     }
+}
+
+/// A bot as stored: its record, its key and certificate (DER), its last event `seq`.
+#[derive(Debug, Clone)]
+pub struct StoredBot {
+    /// The bot's row.
+    pub record: BotRecord,
+    /// The private key, PKCS#8 DER.
+    pub key_der: Vec<u8>,
+    /// The certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// The highest `seq` given to an event of this bot.
+    pub last_seq: u64,
 }
 
 fn bot_from_row(r: &sqlx::sqlite::SqliteRow) -> BotRecord {

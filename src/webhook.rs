@@ -216,16 +216,17 @@ impl Queues {
 }
 
 /// Runs one bot's deliverer until the bot stops.
-pub async fn run(bot: BotHandle, shared: Arc<Shared>) {
+pub async fn run(bot: BotHandle, shared: Arc<Shared>, preloaded: Option<Option<Webhook>>) {
     let jid = bot.record.jid.clone();
     let store = &shared.store;
     let mut events = bot.events.clone();
     let mut in_flight: JoinSet<(String, Option<Head>)> = JoinSet::new();
     let mut busy: HashSet<String> = HashSet::new();
     let mut queues = Queues::default();
-    let mut hook: Option<Webhook> = None;
-    // Reading from scratch: at start, and when the webhook or the dead letters change.
-    let mut reload = true;
+    // Reading from scratch: at start (unless the table loaded the webhook with every other
+    // bot's), and when the webhook or the dead letters change.
+    let mut reload = preloaded.is_none();
+    let mut hook: Option<Webhook> = preloaded.flatten();
 
     loop {
         let mut wake: Option<i64> = None;
@@ -518,6 +519,17 @@ impl Store {
             .fetch_optional(self.pool())
             .await?;
         Ok(row.as_ref().map(webhook_from_row))
+    }
+
+    /// Every bot's webhook, by bot JID (start-up: one query instead of one per bot).
+    pub async fn webhooks(&self) -> Result<std::collections::HashMap<String, Webhook>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM webhooks")
+            .fetch_all(self.pool())
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get("bot_jid"), webhook_from_row(r)))
+            .collect())
     }
 
     /// Sets a bot's webhook.

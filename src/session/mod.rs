@@ -18,7 +18,9 @@ use crate::config::{EventsConfig, Handler, LimitsConfig, WebhooksConfig};
 use crate::eventlog::{self, NewEvent};
 use crate::stanza::xtls::XtlsElement;
 use crate::stanza::{DefinedCondition, ErrorType, Iq, IqType, build_iq, error_reply, name, ns};
-use crate::store::{BotRecord, PeerIdentityRecord, Store, StoreError, TunnelRecord, now};
+use crate::store::{
+    BotRecord, PeerIdentityRecord, Store, StoreError, StoredBot, TunnelRecord, now,
+};
 use crate::tunnel::{
     BotCredentials, CloseReason, DuplicateStart, Event, PeerAuth, PeerPolicy, State, TrustMode,
     Tunnel, TunnelConfig, TunnelKey, TunnelParams, bare, classify_request,
@@ -268,6 +270,16 @@ fn trust_str(t: TrustMode) -> &'static str {
     }
 }
 
+/// What a bot's tasks start from.
+struct Start {
+    /// The highest event `seq` given so far.
+    last_seq: u64,
+    /// Whether messages of a previous run are unfinished.
+    recover: bool,
+    /// The webhook as loaded with every bot's (`None`: none set).
+    webhook: Option<crate::webhook::Webhook>,
+}
+
 impl BotTable {
     /// Loads every stored bot and starts its driver.
     pub async fn load(shared: Arc<Shared>) -> Result<BotTable, BotError> {
@@ -275,10 +287,40 @@ impl BotTable {
             bots: Arc::default(),
             shared,
         };
-        for record in table.shared.store.list_bots().await? {
-            let identity = table.shared.store.load_identity(&record.jid).await?;
-            let last_seq = table.shared.store.last_seq(&record.jid).await?;
-            table.start(record, identity, last_seq)?;
+        let stored = table.shared.store.load_bots().await?;
+        // What each bot's tasks would otherwise ask the store one by one at start.
+        let unfinished = table.shared.store.bots_with_unfinished_messages().await?;
+        let mut webhooks = table.shared.store.webhooks().await?;
+        // Parsing certificates and loading keys is CPU work: spread it over the cores, off
+        // the async workers (10,000 bots must be ready within seconds).
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = stored.len().div_ceil(threads).max(1);
+        let mut stored = stored.into_iter();
+        let mut jobs = Vec::new();
+        loop {
+            let part: Vec<StoredBot> = stored.by_ref().take(chunk).collect();
+            if part.is_empty() {
+                break;
+            }
+            jobs.push(tokio::task::spawn_blocking(move || {
+                part.into_iter()
+                    .map(|b| {
+                        let identity = BotIdentity::from_der(&b.record.jid, b.cert_der, b.key_der)?;
+                        let creds = BotCredentials::new(identity)?;
+                        Ok::<_, BotError>((b.record, creds, b.last_seq))
+                    })
+                    .collect::<Result<Vec<_>, BotError>>()
+            }));
+        }
+        for job in jobs {
+            for (record, creds, last_seq) in job.await.expect("bot loading does not panic")? {
+                let start = Start {
+                    last_seq,
+                    recover: unfinished.contains(&record.jid),
+                    webhook: webhooks.remove(&record.jid),
+                };
+                table.start(record, creds, start);
+            }
         }
         Ok(table)
     }
@@ -308,16 +350,20 @@ impl BotTable {
         };
         self.shared.store.insert_bot(&record, &identity).await?;
         tracing::info!(bot = record.jid, spki_sha256 = %identity.info.fingerprints.spki_sha256, "bot created");
-        self.start(record, identity, 0)
+        let start = Start {
+            last_seq: 0,
+            recover: false,
+            webhook: None,
+        };
+        Ok(self.start(record, BotCredentials::new(identity)?, start))
     }
 
-    fn start(
-        &self,
-        record: BotRecord,
-        identity: BotIdentity,
-        last_seq: u64,
-    ) -> Result<BotHandle, BotError> {
-        let creds = BotCredentials::new(identity)?;
+    fn start(&self, record: BotRecord, creds: BotCredentials, start: Start) -> BotHandle {
+        let Start {
+            last_seq,
+            recover,
+            webhook,
+        } = start;
         let (tx, rx) = mpsc::channel(self.shared.limits.bot_queue.max(1));
         let (events_tx, events) = watch::channel(last_seq);
         let handle = BotHandle {
@@ -330,6 +376,7 @@ impl BotTable {
         };
         let handler = Handler::parse(&record.handler).unwrap_or(Handler::Echo);
         let driver = BotDriver {
+            recover_at_start: recover,
             stopping: None,
             started_at: crate::store::now(),
             handler,
@@ -363,9 +410,13 @@ impl BotTable {
             .insert(handle.record.localpart.clone(), handle.clone());
         tokio::spawn(driver.run());
         if handler == Handler::Api {
-            tokio::spawn(crate::webhook::run(handle.clone(), self.shared.clone()));
+            tokio::spawn(crate::webhook::run(
+                handle.clone(),
+                self.shared.clone(),
+                Some(webhook),
+            ));
         }
-        Ok(handle)
+        handle
     }
 
     /// The bot with this localpart (case-insensitive per RFC 7622 preparation).
@@ -474,6 +525,8 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 
 struct BotDriver {
     bot: BotRecord,
+    /// Whether a previous run left messages to recover (read once for all bots at start-up).
+    recover_at_start: bool,
     /// Set once asked to stop: new work is refused while the tunnels close.
     stopping: Option<Stopping>,
     /// When this driver was made: messages accepted earlier belong to a previous run.
@@ -538,7 +591,9 @@ fn standalone_close(key: &TunnelKey) -> Element {
 
 impl BotDriver {
     async fn run(mut self) {
-        self.recover_messages().await;
+        if self.recover_at_start {
+            self.recover_messages().await;
+        }
         self.pump().await;
         self.flush().await;
         loop {

@@ -764,6 +764,21 @@ impl Store {
         Ok(row.as_ref().map(message_from_row))
     }
 
+    /// The bots with messages that have not reached a final status (start-up).
+    pub(crate) async fn bots_with_unfinished_messages(
+        &self,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        let placeholders = vec!["?"; FINAL.len()].join(", ");
+        let sql =
+            format!("SELECT DISTINCT bot_jid FROM messages WHERE status NOT IN ({placeholders})");
+        let mut query = sqlx::query(&sql);
+        for status in FINAL {
+            query = query.bind(*status);
+        }
+        let rows = query.fetch_all(self.pool()).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// A bot's messages that have not reached a final status, oldest first.
     /// Messages accepted before `before` (by an earlier run) are the ones to recover; later
     /// ones are in the hands of this run already.

@@ -291,7 +291,7 @@ pub struct CredentialsError(#[source] rustls::Error);
 impl BotCredentials {
     /// Loads the bot's key for rustls.
     pub fn new(identity: BotIdentity) -> Result<BotCredentials, CredentialsError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = provider();
         let key = CertifiedKey::from_der(
             vec![identity.cert_der().clone()],
             identity.private_key(),
@@ -304,6 +304,14 @@ impl BotCredentials {
             provider,
         })
     }
+}
+
+/// The crypto provider every bot shares: built once.
+fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
 }
 
 /// The outcome of feeding bytes to TLS.
