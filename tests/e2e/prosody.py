@@ -47,8 +47,19 @@ class Prosody(XmppServer):
     start_timeout = 15.0
     stop_timeout = 10.0
 
-    def __init__(self, *, log_level: str = "info", workdir: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        log_level: str = "info",
+        workdir: str | None = None,
+        nagle: bool = False,
+        sample_limits: bool = False,
+    ) -> None:
+        """`nagle=True` leaves Nagle's algorithm on, as a stock Prosody does; `sample_limits=True`
+        adds the c2s/s2s rate limits of Debian's sample configuration (mod_limits)."""
         super().__init__(log_level=log_level, workdir=workdir)
+        self.nagle = nagle
+        self.sample_limits = sample_limits
         self.config_path = self.dir / "prosody.cfg.lua"
         self.log_path = self.dir / "prosody.log"
         self._write_config()
@@ -58,6 +69,13 @@ class Prosody(XmppServer):
         certs = self.dir / "certs"  # empty: no TLS, and no look into /etc/prosody/certs
         data.mkdir(parents=True, exist_ok=True)
         certs.mkdir(exist_ok=True)
+        network = "" if self.nagle else "network_settings = { nagle = false }\n"
+        # Debian's /etc/prosody/prosody.cfg.lua, word for word.
+        limits = (
+            'limits = {\n  c2s = { rate = "10kb/s" };\n  s2sin = { rate = "30kb/s" };\n}\n'
+            if self.sample_limits else ""
+        )
+        modules = '; "limits"' if self.sample_limits else ""
         self.config_path.write_text(
             f"""-- Private test configuration written by tests/e2e/prosody.py.
 pidfile = "{self.dir}/prosody.pid"
@@ -74,14 +92,14 @@ component_interfaces = {{ "127.0.0.1" }}  -- its own default also listens on ::1
 http_ports = {{ }}
 https_ports = {{ }}
 
-modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "posix" }}
+modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "posix"{modules} }}
 modules_disabled = {{ "s2s" }}
 
 c2s_require_encryption = false
 allow_unencrypted_plain_auth = true
 authentication = "internal_plain"
 storage = "internal"
-network_settings = {{ nagle = false }}
+{network}{limits}
 
 VirtualHost "{self.host}"
 
