@@ -82,7 +82,7 @@ pub struct PeerIdentityRecord {
 }
 
 /// One row of the session table, live or historical (the admin API's tunnel object).
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[derive(Debug, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct TunnelRecord {
     /// Tunnel id.
     pub id: String,
@@ -118,6 +118,67 @@ pub struct TunnelRecord {
     pub closed_at: Option<String>,
     /// Why it ended.
     pub close_reason: Option<String>,
+}
+
+/// Field by field, so that `clone_from` reuses the strings' buffers: the live session table
+/// refreshes a tunnel's row after every stanza that moves its counters.
+impl Clone for TunnelRecord {
+    fn clone(&self) -> Self {
+        let mut copy = TunnelRecord::new(
+            String::new(),
+            "",
+            &crate::tunnel::TunnelKey {
+                local: String::new(),
+                peer: String::new(),
+            },
+            "",
+            "",
+            String::new(),
+        );
+        copy.clone_from(self);
+        copy
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        let TunnelRecord {
+            id,
+            bot,
+            local,
+            peer,
+            role,
+            state,
+            tls_version,
+            cipher_suite,
+            peer_identity,
+            stanzas_in,
+            stanzas_out,
+            bytes_in,
+            bytes_out,
+            opened_at,
+            established_at,
+            closed_at,
+            close_reason,
+        } = source;
+        self.id.clone_from(id);
+        self.bot.clone_from(bot);
+        self.local.clone_from(local);
+        self.peer.clone_from(peer);
+        self.role.clone_from(role);
+        self.state.clone_from(state);
+        self.tls_version.clone_from(tls_version);
+        self.cipher_suite.clone_from(cipher_suite);
+        let PeerIdentityRecord { spki_sha256, trust } = peer_identity;
+        self.peer_identity.spki_sha256.clone_from(spki_sha256);
+        self.peer_identity.trust.clone_from(trust);
+        self.stanzas_in = *stanzas_in;
+        self.stanzas_out = *stanzas_out;
+        self.bytes_in = *bytes_in;
+        self.bytes_out = *bytes_out;
+        self.opened_at.clone_from(opened_at);
+        self.established_at.clone_from(established_at);
+        self.closed_at.clone_from(closed_at);
+        self.close_reason.clone_from(close_reason);
+    }
 }
 
 impl TunnelRecord {
@@ -538,6 +599,41 @@ fn tunnel_from_row(r: &sqlx::sqlite::SqliteRow) -> TunnelRecord {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_tunnel_record_clones_every_field() {
+        let key = crate::tunnel::TunnelKey {
+            local: "echo@bots.example.org".into(),
+            peer: "alice@example.net/x".into(),
+        };
+        let mut full = TunnelRecord::new(
+            "t1".into(),
+            "echo@bots.example.org",
+            &key,
+            "responder",
+            "open",
+            now(),
+        );
+        full.tls_version = Some("TLSv1_3".into());
+        full.cipher_suite = Some("TLS13_AES_128_GCM_SHA256".into());
+        full.peer_identity = PeerIdentityRecord {
+            spki_sha256: Some("AA:BB".into()),
+            trust: "tofu_new".into(),
+        };
+        (
+            full.stanzas_in,
+            full.stanzas_out,
+            full.bytes_in,
+            full.bytes_out,
+        ) = (1, 2, 3, 4);
+        full.established_at = Some(now());
+        full.closed_at = Some(now());
+        full.close_reason = Some("idle".into());
+        assert_eq!(full.clone(), full);
+        let mut other = TunnelRecord::new("t2".into(), "b@c", &key, "initiator", "starting", now());
+        other.clone_from(&full);
+        assert_eq!(other, full);
+    }
 
     /// A store in a fresh directory; the caller removes the directory.
     pub(crate) async fn temp_store() -> (Store, std::path::PathBuf) {

@@ -112,10 +112,13 @@ impl TunnelTable {
     }
 
     fn put(&self, record: &TunnelRecord) {
-        self.0
-            .write()
-            .expect("table lock")
-            .insert(record.id.clone(), record.clone());
+        let mut table = self.0.write().expect("table lock");
+        match table.get_mut(&record.id) {
+            Some(row) => row.clone_from(record),
+            None => {
+                table.insert(record.id.clone(), record.clone());
+            }
+        }
     }
 
     fn remove(&self, id: &str) {
@@ -511,6 +514,22 @@ struct Live {
     record: TunnelRecord,
     /// Whether this tunnel counts against the concurrent-handshake cap.
     in_handshake: bool,
+}
+
+impl Live {
+    /// Whether the tunnel's counters or state moved since the record last took them.
+    fn changed(&self) -> bool {
+        let stats = self.tunnel.stats();
+        let r = &self.record;
+        (
+            stats.stanzas_in,
+            stats.stanzas_out,
+            stats.bytes_in,
+            stats.bytes_out,
+        ) != (r.stanzas_in, r.stanzas_out, r.bytes_in, r.bytes_out)
+            || self.tunnel.is_gone()
+            || r.state != state_str(self.tunnel.state())
+    }
 }
 
 /// A driver closing its tunnels before it stops.
@@ -1186,7 +1205,14 @@ impl BotDriver {
 
     /// Drains every tunnel's output and events until nothing moves; drops finished tunnels.
     async fn pump(&mut self) {
-        let keys: Vec<TunnelKey> = self.tunnels.keys().cloned().collect();
+        // Only the tunnels with output or news: a stanza touches one tunnel of many, and
+        // copying every record on every stanza made a busy bot's cost grow with its tunnels.
+        let keys: Vec<TunnelKey> = self
+            .tunnels
+            .iter()
+            .filter(|(_, live)| live.tunnel.has_output() || live.changed())
+            .map(|(key, _)| key.clone())
+            .collect();
         for key in keys {
             while let Some(live) = self.tunnels.get_mut(&key) {
                 let mut stanzas = Vec::new();

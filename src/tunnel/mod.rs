@@ -545,6 +545,11 @@ impl Tunnel {
         self.state == State::Closed
     }
 
+    /// Whether [`Tunnel::poll_transmit`] or [`Tunnel::poll_event`] has something.
+    pub fn has_output(&self) -> bool {
+        !self.transmit.is_empty() || !self.events.is_empty()
+    }
+
     /// The next stanza to write to the server.
     pub fn poll_transmit(&mut self) -> Option<Element> {
         self.transmit.pop_front()
