@@ -190,6 +190,17 @@ impl StreamReader {
         self.out.pop_front()
     }
 
+    /// Whether the reader sits between top-level elements with nothing undelivered: no
+    /// element begun, none waiting, no error. Bytes of a token the parser holds unfinished
+    /// are not visible here; the caller knows whether its input ended at a `>`.
+    pub fn at_rest(&self) -> bool {
+        self.depth == 1
+            && self.element_bytes == 0
+            && self.out.is_empty()
+            && self.failed.is_none()
+            && self.skipping.is_none()
+    }
+
     /// Bytes of the element under construction (a partial stanza), for diagnostics.
     pub fn pending_bytes(&self) -> usize {
         self.element_bytes

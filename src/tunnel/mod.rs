@@ -330,7 +330,9 @@ pub struct Tunnel {
     bytes_queued: u64,
     /// Marks of sent stanzas not yet acknowledged, oldest first.
     marks: VecDeque<u64>,
-    inner: StreamReader,
+    /// The reader of the inner stream; dropped between stanzas (its parser keeps an 8 KiB
+    /// token buffer, half an idle tunnel's memory) and made again for the next one.
+    inner: Option<Box<StreamReader>>,
     plaintext: Vec<u8>,
     transmit: VecDeque<Element>,
     events: VecDeque<Event>,
@@ -382,10 +384,6 @@ impl Tunnel {
             policy,
             id_prefix,
         } = params;
-        let limits = XmlLimits {
-            max_element_bytes: config.max_inner_stanza,
-            max_depth: 32,
-        };
         Tunnel {
             key,
             role,
@@ -410,7 +408,7 @@ impl Tunnel {
             blocked: false,
             bytes_queued: 0,
             marks: VecDeque::new(),
-            inner: StreamReader::with_synthetic_root(limits),
+            inner: None,
             plaintext: Vec::new(),
             transmit: VecDeque::new(),
             events: VecDeque::new(),
@@ -863,14 +861,31 @@ impl Tunnel {
         if plaintext.is_empty() {
             return Ok(());
         }
-        let fed = self.inner.feed(plaintext);
-        while let Some(event) = self.inner.next_event() {
+        let max_inner_stanza = self.config.max_inner_stanza;
+        let mut inner = self.inner.take().unwrap_or_else(|| {
+            Box::new(StreamReader::with_synthetic_root(XmlLimits {
+                max_element_bytes: max_inner_stanza,
+                max_depth: 32,
+            }))
+        });
+        let fed = inner.feed(plaintext);
+        while let Some(event) = inner.next_event() {
             if let crate::xml::XmlEvent::Element(stanza) = event
                 && let Some(stanza) = self.restore_routing(stanza)
             {
                 self.stats.stanzas_in += 1;
                 self.events.push_back(Event::Stanza(stanza));
             }
+        }
+        // Keep the reader only while a stanza is under way: the bytes end with the `>` of a
+        // complete top-level element (and at most whitespace, which carries nothing).
+        let ends_a_stanza = plaintext
+            .iter()
+            .rev()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|&b| b == b'>');
+        if fed.is_err() || !(ends_a_stanza && inner.at_rest()) {
+            self.inner = Some(inner);
         }
         fed.map_err(|e| CloseReason::InnerXml(e.to_string()))
     }

@@ -359,6 +359,9 @@ impl TlsSession {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(SingleCertAndKey::from(creds.key.clone())));
         config.send_tls13_tickets = 0;
+        // No resumption, so no session cache: rustls' default one preallocates 256 entries,
+        // and a config is built per tunnel (its verifier knows the expected peer).
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         let conn = ServerConnection::new(Arc::new(config)).expect("a valid server config");
         TlsSession::wrap(conn.into())
     }
