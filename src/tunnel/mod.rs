@@ -985,19 +985,29 @@ impl Tunnel {
         if self.state != State::Handshaking {
             return;
         }
-        let Some(tls) = self.tls.as_ref() else {
+        let Some(tls) = self.tls.as_mut() else {
             return;
         };
         if tls.is_handshaking() || (self.role == Role::Initiator && self.hs_unacked > 0) {
             return;
         }
         let (tls_version, cipher_suite, cert) = tls.negotiated();
+        let judged = tls.take_judged();
         let peer = match cert {
             None => PeerIdentity {
                 spki_sha256: None,
                 cert_der: None,
                 trust: TrustVerdict::Unauthenticated,
             },
+            // What the verifier concluded of this very certificate during the handshake.
+            Some(der) if judged.as_ref().is_some_and(|j| j.cert_der == der) => {
+                let judged = judged.expect("checked above");
+                PeerIdentity {
+                    spki_sha256: Some(judged.spki_sha256),
+                    cert_der: Some(der),
+                    trust: judged.trust,
+                }
+            }
             Some(der) => match judge(bare(&self.key.peer), &self.policy, &der) {
                 Ok((info, trust)) => PeerIdentity {
                     spki_sha256: Some(info.fingerprints.spki_sha256),

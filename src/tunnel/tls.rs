@@ -127,12 +127,41 @@ struct PeerVerifier {
     expected: String,
     policy: PeerPolicy,
     provider: Arc<CryptoProvider>,
+    /// The certificate accepted, with its SPKI digest and verdict: read once the handshake
+    /// is done instead of parsing the certificate again.
+    accepted: std::sync::Mutex<Option<Judged>>,
+}
+
+/// A certificate the verifier accepted, and what it concluded.
+#[derive(Debug, Clone)]
+pub struct Judged {
+    /// The certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// SHA-256 of its SubjectPublicKeyInfo.
+    pub spki_sha256: Fingerprint,
+    /// The trust verdict.
+    pub trust: TrustVerdict,
 }
 
 impl PeerVerifier {
+    fn new(expected: &str, policy: PeerPolicy, provider: Arc<CryptoProvider>) -> Arc<Self> {
+        Arc::new(PeerVerifier {
+            expected: expected.to_owned(),
+            policy,
+            provider,
+            accepted: std::sync::Mutex::default(),
+        })
+    }
+
     fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
         judge(&self.expected, &self.policy, end_entity)
-            .map(|_| ())
+            .map(|(info, trust)| {
+                *self.accepted.lock().expect("verifier lock") = Some(Judged {
+                    cert_der: end_entity.to_vec(),
+                    spki_sha256: info.fingerprints.spki_sha256,
+                    trust,
+                });
+            })
             .map_err(|e| {
                 let cert_error = match e {
                     VerifyError::Unreadable(_) => CertificateError::BadEncoding,
@@ -328,6 +357,8 @@ pub enum TlsFailure {
 /// One side of a tunnel's TLS connection, driven over byte buffers.
 pub struct TlsSession {
     conn: Connection,
+    /// Until the handshake's outcome is taken (then dropped: an idle tunnel keeps nothing).
+    verifier: Option<Arc<PeerVerifier>>,
 }
 
 impl std::fmt::Debug for TlsSession {
@@ -348,50 +379,52 @@ fn tls13_only() -> &'static [&'static rustls::SupportedProtocolVersion] {
 impl TlsSession {
     /// The responder's TLS server, requesting a client certificate (spec §1.8).
     pub fn server(creds: &BotCredentials, peer_bare: &str, policy: PeerPolicy) -> TlsSession {
-        let verifier = Arc::new(PeerVerifier {
-            expected: peer_bare.to_owned(),
-            policy,
-            provider: creds.provider.clone(),
-        });
+        let verifier = PeerVerifier::new(peer_bare, policy, creds.provider.clone());
         let mut config = ServerConfig::builder_with_provider(creds.provider.clone())
             .with_protocol_versions(tls13_only())
             .expect("the ring provider supports TLS 1.3")
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(verifier.clone())
             .with_cert_resolver(Arc::new(SingleCertAndKey::from(creds.key.clone())));
         config.send_tls13_tickets = 0;
         // No resumption, so no session cache: rustls' default one preallocates 256 entries,
         // and a config is built per tunnel (its verifier knows the expected peer).
         config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         let conn = ServerConnection::new(Arc::new(config)).expect("a valid server config");
-        TlsSession::wrap(conn.into())
+        TlsSession::wrap(conn.into(), verifier)
     }
 
     /// The initiator's TLS client, SNI off, presenting the bot's certificate (spec §1.8).
     pub fn client(creds: &BotCredentials, peer_bare: &str, policy: PeerPolicy) -> TlsSession {
-        let verifier = Arc::new(PeerVerifier {
-            expected: peer_bare.to_owned(),
-            policy,
-            provider: creds.provider.clone(),
-        });
+        let verifier = PeerVerifier::new(peer_bare, policy, creds.provider.clone());
         let mut config = ClientConfig::builder_with_provider(creds.provider.clone())
             .with_protocol_versions(tls13_only())
             .expect("the ring provider supports TLS 1.3")
             .dangerous()
-            .with_custom_certificate_verifier(verifier)
+            .with_custom_certificate_verifier(verifier.clone())
             .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(creds.key.clone())));
         config.enable_sni = false;
         config.resumption = rustls::client::Resumption::disabled();
         // With SNI off the name is never sent; rustls still wants one.
         let name = ServerName::try_from("xtls.invalid").expect("a valid DNS name");
         let conn = ClientConnection::new(Arc::new(config), name).expect("a valid client config");
-        TlsSession::wrap(conn.into())
+        TlsSession::wrap(conn.into(), verifier)
     }
 
-    fn wrap(mut conn: Connection) -> TlsSession {
+    fn wrap(mut conn: Connection, verifier: Arc<PeerVerifier>) -> TlsSession {
         // The tunnel bounds its own queue (`max_queued_out`); rustls' default 64 KiB limit on
         // buffered records would refuse one large stanza half written.
         conn.set_buffer_limit(None);
-        TlsSession { conn }
+        TlsSession {
+            conn,
+            verifier: Some(verifier),
+        }
+    }
+
+    /// The peer certificate our verifier accepted and its verdict; asked once, when the
+    /// handshake is done.
+    pub fn take_judged(&mut self) -> Option<Judged> {
+        let verifier = self.verifier.take()?;
+        verifier.accepted.lock().expect("verifier lock").take()
     }
 
     /// Whether the handshake is still running.
