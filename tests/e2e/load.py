@@ -9,7 +9,8 @@ start rate); then `xtls-load` with both pids so it can read their CPU time and m
         [--sample-limits] [--json-dir DIR] [-- xtls-load options...]
 
 `--nagle` leaves Nagle's algorithm on in Prosody (its stock setting); `--sample-limits` adds
-the c2s rate limits of Debian's sample configuration. Each value of `--window` restarts the
+the c2s rate limits of Debian's sample configuration. On a machine of two or more CPUs the
+server is pinned to the first and the component and the tool to the others (`--no-pin`). Each value of `--window` restarts the
 component with that `[tunnel] window` and runs the tool with the same window on the users'
 side. Binaries: release builds from target/release unless $XTLS_COMPONENT_BIN / $XTLS_LOAD_BIN
 say otherwise (scripts/load builds them). See docs/performance.md.
@@ -64,6 +65,8 @@ def main() -> int:
     parser.add_argument("--window", default="4", help="comma-separated windows, one component run each")
     parser.add_argument("--nagle", action="store_true", help="leave Nagle on in Prosody (stock)")
     parser.add_argument("--sample-limits", action="store_true", help="Debian sample c2s rate limits")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin the server to CPU 0 and the component and the tool to the others")
     parser.add_argument("--json-dir", type=Path, help="write one JSON report per window here")
     parser.add_argument("tool_args", nargs=argparse.REMAINDER, help="after --: options for xtls-load")
     args = parser.parse_args()
@@ -87,6 +90,13 @@ def main() -> int:
     status = 0
     try:
         server.start()
+        cpus = sorted(os.sched_getaffinity(0))
+        pin = not args.no_pin and len(cpus) >= 2
+        if pin:
+            # The server gets a core of its own: it is the bottleneck being measured, and
+            # sharing its core with the client and the component makes every run differ.
+            for task in os.listdir(f"/proc/{server.pid}/task"):
+                os.sched_setaffinity(int(task), {cpus[0]})
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda n: server.register(f"load{n}", password), range(args.users)))
         for window in [int(w) for w in args.window.split(",")]:
@@ -98,6 +108,9 @@ def main() -> int:
             )
             try:
                 comp.start(timeout=120)
+                if pin:
+                    for task in os.listdir(f"/proc/{comp.pid}/task"):
+                        os.sched_setaffinity(int(task), set(cpus[1:]))
                 argv = [
                     str(load_bin),
                     "--server", f"127.0.0.1:{server.c2s_port}",
@@ -113,7 +126,11 @@ def main() -> int:
                 if args.json_dir:
                     args.json_dir.mkdir(parents=True, exist_ok=True)
                     argv += ["--json", str(args.json_dir / f"load-window{window}.json")]
-                result = subprocess.run(argv + tool_args, env=dict(os.environ, XTLS_LOAD_PASSWORD=password))
+                result = subprocess.run(
+                    argv + tool_args,
+                    env=dict(os.environ, XTLS_LOAD_PASSWORD=password),
+                    preexec_fn=(lambda: os.sched_setaffinity(0, set(cpus[1:]))) if pin else None,
+                )
                 status = status or result.returncode
             finally:
                 comp.stop()
