@@ -9,8 +9,9 @@ start rate); then `xtls-load` with both pids so it can read their CPU time and m
         [--sample-limits] [--json-dir DIR] [-- xtls-load options...]
 
 `--nagle` leaves Nagle's algorithm on in Prosody (its stock setting); `--sample-limits` adds
-the c2s rate limits of Debian's sample configuration. On a machine of two or more CPUs the
-server is pinned to the first and the component and the tool to the others (`--no-pin`). Each value of `--window` restarts the
+the c2s rate limits of Debian's sample configuration. `--pin` gives the server the first CPU
+and the component and the tool the others: steadier figures, but on two cores it puts the
+tool's client-side TLS on the component's core (docs/performance.md). Each value of `--window` restarts the
 component with that `[tunnel] window` and runs the tool with the same window on the users'
 side. Binaries: release builds from target/release unless $XTLS_COMPONENT_BIN / $XTLS_LOAD_BIN
 say otherwise (scripts/load builds them). See docs/performance.md.
@@ -65,8 +66,8 @@ def main() -> int:
     parser.add_argument("--window", default="4", help="comma-separated windows, one component run each")
     parser.add_argument("--nagle", action="store_true", help="leave Nagle on in Prosody (stock)")
     parser.add_argument("--sample-limits", action="store_true", help="Debian sample c2s rate limits")
-    parser.add_argument("--no-pin", action="store_true",
-                        help="do not pin the server to CPU 0 and the component and the tool to the others")
+    parser.add_argument("--pin", action="store_true",
+                        help="pin the server to CPU 0 and the component and the tool to the others")
     parser.add_argument("--json-dir", type=Path, help="write one JSON report per window here")
     parser.add_argument("tool_args", nargs=argparse.REMAINDER, help="after --: options for xtls-load")
     args = parser.parse_args()
@@ -91,10 +92,9 @@ def main() -> int:
     try:
         server.start()
         cpus = sorted(os.sched_getaffinity(0))
-        pin = not args.no_pin and len(cpus) >= 2
+        pin = args.pin and len(cpus) >= 2
         if pin:
-            # The server gets a core of its own: it is the bottleneck being measured, and
-            # sharing its core with the client and the component makes every run differ.
+            # The server gets a core of its own: runs differ less from one another.
             for task in os.listdir(f"/proc/{server.pid}/task"):
                 os.sched_setaffinity(int(task), {cpus[0]})
         with ThreadPoolExecutor(4) as pool:
