@@ -1041,7 +1041,17 @@ impl Tunnel {
             self.bytes_queued += out.len() as u64;
             self.out_bytes.extend(out);
         }
-        while !self.out_bytes.is_empty() && self.data_in_flight() < self.config.window {
+        // Nagle's rule at the IQ level, once open: full chunks fill the window, a partial one
+        // goes only when nothing is in flight. Small stanzas queued behind an unacknowledged
+        // `data` then travel together in the next one: with many messages in flight the server
+        // routes a fraction of the IQs (docs/performance.md, window sweep), and a lone message
+        // still leaves at once. Handshake flights are never held back.
+        while !self.out_bytes.is_empty()
+            && self.data_in_flight() < self.config.window
+            && (self.state != State::Open
+                || self.data_in_flight() == 0
+                || self.out_bytes.len() >= self.config.chunk_size)
+        {
             // (Called only in Handshaking and Open: `begin_closing` empties the queue.)
             let n = self.out_bytes.len().min(self.config.chunk_size);
             let chunk: Vec<u8> = self.out_bytes.drain(..n).collect();
