@@ -399,12 +399,47 @@ pub fn to_bytes(element: &Element) -> Vec<u8> {
     element
         .write_to(&mut out)
         .expect("writing XML to a Vec cannot fail");
+    // minidom writes a root in no namespace without `xmlns=''`; inside a stream whose default
+    // namespace is jabber:client it would read back in that namespace, its children with it.
+    // Found by the `inner_framing` fuzz target.
+    if element.ns().is_empty() {
+        let head = 1 + element.name().len();
+        if out.get(1..head) == Some(element.name().as_bytes())
+            && !out[head..].starts_with(b" xmlns=")
+        {
+            out.splice(head..head, b" xmlns=''".iter().copied());
+        }
+    }
     out
 }
 
 #[cfg(test)]
 mod parse_stanza_tests {
     use super::*;
+
+    #[test]
+    fn an_element_in_no_namespace_keeps_it_when_written_and_read_again() {
+        let mut reader = StreamReader::with_synthetic_root(XmlLimits::default());
+        reader
+            .feed(b"<iq xmlns='' type='result'><q>x</q></iq><message><x xmlns=''/></message>")
+            .unwrap();
+        let mut written = Vec::new();
+        while let Some(XmlEvent::Element(el)) = reader.next_event() {
+            written.extend(to_bytes(&el));
+        }
+        assert!(written.starts_with(b"<iq xmlns='' type='result'><q>x</q></iq>"));
+        let mut again = StreamReader::with_synthetic_root(XmlLimits::default());
+        again.feed(&written).unwrap();
+        let Some(XmlEvent::Element(iq)) = again.next_event() else {
+            panic!("an element")
+        };
+        assert_eq!(iq.ns(), "");
+        assert_eq!(iq.get_child("q", "").map(|q| q.text()), Some("x".into()));
+        let Some(XmlEvent::Element(message)) = again.next_event() else {
+            panic!("an element")
+        };
+        assert!(message.get_child("x", "").is_some());
+    }
 
     #[test]
     fn one_stanza_in_the_client_namespace() {
