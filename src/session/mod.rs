@@ -1879,13 +1879,22 @@ mod driver_tests {
             .collect();
         assert_eq!(history, ["accepted", "opening", "sent", "acknowledged"]);
         assert!(record.tunnel_id.is_some());
-        let kinds: Vec<String> = store
-            .read_events(&bot.record.jid, 0, 100, false)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| format!("{}:{}", e.kind, e.data["status"].as_str().unwrap_or("")))
-            .collect();
+        // The driver settles the message, then commits its event with the next batch: wait
+        // for the event rather than read the log the instant the status changed.
+        let mut kinds: Vec<String> = Vec::new();
+        for _ in 0..100 {
+            kinds = store
+                .read_events(&bot.record.jid, 0, 100, false)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| format!("{}:{}", e.kind, e.data["status"].as_str().unwrap_or("")))
+                .collect();
+            if kinds.contains(&"delivery.status:acknowledged".to_owned()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert!(
             kinds.contains(&"delivery.status:no_xtls_support".to_owned()),
             "{kinds:?}"
