@@ -3,7 +3,9 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+COPY crates ./crates
 COPY src ./src
+COPY benches ./benches
 COPY migrations ./migrations
 RUN cargo build --release --locked --bin xtls-component
 

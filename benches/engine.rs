@@ -57,15 +57,15 @@ use rustls::{
     ServerConfig, ServerConnection, SignatureScheme,
 };
 use rxml::NcName;
-use xtls_component::certs::BotIdentity;
-use xtls_component::component::to_stream_bytes;
-use xtls_component::session::chat_message;
-use xtls_component::stanza::{Iq, XtlsElement, ns, remove_attr, set_attr};
-use xtls_component::tunnel::{
+use xtls::certs::BotIdentity;
+use xtls::stanza::chat_message;
+use xtls::stanza::{Iq, XtlsElement, ns, remove_attr, set_attr};
+use xtls::tunnel::{
     BotCredentials, Event, PeerPolicy, State, Tunnel, TunnelConfig, TunnelKey, TunnelParams,
     classify_request,
 };
-use xtls_component::xml::{StreamReader, XmlEvent, XmlLimits, to_bytes};
+use xtls::xml::{StreamReader, XmlEvent, XmlLimits, to_bytes};
+use xtls_component::component::to_stream_bytes;
 
 const ALICE: &str = "alice@example.net/laptop";
 const ALICE_BARE: &str = "alice@example.net";

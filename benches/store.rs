@@ -29,12 +29,12 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{Connection, SqliteConnection};
 use tokio::runtime::Runtime;
-use xtls_component::certs::{BotIdentity, Fingerprint};
+use xtls::certs::{BotIdentity, Fingerprint};
+use xtls::stanza::chat_message;
+use xtls::stanza::set_attr;
+use xtls::tunnel::{Established, PeerIdentity, TrustVerdict};
 use xtls_component::eventlog::{NewEvent, event_id, identity_json, stanza_event};
-use xtls_component::session::chat_message;
-use xtls_component::stanza::set_attr;
 use xtls_component::store::{BotRecord, Store, now};
-use xtls_component::tunnel::{Established, PeerIdentity, TrustVerdict};
 
 const BOT: &str = "weather@bots.example.org";
 const ALICE: &str = "alice@example.net/laptop";

@@ -20,7 +20,7 @@ use crate::component::LinkStatus;
 use crate::config::{Handler, Secret};
 use crate::session::{BotError, BotHandle, BotTable, NewBot};
 use crate::store::{TunnelFilter, TunnelRecord};
-use crate::tunnel::{PeerAuth, TrustMode};
+use xtls::tunnel::{PeerAuth, TrustMode};
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -518,7 +518,7 @@ struct FingerprintsView {
 }
 
 impl FingerprintsView {
-    fn of(f: &crate::certs::Fingerprints) -> Self {
+    fn of(f: &xtls::certs::Fingerprints) -> Self {
         FingerprintsView {
             spki_sha256: f.spki_sha256.to_string(),
             cert_sha256: f.cert_sha256.to_string(),
@@ -737,7 +737,7 @@ async fn list_tunnels(
     }
     let limit = q.limit.unwrap_or(200).clamp(1, 10_000);
     let filter = TunnelFilter {
-        bot: q.bot.map(|b| crate::certs::normalize_bare(&b).unwrap_or(b)),
+        bot: q.bot.map(|b| xtls::certs::normalize_bare(&b).unwrap_or(b)),
         peer: q.peer,
         state: q.state,
     };

@@ -55,7 +55,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         let mut every = tokio::time::interval(std::time::Duration::from_secs(600));
         loop {
             every.tick().await;
-            let before = crate::certs::rfc3339(time::OffsetDateTime::now_utc() - retention);
+            let before = xtls::certs::rfc3339(time::OffsetDateTime::now_utc() - retention);
             match pruner_store.prune_events(&before).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(count = n, "acknowledged events past retention deleted"),

@@ -21,9 +21,10 @@ use utoipa_axum::routes;
 use crate::admin::{AdminState, ApiError, Caller, find_bot};
 use crate::apidoc::{BotPath, PROBLEM_JSON, Problem};
 use crate::eventlog::EventRecord;
-use crate::session::{BotHandle, MessageRecord, OutMsg, Submitted, checked_chat_message};
+use crate::session::{BotHandle, MessageRecord, OutMsg, Submitted};
 use crate::store::{Store, StoreError, now};
 use crate::webhook::{self, Attempt, DeadLetter, Webhook};
+use xtls::stanza::checked_chat_message;
 
 /// Every bot token starts with this.
 pub const TOKEN_PREFIX: &str = "xtb_";
@@ -61,7 +62,7 @@ pub struct BotItemPath {
 pub fn scoped(state: &AdminState, caller: &Caller, jid: &str) -> Result<BotHandle, ApiError> {
     if let Caller::Bot(own) = caller {
         // A bot token learns nothing about other bots, not even whether they exist.
-        let named = crate::certs::normalize_bare(jid).unwrap_or_else(|| jid.to_owned());
+        let named = xtls::certs::normalize_bare(jid).unwrap_or_else(|| jid.to_owned());
         let own_local = own.split('@').next().unwrap_or_default();
         if named != *own && !named.eq_ignore_ascii_case(own_local) {
             return Err(ApiError::Forbidden);
@@ -675,7 +676,7 @@ async fn post_message(
         (Some(text), None) => checked_chat_message(text, body.kind.as_deref().unwrap_or("chat"))
             .map_err(|e| ApiError::Invalid(e.into()))?,
         (None, Some(xml)) => {
-            crate::xml::parse_stanza(xml).map_err(|e| ApiError::Invalid(format!("stanza: {e}")))?
+            xtls::xml::parse_stanza(xml).map_err(|e| ApiError::Invalid(format!("stanza: {e}")))?
         }
         _ => {
             return Err(ApiError::Invalid(

@@ -18,8 +18,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout};
 
 use crate::config::{ComponentConfig, Secret};
-use crate::stanza::{IqType, build_iq, ns};
-use crate::xml::{StreamReader, XmlEvent, XmlLimits, to_bytes};
+use xtls::stanza::{IqType, build_iq, ns};
+use xtls::xml::{StreamReader, XmlEvent, XmlLimits, to_bytes};
 
 /// What the link reports to the rest of the component.
 #[derive(Debug)]
@@ -61,7 +61,7 @@ enum SessionError {
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
     #[error("XML: {0}")]
-    Xml(#[from] crate::xml::XmlError),
+    Xml(#[from] xtls::xml::XmlError),
     #[error("stream error {condition}{}", text.as_ref().map(|t| format!(": {t}")).unwrap_or_default())]
     Stream {
         condition: String,
@@ -159,7 +159,7 @@ pub fn to_stream_bytes(stanza: &Element) -> Vec<u8> {
 fn refuse_skipped(
     name: &str,
     attrs: &[(String, String)],
-    reason: &crate::xml::XmlError,
+    reason: &xtls::xml::XmlError,
     domain: &str,
 ) -> Option<Element> {
     let attr = |key: &str| {
@@ -173,12 +173,12 @@ fn refuse_skipped(
     }
     let mut request = Element::builder("iq", ns::CLIENT).build();
     for key in ["id", "from", "to"] {
-        crate::stanza::set_attr(&mut request, key, attr(key)?);
+        xtls::stanza::set_attr(&mut request, key, attr(key)?);
     }
-    let reply = crate::stanza::error_reply(
+    let reply = xtls::stanza::error_reply(
         &request,
-        crate::stanza::ErrorType::Modify,
-        crate::stanza::DefinedCondition::PolicyViolation,
+        xtls::stanza::ErrorType::Modify,
+        xtls::stanza::DefinedCondition::PolicyViolation,
         &reason.to_string(),
     );
     validate_outbound(&reply, domain).ok()?;

@@ -14,7 +14,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 
-use crate::tunnel::{PeerAuth, TrustMode, TunnelConfig};
+use xtls::tunnel::{PeerAuth, TrustMode, TunnelConfig};
 
 /// A secret value: never printed, never serialized.
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -576,7 +576,7 @@ impl Config {
             return Err(invalid("store.url", "only sqlite: URLs are supported"));
         }
         let t = &self.tunnel;
-        if t.chunk_size == 0 || t.chunk_size > crate::stanza::xtls::MAX_CHUNK_ACCEPTED {
+        if t.chunk_size == 0 || t.chunk_size > xtls::stanza::xtls::MAX_CHUNK_ACCEPTED {
             return Err(invalid("tunnel.chunk_size", "must be between 1 and 65535"));
         }
         if t.window == 0 {
@@ -586,7 +586,7 @@ impl Config {
         for (i, bot) in self.bots.iter().enumerate() {
             let key = format!("bots[{i}].localpart");
             let jid = format!("{}@{}", bot.localpart, self.component.domain);
-            if crate::certs::normalize_bare(&jid).is_none() || bot.localpart.is_empty() {
+            if xtls::certs::normalize_bare(&jid).is_none() || bot.localpart.is_empty() {
                 return Err(invalid(
                     &key,
                     format!("'{}' is not a valid localpart", bot.localpart),

@@ -245,7 +245,7 @@ impl Store {
 }
 
 /// The `identity` object of an event: the peer's key and the trust verdict.
-pub fn identity_json(established: Option<&crate::tunnel::Established>) -> Value {
+pub fn identity_json(established: Option<&xtls::tunnel::Established>) -> Value {
     match established {
         Some(est) => serde_json::json!({
             "spki_sha256": est.peer.spki_sha256.as_ref().map(ToString::to_string),
@@ -267,9 +267,9 @@ pub fn stanza_event(
         "presence" => "presence.received",
         _ => "iq.received",
     };
-    let xml = String::from_utf8_lossy(&crate::xml::to_bytes(stanza)).into_owned();
+    let xml = String::from_utf8_lossy(&xtls::xml::to_bytes(stanza)).into_owned();
     let mut data = serde_json::json!({ "stanza": xml, "identity": identity });
-    if let Some(body) = stanza.get_child("body", crate::stanza::ns::CLIENT) {
+    if let Some(body) = stanza.get_child("body", xtls::stanza::ns::CLIENT) {
         data["body"] = Value::String(body.text());
     }
     NewEvent {
@@ -282,7 +282,7 @@ pub fn stanza_event(
 
 /// The event for a tunnel that ended: `tunnel.failed` when it never opened, else `tunnel.closed`.
 pub fn close_event(
-    reason: &crate::tunnel::CloseReason,
+    reason: &xtls::tunnel::CloseReason,
     established: bool,
     stage: &str,
     tunnel_id: &str,
@@ -308,8 +308,8 @@ pub fn close_event(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::certs::BotIdentity;
     use crate::store::BotRecord;
+    use xtls::certs::BotIdentity;
 
     #[tokio::test]
     async fn append_read_acknowledge_and_prune() {

@@ -201,9 +201,9 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Counts a tunnel that ended.
-    pub fn closed(&self, reason: &crate::tunnel::CloseReason) {
+    pub fn closed(&self, reason: &xtls::tunnel::CloseReason) {
         let reason = match reason {
-            crate::tunnel::CloseReason::Timeout(which) => {
+            xtls::tunnel::CloseReason::Timeout(which) => {
                 format!("timeout_{}", which.replace(' ', "_"))
             }
             other => other.code().to_owned(),
@@ -270,8 +270,8 @@ mod tests {
         m.traffic(2, 3, 100, 200);
         m.opened("responder", true);
         m.rejected("tunnels_per_peer");
-        m.closed(&crate::tunnel::CloseReason::Timeout("handshake"));
-        m.closed(&crate::tunnel::CloseReason::Idle);
+        m.closed(&xtls::tunnel::CloseReason::Timeout("handshake"));
+        m.closed(&xtls::tunnel::CloseReason::Idle);
         let text = m.render();
         for line in [
             "xtls_component_connected 1",

@@ -7,7 +7,7 @@ use minidom::Element;
 use tokio::sync::mpsc;
 
 use crate::session::BotTable;
-use crate::stanza::{DefinedCondition, ErrorType, Iq, error_reply, name, ns};
+use xtls::stanza::{DefinedCondition, ErrorType, Iq, error_reply, name, ns};
 
 /// Routes one inbound stanza; returns the reply to send when the router answers it itself.
 pub fn route(stanza: Element, bots: &BotTable) -> Option<Element> {
@@ -79,7 +79,7 @@ fn component_answer(stanza: &Element) -> Option<Element> {
     }
     let payload = iq.single_payload();
     Some(match payload {
-        Some(p) if p.is("query", ns::DISCO_INFO) && iq.type_ == crate::stanza::IqType::Get => {
+        Some(p) if p.is("query", ns::DISCO_INFO) && iq.type_ == xtls::stanza::IqType::Get => {
             let mut q = Element::bare("query", ns::DISCO_INFO);
             q.append_child(
                 Element::builder("identity", ns::DISCO_INFO)

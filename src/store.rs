@@ -10,7 +10,7 @@ use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
-use crate::certs::{BotIdentity, CertError, Fingerprint, rfc3339};
+use xtls::certs::{BotIdentity, CertError, Fingerprint, rfc3339};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -127,7 +127,7 @@ impl Clone for TunnelRecord {
         let mut copy = TunnelRecord::new(
             String::new(),
             "",
-            &crate::tunnel::TunnelKey {
+            &xtls::tunnel::TunnelKey {
                 local: String::new(),
                 peer: String::new(),
             },
@@ -186,7 +186,7 @@ impl TunnelRecord {
     pub fn new(
         id: String,
         bot: &str,
-        key: &crate::tunnel::TunnelKey,
+        key: &xtls::tunnel::TunnelKey,
         role: &str,
         state: &str,
         opened_at: String,
@@ -234,7 +234,7 @@ impl TunnelFilter {
             && self
                 .peer
                 .as_ref()
-                .is_none_or(|p| *p == t.peer || crate::tunnel::bare(&t.peer) == p)
+                .is_none_or(|p| *p == t.peer || xtls::tunnel::bare(&t.peer) == p)
             && self.state.as_ref().is_none_or(|s| *s == t.state)
     }
 }
@@ -602,7 +602,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_tunnel_record_clones_every_field() {
-        let key = crate::tunnel::TunnelKey {
+        let key = xtls::tunnel::TunnelKey {
             local: "echo@bots.example.org".into(),
             peer: "alice@example.net/x".into(),
         };
@@ -684,7 +684,7 @@ pub(crate) mod tests {
         );
         assert_eq!(store.list_pins(&bot.jid).await.unwrap().len(), 1);
 
-        let key = crate::tunnel::TunnelKey {
+        let key = xtls::tunnel::TunnelKey {
             local: bot.jid.clone(),
             peer: "alice@example.net/laptop".into(),
         };

@@ -135,10 +135,10 @@ pub fn reply_stanzas(reply: &Value) -> Result<Vec<Element>, String> {
                 .and_then(Value::as_str)
                 .ok_or("a reply object needs a string `body`")?;
             let kind = map.get("type").and_then(Value::as_str).unwrap_or("chat");
-            Ok(vec![crate::session::checked_chat_message(body, kind)?])
+            Ok(vec![xtls::stanza::checked_chat_message(body, kind)?])
         }
         Value::String(xml) => {
-            let el = crate::xml::parse_stanza(xml).map_err(|e| format!("reply stanza: {e}"))?;
+            let el = xtls::xml::parse_stanza(xml).map_err(|e| format!("reply stanza: {e}"))?;
             Ok(vec![el])
         }
         _ => Err("`reply` must be an object, a string or a list".into()),
@@ -749,7 +749,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stanza::ns;
+    use xtls::stanza::ns;
 
     #[test]
     fn signature_matches_the_standard_webhooks_example() {

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
 use minidom::Element;
-use xtls_component::certs::BotIdentity;
-use xtls_component::stanza::{Iq, IqType, XtlsElement, ns, set_attr};
-use xtls_component::tunnel::{
+use xtls::certs::BotIdentity;
+use xtls::stanza::{Iq, IqType, XtlsElement, ns, set_attr};
+use xtls::tunnel::{
     BotCredentials, Event, PeerPolicy, State, Tunnel, TunnelConfig, TunnelKey, TunnelParams,
     classify_request,
 };

@@ -32,6 +32,7 @@ use serde_json::Value;
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, watch};
 use tower::ServiceExt as _;
+use xtls::tunnel::{PeerAuth, TrustMode, TunnelConfig};
 use xtls_component::admin::{AdminState, app};
 use xtls_component::component::LinkStatus;
 use xtls_component::config::{
@@ -40,7 +41,6 @@ use xtls_component::config::{
 use xtls_component::http::AllowedHosts;
 use xtls_component::session::{BotTable, NewBot, Shared};
 use xtls_component::store::Store;
-use xtls_component::tunnel::{PeerAuth, TrustMode, TunnelConfig};
 
 const TOKEN: &str = "fuzz-admin-token";
 const DOMAIN: &str = "bots.example.org";
@@ -250,7 +250,7 @@ fn webhook_reply(body: &[u8]) {
     if let Ok(stanzas) = xtls_component::webhook::reply_stanzas(reply) {
         for stanza in stanzas {
             assert!(matches!(stanza.name(), "message" | "presence" | "iq"));
-            xtls_component::xml::to_bytes(&stanza);
+            xtls::xml::to_bytes(&stanza);
         }
     }
 }

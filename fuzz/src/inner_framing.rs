@@ -10,8 +10,8 @@
 //! `TooLarge` error needs more input than the limit; every error is sticky; every element
 //! serializes and reads back to the same bytes, and a stanza also through `parse_stanza`.
 
-use xtls_component::tunnel::TunnelConfig;
-use xtls_component::xml::{StreamReader, XmlError, XmlLimits, parse_stanza, to_bytes};
+use xtls::tunnel::TunnelConfig;
+use xtls::xml::{StreamReader, XmlError, XmlLimits, parse_stanza, to_bytes};
 
 use crate::xmlcheck::{Canon, assert_round_trip, assert_split_invariant, chunks, feed};
 
@@ -41,7 +41,7 @@ pub fn run(data: &[u8]) {
         |el| {
             assert_round_trip(el, TUNNEL_DEPTH);
             if matches!(el.name(), "message" | "presence" | "iq")
-                && el.ns() == xtls_component::stanza::ns::CLIENT
+                && el.ns() == xtls::stanza::ns::CLIENT
             {
                 let text = String::from_utf8(to_bytes(el)).expect("XML output is UTF-8");
                 let again = parse_stanza(&text).expect("an inner stanza parses as a bot's stanza");

@@ -14,13 +14,13 @@
 //! bytes; replies echo the request id and swap the addresses.
 
 use minidom::Element;
-use xtls_component::component::{to_stream_bytes, validate_outbound};
-use xtls_component::stanza::xtls::MAX_CHUNK_ACCEPTED;
-use xtls_component::stanza::{
+use xtls::stanza::xtls::MAX_CHUNK_ACCEPTED;
+use xtls::stanza::{
     DefinedCondition, ErrorType, Iq, IqType, XtlsElement, decode_data, encode_data, error_reply, ns,
 };
-use xtls_component::tunnel::classify_request;
-use xtls_component::xml::{StreamReader, XmlEvent, XmlLimits, parse_stanza, to_bytes};
+use xtls::tunnel::classify_request;
+use xtls::xml::{StreamReader, XmlEvent, XmlLimits, parse_stanza, to_bytes};
+use xtls_component::component::{to_stream_bytes, validate_outbound};
 
 use crate::xmlcheck::{Canon, assert_round_trip, assert_split_invariant, chunks, feed};
 

@@ -30,17 +30,17 @@ use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
 use minidom::Element;
-use xtls_component::certs::{BotIdentity, Fingerprint};
-use xtls_component::session::chat_message;
-use xtls_component::stanza::{
+use xtls::certs::{BotIdentity, Fingerprint};
+use xtls::stanza::chat_message;
+use xtls::stanza::{
     DefinedCondition, ErrorType, Iq, IqType, XtlsElement, build_iq, decode_data, encode_data,
     error_element, is_xml_text, ns, remove_attr, set_attr,
 };
-use xtls_component::tunnel::{
-    BotCredentials, CloseReason, DuplicateStart, Event, PeerAuth, PeerPolicy, SendError, State,
-    TrustMode, Tunnel, TunnelConfig, TunnelKey, TunnelParams, classify_request,
+use xtls::tunnel::{
+    BotCredentials, CloseReason, Event, PeerAuth, PeerPolicy, SendError, StartDecision, State,
+    TrustMode, Tunnel, TunnelConfig, TunnelKey, TunnelParams, classify_request, decide_start,
 };
-use xtls_component::xml::{parse_stanza, to_bytes};
+use xtls::xml::{parse_stanza, to_bytes};
 
 use crate::xmlcheck::Canon;
 
@@ -648,8 +648,9 @@ impl World {
             && let Ok(XtlsElement::Start { offer }) = classify_request(&iq)
         {
             let side = self.side(to_alice);
-            if let Some(t) = side.live() {
-                if t.on_duplicate_start() == DuplicateStart::Conflict {
+            match decide_start(side.live().map(|t| &*t)) {
+                StartDecision::Accept => {}
+                StartDecision::Conflict => {
                     side.outbox.push_back(iq.error(
                         ErrorType::Cancel,
                         DefinedCondition::Conflict,
@@ -657,8 +658,12 @@ impl World {
                     ));
                     return;
                 }
-                t.abandon(CloseReason::Replaced);
-                self.drain(to_alice);
+                StartDecision::Replace => {
+                    if let Some(t) = side.live() {
+                        t.abandon(CloseReason::Replaced);
+                    }
+                    self.drain(to_alice);
+                }
             }
             let side = self.side(to_alice);
             let params = side.params(&config);

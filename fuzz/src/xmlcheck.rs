@@ -1,7 +1,7 @@
 //! Feeding a `StreamReader` in arbitrary splits, and the checks both XML targets share.
 
 use minidom::{Element, Node};
-use xtls_component::xml::{StreamReader, XmlError, XmlEvent, XmlLimits, to_bytes};
+use xtls::xml::{StreamReader, XmlError, XmlEvent, XmlLimits, to_bytes};
 
 /// What a reader produced from a whole input: its events (elements serialized) and how it
 /// stopped.

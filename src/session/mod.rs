@@ -13,23 +13,23 @@ use minidom::Element;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::certs::{BotIdentity, Fingerprints, normalize_bare};
 use crate::config::{EventsConfig, Handler, LimitsConfig, WebhooksConfig};
 use crate::eventlog::{self, NewEvent};
-use crate::stanza::xtls::XtlsElement;
-use crate::stanza::{DefinedCondition, ErrorType, Iq, IqType, build_iq, error_reply, name, ns};
 use crate::store::{
     BotRecord, PeerIdentityRecord, Store, StoreError, StoredBot, TunnelRecord, now,
 };
-use crate::tunnel::{
-    BotCredentials, CloseReason, DuplicateStart, Event, PeerAuth, PeerPolicy, State, TrustMode,
-    Tunnel, TunnelConfig, TunnelKey, TunnelParams, bare, classify_request,
+use xtls::certs::{BotIdentity, Fingerprints, normalize_bare};
+use xtls::stanza::xtls::XtlsElement;
+use xtls::stanza::{DefinedCondition, ErrorType, Iq, IqType, build_iq, error_reply, name, ns};
+use xtls::tunnel::{
+    BotCredentials, CloseReason, Event, PeerAuth, PeerPolicy, StartDecision, State, TrustMode,
+    Tunnel, TunnelConfig, TunnelKey, TunnelParams, bare, classify_request, decide_start,
 };
 
 mod outbound;
 mod rate;
 
-pub use outbound::{FINAL, MessageRecord, OutMsg, Submitted, chat_message, checked_chat_message};
+pub use outbound::{FINAL, MessageRecord, OutMsg, Submitted};
 
 /// Everything the drivers share.
 #[derive(Debug)]
@@ -221,10 +221,10 @@ pub enum BotError {
     Duplicate(String),
     /// Certificate generation failed.
     #[error(transparent)]
-    Cert(#[from] crate::certs::CertError),
+    Cert(#[from] xtls::certs::CertError),
     /// The bot key is unusable for TLS.
     #[error(transparent)]
-    Credentials(#[from] crate::tunnel::CredentialsError),
+    Credentials(#[from] xtls::tunnel::CredentialsError),
     /// The store failed.
     #[error(transparent)]
     Store(StoreError),
@@ -1039,7 +1039,7 @@ impl BotDriver {
         now: std::time::Instant,
         key: TunnelKey,
         iq: &Iq,
-        offer: Option<crate::stanza::xtls::Offer>,
+        offer: Option<xtls::stanza::xtls::Offer>,
     ) {
         // Before anything else: a flood of starts must not replace a live tunnel either.
         if !self.shared.start_rate.allow(bare(&key.peer), now) {
@@ -1052,14 +1052,19 @@ impl BotDriver {
             .await;
             return;
         }
-        if let Some(live) = self.tunnels.get_mut(&key) {
-            if live.tunnel.on_duplicate_start() == DuplicateStart::Conflict {
+        match decide_start(self.tunnels.get(&key).map(|live| &live.tunnel)) {
+            StartDecision::Accept => {}
+            StartDecision::Conflict => {
                 self.send(iq.error(ErrorType::Cancel, DefinedCondition::Conflict, ""))
                     .await;
                 return;
             }
-            live.tunnel.abandon(CloseReason::Replaced);
-            self.pump().await;
+            StartDecision::Replace => {
+                if let Some(live) = self.tunnels.get_mut(&key) {
+                    live.tunnel.abandon(CloseReason::Replaced);
+                }
+                self.pump().await;
+            }
         }
         if let Some(text) = self.over_limit(&key) {
             self.send(iq.error(ErrorType::Wait, DefinedCondition::ResourceConstraint, text))
@@ -1147,8 +1152,8 @@ impl BotDriver {
     /// Takes a new tunnel into the session table; returns its id.
     async fn adopt(&mut self, key: TunnelKey, tunnel: Tunnel) -> String {
         let role = match tunnel.role() {
-            crate::tunnel::Role::Initiator => "initiator",
-            crate::tunnel::Role::Responder => "responder",
+            xtls::tunnel::Role::Initiator => "initiator",
+            xtls::tunnel::Role::Responder => "responder",
         };
         let record = TunnelRecord::new(
             format!("{:016x}", rand::random::<u64>()),
@@ -1308,7 +1313,7 @@ impl BotDriver {
                         }),
                     },
                 );
-                if est.peer.trust == crate::tunnel::TrustVerdict::TofuNew {
+                if est.peer.trust == xtls::tunnel::TrustVerdict::TofuNew {
                     self.log(
                         None,
                         NewEvent {
@@ -1506,7 +1511,7 @@ mod tests {
 #[cfg(test)]
 mod driver_tests {
     use super::*;
-    use crate::tunnel::PeerPolicy;
+    use xtls::tunnel::PeerPolicy;
 
     async fn table(
         limits: LimitsConfig,
@@ -1778,7 +1783,7 @@ mod driver_tests {
         let msg = |id: &str, to: &str| OutMsg {
             id: id.into(),
             to: to.into(),
-            stanza: chat_message("sunny", "chat"),
+            stanza: xtls::stanza::chat_message("sunny", "chat"),
             reopen: false,
         };
 

@@ -17,9 +17,9 @@ use tokio::time::Instant;
 
 use super::{BotDriver, normalize};
 use crate::eventlog::NewEvent;
-use crate::stanza::{Iq, IqType, build_iq, name, ns};
 use crate::store::{Store, StoreError, now};
-use crate::tunnel::{CloseReason, SendError, State, Tunnel, TunnelKey, bare};
+use xtls::stanza::{Iq, IqType, build_iq, ns};
+use xtls::tunnel::{CloseReason, SendError, State, Tunnel, TunnelKey, bare};
 
 /// How long a peer may take to answer our disco#info.
 const DISCO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -681,7 +681,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let at = now();
         let history = json!([{ "status": "accepted", "at": at }]).to_string();
-        let stanza = String::from_utf8_lossy(&crate::xml::to_bytes(&msg.stanza)).into_owned();
+        let stanza = String::from_utf8_lossy(&xtls::xml::to_bytes(&msg.stanza)).into_owned();
         let done = sqlx::query(
             "INSERT INTO messages (id, bot_jid, idempotency_key, to_jid, stanza, reopen, status, history, created_at) \
              VALUES (?, ?, ?, ?, ?, ?, 'accepted', ?, ?) ON CONFLICT DO NOTHING",
@@ -799,7 +799,7 @@ impl Store {
         Ok(rows
             .iter()
             .filter_map(|row| {
-                let stanza = crate::xml::parse_stanza(&row.get::<String, _>("stanza")).ok()?;
+                let stanza = xtls::xml::parse_stanza(&row.get::<String, _>("stanza")).ok()?;
                 Some(OutMsg {
                     id: row.get("id"),
                     to: row.get("to_jid"),
@@ -809,24 +809,4 @@ impl Store {
             })
             .collect())
     }
-}
-
-/// The inner stanza of `{"body": …}` from text that came from outside (the bot API, a
-/// webhook reply): refused when XML cannot carry it, since the writer would panic on it.
-pub fn checked_chat_message(body: &str, kind: &str) -> Result<Element, &'static str> {
-    if !crate::stanza::is_xml_text(body) || !crate::stanza::is_xml_text(kind) {
-        return Err("body and type must not contain control characters other than tab, CR and LF");
-    }
-    Ok(chat_message(body, kind))
-}
-
-/// The inner stanza of `{"body": …}`; the text must be XML text ([`checked_chat_message`]).
-pub fn chat_message(body: &str, kind: &str) -> Element {
-    let mut message = Element::builder("message", ns::CLIENT)
-        .attr(name("type"), kind)
-        .build();
-    let mut b = Element::bare("body", ns::CLIENT);
-    b.append_text(body);
-    message.append_child(b);
-    message
 }

@@ -13,7 +13,7 @@ waits for the VM's helper processes (`erl_child_setup`, `inet_gethost`) to be go
 `ejabberdctl` is used only against this node, with this node's configuration
 (`register`).
 
-Facts this relies on (shared/notes/servers.md): ejabberd runs as the `ejabberd` user with
+Facts this relies on (docs/servers.md): ejabberd runs as the `ejabberd` user with
 HOME set to its state directory (the Erlang cookie there is private to this instance);
 `ERL_DIST_PORT` + `INET_DIST_INTERFACE=127.0.0.1` keep epmd off (it would listen on
 0.0.0.0:4369 and outlive the node) and the distribution port on loopback; Debian's

@@ -6,7 +6,7 @@ and runs the server in the foreground as the `prosody` user through `setpriv`, w
 execs, so the pid recorded is Prosody's own.  It is stopped by that pid only, never
 by process name (all of that is shared with ejabberd.py, in xmpp_server.py).
 
-Facts this relies on (shared/notes/servers.md): Prosody refuses to run as root; the
+Facts this relies on (docs/servers.md): Prosody refuses to run as root; the
 Debian sample config enables `mod_limits` (left out here) and Nagle's algorithm
 (switched off here with `network_settings`); `s2s` is autoloaded and would listen on
 *:5269 (disabled here); `prosody --version` starts a server, so it is never called.

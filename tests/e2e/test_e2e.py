@@ -1,6 +1,6 @@
 """End-to-end tests: a real Prosody, the xtls-component binary, and a Python XTLS peer.
 
-Alice, Bob and Mallory log in over c2s and talk XTLS (shared/spec/xtls.md §1) to the
+Alice, Bob and Mallory log in over c2s and talk XTLS (docs/protocol.md §1) to the
 component's echo bot `echo@bots.localhost`; the admin API is checked over real HTTP.
 The walking path runs against ejabberd as well (its own server, component and users).
 Order matters only at the end: the Prosody restart and the unauthenticated DELETEs

@@ -9,7 +9,7 @@ to Prosody through a `StreamTap` (hostile_helpers.py): a man in the middle on th
 link that records every element the component writes and can inject what a hostile or
 broken server would send, where Prosody would never produce the input (stanzas without
 `from`, child-less IQs that Prosody answers itself for clients, stream errors, a connection
-cut mid-stanza; see shared/notes/servers.md).
+cut mid-stanza; see docs/servers.md).
 
 Peers are real clients (alice, bob, mallory) logged in over c2s to Prosody, using the
 Python XTLS peer of xtls_client.py, which can also send raw IQs and raw TLS bytes. All XMPP

@@ -1,6 +1,6 @@
 """An independent XTLS peer for the end-to-end tests: slixmpp for XMPP, stdlib `ssl` for TLS.
 
-It implements both roles of shared/spec/xtls.md §1.4–§1.10 (XTLS 0.0.5, namespace
+It implements both roles of docs/protocol.md §1.4–§1.10 (XTLS 0.0.5, namespace
 `urn:xmpp:tmp:xtls`) on a TLS stack other than the component's rustls:
 
     XtlsClient (slixmpp ClientXMPP, plaintext c2s on loopback; answers disco#info)
@@ -17,7 +17,7 @@ Either way we present a self-signed ECDSA P-256 certificate whose subjectAltName
 exactly one XmppAddr otherName = our bare JID (§2.2).
 
 Every IQ this module sends is matched to its reply by id here (slixmpp's `Iq.send()` drops
-a reply from a full JID to a bare-JID request, shared/notes/servers.md), and a reply whose
+a reply from a full JID to a bare-JID request, docs/servers.md), and a reply whose
 `from` is not the JID the request went to is a protocol error (spec §1.12 rule 5).
 Errors answered by the component surface as `XtlsError(condition)`.
 """
@@ -80,7 +80,7 @@ class XtlsError(Exception):
 
 
 class XtlsProtocolError(Exception):
-    """The peer broke the wire rules of shared/spec/xtls.md (wrong reply, bad framing, ...)."""
+    """The peer broke the wire rules of docs/protocol.md (wrong reply, bad framing, ...)."""
 
 
 class TlsFailure(Exception):

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use minidom::Element;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use xtls_component::xml::{StreamReader, XmlEvent, XmlLimits, to_bytes};
+use xtls::xml::{StreamReader, XmlEvent, XmlLimits, to_bytes};
 
 const NS_SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
 const NS_BIND: &str = "urn:ietf:params:xml:ns:xmpp-bind";

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use minidom::Element;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
-use xtls_component::stanza::{DefinedCondition, ErrorType, Iq, ns, set_attr};
-use xtls_component::tunnel::{
+use xtls::stanza::{DefinedCondition, ErrorType, Iq, ns, set_attr};
+use xtls::tunnel::{
     BotCredentials, Event, PeerPolicy, State, Tunnel, TunnelConfig, TunnelKey, TunnelParams, bare,
 };
-use xtls_component::xml::{XmlEvent, to_bytes};
+use xtls::xml::{XmlEvent, to_bytes};
 
 use crate::c2s::Session;
 

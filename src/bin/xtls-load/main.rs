@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use tokio::sync::{Semaphore, mpsc, oneshot};
-use xtls_component::certs::BotIdentity;
-use xtls_component::tunnel::{BotCredentials, TunnelConfig};
+use xtls::certs::BotIdentity;
+use xtls::tunnel::{BotCredentials, TunnelConfig};
 
 use conn::{Cmd, EchoResult, Mode, OpenResult};
 use procstat::Usage;

@@ -101,8 +101,9 @@ impl fmt::Display for TunnelKey {
 }
 
 /// Which end of the tunnel we are (spec §1.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Role {
     /// We sent `start`: TLS client.
     Initiator,
@@ -111,8 +112,9 @@ pub enum Role {
 }
 
 /// The states of spec §1.14.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum State {
     /// Initiator: `start` sent, no answer yet.
     Starting,
@@ -244,13 +246,30 @@ pub enum Event {
     Closed(CloseReason),
 }
 
-/// The answer to a second `start` for a live tunnel's key.
+/// What the owner of a table of tunnels does with a peer's `start` (spec §1.14).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DuplicateStart {
-    /// We win a simultaneous start: answer `conflict`, keep waiting for our proceed.
+pub enum StartDecision {
+    /// No live tunnel has the key: handle the `start` as new ([`Tunnel::accept`]).
+    Accept,
+    /// We win a simultaneous start: answer `conflict`, keep waiting for our `proceed`.
     Conflict,
-    /// Abandon the old tunnel ([`CloseReason::Replaced`]) and handle the `start` as new.
+    /// Abandon the live tunnel ([`CloseReason::Replaced`]), then handle the `start` as new.
     Replace,
+}
+
+/// Decides a peer's `start` given the live tunnel with the same key, if any (spec §1.14).
+///
+/// A true race (both sent `start`) is won by the JID that sorts first (i;octet): ours is the
+/// `from` of our start (`key.local`), theirs the `from` of theirs (`key.peer`). In any other
+/// live state the peer lost its state, and the old tunnel gives way.
+pub fn decide_start(live: Option<&Tunnel>) -> StartDecision {
+    match live.filter(|t| !t.is_gone()) {
+        None => StartDecision::Accept,
+        Some(t) if t.state == State::Starting && t.key.local.as_bytes() < t.key.peer.as_bytes() => {
+            StartDecision::Conflict
+        }
+        Some(_) => StartDecision::Replace,
+    }
 }
 
 /// Why [`Tunnel::send`] refused a stanza.
@@ -265,7 +284,8 @@ pub enum SendError {
 }
 
 /// Byte and stanza counters, each direction.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Stats {
     /// Inner stanzas delivered to us.
     pub stanzas_in: u64,
@@ -524,18 +544,6 @@ impl Tunnel {
     /// Facts of the handshake, once established.
     pub fn established(&self) -> Option<&Established> {
         self.established.as_ref()
-    }
-
-    /// What to do with a peer's `start` for this tunnel's key while it is live (spec §1.11).
-    pub fn on_duplicate_start(&self) -> DuplicateStart {
-        // A true race: both sent `start`. The JID that sorts first (i;octet) has priority;
-        // ours is the `from` of our start (key.local), theirs the `from` of theirs (key.peer).
-        if self.state == State::Starting && self.key.local.as_bytes() < self.key.peer.as_bytes() {
-            DuplicateStart::Conflict
-        } else {
-            // Any other live state: the peer lost its state; the old tunnel gives way.
-            DuplicateStart::Replace
-        }
     }
 
     /// Whether the tunnel reached its terminal state.

@@ -18,19 +18,11 @@ use rustls::{
 
 use crate::certs::{BotIdentity, Fingerprint, PeerCertInfo};
 
-/// Whether a peer must present a certificate (spec "Scope of the first version").
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    Default,
-    utoipa::ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
+/// Whether a peer must present a certificate (spec "Scope").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub enum PeerAuth {
     /// A client certificate is requested and required.
     #[default]
@@ -40,18 +32,10 @@ pub enum PeerAuth {
 }
 
 /// How a bot decides whether a peer's key is trusted (spec §2.3 step 6).
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-    Default,
-    utoipa::ToSchema,
-)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub enum TrustMode {
     /// Trust on first use: an unknown peer is pinned, a changed key is refused.
     #[default]
@@ -61,8 +45,9 @@ pub enum TrustMode {
 }
 
 /// The verdict on a peer's identity once the handshake is done.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum TrustVerdict {
     /// No certificate was presented (allowed under [`PeerAuth::Optional`]).
     Unauthenticated,

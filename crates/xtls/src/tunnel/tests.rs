@@ -92,16 +92,19 @@ impl Side {
         if iq.type_ == IqType::Set
             && let Ok(XtlsElement::Start { offer }) = classify_request(&iq)
         {
-            // The owner's rule for a start on a live key (what the session driver does).
-            if let Some(t) = self.tunnel.as_mut().filter(|t| !t.is_gone()) {
-                if t.on_duplicate_start() == DuplicateStart::Conflict {
+            match decide_start(self.tunnel.as_ref()) {
+                StartDecision::Accept => {}
+                StartDecision::Conflict => {
                     self.out
                         .push_back(iq.error(ErrorType::Cancel, DefinedCondition::Conflict, ""));
                     return;
                 }
-                t.abandon(CloseReason::Replaced);
-                while let Some(ev) = t.poll_event() {
-                    self.events.push(ev);
+                StartDecision::Replace => {
+                    let t = self.tunnel.as_mut().expect("a live tunnel");
+                    t.abandon(CloseReason::Replaced);
+                    while let Some(ev) = t.poll_event() {
+                        self.events.push(ev);
+                    }
                 }
             }
             let prefix = self.prefix();

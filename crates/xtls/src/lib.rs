@@ -1,0 +1,54 @@
+//! XTLS: TLS 1.3 tunnels between two XMPP entities, carried base64-encoded inside IQ stanzas
+//! of namespace `urn:xmpp:tmp:xtls` (`start`/`proceed`, `data`, `close`/`closed`).
+//!
+//! The servers on the path relay the tunnel and see only ciphertext. Inside it travel
+//! ordinary stanzas with their routing stripped. The protocol as this crate speaks it is
+//! `docs/protocol.md` in the repository; "spec §N" in the documentation refers to its sections.
+//!
+//! This crate is the engine only: no sockets, no clock, no tasks, no async runtime. A client,
+//! a bot host or a test feeds it stanzas and instants and drains the stanzas it wants sent
+//! and the events it reports, the way `rustls` and `quinn-proto` work.
+//!
+//! ```text
+//!     your XMPP connection                                         your application
+//!   ─────────────────────────┐                            ┌────────────────────────────
+//!   IQ from the peer  ──────▶│ Tunnel::handle_iq(now, iq) │
+//!   deadline passed   ──────▶│ Tunnel::handle_timeout(now)│◀── Tunnel::send(now, stanza)
+//!                            │                            │◀── Tunnel::close(now)
+//!   IQ to write       ◀──────│ Tunnel::poll_transmit()    │
+//!   next deadline     ◀──────│ Tunnel::poll_timeout()     │
+//!                            │ Tunnel::poll_event()       │──▶ Established, Stanza,
+//!   ─────────────────────────┘                            └──▶ Writable, Acknowledged, Closed
+//! ```
+//!
+//! The contract:
+//!
+//! 1. Make a tunnel with [`Tunnel::initiate`] (you send `start`, you are the TLS client) or
+//!    [`Tunnel::accept`] (a peer's `start` arrived, you are the TLS server). Each side has a
+//!    [`certs::BotIdentity`]: a key and a self-signed certificate whose XmppAddr is its JID.
+//! 2. Give every IQ addressed to the tunnel's [`TunnelKey`] to [`Tunnel::handle_iq`]; call
+//!    [`Tunnel::handle_timeout`] once the instant from [`Tunnel::poll_timeout`] has passed.
+//! 3. After every call, write out [`Tunnel::poll_transmit`] in order and act on
+//!    [`Tunnel::poll_event`]. Instants are yours and never go backwards.
+//! 4. Once [`Tunnel::is_gone`] and both queues are empty, drop it.
+//!
+//! `examples/pair.rs` runs two tunnels against each other in memory and prints every IQ.
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`stanza`] | the vocabulary: namespaces, IQ envelopes, the XTLS elements, stanza errors |
+//! | [`xml`] | incremental XML stream reading with size and depth caps; serialization |
+//! | [`certs`] | identities: certificate generation, fingerprints, XmppAddr checks |
+//! | [`tunnel`] | the sans-IO state machine of one tunnel over rustls |
+
+#![deny(missing_docs)]
+
+pub mod certs;
+pub mod stanza;
+pub mod tunnel;
+pub mod xml;
+
+pub use certs::{BotIdentity, Fingerprint};
+pub use tunnel::{
+    CloseReason, Event, PeerPolicy, Role, State, Tunnel, TunnelConfig, TunnelKey, TunnelParams,
+};
