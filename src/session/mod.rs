@@ -1379,11 +1379,11 @@ impl BotDriver {
                     &r.id,
                     &key.peer,
                 );
-                let changed = matches!(&reason, CloseReason::CertificateRejected(text) if text.contains("does not match the key pinned"));
+                let changed = reason.identity_change();
                 if r.established_at.is_none() {
                     self.shared.metrics.opened(&r.role, false);
                 }
-                if changed {
+                if changed.is_some() {
                     self.shared.metrics.identity_changes.inc();
                 }
                 let id = r.id.clone();
@@ -1391,7 +1391,7 @@ impl BotDriver {
                 r.closed_at = Some(crate::store::now());
                 r.close_reason = Some(reason.to_string());
                 tracing::info!(bot = self.bot.jid, peer = key.peer, tunnel = r.id, reason = %reason, "tunnel closed");
-                if changed {
+                if let Some((presented, pinned)) = changed {
                     self.log(
                         None,
                         NewEvent {
@@ -1400,6 +1400,8 @@ impl BotDriver {
                             peer: Some(key.peer.clone()),
                             data: serde_json::json!({
                                 "peer": bare(&key.peer),
+                                "presented_spki_sha256": presented.to_string(),
+                                "pinned_spki_sha256": pinned.iter().map(ToString::to_string).collect::<Vec<_>>(),
                                 "reason": reason.to_string(),
                             }),
                         },
@@ -1911,6 +1913,114 @@ mod driver_tests {
         assert!(
             kinds.contains(&"tunnel.established:".to_owned()),
             "{kinds:?}"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_changed_peer_key_raises_the_event_the_metric_and_the_message_status() {
+        let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+        bots.shared().link_up.store(true, Ordering::Relaxed);
+        let bot = api_bot(&bots).await;
+        let store = bots.shared().store.clone();
+        // First use pins the key of alice@example.net/phone.
+        let _phone = open_peer(&bot, &mut rx).await;
+        let pinned = store
+            .pins(&bot.record.jid, "alice@example.net")
+            .await
+            .unwrap();
+        assert_eq!(pinned.len(), 1);
+
+        // The bot writes to her laptop, which answers its start with another key.
+        let laptop = "alice@example.net/laptop";
+        let m = OutMsg {
+            id: "msg_1".into(),
+            to: laptop.into(),
+            stanza: xtls::stanza::chat_message("sunny", "chat"),
+            reopen: false,
+        };
+        store
+            .insert_message(&bot.record.jid, &m, None)
+            .await
+            .unwrap();
+        let submitting = tokio::spawn({
+            let bot = bot.clone();
+            async move { bot.submit(m).await }
+        });
+        let disco = recv(&mut rx).await;
+        bot.try_deliver(disco_answer(&disco, true)).unwrap();
+        assert_eq!(submitting.await.unwrap().unwrap().status, "opening");
+        let start = Iq::parse(&recv(&mut rx).await).unwrap();
+        let Ok(XtlsElement::Start { offer }) = classify_request(&start) else {
+            panic!("a start follows the disco answer")
+        };
+        let new_key = BotIdentity::generate("alice@example.net").unwrap();
+        let presented = new_key.info.fingerprints.spki_sha256.clone();
+        let mut peer = Tunnel::accept(
+            std::time::Instant::now(),
+            TunnelParams {
+                config: TunnelConfig::default(),
+                key: TunnelKey {
+                    local: laptop.into(),
+                    peer: bot.record.jid.clone(),
+                },
+                creds: BotCredentials::new(new_key).unwrap(),
+                policy: PeerPolicy::default(),
+                id_prefix: "laptop-".into(),
+            },
+            &start,
+            offer.as_ref(),
+        )
+        .unwrap();
+        let mut status = String::new();
+        for _ in 0..100 {
+            while let Some(el) = peer.poll_transmit() {
+                bot.try_deliver(el).unwrap();
+            }
+            status = store
+                .message(&bot.record.jid, "msg_1")
+                .await
+                .unwrap()
+                .unwrap()
+                .status;
+            if status == "identity_changed" {
+                break;
+            }
+            if let Ok(Some(el)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await
+            {
+                peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
+            }
+        }
+        assert_eq!(status, "identity_changed");
+        assert_eq!(bots.shared().metrics.identity_changes.get(), 1);
+        // The status is settled before the batch holding the event commits: wait for it.
+        let mut changed = None;
+        for _ in 0..100 {
+            changed = store
+                .read_events(&bot.record.jid, 0, 100, false)
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|e| e.kind == "peer.identity_changed");
+            if changed.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let changed = changed.expect("peer.identity_changed is logged");
+        assert_eq!(changed.data["peer"], "alice@example.net");
+        assert_eq!(changed.data["presented_spki_sha256"], presented.to_string());
+        assert_eq!(
+            changed.data["pinned_spki_sha256"],
+            serde_json::json!([pinned[0].to_string()])
+        );
+        // The changed key was not pinned beside the old one.
+        assert_eq!(
+            store
+                .pins(&bot.record.jid, "alice@example.net")
+                .await
+                .unwrap(),
+            pinned
         );
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -461,11 +461,7 @@ impl BotDriver {
         }
         let status = match reason {
             CloseReason::Refused(_) => "refused",
-            CloseReason::CertificateRejected(text)
-                if text.contains("does not match the key pinned") =>
-            {
-                "identity_changed"
-            }
+            r if r.identity_change().is_some() => "identity_changed",
             _ => "failed",
         };
         for msg in lost {

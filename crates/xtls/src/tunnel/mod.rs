@@ -139,8 +139,8 @@ pub enum CloseReason {
     PeerAlert(String),
     /// Our TLS refused the peer's bytes.
     TlsError(String),
-    /// The peer's certificate was refused.
-    CertificateRejected(String),
+    /// The peer's certificate was refused, and why.
+    CertificateRejected(VerifyError),
     /// The peer answered one of our IQs with an error.
     PeerError(String),
     /// The peer refused our `start` (condition given).
@@ -168,6 +168,19 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// The key the peer presented and the keys pinned for it, when the tunnel ended because
+    /// the peer's key changed (spec §2.3 step 6).
+    pub fn identity_change(&self) -> Option<(&Fingerprint, &[Fingerprint])> {
+        match self {
+            CloseReason::CertificateRejected(VerifyError::PinMismatch {
+                presented,
+                pinned,
+                ..
+            }) => Some((presented, pinned)),
+            _ => None,
+        }
+    }
+
     /// A short stable code for the API and the store.
     pub fn code(&self) -> &'static str {
         match self {
@@ -196,9 +209,9 @@ impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.code())?;
         match self {
+            CloseReason::CertificateRejected(e) => write!(f, ": {e}"),
             CloseReason::PeerAlert(s)
             | CloseReason::TlsError(s)
-            | CloseReason::CertificateRejected(s)
             | CloseReason::PeerError(s)
             | CloseReason::Refused(s)
             | CloseReason::Protocol(s)
@@ -826,9 +839,9 @@ impl Tunnel {
                     ));
                 }
                 let (condition, reason) = match failure {
-                    TlsFailure::CertificateRejected(text) => (
+                    TlsFailure::CertificateRejected(why) => (
                         DefinedCondition::NotAcceptable,
-                        CloseReason::CertificateRejected(text),
+                        CloseReason::CertificateRejected(why),
                     ),
                     TlsFailure::Protocol(text) | TlsFailure::PeerAlert(text) => {
                         (DefinedCondition::BadRequest, CloseReason::TlsError(text))
@@ -1024,7 +1037,7 @@ impl Tunnel {
                 },
                 Err(e) => {
                     // The verifier already accepted it; a disagreement is a bug, fail closed.
-                    self.begin_closing(now, CloseReason::CertificateRejected(e.to_string()));
+                    self.begin_closing(now, CloseReason::CertificateRejected(e));
                     return;
                 }
             },

@@ -377,14 +377,27 @@ fn c04_pinned_peer_is_known_and_a_changed_key_is_refused() {
     );
 
     let mut pair = Pair::new();
-    pair.bot.policy.pins = vec![Fingerprint::sha256(b"another key")];
+    let old_pin = Fingerprint::sha256(b"another key");
+    pair.bot.policy.pins = vec![old_pin.clone()];
     pair.start();
     pair.drive();
     assert_eq!(pair.errors(false), vec!["not-acceptable"]);
-    assert!(matches!(
-        pair.bot.closed(),
-        Some(CloseReason::CertificateRejected(_))
-    ));
+    // The owner learns it is a key change, with both keys, from the type alone.
+    let alice_key = &pair.alice.creds.identity.info.fingerprints.spki_sha256;
+    let reason = pair.bot.closed().expect("the bot's tunnel closed");
+    assert_eq!(
+        reason.identity_change(),
+        Some((alice_key, &[old_pin][..])),
+        "{reason:?}"
+    );
+    assert_eq!(
+        reason,
+        &CloseReason::CertificateRejected(VerifyError::PinMismatch {
+            jid: "alice@example.net".into(),
+            presented: alice_key.clone(),
+            pinned: vec![Fingerprint::sha256(b"another key")],
+        })
+    );
     // Alice's TLS reads the bot's alert before the error reply arrives.
     assert!(matches!(
         pair.alice.closed(),
@@ -408,6 +421,16 @@ fn c05_wrong_or_missing_xmpp_addr_is_not_acceptable() {
     pair.start();
     pair.drive();
     assert_eq!(pair.errors(false), vec!["not-acceptable"]);
+    assert_eq!(
+        pair.bot.closed(),
+        Some(&CloseReason::CertificateRejected(
+            VerifyError::WrongAddress {
+                expected: "alice@example.net".into(),
+                found: vec!["mallory@example.net".into()],
+            }
+        ))
+    );
+    assert_eq!(pair.bot.closed().unwrap().identity_change(), None);
     assert!(
         pair.sent(false, "data").len() >= 2,
         "the alert data goes out before the error reply"
@@ -428,7 +451,8 @@ fn c05_wrong_or_missing_xmpp_addr_is_not_acceptable() {
     assert_eq!(pair.errors(true), vec!["not-acceptable"]);
     assert!(matches!(
         pair.alice.closed(),
-        Some(CloseReason::CertificateRejected(_))
+        Some(CloseReason::CertificateRejected(VerifyError::WrongAddress { expected, .. }))
+            if expected == BOT
     ));
 }
 

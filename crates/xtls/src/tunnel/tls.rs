@@ -79,9 +79,13 @@ pub struct PeerPolicy {
     pub pins: Vec<Fingerprint>,
 }
 
-/// Why a peer certificate was refused by our verifier.
-#[derive(Debug, thiserror::Error)]
+/// Why a peer's certificate was refused (spec §2.3): the typed reason a tunnel carries up to
+/// its owner in [`CloseReason::CertificateRejected`](super::CloseReason::CertificateRejected).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
+    /// The policy requires a certificate and the peer presented none.
+    #[error("the peer presented no certificate and one is required")]
+    NoCertificate,
     /// The certificate could not be parsed.
     #[error("peer certificate unreadable: {0}")]
     Unreadable(String),
@@ -93,17 +97,22 @@ pub enum VerifyError {
         /// The XmppAddr values found in the certificate.
         found: Vec<String>,
     },
-    /// The key differs from every key pinned for the peer.
+    /// The key differs from every key pinned for the peer: its identity changed.
     #[error("peer key {presented} does not match the key pinned for {jid}")]
     PinMismatch {
         /// The peer's bare JID.
         jid: String,
         /// SPKI SHA-256 of the presented key.
         presented: Fingerprint,
+        /// SPKI SHA-256 of the keys pinned for the peer.
+        pinned: Vec<Fingerprint>,
     },
     /// Pinned mode and no pin is held for the peer.
     #[error("no key is pinned for {0} and the bot accepts pinned keys only")]
     NotPinned(String),
+    /// TLS refused the certificate for another reason (a bad signature, say).
+    #[error("peer certificate refused: {0}")]
+    Invalid(String),
 }
 
 /// A per-tunnel verifier: it knows the peer's bare JID and the bot's policy for it.
@@ -197,6 +206,7 @@ pub fn judge(
         return Err(VerifyError::PinMismatch {
             jid: expected_bare.to_owned(),
             presented: spki.clone(),
+            pinned: policy.pins.clone(),
         });
     } else if policy.trust == TrustMode::Pinned {
         return Err(VerifyError::NotPinned(expected_bare.to_owned()));
@@ -334,7 +344,7 @@ pub enum TlsFailure {
     /// The peer sent a fatal alert: answer `result`, then discard (spec §1.11).
     PeerAlert(String),
     /// The peer's certificate was refused: `not-acceptable`.
-    CertificateRejected(String),
+    CertificateRejected(VerifyError),
     /// Any other TLS protocol error: `bad-request`.
     Protocol(String),
 }
@@ -508,9 +518,24 @@ impl TlsSession {
 fn classify(err: rustls::Error) -> TlsFailure {
     match err {
         rustls::Error::AlertReceived(alert) => TlsFailure::PeerAlert(format!("{alert:?}")),
-        e @ (rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented) => {
-            TlsFailure::CertificateRejected(e.to_string())
+        rustls::Error::NoCertificatesPresented => {
+            TlsFailure::CertificateRejected(VerifyError::NoCertificate)
         }
+        rustls::Error::InvalidCertificate(e) => TlsFailure::CertificateRejected(rejection(e)),
         other => TlsFailure::Protocol(other.to_string()),
+    }
+}
+
+/// Recovers our verifier's own verdict from the error rustls wraps it in.
+fn rejection(e: CertificateError) -> VerifyError {
+    match e {
+        CertificateError::BadEncoding => {
+            VerifyError::Unreadable("not a parsable X.509 certificate".into())
+        }
+        CertificateError::Other(OtherError(inner)) => match inner.downcast_ref::<VerifyError>() {
+            Some(ours) => ours.clone(),
+            None => VerifyError::Invalid(inner.to_string()),
+        },
+        other => VerifyError::Invalid(rustls::Error::InvalidCertificate(other).to_string()),
     }
 }
