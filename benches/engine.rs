@@ -65,7 +65,7 @@ use xtls::tunnel::{
     classify_request,
 };
 use xtls::xml::{StreamReader, XmlEvent, XmlLimits, to_bytes};
-use xtls_component::component::to_stream_bytes;
+use xtls_component::link::to_stream_bytes;
 
 const ALICE: &str = "alice@example.net/laptop";
 const ALICE_BARE: &str = "alice@example.net";

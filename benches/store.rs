@@ -33,7 +33,9 @@ use xtls::certs::{BotIdentity, Fingerprint};
 use xtls::stanza::chat_message;
 use xtls::stanza::set_attr;
 use xtls::tunnel::{Established, PeerIdentity, TrustVerdict};
-use xtls_component::eventlog::{NewEvent, event_id, identity_json, stanza_event};
+use xtls_component::delivery::log::{identity_json, stanza_event};
+use xtls_component::store::NewEvent;
+use xtls_component::store::events::event_id;
 use xtls_component::store::{BotRecord, Store, now};
 
 const BOT: &str = "weather@bots.example.org";

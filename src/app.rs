@@ -5,9 +5,9 @@ use std::future::Future;
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
-use crate::admin::{self, AdminState};
-use crate::component::{self, LinkConfig, LinkEvent, LinkStatus};
+use crate::api::{self, AdminState, AllowedHosts, HttpLimits};
 use crate::config::Config;
+use crate::link::{self, LinkConfig, LinkEvent, LinkStatus};
 use crate::router;
 use crate::session::{BotTable, NewBot, Shared};
 use crate::store::Store;
@@ -72,7 +72,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         config.secret().clone(),
         config.limits.max_stanza_bytes,
     );
-    let mut link = tokio::spawn(component::run(
+    let mut link = tokio::spawn(link::run(
         link_config,
         events_tx,
         out_rx,
@@ -117,13 +117,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .await
         .with_context(|| format!("cannot listen on {} (admin.listen)", config.admin.listen))?;
     tracing::info!(listen = %config.admin.listen, "admin API listening");
-    let limits = config.admin.http_limits();
+    let limits = HttpLimits::from(&config.admin);
     let state = AdminState {
         bots: bots.clone(),
         token: config.token().clone(),
         link: status_rx,
         limits: std::sync::Arc::new(limits.clone()),
-        allowed_hosts: std::sync::Arc::new(crate::http::AllowedHosts::new(
+        allowed_hosts: std::sync::Arc::new(AllowedHosts::new(
             &config.admin.allowed_hosts,
             config.admin.listen,
         )),
@@ -137,19 +137,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             tracing::info!(listen = %addr, "metrics listening");
             let (stop, app, limits) = (
                 stop_rx.clone(),
-                admin::metrics_app(bots.clone()),
+                api::metrics_app(bots.clone()),
                 limits.clone(),
             );
             Some(tokio::spawn(async move {
-                crate::http::serve(listener, app, &limits, stop).await
+                api::serve(listener, app, &limits, stop).await
             }))
         }
         None => None,
     };
     let admin_stop = stop_rx.clone();
-    let admin = tokio::spawn(async move {
-        crate::http::serve(listener, admin::app(state), &limits, admin_stop).await
-    });
+    let admin =
+        tokio::spawn(
+            async move { api::serve(listener, api::app(state), &limits, admin_stop).await },
+        );
 
     let outcome = tokio::select! {
         _ = shutdown => Ok(()),

@@ -225,18 +225,6 @@ impl Default for AdminConfig {
     }
 }
 
-impl AdminConfig {
-    /// The HTTP server's limits.
-    pub fn http_limits(&self) -> crate::http::HttpLimits {
-        crate::http::HttpLimits {
-            header_timeout: std::time::Duration::from_secs(self.header_timeout_secs),
-            body_timeout: std::time::Duration::from_secs(self.body_timeout_secs),
-            max_body_bytes: self.max_body_bytes,
-            max_connections: self.max_connections,
-        }
-    }
-}
-
 /// `[store]`: where state lives.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

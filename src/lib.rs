@@ -23,16 +23,12 @@
 //! | [`config`] | the TOML configuration with environment overrides |
 //! | [`app`] | wiring and ordered shutdown |
 
-pub mod admin;
-pub mod apidoc;
+pub mod api;
 pub mod app;
-pub mod botapi;
-pub mod component;
 pub mod config;
-pub mod eventlog;
-pub mod http;
+pub mod delivery;
+pub mod link;
 pub mod metrics;
 pub mod router;
 pub mod session;
 pub mod store;
-pub mod webhook;

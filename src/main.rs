@@ -109,7 +109,7 @@ fn healthcheck(
             }
         },
     };
-    let probe = xtls_component::admin::probe_health(addr, std::time::Duration::from_secs(timeout));
+    let probe = xtls_component::api::probe_health(addr, std::time::Duration::from_secs(timeout));
     let answer = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

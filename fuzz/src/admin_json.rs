@@ -33,12 +33,12 @@ use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, watch};
 use tower::ServiceExt as _;
 use xtls::tunnel::{PeerAuth, TrustMode, TunnelConfig};
-use xtls_component::admin::{AdminState, app};
-use xtls_component::component::LinkStatus;
+use xtls_component::api::{AdminState, app};
+use xtls_component::link::LinkStatus;
 use xtls_component::config::{
     AdminConfig, EventsConfig, Handler, LimitsConfig, Secret, WebhooksConfig,
 };
-use xtls_component::http::AllowedHosts;
+use xtls_component::api::AllowedHosts;
 use xtls_component::session::{BotTable, NewBot, Shared};
 use xtls_component::store::Store;
 
@@ -99,7 +99,7 @@ fn fixture() -> &'static Fixture {
                 bots,
                 token: Secret::new(TOKEN),
                 link: link_rx,
-                limits: std::sync::Arc::new(admin.http_limits()),
+                limits: std::sync::Arc::new(xtls_component::api::HttpLimits::from(&admin)),
                 allowed_hosts: std::sync::Arc::new(AllowedHosts::new(&[], admin.listen)),
                 cors_origins: Vec::new(),
             };
@@ -247,7 +247,7 @@ fn webhook_reply(body: &[u8]) {
         return;
     };
     let reply = answer.get("reply").unwrap_or(&answer);
-    if let Ok(stanzas) = xtls_component::webhook::reply_stanzas(reply) {
+    if let Ok(stanzas) = xtls_component::delivery::webhook::reply_stanzas(reply) {
         for stanza in stanzas {
             assert!(matches!(stanza.name(), "message" | "presence" | "iq"));
             xtls::xml::to_bytes(&stanza);

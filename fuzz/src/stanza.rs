@@ -20,7 +20,7 @@ use xtls::stanza::{
 };
 use xtls::tunnel::classify_request;
 use xtls::xml::{StreamReader, XmlEvent, XmlLimits, parse_stanza, to_bytes};
-use xtls_component::component::{to_stream_bytes, validate_outbound};
+use xtls_component::link::{to_stream_bytes, validate_outbound};
 
 use crate::xmlcheck::{Canon, assert_round_trip, assert_split_invariant, chunks, feed};
 

@@ -14,10 +14,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::config::{EventsConfig, Handler, LimitsConfig, WebhooksConfig};
-use crate::eventlog::{self, NewEvent};
+use crate::delivery::webhook::{self, Deliverer, ReplySink};
 use crate::store::{
     BotRecord, PeerIdentityRecord, Store, StoreError, StoredBot, TunnelRecord, now,
 };
+use crate::store::{NewEvent, OutMsg};
 use xtls::certs::{BotIdentity, Fingerprints, normalize_bare};
 use xtls::stanza::xtls::XtlsElement;
 use xtls::stanza::{DefinedCondition, ErrorType, Iq, IqType, build_iq, error_reply, name, ns};
@@ -29,7 +30,7 @@ use xtls::tunnel::{
 mod outbound;
 mod rate;
 
-pub use outbound::{FINAL, MessageRecord, OutMsg, Submitted};
+pub use outbound::Submitted;
 
 /// Everything the drivers share.
 #[derive(Debug)]
@@ -49,7 +50,7 @@ pub struct Shared {
     /// Most events committed in one transaction.
     pub max_batch: usize,
     /// Webhook delivery settings.
-    pub webhooks: WebhooksConfig,
+    pub webhooks: Arc<WebhooksConfig>,
     /// Whether the component link is authenticated.
     pub link_up: std::sync::atomic::AtomicBool,
     /// Counters and histograms.
@@ -82,7 +83,7 @@ impl Shared {
             limits,
             domain,
             max_batch: events.max_batch.max(1),
-            webhooks,
+            webhooks: Arc::new(webhooks),
             link_up: Default::default(),
             metrics: Default::default(),
             handshakes: AtomicUsize::new(0),
@@ -163,6 +164,12 @@ pub struct BotHandle {
     tx: mpsc::Sender<BotCommand>,
 }
 
+impl ReplySink for BotHandle {
+    async fn reply(&self, tunnel_id: String, stanzas: Vec<Element>) {
+        let _ = self.tx.send(BotCommand::Reply(tunnel_id, stanzas)).await;
+    }
+}
+
 impl BotHandle {
     /// Closes the bot's tunnels and stops its driver; returns once it stopped.
     async fn stop(&self, reason: CloseReason) {
@@ -170,11 +177,6 @@ impl BotHandle {
         if self.tx.send(BotCommand::Stop(reason, done)).await.is_ok() {
             let _ = wait.await;
         }
-    }
-
-    /// Sends inner stanzas into a live tunnel of this bot (a webhook's synchronous reply).
-    pub async fn reply(&self, tunnel_id: String, stanzas: Vec<Element>) {
-        let _ = self.tx.send(BotCommand::Reply(tunnel_id, stanzas)).await;
     }
 
     /// Hands a stored message to the driver; its first outcome, or `None` when the driver
@@ -280,7 +282,7 @@ struct Start {
     /// Whether messages of a previous run are unfinished.
     recover: bool,
     /// The webhook as loaded with every bot's (`None`: none set).
-    webhook: Option<crate::webhook::Webhook>,
+    webhook: Option<crate::store::Webhook>,
 }
 
 impl BotTable {
@@ -413,11 +415,16 @@ impl BotTable {
             .insert(handle.record.localpart.clone(), handle.clone());
         tokio::spawn(driver.run());
         if handler == Handler::Api {
-            tokio::spawn(crate::webhook::run(
-                handle.clone(),
-                self.shared.clone(),
-                Some(webhook),
-            ));
+            let deliverer = Deliverer {
+                bot: handle.record.jid.clone(),
+                store: self.shared.store.clone(),
+                config: self.shared.webhooks.clone(),
+                committed: handle.events.clone(),
+                webhook_changed: handle.webhook_changed.clone(),
+                replies: handle.clone(),
+                counter: self.shared.metrics.webhook_deliveries.clone(),
+            };
+            tokio::spawn(webhook::run(deliverer, Some(webhook)));
         }
         handle
     }
@@ -1299,7 +1306,7 @@ impl BotDriver {
                     trust = record.peer_identity.trust,
                     "tunnel open"
                 );
-                let identity = eventlog::identity_json(Some(&est));
+                let identity = crate::delivery::log::identity_json(Some(&est));
                 self.log(
                     None,
                     NewEvent {
@@ -1353,11 +1360,11 @@ impl BotDriver {
                     }
                 }
                 Handler::Api => {
-                    let event = eventlog::stanza_event(
+                    let event = crate::delivery::log::stanza_event(
                         &stanza,
                         &live.record.id,
                         &key.peer,
-                        eventlog::identity_json(live.tunnel.established()),
+                        crate::delivery::log::identity_json(live.tunnel.established()),
                     );
                     self.log(Some(key), event);
                 }
@@ -1372,7 +1379,7 @@ impl BotDriver {
                 } else {
                     "handshake"
                 };
-                let event = eventlog::close_event(
+                let event = crate::delivery::log::close_event(
                     &reason,
                     r.established_at.is_some(),
                     stage,

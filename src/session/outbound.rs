@@ -10,14 +10,12 @@ use std::time::Duration;
 
 use minidom::Element;
 use serde::Serialize;
-use serde_json::{Value, json};
-use sqlx::Row;
+use serde_json::json;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{BotDriver, normalize};
-use crate::eventlog::NewEvent;
-use crate::store::{Store, StoreError, now};
+use crate::store::{FINAL, NewEvent, OutMsg};
 use xtls::stanza::{Iq, IqType, build_iq, ns};
 use xtls::tunnel::{CloseReason, SendError, State, Tunnel, TunnelKey, bare};
 
@@ -29,19 +27,6 @@ const MAX_WAITING: usize = 1000;
 const MAX_PRESENCE_PEERS: usize = 10_000;
 /// Resources remembered per peer, at most.
 const MAX_RESOURCES: usize = 16;
-
-/// A message a bot asked to send.
-#[derive(Debug, Clone)]
-pub struct OutMsg {
-    /// `msg_…`.
-    pub id: String,
-    /// The recipient as given (full or bare JID), normalized.
-    pub to: String,
-    /// The inner stanza.
-    pub stanza: Element,
-    /// Whether a message whose tunnel ended before its acknowledgement goes out on a new one.
-    pub reopen: bool,
-}
 
 /// The first outcome of a submission, as `POST .../messages` reports it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -619,190 +604,5 @@ impl BotDriver {
 fn answer(reply: Reply, outcome: Submitted) {
     if let Some(reply) = reply {
         let _ = reply.send(outcome);
-    }
-}
-
-/// Statuses after which nothing more happens to a message.
-pub const FINAL: &[&str] = &[
-    "acknowledged",
-    "failed",
-    "no_xtls_support",
-    "refused",
-    "identity_changed",
-    "peer_unavailable",
-];
-
-/// A stored message, as `GET .../messages/{id}` shows it.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct MessageRecord {
-    /// `msg_…`.
-    pub id: String,
-    /// The bot.
-    pub bot: String,
-    /// The recipient.
-    pub to: String,
-    /// The current status.
-    pub status: String,
-    /// Why, for failures.
-    pub reason: Option<String>,
-    /// The tunnel that carried it.
-    pub tunnel_id: Option<String>,
-    /// When it was accepted.
-    pub created_at: String,
-    /// Every status with its time.
-    pub history: Value,
-}
-
-fn message_from_row(row: &sqlx::sqlite::SqliteRow) -> MessageRecord {
-    let history: String = row.get("history");
-    MessageRecord {
-        id: row.get("id"),
-        bot: row.get("bot_jid"),
-        to: row.get("to_jid"),
-        status: row.get("status"),
-        reason: row.get("reason"),
-        tunnel_id: row.get("tunnel_id"),
-        created_at: row.get("created_at"),
-        history: serde_json::from_str(&history).unwrap_or(Value::Null),
-    }
-}
-
-impl Store {
-    /// Stores a message as accepted; `Err(Duplicate)` when the idempotency key was used.
-    pub async fn insert_message(
-        &self,
-        bot: &str,
-        msg: &OutMsg,
-        idempotency_key: Option<&str>,
-    ) -> Result<(), StoreError> {
-        let at = now();
-        let history = json!([{ "status": "accepted", "at": at }]).to_string();
-        let stanza = String::from_utf8_lossy(&xtls::xml::to_bytes(&msg.stanza)).into_owned();
-        let done = sqlx::query(
-            "INSERT INTO messages (id, bot_jid, idempotency_key, to_jid, stanza, reopen, status, history, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, 'accepted', ?, ?) ON CONFLICT DO NOTHING",
-        )
-        .bind(&msg.id)
-        .bind(bot)
-        .bind(idempotency_key)
-        .bind(&msg.to)
-        .bind(stanza)
-        .bind(msg.reopen)
-        .bind(history)
-        .bind(at)
-        .execute(self.writer())
-        .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::Duplicate("idempotency key".into()));
-        }
-        Ok(())
-    }
-
-    /// Moves a message to a new status, appending it to the history.
-    pub async fn update_message(
-        &self,
-        id: &str,
-        status: &str,
-        reason: Option<&str>,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE messages SET status = ?1, reason = ?2, \
-             history = json_insert(history, '$[#]', json_object('status', ?1, 'at', ?3, 'reason', ?2)) WHERE id = ?4",
-        )
-        .bind(status)
-        .bind(reason)
-        .bind(now())
-        .bind(id)
-        .execute(self.writer())
-        .await?;
-        Ok(())
-    }
-
-    async fn set_message_tunnel(&self, id: &str, tunnel_id: &str) -> Result<(), StoreError> {
-        sqlx::query("UPDATE messages SET tunnel_id = ? WHERE id = ?")
-            .bind(tunnel_id)
-            .bind(id)
-            .execute(self.writer())
-            .await?;
-        Ok(())
-    }
-
-    /// Removes a message that was not accepted.
-    pub async fn delete_message(&self, id: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM messages WHERE id = ?")
-            .bind(id)
-            .execute(self.writer())
-            .await?;
-        Ok(())
-    }
-
-    /// One message of a bot.
-    pub async fn message(&self, bot: &str, id: &str) -> Result<Option<MessageRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM messages WHERE bot_jid = ? AND id = ?")
-            .bind(bot)
-            .bind(id)
-            .fetch_optional(self.pool())
-            .await?;
-        Ok(row.as_ref().map(message_from_row))
-    }
-
-    /// The message a bot stored under an idempotency key.
-    pub async fn message_by_key(
-        &self,
-        bot: &str,
-        key: &str,
-    ) -> Result<Option<MessageRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM messages WHERE bot_jid = ? AND idempotency_key = ?")
-            .bind(bot)
-            .bind(key)
-            .fetch_optional(self.pool())
-            .await?;
-        Ok(row.as_ref().map(message_from_row))
-    }
-
-    /// The bots with messages that have not reached a final status (start-up).
-    pub(crate) async fn bots_with_unfinished_messages(
-        &self,
-    ) -> Result<std::collections::HashSet<String>, StoreError> {
-        let placeholders = vec!["?"; FINAL.len()].join(", ");
-        let sql =
-            format!("SELECT DISTINCT bot_jid FROM messages WHERE status NOT IN ({placeholders})");
-        let mut query = sqlx::query(&sql);
-        for status in FINAL {
-            query = query.bind(*status);
-        }
-        let rows = query.fetch_all(self.pool()).await?;
-        Ok(rows.iter().map(|r| r.get(0)).collect())
-    }
-
-    /// A bot's messages that have not reached a final status, oldest first.
-    /// Messages accepted before `before` (by an earlier run) are the ones to recover; later
-    /// ones are in the hands of this run already.
-    async fn unfinished_messages(
-        &self,
-        bot: &str,
-        before: &str,
-    ) -> Result<Vec<OutMsg>, StoreError> {
-        let placeholders = vec!["?"; FINAL.len()].join(", ");
-        let sql = format!(
-            "SELECT id, to_jid, stanza, reopen FROM messages WHERE bot_jid = ? AND created_at < ? AND status NOT IN ({placeholders}) ORDER BY created_at"
-        );
-        let mut query = sqlx::query(&sql).bind(bot).bind(before);
-        for status in FINAL {
-            query = query.bind(*status);
-        }
-        let rows = query.fetch_all(self.pool()).await?;
-        Ok(rows
-            .iter()
-            .filter_map(|row| {
-                let stanza = xtls::xml::parse_stanza(&row.get::<String, _>("stanza")).ok()?;
-                Some(OutMsg {
-                    id: row.get("id"),
-                    to: row.get("to_jid"),
-                    stanza,
-                    reopen: row.get("reopen"),
-                })
-            })
-            .collect())
     }
 }

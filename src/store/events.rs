@@ -1,20 +1,18 @@
-//! The durable per-bot event log and its shared cursor (docs/bot-api.md).
-//!
-//! The bot's driver is the only writer: it appends a batch of events in one transaction before
-//! acknowledging the `data` IQs that produced them. Readers (poll, SSE, webhook) share one
-//! cursor per bot: the highest `seq` up to which every event is acknowledged or dead.
+//! The per-bot event logs, their delivery states and the shared cursor.
 
 use serde::Serialize;
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
-use crate::store::{Store, StoreError, now};
+use super::{Store, StoreError, now};
 
 /// Pending delivery.
 pub const PENDING: i64 = 0;
+
 /// Acknowledged by a reader.
 pub const ACKED: i64 = 1;
+
 /// Given up on by the webhook deliverer.
 pub const DEAD: i64 = 2;
 
@@ -76,11 +74,6 @@ pub fn event_id() -> String {
         rand::random::<u64>(),
         rand::random::<u32>()
     )
-}
-
-/// Unix milliseconds now.
-pub fn unix_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 impl Store {
@@ -233,10 +226,10 @@ impl Store {
             .bind(before)
             .execute(self.writer())
             .await?;
-        let finished = vec!["?"; crate::session::FINAL.len()].join(", ");
+        let finished = vec!["?"; super::FINAL.len()].join(", ");
         let sql = format!("DELETE FROM messages WHERE created_at < ? AND status IN ({finished})");
         let mut query = sqlx::query(&sql).bind(before);
-        for status in crate::session::FINAL {
+        for status in super::FINAL {
             query = query.bind(*status);
         }
         query.execute(self.writer()).await?;
@@ -244,76 +237,16 @@ impl Store {
     }
 }
 
-/// The `identity` object of an event: the peer's key and the trust verdict.
-pub fn identity_json(established: Option<&xtls::tunnel::Established>) -> Value {
-    match established {
-        Some(est) => serde_json::json!({
-            "spki_sha256": est.peer.spki_sha256.as_ref().map(ToString::to_string),
-            "trust": est.peer.trust.as_str(),
-        }),
-        None => Value::Null,
-    }
-}
-
-/// The event for a stanza that arrived through a tunnel.
-pub fn stanza_event(
-    stanza: &minidom::Element,
-    tunnel_id: &str,
-    peer: &str,
-    identity: Value,
-) -> NewEvent {
-    let kind = match stanza.name() {
-        "message" => "message.received",
-        "presence" => "presence.received",
-        _ => "iq.received",
-    };
-    let xml = String::from_utf8_lossy(&xtls::xml::to_bytes(stanza)).into_owned();
-    let mut data = serde_json::json!({ "stanza": xml, "identity": identity });
-    if let Some(body) = stanza.get_child("body", xtls::stanza::ns::CLIENT) {
-        data["body"] = Value::String(body.text());
-    }
-    NewEvent {
-        kind,
-        tunnel_id: Some(tunnel_id.to_owned()),
-        peer: Some(peer.to_owned()),
-        data,
-    }
-}
-
-/// The event for a tunnel that ended: `tunnel.failed` when it never opened, else `tunnel.closed`.
-pub fn close_event(
-    reason: &xtls::tunnel::CloseReason,
-    established: bool,
-    stage: &str,
-    tunnel_id: &str,
-    peer: &str,
-) -> NewEvent {
-    let data = if established {
-        serde_json::json!({ "reason": reason.to_string(), "code": reason.code() })
-    } else {
-        serde_json::json!({ "stage": stage, "reason": reason.to_string(), "code": reason.code() })
-    };
-    NewEvent {
-        kind: if established {
-            "tunnel.closed"
-        } else {
-            "tunnel.failed"
-        },
-        tunnel_id: Some(tunnel_id.to_owned()),
-        peer: Some(peer.to_owned()),
-        data,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::BotRecord;
+    use crate::store::NewEvent;
     use xtls::certs::BotIdentity;
 
     #[tokio::test]
     async fn append_read_acknowledge_and_prune() {
-        let (store, dir) = crate::store::tests::temp_store().await;
+        let (store, dir) = super::super::tests::temp_store().await;
         let jid = "weather@bots.example.org";
         let bot = BotRecord {
             jid: jid.into(),

@@ -12,18 +12,19 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use sqlx::Row;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::admin::{AdminState, ApiError, Caller, find_bot};
-use crate::apidoc::{BotPath, PROBLEM_JSON, Problem};
-use crate::eventlog::EventRecord;
-use crate::session::{BotHandle, MessageRecord, OutMsg, Submitted};
-use crate::store::{Store, StoreError, now};
-use crate::webhook::{self, Attempt, DeadLetter, Webhook};
+use super::admin::find_bot;
+use super::openapi::{BotPath, PROBLEM_JSON, Problem};
+use super::{AdminState, ApiError, Caller};
+use crate::delivery::webhook;
+use crate::session::{BotHandle, Submitted};
+use crate::store::{
+    Attempt, DeadLetter, EventRecord, MessageRecord, OutMsg, Store, StoreError, TokenInfo, Webhook,
+    now,
+};
 use xtls::stanza::checked_chat_message;
 
 /// Every bot token starts with this.
@@ -308,7 +309,7 @@ async fn put_webhook(
     body: Result<Json<PutWebhook>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<WebhookView>, ApiError> {
     let bot = scoped(&state, &caller, &jid)?;
-    let body = crate::admin::json_body(body)?;
+    let body = super::json_body(body)?;
     let url = reqwest::Url::parse(&body.url).map_err(|e| ApiError::Invalid(format!("url: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
         return Err(ApiError::Invalid("url must be an http or https URL".into()));
@@ -456,7 +457,7 @@ async fn dead_letters(
     retry: bool,
 ) -> Result<Json<DeadLetterCount>, ApiError> {
     let bot = scoped(state, caller, jid)?;
-    let body = crate::admin::json_body(body)?;
+    let body = super::json_body(body)?;
     let store = &state.bots.shared().store;
     let seqs = body.seq.as_deref();
     Ok(Json(if retry {
@@ -483,15 +484,6 @@ struct TokenCreated {
     bot: String,
     /// The bearer token (`xtb_…`); only its hash is kept.
     token: String,
-    /// When it was created (RFC 3339).
-    created_at: String,
-}
-
-/// A bot token as listed (never the token itself).
-#[derive(Serialize, ToSchema)]
-pub struct TokenInfo {
-    /// The token's id.
-    id: String,
     /// When it was created (RFC 3339).
     created_at: String,
 }
@@ -645,7 +637,7 @@ async fn post_message(
     body: Result<Json<PostMessage>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let bot = scoped(&state, &caller, &jid)?;
-    let body = crate::admin::json_body(body)?;
+    let body = super::json_body(body)?;
     let store = &state.bots.shared().store;
     let idempotency_key = headers
         .get("idempotency-key")
@@ -801,7 +793,7 @@ pub async fn open_tunnel(
     State(state): State<AdminState>,
     body: Result<Json<OpenTunnel>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<TunnelOpening>), ApiError> {
-    let body = crate::admin::json_body(body)?;
+    let body = super::json_body(body)?;
     let bot = find_bot(&state, &body.bot)?;
     let peer = valid_jid(&body.peer, "peer")?;
     if !peer.contains('/') {
@@ -827,81 +819,4 @@ pub async fn open_tunnel(
             tunnel_id: outcome.tunnel_id,
         }),
     ))
-}
-
-/// What a bot token is stored as.
-fn token_hash(token: &str) -> String {
-    Sha256::digest(token.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-impl Store {
-    /// Stores a bot token's hash.
-    pub async fn insert_token(
-        &self,
-        id: &str,
-        bot: &str,
-        token: &str,
-        created_at: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO bot_tokens (id, bot_jid, sha256, created_at) VALUES (?, ?, ?, ?)")
-            .bind(id)
-            .bind(bot)
-            .bind(token_hash(token))
-            .bind(created_at)
-            .execute(self.writer())
-            .await?;
-        Ok(())
-    }
-
-    /// The bot a token belongs to.
-    pub async fn token_bot(&self, token: &str) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT bot_jid FROM bot_tokens WHERE sha256 = ?")
-            .bind(token_hash(token))
-            .fetch_optional(self.pool())
-            .await?;
-        Ok(row.map(|r| r.get(0)))
-    }
-
-    /// A bot's tokens (ids and creation times only).
-    pub async fn tokens(&self, bot: &str) -> Result<Vec<TokenInfo>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, created_at FROM bot_tokens WHERE bot_jid = ? ORDER BY created_at",
-        )
-        .bind(bot)
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| TokenInfo {
-                id: r.get("id"),
-                created_at: r.get("created_at"),
-            })
-            .collect())
-    }
-
-    /// Revokes a token; `false` when the bot has no such token.
-    pub async fn delete_token(&self, bot: &str, id: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM bot_tokens WHERE bot_jid = ? AND id = ?")
-            .bind(bot)
-            .bind(id)
-            .execute(self.writer())
-            .await?;
-        Ok(done.rows_affected() > 0)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_are_stored_as_sha256_hex() {
-        assert_eq!(
-            token_hash("abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-    }
 }

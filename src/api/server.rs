@@ -22,7 +22,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
-use crate::admin::ApiError;
+use super::ApiError;
 
 /// How much a client may ask of the HTTP server.
 #[derive(Debug, Clone)]
@@ -35,6 +35,17 @@ pub struct HttpLimits {
     pub max_body_bytes: usize,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+}
+
+impl From<&crate::config::AdminConfig> for HttpLimits {
+    fn from(c: &crate::config::AdminConfig) -> Self {
+        HttpLimits {
+            header_timeout: Duration::from_secs(c.header_timeout_secs),
+            body_timeout: Duration::from_secs(c.body_timeout_secs),
+            max_body_bytes: c.max_body_bytes,
+            max_connections: c.max_connections,
+        }
+    }
 }
 
 /// Serves `app` on `listener` until `stop` turns true, then lets open requests finish.

@@ -12,82 +12,17 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use hmac::{Hmac, Mac};
 use minidom::Element;
-use serde::Serialize;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde_json::Value;
 use sha2::Sha256;
-use sqlx::Row;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
-use crate::config::{Secret, WebhooksConfig};
-use crate::eventlog::{EventRecord, unix_ms};
-use crate::session::{BotHandle, Shared};
-use crate::store::{Store, StoreError, now};
-
-/// A bot's webhook as stored.
-#[derive(Debug, Clone)]
-pub struct Webhook {
-    /// Where events are posted.
-    pub url: String,
-    /// The signing secret, `whsec_<base64>`.
-    pub secret: Secret,
-    /// Request timeout.
-    pub timeout_ms: u64,
-    /// Concurrent requests.
-    pub max_in_flight: usize,
-    /// When a delivery last succeeded.
-    pub last_success_at: Option<String>,
-    /// The last failure.
-    pub last_error: Option<String>,
-}
-
-/// One delivery attempt, for `GET .../deliveries`.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Attempt {
-    /// The event id (the `webhook-id`).
-    pub event_id: String,
-    /// The event's `seq`.
-    pub seq: u64,
-    /// When the attempt ended.
-    pub at: String,
-    /// The HTTP status, when an answer came.
-    pub status: Option<u16>,
-    /// What went wrong.
-    pub error: Option<String>,
-    /// How long it took.
-    pub duration_ms: u64,
-}
-
-/// A dead-lettered event.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct DeadLetter {
-    /// The event id.
-    pub event_id: String,
-    /// The event's `seq`.
-    pub seq: u64,
-    /// The event type.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// Attempts made.
-    pub attempts: u32,
-    /// The last failure.
-    pub last_error: Option<String>,
-}
-
-/// The head of one tunnel's queue of pending events.
-#[derive(Debug, Clone)]
-struct Head {
-    event: EventRecord,
-    attempts: u32,
-    first_attempt_ms: Option<i64>,
-    next_attempt_ms: Option<i64>,
-}
-
-/// How an attempt ended.
-enum Outcome {
-    Delivered,
-    Retry { at_ms: i64 },
-    Dead,
-}
+use crate::config::WebhooksConfig;
+use crate::delivery::log::unix_ms;
+use crate::store::events::PENDING;
+use crate::store::{Attempt, Outcome, PendingEvent, Store, Webhook, now};
 
 /// A new random signing secret.
 pub fn generate_secret() -> String {
@@ -167,7 +102,7 @@ const PER_TUNNEL: usize = 16;
 #[derive(Default)]
 struct Queues {
     /// Pending events per tunnel (`""` for events without one), oldest first.
-    by_group: std::collections::BTreeMap<String, std::collections::VecDeque<Head>>,
+    by_group: std::collections::BTreeMap<String, std::collections::VecDeque<PendingEvent>>,
     /// Highest `seq` read from the store.
     read_through: u64,
     /// Events held.
@@ -180,7 +115,7 @@ struct Queues {
 impl Queues {
     /// Holds an event, unless its tunnel already has [`PER_TUNNEL`] held or overflowed (it
     /// stays in the store and is read again once that queue drains).
-    fn push(&mut self, head: Head) {
+    fn push(&mut self, head: PendingEvent) {
         let group = head.event.tunnel_id.clone().unwrap_or_default();
         if self.overflowed.contains(&group) {
             return;
@@ -215,12 +150,42 @@ impl Queues {
     }
 }
 
-/// Runs one bot's deliverer until the bot stops.
-pub async fn run(bot: BotHandle, shared: Arc<Shared>, preloaded: Option<Option<Webhook>>) {
-    let jid = bot.record.jid.clone();
-    let store = &shared.store;
-    let mut events = bot.events.clone();
-    let mut in_flight: JoinSet<(String, Option<Head>)> = JoinSet::new();
+/// Where a webhook's synchronous reply goes: the bot's driver, which sends the stanzas into
+/// the tunnel the event came from.
+pub trait ReplySink: Clone + Send + Sync + 'static {
+    /// Sends inner stanzas into the live tunnel `tunnel_id` of the bot.
+    fn reply(
+        &self,
+        tunnel_id: String,
+        stanzas: Vec<Element>,
+    ) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// What one bot's deliverer works with, handed over by the bot's owner when the bot starts.
+#[derive(Clone)]
+pub struct Deliverer<R> {
+    /// The bot's bare JID.
+    pub bot: String,
+    /// Where the log and the webhook live.
+    pub store: Store,
+    /// Back-off and age limits.
+    pub config: Arc<WebhooksConfig>,
+    /// The highest `seq` committed to the bot's log.
+    pub committed: watch::Receiver<u64>,
+    /// Woken when the webhook or the dead letters change.
+    pub webhook_changed: Arc<Notify>,
+    /// Where synchronous replies go.
+    pub replies: R,
+    /// Deliveries by outcome.
+    pub counter: Family<crate::metrics::Outcome, Counter>,
+}
+
+/// Runs one bot's deliverer until the bot's log closes (the bot stopped).
+pub async fn run<R: ReplySink>(parts: Deliverer<R>, preloaded: Option<Option<Webhook>>) {
+    let jid = parts.bot.clone();
+    let store = &parts.store;
+    let mut events = parts.committed.clone();
+    let mut in_flight: JoinSet<(String, Option<PendingEvent>)> = JoinSet::new();
     let mut busy: HashSet<String> = HashSet::new();
     let mut queues = Queues::default();
     // Reading from scratch: at start (unless the table loaded the webhook with every other
@@ -307,15 +272,10 @@ pub async fn run(bot: BotHandle, shared: Arc<Shared>, preloaded: Option<Option<W
                     continue;
                 }
                 busy.insert(group.clone());
-                let (hook, shared, bot, head, group) = (
-                    hook.clone(),
-                    shared.clone(),
-                    bot.clone(),
-                    head.clone(),
-                    group.clone(),
-                );
+                let (hook, parts, head, group) =
+                    (hook.clone(), parts.clone(), head.clone(), group.clone());
                 in_flight.spawn(async move {
-                    let retry = deliver(&hook, &shared, &bot, head).await;
+                    let retry = deliver(&hook, &parts, head).await;
                     (group, retry)
                 });
             }
@@ -324,7 +284,7 @@ pub async fn run(bot: BotHandle, shared: Arc<Shared>, preloaded: Option<Option<W
             wake.map(|at| Duration::from_millis(at.saturating_sub(unix_ms()).max(0) as u64));
         tokio::select! {
             changed = events.changed() => if changed.is_err() { break },
-            _ = bot.webhook_changed.notified() => reload = true,
+            _ = parts.webhook_changed.notified() => reload = true,
             Some(done) = in_flight.join_next() => {
                 if let Ok((group, retry)) = done {
                     busy.remove(&group);
@@ -345,25 +305,29 @@ pub async fn run(bot: BotHandle, shared: Arc<Shared>, preloaded: Option<Option<W
 }
 
 /// Posts one event and records the outcome.
-async fn deliver(hook: &Webhook, shared: &Shared, bot: &BotHandle, head: Head) -> Option<Head> {
-    let (store, config) = (&shared.store, &shared.webhooks);
+async fn deliver<R: ReplySink>(
+    hook: &Webhook,
+    parts: &Deliverer<R>,
+    head: PendingEvent,
+) -> Option<PendingEvent> {
+    let (store, config) = (&parts.store, &*parts.config);
     let event = &head.event;
     let body = serde_json::to_vec(event).expect("an event serializes");
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
     let Some(key) = secret_key(hook.secret.expose()) else {
         tracing::error!(bot = event.bot, "stored webhook secret unusable");
-        return Some(Head {
+        return Some(PendingEvent {
             next_attempt_ms: Some(unix_ms() + 60_000),
             ..head
         });
     };
     // A poll or a stream may have acknowledged it since it was read.
     match store.event_state(&event.bot, event.seq).await {
-        Ok(Some(crate::eventlog::PENDING)) => {}
+        Ok(Some(PENDING)) => {}
         Ok(_) => return None,
         Err(e) => {
             tracing::error!(bot = event.bot, error = %e, "cannot read event state");
-            return Some(Head {
+            return Some(PendingEvent {
                 next_attempt_ms: Some(unix_ms() + 5000),
                 ..head
             });
@@ -393,7 +357,9 @@ async fn deliver(hook: &Webhook, shared: &Shared, bot: &BotHandle, head: Head) -
                 event.tunnel_id.as_ref(),
             ) {
                 match reply_stanzas(reply) {
-                    Ok(stanzas) if !stanzas.is_empty() => bot.reply(tunnel.clone(), stanzas).await,
+                    Ok(stanzas) if !stanzas.is_empty() => {
+                        parts.replies.reply(tunnel.clone(), stanzas).await
+                    }
                     Ok(_) => {}
                     Err(e) => error = Some(format!("reply ignored: {e}")),
                 }
@@ -433,9 +399,8 @@ async fn deliver(hook: &Webhook, shared: &Shared, bot: &BotHandle, head: Head) -
         Outcome::Retry { .. } => "failed",
         Outcome::Dead => "dead",
     };
-    shared
-        .metrics
-        .webhook_deliveries
+    parts
+        .counter
         .get_or_create(&crate::metrics::Outcome {
             result: result.into(),
         })
@@ -454,7 +419,7 @@ async fn deliver(hook: &Webhook, shared: &Shared, bot: &BotHandle, head: Head) -
     {
         tracing::error!(bot = event.bot, error = %e, "cannot record webhook attempt");
         // Unrecorded, it is still pending in the store: try again (same webhook-id).
-        return Some(Head {
+        return Some(PendingEvent {
             attempts,
             first_attempt_ms: Some(first),
             next_attempt_ms: Some(unix_ms() + 5000),
@@ -462,7 +427,7 @@ async fn deliver(hook: &Webhook, shared: &Shared, bot: &BotHandle, head: Head) -
         });
     }
     match outcome {
-        Outcome::Retry { at_ms } => Some(Head {
+        Outcome::Retry { at_ms } => Some(PendingEvent {
             attempts,
             first_attempt_ms: Some(first),
             next_attempt_ms: Some(at_ms),
@@ -497,252 +462,6 @@ fn describe(e: &reqwest::Error) -> String {
         "redirects are not followed".into()
     } else {
         "request failed".into()
-    }
-}
-
-fn webhook_from_row(row: &sqlx::sqlite::SqliteRow) -> Webhook {
-    Webhook {
-        url: row.get("url"),
-        secret: Secret::new(row.get::<String, _>("secret")),
-        timeout_ms: row.get::<i64, _>("timeout_ms") as u64,
-        max_in_flight: row.get::<i64, _>("max_in_flight").max(1) as usize,
-        last_success_at: row.get("last_success_at"),
-        last_error: row.get("last_error"),
-    }
-}
-
-impl Store {
-    /// A bot's webhook.
-    pub async fn webhook(&self, bot: &str) -> Result<Option<Webhook>, StoreError> {
-        let row = sqlx::query("SELECT * FROM webhooks WHERE bot_jid = ?")
-            .bind(bot)
-            .fetch_optional(self.pool())
-            .await?;
-        Ok(row.as_ref().map(webhook_from_row))
-    }
-
-    /// Every bot's webhook, by bot JID (start-up: one query instead of one per bot).
-    pub async fn webhooks(&self) -> Result<std::collections::HashMap<String, Webhook>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM webhooks")
-            .fetch_all(self.pool())
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get("bot_jid"), webhook_from_row(r)))
-            .collect())
-    }
-
-    /// Sets a bot's webhook.
-    pub async fn put_webhook(&self, bot: &str, hook: &Webhook) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO webhooks (bot_jid, url, secret, timeout_ms, max_in_flight, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
-             ON CONFLICT(bot_jid) DO UPDATE SET url = excluded.url, secret = excluded.secret, timeout_ms = excluded.timeout_ms, \
-             max_in_flight = excluded.max_in_flight, updated_at = excluded.updated_at, last_error = NULL",
-        )
-        .bind(bot)
-        .bind(&hook.url)
-        .bind(hook.secret.expose())
-        .bind(hook.timeout_ms as i64)
-        .bind(hook.max_in_flight as i64)
-        .bind(now())
-        .execute(self.writer())
-        .await?;
-        Ok(())
-    }
-
-    /// Removes a bot's webhook; `false` when it had none.
-    pub async fn delete_webhook(&self, bot: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM webhooks WHERE bot_jid = ?")
-            .bind(bot)
-            .execute(self.writer())
-            .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    /// Pending events after `after`, oldest first.
-    async fn pending_events(
-        &self,
-        bot: &str,
-        after: u64,
-        limit: u32,
-    ) -> Result<Vec<Head>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, seq, type, bot_jid, occurred_at, tunnel_id, peer, data, attempts, first_attempt_ms, next_attempt_ms \
-             FROM events WHERE bot_jid = ? AND state = 0 AND seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(bot)
-        .bind(after as i64)
-        .bind(limit as i64)
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|row| Head {
-                event: crate::eventlog::event_from_row(row),
-                attempts: row.get::<i64, _>("attempts") as u32,
-                first_attempt_ms: row.get("first_attempt_ms"),
-                next_attempt_ms: row.get("next_attempt_ms"),
-            })
-            .collect())
-    }
-
-    /// Records an attempt and its outcome in one transaction.
-    async fn record_attempt(
-        &self,
-        bot: &str,
-        attempt: &Attempt,
-        first_attempt_ms: i64,
-        outcome: &Outcome,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.writer().begin().await?;
-        sqlx::query(
-            "INSERT INTO delivery_attempts (bot_jid, event_id, seq, at, status, error, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(bot)
-        .bind(&attempt.event_id)
-        .bind(attempt.seq as i64)
-        .bind(&attempt.at)
-        .bind(attempt.status.map(i64::from))
-        .bind(&attempt.error)
-        .bind(attempt.duration_ms as i64)
-        .execute(&mut *tx)
-        .await?;
-        let (state, next) = match outcome {
-            Outcome::Delivered => (crate::eventlog::ACKED, None),
-            Outcome::Retry { at_ms } => (crate::eventlog::PENDING, Some(*at_ms)),
-            Outcome::Dead => (crate::eventlog::DEAD, None),
-        };
-        sqlx::query(
-            "UPDATE events SET state = ?, attempts = attempts + 1, first_attempt_ms = COALESCE(first_attempt_ms, ?), \
-             next_attempt_ms = ?, last_error = ?, acked_at = CASE WHEN ? = 1 THEN ? ELSE acked_at END \
-             WHERE bot_jid = ? AND seq = ? AND state = 0",
-        )
-        .bind(state)
-        .bind(first_attempt_ms)
-        .bind(next)
-        .bind(&attempt.error)
-        .bind(state)
-        .bind(&attempt.at)
-        .bind(bot)
-        .bind(attempt.seq as i64)
-        .execute(&mut *tx)
-        .await?;
-        let delivered = matches!(outcome, Outcome::Delivered);
-        sqlx::query(
-            "UPDATE webhooks SET last_success_at = CASE WHEN ?1 THEN ?2 ELSE last_success_at END, \
-             last_error = CASE WHEN ?1 THEN last_error ELSE ?3 END WHERE bot_jid = ?4",
-        )
-        .bind(delivered)
-        .bind(&attempt.at)
-        .bind(&attempt.error)
-        .bind(bot)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// The latest attempts, newest first.
-    pub async fn attempts(&self, bot: &str, limit: u32) -> Result<Vec<Attempt>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT event_id, seq, at, status, error, duration_ms FROM delivery_attempts WHERE bot_jid = ? ORDER BY id DESC LIMIT ?",
-        )
-        .bind(bot)
-        .bind(limit as i64)
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|row| Attempt {
-                event_id: row.get("event_id"),
-                seq: row.get::<i64, _>("seq") as u64,
-                at: row.get("at"),
-                status: row.get::<Option<i64>, _>("status").map(|s| s as u16),
-                error: row.get("error"),
-                duration_ms: row.get::<i64, _>("duration_ms") as u64,
-            })
-            .collect())
-    }
-
-    /// Every dead letter, oldest first.
-    pub async fn dead_letters(&self, bot: &str) -> Result<Vec<DeadLetter>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, seq, type, attempts, last_error FROM events WHERE bot_jid = ? AND state = 2 ORDER BY seq",
-        )
-        .bind(bot)
-        .fetch_all(self.pool())
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|row| DeadLetter {
-                event_id: row.get("id"),
-                seq: row.get::<i64, _>("seq") as u64,
-                kind: row.get("type"),
-                attempts: row.get::<i64, _>("attempts") as u32,
-                last_error: row.get("last_error"),
-            })
-            .collect())
-    }
-
-    /// Pending and dead event counts.
-    pub async fn event_counts(&self, bot: &str) -> Result<(u64, u64), StoreError> {
-        let row = sqlx::query(
-            "SELECT COALESCE(SUM(state = 0), 0) AS pending, COALESCE(SUM(state = 2), 0) AS dead FROM events WHERE bot_jid = ?",
-        )
-        .bind(bot)
-        .fetch_one(self.pool())
-        .await?;
-        Ok((
-            row.get::<i64, _>("pending") as u64,
-            row.get::<i64, _>("dead") as u64,
-        ))
-    }
-
-    /// Puts dead letters (all, or those `seq`s) back in the queue; returns how many.
-    pub async fn retry_dead(&self, bot: &str, seqs: Option<&[u64]>) -> Result<u64, StoreError> {
-        self.update_dead(
-            bot,
-            seqs,
-            "UPDATE events SET state = 0, attempts = 0, first_attempt_ms = NULL, next_attempt_ms = NULL",
-        )
-        .await
-    }
-
-    /// Deletes dead letters (all, or those `seq`s); returns how many.
-    pub async fn drop_dead(&self, bot: &str, seqs: Option<&[u64]>) -> Result<u64, StoreError> {
-        self.update_dead(bot, seqs, "DELETE FROM events").await
-    }
-
-    async fn update_dead(
-        &self,
-        bot: &str,
-        seqs: Option<&[u64]>,
-        action: &str,
-    ) -> Result<u64, StoreError> {
-        let mut tx = self.writer().begin().await?;
-        let mut total = 0;
-        let base = format!("{action} WHERE bot_jid = ? AND state = 2");
-        match seqs {
-            None => {
-                total += sqlx::query(&base)
-                    .bind(bot)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-            }
-            Some(seqs) => {
-                for seq in seqs {
-                    total += sqlx::query(&format!("{base} AND seq = ?"))
-                        .bind(bot)
-                        .bind(*seq as i64)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                }
-            }
-        }
-        tx.commit().await?;
-        Ok(total)
     }
 }
 

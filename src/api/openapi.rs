@@ -4,6 +4,8 @@
 //! route cannot exist without its entry in the document. What every `/v1` operation shares
 //! (the bearer token, the 401/403/500 problems) is added here once.
 
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, ResponseBuilder};
@@ -97,7 +99,7 @@ pub fn finish(mut doc: OpenApi) -> OpenApi {
         ];
         for op in operations.into_iter().flatten() {
             let mut common = Vec::new();
-            if !crate::http::PROBES.contains(&path.as_str()) {
+            if !super::server::PROBES.contains(&path.as_str()) {
                 common.push((
                     "421",
                     "The Host header is not one this API answers to (admin.allowed_hosts)",
@@ -132,4 +134,19 @@ pub fn finish(mut doc: OpenApi) -> OpenApi {
         }
     }
     doc
+}
+
+/// The serialized OpenAPI document, made once at start-up.
+#[derive(Clone)]
+pub(super) struct OpenApiJson(pub(super) std::sync::Arc<String>);
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "health", responses(
+    (status = 200, description = "The OpenAPI 3.1 document of this API", body = Object)))]
+pub(super) async fn openapi_json(axum::Extension(doc): axum::Extension<OpenApiJson>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        doc.0.as_str().to_owned(),
+    )
+        .into_response()
 }

@@ -1,0 +1,340 @@
+//! The operator's routes: bots, certificates, peers and the session table.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::openapi::{BotPath, PROBLEM_JSON, Problem, TunnelPath};
+use super::{AdminState, ApiError, json_body};
+use crate::config::Handler;
+use crate::session::{BotHandle, NewBot};
+use crate::store::{TunnelFilter, TunnelRecord};
+use xtls::tunnel::{PeerAuth, TrustMode};
+
+/// A bot as the API shows it.
+#[derive(Serialize, ToSchema)]
+pub struct BotView {
+    /// The bot's bare JID.
+    jid: String,
+    /// Its localpart.
+    localpart: String,
+    /// `echo` or `api`.
+    handler: String,
+    /// `required` or `optional`.
+    peer_auth: String,
+    /// `tofu` or `pinned`.
+    trust: String,
+    /// When it was created (RFC 3339).
+    created_at: String,
+    /// Its certificate's fingerprints, to compare out of band.
+    fingerprints: FingerprintsView,
+}
+
+/// A certificate's fingerprints, colon-separated upper-case hex.
+#[derive(Serialize, ToSchema)]
+pub struct FingerprintsView {
+    /// SHA-256 of the SubjectPublicKeyInfo: what peers pin.
+    spki_sha256: String,
+    /// SHA-256 of the DER certificate.
+    cert_sha256: String,
+    /// SHA-1 of the DER certificate.
+    cert_sha1: String,
+}
+
+impl FingerprintsView {
+    fn of(f: &xtls::certs::Fingerprints) -> Self {
+        FingerprintsView {
+            spki_sha256: f.spki_sha256.to_string(),
+            cert_sha256: f.cert_sha256.to_string(),
+            cert_sha1: f.cert_sha1.to_string(),
+        }
+    }
+}
+
+fn bot_view(bot: &BotHandle) -> BotView {
+    let r = &bot.record;
+    BotView {
+        jid: r.jid.clone(),
+        localpart: r.localpart.clone(),
+        handler: r.handler.clone(),
+        peer_auth: r.peer_auth.clone(),
+        trust: r.trust.clone(),
+        created_at: r.created_at.clone(),
+        fingerprints: FingerprintsView::of(&bot.fingerprints),
+    }
+}
+
+/// The bot named in a path, by bare JID or localpart.
+pub fn find_bot(state: &AdminState, jid: &str) -> Result<BotHandle, ApiError> {
+    state
+        .bots
+        .by_jid(jid)
+        .or_else(|| {
+            (!jid.contains('@'))
+                .then(|| state.bots.by_localpart(jid))
+                .flatten()
+        })
+        .ok_or_else(|| ApiError::NotFound(format!("bot {jid}")))
+}
+
+/// Every bot.
+#[utoipa::path(get, path = "/bots", tag = "bots",
+    responses((status = 200, description = "The bots", body = [BotView])))]
+pub(super) async fn list_bots(State(state): State<AdminState>) -> Json<Vec<BotView>> {
+    Json(state.bots.list().iter().map(bot_view).collect())
+}
+
+/// Body of `POST /v1/bots`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBot {
+    /// The new bot's localpart (RFC 7622).
+    localpart: String,
+    /// What the bot does with what reaches it; default `api`.
+    #[serde(default = "default_handler")]
+    handler: Handler,
+    /// Whether peers must present a certificate; default `required`.
+    #[serde(default)]
+    peer_auth: PeerAuth,
+    /// How peers' keys become trusted; default `tofu`.
+    #[serde(default)]
+    trust: TrustMode,
+}
+
+fn default_handler() -> Handler {
+    Handler::Api
+}
+
+/// Creates a bot with a new key and certificate.
+#[utoipa::path(post, path = "/bots", tag = "bots", request_body = CreateBot, responses(
+    (status = 201, description = "Created", body = BotView),
+    (status = 409, description = "A bot with that localpart exists", body = Problem, content_type = PROBLEM_JSON),
+    (status = 422, description = "Not a valid body or localpart", body = Problem, content_type = PROBLEM_JSON)))]
+pub(super) async fn create_bot(
+    State(state): State<AdminState>,
+    body: Result<Json<CreateBot>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<BotView>), ApiError> {
+    let body = json_body(body)?;
+    let bot = state
+        .bots
+        .create(NewBot {
+            localpart: body.localpart,
+            handler: body.handler,
+            peer_auth: body.peer_auth,
+            trust: body.trust,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(bot_view(&bot))))
+}
+
+/// One bot.
+#[utoipa::path(get, path = "/bots/{jid}", tag = "bots", params(BotPath), responses(
+    (status = 200, description = "The bot", body = BotView),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
+pub(super) async fn get_bot(
+    State(state): State<AdminState>,
+    Path(jid): Path<String>,
+) -> Result<Json<BotView>, ApiError> {
+    Ok(Json(bot_view(&find_bot(&state, &jid)?)))
+}
+
+/// Deletes a bot: its tunnels close, its key and history go.
+#[utoipa::path(delete, path = "/bots/{jid}", tag = "bots", params(BotPath), responses(
+    (status = 204, description = "Deleted"),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
+pub(super) async fn delete_bot(
+    State(state): State<AdminState>,
+    Path(jid): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if state.bots.delete(&jid).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!("bot {jid}")))
+    }
+}
+
+/// A bot's certificate (public part only).
+#[derive(Serialize, ToSchema)]
+pub struct CertificateView {
+    /// The bot's bare JID (the certificate's XmppAddr).
+    jid: String,
+    /// The certificate, PEM.
+    pem: String,
+    /// SHA-256 of the SubjectPublicKeyInfo.
+    spki_sha256: String,
+    /// SHA-256 of the DER certificate.
+    cert_sha256: String,
+    /// SHA-1 of the DER certificate.
+    cert_sha1: String,
+    /// Start of validity (RFC 3339).
+    not_before: String,
+    /// End of validity (RFC 3339).
+    not_after: String,
+}
+
+/// A bot's certificate and fingerprints.
+#[utoipa::path(get, path = "/bots/{jid}/certificate", tag = "bots", params(BotPath), responses(
+    (status = 200, description = "The certificate", body = CertificateView),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
+pub(super) async fn get_certificate(
+    State(state): State<AdminState>,
+    Path(jid): Path<String>,
+) -> Result<Json<CertificateView>, ApiError> {
+    let bot = find_bot(&state, &jid)?;
+    let id = &bot.identity;
+    let f = FingerprintsView::of(&id.info.fingerprints);
+    Ok(Json(CertificateView {
+        jid: bot.record.jid.clone(),
+        pem: id.cert_pem(),
+        spki_sha256: f.spki_sha256,
+        cert_sha256: f.cert_sha256,
+        cert_sha1: f.cert_sha1,
+        not_before: id.info.not_before.clone(),
+        not_after: id.info.not_after.clone(),
+    }))
+}
+
+/// A peer a bot has seen, with the keys it presented.
+#[derive(Serialize, ToSchema)]
+pub struct PeerView {
+    /// The peer's bare JID.
+    jid: String,
+    /// Its keys, oldest first.
+    pins: Vec<crate::store::PeerPin>,
+}
+
+/// The peers a bot knows and their pinned keys.
+#[utoipa::path(get, path = "/bots/{jid}/peers", tag = "bots", params(BotPath), responses(
+    (status = 200, description = "The peers", body = [PeerView]),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
+pub(super) async fn get_peers(
+    State(state): State<AdminState>,
+    Path(jid): Path<String>,
+) -> Result<Json<Vec<PeerView>>, ApiError> {
+    let bot = find_bot(&state, &jid)?;
+    let pins = state.bots.shared().store.list_pins(&bot.record.jid).await?;
+    let mut peers: Vec<PeerView> = Vec::new();
+    for pin in pins {
+        match peers.last_mut() {
+            Some(last) if last.jid == pin.peer => last.pins.push(pin),
+            _ => peers.push(PeerView {
+                jid: pin.peer.clone(),
+                pins: vec![pin],
+            }),
+        }
+    }
+    Ok(Json(peers))
+}
+
+/// Query of `GET /v1/tunnels`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TunnelQuery {
+    /// Only this bot's tunnels (bare JID).
+    bot: Option<String>,
+    /// Only tunnels with this peer.
+    peer: Option<String>,
+    /// Only tunnels in this state: starting, handshaking, open, closing or closed.
+    state: Option<String>,
+    /// At most this many, newest first (1 to 10000; default 200).
+    limit: Option<i64>,
+}
+
+pub(super) const STATES: &[&str] = &["starting", "handshaking", "open", "closing", "closed"];
+
+/// The session table: live tunnels and history, newest first.
+#[utoipa::path(get, path = "/tunnels", tag = "tunnels", params(TunnelQuery), responses(
+    (status = 200, description = "The tunnels", body = [TunnelRecord]),
+    (status = 422, description = "A query parameter is not valid", body = Problem, content_type = PROBLEM_JSON)))]
+pub(super) async fn list_tunnels(
+    State(state): State<AdminState>,
+    query: Result<Query<TunnelQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<TunnelRecord>>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    if let Some(s) = &q.state
+        && !STATES.contains(&s.as_str())
+    {
+        return Err(ApiError::Invalid(format!(
+            "state must be one of {}",
+            STATES.join(", ")
+        )));
+    }
+    let limit = q.limit.unwrap_or(200).clamp(1, 10_000);
+    let filter = TunnelFilter {
+        bot: q.bot.map(|b| xtls::certs::normalize_bare(&b).unwrap_or(b)),
+        peer: q.peer,
+        state: q.state,
+    };
+    let live = state.bots.shared().table.snapshot();
+    let mut all: Vec<TunnelRecord> = live.iter().filter(|t| filter.matches(t)).cloned().collect();
+    let history = state
+        .bots
+        .shared()
+        .store
+        .list_tunnels(&filter, limit)
+        .await?;
+    all.extend(
+        history
+            .into_iter()
+            .filter(|h| !live.iter().any(|l| l.id == h.id)),
+    );
+    all.sort_by(|a, b| b.opened_at.cmp(&a.opened_at).then_with(|| b.id.cmp(&a.id)));
+    all.truncate(limit as usize);
+    Ok(Json(all))
+}
+
+/// One tunnel, live or historical.
+#[utoipa::path(get, path = "/tunnels/{id}", tag = "tunnels", params(TunnelPath), responses(
+    (status = 200, description = "The tunnel", body = TunnelRecord),
+    (status = 404, description = "No such tunnel", body = Problem, content_type = PROBLEM_JSON)))]
+pub(super) async fn get_tunnel(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<Json<TunnelRecord>, ApiError> {
+    if let Some(t) = state.bots.shared().table.get(&id) {
+        return Ok(Json(t));
+    }
+    state
+        .bots
+        .shared()
+        .store
+        .tunnel(&id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("tunnel {id}")))
+}
+
+/// A close that has begun.
+#[derive(Serialize, ToSchema)]
+pub struct Accepted {
+    /// The tunnel id.
+    id: String,
+    /// `closing`.
+    state: String,
+}
+
+/// Closes a tunnel (close_notify, then `<close/>`).
+#[utoipa::path(delete, path = "/tunnels/{id}", tag = "tunnels", params(TunnelPath), responses(
+    (status = 202, description = "Closing", body = Accepted),
+    (status = 404, description = "No such tunnel", body = Problem, content_type = PROBLEM_JSON),
+    (status = 409, description = "Already closed", body = Problem, content_type = PROBLEM_JSON)))]
+pub(super) async fn delete_tunnel(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    if state.bots.close_tunnel(&id).await {
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(Accepted {
+                id,
+                state: "closing".into(),
+            }),
+        ));
+    }
+    match state.bots.shared().store.tunnel(&id).await? {
+        Some(_) => Err(ApiError::Conflict(format!("tunnel {id} is already closed"))),
+        None => Err(ApiError::NotFound(format!("tunnel {id}"))),
+    }
+}

@@ -1,0 +1,93 @@
+//! Bearer tokens: the admin token reaches everything, a bot token only its own bot.
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::{AdminState, ApiError};
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Who is calling: the operator (admin token) or one bot (a token of that bot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The admin token: everything.
+    Admin,
+    /// A bot token: that bot's events, messages, webhook and deliveries.
+    Bot(String),
+}
+
+impl Caller {
+    /// Allows the admin and the bot itself; 403 for any other bot.
+    pub fn may_act_for(&self, bot_jid: &str) -> Result<(), ApiError> {
+        match self {
+            Caller::Admin => Ok(()),
+            Caller::Bot(jid) if jid == bot_jid => Ok(()),
+            Caller::Bot(_) => Err(ApiError::Forbidden),
+        }
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or(ApiError::Unauthorized)
+    }
+}
+
+pub(super) async fn require_token(
+    State(state): State<AdminState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let caller = match presented {
+        Some(token) if same(token.as_bytes(), state.token.expose().as_bytes()) => Caller::Admin,
+        Some(token) if token.starts_with(super::bot::TOKEN_PREFIX) => {
+            match state.bots.shared().store.token_bot(&token).await {
+                Ok(Some(jid)) => Caller::Bot(jid),
+                Ok(None) => return ApiError::Unauthorized.into_response(),
+                Err(e) => return ApiError::from(e).into_response(),
+            }
+        }
+        _ => return ApiError::Unauthorized.into_response(),
+    };
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+pub(super) async fn require_admin(caller: Caller, request: Request, next: Next) -> Response {
+    match caller {
+        Caller::Admin => next.run(request).await,
+        Caller::Bot(_) => ApiError::Forbidden.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same;
+
+    #[test]
+    fn token_comparison() {
+        assert!(same(b"abc", b"abc"));
+        assert!(!same(b"abc", b"abd"));
+        assert!(!same(b"abc", b"abcd"));
+    }
+}

@@ -1,0 +1,178 @@
+//! Liveness, readiness and metrics.
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AdminState;
+use crate::link::LinkStatus;
+use crate::session::BotTable;
+
+/// The answer of `/healthz`.
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`: the process answers.
+    status: String,
+}
+
+/// Liveness: the process answers HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process is alive", body = Health)))]
+pub(super) async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// Asks `GET /healthz` of an instance listening on `addr` (loopback when it listens on all
+/// addresses); `Err` says why it is not healthy.
+pub async fn probe_health(
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let answer = crate::delivery::webhook::client()
+        .get(format!("http://{addr}/healthz"))
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| format!("no answer from {addr}: {e}"))?;
+    match answer.status() {
+        StatusCode::OK => Ok(()),
+        status => Err(format!("/healthz answered {status}")),
+    }
+}
+
+/// The metrics router for a listener of its own (no token: bind it where only the scraper
+/// reaches it).
+pub fn metrics_app(bots: BotTable) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let bots = bots.clone();
+            async move { metrics_response(&bots).await }
+        }),
+    )
+}
+
+/// Prometheus metrics (OpenMetrics text), with the admin token.
+#[utoipa::path(get, path = "/metrics", tag = "health", responses(
+    (status = 200, description = "Every metric", body = String,
+        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")))]
+pub(super) async fn metrics_route(State(state): State<AdminState>) -> Response {
+    metrics_response(&state.bots).await
+}
+
+/// Reads the state gauges and renders every metric.
+async fn metrics_response(bots: &BotTable) -> Response {
+    let shared = bots.shared();
+    let m = &shared.metrics;
+    let list = bots.list();
+    m.bots.set(list.len() as i64);
+    m.certificate_expiry.clear();
+    for bot in &list {
+        if let Ok(t) = time::OffsetDateTime::parse(
+            &bot.identity.info.not_after,
+            &time::format_description::well_known::Rfc3339,
+        ) {
+            m.certificate_expiry
+                .get_or_create(&crate::metrics::Bot {
+                    bot: bot.record.jid.clone(),
+                })
+                .set(t.unix_timestamp());
+        }
+    }
+    m.tunnels.clear();
+    for state in super::admin::STATES {
+        m.tunnels
+            .get_or_create(&crate::metrics::StateLabel {
+                state: (*state).into(),
+            })
+            .set(0);
+    }
+    for t in shared.table.snapshot() {
+        m.tunnels
+            .get_or_create(&crate::metrics::StateLabel { state: t.state })
+            .inc();
+    }
+    match shared.store.pending_total().await {
+        Ok(n) => {
+            m.pending_events.set(n as i64);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot count pending events for /metrics"),
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
+}
+
+/// The answer of `/readyz`.
+#[derive(Serialize, ToSchema)]
+pub struct Readiness {
+    /// Both checks pass.
+    ready: bool,
+    /// The component stream to the XMPP server.
+    component: Check,
+    /// The store accepts writes.
+    store: Check,
+}
+
+/// One readiness check.
+#[derive(Serialize, ToSchema)]
+pub struct Check {
+    /// Whether it passes.
+    ok: bool,
+    /// Why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<String>,
+}
+
+/// Readiness: the component stream is up and the store accepts writes.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, description = "Ready", body = Readiness),
+    (status = 503, description = "Not ready, with the reason", body = Readiness)))]
+pub(super) async fn readyz(State(state): State<AdminState>) -> Response {
+    let link = state.link.borrow().clone();
+    let store = state.bots.shared().store.check_writable().await;
+    let component = match &link {
+        LinkStatus::Up => Check {
+            ok: true,
+            problem: None,
+        },
+        LinkStatus::Connecting(problem) => Check {
+            ok: false,
+            problem: problem.clone(),
+        },
+    };
+    let store_check = Check {
+        ok: store.is_ok(),
+        problem: store.as_ref().err().map(ToString::to_string),
+    };
+    let ready = link == LinkStatus::Up && store.is_ok();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = Readiness {
+        ready,
+        component,
+        store: store_check,
+    };
+    (status, Json(body)).into_response()
+}

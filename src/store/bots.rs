@@ -1,0 +1,217 @@
+//! Bots, their keys and certificates, and the keys pinned for their peers.
+
+use serde::Serialize;
+use sqlx::Row;
+
+use super::{Store, StoreError, now};
+use xtls::certs::{BotIdentity, Fingerprint};
+
+/// A bot as stored.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BotRecord {
+    /// Normalized bare JID.
+    pub jid: String,
+    /// The localpart.
+    pub localpart: String,
+    /// The handler name.
+    pub handler: String,
+    /// `required` or `optional`.
+    pub peer_auth: String,
+    /// `tofu` or `pinned`.
+    pub trust: String,
+    /// Creation time.
+    pub created_at: String,
+}
+
+/// A pinned peer key.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct PeerPin {
+    /// The peer's bare JID.
+    pub peer: String,
+    /// SPKI SHA-256, colon hex.
+    pub spki_sha256: String,
+    /// Whether an operator confirmed the key out of band.
+    pub verified: bool,
+    /// When the key was first seen.
+    pub first_seen: String,
+    /// When the key was last seen.
+    pub last_seen: String,
+}
+
+/// A bot as stored: its record, its key and certificate (DER), its last event `seq`.
+#[derive(Debug, Clone)]
+pub struct StoredBot {
+    /// The bot's row.
+    pub record: BotRecord,
+    /// The private key, PKCS#8 DER.
+    pub key_der: Vec<u8>,
+    /// The certificate, DER.
+    pub cert_der: Vec<u8>,
+    /// The highest `seq` given to an event of this bot.
+    pub last_seq: u64,
+}
+
+impl Store {
+    /// Creates a bot with its identity in one transaction.
+    pub async fn insert_bot(
+        &self,
+        bot: &BotRecord,
+        identity: &BotIdentity,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.writer.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO bots (jid, localpart, handler, peer_auth, trust, created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(&bot.jid)
+        .bind(&bot.localpart)
+        .bind(&bot.handler)
+        .bind(&bot.peer_auth)
+        .bind(&bot.trust)
+        .bind(&bot.created_at)
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::Duplicate(format!("bot {}", bot.jid)));
+        }
+        sqlx::query(
+            "INSERT INTO bot_keys (bot_jid, key_der, cert_der, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(&bot.jid)
+        .bind(identity.key_der())
+        .bind(identity.cert_der().as_ref())
+        .bind(&bot.created_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every bot, by JID.
+    pub async fn list_bots(&self) -> Result<Vec<BotRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT jid, localpart, handler, peer_auth, trust, created_at FROM bots ORDER BY jid",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(bot_from_row).collect())
+    }
+
+    /// Every bot with its stored key, certificate and last event `seq`, in one query (start-up).
+    pub async fn load_bots(&self) -> Result<Vec<StoredBot>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT b.jid, b.localpart, b.handler, b.peer_auth, b.trust, b.created_at, b.last_seq, \
+             k.key_der, k.cert_der \
+             FROM bots b LEFT JOIN bot_keys k ON k.bot_jid = b.jid ORDER BY b.jid",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let record = bot_from_row(r);
+                let (Some(key_der), Some(cert_der)) = (
+                    r.get::<Option<Vec<u8>>, _>("key_der"),
+                    r.get::<Option<Vec<u8>>, _>("cert_der"),
+                ) else {
+                    return Err(StoreError::NotFound(format!("key of bot {}", record.jid)));
+                };
+                Ok(StoredBot {
+                    last_seq: r.get::<i64, _>("last_seq") as u64,
+                    record,
+                    key_der,
+                    cert_der,
+                })
+            })
+            .collect()
+    }
+
+    /// The stored identity of a bot.
+    pub async fn load_identity(&self, jid: &str) -> Result<BotIdentity, StoreError> {
+        let row = sqlx::query("SELECT key_der, cert_der FROM bot_keys WHERE bot_jid = ?")
+            .bind(jid)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("key of bot {jid}")))?;
+        Ok(BotIdentity::from_der(
+            jid,
+            row.get("cert_der"),
+            row.get("key_der"),
+        )?)
+    }
+
+    /// Deletes a bot, its key and its pins; `false` when it did not exist.
+    pub async fn delete_bot(&self, jid: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM bots WHERE jid = ?")
+            .bind(jid)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// The SPKI pins a bot holds for a peer bare JID.
+    pub async fn pins(&self, bot: &str, peer: &str) -> Result<Vec<Fingerprint>, StoreError> {
+        let rows = sqlx::query("SELECT spki_sha256 FROM peer_pins WHERE bot_jid = ? AND peer = ?")
+            .bind(bot)
+            .bind(peer)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| Fingerprint::parse(r.get::<&str, _>("spki_sha256")))
+            .collect())
+    }
+
+    /// Records that a peer presented a key (pinning it on first use).
+    pub async fn record_pin(
+        &self,
+        bot: &str,
+        peer: &str,
+        spki: &Fingerprint,
+        cert_der: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let at = now();
+        sqlx::query(
+            "INSERT INTO peer_pins (bot_jid, peer, spki_sha256, cert_der, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (bot_jid, peer, spki_sha256) DO UPDATE SET last_seen = excluded.last_seen, cert_der = excluded.cert_der",
+        )
+        .bind(bot)
+        .bind(peer)
+        .bind(spki.to_string())
+        .bind(cert_der)
+        .bind(&at)
+        .bind(&at)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// The peers a bot knows, with their pins.
+    pub async fn list_pins(&self, bot: &str) -> Result<Vec<PeerPin>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT peer, spki_sha256, verified, first_seen, last_seen FROM peer_pins WHERE bot_jid = ? ORDER BY peer, first_seen",
+        )
+        .bind(bot)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| PeerPin {
+                peer: r.get("peer"),
+                spki_sha256: r.get("spki_sha256"),
+                verified: r.get::<i64, _>("verified") != 0,
+                first_seen: r.get("first_seen"),
+                last_seen: r.get("last_seen"),
+            })
+            .collect())
+    }
+}
+
+fn bot_from_row(r: &sqlx::sqlite::SqliteRow) -> BotRecord {
+    BotRecord {
+        jid: r.get("jid"),
+        localpart: r.get("localpart"),
+        handler: r.get("handler"),
+        peer_auth: r.get("peer_auth"),
+        trust: r.get("trust"),
+        created_at: r.get("created_at"),
+    }
+}

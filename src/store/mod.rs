@@ -1,0 +1,275 @@
+//! Durable state in SQLite: every SQL statement of the program.
+//!
+//! The file is created on first start and the migrations in `migrations/` are applied at every
+//! start. Queries are plain SQL over a small pool and one writing connection; every write is
+//! one short transaction. One file per table family:
+//!
+//! | module | tables |
+//! |---|---|
+//! | [`bots`] | `bots` (keys, certificates), `peer_keys` (pins) |
+//! | [`tunnels`] | `tunnels`: the session table's history |
+//! | [`events`] | `events`: the per-bot logs and their cursor |
+//! | [`webhooks`] | `webhooks`, `webhook_attempts` |
+//! | [`messages`] | `messages`: what bots send, and its status |
+//! | [`tokens`] | `bot_tokens` |
+//!
+//! The store is the bottom layer: it imports nothing of the component above it.
+
+pub mod bots;
+pub mod events;
+pub mod messages;
+pub mod tokens;
+pub mod tunnels;
+pub mod webhooks;
+
+pub use bots::{BotRecord, PeerPin, StoredBot};
+pub use events::{EventRecord, NewEvent};
+pub use messages::{FINAL, MessageRecord, OutMsg};
+pub use tokens::TokenInfo;
+pub use tunnels::{PeerIdentityRecord, TunnelFilter, TunnelRecord};
+pub use webhooks::{Attempt, DeadLetter, Outcome, PendingEvent, Webhook};
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+use xtls::certs::{CertError, rfc3339};
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed a query.
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// The migrations could not be applied.
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored key or certificate is unreadable.
+    #[error("stored bot identity unreadable: {0}")]
+    Identity(#[from] CertError),
+    /// A row that must exist is missing.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A row with the same key exists.
+    #[error("{0} already exists")]
+    Duplicate(String),
+    /// A concurrent writer changed what this write depended on.
+    #[error("conflict: {0}")]
+    Conflict(String),
+}
+
+/// The current time as RFC 3339, with sub-second precision (listings sort on it).
+pub fn now() -> String {
+    rfc3339(time::OffsetDateTime::now_utc())
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// Readers.
+    pool: SqlitePool,
+    /// The one writing connection: writers queue here, in order and without SQLite's
+    /// sleep-and-retry busy handler.
+    writer: SqlitePool,
+}
+
+/// Whether the writer connection may be reused: not inside a transaction, in SQLite's view
+/// or in sqlx's. After a failed write (a full disk, an I/O error) SQLite may roll a
+/// transaction back by itself or keep it open while sqlx believes otherwise; every later
+/// "committed" write would then go into a transaction nobody commits. Such a connection is
+/// closed (SQLite rolls back what it held) and the pool opens a fresh one.
+async fn writer_is_clean(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx::Error> {
+    use sqlx::Connection as _;
+    // BEGIN fails inside a transaction; it takes no lock, so a busy database does not matter.
+    let clean = sqlx::query("BEGIN").execute(&mut *conn).await.is_ok()
+        && sqlx::query("ROLLBACK").execute(&mut *conn).await.is_ok()
+        && !conn.is_in_transaction();
+    if !clean {
+        tracing::warn!("the store's writer connection was left inside a transaction; reopening it");
+    }
+    Ok(clean)
+}
+
+impl Store {
+    /// Opens (creating when missing) and migrates the database.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .after_release(|conn, _| Box::pin(writer_is_clean(conn)))
+            .connect_with(options.clone())
+            .await?;
+        sqlx::migrate!("./migrations").run(&writer).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        Ok(Store { pool, writer })
+    }
+
+    /// The reading pool, for the modules that keep their queries beside their types.
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The writing connection (every INSERT, UPDATE and DELETE goes through it).
+    pub(crate) fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    /// Closes the pool, waiting for running queries.
+    pub async fn close(&self) {
+        self.pool.close().await;
+        self.writer.close().await;
+    }
+
+    /// Proves the database accepts writes.
+    pub async fn check_writable(&self) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO health (id, checked_at) VALUES (1, ?) ON CONFLICT(id) DO UPDATE SET checked_at = excluded.checked_at")
+            .bind(now())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use xtls::certs::{BotIdentity, Fingerprint};
+
+    #[test]
+    fn a_tunnel_record_clones_every_field() {
+        let key = xtls::tunnel::TunnelKey {
+            local: "echo@bots.example.org".into(),
+            peer: "alice@example.net/x".into(),
+        };
+        let mut full = TunnelRecord::new(
+            "t1".into(),
+            "echo@bots.example.org",
+            &key,
+            "responder",
+            "open",
+            now(),
+        );
+        full.tls_version = Some("TLSv1_3".into());
+        full.cipher_suite = Some("TLS13_AES_128_GCM_SHA256".into());
+        full.peer_identity = PeerIdentityRecord {
+            spki_sha256: Some("AA:BB".into()),
+            trust: "tofu_new".into(),
+        };
+        (
+            full.stanzas_in,
+            full.stanzas_out,
+            full.bytes_in,
+            full.bytes_out,
+        ) = (1, 2, 3, 4);
+        full.established_at = Some(now());
+        full.closed_at = Some(now());
+        full.close_reason = Some("idle".into());
+        assert_eq!(full.clone(), full);
+        let mut other = TunnelRecord::new("t2".into(), "b@c", &key, "initiator", "starting", now());
+        other.clone_from(&full);
+        assert_eq!(other, full);
+    }
+
+    /// A store in a fresh directory; the caller removes the directory.
+    pub(crate) async fn temp_store() -> (Store, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "xtls-store-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}/test.db", dir.display());
+        (Store::open(&url).await.unwrap(), dir)
+    }
+
+    #[tokio::test]
+    async fn bots_keys_pins_and_tunnels_round_trip() {
+        let (store, dir) = temp_store().await;
+        store.check_writable().await.unwrap();
+        let id = BotIdentity::generate("echo@bots.example.org").unwrap();
+        let bot = BotRecord {
+            jid: "echo@bots.example.org".into(),
+            localpart: "echo".into(),
+            handler: "echo".into(),
+            peer_auth: "required".into(),
+            trust: "tofu".into(),
+            created_at: now(),
+        };
+        store.insert_bot(&bot, &id).await.unwrap();
+        assert!(matches!(
+            store.insert_bot(&bot, &id).await,
+            Err(StoreError::Duplicate(_))
+        ));
+        assert_eq!(store.list_bots().await.unwrap(), vec![bot.clone()]);
+        let loaded = store.load_identity(&bot.jid).await.unwrap();
+        assert_eq!(loaded.info.fingerprints, id.info.fingerprints);
+
+        let fp = Fingerprint::sha256(b"key");
+        store
+            .record_pin(&bot.jid, "alice@example.net", &fp, None)
+            .await
+            .unwrap();
+        store
+            .record_pin(&bot.jid, "alice@example.net", &fp, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.pins(&bot.jid, "alice@example.net").await.unwrap(),
+            vec![fp]
+        );
+        assert_eq!(store.list_pins(&bot.jid).await.unwrap().len(), 1);
+
+        let key = xtls::tunnel::TunnelKey {
+            local: bot.jid.clone(),
+            peer: "alice@example.net/laptop".into(),
+        };
+        let mut t = TunnelRecord::new(
+            "t1".into(),
+            &bot.jid,
+            &key,
+            "responder",
+            "handshaking",
+            now(),
+        );
+        store.save_tunnel(&t).await.unwrap();
+        t.state = "closed".into();
+        t.stanzas_in = 7;
+        store.save_tunnel(&t).await.unwrap();
+        assert_eq!(store.tunnel("t1").await.unwrap(), Some(t.clone()));
+        let by_peer = TunnelFilter {
+            peer: Some("alice@example.net".into()),
+            ..Default::default()
+        };
+        assert_eq!(store.list_tunnels(&by_peer, 10).await.unwrap().len(), 1);
+        let other = TunnelFilter {
+            state: Some("open".into()),
+            ..Default::default()
+        };
+        assert!(store.list_tunnels(&other, 10).await.unwrap().is_empty());
+
+        assert!(store.delete_bot(&bot.jid).await.unwrap());
+        assert!(
+            store
+                .pins(&bot.jid, "alice@example.net")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            store.tunnel("t1").await.unwrap().is_some(),
+            "history outlives the bot"
+        );
+        store.close().await;
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,281 @@
+//! The session table's history: every tunnel, live and closed.
+
+use serde::Serialize;
+use sqlx::Row;
+
+use super::{Store, StoreError, now};
+
+/// The peer identity part of a tunnel row.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default, utoipa::ToSchema)]
+pub struct PeerIdentityRecord {
+    /// SPKI SHA-256 of the peer's key, colon hex; `None` before the handshake or without one.
+    pub spki_sha256: Option<String>,
+    /// `pending`, `unauthenticated`, `tofu_new` or `pinned`.
+    pub trust: String,
+}
+
+/// One row of the session table, live or historical (the admin API's tunnel object).
+#[derive(Debug, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct TunnelRecord {
+    /// Tunnel id.
+    pub id: String,
+    /// The bot's bare JID.
+    pub bot: String,
+    /// Our JID as the peer addresses it.
+    pub local: String,
+    /// The peer's JID.
+    pub peer: String,
+    /// `initiator` or `responder`.
+    pub role: String,
+    /// `starting`, `handshaking`, `open`, `closing` or `closed`.
+    pub state: String,
+    /// Negotiated TLS version.
+    pub tls_version: Option<String>,
+    /// Negotiated cipher suite.
+    pub cipher_suite: Option<String>,
+    /// The peer's identity.
+    pub peer_identity: PeerIdentityRecord,
+    /// Inner stanzas received.
+    pub stanzas_in: u64,
+    /// Inner stanzas sent.
+    pub stanzas_out: u64,
+    /// TLS bytes received.
+    pub bytes_in: u64,
+    /// TLS bytes sent.
+    pub bytes_out: u64,
+    /// When the tunnel was created.
+    pub opened_at: String,
+    /// When the handshake finished.
+    pub established_at: Option<String>,
+    /// When it ended.
+    pub closed_at: Option<String>,
+    /// Why it ended.
+    pub close_reason: Option<String>,
+}
+
+/// Field by field, so that `clone_from` reuses the strings' buffers: the live session table
+/// refreshes a tunnel's row after every stanza that moves its counters.
+impl Clone for TunnelRecord {
+    fn clone(&self) -> Self {
+        let mut copy = TunnelRecord::new(
+            String::new(),
+            "",
+            &xtls::tunnel::TunnelKey {
+                local: String::new(),
+                peer: String::new(),
+            },
+            "",
+            "",
+            String::new(),
+        );
+        copy.clone_from(self);
+        copy
+    }
+
+    fn clone_from(&mut self, source: &Self) {
+        let TunnelRecord {
+            id,
+            bot,
+            local,
+            peer,
+            role,
+            state,
+            tls_version,
+            cipher_suite,
+            peer_identity,
+            stanzas_in,
+            stanzas_out,
+            bytes_in,
+            bytes_out,
+            opened_at,
+            established_at,
+            closed_at,
+            close_reason,
+        } = source;
+        self.id.clone_from(id);
+        self.bot.clone_from(bot);
+        self.local.clone_from(local);
+        self.peer.clone_from(peer);
+        self.role.clone_from(role);
+        self.state.clone_from(state);
+        self.tls_version.clone_from(tls_version);
+        self.cipher_suite.clone_from(cipher_suite);
+        let PeerIdentityRecord { spki_sha256, trust } = peer_identity;
+        self.peer_identity.spki_sha256.clone_from(spki_sha256);
+        self.peer_identity.trust.clone_from(trust);
+        self.stanzas_in = *stanzas_in;
+        self.stanzas_out = *stanzas_out;
+        self.bytes_in = *bytes_in;
+        self.bytes_out = *bytes_out;
+        self.opened_at.clone_from(opened_at);
+        self.established_at.clone_from(established_at);
+        self.closed_at.clone_from(closed_at);
+        self.close_reason.clone_from(close_reason);
+    }
+}
+
+impl TunnelRecord {
+    /// A row for a tunnel that has just been created: no handshake facts, no counts yet.
+    pub fn new(
+        id: String,
+        bot: &str,
+        key: &xtls::tunnel::TunnelKey,
+        role: &str,
+        state: &str,
+        opened_at: String,
+    ) -> TunnelRecord {
+        TunnelRecord {
+            id,
+            bot: bot.to_owned(),
+            local: key.local.clone(),
+            peer: key.peer.clone(),
+            role: role.to_owned(),
+            state: state.to_owned(),
+            tls_version: None,
+            cipher_suite: None,
+            peer_identity: PeerIdentityRecord {
+                spki_sha256: None,
+                trust: "pending".into(),
+            },
+            stanzas_in: 0,
+            stanzas_out: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            opened_at,
+            established_at: None,
+            closed_at: None,
+            close_reason: None,
+        }
+    }
+}
+
+/// Filter for tunnel listings.
+#[derive(Debug, Clone, Default)]
+pub struct TunnelFilter {
+    /// Only this bot.
+    pub bot: Option<String>,
+    /// Only this peer (full JID, or bare to match every resource).
+    pub peer: Option<String>,
+    /// Only this state.
+    pub state: Option<String>,
+}
+
+impl TunnelFilter {
+    /// Whether a row passes the filter.
+    pub fn matches(&self, t: &TunnelRecord) -> bool {
+        self.bot.as_ref().is_none_or(|b| *b == t.bot)
+            && self
+                .peer
+                .as_ref()
+                .is_none_or(|p| *p == t.peer || xtls::tunnel::bare(&t.peer) == p)
+            && self.state.as_ref().is_none_or(|s| *s == t.state)
+    }
+}
+
+impl Store {
+    /// Marks tunnels left live by a previous process as closed.
+    pub async fn close_stale_tunnels(&self) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE tunnels SET state = 'closed', closed_at = ?, close_reason = 'component_restart' WHERE state != 'closed'",
+        )
+        .bind(now())
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Inserts or replaces a tunnel row.
+    pub async fn save_tunnel(&self, t: &TunnelRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO tunnels (id, bot_jid, local_jid, peer, role, state, tls_version, cipher_suite, peer_spki, trust, \
+             stanzas_in, stanzas_out, bytes_in, bytes_out, opened_at, established_at, closed_at, close_reason) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET state = excluded.state, tls_version = excluded.tls_version, \
+             cipher_suite = excluded.cipher_suite, peer_spki = excluded.peer_spki, trust = excluded.trust, \
+             stanzas_in = excluded.stanzas_in, stanzas_out = excluded.stanzas_out, bytes_in = excluded.bytes_in, \
+             bytes_out = excluded.bytes_out, established_at = excluded.established_at, closed_at = excluded.closed_at, \
+             close_reason = excluded.close_reason",
+        )
+        .bind(&t.id)
+        .bind(&t.bot)
+        .bind(&t.local)
+        .bind(&t.peer)
+        .bind(&t.role)
+        .bind(&t.state)
+        .bind(&t.tls_version)
+        .bind(&t.cipher_suite)
+        .bind(&t.peer_identity.spki_sha256)
+        .bind(&t.peer_identity.trust)
+        .bind(t.stanzas_in as i64)
+        .bind(t.stanzas_out as i64)
+        .bind(t.bytes_in as i64)
+        .bind(t.bytes_out as i64)
+        .bind(&t.opened_at)
+        .bind(&t.established_at)
+        .bind(&t.closed_at)
+        .bind(&t.close_reason)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// Tunnel rows, newest first.
+    pub async fn list_tunnels(
+        &self,
+        filter: &TunnelFilter,
+        limit: i64,
+    ) -> Result<Vec<TunnelRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM tunnels WHERE (?1 IS NULL OR bot_jid = ?1) AND (?2 IS NULL OR state = ?2) \
+             AND (?3 IS NULL OR peer = ?3 OR substr(peer, 1, length(?3) + 1) = ?3 || '/') \
+             ORDER BY opened_at DESC, id DESC LIMIT ?4",
+        )
+        .bind(&filter.bot)
+        .bind(&filter.state)
+        .bind(&filter.peer)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(tunnel_from_row)
+            .filter(|t| filter.matches(t))
+            .collect())
+    }
+
+    /// One tunnel row.
+    pub async fn tunnel(&self, id: &str) -> Result<Option<TunnelRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM tunnels WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(tunnel_from_row))
+    }
+}
+
+fn tunnel_from_row(r: &sqlx::sqlite::SqliteRow) -> TunnelRecord {
+    TunnelRecord {
+        id: r.get("id"),
+        bot: r.get("bot_jid"),
+        local: r.get("local_jid"),
+        peer: r.get("peer"),
+        role: r.get("role"),
+        state: r.get("state"),
+        tls_version: r.get("tls_version"),
+        cipher_suite: r.get("cipher_suite"),
+        peer_identity: PeerIdentityRecord {
+            spki_sha256: r.get("peer_spki"),
+            trust: r
+                .get::<Option<String>, _>("trust")
+                .unwrap_or_else(|| "pending".into()),
+        },
+        stanzas_in: r.get::<i64, _>("stanzas_in") as u64,
+        stanzas_out: r.get::<i64, _>("stanzas_out") as u64,
+        bytes_in: r.get::<i64, _>("bytes_in") as u64,
+        bytes_out: r.get::<i64, _>("bytes_out") as u64,
+        opened_at: r.get("opened_at"),
+        established_at: r.get("established_at"),
+        closed_at: r.get("closed_at"),
+        close_reason: r.get("close_reason"),
+    }
+}
