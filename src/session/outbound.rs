@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{BotDriver, normalize};
+use super::driver::{BotDriver, normalize};
 use crate::store::{FINAL, NewEvent, OutMsg};
 use xtls::stanza::{Iq, IqType, build_iq, ns};
 use xtls::tunnel::{CloseReason, SendError, State, Tunnel, TunnelKey, bare};
@@ -56,7 +56,7 @@ type Reply = Option<oneshot::Sender<Submitted>>;
 
 /// A disco#info query in flight before a tunnel is opened.
 #[derive(Debug)]
-struct Disco {
+pub(super) struct Disco {
     key: TunnelKey,
     deadline: Instant,
     msgs: Vec<(OutMsg, Reply)>,
@@ -181,7 +181,7 @@ impl BotDriver {
 
     /// The tunnel key a recipient maps to: the live tunnel to it (any resource of a bare
     /// JID), or else the available resource of highest priority.
-    fn route_to(&self, to: &str) -> Option<TunnelKey> {
+    pub(super) fn route_to(&self, to: &str) -> Option<TunnelKey> {
         if to.contains('/') {
             return Some(
                 self.tunnels
@@ -209,7 +209,7 @@ impl BotDriver {
         })
     }
 
-    async fn ask_disco(
+    pub(super) async fn ask_disco(
         &mut self,
         key: TunnelKey,
         msgs: Vec<(OutMsg, Reply)>,
@@ -300,7 +300,7 @@ impl BotDriver {
         self.out.discos.values().map(|d| d.deadline).min()
     }
 
-    async fn fail_disco(&mut self, disco: Disco, status: &'static str, reason: String) {
+    pub(super) async fn fail_disco(&mut self, disco: Disco, status: &'static str, reason: String) {
         tracing::info!(
             bot = self.bot.jid,
             peer = disco.key.peer,
@@ -325,7 +325,7 @@ impl BotDriver {
         }
     }
 
-    async fn initiate(&mut self, disco: Disco) {
+    pub(super) async fn initiate(&mut self, disco: Disco) {
         let key = disco.key;
         if let Some(live) = self.tunnels.get(&key) {
             // The peer opened a tunnel with this key while we asked: use it.
@@ -543,7 +543,7 @@ impl BotDriver {
 
     /// Refuses a message for now: `rate_limited` to a waiting API caller (nothing is
     /// accepted), or a visible failure for a message accepted earlier.
-    async fn refuse(
+    pub(super) async fn refuse(
         &mut self,
         msg: &OutMsg,
         reply: Reply,
@@ -559,7 +559,7 @@ impl BotDriver {
     }
 
     /// Records a status change (store and event) and answers the submitter.
-    async fn settle(
+    pub(super) async fn settle(
         &mut self,
         msg: &OutMsg,
         status: &'static str,
@@ -589,7 +589,7 @@ impl BotDriver {
         answer(reply, Submitted::new(status, reason, None));
     }
 
-    async fn set_tunnel(&self, msg: &OutMsg, tunnel_id: &str) {
+    pub(super) async fn set_tunnel(&self, msg: &OutMsg, tunnel_id: &str) {
         if let Err(e) = self
             .shared
             .store

@@ -1,0 +1,407 @@
+//! The registry of running bots: create, load, find, delete, and the handle each one is
+//! reached by.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use minidom::Element;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::Handler;
+use crate::delivery::webhook::{self, Deliverer, ReplySink};
+use crate::store::{BotRecord, OutMsg, StoreError, StoredBot, now};
+use xtls::certs::{BotIdentity, Fingerprints, normalize_bare};
+use xtls::tunnel::{BotCredentials, CloseReason, PeerAuth, TrustMode};
+
+use super::Shared;
+use super::driver::BotDriver;
+use super::outbound::{self, Submitted};
+
+/// What a driver is asked to do.
+#[derive(Debug)]
+pub enum BotCommand {
+    /// A stanza addressed to the bot.
+    Stanza(Element),
+    /// Close one tunnel gracefully; answers whether it existed.
+    CloseTunnel(String, oneshot::Sender<bool>),
+    /// The server link was lost: every tunnel is gone.
+    LinkDown,
+    /// The server link is back: tell former peers their tunnels are gone.
+    LinkUp,
+    /// Inner stanzas to send into a live tunnel, by tunnel id.
+    Reply(String, Vec<Element>),
+    /// A message from the API.
+    Submit(Box<OutMsg>, oneshot::Sender<Submitted>),
+    /// Open a tunnel to a full JID.
+    Open(String, oneshot::Sender<Submitted>),
+    /// Close every tunnel and stop.
+    Stop(CloseReason, oneshot::Sender<()>),
+}
+
+/// A running bot as the rest of the component sees it.
+#[derive(Debug, Clone)]
+pub struct BotHandle {
+    /// The stored bot.
+    pub record: BotRecord,
+    /// Its certificate fingerprints.
+    pub fingerprints: Fingerprints,
+    /// Its identity (certificate PEM and validity for the API).
+    pub identity: Arc<BotIdentity>,
+    /// The `seq` of the newest committed event.
+    pub events: watch::Receiver<u64>,
+    /// Wakes the webhook deliverer when the webhook or the dead letters change.
+    pub webhook_changed: Arc<tokio::sync::Notify>,
+    pub(super) tx: mpsc::Sender<BotCommand>,
+}
+
+impl ReplySink for BotHandle {
+    async fn reply(&self, tunnel_id: String, stanzas: Vec<Element>) {
+        let _ = self.tx.send(BotCommand::Reply(tunnel_id, stanzas)).await;
+    }
+}
+
+impl BotHandle {
+    /// Closes the bot's tunnels and stops its driver; returns once it stopped.
+    pub(super) async fn stop(&self, reason: CloseReason) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(BotCommand::Stop(reason, done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// Hands a stored message to the driver; its first outcome, or `None` when the driver
+    /// did not answer in time (the message stays accepted and is reported by its status).
+    pub async fn submit(&self, msg: OutMsg) -> Option<Submitted> {
+        self.ask(|tx| BotCommand::Submit(Box::new(msg), tx)).await
+    }
+
+    /// Asks the driver to open a tunnel to a full JID.
+    pub async fn open(&self, peer: String) -> Option<Submitted> {
+        self.ask(|tx| BotCommand::Open(peer, tx)).await
+    }
+
+    /// Sends a command and waits (bounded) for the driver's first answer to it.
+    async fn ask(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Submitted>) -> BotCommand,
+    ) -> Option<Submitted> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(command(tx)).await.ok()?;
+        tokio::time::timeout(Duration::from_secs(15), rx)
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Hands a stanza to the driver without waiting; `Err` when its queue is full or it stopped.
+    pub fn try_deliver(
+        &self,
+        stanza: Element,
+    ) -> Result<(), mpsc::error::TrySendError<BotCommand>> {
+        self.tx.try_send(BotCommand::Stanza(stanza))
+    }
+}
+
+/// Why a bot could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum BotError {
+    /// The localpart does not make a valid JID.
+    #[error("'{0}' is not a valid localpart")]
+    InvalidLocalpart(String),
+    /// A bot with that JID exists.
+    #[error("bot {0} already exists")]
+    Duplicate(String),
+    /// Certificate generation failed.
+    #[error(transparent)]
+    Cert(#[from] xtls::certs::CertError),
+    /// The bot key is unusable for TLS.
+    #[error(transparent)]
+    Credentials(#[from] xtls::tunnel::CredentialsError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for BotError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Duplicate(what) => BotError::Duplicate(what),
+            other => BotError::Store(other),
+        }
+    }
+}
+
+/// What a new bot is.
+#[derive(Debug, Clone)]
+pub struct NewBot {
+    /// The localpart.
+    pub localpart: String,
+    /// The handler.
+    pub handler: Handler,
+    /// Whether peers must present certificates.
+    pub peer_auth: PeerAuth,
+    /// How peer keys are trusted.
+    pub trust: TrustMode,
+}
+
+/// The registry of running bots.
+#[derive(Debug, Clone)]
+pub struct BotTable {
+    bots: Arc<RwLock<HashMap<String, BotHandle>>>,
+    shared: Arc<Shared>,
+}
+
+fn peer_auth_str(p: PeerAuth) -> &'static str {
+    match p {
+        PeerAuth::Required => "required",
+        PeerAuth::Optional => "optional",
+    }
+}
+
+fn trust_str(t: TrustMode) -> &'static str {
+    match t {
+        TrustMode::Tofu => "tofu",
+        TrustMode::Pinned => "pinned",
+    }
+}
+
+/// What a bot's tasks start from.
+struct Start {
+    /// The highest event `seq` given so far.
+    last_seq: u64,
+    /// Whether messages of a previous run are unfinished.
+    recover: bool,
+    /// The webhook as loaded with every bot's (`None`: none set).
+    webhook: Option<crate::store::Webhook>,
+}
+
+impl BotTable {
+    /// Loads every stored bot and starts its driver.
+    pub async fn load(shared: Arc<Shared>) -> Result<BotTable, BotError> {
+        let table = BotTable {
+            bots: Arc::default(),
+            shared,
+        };
+        let stored = table.shared.store.load_bots().await?;
+        // What each bot's tasks would otherwise ask the store one by one at start.
+        let unfinished = table.shared.store.bots_with_unfinished_messages().await?;
+        let mut webhooks = table.shared.store.webhooks().await?;
+        // Parsing certificates and loading keys is CPU work: spread it over the cores, off
+        // the async workers (10,000 bots must be ready within seconds).
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = stored.len().div_ceil(threads).max(1);
+        let mut stored = stored.into_iter();
+        let mut jobs = Vec::new();
+        loop {
+            let part: Vec<StoredBot> = stored.by_ref().take(chunk).collect();
+            if part.is_empty() {
+                break;
+            }
+            jobs.push(tokio::task::spawn_blocking(move || {
+                part.into_iter()
+                    .map(|b| {
+                        let identity = BotIdentity::from_der(&b.record.jid, b.cert_der, b.key_der)?;
+                        let creds = BotCredentials::new(identity)?;
+                        Ok::<_, BotError>((b.record, creds, b.last_seq))
+                    })
+                    .collect::<Result<Vec<_>, BotError>>()
+            }));
+        }
+        for job in jobs {
+            for (record, creds, last_seq) in job.await.expect("bot loading does not panic")? {
+                let start = Start {
+                    last_seq,
+                    recover: unfinished.contains(&record.jid),
+                    webhook: webhooks.remove(&record.jid),
+                };
+                table.start(record, creds, start);
+            }
+        }
+        Ok(table)
+    }
+
+    /// The shared parts.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Creates, stores and starts a bot.
+    pub async fn create(&self, new: NewBot) -> Result<BotHandle, BotError> {
+        let jid = normalize_bare(&format!("{}@{}", new.localpart, self.shared.domain))
+            .filter(|_| !new.localpart.is_empty() && !new.localpart.contains(['/', '@']))
+            .ok_or_else(|| BotError::InvalidLocalpart(new.localpart.clone()))?;
+        let localpart = jid.split('@').next().unwrap_or_default().to_owned();
+        if self.by_localpart(&localpart).is_some() {
+            return Err(BotError::Duplicate(jid));
+        }
+        let identity = BotIdentity::generate(&jid)?;
+        let record = BotRecord {
+            jid,
+            localpart,
+            handler: new.handler.as_str().to_owned(),
+            peer_auth: peer_auth_str(new.peer_auth).to_owned(),
+            trust: trust_str(new.trust).to_owned(),
+            created_at: now(),
+        };
+        self.shared.store.insert_bot(&record, &identity).await?;
+        tracing::info!(bot = record.jid, spki_sha256 = %identity.info.fingerprints.spki_sha256, "bot created");
+        let start = Start {
+            last_seq: 0,
+            recover: false,
+            webhook: None,
+        };
+        Ok(self.start(record, BotCredentials::new(identity)?, start))
+    }
+
+    fn start(&self, record: BotRecord, creds: BotCredentials, start: Start) -> BotHandle {
+        let Start {
+            last_seq,
+            recover,
+            webhook,
+        } = start;
+        let (tx, rx) = mpsc::channel(self.shared.limits.bot_queue.max(1));
+        let (events_tx, events) = watch::channel(last_seq);
+        let handle = BotHandle {
+            fingerprints: creds.identity.info.fingerprints.clone(),
+            identity: creds.identity.clone(),
+            record: record.clone(),
+            events,
+            webhook_changed: Arc::default(),
+            tx,
+        };
+        let handler = Handler::parse(&record.handler).unwrap_or(Handler::Echo);
+        let driver = BotDriver {
+            recover_at_start: recover,
+            stopping: None,
+            started_at: crate::store::now(),
+            handler,
+            logging: handler == Handler::Api,
+            last_seq,
+            events_tx,
+            pending_events: Vec::new(),
+            held: Vec::new(),
+            out: outbound::Outbound::default(),
+            peer_auth: if record.peer_auth == "optional" {
+                PeerAuth::Optional
+            } else {
+                PeerAuth::Required
+            },
+            trust: if record.trust == "pinned" {
+                TrustMode::Pinned
+            } else {
+                TrustMode::Tofu
+            },
+            bot: record,
+            creds,
+            rx,
+            shared: self.shared.clone(),
+            tunnels: HashMap::new(),
+            former_peers: Arc::default(),
+            pacer_generation: Arc::default(),
+        };
+        self.bots
+            .write()
+            .expect("bots lock")
+            .insert(handle.record.localpart.clone(), handle.clone());
+        tokio::spawn(driver.run());
+        if handler == Handler::Api {
+            let deliverer = Deliverer {
+                bot: handle.record.jid.clone(),
+                store: self.shared.store.clone(),
+                config: self.shared.webhooks.clone(),
+                committed: handle.events.clone(),
+                webhook_changed: handle.webhook_changed.clone(),
+                replies: handle.clone(),
+                counter: self.shared.metrics.webhook_deliveries.clone(),
+            };
+            tokio::spawn(webhook::run(deliverer, Some(webhook)));
+        }
+        handle
+    }
+
+    /// The bot with this localpart (case-insensitive per RFC 7622 preparation).
+    pub fn by_localpart(&self, localpart: &str) -> Option<BotHandle> {
+        let key = normalize_bare(&format!("{localpart}@{}", self.shared.domain))?;
+        let lp = key.split('@').next()?.to_owned();
+        self.bots.read().expect("bots lock").get(&lp).cloned()
+    }
+
+    /// The bot with this bare JID.
+    pub fn by_jid(&self, jid: &str) -> Option<BotHandle> {
+        let jid = normalize_bare(jid)?;
+        let (lp, domain) = jid.split_once('@')?;
+        (domain == self.shared.domain)
+            .then(|| self.by_localpart(lp))
+            .flatten()
+    }
+
+    /// Every bot, by JID.
+    pub fn list(&self) -> Vec<BotHandle> {
+        let mut bots: Vec<_> = self
+            .bots
+            .read()
+            .expect("bots lock")
+            .values()
+            .cloned()
+            .collect();
+        bots.sort_by(|a, b| a.record.jid.cmp(&b.record.jid));
+        bots
+    }
+
+    /// Closes a bot's tunnels, stops it and deletes it; `false` when it did not exist.
+    pub async fn delete(&self, jid: &str) -> Result<bool, BotError> {
+        let Some(handle) = self.by_jid(jid) else {
+            return Ok(false);
+        };
+        self.bots
+            .write()
+            .expect("bots lock")
+            .remove(&handle.record.localpart);
+        handle.stop(CloseReason::BotDeleted).await;
+        self.shared.store.delete_bot(&handle.record.jid).await?;
+        tracing::info!(bot = handle.record.jid, "bot deleted");
+        Ok(true)
+    }
+
+    /// Asks the owner of a live tunnel to close it; `false` when no live tunnel has that id.
+    pub async fn close_tunnel(&self, id: &str) -> bool {
+        let Some(record) = self.shared.table.get(id) else {
+            return false;
+        };
+        let Some(handle) = self.by_jid(&record.bot) else {
+            return false;
+        };
+        let (tx, rx) = oneshot::channel();
+        if handle
+            .tx
+            .send(BotCommand::CloseTunnel(id.to_owned(), tx))
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Tells every driver about the link.
+    pub async fn broadcast_link(&self, up: bool) {
+        self.shared.link_up.store(up, Ordering::Relaxed);
+        for bot in self.list() {
+            let cmd = if up {
+                BotCommand::LinkUp
+            } else {
+                BotCommand::LinkDown
+            };
+            let _ = bot.tx.send(cmd).await;
+        }
+    }
+
+    /// Stops every driver, closing their tunnels.
+    pub async fn stop_all(&self) {
+        let bots = self.list();
+        futures_util::future::join_all(bots.iter().map(|bot| bot.stop(CloseReason::Shutdown)))
+            .await;
+    }
+}

@@ -1,0 +1,588 @@
+//! Driver tests against a real SQLite store: a bot table, its drivers, and peers built on the
+//! engine crate, with the stanzas the drivers write read from their outbound channel.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use minidom::Element;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::config::{EventsConfig, Handler, LimitsConfig, WebhooksConfig};
+use crate::store::{OutMsg, Store};
+use xtls::certs::BotIdentity;
+use xtls::stanza::xtls::XtlsElement;
+use xtls::stanza::{Iq, IqType, name, ns};
+use xtls::tunnel::{
+    BotCredentials, CloseReason, Event, PeerAuth, PeerPolicy, State, TrustMode, Tunnel,
+    TunnelConfig, TunnelKey, TunnelParams, classify_request,
+};
+
+async fn table(limits: LimitsConfig) -> (BotTable, mpsc::Receiver<Element>, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!(
+        "xtls-session-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = Store::open(&format!("sqlite://{}/t.db", dir.display()))
+        .await
+        .unwrap();
+    let (out, rx) = mpsc::channel(64);
+    let shared = Shared::new(
+        store,
+        out,
+        TunnelConfig::default(),
+        limits,
+        "bots.example.org".into(),
+        &EventsConfig::default(),
+        WebhooksConfig::default(),
+    );
+    (BotTable::load(shared).await.unwrap(), rx, dir)
+}
+
+fn start(from: &str, id: &str) -> Element {
+    format!(
+        "<iq xmlns='jabber:client' type='set' id='{id}' from='{from}' to='echo@bots.example.org'><start xmlns='urn:xmpp:tmp:xtls'/></iq>"
+    )
+    .parse()
+    .unwrap()
+}
+
+async fn next(rx: &mut mpsc::Receiver<Element>) -> Iq {
+    let el = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the driver answers")
+        .expect("channel open");
+    Iq::parse(&el).unwrap()
+}
+
+#[tokio::test]
+async fn limits_answer_resource_constraint_wait_and_unknown_tunnels_item_not_found() {
+    let limits = LimitsConfig {
+        tunnels_per_peer: 1,
+        ..LimitsConfig::default()
+    };
+    let (bots, mut rx, dir) = table(limits).await;
+    let bot = bots
+        .create(NewBot {
+            localpart: "Echo".into(),
+            handler: Handler::Echo,
+            peer_auth: PeerAuth::Required,
+            trust: TrustMode::Tofu,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        bot.record.jid, "echo@bots.example.org",
+        "localparts are normalized"
+    );
+    assert!(matches!(
+        bots.create(NewBot {
+            localpart: "echo".into(),
+            handler: Handler::Echo,
+            peer_auth: PeerAuth::Required,
+            trust: TrustMode::Tofu,
+        })
+        .await,
+        Err(BotError::Duplicate(_))
+    ));
+
+    bot.try_deliver(start("alice@example.net/a", "s1")).unwrap();
+    let proceed = next(&mut rx).await;
+    assert_eq!((proceed.type_, proceed.id.as_str()), (IqType::Result, "s1"));
+    assert_eq!(bots.shared().table.snapshot().len(), 1);
+
+    // A second tunnel for the same bare JID exceeds tunnels_per_peer = 1.
+    bot.try_deliver(start("alice@example.net/b", "s2")).unwrap();
+    let refused = next(&mut rx).await;
+    assert_eq!(refused.error_condition(), "resource-constraint");
+    let error = refused
+        .children
+        .iter()
+        .find(|c| c.name() == "error")
+        .unwrap();
+    assert_eq!(error.attr("type"), Some("wait"));
+
+    // data and close for a key with no tunnel.
+    for payload in [
+        "<data xmlns='urn:xmpp:tmp:xtls'>AAAA</data>",
+        "<close xmlns='urn:xmpp:tmp:xtls'/>",
+    ] {
+        let el: Element = format!(
+            "<iq xmlns='jabber:client' type='set' id='d' from='bob@example.net/x' to='echo@bots.example.org'>{payload}</iq>"
+        )
+        .parse()
+        .unwrap();
+        bot.try_deliver(el).unwrap();
+        assert_eq!(next(&mut rx).await.error_condition(), "item-not-found");
+    }
+
+    // Deleting the bot tells the peer and empties the session table.
+    assert!(bots.delete("echo@bots.example.org").await.unwrap());
+    let close = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(close.has_child("close", ns::XTLS));
+    assert!(bots.shared().table.snapshot().is_empty());
+    let history = bots
+        .shared()
+        .store
+        .list_tunnels(&Default::default(), 10)
+        .await
+        .unwrap();
+    assert_eq!(history[0].state, "closed");
+    assert!(
+        history[0]
+            .close_reason
+            .as_deref()
+            .unwrap()
+            .starts_with("bot_deleted")
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The `api` bot weather@bots.example.org.
+async fn api_bot(bots: &BotTable) -> BotHandle {
+    bots.create(NewBot {
+        localpart: "weather".into(),
+        handler: Handler::Api,
+        peer_auth: PeerAuth::Required,
+        trust: TrustMode::Tofu,
+    })
+    .await
+    .unwrap()
+}
+
+/// alice@example.net/phone's engine, with a tunnel to the bot open.
+async fn open_peer(bot: &BotHandle, rx: &mut mpsc::Receiver<Element>) -> Tunnel {
+    let mut peer = Tunnel::initiate(
+        std::time::Instant::now(),
+        TunnelParams {
+            config: TunnelConfig::default(),
+            key: TunnelKey {
+                local: "alice@example.net/phone".into(),
+                peer: bot.record.jid.clone(),
+            },
+            creds: BotCredentials::new(BotIdentity::generate("alice@example.net").unwrap())
+                .unwrap(),
+            policy: PeerPolicy::default(),
+            id_prefix: "alice-".into(),
+        },
+    );
+    until_open(&mut peer, bot, rx).await;
+    peer
+}
+
+/// Feeds the peer's stanzas to the bot and the bot's to the peer until the peer is open.
+async fn until_open(peer: &mut Tunnel, bot: &BotHandle, rx: &mut mpsc::Receiver<Element>) {
+    for _ in 0..100 {
+        while let Some(el) = peer.poll_transmit() {
+            bot.try_deliver(el).unwrap();
+        }
+        if peer.state() == State::Open {
+            return;
+        }
+        let el = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the driver answers")
+            .expect("channel open");
+        peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
+    }
+    panic!("the tunnel never opened");
+}
+
+#[tokio::test]
+async fn an_api_bot_commits_events_before_acknowledging_data() {
+    let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+    let bot = api_bot(&bots).await;
+    let store = bots.shared().store.clone();
+    let mut peer = open_peer(&bot, &mut rx).await;
+
+    let message: Element =
+        "<message xmlns='jabber:client' type='chat'><body>forecast?</body></message>"
+            .parse()
+            .unwrap();
+    peer.send(std::time::Instant::now(), message).unwrap();
+    let data = peer.poll_transmit().expect("a data IQ");
+    let data_id = data.attr("id").unwrap().to_owned();
+    bot.try_deliver(data).unwrap();
+    loop {
+        let el = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if el.attr("id") == Some(data_id.as_str()) {
+            assert_eq!(el.attr("type"), Some("result"));
+            break;
+        }
+        peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
+        while let Some(el) = peer.poll_transmit() {
+            bot.try_deliver(el).unwrap();
+        }
+    }
+    // The acknowledgement left only after the event was committed.
+    let events = store
+        .read_events(&bot.record.jid, 0, 100, false)
+        .await
+        .unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "tunnel.opened",
+            "tunnel.established",
+            "peer.identity_new",
+            "message.received"
+        ]
+    );
+    let received = &events[3];
+    assert_eq!(received.data["body"], "forecast?");
+    assert_eq!(received.peer.as_deref(), Some("alice@example.net/phone"));
+    assert_eq!(received.data["identity"]["trust"], "tofu_new");
+    assert!(
+        received.data["stanza"]
+            .as_str()
+            .unwrap()
+            .contains("from='alice@example.net/phone'"),
+        "routing restored: {}",
+        received.data["stanza"]
+    );
+    assert_eq!(*bot.events.borrow(), 4);
+    assert_eq!(store.cursor(&bot.record.jid).await.unwrap(), 0);
+    assert_eq!(store.ack_through(&bot.record.jid, 3).await.unwrap(), 3);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+async fn recv(rx: &mut mpsc::Receiver<Element>) -> Element {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the driver sends")
+        .expect("channel open")
+}
+
+fn disco_answer(request: &Element, xtls: bool) -> Element {
+    let iq = Iq::parse(request).unwrap();
+    assert!(iq.children[0].is("query", ns::DISCO_INFO));
+    let mut q = Element::bare("query", ns::DISCO_INFO);
+    if xtls {
+        q.append_child(
+            Element::builder("feature", ns::DISCO_INFO)
+                .attr(name("var"), ns::XTLS)
+                .build(),
+        );
+    }
+    iq.result(Some(q))
+}
+
+#[tokio::test]
+async fn a_bot_opens_a_tunnel_after_disco_and_reports_the_peer_acknowledgement() {
+    let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+    bots.shared().link_up.store(true, Ordering::Relaxed);
+    let bot = api_bot(&bots).await;
+    let store = bots.shared().store.clone();
+    let alice = "alice@example.net/phone";
+    let msg = |id: &str, to: &str| OutMsg {
+        id: id.into(),
+        to: to.into(),
+        stanza: xtls::stanza::chat_message("sunny", "chat"),
+        reopen: false,
+    };
+
+    // A client without XTLS: no start is ever sent.
+    let m0 = msg("msg_0", "bob@example.net/pc");
+    store
+        .insert_message(&bot.record.jid, &m0, None)
+        .await
+        .unwrap();
+    let submitting = tokio::spawn({
+        let bot = bot.clone();
+        async move { bot.submit(m0).await }
+    });
+    let disco = recv(&mut rx).await;
+    assert_eq!(disco.attr("to"), Some("bob@example.net/pc"));
+    bot.try_deliver(disco_answer(&disco, false)).unwrap();
+    assert_eq!(submitting.await.unwrap().unwrap().status, "no_xtls_support");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), rx.recv())
+            .await
+            .is_err(),
+        "nothing follows a negative disco answer"
+    );
+
+    // A client with XTLS: disco, start, handshake, the message, its acknowledgement.
+    let m1 = msg("msg_1", alice);
+    store
+        .insert_message(&bot.record.jid, &m1, None)
+        .await
+        .unwrap();
+    let submitting = tokio::spawn({
+        let bot = bot.clone();
+        async move { bot.submit(m1).await }
+    });
+    let disco = recv(&mut rx).await;
+    bot.try_deliver(disco_answer(&disco, true)).unwrap();
+    let outcome = submitting.await.unwrap().unwrap();
+    assert_eq!(outcome.status, "opening");
+    let start = Iq::parse(&recv(&mut rx).await).unwrap();
+    let Ok(XtlsElement::Start { offer }) = classify_request(&start) else {
+        panic!("a start follows the disco answer")
+    };
+    let mut peer = Tunnel::accept(
+        std::time::Instant::now(),
+        TunnelParams {
+            config: TunnelConfig::default(),
+            key: TunnelKey {
+                local: alice.into(),
+                peer: bot.record.jid.clone(),
+            },
+            creds: BotCredentials::new(BotIdentity::generate("alice@example.net").unwrap())
+                .unwrap(),
+            policy: PeerPolicy::default(),
+            id_prefix: "alice-".into(),
+        },
+        &start,
+        offer.as_ref(),
+    )
+    .unwrap();
+    let mut got = None;
+    for _ in 0..100 {
+        while let Some(el) = peer.poll_transmit() {
+            bot.try_deliver(el).unwrap();
+        }
+        while let Some(ev) = peer.poll_event() {
+            if let Event::Stanza(s) = ev {
+                got = Some(s);
+            }
+        }
+        let status = store
+            .message(&bot.record.jid, "msg_1")
+            .await
+            .unwrap()
+            .unwrap()
+            .status;
+        if got.is_some() && status == "acknowledged" {
+            break;
+        }
+        if let Ok(Some(el)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
+        }
+    }
+    let got = got.expect("the message arrived through the tunnel");
+    assert_eq!(got.get_child("body", ns::CLIENT).unwrap().text(), "sunny");
+    assert_eq!(got.attr("from"), Some(bot.record.jid.as_str()));
+    let record = store
+        .message(&bot.record.jid, "msg_1")
+        .await
+        .unwrap()
+        .unwrap();
+    let history: Vec<&str> = record
+        .history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(history, ["accepted", "opening", "sent", "acknowledged"]);
+    assert!(record.tunnel_id.is_some());
+    // The driver settles the message, then commits its event with the next batch: wait
+    // for the event rather than read the log the instant the status changed.
+    let mut kinds: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        kinds = store
+            .read_events(&bot.record.jid, 0, 100, false)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| format!("{}:{}", e.kind, e.data["status"].as_str().unwrap_or("")))
+            .collect();
+        if kinds.contains(&"delivery.status:acknowledged".to_owned()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        kinds.contains(&"delivery.status:no_xtls_support".to_owned()),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&"delivery.status:acknowledged".to_owned()),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&"tunnel.established:".to_owned()),
+        "{kinds:?}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_changed_peer_key_raises_the_event_the_metric_and_the_message_status() {
+    let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+    bots.shared().link_up.store(true, Ordering::Relaxed);
+    let bot = api_bot(&bots).await;
+    let store = bots.shared().store.clone();
+    // First use pins the key of alice@example.net/phone.
+    let _phone = open_peer(&bot, &mut rx).await;
+    let pinned = store
+        .pins(&bot.record.jid, "alice@example.net")
+        .await
+        .unwrap();
+    assert_eq!(pinned.len(), 1);
+
+    // The bot writes to her laptop, which answers its start with another key.
+    let laptop = "alice@example.net/laptop";
+    let m = OutMsg {
+        id: "msg_1".into(),
+        to: laptop.into(),
+        stanza: xtls::stanza::chat_message("sunny", "chat"),
+        reopen: false,
+    };
+    store
+        .insert_message(&bot.record.jid, &m, None)
+        .await
+        .unwrap();
+    let submitting = tokio::spawn({
+        let bot = bot.clone();
+        async move { bot.submit(m).await }
+    });
+    let disco = recv(&mut rx).await;
+    bot.try_deliver(disco_answer(&disco, true)).unwrap();
+    assert_eq!(submitting.await.unwrap().unwrap().status, "opening");
+    let start = Iq::parse(&recv(&mut rx).await).unwrap();
+    let Ok(XtlsElement::Start { offer }) = classify_request(&start) else {
+        panic!("a start follows the disco answer")
+    };
+    let new_key = BotIdentity::generate("alice@example.net").unwrap();
+    let presented = new_key.info.fingerprints.spki_sha256.clone();
+    let mut peer = Tunnel::accept(
+        std::time::Instant::now(),
+        TunnelParams {
+            config: TunnelConfig::default(),
+            key: TunnelKey {
+                local: laptop.into(),
+                peer: bot.record.jid.clone(),
+            },
+            creds: BotCredentials::new(new_key).unwrap(),
+            policy: PeerPolicy::default(),
+            id_prefix: "laptop-".into(),
+        },
+        &start,
+        offer.as_ref(),
+    )
+    .unwrap();
+    let mut status = String::new();
+    for _ in 0..100 {
+        while let Some(el) = peer.poll_transmit() {
+            bot.try_deliver(el).unwrap();
+        }
+        status = store
+            .message(&bot.record.jid, "msg_1")
+            .await
+            .unwrap()
+            .unwrap()
+            .status;
+        if status == "identity_changed" {
+            break;
+        }
+        if let Ok(Some(el)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
+        }
+    }
+    assert_eq!(status, "identity_changed");
+    assert_eq!(bots.shared().metrics.identity_changes.get(), 1);
+    // The status is settled before the batch holding the event commits: wait for it.
+    let mut changed = None;
+    for _ in 0..100 {
+        changed = store
+            .read_events(&bot.record.jid, 0, 100, false)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|e| e.kind == "peer.identity_changed");
+        if changed.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let changed = changed.expect("peer.identity_changed is logged");
+    assert_eq!(changed.data["peer"], "alice@example.net");
+    assert_eq!(changed.data["presented_spki_sha256"], presented.to_string());
+    assert_eq!(
+        changed.data["pinned_spki_sha256"],
+        serde_json::json!([pinned[0].to_string()])
+    );
+    // The changed key was not pinned beside the old one.
+    assert_eq!(
+        store
+            .pins(&bot.record.jid, "alice@example.net")
+            .await
+            .unwrap(),
+        pinned
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn stopping_closes_tunnels_with_close_notify_then_close() {
+    let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+    let bot = api_bot(&bots).await;
+    let mut peer = open_peer(&bot, &mut rx).await;
+    let stopped = tokio::spawn({
+        let bot = bot.clone();
+        async move { bot.stop(CloseReason::Shutdown).await }
+    });
+    let mut saw_close = false;
+    let mut data_before_close = false;
+    let mut closed = None;
+    for _ in 0..50 {
+        while let Some(el) = peer.poll_transmit() {
+            bot.try_deliver(el).unwrap();
+        }
+        while let Some(ev) = peer.poll_event() {
+            if let Event::Closed(reason) = ev {
+                closed = Some(reason);
+            }
+        }
+        if closed.is_some() {
+            break;
+        }
+        let Ok(Some(el)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await else {
+            break;
+        };
+        saw_close |= el.has_child("close", ns::XTLS);
+        data_before_close |= !saw_close && el.has_child("data", ns::XTLS);
+        peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
+    }
+    while let Some(el) = peer.poll_transmit() {
+        bot.try_deliver(el).unwrap();
+    }
+    assert!(saw_close, "the bot sent <close/>");
+    assert!(
+        data_before_close,
+        "close_notify travelled in a data IQ before <close/>"
+    );
+    assert_eq!(
+        closed,
+        Some(CloseReason::PeerClosed),
+        "the peer saw a graceful close (close_notify first, then <close/>)"
+    );
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("the driver stops once its tunnels are closed")
+        .unwrap();
+    let events = bots
+        .shared()
+        .store
+        .read_events(&bot.record.jid, 0, 100, false)
+        .await
+        .unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.kind.as_str(), last.data["code"].as_str()),
+        ("tunnel.closed", Some("shutdown")),
+        "the close was logged before the driver stopped"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
