@@ -43,12 +43,60 @@
 
 #![deny(missing_docs)]
 
+/// Gives a fieldless enum its stable wire and storage names: `as_str`, `Display`, `FromStr`
+/// (an unknown name is an error, never a default) and `ALL`.
+macro_rules! named_enum {
+    ($ty:ident, $what:literal, { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            /// The stable name used on the wire, in the API and in the store.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = $crate::UnknownName;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($name => Ok($ty::$variant),)+
+                    _ => Err($crate::UnknownName {
+                        kind: $what,
+                        value: s.to_owned(),
+                    }),
+                }
+            }
+        }
+    };
+}
+
 pub mod certs;
 pub mod stanza;
 pub mod tunnel;
 pub mod xml;
 
 pub use certs::{BotIdentity, Fingerprint};
+
+/// A name that is none of an enum's values (read from a store, a config or the wire).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {kind} '{value}'")]
+pub struct UnknownName {
+    /// Which enum was asked for, e.g. `tunnel state`.
+    pub kind: &'static str,
+    /// The name that matched none of its values.
+    pub value: String,
+}
 pub use tunnel::{
     CloseReason, Event, PeerPolicy, Role, State, Tunnel, TunnelConfig, TunnelKey, TunnelParams,
 };

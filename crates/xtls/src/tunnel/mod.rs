@@ -111,6 +111,11 @@ pub enum Role {
     Responder,
 }
 
+named_enum!(Role, "tunnel role", {
+    Initiator => "initiator",
+    Responder => "responder",
+});
+
 /// The states of spec §1.14.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -127,6 +132,14 @@ pub enum State {
     /// Terminal.
     Closed,
 }
+
+named_enum!(State, "tunnel state", {
+    Starting => "starting",
+    Handshaking => "handshaking",
+    Open => "open",
+    Closing => "closing",
+    Closed => "closed",
+});
 
 /// Why a tunnel ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

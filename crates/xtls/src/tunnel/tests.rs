@@ -1099,3 +1099,25 @@ fn c23_the_alert_of_a_local_tls_failure_is_chunked_too() {
     assert_eq!(reply_condition(replies.last().unwrap()), "bad-request");
     assert!(pair.bot.tunnel().is_gone());
 }
+
+#[test]
+fn enum_names_round_trip_and_unknown_names_are_errors() {
+    fn check<T>(all: &[T])
+    where
+        T: Copy + PartialEq + std::fmt::Debug + std::fmt::Display + std::str::FromStr,
+        T::Err: std::fmt::Debug,
+    {
+        for v in all {
+            assert_eq!(v.to_string().parse::<T>().unwrap(), *v);
+        }
+    }
+    check(Role::ALL);
+    check(State::ALL);
+    check(PeerAuth::ALL);
+    check(TrustMode::ALL);
+    check(TrustVerdict::ALL);
+    assert_eq!(State::Handshaking.as_str(), "handshaking");
+    assert_eq!(TrustVerdict::TofuNew.as_str(), "tofu_new");
+    let err = "Open".parse::<State>().unwrap_err();
+    assert_eq!(err.to_string(), "unknown tunnel state 'Open'");
+}

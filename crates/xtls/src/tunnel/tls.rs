@@ -57,16 +57,21 @@ pub enum TrustVerdict {
     Pinned,
 }
 
-impl TrustVerdict {
-    /// The wire and API name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TrustVerdict::Unauthenticated => "unauthenticated",
-            TrustVerdict::TofuNew => "tofu_new",
-            TrustVerdict::Pinned => "pinned",
-        }
-    }
-}
+named_enum!(PeerAuth, "peer_auth", {
+    Required => "required",
+    Optional => "optional",
+});
+
+named_enum!(TrustMode, "trust mode", {
+    Tofu => "tofu",
+    Pinned => "pinned",
+});
+
+named_enum!(TrustVerdict, "trust verdict", {
+    Unauthenticated => "unauthenticated",
+    TofuNew => "tofu_new",
+    Pinned => "pinned",
+});
 
 /// Everything a tunnel needs to judge its peer.
 #[derive(Debug, Clone, Default)]
