@@ -97,9 +97,9 @@ fn bot_record() -> BotRecord {
     BotRecord {
         jid: BOT.into(),
         localpart: "weather".into(),
-        handler: "api".into(),
-        peer_auth: "required".into(),
-        trust: "tofu".into(),
+        handler: xtls_component::config::Handler::Api,
+        peer_auth: xtls::tunnel::PeerAuth::Required,
+        trust: xtls::tunnel::TrustMode::Tofu,
         created_at: now(),
     }
 }

@@ -405,9 +405,13 @@ impl Default for WebhooksConfig {
     }
 }
 
-/// What a bot does with the stanzas that reach it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, utoipa::ToSchema)]
+/// What a bot does with the stanzas that reach it (stored by name; an unknown stored name is
+/// an error when the row is read).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, utoipa::ToSchema, sqlx::Type,
+)]
 #[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "TEXT", rename_all = "snake_case")]
 pub enum Handler {
     /// Answers every tunneled message with the same body through the same tunnel.
     Echo,
@@ -421,15 +425,6 @@ impl Handler {
         match self {
             Handler::Echo => "echo",
             Handler::Api => "api",
-        }
-    }
-
-    /// Reads a stored name.
-    pub fn parse(s: &str) -> Option<Handler> {
-        match s {
-            "echo" => Some(Handler::Echo),
-            "api" => Some(Handler::Api),
-            _ => None,
         }
     }
 }

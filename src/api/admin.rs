@@ -20,12 +20,12 @@ pub struct BotView {
     jid: String,
     /// Its localpart.
     localpart: String,
-    /// `echo` or `api`.
-    handler: String,
-    /// `required` or `optional`.
-    peer_auth: String,
-    /// `tofu` or `pinned`.
-    trust: String,
+    /// What the bot does with what reaches it.
+    handler: Handler,
+    /// Whether peers must present a certificate.
+    peer_auth: PeerAuth,
+    /// How peer keys are trusted.
+    trust: TrustMode,
     /// When it was created (RFC 3339).
     created_at: String,
     /// Its certificate's fingerprints, to compare out of band.
@@ -58,9 +58,9 @@ fn bot_view(bot: &BotHandle) -> BotView {
     BotView {
         jid: r.jid.clone(),
         localpart: r.localpart.clone(),
-        handler: r.handler.clone(),
-        peer_auth: r.peer_auth.clone(),
-        trust: r.trust.clone(),
+        handler: r.handler,
+        peer_auth: r.peer_auth,
+        trust: r.trust,
         created_at: r.created_at.clone(),
         fingerprints: FingerprintsView::of(&bot.fingerprints),
     }
@@ -242,8 +242,6 @@ pub struct TunnelQuery {
     limit: Option<i64>,
 }
 
-pub(super) const STATES: &[&str] = &["starting", "handshaking", "open", "closing", "closed"];
-
 /// The session table: live tunnels and history, newest first.
 #[utoipa::path(get, path = "/tunnels", tag = "tunnels", params(TunnelQuery), responses(
     (status = 200, description = "The tunnels", body = [TunnelRecord]),
@@ -253,19 +251,25 @@ pub(super) async fn list_tunnels(
     query: Result<Query<TunnelQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<TunnelRecord>>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
-    if let Some(s) = &q.state
-        && !STATES.contains(&s.as_str())
-    {
-        return Err(ApiError::Invalid(format!(
-            "state must be one of {}",
-            STATES.join(", ")
-        )));
-    }
+    let wanted = match q.state.as_deref().map(str::parse::<xtls::tunnel::State>) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(_)) => {
+            let names: Vec<&str> = xtls::tunnel::State::ALL
+                .iter()
+                .map(|s| s.as_str())
+                .collect();
+            return Err(ApiError::Invalid(format!(
+                "state must be one of {}",
+                names.join(", ")
+            )));
+        }
+    };
     let limit = q.limit.unwrap_or(200).clamp(1, 10_000);
     let filter = TunnelFilter {
         bot: q.bot.map(|b| xtls::certs::normalize_bare(&b).unwrap_or(b)),
         peer: q.peer,
-        state: q.state,
+        state: wanted,
     };
     let live = state.bots.shared().table.snapshot();
     let mut all: Vec<TunnelRecord> = live.iter().filter(|t| filter.matches(t)).cloned().collect();

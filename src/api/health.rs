@@ -93,16 +93,18 @@ async fn metrics_response(bots: &BotTable) -> Response {
         }
     }
     m.tunnels.clear();
-    for state in super::admin::STATES {
+    for state in xtls::tunnel::State::ALL {
         m.tunnels
             .get_or_create(&crate::metrics::StateLabel {
-                state: (*state).into(),
+                state: state.as_str().into(),
             })
             .set(0);
     }
     for t in shared.table.snapshot() {
         m.tunnels
-            .get_or_create(&crate::metrics::StateLabel { state: t.state })
+            .get_or_create(&crate::metrics::StateLabel {
+                state: t.state.as_str().into(),
+            })
             .inc();
     }
     match shared.store.pending_total().await {

@@ -43,7 +43,7 @@ impl Live {
             stats.bytes_out,
         ) != (r.stanzas_in, r.stanzas_out, r.bytes_in, r.bytes_out)
             || self.tunnel.is_gone()
-            || r.state != state_str(self.tunnel.state())
+            || r.state != self.tunnel.state()
     }
 }
 
@@ -88,16 +88,6 @@ pub(super) struct BotDriver {
     pub(super) former_peers: Arc<std::sync::Mutex<std::collections::VecDeque<TunnelKey>>>,
     /// Which link session's pacer may send `<close/>`s to `former_peers`.
     pub(super) pacer_generation: Arc<std::sync::atomic::AtomicU64>,
-}
-
-pub(super) fn state_str(s: State) -> &'static str {
-    match s {
-        State::Starting => "starting",
-        State::Handshaking => "handshaking",
-        State::Open => "open",
-        State::Closing => "closing",
-        State::Closed => "closed",
-    }
 }
 
 pub(super) fn normalize(jid: &str) -> Option<String> {
@@ -407,23 +397,20 @@ impl BotDriver {
 
     /// Takes a new tunnel into the session table; returns its id.
     pub(super) async fn adopt(&mut self, key: TunnelKey, tunnel: Tunnel) -> String {
-        let role = match tunnel.role() {
-            xtls::tunnel::Role::Initiator => "initiator",
-            xtls::tunnel::Role::Responder => "responder",
-        };
+        let role = tunnel.role();
         let record = TunnelRecord::new(
             format!("{:016x}", rand::random::<u64>()),
             &self.bot.jid,
             &key,
             role,
-            state_str(tunnel.state()),
+            tunnel.state(),
             crate::store::now(),
         );
         tracing::info!(
             bot = self.bot.jid,
             peer = key.peer,
             tunnel = record.id,
-            role,
+            role = role.as_str(),
             "tunnel created"
         );
         self.former_peers
@@ -506,7 +493,7 @@ impl BotDriver {
                 live.record.stanzas_out = stats.stanzas_out;
                 live.record.bytes_in = stats.bytes_in;
                 live.record.bytes_out = stats.bytes_out;
-                live.record.state = state_str(live.tunnel.state()).into();
+                live.record.state = live.tunnel.state();
                 if live.tunnel.is_gone() {
                     let live = self.tunnels.remove(&key).expect("present");
                     self.shared.table.remove(&live.record.id);

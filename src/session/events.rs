@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use crate::config::Handler;
 use crate::store::{NewEvent, PeerIdentityRecord};
 use xtls::stanza::{DefinedCondition, ErrorType, error_reply, name, ns};
-use xtls::tunnel::{Event, TunnelKey, bare};
+use xtls::tunnel::{Event, State, TunnelKey, bare};
 
 use super::driver::BotDriver;
 use super::inbound::echo;
@@ -23,12 +23,12 @@ impl BotDriver {
         match event {
             Event::Established(est) => {
                 let r = &mut live.record;
-                r.state = "open".into();
+                r.state = State::Open;
                 r.tls_version = Some(est.tls_version.clone());
                 r.cipher_suite = Some(est.cipher_suite.clone());
                 r.peer_identity = PeerIdentityRecord {
                     spki_sha256: est.peer.spki_sha256.as_ref().map(ToString::to_string),
-                    trust: est.peer.trust.as_str().into(),
+                    trust: est.peer.trust.into(),
                 };
                 r.established_at = Some(crate::store::now());
                 if live.in_handshake {
@@ -36,7 +36,7 @@ impl BotDriver {
                     self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
                 }
                 let metrics = &self.shared.metrics;
-                metrics.opened(&r.role, true);
+                metrics.opened(r.role.as_str(), true);
                 metrics
                     .handshake_seconds
                     .observe(live.created.elapsed().as_secs_f64());
@@ -45,7 +45,7 @@ impl BotDriver {
                     bot = self.bot.jid,
                     peer = key.peer,
                     tunnel = record.id,
-                    trust = record.peer_identity.trust,
+                    trust = ?record.peer_identity.trust,
                     "tunnel open"
                 );
                 let identity = crate::delivery::log::identity_json(Some(&est));
@@ -116,7 +116,7 @@ impl BotDriver {
             Event::Closed(reason) => {
                 self.shared.metrics.closed(&reason);
                 let r = &mut live.record;
-                let stage = if r.state == "starting" {
+                let stage = if r.state == State::Starting {
                     "start"
                 } else {
                     "handshake"
@@ -130,13 +130,13 @@ impl BotDriver {
                 );
                 let changed = reason.identity_change();
                 if r.established_at.is_none() {
-                    self.shared.metrics.opened(&r.role, false);
+                    self.shared.metrics.opened(r.role.as_str(), false);
                 }
                 if changed.is_some() {
                     self.shared.metrics.identity_changes.inc();
                 }
                 let id = r.id.clone();
-                r.state = "closed".into();
+                r.state = State::Closed;
                 r.closed_at = Some(crate::store::now());
                 r.close_reason = Some(reason.to_string());
                 tracing::info!(bot = self.bot.jid, peer = key.peer, tunnel = r.id, reason = %reason, "tunnel closed");

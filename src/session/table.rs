@@ -153,20 +153,6 @@ pub struct BotTable {
     shared: Arc<Shared>,
 }
 
-fn peer_auth_str(p: PeerAuth) -> &'static str {
-    match p {
-        PeerAuth::Required => "required",
-        PeerAuth::Optional => "optional",
-    }
-}
-
-fn trust_str(t: TrustMode) -> &'static str {
-    match t {
-        TrustMode::Tofu => "tofu",
-        TrustMode::Pinned => "pinned",
-    }
-}
-
 /// What a bot's tasks start from.
 struct Start {
     /// The highest event `seq` given so far.
@@ -240,9 +226,9 @@ impl BotTable {
         let record = BotRecord {
             jid,
             localpart,
-            handler: new.handler.as_str().to_owned(),
-            peer_auth: peer_auth_str(new.peer_auth).to_owned(),
-            trust: trust_str(new.trust).to_owned(),
+            handler: new.handler,
+            peer_auth: new.peer_auth,
+            trust: new.trust,
             created_at: now(),
         };
         self.shared.store.insert_bot(&record, &identity).await?;
@@ -271,7 +257,7 @@ impl BotTable {
             webhook_changed: Arc::default(),
             tx,
         };
-        let handler = Handler::parse(&record.handler).unwrap_or(Handler::Echo);
+        let handler = record.handler;
         let driver = BotDriver {
             recover_at_start: recover,
             stopping: None,
@@ -283,16 +269,8 @@ impl BotTable {
             pending_events: Vec::new(),
             held: Vec::new(),
             out: outbound::Outbound::default(),
-            peer_auth: if record.peer_auth == "optional" {
-                PeerAuth::Optional
-            } else {
-                PeerAuth::Required
-            },
-            trust: if record.trust == "pinned" {
-                TrustMode::Pinned
-            } else {
-                TrustMode::Tofu
-            },
+            peer_auth: record.peer_auth,
+            trust: record.trust,
             bot: record,
             creds,
             rx,

@@ -132,7 +132,7 @@ async fn limits_answer_resource_constraint_wait_and_unknown_tunnels_item_not_fou
         .list_tunnels(&Default::default(), 10)
         .await
         .unwrap();
-    assert_eq!(history[0].state, "closed");
+    assert_eq!(history[0].state, State::Closed);
     assert!(
         history[0]
             .close_reason

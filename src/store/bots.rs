@@ -3,8 +3,10 @@
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Store, StoreError, now};
+use super::{Store, StoreError, named, now};
+use crate::config::Handler;
 use xtls::certs::{BotIdentity, Fingerprint};
+use xtls::tunnel::{PeerAuth, TrustMode};
 
 /// A bot as stored.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -13,12 +15,12 @@ pub struct BotRecord {
     pub jid: String,
     /// The localpart.
     pub localpart: String,
-    /// The handler name.
-    pub handler: String,
-    /// `required` or `optional`.
-    pub peer_auth: String,
-    /// `tofu` or `pinned`.
-    pub trust: String,
+    /// What the bot does with what reaches it.
+    pub handler: Handler,
+    /// Whether peers must present a certificate.
+    pub peer_auth: PeerAuth,
+    /// How peer keys are trusted.
+    pub trust: TrustMode,
     /// Creation time.
     pub created_at: String,
 }
@@ -64,9 +66,9 @@ impl Store {
         )
         .bind(&bot.jid)
         .bind(&bot.localpart)
-        .bind(&bot.handler)
-        .bind(&bot.peer_auth)
-        .bind(&bot.trust)
+        .bind(bot.handler)
+        .bind(bot.peer_auth.as_str())
+        .bind(bot.trust.as_str())
         .bind(&bot.created_at)
         .execute(&mut *tx)
         .await?;
@@ -93,7 +95,7 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(bot_from_row).collect())
+        rows.iter().map(bot_from_row).collect()
     }
 
     /// Every bot with its stored key, certificate and last event `seq`, in one query (start-up).
@@ -107,7 +109,7 @@ impl Store {
         .await?;
         rows.iter()
             .map(|r| {
-                let record = bot_from_row(r);
+                let record = bot_from_row(r)?;
                 let (Some(key_der), Some(cert_der)) = (
                     r.get::<Option<Vec<u8>>, _>("key_der"),
                     r.get::<Option<Vec<u8>>, _>("cert_der"),
@@ -205,13 +207,13 @@ impl Store {
     }
 }
 
-fn bot_from_row(r: &sqlx::sqlite::SqliteRow) -> BotRecord {
-    BotRecord {
-        jid: r.get("jid"),
-        localpart: r.get("localpart"),
-        handler: r.get("handler"),
-        peer_auth: r.get("peer_auth"),
-        trust: r.get("trust"),
-        created_at: r.get("created_at"),
-    }
+fn bot_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<BotRecord, StoreError> {
+    Ok(BotRecord {
+        jid: r.try_get("jid")?,
+        localpart: r.try_get("localpart")?,
+        handler: r.try_get("handler")?,
+        peer_auth: named(r, "peer_auth")?,
+        trust: named(r, "trust")?,
+        created_at: r.try_get("created_at")?,
+    })
 }

@@ -251,9 +251,9 @@ mod tests {
         let bot = BotRecord {
             jid: jid.into(),
             localpart: "weather".into(),
-            handler: "api".into(),
-            peer_auth: "required".into(),
-            trust: "tofu".into(),
+            handler: crate::config::Handler::Api,
+            peer_auth: xtls::tunnel::PeerAuth::Required,
+            trust: xtls::tunnel::TrustMode::Tofu,
             created_at: now(),
         };
         store

@@ -26,14 +26,14 @@ pub use bots::{BotRecord, PeerPin, StoredBot};
 pub use events::{EventRecord, NewEvent};
 pub use messages::{FINAL, MessageRecord, OutMsg};
 pub use tokens::TokenInfo;
-pub use tunnels::{PeerIdentityRecord, TunnelFilter, TunnelRecord};
+pub use tunnels::{PeerIdentityRecord, PeerTrust, TunnelFilter, TunnelRecord};
 pub use webhooks::{Attempt, DeadLetter, Outcome, PendingEvent, Webhook};
 
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row as _, SqlitePool};
 
 use xtls::certs::{CertError, rfc3339};
 
@@ -58,6 +58,18 @@ pub enum StoreError {
     /// A concurrent writer changed what this write depended on.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// A stored value is none of the values its column may hold.
+    #[error("stored value unreadable: {0}")]
+    Unreadable(#[from] xtls::UnknownName),
+}
+
+/// Reads a column holding one of the engine's enums by its stable name (the engine does not
+/// depend on sqlx, so these are stored by name and parsed back); an unknown name is an error.
+fn named<T>(row: &sqlx::sqlite::SqliteRow, column: &str) -> Result<T, StoreError>
+where
+    T: FromStr<Err = xtls::UnknownName>,
+{
+    Ok(row.try_get::<&str, _>(column)?.parse()?)
 }
 
 /// The current time as RFC 3339, with sub-second precision (listings sort on it).
@@ -143,7 +155,9 @@ impl Store {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::config::Handler;
     use xtls::certs::{BotIdentity, Fingerprint};
+    use xtls::tunnel::{PeerAuth, Role, State, TrustMode};
 
     #[test]
     fn a_tunnel_record_clones_every_field() {
@@ -155,15 +169,15 @@ pub(crate) mod tests {
             "t1".into(),
             "echo@bots.example.org",
             &key,
-            "responder",
-            "open",
+            Role::Responder,
+            State::Open,
             now(),
         );
         full.tls_version = Some("TLSv1_3".into());
         full.cipher_suite = Some("TLS13_AES_128_GCM_SHA256".into());
         full.peer_identity = PeerIdentityRecord {
             spki_sha256: Some("AA:BB".into()),
-            trust: "tofu_new".into(),
+            trust: PeerTrust::TofuNew,
         };
         (
             full.stanzas_in,
@@ -175,7 +189,14 @@ pub(crate) mod tests {
         full.closed_at = Some(now());
         full.close_reason = Some("idle".into());
         assert_eq!(full.clone(), full);
-        let mut other = TunnelRecord::new("t2".into(), "b@c", &key, "initiator", "starting", now());
+        let mut other = TunnelRecord::new(
+            "t2".into(),
+            "b@c",
+            &key,
+            Role::Initiator,
+            State::Starting,
+            now(),
+        );
         other.clone_from(&full);
         assert_eq!(other, full);
     }
@@ -200,9 +221,9 @@ pub(crate) mod tests {
         let bot = BotRecord {
             jid: "echo@bots.example.org".into(),
             localpart: "echo".into(),
-            handler: "echo".into(),
-            peer_auth: "required".into(),
-            trust: "tofu".into(),
+            handler: Handler::Echo,
+            peer_auth: PeerAuth::Required,
+            trust: TrustMode::Tofu,
             created_at: now(),
         };
         store.insert_bot(&bot, &id).await.unwrap();
@@ -237,12 +258,12 @@ pub(crate) mod tests {
             "t1".into(),
             &bot.jid,
             &key,
-            "responder",
-            "handshaking",
+            Role::Responder,
+            State::Handshaking,
             now(),
         );
         store.save_tunnel(&t).await.unwrap();
-        t.state = "closed".into();
+        t.state = State::Closed;
         t.stanzas_in = 7;
         store.save_tunnel(&t).await.unwrap();
         assert_eq!(store.tunnel("t1").await.unwrap(), Some(t.clone()));
@@ -252,7 +273,7 @@ pub(crate) mod tests {
         };
         assert_eq!(store.list_tunnels(&by_peer, 10).await.unwrap().len(), 1);
         let other = TunnelFilter {
-            state: Some("open".into()),
+            state: Some(State::Open),
             ..Default::default()
         };
         assert!(store.list_tunnels(&other, 10).await.unwrap().is_empty());
@@ -268,6 +289,72 @@ pub(crate) mod tests {
         assert!(
             store.tunnel("t1").await.unwrap().is_some(),
             "history outlives the bot"
+        );
+        store.close().await;
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_unknown_stored_value_is_an_error_not_a_default() {
+        let (store, dir) = temp_store().await;
+        let id = BotIdentity::generate("odd@bots.example.org").unwrap();
+        let bot = BotRecord {
+            jid: "odd@bots.example.org".into(),
+            localpart: "odd".into(),
+            handler: Handler::Echo,
+            peer_auth: PeerAuth::Required,
+            trust: TrustMode::Tofu,
+            created_at: now(),
+        };
+        store.insert_bot(&bot, &id).await.unwrap();
+        let key = xtls::tunnel::TunnelKey {
+            local: bot.jid.clone(),
+            peer: "alice@example.net/laptop".into(),
+        };
+        let t = TunnelRecord::new(
+            "t1".into(),
+            &bot.jid,
+            &key,
+            Role::Responder,
+            State::Open,
+            now(),
+        );
+        store.save_tunnel(&t).await.unwrap();
+
+        // A later version (or a hand edit) wrote values this one does not know.
+        for (sql, column) in [
+            ("UPDATE bots SET handler = 'webhook'", "handler"),
+            (
+                "UPDATE bots SET handler = 'echo', trust = 'verified-only'",
+                "trust",
+            ),
+        ] {
+            sqlx::query(sql).execute(&store.writer).await.unwrap();
+            let err = store.list_bots().await.unwrap_err().to_string();
+            assert!(
+                err.contains(column) || err.contains("verified-only"),
+                "{err}"
+            );
+            assert!(store.load_bots().await.is_err());
+        }
+        sqlx::query("UPDATE tunnels SET state = 'half-open'")
+            .execute(&store.writer)
+            .await
+            .unwrap();
+        let err = store.tunnel("t1").await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "stored value unreadable: unknown tunnel state 'half-open'"
+        );
+        sqlx::query("UPDATE tunnels SET state = 'open', trust = 'trusted'")
+            .execute(&store.writer)
+            .await
+            .unwrap();
+        assert!(
+            store
+                .list_tunnels(&TunnelFilter::default(), 10)
+                .await
+                .is_err()
         );
         store.close().await;
         std::fs::remove_dir_all(dir).unwrap();

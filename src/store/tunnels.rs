@@ -3,15 +3,53 @@
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Store, StoreError, now};
+use super::{Store, StoreError, named, now};
+use xtls::tunnel::{Role, State, TrustVerdict};
+
+/// What is known of a peer's key in a tunnel row: nothing yet, or the handshake's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerTrust {
+    /// The handshake has not judged the peer yet.
+    #[default]
+    Pending,
+    /// No certificate was presented (allowed under `peer_auth = optional`).
+    Unauthenticated,
+    /// First use: the key was unknown and is now pinned.
+    TofuNew,
+    /// The key matched a pin.
+    Pinned,
+}
+
+impl From<TrustVerdict> for PeerTrust {
+    fn from(v: TrustVerdict) -> Self {
+        match v {
+            TrustVerdict::Unauthenticated => PeerTrust::Unauthenticated,
+            TrustVerdict::TofuNew => PeerTrust::TofuNew,
+            TrustVerdict::Pinned => PeerTrust::Pinned,
+        }
+    }
+}
+
+impl PeerTrust {
+    /// The verdict, stored by name (`NULL` while pending).
+    fn verdict(self) -> Option<TrustVerdict> {
+        match self {
+            PeerTrust::Pending => None,
+            PeerTrust::Unauthenticated => Some(TrustVerdict::Unauthenticated),
+            PeerTrust::TofuNew => Some(TrustVerdict::TofuNew),
+            PeerTrust::Pinned => Some(TrustVerdict::Pinned),
+        }
+    }
+}
 
 /// The peer identity part of a tunnel row.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq, Default, utoipa::ToSchema)]
 pub struct PeerIdentityRecord {
     /// SPKI SHA-256 of the peer's key, colon hex; `None` before the handshake or without one.
     pub spki_sha256: Option<String>,
-    /// `pending`, `unauthenticated`, `tofu_new` or `pinned`.
-    pub trust: String,
+    /// What the handshake concluded of the key.
+    pub trust: PeerTrust,
 }
 
 /// One row of the session table, live or historical (the admin API's tunnel object).
@@ -25,10 +63,10 @@ pub struct TunnelRecord {
     pub local: String,
     /// The peer's JID.
     pub peer: String,
-    /// `initiator` or `responder`.
-    pub role: String,
-    /// `starting`, `handshaking`, `open`, `closing` or `closed`.
-    pub state: String,
+    /// Which end of the tunnel the bot is.
+    pub role: Role,
+    /// Where the tunnel is in its life (spec §1.14).
+    pub state: State,
     /// Negotiated TLS version.
     pub tls_version: Option<String>,
     /// Negotiated cipher suite.
@@ -64,8 +102,8 @@ impl Clone for TunnelRecord {
                 local: String::new(),
                 peer: String::new(),
             },
-            "",
-            "",
+            Role::Responder,
+            State::Starting,
             String::new(),
         );
         copy.clone_from(self);
@@ -96,13 +134,13 @@ impl Clone for TunnelRecord {
         self.bot.clone_from(bot);
         self.local.clone_from(local);
         self.peer.clone_from(peer);
-        self.role.clone_from(role);
-        self.state.clone_from(state);
+        self.role = *role;
+        self.state = *state;
         self.tls_version.clone_from(tls_version);
         self.cipher_suite.clone_from(cipher_suite);
         let PeerIdentityRecord { spki_sha256, trust } = peer_identity;
         self.peer_identity.spki_sha256.clone_from(spki_sha256);
-        self.peer_identity.trust.clone_from(trust);
+        self.peer_identity.trust = *trust;
         self.stanzas_in = *stanzas_in;
         self.stanzas_out = *stanzas_out;
         self.bytes_in = *bytes_in;
@@ -120,8 +158,8 @@ impl TunnelRecord {
         id: String,
         bot: &str,
         key: &xtls::tunnel::TunnelKey,
-        role: &str,
-        state: &str,
+        role: Role,
+        state: State,
         opened_at: String,
     ) -> TunnelRecord {
         TunnelRecord {
@@ -129,14 +167,11 @@ impl TunnelRecord {
             bot: bot.to_owned(),
             local: key.local.clone(),
             peer: key.peer.clone(),
-            role: role.to_owned(),
-            state: state.to_owned(),
+            role,
+            state,
             tls_version: None,
             cipher_suite: None,
-            peer_identity: PeerIdentityRecord {
-                spki_sha256: None,
-                trust: "pending".into(),
-            },
+            peer_identity: PeerIdentityRecord::default(),
             stanzas_in: 0,
             stanzas_out: 0,
             bytes_in: 0,
@@ -157,7 +192,7 @@ pub struct TunnelFilter {
     /// Only this peer (full JID, or bare to match every resource).
     pub peer: Option<String>,
     /// Only this state.
-    pub state: Option<String>,
+    pub state: Option<State>,
 }
 
 impl TunnelFilter {
@@ -168,7 +203,7 @@ impl TunnelFilter {
                 .peer
                 .as_ref()
                 .is_none_or(|p| *p == t.peer || xtls::tunnel::bare(&t.peer) == p)
-            && self.state.as_ref().is_none_or(|s| *s == t.state)
+            && self.state.is_none_or(|s| s == t.state)
     }
 }
 
@@ -200,12 +235,12 @@ impl Store {
         .bind(&t.bot)
         .bind(&t.local)
         .bind(&t.peer)
-        .bind(&t.role)
-        .bind(&t.state)
+        .bind(t.role.as_str())
+        .bind(t.state.as_str())
         .bind(&t.tls_version)
         .bind(&t.cipher_suite)
         .bind(&t.peer_identity.spki_sha256)
-        .bind(&t.peer_identity.trust)
+        .bind(t.peer_identity.trust.verdict().map(TrustVerdict::as_str))
         .bind(t.stanzas_in as i64)
         .bind(t.stanzas_out as i64)
         .bind(t.bytes_in as i64)
@@ -231,16 +266,19 @@ impl Store {
              ORDER BY opened_at DESC, id DESC LIMIT ?4",
         )
         .bind(&filter.bot)
-        .bind(&filter.state)
+        .bind(filter.state.map(State::as_str))
         .bind(&filter.peer)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .iter()
-            .map(tunnel_from_row)
-            .filter(|t| filter.matches(t))
-            .collect())
+        let mut tunnels = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let t = tunnel_from_row(row)?;
+            if filter.matches(&t) {
+                tunnels.push(t);
+            }
+        }
+        Ok(tunnels)
     }
 
     /// One tunnel row.
@@ -249,33 +287,35 @@ impl Store {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(tunnel_from_row))
+        row.as_ref().map(tunnel_from_row).transpose()
     }
 }
 
-fn tunnel_from_row(r: &sqlx::sqlite::SqliteRow) -> TunnelRecord {
-    TunnelRecord {
-        id: r.get("id"),
-        bot: r.get("bot_jid"),
-        local: r.get("local_jid"),
-        peer: r.get("peer"),
-        role: r.get("role"),
-        state: r.get("state"),
-        tls_version: r.get("tls_version"),
-        cipher_suite: r.get("cipher_suite"),
+fn tunnel_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<TunnelRecord, StoreError> {
+    let trust = match r.try_get::<Option<&str>, _>("trust")? {
+        None => PeerTrust::Pending,
+        Some(name) => name.parse::<TrustVerdict>()?.into(),
+    };
+    Ok(TunnelRecord {
+        id: r.try_get("id")?,
+        bot: r.try_get("bot_jid")?,
+        local: r.try_get("local_jid")?,
+        peer: r.try_get("peer")?,
+        role: named(r, "role")?,
+        state: named(r, "state")?,
+        tls_version: r.try_get("tls_version")?,
+        cipher_suite: r.try_get("cipher_suite")?,
         peer_identity: PeerIdentityRecord {
-            spki_sha256: r.get("peer_spki"),
-            trust: r
-                .get::<Option<String>, _>("trust")
-                .unwrap_or_else(|| "pending".into()),
+            spki_sha256: r.try_get("peer_spki")?,
+            trust,
         },
-        stanzas_in: r.get::<i64, _>("stanzas_in") as u64,
-        stanzas_out: r.get::<i64, _>("stanzas_out") as u64,
-        bytes_in: r.get::<i64, _>("bytes_in") as u64,
-        bytes_out: r.get::<i64, _>("bytes_out") as u64,
-        opened_at: r.get("opened_at"),
-        established_at: r.get("established_at"),
-        closed_at: r.get("closed_at"),
-        close_reason: r.get("close_reason"),
-    }
+        stanzas_in: r.try_get::<i64, _>("stanzas_in")? as u64,
+        stanzas_out: r.try_get::<i64, _>("stanzas_out")? as u64,
+        bytes_in: r.try_get::<i64, _>("bytes_in")? as u64,
+        bytes_out: r.try_get::<i64, _>("bytes_out")? as u64,
+        opened_at: r.try_get("opened_at")?,
+        established_at: r.try_get("established_at")?,
+        closed_at: r.try_get("closed_at")?,
+        close_reason: r.try_get("close_reason")?,
+    })
 }

@@ -104,6 +104,7 @@ impl fmt::Display for TunnelKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub enum Role {
     /// We sent `start`: TLS client.
     Initiator,
@@ -120,6 +121,7 @@ named_enum!(Role, "tunnel role", {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub enum State {
     /// Initiator: `start` sent, no answer yet.
     Starting,

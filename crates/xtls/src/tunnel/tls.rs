@@ -48,6 +48,7 @@ pub enum TrustMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub enum TrustVerdict {
     /// No certificate was presented (allowed under [`PeerAuth::Optional`]).
     Unauthenticated,
