@@ -22,8 +22,8 @@ use super::{AdminState, ApiError, Caller};
 use crate::delivery::webhook;
 use crate::session::{BotHandle, Submitted};
 use crate::store::{
-    Attempt, DeadLetter, EventRecord, MessageRecord, OutMsg, Store, StoreError, TokenInfo, Webhook,
-    now,
+    Attempt, DeadLetter, EventRecord, MessageRecord, MessageStatus, OutMsg, Store, StoreError,
+    TokenInfo, Webhook, now,
 };
 use xtls::stanza::checked_chat_message;
 
@@ -582,9 +582,8 @@ struct MessageAccepted {
     id: String,
     /// The recipient.
     to: String,
-    /// `accepted`, `sent`, `queued`, `opening`, or a failure (`no_xtls_support`,
-    /// `refused`, `identity_changed`, `peer_unavailable`, `failed`).
-    status: String,
+    /// Where the message stands.
+    status: MessageStatus,
     /// Why, for failures.
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
@@ -598,7 +597,7 @@ impl MessageAccepted {
         MessageAccepted {
             id,
             to,
-            status: outcome.status.to_owned(),
+            status: outcome.status,
             reason: outcome.reason,
             tunnel_id: outcome.tunnel_id,
         }
@@ -697,11 +696,11 @@ async fn post_message(
                 .await?;
             let id = msg.id.clone();
             let outcome = bot.submit(msg).await.unwrap_or(Submitted {
-                status: "accepted",
+                status: MessageStatus::Accepted,
                 reason: None,
                 tunnel_id: None,
             });
-            if outcome.status == "rate_limited" {
+            if outcome.status == MessageStatus::RateLimited {
                 // Not accepted: the caller retries.
                 store.delete_message(&id).await?;
             }
@@ -723,7 +722,7 @@ async fn post_message(
         }
         Err(e) => return Err(e.into()),
     };
-    if outcome.status == "rate_limited" {
+    if outcome.status == MessageStatus::RateLimited {
         return Err(ApiError::TooManyRequests(
             1,
             outcome.reason.unwrap_or_else(|| "try again shortly".into()),
@@ -773,8 +772,9 @@ pub struct TunnelOpening {
     bot: String,
     /// The peer's full JID.
     peer: String,
-    /// `opening`, `open` (one exists), or a failure (`no_xtls_support`, `peer_unavailable`).
-    status: String,
+    /// `opening`; `sent` when a tunnel to the peer is already live (`tunnel_id` names it);
+    /// or a failure (`no_xtls_support`, `peer_unavailable`).
+    status: MessageStatus,
     /// Why, for failures.
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
@@ -803,7 +803,7 @@ pub async fn open_tunnel(
         .open(peer.clone())
         .await
         .ok_or_else(|| ApiError::Internal("the bot did not answer".into()))?;
-    if outcome.status == "rate_limited" {
+    if outcome.status == MessageStatus::RateLimited {
         return Err(ApiError::TooManyRequests(
             1,
             outcome.reason.unwrap_or_default(),
@@ -814,7 +814,7 @@ pub async fn open_tunnel(
         Json(TunnelOpening {
             bot: bot.record.jid.clone(),
             peer,
-            status: outcome.status.to_owned(),
+            status: outcome.status,
             reason: outcome.reason,
             tunnel_id: outcome.tunnel_id,
         }),

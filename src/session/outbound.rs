@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::driver::{BotDriver, normalize};
-use crate::store::{FINAL, NewEvent, OutMsg};
+use crate::store::{MessageStatus, NewEvent, OutMsg};
 use xtls::stanza::{Iq, IqType, build_iq, ns};
 use xtls::tunnel::{CloseReason, SendError, State, Tunnel, TunnelKey, bare};
 
@@ -31,9 +31,8 @@ const MAX_RESOURCES: usize = 16;
 /// The first outcome of a submission, as `POST .../messages` reports it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Submitted {
-    /// `sent`, `queued`, `opening`, or a failure (`no_xtls_support`, `refused`,
-    /// `identity_changed`, `peer_unavailable`, `rate_limited`).
-    pub status: &'static str,
+    /// `sent`, `queued`, `opening`, or a failure.
+    pub status: MessageStatus,
     /// Why, for failures.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -43,7 +42,7 @@ pub struct Submitted {
 }
 
 impl Submitted {
-    fn new(status: &'static str, reason: Option<String>, tunnel_id: Option<String>) -> Self {
+    fn new(status: MessageStatus, reason: Option<String>, tunnel_id: Option<String>) -> Self {
         Self {
             status,
             reason,
@@ -86,7 +85,7 @@ impl BotDriver {
         let Some(key) = self.route_to(&msg.to) else {
             self.settle(
                 &msg,
-                "peer_unavailable",
+                MessageStatus::PeerUnavailable,
                 Some("no available resource of the peer is known".into()),
                 reply,
             )
@@ -105,7 +104,7 @@ impl BotDriver {
                                 .entry(key)
                                 .or_default()
                                 .push_back((mark, msg.clone()));
-                            self.settle(&msg, "sent", None, reply).await;
+                            self.settle(&msg, MessageStatus::Sent, None, reply).await;
                             self.set_tunnel(&msg, &id).await;
                         }
                         Err(SendError::Blocked) => {
@@ -136,7 +135,7 @@ impl BotDriver {
                         return;
                     }
                     queue.push_back(msg.clone());
-                    self.settle(&msg, "queued", None, reply).await;
+                    self.settle(&msg, MessageStatus::Queued, None, reply).await;
                     self.set_tunnel(&msg, &id).await;
                 }
                 State::Closing | State::Closed => {
@@ -166,7 +165,7 @@ impl BotDriver {
         };
         if let Some(live) = self.tunnels.get(&key) {
             let _ = reply.send(Submitted::new(
-                "sent",
+                MessageStatus::Sent,
                 Some("a tunnel to this peer is live".into()),
                 Some(live.record.id.clone()),
             ));
@@ -258,13 +257,13 @@ impl BotDriver {
                     None
                 } else {
                     Some((
-                        "no_xtls_support",
+                        MessageStatus::NoXtlsSupport,
                         "the peer does not advertise urn:xmpp:tmp:xtls".to_owned(),
                     ))
                 }
             }
             _ => Some((
-                "peer_unavailable",
+                MessageStatus::PeerUnavailable,
                 format!("disco#info answered {}", iq.error_condition()),
             )),
         };
@@ -288,7 +287,7 @@ impl BotDriver {
             let disco = self.out.discos.remove(&id).expect("listed");
             self.fail_disco(
                 disco,
-                "peer_unavailable",
+                MessageStatus::PeerUnavailable,
                 "disco#info was not answered".into(),
             )
             .await;
@@ -300,11 +299,11 @@ impl BotDriver {
         self.out.discos.values().map(|d| d.deadline).min()
     }
 
-    pub(super) async fn fail_disco(&mut self, disco: Disco, status: &'static str, reason: String) {
+    pub(super) async fn fail_disco(&mut self, disco: Disco, status: MessageStatus, reason: String) {
         tracing::info!(
             bot = self.bot.jid,
             peer = disco.key.peer,
-            status,
+            status = ?status,
             reason,
             "no tunnel opened"
         );
@@ -334,13 +333,17 @@ impl BotDriver {
                 Box::pin(self.submit(msg, reply)).await;
             }
             for reply in disco.opens {
-                let _ = reply.send(Submitted::new("opening", None, Some(id.clone())));
+                let _ = reply.send(Submitted::new(
+                    MessageStatus::Opening,
+                    None,
+                    Some(id.clone()),
+                ));
             }
             return;
         }
         let refused = self
             .over_limit(&key)
-            .map(|text| ("rate_limited", text.to_owned()));
+            .map(|text| (MessageStatus::RateLimited, text.to_owned()));
         let params = match refused {
             Some(_) => None,
             None => match self.tunnel_params(&key).await {
@@ -352,7 +355,8 @@ impl BotDriver {
             },
         };
         let Some(params) = params else {
-            let (status, reason) = refused.unwrap_or(("rate_limited", "store unavailable".into()));
+            let (status, reason) =
+                refused.unwrap_or((MessageStatus::RateLimited, "store unavailable".into()));
             for (msg, reply) in disco.msgs {
                 self.refuse(&msg, reply, &reason, None).await;
             }
@@ -364,7 +368,7 @@ impl BotDriver {
         let tunnel = Tunnel::initiate(Instant::now().into_std(), params);
         let id = self.adopt(key.clone(), tunnel).await;
         for (msg, reply) in disco.msgs {
-            self.settle(&msg, "opening", None, reply).await;
+            self.settle(&msg, MessageStatus::Opening, None, reply).await;
             self.set_tunnel(&msg, &id).await;
             self.out
                 .waiting
@@ -373,7 +377,11 @@ impl BotDriver {
                 .push_back(msg);
         }
         for reply in disco.opens {
-            let _ = reply.send(Submitted::new("opening", None, Some(id.clone())));
+            let _ = reply.send(Submitted::new(
+                MessageStatus::Opening,
+                None,
+                Some(id.clone()),
+            ));
         }
     }
 
@@ -397,7 +405,7 @@ impl BotDriver {
                         .entry(key.clone())
                         .or_default()
                         .push_back((mark, msg.clone()));
-                    self.settle(&msg, "sent", None, None).await;
+                    self.settle(&msg, MessageStatus::Sent, None, None).await;
                 }
                 Err(_) => {
                     // Full: the rest goes out on the next Writable event.
@@ -422,7 +430,8 @@ impl BotDriver {
         }
         for msg in done {
             self.out.reopened.remove(&msg.id);
-            self.settle(&msg, "acknowledged", None, None).await;
+            self.settle(&msg, MessageStatus::Acknowledged, None, None)
+                .await;
         }
     }
 
@@ -445,9 +454,9 @@ impl BotDriver {
             lost.extend(waiting);
         }
         let status = match reason {
-            CloseReason::Refused(_) => "refused",
-            r if r.identity_change().is_some() => "identity_changed",
-            _ => "failed",
+            CloseReason::Refused(_) => MessageStatus::Refused,
+            r if r.identity_change().is_some() => MessageStatus::IdentityChanged,
+            _ => MessageStatus::Failed,
         };
         for msg in lost {
             if msg.reopen && self.out.reopened.insert(msg.id.clone()) {
@@ -522,7 +531,7 @@ impl BotDriver {
             } else {
                 self.settle(
                     &msg,
-                    "failed",
+                    MessageStatus::Failed,
                     Some("the component restarted before the peer acknowledged it".into()),
                     None,
                 )
@@ -551,10 +560,11 @@ impl BotDriver {
         tunnel_id: Option<String>,
     ) {
         self.shared.metrics.rejected("outbound_messages");
-        let outcome = Submitted::new("rate_limited", Some(reason.into()), tunnel_id);
+        let outcome = Submitted::new(MessageStatus::RateLimited, Some(reason.into()), tunnel_id);
         // The caller deletes a refused message; when it stopped waiting, it is ours to fail.
         if let Some(Err(_)) | None = reply.map(|r| r.send(outcome)) {
-            self.settle(msg, "failed", Some(reason.into()), None).await;
+            self.settle(msg, MessageStatus::Failed, Some(reason.into()), None)
+                .await;
         }
     }
 
@@ -562,11 +572,11 @@ impl BotDriver {
     pub(super) async fn settle(
         &mut self,
         msg: &OutMsg,
-        status: &'static str,
+        status: MessageStatus,
         reason: Option<String>,
         reply: Reply,
     ) {
-        if FINAL.contains(&status) {
+        if status.is_final() {
             self.out.reopened.remove(&msg.id);
         }
         if let Err(e) = self

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::*;
 use crate::config::{EventsConfig, Handler, LimitsConfig, WebhooksConfig};
-use crate::store::{OutMsg, Store};
+use crate::store::{MessageStatus, OutMsg, Store};
 use xtls::certs::BotIdentity;
 use xtls::stanza::xtls::XtlsElement;
 use xtls::stanza::{Iq, IqType, name, ns};
@@ -303,7 +303,10 @@ async fn a_bot_opens_a_tunnel_after_disco_and_reports_the_peer_acknowledgement()
     let disco = recv(&mut rx).await;
     assert_eq!(disco.attr("to"), Some("bob@example.net/pc"));
     bot.try_deliver(disco_answer(&disco, false)).unwrap();
-    assert_eq!(submitting.await.unwrap().unwrap().status, "no_xtls_support");
+    assert_eq!(
+        submitting.await.unwrap().unwrap().status,
+        MessageStatus::NoXtlsSupport
+    );
     assert!(
         tokio::time::timeout(Duration::from_millis(200), rx.recv())
             .await
@@ -324,7 +327,7 @@ async fn a_bot_opens_a_tunnel_after_disco_and_reports_the_peer_acknowledgement()
     let disco = recv(&mut rx).await;
     bot.try_deliver(disco_answer(&disco, true)).unwrap();
     let outcome = submitting.await.unwrap().unwrap();
-    assert_eq!(outcome.status, "opening");
+    assert_eq!(outcome.status, MessageStatus::Opening);
     let start = Iq::parse(&recv(&mut rx).await).unwrap();
     let Ok(XtlsElement::Start { offer }) = classify_request(&start) else {
         panic!("a start follows the disco answer")
@@ -362,7 +365,7 @@ async fn a_bot_opens_a_tunnel_after_disco_and_reports_the_peer_acknowledgement()
             .unwrap()
             .unwrap()
             .status;
-        if got.is_some() && status == "acknowledged" {
+        if got.is_some() && status == MessageStatus::Acknowledged {
             break;
         }
         if let Ok(Some(el)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
@@ -449,7 +452,10 @@ async fn a_changed_peer_key_raises_the_event_the_metric_and_the_message_status()
     });
     let disco = recv(&mut rx).await;
     bot.try_deliver(disco_answer(&disco, true)).unwrap();
-    assert_eq!(submitting.await.unwrap().unwrap().status, "opening");
+    assert_eq!(
+        submitting.await.unwrap().unwrap().status,
+        MessageStatus::Opening
+    );
     let start = Iq::parse(&recv(&mut rx).await).unwrap();
     let Ok(XtlsElement::Start { offer }) = classify_request(&start) else {
         panic!("a start follows the disco answer")
@@ -472,7 +478,7 @@ async fn a_changed_peer_key_raises_the_event_the_metric_and_the_message_status()
         offer.as_ref(),
     )
     .unwrap();
-    let mut status = String::new();
+    let mut status = MessageStatus::Accepted;
     for _ in 0..100 {
         while let Some(el) = peer.poll_transmit() {
             bot.try_deliver(el).unwrap();
@@ -483,14 +489,14 @@ async fn a_changed_peer_key_raises_the_event_the_metric_and_the_message_status()
             .unwrap()
             .unwrap()
             .status;
-        if status == "identity_changed" {
+        if status == MessageStatus::IdentityChanged {
             break;
         }
         if let Ok(Some(el)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
             peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
         }
     }
-    assert_eq!(status, "identity_changed");
+    assert_eq!(status, MessageStatus::IdentityChanged);
     assert_eq!(bots.shared().metrics.identity_changes.get(), 1);
     // The status is settled before the batch holding the event commits: wait for it.
     let mut changed = None;

@@ -20,15 +20,51 @@ pub struct OutMsg {
     pub reopen: bool,
 }
 
-/// Statuses after which nothing more happens to a message.
-pub const FINAL: &[&str] = &[
-    "acknowledged",
-    "failed",
-    "no_xtls_support",
-    "refused",
-    "identity_changed",
-    "peer_unavailable",
-];
+/// Where a message a bot sends stands (docs/bot-api.md, *Writing*).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema, sqlx::Type)]
+#[serde(rename_all = "snake_case")]
+#[sqlx(type_name = "TEXT", rename_all = "snake_case")]
+pub enum MessageStatus {
+    /// Stored; nothing tried yet.
+    Accepted,
+    /// Waiting behind the window of a live tunnel.
+    Queued,
+    /// Waiting for a tunnel the bot is opening as initiator.
+    Opening,
+    /// In `data` IQs, not yet acknowledged by the peer.
+    Sent,
+    /// The peer acknowledged every `data` carrying it. Final.
+    Acknowledged,
+    /// It could not be delivered. Final.
+    Failed,
+    /// The peer's client does not announce XTLS. Final.
+    NoXtlsSupport,
+    /// The peer refused our `start`. Final.
+    Refused,
+    /// The peer presented a key other than the one pinned for it. Final.
+    IdentityChanged,
+    /// The peer is offline or unknown. Final.
+    PeerUnavailable,
+    /// Not taken: a limit or the store refused it for now (the submitter may retry).
+    RateLimited,
+}
+
+impl MessageStatus {
+    /// The statuses after which nothing more happens to a message.
+    pub const FINAL: &'static [MessageStatus] = &[
+        MessageStatus::Acknowledged,
+        MessageStatus::Failed,
+        MessageStatus::NoXtlsSupport,
+        MessageStatus::Refused,
+        MessageStatus::IdentityChanged,
+        MessageStatus::PeerUnavailable,
+    ];
+
+    /// Whether nothing more happens to a message with this status.
+    pub fn is_final(self) -> bool {
+        Self::FINAL.contains(&self)
+    }
+}
 
 /// A stored message, as `GET .../messages/{id}` shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -40,7 +76,7 @@ pub struct MessageRecord {
     /// The recipient.
     pub to: String,
     /// The current status.
-    pub status: String,
+    pub status: MessageStatus,
     /// Why, for failures.
     pub reason: Option<String>,
     /// The tunnel that carried it.
@@ -51,18 +87,18 @@ pub struct MessageRecord {
     pub history: Value,
 }
 
-fn message_from_row(row: &sqlx::sqlite::SqliteRow) -> MessageRecord {
-    let history: String = row.get("history");
-    MessageRecord {
-        id: row.get("id"),
-        bot: row.get("bot_jid"),
-        to: row.get("to_jid"),
-        status: row.get("status"),
-        reason: row.get("reason"),
-        tunnel_id: row.get("tunnel_id"),
-        created_at: row.get("created_at"),
+fn message_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<MessageRecord, StoreError> {
+    let history: String = row.try_get("history")?;
+    Ok(MessageRecord {
+        id: row.try_get("id")?,
+        bot: row.try_get("bot_jid")?,
+        to: row.try_get("to_jid")?,
+        status: row.try_get("status")?,
+        reason: row.try_get("reason")?,
+        tunnel_id: row.try_get("tunnel_id")?,
+        created_at: row.try_get("created_at")?,
         history: serde_json::from_str(&history).unwrap_or(Value::Null),
-    }
+    })
 }
 
 impl Store {
@@ -74,11 +110,11 @@ impl Store {
         idempotency_key: Option<&str>,
     ) -> Result<(), StoreError> {
         let at = now();
-        let history = json!([{ "status": "accepted", "at": at }]).to_string();
+        let history = json!([{ "status": MessageStatus::Accepted, "at": at }]).to_string();
         let stanza = String::from_utf8_lossy(&xtls::xml::to_bytes(&msg.stanza)).into_owned();
         let done = sqlx::query(
             "INSERT INTO messages (id, bot_jid, idempotency_key, to_jid, stanza, reopen, status, history, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, 'accepted', ?, ?) ON CONFLICT DO NOTHING",
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         )
         .bind(&msg.id)
         .bind(bot)
@@ -86,6 +122,7 @@ impl Store {
         .bind(&msg.to)
         .bind(stanza)
         .bind(msg.reopen)
+        .bind(MessageStatus::Accepted)
         .bind(history)
         .bind(at)
         .execute(self.writer())
@@ -100,7 +137,7 @@ impl Store {
     pub async fn update_message(
         &self,
         id: &str,
-        status: &str,
+        status: MessageStatus,
         reason: Option<&str>,
     ) -> Result<(), StoreError> {
         sqlx::query(
@@ -141,7 +178,7 @@ impl Store {
             .bind(id)
             .fetch_optional(self.pool())
             .await?;
-        Ok(row.as_ref().map(message_from_row))
+        row.as_ref().map(message_from_row).transpose()
     }
 
     /// The message a bot stored under an idempotency key.
@@ -155,18 +192,18 @@ impl Store {
             .bind(key)
             .fetch_optional(self.pool())
             .await?;
-        Ok(row.as_ref().map(message_from_row))
+        row.as_ref().map(message_from_row).transpose()
     }
 
     /// The bots with messages that have not reached a final status (start-up).
     pub(crate) async fn bots_with_unfinished_messages(
         &self,
     ) -> Result<std::collections::HashSet<String>, StoreError> {
-        let placeholders = vec!["?"; FINAL.len()].join(", ");
+        let placeholders = vec!["?"; MessageStatus::FINAL.len()].join(", ");
         let sql =
             format!("SELECT DISTINCT bot_jid FROM messages WHERE status NOT IN ({placeholders})");
         let mut query = sqlx::query(&sql);
-        for status in FINAL {
+        for status in MessageStatus::FINAL {
             query = query.bind(*status);
         }
         let rows = query.fetch_all(self.pool()).await?;
@@ -181,12 +218,12 @@ impl Store {
         bot: &str,
         before: &str,
     ) -> Result<Vec<OutMsg>, StoreError> {
-        let placeholders = vec!["?"; FINAL.len()].join(", ");
+        let placeholders = vec!["?"; MessageStatus::FINAL.len()].join(", ");
         let sql = format!(
             "SELECT id, to_jid, stanza, reopen FROM messages WHERE bot_jid = ? AND created_at < ? AND status NOT IN ({placeholders}) ORDER BY created_at"
         );
         let mut query = sqlx::query(&sql).bind(bot).bind(before);
-        for status in FINAL {
+        for status in MessageStatus::FINAL {
             query = query.bind(*status);
         }
         let rows = query.fetch_all(self.pool()).await?;

@@ -24,7 +24,7 @@ pub mod webhooks;
 
 pub use bots::{BotRecord, PeerPin, StoredBot};
 pub use events::{EventRecord, NewEvent};
-pub use messages::{FINAL, MessageRecord, OutMsg};
+pub use messages::{MessageRecord, MessageStatus, OutMsg};
 pub use tokens::TokenInfo;
 pub use tunnels::{PeerIdentityRecord, PeerTrust, TunnelFilter, TunnelRecord};
 pub use webhooks::{Attempt, DeadLetter, Outcome, PendingEvent, Webhook};
