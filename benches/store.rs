@@ -1,7 +1,7 @@
 //! Event-log commit benchmarks, each against a bare SQLite baseline measured in the same run.
 //!
 //! What is committed: `message.received` events for a ~200-byte chat message that arrived
-//! through a tunnel, built once by [`stanza_event`] the way the session driver builds them,
+//! through a tunnel, built once by [`BotEvent::stanza`] the way the session driver builds them,
 //! in batches of 1, 16 and 64 (a driver step commits every stanza it acknowledges in one
 //! batch). Throughput is reported in events per second.
 //!
@@ -33,7 +33,7 @@ use xtls::certs::{BotIdentity, Fingerprint};
 use xtls::stanza::chat_message;
 use xtls::stanza::set_attr;
 use xtls::tunnel::{Established, PeerIdentity, TrustVerdict};
-use xtls_component::delivery::log::{identity_json, stanza_event};
+use xtls_component::delivery::event::{BotEvent, Identity};
 use xtls_component::store::NewEvent;
 use xtls_component::store::events::event_id;
 use xtls_component::store::{BotRecord, Store, now};
@@ -84,12 +84,8 @@ fn events(n: usize) -> Vec<NewEvent> {
             trust: TrustVerdict::TofuNew,
         },
     };
-    let event = stanza_event(
-        &stanza,
-        "tun_0123456789abcdef",
-        ALICE,
-        identity_json(Some(&established)),
-    );
+    let event = BotEvent::stanza(&stanza, Some(Identity::of(&established)))
+        .into_row(Some("tun_0123456789abcdef".into()), Some(ALICE.into()));
     vec![event; n]
 }
 

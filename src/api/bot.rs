@@ -91,6 +91,7 @@ struct EventsQuery {
 #[derive(Serialize, ToSchema)]
 struct EventsPage {
     /// The events, in seq order.
+    #[schema(value_type = Vec<crate::delivery::event::EventEnvelope>)]
     events: Vec<EventRecord>,
     /// Everything up to this seq is acknowledged.
     cursor: u64,

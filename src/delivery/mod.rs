@@ -5,5 +5,5 @@
 //! spawns deliverers; the API reads the logs and manages webhooks. It calls down into
 //! [`crate::store`] only.
 
-pub mod log;
+pub mod event;
 pub mod webhook;

@@ -20,7 +20,6 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
 use crate::config::WebhooksConfig;
-use crate::delivery::log::unix_ms;
 use crate::store::events::PENDING;
 use crate::store::{Attempt, Outcome, PendingEvent, Store, Webhook, now};
 
@@ -463,6 +462,11 @@ fn describe(e: &reqwest::Error) -> String {
     } else {
         "request failed".into()
     }
+}
+
+/// Unix milliseconds now.
+pub fn unix_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::config::Handler;
+use crate::delivery::event::BotEvent;
+use crate::store::MessageStatus;
 use crate::store::{BotRecord, NewEvent, StoreError, TunnelRecord};
 use xtls::stanza::xtls::XtlsElement;
 use xtls::stanza::{IqType, build_iq};
@@ -369,19 +371,13 @@ impl BotDriver {
             why,
             "webhook reply not sent"
         );
-        self.log(
-            None,
-            NewEvent {
-                kind: "delivery.status",
-                tunnel_id: Some(tunnel_id.to_owned()),
-                peer,
-                data: serde_json::json!({
-                    "message_id": null,
-                    "status": "failed",
-                    "reason": format!("webhook reply not sent: {why}"),
-                }),
-            },
-        );
+        let event = BotEvent::DeliveryStatus {
+            message_id: None,
+            to: None,
+            status: MessageStatus::Failed,
+            reason: Some(format!("webhook reply not sent: {why}")),
+        };
+        self.log(None, event.into_row(Some(tunnel_id.to_owned()), peer));
     }
 
     pub(super) async fn stop(&mut self, reason: CloseReason) {
@@ -421,15 +417,9 @@ impl BotDriver {
         self.shared.table.put(&record);
         // Tied to the tunnel: while the store cannot take it, the `proceed` (or our `start`)
         // is held back, the peer is told to wait, and the tunnel ends before it begins.
-        self.log(
-            Some(&key),
-            NewEvent {
-                kind: "tunnel.opened",
-                tunnel_id: Some(record.id.clone()),
-                peer: Some(key.peer.clone()),
-                data: serde_json::json!({ "role": role }),
-            },
-        );
+        let event = BotEvent::TunnelOpened { role };
+        let row = event.into_row(Some(record.id.clone()), Some(key.peer.clone()));
+        self.log(Some(&key), row);
         self.shared.handshakes.fetch_add(1, Ordering::Relaxed);
         self.shared.tunnels.fetch_add(1, Ordering::Relaxed);
         let id = record.id.clone();

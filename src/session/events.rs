@@ -7,7 +7,8 @@ use minidom::Element;
 use tokio::time::Instant;
 
 use crate::config::Handler;
-use crate::store::{NewEvent, PeerIdentityRecord};
+use crate::delivery::event::{BotEvent, FailStage, Identity};
+use crate::store::PeerIdentityRecord;
 use xtls::stanza::{DefinedCondition, ErrorType, error_reply, name, ns};
 use xtls::tunnel::{Event, State, TunnelKey, bare};
 
@@ -48,33 +49,19 @@ impl BotDriver {
                     trust = ?record.peer_identity.trust,
                     "tunnel open"
                 );
-                let identity = crate::delivery::log::identity_json(Some(&est));
-                self.log(
-                    None,
-                    NewEvent {
-                        kind: "tunnel.established",
-                        tunnel_id: Some(record.id.clone()),
-                        peer: Some(key.peer.clone()),
-                        data: serde_json::json!({
-                            "tls_version": est.tls_version,
-                            "cipher_suite": est.cipher_suite,
-                            "identity": identity,
-                        }),
-                    },
-                );
+                let established = BotEvent::TunnelEstablished {
+                    tls_version: est.tls_version.clone(),
+                    cipher_suite: est.cipher_suite.clone(),
+                    identity: Identity::of(&est),
+                };
+                let (id, peer) = (Some(record.id.clone()), Some(key.peer.clone()));
+                self.log(None, established.into_row(id.clone(), peer.clone()));
                 if est.peer.trust == xtls::tunnel::TrustVerdict::TofuNew {
-                    self.log(
-                        None,
-                        NewEvent {
-                            kind: "peer.identity_new",
-                            tunnel_id: Some(record.id.clone()),
-                            peer: Some(key.peer.clone()),
-                            data: serde_json::json!({
-                                "peer": bare(&key.peer),
-                                "spki_sha256": record.peer_identity.spki_sha256,
-                            }),
-                        },
-                    );
+                    let new = BotEvent::PeerIdentityNew {
+                        peer: bare(&key.peer).to_owned(),
+                        spki_sha256: record.peer_identity.spki_sha256.clone(),
+                    };
+                    self.log(None, new.into_row(id, peer));
                 }
                 if let Some(spki) = &est.peer.spki_sha256
                     && let Err(e) = self
@@ -102,13 +89,10 @@ impl BotDriver {
                     }
                 }
                 Handler::Api => {
-                    let event = crate::delivery::log::stanza_event(
-                        &stanza,
-                        &live.record.id,
-                        &key.peer,
-                        crate::delivery::log::identity_json(live.tunnel.established()),
-                    );
-                    self.log(Some(key), event);
+                    let identity = live.tunnel.established().map(Identity::of);
+                    let row = BotEvent::stanza(&stanza, identity)
+                        .into_row(Some(live.record.id.clone()), Some(key.peer.clone()));
+                    self.log(Some(key), row);
                 }
             },
             Event::Writable => self.send_waiting(key).await,
@@ -117,17 +101,12 @@ impl BotDriver {
                 self.shared.metrics.closed(&reason);
                 let r = &mut live.record;
                 let stage = if r.state == State::Starting {
-                    "start"
+                    FailStage::Start
                 } else {
-                    "handshake"
+                    FailStage::Handshake
                 };
-                let event = crate::delivery::log::close_event(
-                    &reason,
-                    r.established_at.is_some(),
-                    stage,
-                    &r.id,
-                    &key.peer,
-                );
+                let ended = BotEvent::ended(&reason, r.established_at.is_some(), stage)
+                    .into_row(Some(r.id.clone()), Some(key.peer.clone()));
                 let changed = reason.identity_change();
                 if r.established_at.is_none() {
                     self.shared.metrics.opened(r.role.as_str(), false);
@@ -141,22 +120,15 @@ impl BotDriver {
                 r.close_reason = Some(reason.to_string());
                 tracing::info!(bot = self.bot.jid, peer = key.peer, tunnel = r.id, reason = %reason, "tunnel closed");
                 if let Some((presented, pinned)) = changed {
-                    self.log(
-                        None,
-                        NewEvent {
-                            kind: "peer.identity_changed",
-                            tunnel_id: Some(id),
-                            peer: Some(key.peer.clone()),
-                            data: serde_json::json!({
-                                "peer": bare(&key.peer),
-                                "presented_spki_sha256": presented.to_string(),
-                                "pinned_spki_sha256": pinned.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                                "reason": reason.to_string(),
-                            }),
-                        },
-                    );
+                    let changed = BotEvent::PeerIdentityChanged {
+                        peer: bare(&key.peer).to_owned(),
+                        presented_spki_sha256: presented.to_string(),
+                        pinned_spki_sha256: pinned.iter().map(ToString::to_string).collect(),
+                        reason: reason.to_string(),
+                    };
+                    self.log(None, changed.into_row(Some(id), Some(key.peer.clone())));
                 }
-                self.log(None, event);
+                self.log(None, ended);
                 self.on_closed_outbound(key, &reason).await;
             }
         }

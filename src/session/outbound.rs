@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use minidom::Element;
 use serde::Serialize;
-use serde_json::json;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::driver::{BotDriver, normalize};
-use crate::store::{MessageStatus, NewEvent, OutMsg};
+use crate::delivery::event::{BotEvent, FailStage};
+use crate::store::{MessageStatus, OutMsg};
 use xtls::stanza::{Iq, IqType, build_iq, ns};
 use xtls::tunnel::{CloseReason, SendError, State, Tunnel, TunnelKey, bare};
 
@@ -307,15 +307,12 @@ impl BotDriver {
             reason,
             "no tunnel opened"
         );
-        self.log(
-            None,
-            NewEvent {
-                kind: "tunnel.failed",
-                tunnel_id: None,
-                peer: Some(disco.key.peer.clone()),
-                data: json!({ "stage": "disco", "reason": reason, "code": status }),
-            },
-        );
+        let event = BotEvent::TunnelFailed {
+            stage: FailStage::Disco,
+            reason: reason.clone(),
+            code: status.as_str().to_owned(),
+        };
+        self.log(None, event.into_row(None, Some(disco.key.peer.clone())));
         for (msg, reply) in disco.msgs {
             self.settle(&msg, status, Some(reason.clone()), reply).await;
         }
@@ -587,15 +584,13 @@ impl BotDriver {
         {
             tracing::error!(bot = self.bot.jid, message = msg.id, error = %e, "cannot record message status");
         }
-        self.log(
-            None,
-            NewEvent {
-                kind: "delivery.status",
-                tunnel_id: None,
-                peer: Some(msg.to.clone()),
-                data: json!({ "message_id": msg.id, "to": msg.to, "status": status, "reason": reason }),
-            },
-        );
+        let event = BotEvent::DeliveryStatus {
+            message_id: Some(msg.id.clone()),
+            to: Some(msg.to.clone()),
+            status,
+            reason: reason.clone(),
+        };
+        self.log(None, event.into_row(None, Some(msg.to.clone())));
         answer(reply, Submitted::new(status, reason, None));
     }
 

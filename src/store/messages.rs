@@ -1,7 +1,7 @@
 //! Messages a bot sends, their status history and idempotency keys.
 
 use minidom::Element;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::Row;
 
@@ -21,7 +21,9 @@ pub struct OutMsg {
 }
 
 /// Where a message a bot sends stands (docs/bot-api.md, *Writing*).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema, sqlx::Type)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, sqlx::Type,
+)]
 #[serde(rename_all = "snake_case")]
 #[sqlx(type_name = "TEXT", rename_all = "snake_case")]
 pub enum MessageStatus {
@@ -59,6 +61,23 @@ impl MessageStatus {
         MessageStatus::IdentityChanged,
         MessageStatus::PeerUnavailable,
     ];
+
+    /// The stable name (as in JSON and the store).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageStatus::Accepted => "accepted",
+            MessageStatus::Queued => "queued",
+            MessageStatus::Opening => "opening",
+            MessageStatus::Sent => "sent",
+            MessageStatus::Acknowledged => "acknowledged",
+            MessageStatus::Failed => "failed",
+            MessageStatus::NoXtlsSupport => "no_xtls_support",
+            MessageStatus::Refused => "refused",
+            MessageStatus::IdentityChanged => "identity_changed",
+            MessageStatus::PeerUnavailable => "peer_unavailable",
+            MessageStatus::RateLimited => "rate_limited",
+        }
+    }
 
     /// Whether nothing more happens to a message with this status.
     pub fn is_final(self) -> bool {

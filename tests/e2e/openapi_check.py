@@ -37,7 +37,7 @@ class OpenApiChecker:
 
     def __init__(self, document: dict) -> None:
         self.document = document
-        self.components = _closed(copy.deepcopy(document.get("components", {})))
+        self.components = _closed_components(copy.deepcopy(document.get("components", {})), document)
         self._routes: list[tuple[int, re.Pattern, str]] = []
         for template in document.get("paths", {}):
             params = template.count("{")
@@ -116,15 +116,53 @@ def _detail(body) -> str | None:
     return body.get("detail") if isinstance(body, dict) else None
 
 
-def _closed(node):
+def _closed(node, top: bool = True):
     """Every object schema with `properties` and no word on extra ones gets
-    `additionalProperties: false`."""
+    `additionalProperties: false`. A composition (`allOf`) is closed as a whole with
+    `unevaluatedProperties: false`, which sees the properties every part evaluated, and its
+    parts stay open at their top level (closing one part would refuse the others'
+    properties); `top` is false while inside such a part, through `oneOf`/`anyOf` too."""
     if isinstance(node, dict):
-        if "properties" in node and "additionalProperties" not in node:
+        if "allOf" in node:
+            node.setdefault("unevaluatedProperties", False)
+        elif top and "properties" in node and "additionalProperties" not in node:
             node["additionalProperties"] = False
-        for value in node.values():
-            _closed(value)
+        for key, value in node.items():
+            if key == "allOf":
+                for part in value:
+                    _closed(part, top=False)
+            elif key in ("oneOf", "anyOf"):
+                for part in value:
+                    _closed(part, top=top)
+            elif key == "properties":
+                for schema in value.values():
+                    _closed(schema)
+            else:
+                _closed(value)
     elif isinstance(node, list):
         for value in node:
             _closed(value)
     return node
+
+
+def _closed_components(components: dict, document: dict) -> dict:
+    """The components, closed; a schema that is a part of some `allOf` stays open at its top
+    level (the composition that uses it is closed instead)."""
+    parts: set[str] = set()
+
+    def collect(node):
+        if isinstance(node, dict):
+            for part in node.get("allOf", []):
+                ref = part.get("$ref", "") if isinstance(part, dict) else ""
+                if ref.startswith("#/components/schemas/"):
+                    parts.add(ref.rsplit("/", 1)[1])
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+
+    collect(document)
+    for name, schema in components.get("schemas", {}).items():
+        _closed(schema, top=name not in parts)
+    return components
