@@ -227,7 +227,18 @@ impl fmt::Debug for BotIdentity {
 impl BotIdentity {
     /// Generates an ECDSA P-256 key and a certificate per spec §2.2.
     pub fn generate(bare_jid: &str) -> Result<BotIdentity, CertError> {
-        let key = KeyPair::generate()?;
+        Self::issue(bare_jid, &KeyPair::generate()?)
+    }
+
+    /// A new certificate (new serial, new validity) for the same key: the SPKI fingerprint,
+    /// which peers pin, stays; the certificate's own digests change.
+    pub fn reissue(&self) -> Result<BotIdentity, CertError> {
+        let key = KeyPair::try_from(self.key_der.as_slice()).map_err(|_| CertError::BadKey)?;
+        Self::issue(&self.jid, &key)
+    }
+
+    /// A self-signed certificate for `key` per spec §2.2.
+    fn issue(bare_jid: &str, key: &KeyPair) -> Result<BotIdentity, CertError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, bare_jid);
@@ -249,7 +260,7 @@ impl BotIdentity {
         rand::Rng::fill(&mut rand::rng(), &mut serial);
         serial[0] &= 0x7f;
         params.serial_number = Some(SerialNumber::from_slice(&serial));
-        let cert = params.self_signed(&key)?;
+        let cert = params.self_signed(key)?;
         Self::from_der(bare_jid, cert.der().to_vec(), key.serialize_der())
     }
 
@@ -359,6 +370,29 @@ mod tests {
 
     #[test]
     fn spki_fingerprint_survives_reissue_with_the_same_key() {
+        let id = BotIdentity::generate("a@b.example").unwrap();
+        let reissued = id.reissue().unwrap();
+        assert_ne!(reissued.cert_der(), id.cert_der(), "a new certificate");
+        let (old, new) = (&id.info.fingerprints, &reissued.info.fingerprints);
+        assert_ne!(new.cert_sha256, old.cert_sha256);
+        assert_ne!(new.cert_sha1, old.cert_sha1);
+        assert_eq!(
+            new.spki_sha256, old.spki_sha256,
+            "the pinned key's digest stays"
+        );
+        assert_eq!(reissued.info.xmpp_addrs, vec!["a@b.example".to_owned()]);
+        // A peer that pinned the old certificate's key accepts the new certificate.
+        let policy = crate::tunnel::PeerPolicy {
+            pins: vec![old.spki_sha256.clone()],
+            ..Default::default()
+        };
+        let (_, verdict) =
+            crate::tunnel::judge("a@b.example", &policy, reissued.cert_der()).unwrap();
+        assert_eq!(verdict, crate::tunnel::TrustVerdict::Pinned);
+    }
+
+    #[test]
+    fn stored_der_reads_back_to_the_same_identity() {
         let id = BotIdentity::generate("a@b.example").unwrap();
         let reread =
             BotIdentity::from_der("a@b.example", id.cert_der().to_vec(), id.key_der().to_vec())
