@@ -159,7 +159,7 @@ fn store(c: &mut Criterion) {
         .iter()
         .map(|e| Row {
             kind: e.kind,
-            tunnel_id: e.tunnel_id.clone(),
+            tunnel_id: e.tunnel_id.as_ref().map(|t| t.to_string()),
             peer: e.peer.clone(),
             data: e.data.to_string(),
         })

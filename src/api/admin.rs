@@ -10,7 +10,7 @@ use super::openapi::{BotPath, PROBLEM_JSON, Problem, TunnelPath};
 use super::{AdminState, ApiError, json_body};
 use crate::config::Handler;
 use crate::session::{BotHandle, NewBot};
-use crate::store::{TunnelFilter, TunnelRecord};
+use crate::store::{TunnelFilter, TunnelId, TunnelRecord};
 use xtls::tunnel::{PeerAuth, TrustMode};
 
 /// A bot as the API shows it.
@@ -295,7 +295,7 @@ pub(super) async fn list_tunnels(
     (status = 404, description = "No such tunnel", body = Problem, content_type = PROBLEM_JSON)))]
 pub(super) async fn get_tunnel(
     State(state): State<AdminState>,
-    Path(id): Path<String>,
+    Path(id): Path<TunnelId>,
 ) -> Result<Json<TunnelRecord>, ApiError> {
     if let Some(t) = state.bots.shared().table.get(&id) {
         return Ok(Json(t));
@@ -314,9 +314,9 @@ pub(super) async fn get_tunnel(
 #[derive(Serialize, ToSchema)]
 pub struct Accepted {
     /// The tunnel id.
-    id: String,
+    id: TunnelId,
     /// `closing`.
-    state: String,
+    state: xtls::tunnel::State,
 }
 
 /// Closes a tunnel (close_notify, then `<close/>`).
@@ -326,14 +326,14 @@ pub struct Accepted {
     (status = 409, description = "Already closed", body = Problem, content_type = PROBLEM_JSON)))]
 pub(super) async fn delete_tunnel(
     State(state): State<AdminState>,
-    Path(id): Path<String>,
+    Path(id): Path<TunnelId>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     if state.bots.close_tunnel(&id).await {
         return Ok((
             StatusCode::ACCEPTED,
             Json(Accepted {
                 id,
-                state: "closing".into(),
+                state: xtls::tunnel::State::Closing,
             }),
         ));
     }

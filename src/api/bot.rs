@@ -23,7 +23,7 @@ use crate::delivery::webhook;
 use crate::session::{BotHandle, Submitted};
 use crate::store::{
     Attempt, DeadLetter, EventRecord, MessageRecord, MessageStatus, OutMsg, Store, StoreError,
-    TokenInfo, Webhook, now,
+    TokenInfo, TunnelId, Webhook, now,
 };
 use xtls::stanza::checked_chat_message;
 
@@ -590,7 +590,7 @@ struct MessageAccepted {
     reason: Option<String>,
     /// The tunnel carrying it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    tunnel_id: Option<String>,
+    tunnel_id: Option<TunnelId>,
 }
 
 impl MessageAccepted {
@@ -781,7 +781,7 @@ pub struct TunnelOpening {
     reason: Option<String>,
     /// The tunnel's id.
     #[serde(skip_serializing_if = "Option::is_none")]
-    tunnel_id: Option<String>,
+    tunnel_id: Option<TunnelId>,
 }
 
 /// The bot opens a tunnel to a full JID; the outcome arrives as events.

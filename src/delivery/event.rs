@@ -6,7 +6,7 @@ use minidom::Element;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::store::{MessageStatus, NewEvent};
+use crate::store::{MessageStatus, NewEvent, TunnelId};
 use xtls::tunnel::{CloseReason, Established, Role, TrustVerdict};
 
 /// The peer's key, as the handshake judged it.
@@ -151,7 +151,7 @@ pub struct EventEnvelope {
     /// When it happened (RFC 3339).
     pub occurred_at: String,
     /// The tunnel it belongs to.
-    pub tunnel_id: Option<String>,
+    pub tunnel_id: Option<TunnelId>,
     /// The peer's JID.
     pub peer: Option<String>,
     /// `type` and `data`.
@@ -208,7 +208,7 @@ impl BotEvent {
     }
 
     /// The row the store appends for this event.
-    pub fn into_row(self, tunnel_id: Option<String>, peer: Option<String>) -> NewEvent {
+    pub fn into_row(self, tunnel_id: Option<TunnelId>, peer: Option<String>) -> NewEvent {
         let kind = self.kind();
         let data = match serde_json::to_value(&self) {
             Ok(serde_json::Value::Object(mut envelope)) => {
@@ -307,7 +307,10 @@ mod tests {
         let envelope: EventEnvelope = serde_json::from_value(served).unwrap();
         assert_eq!(envelope.event, event);
         assert_eq!(
-            (envelope.seq, envelope.tunnel_id.as_deref()),
+            (
+                envelope.seq,
+                envelope.tunnel_id.as_ref().map(TunnelId::as_str)
+            ),
             (1, Some("t1"))
         );
         store.close().await;

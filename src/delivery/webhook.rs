@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 
 use crate::config::WebhooksConfig;
 use crate::store::events::PENDING;
-use crate::store::{Attempt, Outcome, PendingEvent, Store, Webhook, now};
+use crate::store::{Attempt, Outcome, PendingEvent, Store, TunnelId, Webhook, now};
 
 /// A new random signing secret.
 pub fn generate_secret() -> String {
@@ -97,25 +97,28 @@ const WINDOW: usize = 4096;
 /// Most pending events held per tunnel, so one stuck tunnel cannot fill the window.
 const PER_TUNNEL: usize = 16;
 
+/// The events delivered in order, one at a time: those of one tunnel (`None`: of none).
+type Group = Option<TunnelId>;
+
 /// One bot's pending events, by tunnel, as the deliverer holds them.
 #[derive(Default)]
 struct Queues {
-    /// Pending events per tunnel (`""` for events without one), oldest first.
-    by_group: std::collections::BTreeMap<String, std::collections::VecDeque<PendingEvent>>,
+    /// Pending events per tunnel, oldest first.
+    by_group: std::collections::BTreeMap<Group, std::collections::VecDeque<PendingEvent>>,
     /// Highest `seq` read from the store.
     read_through: u64,
     /// Events held.
     len: usize,
     /// Tunnels with events left in the store because their queue was full: nothing more
     /// of theirs is held until a read from the start, so each queue stays a prefix in order.
-    overflowed: HashSet<String>,
+    overflowed: HashSet<Group>,
 }
 
 impl Queues {
     /// Holds an event, unless its tunnel already has [`PER_TUNNEL`] held or overflowed (it
     /// stays in the store and is read again once that queue drains).
     fn push(&mut self, head: PendingEvent) {
-        let group = head.event.tunnel_id.clone().unwrap_or_default();
+        let group = head.event.tunnel_id.clone();
         if self.overflowed.contains(&group) {
             return;
         }
@@ -137,7 +140,7 @@ impl Queues {
     }
 
     /// Takes the oldest event of a group out (delivered or dead).
-    fn pop(&mut self, group: &str) {
+    fn pop(&mut self, group: &Group) {
         if let Some(queue) = self.by_group.get_mut(group) {
             if queue.pop_front().is_some() {
                 self.len -= 1;
@@ -155,7 +158,7 @@ pub trait ReplySink: Clone + Send + Sync + 'static {
     /// Sends inner stanzas into the live tunnel `tunnel_id` of the bot.
     fn reply(
         &self,
-        tunnel_id: String,
+        tunnel_id: TunnelId,
         stanzas: Vec<Element>,
     ) -> impl std::future::Future<Output = ()> + Send;
 }
@@ -184,8 +187,8 @@ pub async fn run<R: ReplySink>(parts: Deliverer<R>, preloaded: Option<Option<Web
     let jid = parts.bot.clone();
     let store = &parts.store;
     let mut events = parts.committed.clone();
-    let mut in_flight: JoinSet<(String, Option<PendingEvent>)> = JoinSet::new();
-    let mut busy: HashSet<String> = HashSet::new();
+    let mut in_flight: JoinSet<(Group, Option<PendingEvent>)> = JoinSet::new();
+    let mut busy: HashSet<Group> = HashSet::new();
     let mut queues = Queues::default();
     // Reading from scratch: at start (unless the table loaded the webhook with every other
     // bot's), and when the webhook or the dead letters change.

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use crate::config::Handler;
 use crate::delivery::event::BotEvent;
 use crate::store::MessageStatus;
-use crate::store::{BotRecord, NewEvent, StoreError, TunnelRecord};
+use crate::store::{BotRecord, NewEvent, StoreError, TunnelId, TunnelRecord};
 use xtls::stanza::xtls::XtlsElement;
 use xtls::stanza::{IqType, build_iq};
 use xtls::tunnel::{BotCredentials, CloseReason, PeerAuth, State, TrustMode, Tunnel, TunnelKey};
@@ -364,10 +364,10 @@ impl BotDriver {
     }
 
     /// A webhook's synchronous reply could not go into its tunnel: said in the log.
-    pub(super) fn reply_failed(&mut self, tunnel_id: &str, peer: Option<String>, why: &str) {
+    pub(super) fn reply_failed(&mut self, tunnel_id: &TunnelId, peer: Option<String>, why: &str) {
         tracing::warn!(
             bot = self.bot.jid,
-            tunnel = tunnel_id,
+            tunnel = %tunnel_id,
             why,
             "webhook reply not sent"
         );
@@ -377,7 +377,7 @@ impl BotDriver {
             status: MessageStatus::Failed,
             reason: Some(format!("webhook reply not sent: {why}")),
         };
-        self.log(None, event.into_row(Some(tunnel_id.to_owned()), peer));
+        self.log(None, event.into_row(Some(tunnel_id.clone()), peer));
     }
 
     pub(super) async fn stop(&mut self, reason: CloseReason) {
@@ -392,10 +392,10 @@ impl BotDriver {
     }
 
     /// Takes a new tunnel into the session table; returns its id.
-    pub(super) async fn adopt(&mut self, key: TunnelKey, tunnel: Tunnel) -> String {
+    pub(super) async fn adopt(&mut self, key: TunnelKey, tunnel: Tunnel) -> TunnelId {
         let role = tunnel.role();
         let record = TunnelRecord::new(
-            format!("{:016x}", rand::random::<u64>()),
+            TunnelId::random(),
             &self.bot.jid,
             &key,
             role,
@@ -405,7 +405,7 @@ impl BotDriver {
         tracing::info!(
             bot = self.bot.jid,
             peer = key.peer,
-            tunnel = record.id,
+            tunnel = %record.id,
             role = role.as_str(),
             "tunnel created"
         );
@@ -437,7 +437,7 @@ impl BotDriver {
 
     pub(super) async fn save(&self, record: &TunnelRecord) {
         if let Err(e) = self.shared.store.save_tunnel(record).await {
-            tracing::error!(error = %e, tunnel = record.id, "cannot record tunnel");
+            tracing::error!(error = %e, tunnel = %record.id, "cannot record tunnel");
         }
     }
 

@@ -45,7 +45,7 @@ impl BotDriver {
                 tracing::info!(
                     bot = self.bot.jid,
                     peer = key.peer,
-                    tunnel = record.id,
+                    tunnel = %record.id,
                     trust = ?record.peer_identity.trust,
                     "tunnel open"
                 );
@@ -85,7 +85,7 @@ impl BotDriver {
                     if let Some(reply) = echo(&stanza)
                         && let Err(e) = live.tunnel.send(now, reply)
                     {
-                        tracing::warn!(error = %e, tunnel = live.record.id, "echo not sent");
+                        tracing::warn!(error = %e, tunnel = %live.record.id, "echo not sent");
                     }
                 }
                 Handler::Api => {
@@ -118,7 +118,7 @@ impl BotDriver {
                 r.state = State::Closed;
                 r.closed_at = Some(crate::store::now());
                 r.close_reason = Some(reason.to_string());
-                tracing::info!(bot = self.bot.jid, peer = key.peer, tunnel = r.id, reason = %reason, "tunnel closed");
+                tracing::info!(bot = self.bot.jid, peer = key.peer, tunnel = %r.id, reason = %reason, "tunnel closed");
                 if let Some((presented, pinned)) = changed {
                     let changed = BotEvent::PeerIdentityChanged {
                         peer: bare(&key.peer).to_owned(),

@@ -26,7 +26,7 @@ use minidom::Element;
 use tokio::sync::mpsc;
 
 use crate::config::{EventsConfig, LimitsConfig, WebhooksConfig};
-use crate::store::{Store, TunnelRecord};
+use crate::store::{Store, TunnelId, TunnelRecord};
 use xtls::tunnel::TunnelConfig;
 
 mod driver;
@@ -105,7 +105,7 @@ impl Shared {
 
 /// The live part of the session table, readable by the admin API.
 #[derive(Debug, Clone, Default)]
-pub struct TunnelTable(Arc<RwLock<HashMap<String, TunnelRecord>>>);
+pub struct TunnelTable(Arc<RwLock<HashMap<TunnelId, TunnelRecord>>>);
 
 impl TunnelTable {
     /// A snapshot of every live tunnel.
@@ -119,7 +119,7 @@ impl TunnelTable {
     }
 
     /// One live tunnel.
-    pub fn get(&self, id: &str) -> Option<TunnelRecord> {
+    pub fn get(&self, id: &TunnelId) -> Option<TunnelRecord> {
         self.0.read().expect("table lock").get(id).cloned()
     }
 
@@ -133,7 +133,7 @@ impl TunnelTable {
         }
     }
 
-    fn remove(&self, id: &str) {
+    fn remove(&self, id: &TunnelId) {
         self.0.write().expect("table lock").remove(id);
     }
 }

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::driver::{BotDriver, normalize};
 use crate::delivery::event::{BotEvent, FailStage};
-use crate::store::{MessageStatus, OutMsg};
+use crate::store::{MessageStatus, OutMsg, TunnelId};
 use xtls::stanza::{Iq, IqType, build_iq, ns};
 use xtls::tunnel::{CloseReason, SendError, State, Tunnel, TunnelKey, bare};
 
@@ -38,11 +38,11 @@ pub struct Submitted {
     pub reason: Option<String>,
     /// The tunnel carrying it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tunnel_id: Option<String>,
+    pub tunnel_id: Option<TunnelId>,
 }
 
 impl Submitted {
-    fn new(status: MessageStatus, reason: Option<String>, tunnel_id: Option<String>) -> Self {
+    fn new(status: MessageStatus, reason: Option<String>, tunnel_id: Option<TunnelId>) -> Self {
         Self {
             status,
             reason,
@@ -554,7 +554,7 @@ impl BotDriver {
         msg: &OutMsg,
         reply: Reply,
         reason: &str,
-        tunnel_id: Option<String>,
+        tunnel_id: Option<TunnelId>,
     ) {
         self.shared.metrics.rejected("outbound_messages");
         let outcome = Submitted::new(MessageStatus::RateLimited, Some(reason.into()), tunnel_id);
@@ -594,7 +594,7 @@ impl BotDriver {
         answer(reply, Submitted::new(status, reason, None));
     }
 
-    pub(super) async fn set_tunnel(&self, msg: &OutMsg, tunnel_id: &str) {
+    pub(super) async fn set_tunnel(&self, msg: &OutMsg, tunnel_id: &TunnelId) {
         if let Err(e) = self
             .shared
             .store

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::Handler;
 use crate::delivery::webhook::{self, Deliverer, ReplySink};
-use crate::store::{BotRecord, OutMsg, StoreError, StoredBot, now};
+use crate::store::{BotRecord, OutMsg, StoreError, StoredBot, TunnelId, now};
 use xtls::certs::{BotIdentity, Fingerprints, normalize_bare};
 use xtls::tunnel::{BotCredentials, CloseReason, PeerAuth, TrustMode};
 
@@ -25,13 +25,13 @@ pub enum BotCommand {
     /// A stanza addressed to the bot.
     Stanza(Element),
     /// Close one tunnel gracefully; answers whether it existed.
-    CloseTunnel(String, oneshot::Sender<bool>),
+    CloseTunnel(TunnelId, oneshot::Sender<bool>),
     /// The server link was lost: every tunnel is gone.
     LinkDown,
     /// The server link is back: tell former peers their tunnels are gone.
     LinkUp,
     /// Inner stanzas to send into a live tunnel, by tunnel id.
-    Reply(String, Vec<Element>),
+    Reply(TunnelId, Vec<Element>),
     /// A message from the API.
     Submit(Box<OutMsg>, oneshot::Sender<Submitted>),
     /// Open a tunnel to a full JID.
@@ -57,7 +57,7 @@ pub struct BotHandle {
 }
 
 impl ReplySink for BotHandle {
-    async fn reply(&self, tunnel_id: String, stanzas: Vec<Element>) {
+    async fn reply(&self, tunnel_id: TunnelId, stanzas: Vec<Element>) {
         let _ = self.tx.send(BotCommand::Reply(tunnel_id, stanzas)).await;
     }
 }
@@ -344,7 +344,7 @@ impl BotTable {
     }
 
     /// Asks the owner of a live tunnel to close it; `false` when no live tunnel has that id.
-    pub async fn close_tunnel(&self, id: &str) -> bool {
+    pub async fn close_tunnel(&self, id: &TunnelId) -> bool {
         let Some(record) = self.shared.table.get(id) else {
             return false;
         };
@@ -354,7 +354,7 @@ impl BotTable {
         let (tx, rx) = oneshot::channel();
         if handle
             .tx
-            .send(BotCommand::CloseTunnel(id.to_owned(), tx))
+            .send(BotCommand::CloseTunnel(id.clone(), tx))
             .await
             .is_err()
         {

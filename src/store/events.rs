@@ -5,7 +5,7 @@ use serde_json::Value;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
-use super::{Store, StoreError, now};
+use super::{Store, StoreError, TunnelId, now};
 
 /// Pending delivery.
 pub const PENDING: i64 = 0;
@@ -22,7 +22,7 @@ pub struct NewEvent {
     /// The event type, e.g. `message.received`.
     pub kind: &'static str,
     /// The tunnel it belongs to.
-    pub tunnel_id: Option<String>,
+    pub tunnel_id: Option<TunnelId>,
     /// The peer's JID.
     pub peer: Option<String>,
     /// Type-specific payload.
@@ -44,7 +44,7 @@ pub struct EventRecord {
     /// When it happened.
     pub occurred_at: String,
     /// The tunnel it belongs to.
-    pub tunnel_id: Option<String>,
+    pub tunnel_id: Option<TunnelId>,
     /// The peer's JID.
     pub peer: Option<String>,
     /// Type-specific payload.
@@ -262,7 +262,7 @@ mod tests {
             .unwrap();
         let event = |n: u32| NewEvent {
             kind: "message.received",
-            tunnel_id: Some(format!("t{}", n % 2)),
+            tunnel_id: Some(format!("t{}", n % 2).into()),
             peer: Some("alice@example.net/a".into()),
             data: serde_json::json!({ "body": n.to_string() }),
         };

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::Row;
 
-use super::{Store, StoreError, now};
+use super::{Store, StoreError, TunnelId, now};
 
 /// A message a bot asked to send.
 #[derive(Debug, Clone)]
@@ -99,7 +99,7 @@ pub struct MessageRecord {
     /// Why, for failures.
     pub reason: Option<String>,
     /// The tunnel that carried it.
-    pub tunnel_id: Option<String>,
+    pub tunnel_id: Option<TunnelId>,
     /// When it was accepted.
     pub created_at: String,
     /// Every status with its time.
@@ -172,7 +172,11 @@ impl Store {
         Ok(())
     }
 
-    pub async fn set_message_tunnel(&self, id: &str, tunnel_id: &str) -> Result<(), StoreError> {
+    pub async fn set_message_tunnel(
+        &self,
+        id: &str,
+        tunnel_id: &TunnelId,
+    ) -> Result<(), StoreError> {
         sqlx::query("UPDATE messages SET tunnel_id = ? WHERE id = ?")
             .bind(tunnel_id)
             .bind(id)

@@ -26,7 +26,7 @@ pub use bots::{BotRecord, PeerPin, StoredBot};
 pub use events::{EventRecord, NewEvent};
 pub use messages::{MessageRecord, MessageStatus, OutMsg};
 pub use tokens::TokenInfo;
-pub use tunnels::{PeerIdentityRecord, PeerTrust, TunnelFilter, TunnelRecord};
+pub use tunnels::{PeerIdentityRecord, PeerTrust, TunnelFilter, TunnelId, TunnelRecord};
 pub use webhooks::{Attempt, DeadLetter, Outcome, PendingEvent, Webhook};
 
 use std::str::FromStr;
@@ -266,7 +266,7 @@ pub(crate) mod tests {
         t.state = State::Closed;
         t.stanzas_in = 7;
         store.save_tunnel(&t).await.unwrap();
-        assert_eq!(store.tunnel("t1").await.unwrap(), Some(t.clone()));
+        assert_eq!(store.tunnel(&"t1".into()).await.unwrap(), Some(t.clone()));
         let by_peer = TunnelFilter {
             peer: Some("alice@example.net".into()),
             ..Default::default()
@@ -287,7 +287,7 @@ pub(crate) mod tests {
                 .is_empty()
         );
         assert!(
-            store.tunnel("t1").await.unwrap().is_some(),
+            store.tunnel(&"t1".into()).await.unwrap().is_some(),
             "history outlives the bot"
         );
         store.close().await;
@@ -341,7 +341,7 @@ pub(crate) mod tests {
             .execute(&store.writer)
             .await
             .unwrap();
-        let err = store.tunnel("t1").await.unwrap_err();
+        let err = store.tunnel(&"t1".into()).await.unwrap_err();
         assert_eq!(
             err.to_string(),
             "stored value unreadable: unknown tunnel state 'half-open'"

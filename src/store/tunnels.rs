@@ -6,6 +6,55 @@ use sqlx::Row;
 use super::{Store, StoreError, named, now};
 use xtls::tunnel::{Role, State, TrustVerdict};
 
+/// A tunnel's id in the session table, the API and the event log: 16 random hex digits.
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    serde::Deserialize,
+    sqlx::Type,
+    utoipa::ToSchema,
+)]
+#[serde(transparent)]
+#[sqlx(transparent)]
+#[schema(value_type = String, example = "3685813dbdbe7a39")]
+pub struct TunnelId(String);
+
+impl TunnelId {
+    /// A fresh random id.
+    pub fn random() -> TunnelId {
+        TunnelId(format!("{:016x}", rand::random::<u64>()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for TunnelId {
+    fn from(id: String) -> Self {
+        TunnelId(id)
+    }
+}
+
+impl From<&str> for TunnelId {
+    fn from(id: &str) -> Self {
+        TunnelId(id.to_owned())
+    }
+}
+
+impl std::fmt::Display for TunnelId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// What is known of a peer's key in a tunnel row: nothing yet, or the handshake's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -56,7 +105,7 @@ pub struct PeerIdentityRecord {
 #[derive(Debug, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct TunnelRecord {
     /// Tunnel id.
-    pub id: String,
+    pub id: TunnelId,
     /// The bot's bare JID.
     pub bot: String,
     /// Our JID as the peer addresses it.
@@ -96,7 +145,7 @@ pub struct TunnelRecord {
 impl Clone for TunnelRecord {
     fn clone(&self) -> Self {
         let mut copy = TunnelRecord::new(
-            String::new(),
+            TunnelId(String::new()),
             "",
             &xtls::tunnel::TunnelKey {
                 local: String::new(),
@@ -130,7 +179,7 @@ impl Clone for TunnelRecord {
             closed_at,
             close_reason,
         } = source;
-        self.id.clone_from(id);
+        self.id.0.clone_from(&id.0);
         self.bot.clone_from(bot);
         self.local.clone_from(local);
         self.peer.clone_from(peer);
@@ -155,7 +204,7 @@ impl Clone for TunnelRecord {
 impl TunnelRecord {
     /// A row for a tunnel that has just been created: no handshake facts, no counts yet.
     pub fn new(
-        id: String,
+        id: TunnelId,
         bot: &str,
         key: &xtls::tunnel::TunnelKey,
         role: Role,
@@ -282,7 +331,7 @@ impl Store {
     }
 
     /// One tunnel row.
-    pub async fn tunnel(&self, id: &str) -> Result<Option<TunnelRecord>, StoreError> {
+    pub async fn tunnel(&self, id: &TunnelId) -> Result<Option<TunnelRecord>, StoreError> {
         let row = sqlx::query("SELECT * FROM tunnels WHERE id = ?")
             .bind(id)
             .fetch_optional(&self.pool)
