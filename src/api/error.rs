@@ -34,6 +34,7 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The HTTP status of this error.
     pub fn status_code(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -82,6 +83,7 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A problem+json answer (RFC 9457) with this status and detail.
 pub fn problem(status: StatusCode, detail: &str) -> Response {
     let body = Problem {
         kind: "about:blank".into(),

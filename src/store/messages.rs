@@ -172,6 +172,7 @@ impl Store {
         Ok(())
     }
 
+    /// Records the tunnel that carries a message.
     pub async fn set_message_tunnel(
         &self,
         id: &str,

@@ -73,8 +73,14 @@ pub struct DeadLetter {
 
 /// How an attempt ended.
 pub enum Outcome {
+    /// The webhook answered 2xx.
     Delivered,
-    Retry { at_ms: i64 },
+    /// It failed; the next attempt is due then.
+    Retry {
+        /// When the next attempt is due (Unix ms).
+        at_ms: i64,
+    },
+    /// It failed for longer than `webhooks.max_age_secs`: a dead letter now.
     Dead,
 }
 
@@ -291,7 +297,7 @@ impl Store {
         self.update_dead(bot, seqs, "DELETE FROM events").await
     }
 
-    pub async fn update_dead(
+    async fn update_dead(
         &self,
         bot: &str,
         seqs: Option<&[u64]>,

@@ -18,21 +18,22 @@
 //!
 //! No sockets, no clock, no tasks: everything that happens is a consequence of these calls.
 
+mod events;
+mod framing;
+mod timers;
 mod tls;
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use minidom::Element;
 
-use crate::certs::Fingerprint;
 use crate::stanza::xtls::{Offer, XtlsElement};
 use crate::stanza::{
-    DataError, DefinedCondition, ErrorType, Iq, IqType, build_iq, decode_data, ns, remove_attr,
-    set_attr,
+    DataError, DefinedCondition, ErrorType, Iq, IqType, build_iq, decode_data, remove_attr,
 };
-use crate::xml::{StreamReader, XmlLimits, to_bytes};
+use crate::xml::{StreamReader, to_bytes};
 
 pub use tls::{
     BotCredentials, CredentialsError, PeerAuth, PeerPolicy, TrustMode, TrustVerdict, VerifyError,
@@ -40,50 +41,8 @@ pub use tls::{
 };
 use tls::{TlsFailure, TlsSession};
 
-/// Tunable timers and limits of one tunnel (spec §1.13).
-#[derive(Debug, Clone)]
-pub struct TunnelConfig {
-    /// Raw bytes per `<data/>` sent.
-    pub chunk_size: usize,
-    /// Unacknowledged `data` IQs allowed per tunnel.
-    pub window: usize,
-    /// Time allowed for the answer to our `start`.
-    pub start_timeout: Duration,
-    /// Time allowed from `start` to an open tunnel.
-    pub handshake_timeout: Duration,
-    /// Time allowed for the acknowledgement of one `data`.
-    pub ack_timeout: Duration,
-    /// Time allowed for the answer to our `close`.
-    pub close_timeout: Duration,
-    /// Idle time after which an open tunnel is closed; `None` disables.
-    pub idle_timeout: Option<Duration>,
-    /// Time we wait for the peer's `close` after its close_notify.
-    pub peer_eof_timeout: Duration,
-    /// Largest inner stanza, in bytes of plaintext.
-    pub max_inner_stanza: usize,
-    /// Plaintext and ciphertext queued for sending beyond which `send` refuses.
-    pub max_queued_out: usize,
-    /// Whether the initiator puts a XEP-0250 offer in its `start`.
-    pub send_offer: bool,
-}
-
-impl Default for TunnelConfig {
-    fn default() -> Self {
-        Self {
-            chunk_size: 4096,
-            window: 4,
-            start_timeout: Duration::from_secs(60),
-            handshake_timeout: Duration::from_secs(90),
-            ack_timeout: Duration::from_secs(60),
-            close_timeout: Duration::from_secs(30),
-            idle_timeout: Some(Duration::from_secs(30 * 60)),
-            peer_eof_timeout: Duration::from_secs(30),
-            max_inner_stanza: 256 * 1024,
-            max_queued_out: 1024 * 1024,
-            send_offer: true,
-        }
-    }
-}
+pub use events::{CloseReason, Established, Event, PeerIdentity, SendError, Stats};
+pub use timers::TunnelConfig;
 
 /// The identity of a tunnel on the wire (spec §1.2): local JID as addressed, peer JID.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -143,137 +102,6 @@ named_enum!(State, "tunnel state", {
     Closed => "closed",
 });
 
-/// Why a tunnel ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CloseReason {
-    /// We closed it gracefully (operator or bot request).
-    Local,
-    /// The peer sent `<close/>`.
-    PeerClosed,
-    /// The peer's TLS sent a fatal alert.
-    PeerAlert(String),
-    /// Our TLS refused the peer's bytes.
-    TlsError(String),
-    /// The peer's certificate was refused, and why.
-    CertificateRejected(VerifyError),
-    /// The peer answered one of our IQs with an error.
-    PeerError(String),
-    /// The peer refused our `start` (condition given).
-    Refused(String),
-    /// The peer sent something the protocol forbids in this state.
-    Protocol(String),
-    /// The tunnel plaintext was not acceptable XML (spec §1.9 rules 1 and 6).
-    InnerXml(String),
-    /// A deadline passed (which one given).
-    Timeout(&'static str),
-    /// No application data for the idle timeout.
-    Idle,
-    /// A new `start` from the same peer replaced the tunnel.
-    Replaced,
-    /// The peer went unavailable or its server reported it gone.
-    PeerGone,
-    /// The component stream to the server was lost.
-    ConnectionLost,
-    /// The component is shutting down.
-    Shutdown,
-    /// The bot was deleted.
-    BotDeleted,
-    /// What arrived could not be stored, so it was refused.
-    StoreUnavailable,
-}
-
-impl CloseReason {
-    /// The key the peer presented and the keys pinned for it, when the tunnel ended because
-    /// the peer's key changed (spec §2.3 step 6).
-    pub fn identity_change(&self) -> Option<(&Fingerprint, &[Fingerprint])> {
-        match self {
-            CloseReason::CertificateRejected(VerifyError::PinMismatch {
-                presented,
-                pinned,
-                ..
-            }) => Some((presented, pinned)),
-            _ => None,
-        }
-    }
-
-    /// A short stable code for the API and the store.
-    pub fn code(&self) -> &'static str {
-        match self {
-            CloseReason::Local => "local_close",
-            CloseReason::PeerClosed => "peer_close",
-            CloseReason::PeerAlert(_) => "peer_alert",
-            CloseReason::TlsError(_) => "tls_error",
-            CloseReason::CertificateRejected(_) => "certificate_rejected",
-            CloseReason::PeerError(_) => "peer_error",
-            CloseReason::Refused(_) => "refused",
-            CloseReason::Protocol(_) => "protocol_error",
-            CloseReason::InnerXml(_) => "inner_xml",
-            CloseReason::Timeout(_) => "timeout",
-            CloseReason::Idle => "idle",
-            CloseReason::Replaced => "replaced",
-            CloseReason::PeerGone => "peer_gone",
-            CloseReason::ConnectionLost => "connection_lost",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::BotDeleted => "bot_deleted",
-            CloseReason::StoreUnavailable => "store_unavailable",
-        }
-    }
-}
-
-impl fmt::Display for CloseReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.code())?;
-        match self {
-            CloseReason::CertificateRejected(e) => write!(f, ": {e}"),
-            CloseReason::PeerAlert(s)
-            | CloseReason::TlsError(s)
-            | CloseReason::PeerError(s)
-            | CloseReason::Refused(s)
-            | CloseReason::Protocol(s)
-            | CloseReason::InnerXml(s) => write!(f, ": {s}"),
-            CloseReason::Timeout(which) => write!(f, ": {which}"),
-            _ => Ok(()),
-        }
-    }
-}
-
-/// What the handshake established about the peer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerIdentity {
-    /// SPKI SHA-256 of the peer's key; `None` when it presented no certificate.
-    pub spki_sha256: Option<Fingerprint>,
-    /// Certificate DER, kept so pins can answer any digest (spec §1.6).
-    pub cert_der: Option<Vec<u8>>,
-    /// The trust verdict.
-    pub trust: TrustVerdict,
-}
-
-/// Facts of an established tunnel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Established {
-    /// Negotiated TLS version.
-    pub tls_version: String,
-    /// Negotiated cipher suite.
-    pub cipher_suite: String,
-    /// The peer's identity.
-    pub peer: PeerIdentity,
-}
-
-/// What the tunnel reports to its owner.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    /// The handshake finished and the peer was accepted.
-    Established(Established),
-    /// A stanza arrived through the tunnel, routing restored (spec §1.9 rule 4).
-    Stanza(Element),
-    /// `send` may be called again after it refused with [`SendError::Blocked`].
-    Writable,
-    /// Every `data` carrying the stanza that [`Tunnel::send`] marked so was acknowledged.
-    Acknowledged(u64),
-    /// The tunnel is gone.
-    Closed(CloseReason),
-}
-
 /// What the owner of a table of tunnels does with a peer's `start` (spec §1.14).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StartDecision {
@@ -298,31 +126,6 @@ pub fn decide_start(live: Option<&Tunnel>) -> StartDecision {
         }
         Some(_) => StartDecision::Replace,
     }
-}
-
-/// Why [`Tunnel::send`] refused a stanza.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SendError {
-    /// The tunnel is not open (yet or any more).
-    #[error("tunnel is not open")]
-    NotOpen,
-    /// The outbound queue is full; wait for [`Event::Writable`].
-    #[error("tunnel send queue is full")]
-    Blocked,
-}
-
-/// Byte and stanza counters, each direction.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "serde", derive(serde::Serialize))]
-pub struct Stats {
-    /// Inner stanzas delivered to us.
-    pub stanzas_in: u64,
-    /// Inner stanzas we sent.
-    pub stanzas_out: u64,
-    /// Raw TLS bytes received.
-    pub bytes_in: u64,
-    /// Raw TLS bytes sent.
-    pub bytes_out: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -594,23 +397,6 @@ impl Tunnel {
         self.events.pop_front()
     }
 
-    /// The earliest instant at which [`Tunnel::handle_timeout`] has work to do.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.state == State::Closed {
-            return None;
-        }
-        [
-            self.handshake_deadline,
-            self.close_deadline,
-            self.idle_deadline,
-            self.peer_eof_deadline,
-            self.outstanding.iter().map(|o| o.deadline).min(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-    }
-
     /// Handles an IQ of this tunnel's key other than `start` (which the owner routes to
     /// [`Tunnel::accept`] or the tie-break): `data` and `close` requests, and answers to ours.
     pub fn handle_iq(&mut self, now: Instant, iq: &Iq) {
@@ -687,51 +473,6 @@ impl Tunnel {
     /// Ends the tunnel at once without sending anything (the stream is gone, or the peer is).
     pub fn abandon(&mut self, reason: CloseReason) {
         self.finish(reason);
-    }
-
-    /// Handles passed deadlines.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        if self.state == State::Closed {
-            return;
-        }
-        if self.state == State::Closing {
-            if self.close_deadline.is_some_and(|d| d <= now) {
-                let reason = self
-                    .closing_reason
-                    .take()
-                    .unwrap_or(CloseReason::Timeout("close answer"));
-                self.finish(reason);
-            }
-            return;
-        }
-        if self.state == State::Starting {
-            if self.outstanding.iter().any(|o| o.deadline <= now) {
-                // Best effort: the peer may have created state for our `start`.
-                self.outstanding.clear();
-                self.send_close_iq(now);
-                self.finish(CloseReason::Timeout("start answer"));
-            }
-            return;
-        }
-        if self.handshake_deadline.is_some_and(|d| d <= now) {
-            self.begin_closing(now, CloseReason::Timeout("handshake"));
-            return;
-        }
-        if self
-            .outstanding
-            .iter()
-            .any(|o| matches!(o.kind, Request::Data { .. }) && o.deadline <= now)
-        {
-            self.begin_closing(now, CloseReason::Timeout("data acknowledgement"));
-            return;
-        }
-        if self.peer_eof_deadline.is_some_and(|d| d <= now) {
-            self.begin_closing(now, CloseReason::PeerClosed);
-            return;
-        }
-        if self.idle_deadline.is_some_and(|d| d <= now) {
-            self.close_with(now, CloseReason::Idle);
-        }
     }
 
     fn close_with(&mut self, now: Instant, reason: CloseReason) {
@@ -890,64 +631,6 @@ impl Tunnel {
             self.flush(now);
             self.check_open(now);
         }
-    }
-
-    /// Parses plaintext into stanzas and queues them as events.
-    fn deliver_plaintext(&mut self, plaintext: &[u8]) -> Result<(), CloseReason> {
-        if plaintext.is_empty() {
-            return Ok(());
-        }
-        let max_inner_stanza = self.config.max_inner_stanza;
-        let mut inner = self.inner.take().unwrap_or_else(|| {
-            Box::new(StreamReader::with_synthetic_root(XmlLimits {
-                max_element_bytes: max_inner_stanza,
-                max_depth: 32,
-            }))
-        });
-        let fed = inner.feed(plaintext);
-        while let Some(event) = inner.next_event() {
-            if let crate::xml::XmlEvent::Element(stanza) = event
-                && let Some(stanza) = self.restore_routing(stanza)
-            {
-                self.stats.stanzas_in += 1;
-                self.events.push_back(Event::Stanza(stanza));
-            }
-        }
-        // Keep the reader only while a stanza is under way: the bytes end with the `>` of a
-        // complete top-level element (and at most whitespace, which carries nothing).
-        let ends_a_stanza = plaintext
-            .iter()
-            .rev()
-            .find(|b| !b.is_ascii_whitespace())
-            .is_some_and(|&b| b == b'>');
-        if fed.is_err() || !(ends_a_stanza && inner.at_rest()) {
-            self.inner = Some(inner);
-        }
-        fed.map_err(|e| CloseReason::InnerXml(e.to_string()))
-    }
-
-    /// Spec §1.9 rules 4 and 5.
-    fn restore_routing(&self, mut stanza: Element) -> Option<Element> {
-        if stanza.ns() != ns::CLIENT || !matches!(stanza.name(), "message" | "presence" | "iq") {
-            tracing::debug!(tunnel = %self.key, element = stanza.name(), "non-stanza element in tunnel ignored");
-            return None;
-        }
-        if let Some(from) = stanza.attr("from")
-            && bare(from) != bare(&self.key.peer)
-        {
-            tracing::warn!(tunnel = %self.key, from, "inner stanza from another JID dropped");
-            return None;
-        }
-        if let Some(to) = stanza.attr("to")
-            && to != self.key.local
-            && to != bare(&self.key.local)
-        {
-            tracing::warn!(tunnel = %self.key, to, "inner stanza to another JID dropped");
-            return None;
-        }
-        set_attr(&mut stanza, "from", &self.key.peer);
-        set_attr(&mut stanza, "to", &self.key.local);
-        Some(stanza)
     }
 
     fn handle_response(&mut self, now: Instant, iq: &Iq) {
@@ -1184,10 +867,6 @@ impl Tunnel {
         self.out_bytes.clear();
         self.tls = None;
         self.events.push_back(Event::Closed(reason));
-    }
-
-    fn touch(&mut self, now: Instant) {
-        self.idle_deadline = self.config.idle_timeout.map(|d| now + d);
     }
 
     fn fresh_id(&mut self) -> String {

@@ -3,10 +3,14 @@
 use std::collections::VecDeque;
 use std::sync::OnceLock;
 
+use std::time::Duration;
+
 use super::*;
 use crate::certs::BotIdentity;
+use crate::certs::Fingerprint;
+use crate::stanza::encode_data;
 use crate::stanza::xtls::MAX_CHUNK_ACCEPTED;
-use crate::stanza::{encode_data, ns};
+use crate::stanza::{ns, set_attr};
 
 const ALICE: &str = "alice@example.net/laptop";
 const BOT: &str = "weather@bots.example.org";
