@@ -148,7 +148,9 @@ pub(super) async fn delete_bot(
     State(state): State<AdminState>,
     Path(jid): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if state.bots.delete(&jid).await? {
+    // The path names a bot the way every other route takes it: bare JID or localpart.
+    let bot = find_bot(&state, &jid)?;
+    if state.bots.delete(&bot.record.jid).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!("bot {jid}")))

@@ -1,0 +1,764 @@
+//! The admin and bot API in process: `api::app(state)` called with `oneshot`, each test on a
+//! fresh migrated SQLite file, for every route's success and problem cases. The bots' drivers
+//! run for real; what they would write to the XMPP server is read from their outbound channel
+//! and answered by the test. The Python suite (`tests/e2e/`) covers the same API over HTTP
+//! through real servers.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use http_body_util::BodyExt as _;
+use minidom::Element;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tower::ServiceExt as _;
+
+use xtls::stanza::{Iq, ns};
+use xtls::tunnel::TunnelConfig;
+use xtls_component::api::{AdminState, AllowedHosts, HttpLimits, app};
+use xtls_component::config::{AdminConfig, EventsConfig, LimitsConfig, Secret, WebhooksConfig};
+use xtls_component::link::LinkStatus;
+use xtls_component::session::{BotTable, Shared};
+use xtls_component::store::Store;
+
+const ADMIN: &str = "admin-token-for-tests";
+const DOMAIN: &str = "bots.example.org";
+
+/// One component's API over a fresh store, and what its bots send to the server.
+struct Api {
+    router: Router,
+    bots: BotTable,
+    out: mpsc::Receiver<Element>,
+    link: watch::Sender<LinkStatus>,
+    dir: PathBuf,
+}
+
+/// An answer: status, headers, and the body as JSON (`Null` when empty or not JSON).
+struct Answer {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: Value,
+}
+
+impl Api {
+    async fn new() -> Api {
+        let dir = std::env::temp_dir().join(format!(
+            "xtls-api-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&format!("sqlite://{}/api.db", dir.display()))
+            .await
+            .unwrap();
+        let (out_tx, out) = mpsc::channel(256);
+        let shared = Shared::new(
+            store,
+            out_tx,
+            TunnelConfig::default(),
+            LimitsConfig::default(),
+            DOMAIN.into(),
+            &EventsConfig::default(),
+            WebhooksConfig::default(),
+        );
+        let bots = BotTable::load(shared).await.unwrap();
+        let (link, link_rx) = watch::channel(LinkStatus::Up);
+        bots.broadcast_link(true).await;
+        let admin = AdminConfig::default();
+        let state = AdminState {
+            bots: bots.clone(),
+            token: Secret::new(ADMIN.to_owned()),
+            link: link_rx,
+            limits: Arc::new(HttpLimits::from(&admin)),
+            allowed_hosts: Arc::new(AllowedHosts::new(&[], admin.listen)),
+            cors_origins: Vec::new(),
+        };
+        Api {
+            router: app(state),
+            bots,
+            out,
+            link,
+            dir,
+        }
+    }
+
+    /// Sends a request with `Host: localhost` and, when given, a bearer token and a JSON body.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Answer {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "localhost");
+        if let Some(token) = token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = match body {
+            Some(body) => request
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string())),
+            None => request.body(Body::empty()),
+        }
+        .unwrap();
+        self.send(request).await
+    }
+
+    async fn send(&self, request: Request<Body>) -> Answer {
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        }
+    }
+
+    async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> Answer {
+        self.call(method, path, Some(ADMIN), body).await
+    }
+
+    /// Creates an `api` bot and returns its JID.
+    async fn bot(&self, localpart: &str) -> String {
+        let a = self
+            .admin(
+                Method::POST,
+                "/v1/bots",
+                Some(json!({ "localpart": localpart })),
+            )
+            .await;
+        assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+        a.body["jid"].as_str().unwrap().to_owned()
+    }
+
+    /// The next stanza a bot writes to the server.
+    async fn next_out(&mut self) -> Element {
+        tokio::time::timeout(Duration::from_secs(10), self.out.recv())
+            .await
+            .expect("the bot writes to the server")
+            .expect("the channel is open")
+    }
+
+    /// Answers the disco#info query a bot just sent, with or without the XTLS feature.
+    async fn answer_disco(&mut self, bot: &str, xtls: bool) {
+        let request = self.next_out().await;
+        let iq = Iq::parse(&request).unwrap();
+        assert!(iq.children[0].is("query", ns::DISCO_INFO), "{request:?}");
+        let mut query = Element::bare("query", ns::DISCO_INFO);
+        if xtls {
+            query.append_child(
+                Element::builder("feature", ns::DISCO_INFO)
+                    .attr(xtls::stanza::name("var"), ns::XTLS)
+                    .build(),
+            );
+        }
+        let answer = iq.result(Some(query));
+        self.bots.by_jid(bot).unwrap().try_deliver(answer).unwrap();
+    }
+
+    async fn close(self) {
+        self.bots.stop_all().await;
+        self.bots.shared().store.close().await;
+        std::fs::remove_dir_all(&self.dir).unwrap();
+    }
+}
+
+fn is_problem(a: &Answer, status: StatusCode) {
+    assert_eq!(a.status, status, "{}", a.body);
+    assert_eq!(
+        a.headers[header::CONTENT_TYPE],
+        "application/problem+json",
+        "{}",
+        a.body
+    );
+    assert_eq!(a.body["status"], status.as_u16(), "{}", a.body);
+    assert!(a.body["detail"].is_string(), "{}", a.body);
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let api = Api::new().await;
+    let a = api.call(Method::GET, "/healthz", None, None).await;
+    assert_eq!(
+        (a.status, a.body.clone()),
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+
+    let a = api.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(a.body["ready"], true);
+    api.link
+        .send(LinkStatus::Connecting(Some(
+            "i/o: Connection refused".into(),
+        )))
+        .unwrap();
+    let a = api.call(Method::GET, "/readyz", None, None).await;
+    assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(a.body["component"]["ok"], false);
+    assert_eq!(a.body["component"]["problem"], "i/o: Connection refused");
+    assert_eq!(a.body["store"]["ok"], true);
+
+    is_problem(
+        &api.call(Method::GET, "/metrics", None, None).await,
+        StatusCode::UNAUTHORIZED,
+    );
+    let a = api.admin(Method::GET, "/metrics", None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert!(
+        a.headers[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    api.close().await;
+}
+
+#[tokio::test]
+async fn tokens_hosts_and_unknown_routes() {
+    let api = Api::new().await;
+    let a = api.call(Method::GET, "/v1/bots", None, None).await;
+    is_problem(&a, StatusCode::UNAUTHORIZED);
+    assert_eq!(a.headers[header::WWW_AUTHENTICATE], "Bearer");
+    is_problem(
+        &api.call(Method::GET, "/v1/bots", Some("not-the-token"), None)
+            .await,
+        StatusCode::UNAUTHORIZED,
+    );
+    let a = api.admin(Method::GET, "/v1/no-such-route", None).await;
+    is_problem(&a, StatusCode::NOT_FOUND);
+    assert_eq!(a.body["detail"], "route not found");
+
+    let request = Request::builder()
+        .uri("/v1/bots")
+        .header(header::HOST, "evil.example")
+        .header(header::AUTHORIZATION, format!("Bearer {ADMIN}"))
+        .body(Body::empty())
+        .unwrap();
+    is_problem(&api.send(request).await, StatusCode::MISDIRECTED_REQUEST);
+    // Probes answer any Host.
+    let request = Request::builder()
+        .uri("/healthz")
+        .header(header::HOST, "10.0.0.7:8347")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(api.send(request).await.status, StatusCode::OK);
+
+    let a = api.admin(Method::GET, "/v1/openapi.json", None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    let paths: Vec<&str> = a.body["paths"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/bots",
+        "/v1/bots/{jid}",
+        "/v1/bots/{jid}/certificate",
+        "/v1/bots/{jid}/peers",
+        "/v1/bots/{jid}/events",
+        "/v1/bots/{jid}/webhook",
+        "/v1/bots/{jid}/deliveries",
+        "/v1/bots/{jid}/deliveries/retry",
+        "/v1/bots/{jid}/deliveries/drop",
+        "/v1/bots/{jid}/messages",
+        "/v1/bots/{jid}/messages/{id}",
+        "/v1/bots/{jid}/tokens",
+        "/v1/bots/{jid}/tokens/{id}",
+        "/v1/tunnels",
+        "/v1/tunnels/{id}",
+        "/v1/openapi.json",
+    ] {
+        assert!(paths.contains(&path), "{path} missing from {paths:?}");
+    }
+    assert!(
+        a.body["components"]["schemas"]["BotEvent"]["oneOf"].is_array(),
+        "the bot events are documented"
+    );
+    api.close().await;
+}
+
+#[tokio::test]
+async fn bots_are_created_read_and_deleted() {
+    let api = Api::new().await;
+    let a = api
+        .admin(
+            Method::POST,
+            "/v1/bots",
+            Some(json!({"localpart": "Weather", "handler": "echo", "trust": "pinned"})),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    assert_eq!(a.body["jid"], "weather@bots.example.org");
+    assert_eq!(
+        (&a.body["handler"], &a.body["peer_auth"], &a.body["trust"]),
+        (&json!("echo"), &json!("required"), &json!("pinned"))
+    );
+    let spki = a.body["fingerprints"]["spki_sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(spki.len(), 32 * 3 - 1, "colon hex of SHA-256: {spki}");
+
+    for (body, status) in [
+        (json!({"localpart": "weather"}), StatusCode::CONFLICT),
+        (
+            json!({"localpart": "a/b"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (json!({"localpart": ""}), StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            json!({"localpart": "x", "colour": "blue"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"localpart": "x", "handler": "webhook"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ] {
+        is_problem(
+            &api.admin(Method::POST, "/v1/bots", Some(body)).await,
+            status,
+        );
+    }
+
+    let a = api.admin(Method::GET, "/v1/bots", None).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body.as_array().unwrap().len(), 1);
+    for name in [
+        "weather",
+        "weather@bots.example.org",
+        "WEATHER@bots.example.org",
+    ] {
+        let a = api
+            .admin(Method::GET, &format!("/v1/bots/{name}"), None)
+            .await;
+        assert_eq!(a.status, StatusCode::OK, "{name}: {}", a.body);
+        assert_eq!(a.body["fingerprints"]["spki_sha256"], spki.as_str());
+    }
+    is_problem(
+        &api.admin(Method::GET, "/v1/bots/nobody", None).await,
+        StatusCode::NOT_FOUND,
+    );
+
+    let a = api
+        .admin(Method::GET, "/v1/bots/weather/certificate", None)
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body["spki_sha256"], spki.as_str());
+    assert!(
+        a.body["pem"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
+    assert!(
+        !a.body.to_string().contains("PRIVATE KEY"),
+        "the key never leaves"
+    );
+    let a = api.admin(Method::GET, "/v1/bots/weather/peers", None).await;
+    assert_eq!((a.status, a.body), (StatusCode::OK, json!([])));
+
+    let a = api.admin(Method::DELETE, "/v1/bots/weather", None).await;
+    assert_eq!(a.status, StatusCode::NO_CONTENT);
+    is_problem(
+        &api.admin(Method::DELETE, "/v1/bots/weather", None).await,
+        StatusCode::NOT_FOUND,
+    );
+    is_problem(
+        &api.admin(Method::GET, "/v1/bots/weather/certificate", None)
+            .await,
+        StatusCode::NOT_FOUND,
+    );
+    api.close().await;
+}
+
+#[tokio::test]
+async fn bot_tokens_reach_their_own_bot_only() {
+    let api = Api::new().await;
+    let weather = api.bot("weather").await;
+    api.bot("news").await;
+    let a = api
+        .admin(Method::POST, "/v1/bots/weather/tokens", None)
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    assert_eq!(a.body["bot"], weather.as_str());
+    let token = a.body["token"].as_str().unwrap().to_owned();
+    let id = a.body["id"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("xtb_"));
+
+    let own = api
+        .call(Method::GET, "/v1/bots/weather/events", Some(&token), None)
+        .await;
+    assert_eq!(own.status, StatusCode::OK, "{}", own.body);
+    for path in [
+        "/v1/bots",
+        "/v1/bots/news/events",
+        "/v1/bots/weather/tokens",
+        "/v1/tunnels",
+        "/metrics",
+    ] {
+        is_problem(
+            &api.call(Method::GET, path, Some(&token), None).await,
+            StatusCode::FORBIDDEN,
+        );
+    }
+
+    let a = api
+        .admin(Method::GET, "/v1/bots/weather/tokens", None)
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body[0]["id"], id.as_str());
+    assert!(
+        !a.body.to_string().contains(&token),
+        "only the hash is kept"
+    );
+    let path = format!("/v1/bots/weather/tokens/{id}");
+    assert_eq!(
+        api.admin(Method::DELETE, &path, None).await.status,
+        StatusCode::NO_CONTENT
+    );
+    is_problem(
+        &api.admin(Method::DELETE, &path, None).await,
+        StatusCode::NOT_FOUND,
+    );
+    is_problem(
+        &api.call(Method::GET, "/v1/bots/weather/events", Some(&token), None)
+            .await,
+        StatusCode::UNAUTHORIZED,
+    );
+    is_problem(
+        &api.admin(Method::POST, "/v1/bots/nobody/tokens", None)
+            .await,
+        StatusCode::NOT_FOUND,
+    );
+    api.close().await;
+}
+
+#[tokio::test]
+async fn the_session_table_and_tunnels_opened_by_the_api() {
+    let mut api = Api::new().await;
+    let weather = api.bot("weather").await;
+    let a = api.admin(Method::GET, "/v1/tunnels", None).await;
+    assert_eq!((a.status, a.body), (StatusCode::OK, json!([])));
+    for query in ["state=half-open", "limit=many"] {
+        is_problem(
+            &api.admin(Method::GET, &format!("/v1/tunnels?{query}"), None)
+                .await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        );
+    }
+    for path in ["/v1/tunnels/0123456789abcdef"] {
+        is_problem(
+            &api.admin(Method::GET, path, None).await,
+            StatusCode::NOT_FOUND,
+        );
+        is_problem(
+            &api.admin(Method::DELETE, path, None).await,
+            StatusCode::NOT_FOUND,
+        );
+    }
+    for (body, status) in [
+        (
+            json!({"bot": "weather", "peer": "alice@example.net"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"bot": "weather", "peer": "not a jid@@"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"bot": "nobody", "peer": "alice@example.net/phone"}),
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        is_problem(
+            &api.admin(Method::POST, "/v1/tunnels", Some(body)).await,
+            status,
+        );
+    }
+
+    // Open one: the bot asks the peer's disco#info first, then sends its start.
+    let router = api.router.clone();
+    let opening = tokio::spawn(async move {
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/tunnels")
+            .header(header::HOST, "localhost")
+            .header(header::AUTHORIZATION, format!("Bearer {ADMIN}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(
+                json!({"bot": "weather", "peer": "alice@example.net/phone"}).to_string(),
+            ))
+            .unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice::<Value>(&bytes).unwrap())
+    });
+    api.answer_disco(&weather, true).await;
+    let start = api.next_out().await;
+    assert!(start.has_child("start", ns::XTLS), "{start:?}");
+    let (status, body) = opening.await.unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["status"], "opening");
+    let id = body["tunnel_id"].as_str().unwrap().to_owned();
+
+    let a = api
+        .admin(
+            Method::GET,
+            "/v1/tunnels?state=starting&peer=alice@example.net",
+            None,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body.as_array().unwrap().len(), 1, "{}", a.body);
+    assert_eq!(a.body[0]["role"], "initiator");
+    assert_eq!(a.body[0]["peer_identity"]["trust"], "pending");
+    let a = api
+        .admin(Method::GET, &format!("/v1/tunnels/{id}"), None)
+        .await;
+    assert_eq!((a.status, &a.body["id"]), (StatusCode::OK, &json!(id)));
+
+    // Closing a tunnel that has not started: `<close/>` at once, then it is history.
+    let a = api
+        .admin(Method::DELETE, &format!("/v1/tunnels/{id}"), None)
+        .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
+    assert_eq!(a.body["state"], "closing");
+    api.close().await;
+}
+
+#[tokio::test]
+async fn messages_events_and_their_problems() {
+    let mut api = Api::new().await;
+    let weather = api.bot("weather").await;
+    let a = api
+        .admin(Method::GET, "/v1/bots/weather/events", None)
+        .await;
+    assert_eq!(
+        (a.status, a.body),
+        (
+            StatusCode::OK,
+            json!({"events": [], "cursor": 0, "last_seq": 0})
+        )
+    );
+    is_problem(
+        &api.admin(Method::GET, "/v1/bots/weather/events?after=first", None)
+            .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    );
+    let request = Request::builder()
+        .uri("/v1/bots/weather/events")
+        .header(header::HOST, "localhost")
+        .header(header::AUTHORIZATION, format!("Bearer {ADMIN}"))
+        .header("last-event-id", "yesterday")
+        .body(Body::empty())
+        .unwrap();
+    is_problem(&api.send(request).await, StatusCode::UNPROCESSABLE_ENTITY);
+
+    for (body, status) in [
+        (
+            json!({"to": "bob@example.net/pc"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"to": "bob@example.net/pc", "body": "a", "stanza": "<message/>"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"to": "news@bots.example.org", "body": "hi"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"to": "@@", "body": "hi"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"to": "bob@example.net/pc", "body": "bell\u{7}"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"to": "bob@example.net/pc", "stanza": "<message><unclosed></message>"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ] {
+        is_problem(
+            &api.admin(Method::POST, "/v1/bots/weather/messages", Some(body))
+                .await,
+            status,
+        );
+    }
+
+    // A message to a client without XTLS: accepted, then settled as no_xtls_support.
+    let router = api.router.clone();
+    let send = |key: &'static str| {
+        let router = router.clone();
+        async move {
+            let request = Request::builder()
+                .method(Method::POST)
+                .uri("/v1/bots/weather/messages")
+                .header(header::HOST, "localhost")
+                .header(header::AUTHORIZATION, format!("Bearer {ADMIN}"))
+                .header(header::CONTENT_TYPE, "application/json")
+                .header("idempotency-key", key)
+                .body(Body::from(
+                    json!({"to": "bob@example.net/pc", "body": "sunny"}).to_string(),
+                ))
+                .unwrap();
+            let response = router.oneshot(request).await.unwrap();
+            let status = response.status();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (status, serde_json::from_slice::<Value>(&bytes).unwrap())
+        }
+    };
+    let first = tokio::spawn(send("order-42"));
+    api.answer_disco(&weather, false).await;
+    let (status, first) = first.await.unwrap();
+    assert_eq!(status, StatusCode::ACCEPTED, "{first}");
+    assert_eq!(first["status"], "no_xtls_support");
+    let id = first["id"].as_str().unwrap().to_owned();
+    // The same key answers the first request's message; nothing is sent again.
+    let (status, again) = send("order-42").await;
+    assert_eq!((status, &again["id"]), (StatusCode::ACCEPTED, &json!(id)));
+    assert!(api.out.try_recv().is_err(), "a replay sends nothing");
+
+    let a = api
+        .admin(
+            Method::GET,
+            &format!("/v1/bots/weather/messages/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body["status"], "no_xtls_support");
+    let history: Vec<&str> = a.body["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(history, ["accepted", "no_xtls_support"]);
+    is_problem(
+        &api.admin(Method::GET, "/v1/bots/weather/messages/msg_none", None)
+            .await,
+        StatusCode::NOT_FOUND,
+    );
+
+    // Its events, once committed: the disco failure and the status change.
+    let a = api
+        .admin(Method::GET, "/v1/bots/weather/events?after=0&wait=10", None)
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    let mut kinds: Vec<String> = Vec::new();
+    let mut events = a.body["events"].as_array().unwrap().clone();
+    while events.len() < 2 {
+        let more = api
+            .admin(Method::GET, "/v1/bots/weather/events?after=0&wait=10", None)
+            .await;
+        events = more.body["events"].as_array().unwrap().clone();
+    }
+    for e in &events {
+        kinds.push(e["type"].as_str().unwrap().to_owned());
+        let envelope: xtls_component::delivery::event::EventEnvelope =
+            serde_json::from_value(e.clone()).expect("every event is a documented BotEvent");
+        assert_eq!(envelope.bot, weather);
+    }
+    assert_eq!(kinds, ["tunnel.failed", "delivery.status"]);
+    assert_eq!(events[1]["data"]["status"], "no_xtls_support");
+    api.close().await;
+}
+
+#[tokio::test]
+async fn webhooks_and_deliveries() {
+    let api = Api::new().await;
+    api.bot("weather").await;
+    is_problem(
+        &api.admin(Method::GET, "/v1/bots/weather/webhook", None)
+            .await,
+        StatusCode::NOT_FOUND,
+    );
+    for body in [
+        json!({"url": "not a url"}),
+        json!({"url": "ftp://hooks.example/x"}),
+        json!({"url": "http://hooks.example/x", "secret": "hunter2"}),
+        json!({"url": "http://hooks.example/x", "retries": 3}),
+    ] {
+        is_problem(
+            &api.admin(Method::PUT, "/v1/bots/weather/webhook", Some(body.clone()))
+                .await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        );
+    }
+    // Out-of-range numbers are brought into range, and the answer shows what applies.
+    let a = api
+        .admin(
+            Method::PUT,
+            "/v1/bots/weather/webhook",
+            Some(json!({"url": "http://127.0.0.1:9/x", "timeout_ms": 5, "max_in_flight": 0})),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(
+        (&a.body["timeout_ms"], &a.body["max_in_flight"]),
+        (&json!(100), &json!(1))
+    );
+    let a = api
+        .admin(
+            Method::PUT,
+            "/v1/bots/weather/webhook",
+            Some(json!({"url": "http://127.0.0.1:9/hook"})),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let secret = a.body["secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("whsec_"), "generated and shown once");
+    let a = api
+        .admin(Method::GET, "/v1/bots/weather/webhook", None)
+        .await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.body["secret_set"], true);
+    assert!(a.body.get("secret").is_none(), "never shown again");
+    assert!(!a.body.to_string().contains(&secret));
+
+    let a = api
+        .admin(Method::GET, "/v1/bots/weather/deliveries", None)
+        .await;
+    assert_eq!(
+        (a.status, a.body),
+        (StatusCode::OK, json!({"attempts": [], "dead_letters": []}))
+    );
+    for action in ["retry", "drop"] {
+        let path = format!("/v1/bots/weather/deliveries/{action}");
+        let a = api.admin(Method::POST, &path, Some(json!({}))).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+        is_problem(
+            &api.admin(Method::POST, &path, Some(json!({"seq": "all"})))
+                .await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        );
+    }
+    assert_eq!(
+        api.admin(Method::DELETE, "/v1/bots/weather/webhook", None)
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    is_problem(
+        &api.admin(Method::DELETE, "/v1/bots/weather/webhook", None)
+            .await,
+        StatusCode::NOT_FOUND,
+    );
+    api.close().await;
+}
