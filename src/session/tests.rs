@@ -262,6 +262,79 @@ async fn recv(rx: &mut mpsc::Receiver<Element>) -> Element {
         .expect("channel open")
 }
 
+/// How long a test waits for something that must happen before it calls the driver stuck.
+/// A guard against a hang, never a claim: nothing is concluded from it running out.
+const STUCK: Duration = Duration::from_secs(10);
+
+/// Waits until the bot's log holds an event `wanted` accepts: read again at every commit
+/// (the bot's committed-seq watch), never by sleeping.
+async fn event_where(
+    bot: &BotHandle,
+    store: &Store,
+    wanted: impl Fn(&crate::store::EventRecord) -> bool,
+) -> crate::store::EventRecord {
+    let mut committed = bot.events.clone();
+    loop {
+        let events = store
+            .read_events(&bot.record.jid, 0, 1000, false)
+            .await
+            .unwrap();
+        if let Some(e) = events.into_iter().find(|e| wanted(e)) {
+            return e;
+        }
+        tokio::time::timeout(STUCK, committed.changed())
+            .await
+            .expect("the driver commits the event")
+            .expect("the bot runs");
+    }
+}
+
+/// Proves the driver wrote nothing more so far: a disco#info query sent now must be answered
+/// by the very next stanza out, since a driver handles its commands and writes in order.
+async fn nothing_more_before_a_barrier(bot: &BotHandle, rx: &mut mpsc::Receiver<Element>) {
+    let query: Element = format!(
+        "<iq xmlns='jabber:client' type='get' id='barrier' from='barrier@example.net/x' to='{}'>\
+         <query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+        bot.record.jid
+    )
+    .parse()
+    .unwrap();
+    bot.try_deliver(query).unwrap();
+    let next = recv(rx).await;
+    assert_eq!(
+        (next.attr("id"), next.attr("type")),
+        (Some("barrier"), Some("result")),
+        "the driver wrote something before the barrier: {next:?}"
+    );
+}
+
+/// Moves stanzas between `peer` and the bot until `done` says so; wakes on every stanza the
+/// bot writes and on every commit of its log.
+async fn exchange_until(
+    peer: &mut Tunnel,
+    bot: &BotHandle,
+    rx: &mut mpsc::Receiver<Element>,
+    mut done: impl AsyncFnMut(&mut Tunnel) -> bool,
+) {
+    let mut committed = bot.events.clone();
+    loop {
+        while let Some(el) = peer.poll_transmit() {
+            bot.try_deliver(el).unwrap();
+        }
+        if done(peer).await {
+            return;
+        }
+        tokio::select! {
+            el = rx.recv() => {
+                let el = el.expect("channel open");
+                peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
+            }
+            changed = committed.changed() => changed.expect("the bot runs"),
+            _ = tokio::time::sleep(STUCK) => panic!("the exchange stalled"),
+        }
+    }
+}
+
 fn disco_answer(request: &Element, xtls: bool) -> Element {
     let iq = Iq::parse(request).unwrap();
     assert!(iq.children[0].is("query", ns::DISCO_INFO));
@@ -307,12 +380,8 @@ async fn a_bot_opens_a_tunnel_after_disco_and_reports_the_peer_acknowledgement()
         submitting.await.unwrap().unwrap().status,
         MessageStatus::NoXtlsSupport
     );
-    assert!(
-        tokio::time::timeout(Duration::from_millis(200), rx.recv())
-            .await
-            .is_err(),
-        "nothing follows a negative disco answer"
-    );
+    // Nothing follows a negative disco answer: no start before the barrier's answer.
+    nothing_more_before_a_barrier(&bot, &mut rx).await;
 
     // A client with XTLS: disco, start, handshake, the message, its acknowledgement.
     let m1 = msg("msg_1", alice);
@@ -350,28 +419,16 @@ async fn a_bot_opens_a_tunnel_after_disco_and_reports_the_peer_acknowledgement()
     )
     .unwrap();
     let mut got = None;
-    for _ in 0..100 {
-        while let Some(el) = peer.poll_transmit() {
-            bot.try_deliver(el).unwrap();
-        }
+    exchange_until(&mut peer, &bot, &mut rx, async |peer: &mut Tunnel| {
         while let Some(ev) = peer.poll_event() {
             if let Event::Stanza(s) = ev {
                 got = Some(s);
             }
         }
-        let status = store
-            .message(&bot.record.jid, "msg_1")
-            .await
-            .unwrap()
-            .unwrap()
-            .status;
-        if got.is_some() && status == MessageStatus::Acknowledged {
-            break;
-        }
-        if let Ok(Some(el)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-            peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
-        }
-    }
+        let message = store.message(&bot.record.jid, "msg_1").await.unwrap();
+        got.is_some() && message.unwrap().status == MessageStatus::Acknowledged
+    })
+    .await;
     let got = got.expect("the message arrived through the tunnel");
     assert_eq!(got.get_child("body", ns::CLIENT).unwrap().text(), "sunny");
     assert_eq!(got.attr("from"), Some(bot.record.jid.as_str()));
@@ -391,20 +448,17 @@ async fn a_bot_opens_a_tunnel_after_disco_and_reports_the_peer_acknowledgement()
     assert!(record.tunnel_id.is_some());
     // The driver settles the message, then commits its event with the next batch: wait
     // for the event rather than read the log the instant the status changed.
-    let mut kinds: Vec<String> = Vec::new();
-    for _ in 0..100 {
-        kinds = store
-            .read_events(&bot.record.jid, 0, 100, false)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| format!("{}:{}", e.kind, e.data["status"].as_str().unwrap_or("")))
-            .collect();
-        if kinds.contains(&"delivery.status:acknowledged".to_owned()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    event_where(&bot, &store, |e| {
+        e.kind == "delivery.status" && e.data["status"] == "acknowledged"
+    })
+    .await;
+    let kinds: Vec<String> = store
+        .read_events(&bot.record.jid, 0, 100, false)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| format!("{}:{}", e.kind, e.data["status"].as_str().unwrap_or("")))
+        .collect();
     assert!(
         kinds.contains(&"delivery.status:no_xtls_support".to_owned()),
         "{kinds:?}"
@@ -478,41 +532,14 @@ async fn a_changed_peer_key_raises_the_event_the_metric_and_the_message_status()
         offer.as_ref(),
     )
     .unwrap();
-    let mut status = MessageStatus::Accepted;
-    for _ in 0..100 {
-        while let Some(el) = peer.poll_transmit() {
-            bot.try_deliver(el).unwrap();
-        }
-        status = store
-            .message(&bot.record.jid, "msg_1")
-            .await
-            .unwrap()
-            .unwrap()
-            .status;
-        if status == MessageStatus::IdentityChanged {
-            break;
-        }
-        if let Ok(Some(el)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-            peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
-        }
-    }
-    assert_eq!(status, MessageStatus::IdentityChanged);
+    exchange_until(&mut peer, &bot, &mut rx, async |_: &mut Tunnel| {
+        let message = store.message(&bot.record.jid, "msg_1").await.unwrap();
+        message.unwrap().status == MessageStatus::IdentityChanged
+    })
+    .await;
     assert_eq!(bots.shared().metrics.identity_changes.get(), 1);
     // The status is settled before the batch holding the event commits: wait for it.
-    let mut changed = None;
-    for _ in 0..100 {
-        changed = store
-            .read_events(&bot.record.jid, 0, 100, false)
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|e| e.kind == "peer.identity_changed");
-        if changed.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let changed = changed.expect("peer.identity_changed is logged");
+    let changed = event_where(&bot, &store, |e| e.kind == "peer.identity_changed").await;
     assert_eq!(changed.data["peer"], "alice@example.net");
     assert_eq!(changed.data["presented_spki_sha256"], presented.to_string());
     assert_eq!(
@@ -554,9 +581,10 @@ async fn stopping_closes_tunnels_with_close_notify_then_close() {
         if closed.is_some() {
             break;
         }
-        let Ok(Some(el)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await else {
-            break;
-        };
+        let el = tokio::time::timeout(STUCK, rx.recv())
+            .await
+            .expect("the stopping driver closes the tunnel")
+            .expect("channel open");
         saw_close |= el.has_child("close", ns::XTLS);
         data_before_close |= !saw_close && el.has_child("data", ns::XTLS);
         peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
@@ -574,7 +602,7 @@ async fn stopping_closes_tunnels_with_close_notify_then_close() {
         Some(CloseReason::PeerClosed),
         "the peer saw a graceful close (close_notify first, then <close/>)"
     );
-    tokio::time::timeout(Duration::from_secs(5), stopped)
+    tokio::time::timeout(STUCK, stopped)
         .await
         .expect("the driver stops once its tunnels are closed")
         .unwrap();

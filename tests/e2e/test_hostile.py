@@ -1065,11 +1065,16 @@ def test_stream_input(h, bystander, hostile, xml, expected):
     connection = h.tap.connections
     mark = h.tap.mark()
     h.tap.inject(xml.format(id=iq_id, bot=h.bot, domain=h.comp.domain))
-    # A ping after it: once it is answered, the hostile stanza has been handled (in order).
+    # Probes after it, answered in order: a ping to the domain (the router answers it) and a
+    # disco#info to the bot (its own driver answers it, after anything it had before). Once
+    # both are answered, every answer to the hostile stanza has been written.
     probe = f"probe-{iq_id}"
     h.tap.inject(f"<iq type='get' id='{probe}' from='{PEER}' to='{h.comp.domain}'><ping xmlns='urn:xmpp:ping'/></iq>")
+    bot_probe = f"bot-probe-{iq_id}"
+    h.tap.inject(f"<iq type='get' id='{bot_probe}' from='{PEER}' to='{h.bot}'>"
+                 "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
     assert h.tap.answer_to(probe, since=mark).attr("type") == "result"
-    time.sleep(0.2)  # a bot answers from its own task: give it a moment more
+    assert h.tap.answer_to(bot_probe, since=mark).attr("type") == "result"
     written = [w for w in h.tap.written_since(mark) if w.attr("id") == iq_id]
     if expected is None:
         assert not written, [w.xml for w in written]
