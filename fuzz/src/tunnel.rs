@@ -1,5 +1,5 @@
 //! Target `tunnel`: two tunnel engines, Alice (initiator) and the weather bot (responder),
-//! with a fake clock, as `src/tunnel/tests.rs` pairs them.
+//! with a fake clock, as `crates/xtls/src/tunnel/tests.rs` pairs them.
 //!
 //! Input (decoded with `arbitrary`): a setup (how far to drive before the fuzzer takes over:
 //! by default a real handshake to Open; chunk size, window, queue and inner stanza limits;
