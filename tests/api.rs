@@ -567,6 +567,21 @@ async fn messages_events_and_their_problems() {
         .body(Body::empty())
         .unwrap();
     is_problem(&api.send(request).await, StatusCode::UNPROCESSABLE_ENTITY);
+    // The same route as Server-Sent Events: the answer is a stream (only its head is read).
+    let request = Request::builder()
+        .uri("/v1/bots/weather/events")
+        .header(header::HOST, "localhost")
+        .header(header::AUTHORIZATION, format!("Bearer {ADMIN}"))
+        .header(header::ACCEPT, "text/event-stream")
+        .body(Body::empty())
+        .unwrap();
+    let response = api.router.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "text/event-stream"
+    );
+    drop(response);
 
     for (body, status) in [
         (
