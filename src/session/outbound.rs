@@ -120,6 +120,11 @@ impl BotDriver {
                             self.refuse(&msg, reply, "the tunnel is closing", Some(id))
                                 .await;
                         }
+                        Err(SendError::NotXml) => {
+                            // Not worth a retry: the message itself cannot be sent.
+                            let why = Some(SendError::NotXml.to_string());
+                            self.settle(&msg, MessageStatus::Failed, why, reply).await;
+                        }
                     }
                 }
                 State::Starting | State::Handshaking | State::Open => {

@@ -63,6 +63,16 @@ pub fn is_xml_text(text: &str) -> bool {
     })
 }
 
+/// Whether the writer can serialize `element`: every attribute value and text node, at any
+/// depth, is XML text ([`is_xml_text`]).
+pub fn carries_as_xml(element: &Element) -> bool {
+    element.attrs().iter().all(|(_, value)| is_xml_text(value))
+        && element.nodes().all(|node| match node {
+            minidom::Node::Text(text) => is_xml_text(text),
+            minidom::Node::Element(child) => carries_as_xml(child),
+        })
+}
+
 /// A chat `<message/>` for the inside of a tunnel from text that came from outside (a person,
 /// an API, a webhook reply): refused when XML cannot carry it, since the writer would panic on it.
 pub fn checked_chat_message(body: &str, kind: &str) -> Result<Element, &'static str> {

@@ -149,6 +149,9 @@ pub enum SendError {
     /// The outbound queue is full; wait for [`Event::Writable`].
     #[error("tunnel send queue is full")]
     Blocked,
+    /// The stanza holds text XML cannot carry (control characters, U+FFFE, U+FFFF).
+    #[error("the stanza holds characters XML cannot carry")]
+    NotXml,
 }
 
 /// Byte and stanza counters, each direction.

@@ -31,7 +31,8 @@ use minidom::Element;
 
 use crate::stanza::xtls::{Offer, XtlsElement};
 use crate::stanza::{
-    DataError, DefinedCondition, ErrorType, Iq, IqType, build_iq, decode_data, remove_attr,
+    DataError, DefinedCondition, ErrorType, Iq, IqType, build_iq, carries_as_xml, decode_data,
+    remove_attr,
 };
 use crate::xml::{StreamReader, to_bytes};
 
@@ -439,6 +440,9 @@ impl Tunnel {
     pub fn send(&mut self, now: Instant, mut stanza: Element) -> Result<u64, SendError> {
         if self.state != State::Open || self.close_pending.is_some() {
             return Err(SendError::NotOpen);
+        }
+        if !carries_as_xml(&stanza) {
+            return Err(SendError::NotXml);
         }
         if self.out_bytes.len() >= self.config.max_queued_out {
             self.blocked = true;

@@ -10,7 +10,7 @@ use crate::certs::BotIdentity;
 use crate::certs::Fingerprint;
 use crate::stanza::encode_data;
 use crate::stanza::xtls::MAX_CHUNK_ACCEPTED;
-use crate::stanza::{ns, set_attr};
+use crate::stanza::{chat_message, ns, set_attr};
 
 const ALICE: &str = "alice@example.net/laptop";
 const BOT: &str = "weather@bots.example.org";
@@ -458,6 +458,43 @@ fn c05_wrong_or_missing_xmpp_addr_is_not_acceptable() {
         Some(CloseReason::CertificateRejected(VerifyError::WrongAddress { expected, .. }))
             if expected == BOT
     ));
+}
+
+#[test]
+fn send_refuses_text_xml_cannot_carry_and_the_tunnel_goes_on() {
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    for bad in ["bell\u{7}", "nul\u{0}", "\u{FFFE}"] {
+        assert_eq!(
+            pair.alice.tunnel().send(now, chat_message(bad, "chat")),
+            Err(SendError::NotXml),
+            "{bad:?}"
+        );
+    }
+    let mut attr = message("fine");
+    set_attr(&mut attr, "id", "a\u{1b}[31m");
+    assert_eq!(pair.alice.tunnel().send(now, attr), Err(SendError::NotXml));
+    let mut deep = message("outer");
+    let mut child = Element::bare("x", "urn:example");
+    child.append_text("\u{b}");
+    deep.append_child(child);
+    assert_eq!(pair.alice.tunnel().send(now, deep), Err(SendError::NotXml));
+    // Nothing was written, and the tunnel still carries what XML can carry.
+    assert_eq!(pair.alice.tunnel().stats().stanzas_out, 0);
+    assert_eq!(pair.alice.tunnel().state(), State::Open);
+    pair.alice
+        .tunnel()
+        .send(now, message("still here"))
+        .unwrap();
+    pair.drive();
+    let bodies: Vec<String> = pair
+        .bot
+        .stanzas()
+        .iter()
+        .map(|s| s.get_child("body", ns::CLIENT).unwrap().text())
+        .collect();
+    assert_eq!(bodies, ["still here"]);
 }
 
 #[test]
