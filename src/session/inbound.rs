@@ -167,8 +167,12 @@ impl BotDriver {
         iq: &Iq,
         offer: Option<xtls::stanza::xtls::Offer>,
     ) {
-        // Before anything else: a flood of starts must not replace a live tunnel either.
-        if !self.shared.start_rate.allow(bare(&key.peer), now) {
+        let live = self.tunnels.get(&key).map(|live| &live.tunnel);
+        // Crossing starts (ours is still unanswered) are settled by the tie-break alone
+        // (spec §1.14): `conflict` or `proceed`, never a rate refusal. Any other start counts
+        // against the peer's rate first, so a flood cannot replace a live tunnel either.
+        let crossing = live.is_some_and(|t| t.state() == State::Starting);
+        if !crossing && !self.shared.start_rate.allow(bare(&key.peer), now) {
             self.shared.metrics.rejected("start_rate");
             self.send(iq.error(
                 ErrorType::Wait,
@@ -178,7 +182,7 @@ impl BotDriver {
             .await;
             return;
         }
-        match decide_start(self.tunnels.get(&key).map(|live| &live.tunnel)) {
+        match decide_start(live) {
             StartDecision::Accept => {}
             StartDecision::Conflict => {
                 self.send(iq.error(ErrorType::Cancel, DefinedCondition::Conflict, ""))

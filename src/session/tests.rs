@@ -558,6 +558,78 @@ async fn a_changed_peer_key_raises_the_event_the_metric_and_the_message_status()
 }
 
 #[tokio::test]
+async fn crossing_starts_get_conflict_or_proceed_even_past_the_start_rate() {
+    // One start per peer and minute: the peer's own first start uses it up.
+    let limits = LimitsConfig {
+        start_burst_per_peer: 1,
+        starts_per_peer_per_minute: 1,
+        ..LimitsConfig::default()
+    };
+    let (bots, mut rx, dir) = table(limits).await;
+    bots.shared().link_up.store(true, Ordering::Relaxed);
+    let bot = api_bot(&bots).await;
+    let start_to_bot = |from: &str, id: &str| -> Element {
+        format!(
+            "<iq xmlns='jabber:client' type='set' id='{id}' from='{from}' to='{}'>\
+             <start xmlns='urn:xmpp:tmp:xtls'/></iq>",
+            bot.record.jid
+        )
+        .parse()
+        .unwrap()
+    };
+    // The tie-break (spec §1.14): the JID that sorts first wins. Against alice the bot's JID
+    // sorts last, so it gives way (proceed); against zed it wins (conflict).
+    for (peer, other, answer) in [
+        (
+            "alice@example.net/laptop",
+            "alice@example.net/phone",
+            "result",
+        ),
+        ("zed@example.net/laptop", "zed@example.net/phone", "error"),
+    ] {
+        bot.try_deliver(start_to_bot(other, "own")).unwrap();
+        assert_eq!(
+            next(&mut rx).await.type_,
+            IqType::Result,
+            "{other}'s own start"
+        );
+        bot.try_deliver(start_to_bot(other, "flood")).unwrap();
+        let refused = next(&mut rx).await;
+        assert_eq!(
+            refused.error_condition(),
+            "resource-constraint",
+            "the rate holds"
+        );
+
+        // The bot opens a tunnel to another resource; its start crosses the peer's.
+        let opening = tokio::spawn({
+            let (bot, peer) = (bot.clone(), peer.to_owned());
+            async move { bot.open(peer).await }
+        });
+        let disco = recv(&mut rx).await;
+        bot.try_deliver(disco_answer(&disco, true)).unwrap();
+        assert_eq!(
+            opening.await.unwrap().unwrap().status,
+            MessageStatus::Opening
+        );
+        let ours = recv(&mut rx).await;
+        assert!(ours.has_child("start", ns::XTLS), "{ours:?}");
+        bot.try_deliver(start_to_bot(peer, "crossing")).unwrap();
+        let theirs = next(&mut rx).await;
+        assert_eq!(
+            (theirs.id.as_str(), theirs.type_.as_str()),
+            ("crossing", answer)
+        );
+        if answer == "error" {
+            assert_eq!(theirs.error_condition(), "conflict");
+        } else {
+            assert!(theirs.children[0].is("proceed", ns::XTLS), "{theirs:?}");
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn stopping_closes_tunnels_with_close_notify_then_close() {
     let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
     let bot = api_bot(&bots).await;
