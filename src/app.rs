@@ -25,7 +25,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         );
     }
 
-    let (out_tx, out_rx) = mpsc::channel(config.limits.outbound_queue.max(1));
+    let (out_tx, out_rx) = mpsc::channel(config.limits.outbound_queue);
     let shared = Shared::new(
         store.clone(),
         out_tx.clone(),
@@ -66,7 +66,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (status_tx, status_rx) = watch::channel(LinkStatus::Connecting(None));
-    let (events_tx, mut events_rx) = mpsc::channel(config.limits.outbound_queue.max(1));
+    let (events_tx, mut events_rx) = mpsc::channel(config.limits.outbound_queue);
     let link_config = LinkConfig::new(
         &config.component,
         config.secret().clone(),

@@ -562,8 +562,39 @@ impl Config {
         if t.chunk_size == 0 || t.chunk_size > xtls::stanza::xtls::MAX_CHUNK_ACCEPTED {
             return Err(invalid("tunnel.chunk_size", "must be between 1 and 65535"));
         }
-        if t.window == 0 {
-            return Err(invalid("tunnel.window", "must be at least 1"));
+        // A zero here would be a timer that fires at once, a window or queue that never
+        // opens, or an interval tokio refuses: say so now instead of failing at run time.
+        let c = &self.component;
+        let l = &self.limits;
+        let w = &self.webhooks;
+        for (key, value) in [
+            ("tunnel.window", t.window as u64),
+            ("tunnel.start_timeout_secs", t.start_timeout_secs),
+            ("tunnel.handshake_timeout_secs", t.handshake_timeout_secs),
+            ("tunnel.ack_timeout_secs", t.ack_timeout_secs),
+            ("tunnel.close_timeout_secs", t.close_timeout_secs),
+            ("tunnel.max_inner_stanza", t.max_inner_stanza as u64),
+            ("tunnel.max_queued_out", t.max_queued_out as u64),
+            ("component.keepalive_secs", c.keepalive_secs),
+            ("component.ping_interval_secs", c.ping_interval_secs),
+            ("component.ping_timeout_secs", c.ping_timeout_secs),
+            ("component.reconnect_max_secs", c.reconnect_max_secs),
+            ("limits.bot_queue", l.bot_queue as u64),
+            ("limits.outbound_queue", l.outbound_queue as u64),
+            ("limits.max_stanza_bytes", l.max_stanza_bytes as u64),
+            (
+                "limits.start_burst_per_peer",
+                u64::from(l.start_burst_per_peer),
+            ),
+            ("events.max_batch", self.events.max_batch as u64),
+            ("webhooks.initial_backoff_ms", w.initial_backoff_ms),
+            ("webhooks.max_backoff_ms", w.max_backoff_ms),
+            ("webhooks.timeout_ms", w.timeout_ms),
+            ("webhooks.max_in_flight", w.max_in_flight as u64),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
         }
         let mut seen = std::collections::HashSet::new();
         for (i, bot) in self.bots.iter().enumerate() {
@@ -696,10 +727,26 @@ mod tests {
             e.contains("component.secret") && e.contains("XTLS_COMPONENT__SECRET"),
             "{e}"
         );
-        let e = load(&format!("{MINIMAL}\n[tunnel]\nwindow = 0"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("tunnel.window"), "{e}");
+        for (section, key) in [
+            ("tunnel", "window"),
+            ("tunnel", "handshake_timeout_secs"),
+            ("tunnel", "ack_timeout_secs"),
+            ("component", "ping_timeout_secs"),
+            ("limits", "bot_queue"),
+            ("events", "max_batch"),
+            ("webhooks", "timeout_ms"),
+        ] {
+            let file = if section == "component" {
+                MINIMAL.replace("[component]", &format!("[component]\n{key} = 0"))
+            } else {
+                format!("{MINIMAL}\n[{section}]\n{key} = 0")
+            };
+            let e = load(&file).unwrap_err().to_string();
+            assert!(e.contains(&format!("{section}.{key}")), "{e}");
+            assert!(e.contains("must be at least 1"), "{e}");
+        }
+        // Zero where it means "off" stays allowed.
+        load(&format!("{MINIMAL}\n[tunnel]\nidle_timeout_secs = 0")).unwrap();
         let e = load(&format!("{MINIMAL}\n[tunnel]\nwindoww = 2"))
             .unwrap_err()
             .to_string();

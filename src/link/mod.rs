@@ -225,10 +225,10 @@ impl LinkConfig {
             domain: c.domain.clone(),
             server: c.server.clone(),
             secret,
-            keepalive: Duration::from_secs(c.keepalive_secs.max(1)),
-            ping_interval: Duration::from_secs(c.ping_interval_secs.max(1)),
-            ping_timeout: Duration::from_secs(c.ping_timeout_secs.max(1)),
-            reconnect_max: Duration::from_secs(c.reconnect_max_secs.max(1)),
+            keepalive: Duration::from_secs(c.keepalive_secs),
+            ping_interval: Duration::from_secs(c.ping_interval_secs),
+            ping_timeout: Duration::from_secs(c.ping_timeout_secs),
+            reconnect_max: Duration::from_secs(c.reconnect_max_secs),
             max_stanza_bytes,
         }
     }

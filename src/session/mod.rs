@@ -93,7 +93,7 @@ impl Shared {
             tunnel_config,
             limits,
             domain,
-            max_batch: events.max_batch.max(1),
+            max_batch: events.max_batch,
             webhooks: Arc::new(webhooks),
             link_up: Default::default(),
             metrics: Default::default(),
