@@ -48,15 +48,19 @@ impl Tunnel {
             tracing::debug!(tunnel = %self.key, element = stanza.name(), "non-stanza element in tunnel ignored");
             return None;
         }
+        // Addresses compare as JIDs, normalized (RFC 7622 preparation): `Alice@Example.NET`
+        // is `alice@example.net`, the form the key holds.
         if let Some(from) = stanza.attr("from")
-            && bare(from) != bare(&self.key.peer)
+            && jid::Jid::new(from).map_or(true, |j| j.to_bare().to_string() != bare(&self.key.peer))
         {
             tracing::warn!(tunnel = %self.key, from, "inner stanza from another JID dropped");
             return None;
         }
         if let Some(to) = stanza.attr("to")
-            && to != self.key.local
-            && to != bare(&self.key.local)
+            && jid::Jid::new(to).map_or(true, |j| {
+                let j = j.to_string();
+                j != self.key.local && j != bare(&self.key.local)
+            })
         {
             tracing::warn!(tunnel = %self.key, to, "inner stanza to another JID dropped");
             return None;

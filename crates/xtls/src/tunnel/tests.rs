@@ -692,6 +692,10 @@ fn c12_inner_framing() {
          <message id='2'><body>two</body></message>\
          <message from='mallory@evil.example/x' id='3'><body>spoof</body></message>\
          <message from='{ALICE}' to='{BOT}' id='4'><body>explicit</body></message>\
+         <message from='Alice@Example.NET/laptop' to='Weather@Bots.Example.org' id='5'/>\
+         <message from='alice@example.net' id='6'/>\
+         <message from='not a jid@@' id='7'/>\
+         <message to='weather@bots.example.org/other' id='8'/>\
          <unknown xmlns='urn:x'/>"
     );
     let t = pair.alice.tunnel();
@@ -710,8 +714,15 @@ fn c12_inner_framing() {
         .collect();
     assert_eq!(
         ids,
-        ["1", "2", "4"],
-        "spoofed and non-stanza elements dropped"
+        ["1", "2", "4", "5", "6"],
+        "addresses compared as normalized JIDs (5: case, 6: bare); spoofed, invalid, \
+         misaddressed and non-stanza elements dropped"
+    );
+    let five = &pair.bot.stanzas()[3];
+    assert_eq!(
+        (five.attr("from"), five.attr("to")),
+        (Some(ALICE), Some(BOT)),
+        "routing restored to the key's own form"
     );
 
     // One stanza split over three records (three data IQs).
