@@ -46,7 +46,7 @@ impl BotDriver {
                     bot = self.bot.jid,
                     peer = key.peer,
                     tunnel = %record.id,
-                    trust = ?record.peer_identity.trust,
+                    trust = record.peer_identity.trust.as_str(),
                     "tunnel open"
                 );
                 let established = BotEvent::TunnelEstablished {

@@ -183,6 +183,9 @@ impl BotDriver {
             return;
         }
         match decide_start(live) {
+            // A tunnel of this key that ended in this batch is still in the table: pump it
+            // out first (its `closed`, its events, its row) so the new one starts clean.
+            StartDecision::Accept if self.tunnels.contains_key(&key) => self.pump().await,
             StartDecision::Accept => {}
             StartDecision::Conflict => {
                 self.send(iq.error(ErrorType::Cancel, DefinedCondition::Conflict, ""))

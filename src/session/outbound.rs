@@ -308,7 +308,7 @@ impl BotDriver {
         tracing::info!(
             bot = self.bot.jid,
             peer = disco.key.peer,
-            status = ?status,
+            status = status.as_str(),
             reason,
             "no tunnel opened"
         );

@@ -630,6 +630,44 @@ async fn crossing_starts_get_conflict_or_proceed_even_past_the_start_rate() {
 }
 
 #[tokio::test]
+async fn a_close_then_a_start_in_one_batch_end_the_old_tunnel_before_the_new_one() {
+    let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+    let bot = api_bot(&bots).await;
+    let _peer = open_peer(&bot, &mut rx).await;
+    let old = bots.shared().table.snapshot()[0].id.clone();
+    let iq = |id: &str, payload: &str| -> Element {
+        format!(
+            "<iq xmlns='jabber:client' type='set' id='{id}' from='alice@example.net/phone' to='{}'>{payload}</iq>",
+            bot.record.jid
+        )
+        .parse()
+        .unwrap()
+    };
+    // Both queued before the driver runs again: it handles them in one batch.
+    bot.try_deliver(iq("c1", "<close xmlns='urn:xmpp:tmp:xtls'/>"))
+        .unwrap();
+    bot.try_deliver(iq("s2", "<start xmlns='urn:xmpp:tmp:xtls'/>"))
+        .unwrap();
+    let closed = next(&mut rx).await;
+    assert_eq!(closed.id, "c1");
+    assert!(closed.children[0].is("closed", ns::XTLS), "{closed:?}");
+    let proceed = next(&mut rx).await;
+    assert_eq!((proceed.id.as_str(), proceed.type_), ("s2", IqType::Result));
+    // The old tunnel is history with its reason; only the new one is live.
+    let live = bots.shared().table.snapshot();
+    assert_eq!(live.len(), 1);
+    assert_ne!(live[0].id, old);
+    let row = bots.shared().store.tunnel(&old).await.unwrap().unwrap();
+    assert_eq!(row.state, State::Closed);
+    assert_eq!(row.close_reason.as_deref(), Some("peer_close"));
+    event_where(&bot, &bots.shared().store, |e| {
+        e.kind == "tunnel.closed" && e.tunnel_id.as_ref() == Some(&old)
+    })
+    .await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn stopping_closes_tunnels_with_close_notify_then_close() {
     let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
     let bot = api_bot(&bots).await;

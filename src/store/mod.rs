@@ -346,6 +346,17 @@ pub(crate) mod tests {
             err.to_string(),
             "stored value unreadable: unknown tunnel state 'half-open'"
         );
+        // Rows before the handshake hold 'pending' (NULL in the earliest versions): pending.
+        for stored in ["'pending'", "NULL"] {
+            sqlx::query(&format!(
+                "UPDATE tunnels SET state = 'open', trust = {stored}"
+            ))
+            .execute(&store.writer)
+            .await
+            .unwrap();
+            let row = store.tunnel(&"t1".into()).await.unwrap().unwrap();
+            assert_eq!(row.peer_identity.trust, PeerTrust::Pending, "{stored}");
+        }
         sqlx::query("UPDATE tunnels SET state = 'open', trust = 'trusted'")
             .execute(&store.writer)
             .await

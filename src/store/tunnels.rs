@@ -81,13 +81,21 @@ impl From<TrustVerdict> for PeerTrust {
 }
 
 impl PeerTrust {
-    /// The verdict, stored by name (`NULL` while pending).
-    fn verdict(self) -> Option<TrustVerdict> {
+    /// The stable name (as in JSON and the store).
+    pub fn as_str(self) -> &'static str {
         match self {
-            PeerTrust::Pending => None,
-            PeerTrust::Unauthenticated => Some(TrustVerdict::Unauthenticated),
-            PeerTrust::TofuNew => Some(TrustVerdict::TofuNew),
-            PeerTrust::Pinned => Some(TrustVerdict::Pinned),
+            PeerTrust::Pending => "pending",
+            PeerTrust::Unauthenticated => TrustVerdict::Unauthenticated.as_str(),
+            PeerTrust::TofuNew => TrustVerdict::TofuNew.as_str(),
+            PeerTrust::Pinned => TrustVerdict::Pinned.as_str(),
+        }
+    }
+
+    /// Reads the stored name; `NULL` (rows of early versions) is pending too.
+    fn from_stored(name: Option<&str>) -> Result<PeerTrust, xtls::UnknownName> {
+        match name {
+            None | Some("pending") => Ok(PeerTrust::Pending),
+            Some(verdict) => Ok(verdict.parse::<TrustVerdict>()?.into()),
         }
     }
 }
@@ -289,7 +297,7 @@ impl Store {
         .bind(&t.tls_version)
         .bind(&t.cipher_suite)
         .bind(&t.peer_identity.spki_sha256)
-        .bind(t.peer_identity.trust.verdict().map(TrustVerdict::as_str))
+        .bind(t.peer_identity.trust.as_str())
         .bind(t.stanzas_in as i64)
         .bind(t.stanzas_out as i64)
         .bind(t.bytes_in as i64)
@@ -341,10 +349,7 @@ impl Store {
 }
 
 fn tunnel_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<TunnelRecord, StoreError> {
-    let trust = match r.try_get::<Option<&str>, _>("trust")? {
-        None => PeerTrust::Pending,
-        Some(name) => name.parse::<TrustVerdict>()?.into(),
-    };
+    let trust = PeerTrust::from_stored(r.try_get("trust")?)?;
     Ok(TunnelRecord {
         id: r.try_get("id")?,
         bot: r.try_get("bot_jid")?,
