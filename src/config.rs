@@ -407,11 +407,8 @@ impl Default for WebhooksConfig {
 
 /// What a bot does with the stanzas that reach it (stored by name; an unknown stored name is
 /// an error when the row is read).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, utoipa::ToSchema, sqlx::Type,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
-#[sqlx(type_name = "TEXT", rename_all = "snake_case")]
 pub enum Handler {
     /// Answers every tunneled message with the same body through the same tunnel.
     Echo,
@@ -426,6 +423,20 @@ impl Handler {
             Handler::Echo => "echo",
             Handler::Api => "api",
         }
+    }
+}
+
+impl std::str::FromStr for Handler {
+    type Err = xtls::UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Handler::Echo, Handler::Api]
+            .into_iter()
+            .find(|h| h.as_str() == s)
+            .ok_or_else(|| xtls::UnknownName {
+                kind: "handler",
+                value: s.to_owned(),
+            })
     }
 }
 

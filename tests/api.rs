@@ -164,6 +164,33 @@ impl Api {
         self.bots.by_jid(bot).unwrap().try_deliver(answer).unwrap();
     }
 
+    /// Proves the bot wrote nothing more so far: a disco#info query sent to it now must be
+    /// answered by the very next stanza out (a bot's driver handles and writes in order).
+    async fn nothing_more_from(&mut self, bot: &str) {
+        let query: Element = format!(
+            "<iq xmlns='jabber:client' type='get' id='barrier' from='barrier@example.net/x' to='{bot}'>\
+             <query xmlns='http://jabber.org/protocol/disco#info'/></iq>"
+        )
+        .parse()
+        .unwrap();
+        self.bots.by_jid(bot).unwrap().try_deliver(query).unwrap();
+        let next = self.next_out().await;
+        assert_eq!(
+            (next.attr("id"), next.attr("type")),
+            (Some("barrier"), Some("result")),
+            "the bot wrote something first: {next:?}"
+        );
+    }
+
+    /// Waits until `bot`'s log has committed at least `seq` events.
+    async fn committed(&self, bot: &str, seq: u64) {
+        let mut events = self.bots.by_jid(bot).unwrap().events.clone();
+        tokio::time::timeout(Duration::from_secs(10), events.wait_for(|s| *s >= seq))
+            .await
+            .expect("the events are committed")
+            .expect("the bot runs");
+    }
+
     async fn close(self) {
         self.bots.stop_all().await;
         self.bots.shared().store.close().await;
@@ -459,16 +486,15 @@ async fn the_session_table_and_tunnels_opened_by_the_api() {
             StatusCode::UNPROCESSABLE_ENTITY,
         );
     }
-    for path in ["/v1/tunnels/0123456789abcdef"] {
-        is_problem(
-            &api.admin(Method::GET, path, None).await,
-            StatusCode::NOT_FOUND,
-        );
-        is_problem(
-            &api.admin(Method::DELETE, path, None).await,
-            StatusCode::NOT_FOUND,
-        );
-    }
+    let unknown = "/v1/tunnels/0123456789abcdef";
+    is_problem(
+        &api.admin(Method::GET, unknown, None).await,
+        StatusCode::NOT_FOUND,
+    );
+    is_problem(
+        &api.admin(Method::DELETE, unknown, None).await,
+        StatusCode::NOT_FOUND,
+    );
     for (body, status) in [
         (
             json!({"bot": "weather", "peer": "alice@example.net"}),
@@ -537,6 +563,23 @@ async fn the_session_table_and_tunnels_opened_by_the_api() {
         .await;
     assert_eq!(a.status, StatusCode::ACCEPTED, "{}", a.body);
     assert_eq!(a.body["state"], "closing");
+    let close = api.next_out().await;
+    assert!(close.has_child("close", ns::XTLS), "{close:?}");
+    // tunnel.opened, then tunnel.failed once it is gone.
+    api.committed(&weather, 2).await;
+    let a = api
+        .admin(Method::GET, &format!("/v1/tunnels/{id}"), None)
+        .await;
+    assert_eq!(
+        (a.status, &a.body["state"]),
+        (StatusCode::OK, &json!("closed"))
+    );
+    assert_eq!(a.body["close_reason"], "local_close");
+    is_problem(
+        &api.admin(Method::DELETE, &format!("/v1/tunnels/{id}"), None)
+            .await,
+        StatusCode::CONFLICT,
+    );
     api.close().await;
 }
 
@@ -647,7 +690,7 @@ async fn messages_events_and_their_problems() {
     // The same key answers the first request's message; nothing is sent again.
     let (status, again) = send("order-42").await;
     assert_eq!((status, &again["id"]), (StatusCode::ACCEPTED, &json!(id)));
-    assert!(api.out.try_recv().is_err(), "a replay sends nothing");
+    api.nothing_more_from(&weather).await;
 
     let a = api
         .admin(
@@ -672,18 +715,17 @@ async fn messages_events_and_their_problems() {
     );
 
     // Its events, once committed: the disco failure and the status change.
+    api.committed(&weather, 2).await;
     let a = api
-        .admin(Method::GET, "/v1/bots/weather/events?after=0&wait=10", None)
+        .admin(Method::GET, "/v1/bots/weather/events?after=0", None)
         .await;
     assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(
+        (&a.body["cursor"], &a.body["last_seq"]),
+        (&json!(0), &json!(2))
+    );
     let mut kinds: Vec<String> = Vec::new();
-    let mut events = a.body["events"].as_array().unwrap().clone();
-    while events.len() < 2 {
-        let more = api
-            .admin(Method::GET, "/v1/bots/weather/events?after=0&wait=10", None)
-            .await;
-        events = more.body["events"].as_array().unwrap().clone();
-    }
+    let events = a.body["events"].as_array().unwrap().clone();
     for e in &events {
         kinds.push(e["type"].as_str().unwrap().to_owned());
         let envelope: xtls_component::delivery::event::EventEnvelope =

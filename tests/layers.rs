@@ -44,13 +44,25 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The code of a file without its comments (line comments and doc comments).
+/// The code of a file without its line and doc comments: a line is cut at the first `//`
+/// outside a string literal (`"http://..."` stays code).
 fn code(text: &str) -> String {
+    let cut = |line: &str| -> usize {
+        let (mut in_string, mut escaped) = (false, false);
+        let bytes = line.as_bytes();
+        for (i, &b) in bytes.iter().enumerate() {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' if in_string => escaped = true,
+                b'"' => in_string = !in_string,
+                b'/' if !in_string && bytes.get(i + 1) == Some(&b'/') => return i,
+                _ => {}
+            }
+        }
+        line.len()
+    };
     text.lines()
-        .map(|line| match line.find("//") {
-            Some(at) => &line[..at],
-            None => line,
-        })
+        .map(|line| &line[..cut(line)])
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -161,4 +173,9 @@ fn the_reader_finds_grouped_and_nested_imports() {
         ["config", "metrics", "store"]
     );
     assert!(code("// crate::api in a comment\n").trim().is_empty());
+    let kept = code("let u = \"http://x\"; crate::store::now(); // crate::api\n");
+    assert_eq!(
+        named_modules(&kept).into_iter().collect::<Vec<_>>(),
+        ["store"]
+    );
 }

@@ -5,6 +5,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::openapi::{BotPath, PROBLEM_JSON, Problem, TunnelPath};
 use super::{AdminState, ApiError, json_body};
@@ -12,6 +14,17 @@ use crate::config::Handler;
 use crate::session::{BotHandle, NewBot};
 use crate::store::{TunnelFilter, TunnelId, TunnelRecord};
 use xtls::tunnel::{PeerAuth, TrustMode};
+
+/// The operator's routes (admin token only), with their OpenAPI entries.
+pub(super) fn routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_bots, create_bot))
+        .routes(routes!(get_bot, delete_bot))
+        .routes(routes!(get_certificate))
+        .routes(routes!(get_peers))
+        .routes(routes!(list_tunnels, super::bot::open_tunnel))
+        .routes(routes!(get_tunnel, delete_tunnel))
+}
 
 /// A bot as the API shows it.
 #[derive(Serialize, ToSchema)]
@@ -34,7 +47,7 @@ pub struct BotView {
 
 /// A certificate's fingerprints, colon-separated upper-case hex.
 #[derive(Serialize, ToSchema)]
-pub struct FingerprintsView {
+struct FingerprintsView {
     /// SHA-256 of the SubjectPublicKeyInfo: what peers pin.
     spki_sha256: String,
     /// SHA-256 of the DER certificate.
@@ -82,14 +95,14 @@ pub fn find_bot(state: &AdminState, jid: &str) -> Result<BotHandle, ApiError> {
 /// Every bot.
 #[utoipa::path(get, path = "/bots", tag = "bots",
     responses((status = 200, description = "The bots", body = [BotView])))]
-pub(super) async fn list_bots(State(state): State<AdminState>) -> Json<Vec<BotView>> {
+async fn list_bots(State(state): State<AdminState>) -> Json<Vec<BotView>> {
     Json(state.bots.list().iter().map(bot_view).collect())
 }
 
 /// Body of `POST /v1/bots`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct CreateBot {
+struct CreateBot {
     /// The new bot's localpart (RFC 7622).
     localpart: String,
     /// What the bot does with what reaches it; default `api`.
@@ -112,7 +125,7 @@ fn default_handler() -> Handler {
     (status = 201, description = "Created", body = BotView),
     (status = 409, description = "A bot with that localpart exists", body = Problem, content_type = PROBLEM_JSON),
     (status = 422, description = "Not a valid body or localpart", body = Problem, content_type = PROBLEM_JSON)))]
-pub(super) async fn create_bot(
+async fn create_bot(
     State(state): State<AdminState>,
     body: Result<Json<CreateBot>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<BotView>), ApiError> {
@@ -133,7 +146,7 @@ pub(super) async fn create_bot(
 #[utoipa::path(get, path = "/bots/{jid}", tag = "bots", params(BotPath), responses(
     (status = 200, description = "The bot", body = BotView),
     (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
-pub(super) async fn get_bot(
+async fn get_bot(
     State(state): State<AdminState>,
     Path(jid): Path<String>,
 ) -> Result<Json<BotView>, ApiError> {
@@ -144,7 +157,7 @@ pub(super) async fn get_bot(
 #[utoipa::path(delete, path = "/bots/{jid}", tag = "bots", params(BotPath), responses(
     (status = 204, description = "Deleted"),
     (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
-pub(super) async fn delete_bot(
+async fn delete_bot(
     State(state): State<AdminState>,
     Path(jid): Path<String>,
 ) -> Result<StatusCode, ApiError> {
@@ -159,7 +172,7 @@ pub(super) async fn delete_bot(
 
 /// A bot's certificate (public part only).
 #[derive(Serialize, ToSchema)]
-pub struct CertificateView {
+struct CertificateView {
     /// The bot's bare JID (the certificate's XmppAddr).
     jid: String,
     /// The certificate, PEM.
@@ -180,7 +193,7 @@ pub struct CertificateView {
 #[utoipa::path(get, path = "/bots/{jid}/certificate", tag = "bots", params(BotPath), responses(
     (status = 200, description = "The certificate", body = CertificateView),
     (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
-pub(super) async fn get_certificate(
+async fn get_certificate(
     State(state): State<AdminState>,
     Path(jid): Path<String>,
 ) -> Result<Json<CertificateView>, ApiError> {
@@ -200,7 +213,7 @@ pub(super) async fn get_certificate(
 
 /// A peer a bot has seen, with the keys it presented.
 #[derive(Serialize, ToSchema)]
-pub struct PeerView {
+struct PeerView {
     /// The peer's bare JID.
     jid: String,
     /// Its keys, oldest first.
@@ -211,7 +224,7 @@ pub struct PeerView {
 #[utoipa::path(get, path = "/bots/{jid}/peers", tag = "bots", params(BotPath), responses(
     (status = 200, description = "The peers", body = [PeerView]),
     (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
-pub(super) async fn get_peers(
+async fn get_peers(
     State(state): State<AdminState>,
     Path(jid): Path<String>,
 ) -> Result<Json<Vec<PeerView>>, ApiError> {
@@ -233,7 +246,7 @@ pub(super) async fn get_peers(
 /// Query of `GET /v1/tunnels`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct TunnelQuery {
+struct TunnelQuery {
     /// Only this bot's tunnels (bare JID).
     bot: Option<String>,
     /// Only tunnels with this peer.
@@ -248,7 +261,7 @@ pub struct TunnelQuery {
 #[utoipa::path(get, path = "/tunnels", tag = "tunnels", params(TunnelQuery), responses(
     (status = 200, description = "The tunnels", body = [TunnelRecord]),
     (status = 422, description = "A query parameter is not valid", body = Problem, content_type = PROBLEM_JSON)))]
-pub(super) async fn list_tunnels(
+async fn list_tunnels(
     State(state): State<AdminState>,
     query: Result<Query<TunnelQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<TunnelRecord>>, ApiError> {
@@ -295,7 +308,7 @@ pub(super) async fn list_tunnels(
 #[utoipa::path(get, path = "/tunnels/{id}", tag = "tunnels", params(TunnelPath), responses(
     (status = 200, description = "The tunnel", body = TunnelRecord),
     (status = 404, description = "No such tunnel", body = Problem, content_type = PROBLEM_JSON)))]
-pub(super) async fn get_tunnel(
+async fn get_tunnel(
     State(state): State<AdminState>,
     Path(id): Path<TunnelId>,
 ) -> Result<Json<TunnelRecord>, ApiError> {
@@ -314,7 +327,7 @@ pub(super) async fn get_tunnel(
 
 /// A close that has begun.
 #[derive(Serialize, ToSchema)]
-pub struct Accepted {
+struct Accepted {
     /// The tunnel id.
     id: TunnelId,
     /// `closing`.
@@ -326,7 +339,7 @@ pub struct Accepted {
     (status = 202, description = "Closing", body = Accepted),
     (status = 404, description = "No such tunnel", body = Problem, content_type = PROBLEM_JSON),
     (status = 409, description = "Already closed", body = Problem, content_type = PROBLEM_JSON)))]
-pub(super) async fn delete_tunnel(
+async fn delete_tunnel(
     State(state): State<AdminState>,
     Path(id): Path<TunnelId>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {

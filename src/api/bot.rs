@@ -52,6 +52,10 @@ pub fn admin_routes() -> OpenApiRouter<AdminState> {
 /// A bot and one of its things, named in a path.
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Path)]
+#[expect(
+    dead_code,
+    reason = "only the OpenAPI document reads it; handlers take the path as a tuple"
+)]
 pub struct BotItemPath {
     /// The bot's bare JID, or its localpart.
     pub jid: String,

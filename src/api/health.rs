@@ -7,14 +7,28 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
 use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AdminState;
 use crate::link::LinkStatus;
 use crate::session::BotTable;
 
+/// `/healthz` and `/readyz`, which need no token.
+pub(super) fn probe_routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+}
+
+/// `/metrics` on the admin listener (the caller adds the admin-token layers).
+pub(super) fn metrics_routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::new().routes(routes!(metrics_route))
+}
+
 /// The answer of `/healthz`.
 #[derive(Serialize, ToSchema)]
-pub struct Health {
+struct Health {
     /// Always `ok`: the process answers.
     status: String,
 }
@@ -22,7 +36,7 @@ pub struct Health {
 /// Liveness: the process answers HTTP.
 #[utoipa::path(get, path = "/healthz", tag = "health",
     responses((status = 200, description = "The process is alive", body = Health)))]
-pub(super) async fn healthz() -> Json<Health> {
+async fn healthz() -> Json<Health> {
     Json(Health {
         status: "ok".into(),
     })
@@ -69,7 +83,7 @@ pub fn metrics_app(bots: BotTable) -> Router {
 #[utoipa::path(get, path = "/metrics", tag = "health", responses(
     (status = 200, description = "Every metric", body = String,
         content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")))]
-pub(super) async fn metrics_route(State(state): State<AdminState>) -> Response {
+async fn metrics_route(State(state): State<AdminState>) -> Response {
     metrics_response(&state.bots).await
 }
 
@@ -125,7 +139,7 @@ async fn metrics_response(bots: &BotTable) -> Response {
 
 /// The answer of `/readyz`.
 #[derive(Serialize, ToSchema)]
-pub struct Readiness {
+struct Readiness {
     /// Both checks pass.
     ready: bool,
     /// The component stream to the XMPP server.
@@ -136,7 +150,7 @@ pub struct Readiness {
 
 /// One readiness check.
 #[derive(Serialize, ToSchema)]
-pub struct Check {
+struct Check {
     /// Whether it passes.
     ok: bool,
     /// Why not.
@@ -148,7 +162,7 @@ pub struct Check {
 #[utoipa::path(get, path = "/readyz", tag = "health", responses(
     (status = 200, description = "Ready", body = Readiness),
     (status = 503, description = "Not ready, with the reason", body = Readiness)))]
-pub(super) async fn readyz(State(state): State<AdminState>) -> Response {
+async fn readyz(State(state): State<AdminState>) -> Response {
     let link = state.link.borrow().clone();
     let store = state.bots.shared().store.check_writable().await;
     let component = match &link {

@@ -3,7 +3,8 @@
 //! Owns: routing, authentication (admin token, bot tokens), problem+json errors, the OpenAPI
 //! document, health, readiness and metrics endpoints, and the HTTP server under them
 //! (deadlines, caps, `Host` allow-list). It calls down into [`crate::session`] (the bot table,
-//! commands to drivers), [`crate::delivery`] (event logs, webhooks) and [`crate::store`];
+//! commands to drivers), [`crate::delivery`] (event types, webhook secrets),
+//! [`crate::store`], [`crate::link`] (the link's status, for readiness) and [`crate::config`];
 //! nothing below calls it.
 //!
 //! Everything under `/v1` requires `Authorization: Bearer <token>`; `/healthz` and `/readyz`
@@ -11,28 +12,27 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`server`] | the hyper server: connection cap, deadlines, body cap, `Host` check |
-//! | [`error`] | [`ApiError`] and its problem+json rendering |
-//! | [`auth`] | bearer tokens: who the caller is and what it may reach |
-//! | [`health`] | `/healthz`, `/readyz`, `/metrics` |
-//! | [`admin`] | bots, certificates, peers, the session table |
-//! | [`bot`] | the bot-facing routes: events, messages, webhook, deliveries, tokens |
-//! | [`openapi`] | the OpenAPI document, generated from the handlers |
+//! | `server` | the hyper server: connection cap, deadlines, body cap, `Host` check |
+//! | `error` | [`ApiError`] and its problem+json rendering |
+//! | `auth` | bearer tokens: who the caller is and what it may reach |
+//! | `health` | `/healthz`, `/readyz`, `/metrics` |
+//! | `admin` | bots, certificates, peers, the session table |
+//! | `bot` | the bot-facing routes: events, messages, webhook, deliveries, tokens |
+//! | `openapi` | the OpenAPI document, generated from the handlers |
 
-pub mod admin;
-pub mod auth;
-pub mod bot;
-pub mod error;
-pub mod health;
-pub mod openapi;
-pub mod server;
+mod admin;
+mod auth;
+mod bot;
+mod error;
+mod health;
+mod openapi;
+mod server;
 
 use axum::http::{HeaderValue, header};
 use axum::middleware;
 use axum::{Json, Router};
 use tokio::sync::watch;
 use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use crate::config::Secret;
 use crate::link::LinkStatus;
@@ -116,17 +116,11 @@ pub fn json_body<T>(
 
 /// The admin API's routes with their OpenAPI document.
 pub fn routes(state: AdminState) -> OpenApiRouter<AdminState> {
-    let admin_only = OpenApiRouter::new()
-        .routes(routes!(admin::list_bots, admin::create_bot))
-        .routes(routes!(admin::get_bot, admin::delete_bot))
-        .routes(routes!(admin::get_certificate))
-        .routes(routes!(admin::get_peers))
-        .routes(routes!(admin::list_tunnels, bot::open_tunnel))
-        .routes(routes!(admin::get_tunnel, admin::delete_tunnel))
+    let admin_only = admin::routes()
         .merge(bot::admin_routes())
         .route_layer(middleware::from_fn(auth::require_admin));
     let v1 = OpenApiRouter::new()
-        .routes(routes!(openapi::openapi_json))
+        .merge(openapi::routes())
         .merge(admin_only)
         .merge(bot::routes())
         .fallback(|| async { ApiError::NotFound("route".into()) })
@@ -142,13 +136,11 @@ pub fn routes(state: AdminState) -> OpenApiRouter<AdminState> {
             state.clone(),
             auth::require_token,
         ));
-    let metrics = OpenApiRouter::new()
-        .routes(routes!(health::metrics_route))
+    let metrics = health::metrics_routes()
         .route_layer(middleware::from_fn(auth::require_admin))
         .route_layer(middleware::from_fn_with_state(state, auth::require_token));
     OpenApiRouter::with_openapi(<openapi::ApiDoc as utoipa::OpenApi>::openapi())
         .merge(metrics)
-        .routes(routes!(health::healthz))
-        .routes(routes!(health::readyz))
+        .merge(health::probe_routes())
         .nest("/v1", v1)
 }

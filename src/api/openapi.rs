@@ -47,6 +47,10 @@ pub struct Problem {
 /// The bot named in a path.
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Path)]
+#[expect(
+    dead_code,
+    reason = "only the OpenAPI document reads it; handlers take the path as a tuple"
+)]
 pub struct BotPath {
     /// The bot's bare JID, or its localpart.
     pub jid: String,
@@ -55,6 +59,10 @@ pub struct BotPath {
 /// The tunnel named in a path.
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Path)]
+#[expect(
+    dead_code,
+    reason = "only the OpenAPI document reads it; handlers take the path as a tuple"
+)]
 pub struct TunnelPath {
     /// The tunnel id.
     pub id: String,
@@ -143,10 +151,15 @@ pub(super) struct OpenApiJson(pub(super) std::sync::Arc<String>);
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "health", responses(
     (status = 200, description = "The OpenAPI 3.1 document of this API", body = Object)))]
-pub(super) async fn openapi_json(axum::Extension(doc): axum::Extension<OpenApiJson>) -> Response {
+async fn openapi_json(axum::Extension(doc): axum::Extension<OpenApiJson>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
         doc.0.as_str().to_owned(),
     )
         .into_response()
+}
+
+/// `/openapi.json` (under `/v1`, any valid token).
+pub(super) fn routes() -> utoipa_axum::router::OpenApiRouter<super::AdminState> {
+    utoipa_axum::router::OpenApiRouter::new().routes(utoipa_axum::routes!(openapi_json))
 }

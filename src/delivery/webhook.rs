@@ -468,7 +468,7 @@ fn describe(e: &reqwest::Error) -> String {
 }
 
 /// Unix milliseconds now.
-pub fn unix_ms() -> i64 {
+fn unix_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 

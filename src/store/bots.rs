@@ -66,7 +66,7 @@ impl Store {
         )
         .bind(&bot.jid)
         .bind(&bot.localpart)
-        .bind(bot.handler)
+        .bind(bot.handler.as_str())
         .bind(bot.peer_auth.as_str())
         .bind(bot.trust.as_str())
         .bind(&bot.created_at)
@@ -156,10 +156,16 @@ impl Store {
             .bind(peer)
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows
-            .iter()
-            .filter_map(|r| Fingerprint::parse(r.get::<&str, _>("spki_sha256")))
-            .collect())
+        // An unreadable pin is an error, never skipped: without it, trust on first use would
+        // pin whatever key came next.
+        rows.iter()
+            .map(|r| {
+                let stored: &str = r.try_get("spki_sha256")?;
+                Fingerprint::parse(stored).ok_or_else(|| {
+                    StoreError::Unreadable(format!("pin '{stored}' of {peer} is not a fingerprint"))
+                })
+            })
+            .collect()
     }
 
     /// Records that a peer presented a key (pinning it on first use).
@@ -211,7 +217,7 @@ fn bot_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<BotRecord, StoreError> {
     Ok(BotRecord {
         jid: r.try_get("jid")?,
         localpart: r.try_get("localpart")?,
-        handler: r.try_get("handler")?,
+        handler: named(r, "handler")?,
         peer_auth: named(r, "peer_auth")?,
         trust: named(r, "trust")?,
         created_at: r.try_get("created_at")?,

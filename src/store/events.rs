@@ -53,7 +53,7 @@ pub struct EventRecord {
 
 const EVENT_COLUMNS: &str = "id, seq, type, bot_jid, occurred_at, tunnel_id, peer, data";
 
-pub(crate) fn event_from_row(row: &SqliteRow) -> EventRecord {
+pub(super) fn event_from_row(row: &SqliteRow) -> EventRecord {
     let data: String = row.get("data");
     EventRecord {
         id: row.get("id"),

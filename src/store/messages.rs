@@ -52,6 +52,21 @@ pub enum MessageStatus {
 }
 
 impl MessageStatus {
+    /// Every status.
+    pub const ALL: &'static [MessageStatus] = &[
+        MessageStatus::Accepted,
+        MessageStatus::Queued,
+        MessageStatus::Opening,
+        MessageStatus::Sent,
+        MessageStatus::Acknowledged,
+        MessageStatus::Failed,
+        MessageStatus::NoXtlsSupport,
+        MessageStatus::Refused,
+        MessageStatus::IdentityChanged,
+        MessageStatus::PeerUnavailable,
+        MessageStatus::RateLimited,
+    ];
+
     /// The statuses after which nothing more happens to a message.
     pub const FINAL: &'static [MessageStatus] = &[
         MessageStatus::Acknowledged,
@@ -263,5 +278,20 @@ impl Store {
                 })
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MessageStatus;
+
+    #[test]
+    fn a_status_has_one_name_in_json_in_the_store_and_in_words() {
+        for status in MessageStatus::ALL {
+            let json = serde_json::to_value(status).unwrap();
+            assert_eq!(json, status.as_str(), "{status:?}");
+            let back: MessageStatus = serde_json::from_value(json).unwrap();
+            assert_eq!(back, *status);
+        }
     }
 }

@@ -6,14 +6,16 @@
 //!
 //! | module | tables |
 //! |---|---|
-//! | [`bots`] | `bots` (keys, certificates), `peer_keys` (pins) |
+//! | [`bots`] | `bots`, `bot_keys` (keys, certificates), `peer_pins` |
 //! | [`tunnels`] | `tunnels`: the session table's history |
-//! | [`events`] | `events`: the per-bot logs and their cursor |
-//! | [`webhooks`] | `webhooks`, `webhook_attempts` |
+//! | [`events`] | `events`: the per-bot logs, their delivery states and cursor |
+//! | [`webhooks`] | `webhooks`, `delivery_attempts` |
 //! | [`messages`] | `messages`: what bots send, and its status |
 //! | [`tokens`] | `bot_tokens` |
 //!
-//! The store is the bottom layer: it imports nothing of the component above it.
+//! Below it only the configuration's types (a handler, a secret) and the engine's enums: it
+//! imports nothing of the component's layers above. A stored value that none of its type's
+//! values matches is an error ([`StoreError::Unreadable`]), never a default.
 
 pub mod bots;
 pub mod events;
@@ -60,7 +62,13 @@ pub enum StoreError {
     Conflict(String),
     /// A stored value is none of the values its column may hold.
     #[error("stored value unreadable: {0}")]
-    Unreadable(#[from] xtls::UnknownName),
+    Unreadable(String),
+}
+
+impl From<xtls::UnknownName> for StoreError {
+    fn from(e: xtls::UnknownName) -> Self {
+        StoreError::Unreadable(e.to_string())
+    }
 }
 
 /// Reads a column holding one of the engine's enums by its stable name (the engine does not
@@ -126,13 +134,13 @@ impl Store {
         Ok(Store { pool, writer })
     }
 
-    /// The reading pool, for the modules that keep their queries beside their types.
-    pub(crate) fn pool(&self) -> &SqlitePool {
+    /// The reading pool.
+    fn pool(&self) -> &SqlitePool {
         &self.pool
     }
 
     /// The writing connection (every INSERT, UPDATE and DELETE goes through it).
-    pub(crate) fn writer(&self) -> &SqlitePool {
+    fn writer(&self) -> &SqlitePool {
         &self.writer
     }
 
@@ -346,6 +354,24 @@ pub(crate) mod tests {
             err.to_string(),
             "stored value unreadable: unknown tunnel state 'half-open'"
         );
+        // No pin is skipped: trust on first use would then pin whatever key came next.
+        store
+            .record_pin(
+                &bot.jid,
+                "alice@example.net",
+                &Fingerprint::sha256(b"k"),
+                None,
+            )
+            .await
+            .unwrap();
+        sqlx::query("UPDATE peer_pins SET spki_sha256 = 'AB:CD'")
+            .execute(&store.writer)
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.pins(&bot.jid, "alice@example.net").await,
+            Err(StoreError::Unreadable(_))
+        ));
         // Rows before the handshake hold 'pending' (NULL in the earliest versions): pending.
         for stored in ["'pending'", "NULL"] {
             sqlx::query(&format!(

@@ -146,13 +146,16 @@ def _closed(node, top: bool = True):
 
 
 def _closed_components(components: dict, document: dict) -> dict:
-    """The components, closed; a schema that is a part of some `allOf` stays open at its top
-    level (the composition that uses it is closed instead)."""
+    """The components, closed; a schema that is a part of some `allOf` of several parts stays
+    open at its top level (the composition that uses it is closed instead)."""
     parts: set[str] = set()
 
     def collect(node):
         if isinstance(node, dict):
-            for part in node.get("allOf", []):
+            # A real composition has several parts; utoipa also wraps a lone documented `$ref`
+            # in `allOf`, which composes nothing and leaves the schema closed.
+            composition = node.get("allOf", [])
+            for part in composition if len(composition) > 1 else []:
                 ref = part.get("$ref", "") if isinstance(part, dict) else ""
                 if ref.startswith("#/components/schemas/"):
                     parts.add(ref.rsplit("/", 1)[1])
