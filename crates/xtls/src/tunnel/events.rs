@@ -143,7 +143,7 @@ pub enum Event {
 /// Why [`Tunnel::send`](super::Tunnel::send) refused a stanza.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SendError {
-    /// The tunnel is not open (yet or any more).
+    /// The tunnel is not open (yet or any more), or the peer closed its side (close_notify).
     #[error("tunnel is not open")]
     NotOpen,
     /// The outbound queue is full; wait for [`Event::Writable`].

@@ -438,7 +438,11 @@ impl Tunnel {
     /// Returns its mark: [`Event::Acknowledged`] with this mark (or a later one) follows once
     /// the peer acknowledged every `data` carrying it.
     pub fn send(&mut self, now: Instant, mut stanza: Element) -> Result<u64, SendError> {
-        if self.state != State::Open || self.close_pending.is_some() {
+        // After the peer's close_notify, no more application data (spec §1.10 rule 5).
+        if self.state != State::Open
+            || self.close_pending.is_some()
+            || self.peer_eof_deadline.is_some()
+        {
             return Err(SendError::NotOpen);
         }
         if !carries_as_xml(&stanza) {

@@ -979,6 +979,42 @@ fn c19_records_after_close_notify_are_refused_not_spun_on() {
 }
 
 #[test]
+fn after_the_peers_close_notify_we_send_nothing_and_close_with_our_own() {
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    // Alice closes her side of TLS and says nothing more.
+    let t = pair.alice.tunnel();
+    t.tls.as_mut().unwrap().send_close_notify();
+    t.flush(now);
+    pair.drive();
+    assert_eq!(pair.bot.state(), Some(State::Open));
+    assert_eq!(
+        pair.bot.tunnel().send(now, message("too late")),
+        Err(SendError::NotOpen),
+        "no application data after the peer's close_notify"
+    );
+    // When the wait for her <close/> ends, the bot closes the normal way: its own
+    // close_notify in a data IQ, then <close/> once that is acknowledged.
+    let data_before = pair.sent(false, "data").len();
+    pair.advance(pair.config.peer_eof_timeout + Duration::from_secs(1));
+    pair.drive();
+    let wire: Vec<&str> = pair
+        .wire
+        .iter()
+        .filter(|(to_bot, _)| !to_bot)
+        .filter_map(|(_, el)| el.children().next().map(|c| c.name()))
+        .collect();
+    let data_at = wire.iter().rposition(|n| *n == "data").unwrap();
+    let close_at = wire.iter().position(|n| *n == "close").unwrap();
+    assert!(data_at < close_at, "close_notify before <close/>: {wire:?}");
+    assert!(pair.sent(false, "data").len() > data_before);
+    assert_eq!(pair.bot.closed(), Some(&CloseReason::PeerClosed));
+    assert_eq!(pair.alice.closed(), Some(&CloseReason::PeerClosed));
+    assert!(pair.bot.tunnel().is_gone() && pair.alice.tunnel().is_gone());
+}
+
+#[test]
 fn c20_malformed_request_ends_the_tunnel() {
     let mut pair = Pair::new();
     pair.open();

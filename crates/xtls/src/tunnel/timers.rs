@@ -105,7 +105,10 @@ impl Tunnel {
             return;
         }
         if self.peer_eof_deadline.is_some_and(|d| d <= now) {
-            self.begin_closing(now, CloseReason::PeerClosed);
+            // The peer closed its side but never sent <close/>: close ours the normal way,
+            // close_notify first, then <close/> once it is acknowledged (spec §1.10 rule 5).
+            self.peer_eof_deadline = None;
+            self.close_with(now, CloseReason::PeerClosed);
             return;
         }
         if self.idle_deadline.is_some_and(|d| d <= now) {
