@@ -35,6 +35,7 @@ pub fn route(stanza: Element, bots: &BotTable) -> Option<Element> {
             Err(mpsc::error::TrySendError::Full(crate::session::BotCommand::Stanza(stanza))) => {
                 tracing::warn!(bot = bot.record.jid, "bot queue full");
                 bots.shared().metrics.rejected("bot_queue");
+                bot.tunnel_refused(&stanza);
                 is_request.then(|| {
                     error_reply(
                         &stanza,

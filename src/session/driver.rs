@@ -90,6 +90,8 @@ pub(super) struct BotDriver {
     pub(super) former_peers: Arc<std::sync::Mutex<std::collections::VecDeque<TunnelKey>>>,
     /// Which link session's pacer may send `<close/>`s to `former_peers`.
     pub(super) pacer_generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Tunnels the router refused a request of while this driver was busy.
+    pub(super) refused: Arc<super::table::RefusedTunnels>,
 }
 
 pub(super) fn normalize(jid: &str) -> Option<String> {
@@ -157,6 +159,7 @@ impl BotDriver {
                     self.disco_timeouts(Instant::from_std(now)).await;
                 }
             }
+            self.end_refused();
             self.pump().await;
             if !self.out.resubmit.is_empty() {
                 self.resubmit().await;
@@ -213,6 +216,18 @@ impl BotDriver {
             let _ = done.send(());
         }
         true
+    }
+
+    /// Ends the tunnels whose `data` or `close` the router refused while this driver was
+    /// busy: the peer got an error, and after an error a tunnel is gone (spec §1.11).
+    pub(super) fn end_refused(&mut self) {
+        for (local, peer) in self.refused.take() {
+            if let Some(live) = self.tunnels.get_mut(&TunnelKey { local, peer })
+                && !live.tunnel.is_gone()
+            {
+                live.tunnel.abandon(CloseReason::Overloaded);
+            }
+        }
     }
 
     /// Queues a stanza for the server; it leaves at the end of this step.

@@ -1,7 +1,7 @@
 //! The registry of running bots: create, load, find, delete, and the handle each one is
 //! reached by.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -13,10 +13,11 @@ use crate::config::Handler;
 use crate::delivery::webhook::{self, Deliverer, ReplySink};
 use crate::store::{BotRecord, OutMsg, StoreError, StoredBot, TunnelId, now};
 use xtls::certs::{BotIdentity, Fingerprints, normalize_bare};
+use xtls::stanza::ns;
 use xtls::tunnel::{BotCredentials, CloseReason, PeerAuth, TrustMode};
 
 use super::Shared;
-use super::driver::BotDriver;
+use super::driver::{BotDriver, normalize};
 use super::outbound::{self, Submitted};
 
 /// What a driver is asked to do.
@@ -54,6 +55,30 @@ pub struct BotHandle {
     /// Wakes the webhook deliverer when the webhook or the dead letters change.
     pub webhook_changed: Arc<tokio::sync::Notify>,
     pub(super) tx: mpsc::Sender<BotCommand>,
+    /// Tunnels whose `data` or `close` the router refused because the queue was full: the
+    /// driver ends them at its next step (spec §1.11: after an error a tunnel is gone).
+    pub(super) refused: Arc<RefusedTunnels>,
+}
+
+/// The keys of tunnels refused while their driver was busy, at most [`Self::CAP`].
+#[derive(Debug, Default)]
+pub struct RefusedTunnels(std::sync::Mutex<HashSet<(String, String)>>);
+
+impl RefusedTunnels {
+    /// Keys held at most; beyond, a refused tunnel ends by its own timeouts instead.
+    const CAP: usize = 4096;
+
+    fn insert(&self, local: String, peer: String) {
+        let mut set = self.0.lock().expect("refused lock");
+        if set.len() < Self::CAP {
+            set.insert((local, peer));
+        }
+    }
+
+    /// Takes every key recorded so far.
+    pub(super) fn take(&self) -> HashSet<(String, String)> {
+        std::mem::take(&mut *self.0.lock().expect("refused lock"))
+    }
 }
 
 impl ReplySink for BotHandle {
@@ -93,6 +118,22 @@ impl BotHandle {
             .await
             .ok()?
             .ok()
+    }
+
+    /// Records that the router refused this `data` or `close` of a tunnel (the queue was full),
+    /// so the driver ends that tunnel at its next step.
+    pub fn tunnel_refused(&self, request: &Element) {
+        let is_tunnel_request = request.name() == "iq"
+            && request
+                .children()
+                .any(|c| c.ns() == ns::XTLS && matches!(c.name(), "data" | "close"));
+        if let (true, Some(local), Some(peer)) = (
+            is_tunnel_request,
+            request.attr("to").and_then(normalize),
+            request.attr("from").and_then(normalize),
+        ) {
+            self.refused.insert(local, peer);
+        }
     }
 
     /// Hands a stanza to the driver without waiting; `Err` when its queue is full or it stopped.
@@ -247,8 +288,9 @@ impl BotTable {
             recover,
             webhook,
         } = start;
-        let (tx, rx) = mpsc::channel(self.shared.limits.bot_queue.max(1));
+        let (tx, rx) = mpsc::channel(self.shared.limits.bot_queue);
         let (events_tx, events) = watch::channel(last_seq);
+        let refused: Arc<RefusedTunnels> = Arc::default();
         let handle = BotHandle {
             fingerprints: creds.identity.info.fingerprints.clone(),
             identity: creds.identity.clone(),
@@ -256,6 +298,7 @@ impl BotTable {
             events,
             webhook_changed: Arc::default(),
             tx,
+            refused: refused.clone(),
         };
         let handler = record.handler;
         let driver = BotDriver {
@@ -278,6 +321,7 @@ impl BotTable {
             tunnels: HashMap::new(),
             former_peers: Arc::default(),
             pacer_generation: Arc::default(),
+            refused,
         };
         self.bots
             .write()

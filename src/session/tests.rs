@@ -668,6 +668,56 @@ async fn a_close_then_a_start_in_one_batch_end_the_old_tunnel_before_the_new_one
 }
 
 #[tokio::test]
+async fn a_tunnel_request_refused_for_a_full_queue_ends_the_tunnel_at_once() {
+    let limits = LimitsConfig {
+        bot_queue: 4,
+        ..LimitsConfig::default()
+    };
+    let (bots, mut rx, dir) = table(limits).await;
+    let bot = api_bot(&bots).await;
+    let _peer = open_peer(&bot, &mut rx).await;
+    let tunnel = bots.shared().table.snapshot()[0].id.clone();
+    // Fill the bot's queue while its driver cannot run (this test holds the only thread).
+    let mut queued = 0;
+    loop {
+        let query: Element = format!(
+            "<iq xmlns='jabber:client' type='get' id='q{queued}' from='carol@example.net/x' to='{}'>\
+             <query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
+            bot.record.jid
+        )
+        .parse()
+        .unwrap();
+        if bot.try_deliver(query).is_err() {
+            break;
+        }
+        queued += 1;
+    }
+    assert_eq!(queued, 4);
+    let data: Element = format!(
+        "<iq xmlns='jabber:client' type='set' id='d1' from='alice@example.net/phone' to='{}'>\
+         <data xmlns='urn:xmpp:tmp:xtls'>FwMDAAEA</data></iq>",
+        bot.record.jid
+    )
+    .parse()
+    .unwrap();
+    // What the router does with it: the queue is full, so it answers resource-constraint
+    // and tells the bot which tunnel it refused.
+    assert!(matches!(
+        bot.try_deliver(data.clone()),
+        Err(mpsc::error::TrySendError::Full(_))
+    ));
+    bot.tunnel_refused(&data);
+    // The peer now holds the tunnel for gone (spec §1.11): so does the bot, at once.
+    let closed = event_where(&bot, &bots.shared().store, |e| {
+        e.kind == "tunnel.closed" && e.tunnel_id.as_ref() == Some(&tunnel)
+    })
+    .await;
+    assert_eq!(closed.data["code"], "overloaded");
+    assert!(bots.shared().table.snapshot().is_empty());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn stopping_closes_tunnels_with_close_notify_then_close() {
     let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
     let bot = api_bot(&bots).await;

@@ -46,6 +46,9 @@ pub enum CloseReason {
     BotDeleted,
     /// What arrived could not be stored, so it was refused.
     StoreUnavailable,
+    /// The owner was too busy to take a request of the tunnel and refused it with an error;
+    /// after an error both sides consider the tunnel gone (spec §1.11).
+    Overloaded,
 }
 
 impl CloseReason {
@@ -82,6 +85,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::BotDeleted => "bot_deleted",
             CloseReason::StoreUnavailable => "store_unavailable",
+            CloseReason::Overloaded => "overloaded",
         }
     }
 }
