@@ -384,6 +384,16 @@ async fn bots_are_created_read_and_deleted() {
         .await;
     assert_eq!(a.status, StatusCode::OK);
     assert_eq!(a.body["spki_sha256"], spki.as_str());
+    // The certificate digests also in the form offers carry (docs/protocol.md §2.4).
+    for (colons, offer) in [("cert_sha1", "sha1"), ("cert_sha256", "sha256")] {
+        let plain = a.body[colons]
+            .as_str()
+            .unwrap()
+            .replace(':', "")
+            .to_lowercase();
+        assert_eq!(a.body["offer"][offer], plain.as_str(), "{colons}");
+    }
+    assert_eq!(a.body["offer"]["sha1"].as_str().unwrap().len(), 40);
     assert!(
         a.body["pem"]
             .as_str()

@@ -45,7 +45,8 @@ pub struct BotView {
     fingerprints: FingerprintsView,
 }
 
-/// A certificate's fingerprints, colon-separated upper-case hex.
+/// A certificate's fingerprints (docs/protocol.md §2.4): colon-separated upper-case hex, the
+/// form people compare, and the certificate digests also as offers carry them.
 #[derive(Serialize, ToSchema)]
 struct FingerprintsView {
     /// SHA-256 of the SubjectPublicKeyInfo: what peers pin.
@@ -54,6 +55,18 @@ struct FingerprintsView {
     cert_sha256: String,
     /// SHA-1 of the DER certificate.
     cert_sha1: String,
+    /// The certificate's digests as an XTLS offer names the key (XEP-0189 keyinfo
+    /// `<name>`): lowercase hex without separators.
+    offer: OfferNames,
+}
+
+/// A certificate's digests in the form of offer key names.
+#[derive(Serialize, ToSchema)]
+struct OfferNames {
+    /// SHA-1 of the DER certificate (what offers carry).
+    sha1: String,
+    /// SHA-256 of the DER certificate.
+    sha256: String,
 }
 
 impl FingerprintsView {
@@ -62,6 +75,10 @@ impl FingerprintsView {
             spki_sha256: f.spki_sha256.to_string(),
             cert_sha256: f.cert_sha256.to_string(),
             cert_sha1: f.cert_sha1.to_string(),
+            offer: OfferNames {
+                sha1: f.cert_sha1.to_lower_hex(),
+                sha256: f.cert_sha256.to_lower_hex(),
+            },
         }
     }
 }
@@ -183,6 +200,8 @@ struct CertificateView {
     cert_sha256: String,
     /// SHA-1 of the DER certificate.
     cert_sha1: String,
+    /// The certificate's digests as offers name the key.
+    offer: OfferNames,
     /// Start of validity (RFC 3339).
     not_before: String,
     /// End of validity (RFC 3339).
@@ -206,6 +225,7 @@ async fn get_certificate(
         spki_sha256: f.spki_sha256,
         cert_sha256: f.cert_sha256,
         cert_sha1: f.cert_sha1,
+        offer: f.offer,
         not_before: id.info.not_before.clone(),
         not_after: id.info.not_after.clone(),
     }))

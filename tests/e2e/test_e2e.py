@@ -63,6 +63,9 @@ def walking_path(component, users, capsys) -> None:
     assert cert_sha256(der) == cert["cert_sha256"], "cert_sha256 does not match the PEM"
     sha1_colon = ":".join(f"{b:02X}" for b in hashlib.sha1(der).digest())
     assert sha1_colon == cert["cert_sha1"], "cert_sha1 does not match the PEM"
+    # The form offers carry (docs/protocol.md §2.4): lowercase hex, no separators.
+    assert cert["offer"] == {"sha1": hashlib.sha1(der).hexdigest(),
+                             "sha256": hashlib.sha256(der).hexdigest()}, cert["offer"]
     assert xmpp_addrs(der) == [BOT], "the bot certificate must carry exactly one XmppAddr = its JID"
 
     async def scenario():
@@ -234,7 +237,7 @@ def test_bot_lifecycle_through_the_api(component, users):
     status, bot = component.post("/v1/bots", {"localpart": "weather", "handler": "echo", "peer_auth": "required"})
     assert status == 201, f"POST /v1/bots -> {status}: {bot!r}"
     assert bot["jid"] == weather and bot["handler"] == "echo", bot
-    assert set(bot["fingerprints"]) == {"spki_sha256", "cert_sha256", "cert_sha1"}, bot
+    assert set(bot["fingerprints"]) == {"spki_sha256", "cert_sha256", "cert_sha1", "offer"}, bot
     assert component.post("/v1/bots", {"localpart": "weather", "handler": "echo"})[0] == 409
     assert component.post("/v1/bots", {"localpart": "bad/part", "handler": "echo"})[0] == 422
     assert component.post("/v1/bots", {"localpart": "x", "handler": "parrot"})[0] == 422
