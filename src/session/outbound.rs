@@ -457,6 +457,9 @@ impl BotDriver {
         }
         let status = match reason {
             CloseReason::Refused(_) => MessageStatus::Refused,
+            CloseReason::NotSupported(_) => MessageStatus::NoXtlsSupport,
+            CloseReason::Busy(_) => MessageStatus::PeerBusy,
+            CloseReason::Conflict => MessageStatus::Conflict,
             r if r.identity_change().is_some() => MessageStatus::IdentityChanged,
             _ => MessageStatus::Failed,
         };

@@ -43,6 +43,12 @@ pub enum MessageStatus {
     NoXtlsSupport,
     /// The peer refused our `start`. Final.
     Refused,
+    /// The peer answered our `start` that it is busy (a `wait` error); a later try may work.
+    /// Final.
+    PeerBusy,
+    /// The peer's own `start` to the bot crossed ours and won the tie-break; the bot may send
+    /// again through the peer's tunnel. Final.
+    Conflict,
     /// The peer presented a key other than the one pinned for it. Final.
     IdentityChanged,
     /// The peer is offline or unknown. Final.
@@ -62,6 +68,8 @@ impl MessageStatus {
         MessageStatus::Failed,
         MessageStatus::NoXtlsSupport,
         MessageStatus::Refused,
+        MessageStatus::PeerBusy,
+        MessageStatus::Conflict,
         MessageStatus::IdentityChanged,
         MessageStatus::PeerUnavailable,
         MessageStatus::RateLimited,
@@ -73,6 +81,8 @@ impl MessageStatus {
         MessageStatus::Failed,
         MessageStatus::NoXtlsSupport,
         MessageStatus::Refused,
+        MessageStatus::PeerBusy,
+        MessageStatus::Conflict,
         MessageStatus::IdentityChanged,
         MessageStatus::PeerUnavailable,
     ];
@@ -88,6 +98,8 @@ impl MessageStatus {
             MessageStatus::Failed => "failed",
             MessageStatus::NoXtlsSupport => "no_xtls_support",
             MessageStatus::Refused => "refused",
+            MessageStatus::PeerBusy => "peer_busy",
+            MessageStatus::Conflict => "conflict",
             MessageStatus::IdentityChanged => "identity_changed",
             MessageStatus::PeerUnavailable => "peer_unavailable",
             MessageStatus::RateLimited => "rate_limited",

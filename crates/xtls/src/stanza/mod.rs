@@ -190,6 +190,14 @@ impl Iq {
         }
     }
 
+    /// The `type` of an error response's `<error/>` (`cancel`, `wait`, ...), when present.
+    pub fn error_type(&self) -> Option<&str> {
+        self.children
+            .iter()
+            .find(|c| c.name() == "error")
+            .and_then(|e| e.attr("type"))
+    }
+
     /// The defined condition of an error response (`undefined-condition` when absent).
     pub fn error_condition(&self) -> String {
         self.children

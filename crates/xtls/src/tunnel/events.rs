@@ -24,8 +24,15 @@ pub enum CloseReason {
     CertificateRejected(VerifyError),
     /// The peer answered one of our IQs with an error.
     PeerError(String),
-    /// The peer refused our `start` (condition given).
+    /// The peer refused our `start` (condition given): it will not talk XTLS with us.
     Refused(String),
+    /// The peer answered our `start` that it does not support XTLS (condition given).
+    NotSupported(String),
+    /// The peer answered our `start` with a `wait` error: busy, try again later.
+    Busy(String),
+    /// The peer answered our `start` with `conflict`: its own `start` to us won the tie-break
+    /// (spec §1.14) and its tunnel takes the place of ours.
+    Conflict,
     /// The peer sent something the protocol forbids in this state.
     Protocol(String),
     /// The tunnel plaintext was not acceptable XML (spec §1.9 rules 1 and 6).
@@ -75,6 +82,9 @@ impl CloseReason {
             CloseReason::CertificateRejected(_) => "certificate_rejected",
             CloseReason::PeerError(_) => "peer_error",
             CloseReason::Refused(_) => "refused",
+            CloseReason::NotSupported(_) => "not_supported",
+            CloseReason::Busy(_) => "busy",
+            CloseReason::Conflict => "conflict",
             CloseReason::Protocol(_) => "protocol_error",
             CloseReason::InnerXml(_) => "inner_xml",
             CloseReason::Timeout(_) => "timeout",
@@ -99,6 +109,8 @@ impl fmt::Display for CloseReason {
             | CloseReason::TlsError(s)
             | CloseReason::PeerError(s)
             | CloseReason::Refused(s)
+            | CloseReason::NotSupported(s)
+            | CloseReason::Busy(s)
             | CloseReason::Protocol(s)
             | CloseReason::InnerXml(s) => write!(f, ": {s}"),
             CloseReason::Timeout(which) => write!(f, ": {which}"),

@@ -653,8 +653,7 @@ impl Tunnel {
                 if ok {
                     self.handle_proceed(now, iq);
                 } else {
-                    let condition = iq.error_condition();
-                    self.finish(CloseReason::Refused(condition));
+                    self.finish(start_refused(iq));
                 }
             }
             Request::Data { handshake, .. } => {
@@ -907,6 +906,20 @@ impl Tunnel {
 /// The bare part of a JID string (everything before the first `/`).
 pub fn bare(jid: &str) -> &str {
     jid.split_once('/').map_or(jid, |(b, _)| b)
+}
+
+/// What an error answering our `start` means (spec §1.14): not supported, busy, conflict, or
+/// refused.
+fn start_refused(iq: &Iq) -> CloseReason {
+    let condition = iq.error_condition();
+    match (condition.as_str(), iq.error_type()) {
+        ("conflict", _) => CloseReason::Conflict,
+        ("service-unavailable" | "feature-not-implemented", _) => {
+            CloseReason::NotSupported(condition)
+        }
+        (_, Some("wait")) => CloseReason::Busy(condition),
+        _ => CloseReason::Refused(condition),
+    }
 }
 
 /// Checks the shape of an IQ request in the XTLS namespace (spec §1.11 rows on malformed

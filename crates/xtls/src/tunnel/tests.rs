@@ -308,6 +308,55 @@ fn c01_start_proceed_echoes_id_and_addressing() {
 }
 
 #[test]
+fn the_outcomes_of_a_refused_start_are_told_apart() {
+    for (error_type, condition, expected, code) in [
+        (
+            "cancel",
+            "service-unavailable",
+            CloseReason::NotSupported("service-unavailable".into()),
+            "not_supported",
+        ),
+        (
+            "cancel",
+            "feature-not-implemented",
+            CloseReason::NotSupported("feature-not-implemented".into()),
+            "not_supported",
+        ),
+        (
+            "wait",
+            "resource-constraint",
+            CloseReason::Busy("resource-constraint".into()),
+            "busy",
+        ),
+        ("cancel", "conflict", CloseReason::Conflict, "conflict"),
+        (
+            "cancel",
+            "not-acceptable",
+            CloseReason::Refused("not-acceptable".into()),
+            "refused",
+        ),
+    ] {
+        let mut pair = Pair::new();
+        pair.start();
+        let start = pair.alice.drain().remove(0);
+        let iq = Iq::parse(&start).unwrap();
+        let answer: Element = format!(
+            "<iq xmlns='jabber:client' type='error' id='{}' from='{BOT}' to='{ALICE}'>\
+             <error type='{error_type}'><{condition} xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>",
+            iq.id
+        )
+        .parse()
+        .unwrap();
+        pair.alice
+            .tunnel()
+            .handle_iq(pair.now, &Iq::parse(&answer).unwrap());
+        pair.alice.drain();
+        let closed = pair.alice.closed().expect("the tunnel ended");
+        assert_eq!((closed, closed.code()), (&expected, code), "{condition}");
+    }
+}
+
+#[test]
 fn c02_policy_refusals_are_not_acceptable() {
     let mut pair = Pair::new();
     pair.bot.policy.trust = TrustMode::Pinned;
