@@ -96,6 +96,7 @@ fn bot_record() -> BotRecord {
         handler: xtls_component::config::Handler::Api,
         peer_auth: xtls::tunnel::PeerAuth::Required,
         trust: xtls::tunnel::TrustMode::Tofu,
+        encrypted_only: false,
         created_at: now(),
     }
 }

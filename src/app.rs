@@ -43,6 +43,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
                 handler: bot.handler,
                 peer_auth: bot.peer_auth,
                 trust: bot.trust,
+                encrypted_only: bot.encrypted_only,
             })
             .await
             .with_context(|| format!("cannot create bot {}", bot.localpart))?;

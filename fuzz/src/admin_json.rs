@@ -83,6 +83,7 @@ fn fixture() -> &'static Fixture {
                 handler: Handler::Echo,
                 peer_auth: PeerAuth::Required,
                 trust: TrustMode::Tofu,
+                encrypted_only: false,
             })
             .await
             .expect("the fuzz bot is created");

@@ -39,6 +39,8 @@ pub struct BotView {
     peer_auth: PeerAuth,
     /// How peer keys are trusted.
     trust: TrustMode,
+    /// Whether stanzas sent in clear are refused.
+    encrypted_only: bool,
     /// When it was created (RFC 3339).
     created_at: String,
     /// Its certificate's fingerprints, to compare out of band.
@@ -91,6 +93,7 @@ fn bot_view(bot: &BotHandle) -> BotView {
         handler: r.handler,
         peer_auth: r.peer_auth,
         trust: r.trust,
+        encrypted_only: r.encrypted_only,
         created_at: r.created_at.clone(),
         fingerprints: FingerprintsView::of(&bot.fingerprints),
     }
@@ -131,6 +134,10 @@ struct CreateBot {
     /// How peers' keys become trusted; default `tofu`.
     #[serde(default)]
     trust: TrustMode,
+    /// Refuse stanzas sent in clear, telling the sender to use XTLS; default `false`
+    /// (they reach the bot marked as not encrypted).
+    #[serde(default)]
+    encrypted_only: bool,
 }
 
 fn default_handler() -> Handler {
@@ -154,6 +161,7 @@ async fn create_bot(
             handler: body.handler,
             peer_auth: body.peer_auth,
             trust: body.trust,
+            encrypted_only: body.encrypted_only,
         })
         .await?;
     Ok((StatusCode::CREATED, Json(bot_view(&bot))))

@@ -40,8 +40,18 @@ pub struct StanzaReceived {
     pub body: Option<String>,
     /// The whole stanza, serialized.
     pub stanza: String,
-    /// The peer's key; null when the tunnel had not finished its handshake.
+    /// The peer's key; null when the tunnel had not finished its handshake, or for a stanza
+    /// sent in clear.
     pub identity: Option<Identity>,
+    /// Whether it came through a tunnel; `false` for a stanza the peer sent in clear (spec
+    /// §1.9 rule 8), which the servers on the way could read and change.
+    #[serde(default = "encrypted_by_default")]
+    pub encrypted: bool,
+}
+
+/// Events stored before `encrypted` existed all came through tunnels.
+fn encrypted_by_default() -> bool {
+    true
 }
 
 /// Where a tunnel that never opened failed.
@@ -178,12 +188,22 @@ impl BotEvent {
 
     /// A stanza that arrived through a tunnel.
     pub fn stanza(stanza: &Element, identity: Option<Identity>) -> BotEvent {
+        Self::received(stanza, identity, true)
+    }
+
+    /// A stanza the peer sent in clear, outside any tunnel (spec §1.9 rule 8).
+    pub fn in_clear(stanza: &Element) -> BotEvent {
+        Self::received(stanza, None, false)
+    }
+
+    fn received(stanza: &Element, identity: Option<Identity>, encrypted: bool) -> BotEvent {
         let received = StanzaReceived {
             body: stanza
                 .get_child("body", xtls::stanza::ns::CLIENT)
                 .map(Element::text),
             stanza: String::from_utf8_lossy(&xtls::xml::to_bytes(stanza)).into_owned(),
             identity,
+            encrypted,
         };
         match stanza.name() {
             "message" => BotEvent::MessageReceived(received),
@@ -246,6 +266,7 @@ mod tests {
                     "body": "hi",
                     "stanza": "<message xmlns='jabber:client' from='alice@example.net/a' type='chat'><body>hi</body></message>",
                     "identity": {"spki_sha256": "AB:CD", "trust": "pinned"},
+                    "encrypted": true,
                 }),
             ),
             (
@@ -289,6 +310,7 @@ mod tests {
             handler: crate::config::Handler::Api,
             peer_auth: xtls::tunnel::PeerAuth::Required,
             trust: xtls::tunnel::TrustMode::Tofu,
+            encrypted_only: false,
             created_at: crate::store::now(),
         };
         let identity = xtls::certs::BotIdentity::generate(&bot.jid).unwrap();

@@ -5,6 +5,7 @@ use minidom::Element;
 use tokio::time::Instant;
 
 use crate::config::Handler;
+use crate::delivery::event::BotEvent;
 use crate::store::StoreError;
 use xtls::stanza::xtls::XtlsElement;
 use xtls::stanza::{DefinedCondition, ErrorType, Iq, IqType, error_reply, name, ns};
@@ -20,6 +21,18 @@ impl BotDriver {
         match el.name() {
             "iq" => self.handle_iq(el).await,
             "presence" => self.handle_presence(el).await,
+            // Spec §1.9 rule 8: a bot that accepts tunneled stanzas only says so, and how.
+            // (An error in clear is not answered: errors never get errors.)
+            "message" if self.bot.encrypted_only && el.attr("type") != Some("error") => {
+                self.send(error_reply(
+                    &el,
+                    ErrorType::Modify,
+                    DefinedCondition::PolicyViolation,
+                    "this bot accepts messages only through an XTLS tunnel (urn:xmpp:tmp:xtls)",
+                ))
+                .await;
+            }
+            "message" if self.bot.encrypted_only => {}
             // The echo bot answers a plain message in plain: the baseline the load tool
             // measures tunnels against (docs/performance.md).
             "message" if self.handler == Handler::Echo => {
@@ -32,12 +45,10 @@ impl BotDriver {
                     self.send(reply).await;
                 }
             }
+            // An `api` bot gets it, marked as sent in clear.
             "message" => {
-                tracing::debug!(
-                    bot = self.bot.jid,
-                    from = el.attr("from"),
-                    "message in clear ignored"
-                );
+                let peer = el.attr("from").map(str::to_owned);
+                self.log(None, BotEvent::in_clear(&el).into_row(None, peer));
             }
             _ => {}
         }

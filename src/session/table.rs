@@ -185,6 +185,8 @@ pub struct NewBot {
     pub peer_auth: PeerAuth,
     /// How peer keys are trusted.
     pub trust: TrustMode,
+    /// Whether stanzas sent in clear are refused (else delivered, marked as such).
+    pub encrypted_only: bool,
 }
 
 /// The registry of running bots.
@@ -270,6 +272,7 @@ impl BotTable {
             handler: new.handler,
             peer_auth: new.peer_auth,
             trust: new.trust,
+            encrypted_only: new.encrypted_only,
             created_at: now(),
         };
         self.shared.store.insert_bot(&record, &identity).await?;

@@ -70,6 +70,7 @@ async fn limits_answer_resource_constraint_wait_and_unknown_tunnels_item_not_fou
             handler: Handler::Echo,
             peer_auth: PeerAuth::Required,
             trust: TrustMode::Tofu,
+            encrypted_only: false,
         })
         .await
         .unwrap();
@@ -83,6 +84,7 @@ async fn limits_answer_resource_constraint_wait_and_unknown_tunnels_item_not_fou
             handler: Handler::Echo,
             peer_auth: PeerAuth::Required,
             trust: TrustMode::Tofu,
+            encrypted_only: false,
         })
         .await,
         Err(BotError::Duplicate(_))
@@ -150,6 +152,7 @@ async fn api_bot(bots: &BotTable) -> BotHandle {
         handler: Handler::Api,
         peer_auth: PeerAuth::Required,
         trust: TrustMode::Tofu,
+        encrypted_only: false,
     })
     .await
     .unwrap()
@@ -714,6 +717,61 @@ async fn a_tunnel_request_refused_for_a_full_queue_ends_the_tunnel_at_once() {
     .await;
     assert_eq!(closed.data["code"], "overloaded");
     assert!(bots.shared().table.snapshot().is_empty());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn messages_in_clear_reach_the_bot_marked_or_are_refused_by_policy() {
+    let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+    let store = bots.shared().store.clone();
+    let open = api_bot(&bots).await;
+    let strict = bots
+        .create(NewBot {
+            localpart: "strict".into(),
+            handler: Handler::Api,
+            peer_auth: PeerAuth::Required,
+            trust: TrustMode::Tofu,
+            encrypted_only: true,
+        })
+        .await
+        .unwrap();
+    let clear = |to: &str| -> Element {
+        format!(
+            "<message xmlns='jabber:client' type='chat' id='c1' from='alice@example.net/phone' to='{to}'>\
+             <body>in clear</body></message>"
+        )
+        .parse()
+        .unwrap()
+    };
+    // Spec §1.9 rule 8: delivered, marked as sent in clear.
+    open.try_deliver(clear(&open.record.jid)).unwrap();
+    let event = event_where(&open, &store, |e| e.kind == "message.received").await;
+    assert_eq!(event.data["encrypted"], false);
+    assert_eq!(event.data["body"], "in clear");
+    assert_eq!(event.data["identity"], serde_json::Value::Null);
+    assert_eq!(event.tunnel_id, None);
+    assert_eq!(event.peer.as_deref(), Some("alice@example.net/phone"));
+
+    // encrypted_only: refused with an error that says how to get through.
+    strict.try_deliver(clear(&strict.record.jid)).unwrap();
+    let refused = recv(&mut rx).await;
+    assert_eq!(
+        (refused.name(), refused.attr("id"), refused.attr("type")),
+        ("message", Some("c1"), Some("error"))
+    );
+    let error = refused.get_child("error", ns::CLIENT).unwrap();
+    assert!(
+        error.has_child("policy-violation", ns::STANZAS),
+        "{refused:?}"
+    );
+    assert_eq!(error.attr("type"), Some("modify"));
+    assert!(xtls::xml::to_bytes(error).windows(4).any(|w| w == b"XTLS"));
+    // Events are committed before the step's stanzas are written: none was logged.
+    let events = store
+        .read_events(&strict.record.jid, 0, 100, false)
+        .await
+        .unwrap();
+    assert!(events.is_empty(), "{events:?}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -21,6 +21,8 @@ pub struct BotRecord {
     pub peer_auth: PeerAuth,
     /// How peer keys are trusted.
     pub trust: TrustMode,
+    /// Whether stanzas sent in clear are refused instead of delivered marked as such.
+    pub encrypted_only: bool,
     /// Creation time.
     pub created_at: String,
 }
@@ -62,13 +64,15 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.writer.begin().await?;
         let inserted = sqlx::query(
-            "INSERT INTO bots (jid, localpart, handler, peer_auth, trust, created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            "INSERT INTO bots (jid, localpart, handler, peer_auth, trust, encrypted_only, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         )
         .bind(&bot.jid)
         .bind(&bot.localpart)
         .bind(bot.handler.as_str())
         .bind(bot.peer_auth.as_str())
         .bind(bot.trust.as_str())
+        .bind(bot.encrypted_only)
         .bind(&bot.created_at)
         .execute(&mut *tx)
         .await?;
@@ -91,7 +95,7 @@ impl Store {
     /// Every bot, by JID.
     pub async fn list_bots(&self) -> Result<Vec<BotRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT jid, localpart, handler, peer_auth, trust, created_at FROM bots ORDER BY jid",
+            "SELECT jid, localpart, handler, peer_auth, trust, encrypted_only, created_at FROM bots ORDER BY jid",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -101,7 +105,7 @@ impl Store {
     /// Every bot with its stored key, certificate and last event `seq`, in one query (start-up).
     pub async fn load_bots(&self) -> Result<Vec<StoredBot>, StoreError> {
         let rows = sqlx::query(
-            "SELECT b.jid, b.localpart, b.handler, b.peer_auth, b.trust, b.created_at, b.last_seq, \
+            "SELECT b.jid, b.localpart, b.handler, b.peer_auth, b.trust, b.encrypted_only, b.created_at, b.last_seq, \
              k.key_der, k.cert_der \
              FROM bots b LEFT JOIN bot_keys k ON k.bot_jid = b.jid ORDER BY b.jid",
         )
@@ -220,6 +224,7 @@ fn bot_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<BotRecord, StoreError> {
         handler: named(r, "handler")?,
         peer_auth: named(r, "peer_auth")?,
         trust: named(r, "trust")?,
+        encrypted_only: r.try_get("encrypted_only")?,
         created_at: r.try_get("created_at")?,
     })
 }

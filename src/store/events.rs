@@ -254,6 +254,7 @@ mod tests {
             handler: crate::config::Handler::Api,
             peer_auth: xtls::tunnel::PeerAuth::Required,
             trust: xtls::tunnel::TrustMode::Tofu,
+            encrypted_only: false,
             created_at: now(),
         };
         store

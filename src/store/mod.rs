@@ -232,6 +232,7 @@ pub(crate) mod tests {
             handler: Handler::Echo,
             peer_auth: PeerAuth::Required,
             trust: TrustMode::Tofu,
+            encrypted_only: false,
             created_at: now(),
         };
         store.insert_bot(&bot, &id).await.unwrap();
@@ -312,6 +313,7 @@ pub(crate) mod tests {
             handler: Handler::Echo,
             peer_auth: PeerAuth::Required,
             trust: TrustMode::Tofu,
+            encrypted_only: false,
             created_at: now(),
         };
         store.insert_bot(&bot, &id).await.unwrap();

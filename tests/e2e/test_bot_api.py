@@ -470,6 +470,38 @@ def test_client_without_xtls_gets_no_start(api_component, users):
     run(scenario(), 20)
 
 
+def test_messages_in_clear_are_delivered_marked_or_refused_by_policy(api_component, users):
+    """Spec §1.9 rule 8 through Prosody: a message sent in clear reaches an api bot as
+    message.received with encrypted false; a bot created encrypted_only refuses it with
+    policy-violation, and logs nothing."""
+    bot = new_api_bot(api_component, "clear")
+    status, strict = api_component.post(
+        "/v1/bots", {"localpart": f"strict{uuid.uuid4().hex[:8]}", "handler": "api", "encrypted_only": True})
+    assert status == 201 and strict["encrypted_only"] is True, (status, strict)
+    strict = strict["jid"]
+
+    async def scenario():
+        async with users.client("alice") as alice:
+            alice.send_raw(f"<message to='{bot}' type='chat' id='clear-1'><body>hello in clear</body></message>")
+            alice.send_raw(f"<message to='{strict}' type='chat' id='clear-2'><body>also in clear</body></message>")
+            await until(lambda: alice.message_errors, 10, "the strict bot's refusal")
+            refusal = alice.message_errors[0]
+            assert "clear-2" in refusal and "policy-violation" in refusal and "XTLS" in refusal, refusal
+            status, page = await call(poll_events, api_component, bot, after=0, wait=10)
+            assert status == 200, (status, page)
+            received = messages_received(page["events"])
+            assert len(received) == 1, page
+            assert received[0]["data"]["encrypted"] is False, received[0]
+            assert received[0]["data"]["body"] == "hello in clear", received[0]
+            assert received[0]["data"]["identity"] is None and received[0]["tunnel_id"] is None, received[0]
+            assert received[0]["peer"] == alice.jid, received[0]
+            # The refusal left after the strict bot's step committed: had it logged, it would show.
+            status, page = await call(poll_events, api_component, strict, after=0)
+            assert status == 200 and page["events"] == [], (status, page)
+
+    run(scenario(), 30)
+
+
 # --------------------------------------------------------------------------- tokens
 
 

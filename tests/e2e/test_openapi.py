@@ -72,7 +72,7 @@ def checker(component) -> OpenApiChecker:
 
 def test_the_checker_accepts_a_conforming_answer(checker):
     bot = {"jid": "a@b", "localpart": "a", "handler": "api", "peer_auth": "required", "trust": "tofu",
-           "created_at": "2026-01-01T00:00:00Z",
+           "encrypted_only": False, "created_at": "2026-01-01T00:00:00Z",
            "fingerprints": {"spki_sha256": "AA", "cert_sha256": "BB", "cert_sha1": "CC",
                             "offer": {"sha1": "cc", "sha256": "bb"}}}
     checker.check("GET", "/v1/bots", 200, "application/json", [bot])
@@ -91,7 +91,7 @@ def test_the_checker_checks_accepted_request_bodies(checker):
     ("GET", "/v1/bots", 200, "application/json", [{"jid": 1}], "does not match"),
     ("GET", "/v1/bots/a", 200, "application/json",
      {"jid": "a@b", "localpart": "a", "handler": "api", "peer_auth": "required", "trust": "tofu",
-      "created_at": "t", "fingerprints": {"spki_sha256": "A", "cert_sha256": "B", "cert_sha1": "C",
+      "encrypted_only": False, "created_at": "t", "fingerprints": {"spki_sha256": "A", "cert_sha256": "B", "cert_sha1": "C",
                                           "offer": {"sha1": "c", "sha256": "b"}},
       "secret_key": "oops"}, "does not match"),
     ("GET", "/v1/bots", 418, "application/json", [], "not documented"),

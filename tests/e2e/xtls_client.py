@@ -881,6 +881,7 @@ class XtlsClient:
         self.start_requests: list[StartRequest] = []  # every <start/> that reached us
         self.accepted_tunnels: list[Tunnel] = []  # responder tunnels, in order of acceptance
         self.xtls_requests: list[str] = []  # every XTLS IQ get/set that reached us, as XML
+        self.message_errors: list[str] = []  # every <message type='error'/> that reached us, as XML
         # Hostile-peer tests: a request for which this returns True is recorded and left
         # unanswered (e.g. a peer that never acknowledges the bot's <data/>).
         self.ignore_request: Callable[[Iq], bool] | None = None
@@ -894,6 +895,7 @@ class XtlsClient:
         self.xmpp.register_handler(
             Callback("disco#info", _Match(self._is_disco_info_get), self._on_disco_info)
         )
+        self.xmpp.add_event_handler("message_error", lambda m: self.message_errors.append(str(m)))
         self.xmpp.add_event_handler("disconnected", self._on_disconnected)
 
     @property
