@@ -391,6 +391,9 @@ pub struct WebhooksConfig {
     pub timeout_ms: u64,
     /// Default concurrent requests per bot.
     pub max_in_flight: usize,
+    /// Internal networks (CIDR) webhooks may reach; loopback, private, link-local and other
+    /// internal addresses are refused unless listed here.
+    pub allowed_networks: Vec<ipnet::IpNet>,
 }
 
 impl Default for WebhooksConfig {
@@ -401,6 +404,7 @@ impl Default for WebhooksConfig {
             max_age_secs: 24 * 3600,
             timeout_ms: 5000,
             max_in_flight: 8,
+            allowed_networks: Vec::new(),
         }
     }
 }

@@ -761,6 +761,11 @@ async fn webhooks_and_deliveries() {
         json!({"url": "ftp://hooks.example/x"}),
         json!({"url": "http://hooks.example/x", "secret": "hunter2"}),
         json!({"url": "http://hooks.example/x", "retries": 3}),
+        // Internal addresses are closed to webhooks unless webhooks.allowed_networks lists them.
+        json!({"url": "http://127.0.0.1:8080/hook"}),
+        json!({"url": "http://[::1]/hook"}),
+        json!({"url": "http://169.254.169.254/latest/meta-data"}),
+        json!({"url": "http://10.0.0.5/hook"}),
     ] {
         is_problem(
             &api.admin(Method::PUT, "/v1/bots/weather/webhook", Some(body.clone()))
@@ -773,7 +778,7 @@ async fn webhooks_and_deliveries() {
         .admin(
             Method::PUT,
             "/v1/bots/weather/webhook",
-            Some(json!({"url": "http://127.0.0.1:9/x", "timeout_ms": 5, "max_in_flight": 0})),
+            Some(json!({"url": "http://192.0.2.1:9/x", "timeout_ms": 5, "max_in_flight": 0})),
         )
         .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
@@ -785,7 +790,7 @@ async fn webhooks_and_deliveries() {
         .admin(
             Method::PUT,
             "/v1/bots/weather/webhook",
-            Some(json!({"url": "http://127.0.0.1:9/hook"})),
+            Some(json!({"url": "http://192.0.2.1:9/hook"})),
         )
         .await;
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);

@@ -319,6 +319,13 @@ async fn put_webhook(
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
         return Err(ApiError::Invalid("url must be an http or https URL".into()));
     }
+    // An IP the guard closes is refused now; a name is checked each time it resolves.
+    state
+        .bots
+        .shared()
+        .webhook_networks
+        .check_url(&url)
+        .map_err(|why| ApiError::Invalid(format!("url: {why}")))?;
     let generated = body.secret.is_none();
     let secret = body.secret.unwrap_or_else(webhook::generate_secret);
     if webhook::secret_key(&secret).is_none() {

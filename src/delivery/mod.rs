@@ -10,4 +10,5 @@
 //! acknowledged or dead.
 
 pub mod event;
+pub mod guard;
 pub mod webhook;

@@ -20,6 +20,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
 use crate::config::WebhooksConfig;
+use crate::delivery::guard::WebhookNetworks;
 use crate::store::events::PENDING;
 use crate::store::{Attempt, Outcome, PendingEvent, Store, TunnelId, Webhook, now};
 
@@ -79,7 +80,21 @@ pub fn reply_stanzas(reply: &Value) -> Result<Vec<Element>, String> {
     }
 }
 
-/// The process's HTTP client (no redirects followed), with the ring crypto provider.
+/// The HTTP client of webhook deliveries: no redirects, no proxy (the connection goes where
+/// the address check says it may), and a resolver that hands it only allowed addresses.
+pub fn webhook_client(networks: WebhookNetworks) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(networks)
+        .user_agent(concat!("xtls-component/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .expect("the HTTP client builds")
+}
+
+/// The process's HTTP client for its own probes (no redirects followed), with the ring
+/// crypto provider.
 pub(crate) fn client() -> &'static reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
     CLIENT.get_or_init(|| {
@@ -180,6 +195,10 @@ pub struct Deliverer<R> {
     pub replies: R,
     /// Deliveries by outcome.
     pub counter: Family<crate::metrics::Outcome, Counter>,
+    /// The HTTP client ([`webhook_client`]).
+    pub client: reqwest::Client,
+    /// Where webhooks may connect (a literal IP in the URL is checked against it).
+    pub networks: WebhookNetworks,
 }
 
 /// Runs one bot's deliverer until the bot's log closes (the bot stopped).
@@ -337,16 +356,25 @@ async fn deliver<R: ReplySink>(
     }
     let started = std::time::Instant::now();
     tracing::trace!(bot = event.bot, seq = event.seq, "webhook delivery");
-    let answer = client()
-        .post(&hook.url)
-        .timeout(Duration::from_millis(hook.timeout_ms))
-        .header("content-type", "application/json")
-        .header("webhook-id", &event.id)
-        .header("webhook-timestamp", timestamp.to_string())
-        .header("webhook-signature", sign(&key, &event.id, timestamp, &body))
-        .body(body)
-        .send()
-        .await;
+    // A literal IP in the URL is checked here; names are checked as they resolve.
+    let allowed = reqwest::Url::parse(&hook.url)
+        .map_err(|e| format!("url: {e}"))
+        .and_then(|url| parts.networks.check_url(&url));
+    let answer = match allowed {
+        Err(why) => Err(why),
+        Ok(()) => parts
+            .client
+            .post(&hook.url)
+            .timeout(Duration::from_millis(hook.timeout_ms))
+            .header("content-type", "application/json")
+            .header("webhook-id", &event.id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header("webhook-signature", sign(&key, &event.id, timestamp, &body))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| describe(&e)),
+    };
     let (status, error) = match answer {
         Ok(resp) if resp.status().is_success() => {
             let status = resp.status().as_u16();
@@ -372,7 +400,7 @@ async fn deliver<R: ReplySink>(
             Some(resp.status().as_u16()),
             Some(format!("HTTP {}", resp.status())),
         ),
-        Err(e) => (None, Some(describe(&e))),
+        Err(why) => (None, Some(why)),
     };
     let delivered = status.is_some_and(|s| (200..300).contains(&s));
     let attempts = head.attempts + 1;
@@ -459,7 +487,12 @@ fn describe(e: &reqwest::Error) -> String {
     if e.is_timeout() {
         "timed out".into()
     } else if e.is_connect() {
-        "connection failed".into()
+        // The innermost cause says why (refused, unreachable, or an address the guard closed).
+        let mut cause: &dyn std::error::Error = e;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        format!("connection failed: {cause}")
     } else if e.is_redirect() {
         "redirects are not followed".into()
     } else {

@@ -26,6 +26,8 @@ use minidom::Element;
 use tokio::sync::mpsc;
 
 use crate::config::{EventsConfig, LimitsConfig, WebhooksConfig};
+use crate::delivery::guard::WebhookNetworks;
+use crate::delivery::webhook::webhook_client;
 use crate::store::{Store, TunnelId, TunnelRecord};
 use xtls::tunnel::TunnelConfig;
 
@@ -62,6 +64,10 @@ pub struct Shared {
     pub max_batch: usize,
     /// Webhook delivery settings.
     pub webhooks: Arc<WebhooksConfig>,
+    /// The internal networks webhooks may reach.
+    pub webhook_networks: WebhookNetworks,
+    /// The HTTP client of webhook deliveries (connects only where the networks allow).
+    pub webhook_client: reqwest::Client,
     /// Whether the component link is authenticated.
     pub link_up: std::sync::atomic::AtomicBool,
     /// Counters and histograms.
@@ -94,6 +100,8 @@ impl Shared {
             limits,
             domain,
             max_batch: events.max_batch,
+            webhook_networks: WebhookNetworks::new(webhooks.allowed_networks.clone()),
+            webhook_client: webhook_client(WebhookNetworks::new(webhooks.allowed_networks.clone())),
             webhooks: Arc::new(webhooks),
             link_up: Default::default(),
             metrics: Default::default(),

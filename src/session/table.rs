@@ -340,6 +340,8 @@ impl BotTable {
                 webhook_changed: handle.webhook_changed.clone(),
                 replies: handle.clone(),
                 counter: self.shared.metrics.webhook_deliveries.clone(),
+                client: self.shared.webhook_client.clone(),
+                networks: self.shared.webhook_networks.clone(),
             };
             tokio::spawn(webhook::run(deliverer, Some(webhook)));
         }

@@ -47,6 +47,8 @@ FAST_WEBHOOKS_CONFIG = """
 [webhooks]
 initial_backoff_ms = 200
 max_backoff_ms = 1000
+# The test receivers listen on loopback, which webhooks may not reach by default.
+allowed_networks = ["127.0.0.0/8", "::1/128"]
 """
 
 

@@ -502,6 +502,37 @@ def test_messages_in_clear_are_delivered_marked_or_refused_by_policy(api_compone
     run(scenario(), 30)
 
 
+def test_webhooks_cannot_reach_internal_addresses_by_default(component, users):
+    """The default configuration (no webhooks.allowed_networks): a webhook URL with a loopback
+    IP is refused when set, and one whose name resolves to loopback is accepted but never
+    reached: its delivery fails naming the guard, and the receiver sees nothing."""
+    status, made = component.post("/v1/bots", {"localpart": f"ssrf{uuid.uuid4().hex[:8]}", "handler": "api"})
+    assert status == 201, (status, made)
+    bot = made["jid"]
+    with WebhookReceiver() as receiver:
+        status, refused = component.put(f"/v1/bots/{bot}/webhook", {"url": receiver.url, "secret": receiver.secret})
+        assert status == 422 and "loopback" in refused["detail"], (status, refused)
+        by_name = receiver.url.replace("127.0.0.1", "localhost")
+        status, hook = component.put(f"/v1/bots/{bot}/webhook", {"url": by_name, "secret": receiver.secret})
+        assert status == 200, (status, hook)
+
+        async def scenario():
+            async with users.client("alice") as alice:  # an event for the webhook: a message in clear
+                alice.send_raw(f"<message to='{bot}' type='chat' id='ssrf-1'><body>knock</body></message>")
+
+                def failed_attempt():
+                    status, deliveries = component.get(f"/v1/bots/{bot}/deliveries")
+                    assert status == 200, (status, deliveries)
+                    return [a for a in deliveries["attempts"] if a["error"]]
+
+                await until(failed_attempt, 15, "a refused delivery attempt")
+                error = failed_attempt()[0]["error"]
+                assert "loopback" in error and "webhooks.allowed_networks" in error, error
+                assert receiver.deliveries == [], receiver.deliveries
+
+        run(scenario(), 30)
+
+
 # --------------------------------------------------------------------------- tokens
 
 
