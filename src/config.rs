@@ -93,6 +93,28 @@ pub struct Config {
     /// Bots created at start when missing.
     #[serde(default)]
     pub bots: Vec<BotConfig>,
+    /// How the log is written.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[log]`: how the log on standard error is written (`RUST_LOG` sets what is logged).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` for people (the default), `json` for log shippers: one object per line.
+    pub format: LogFormat,
+}
+
+/// The log's format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Lines for a person (colours only at a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, with the fields of the event at the top level.
+    Json,
 }
 
 /// `[component]`: the XEP-0114 link.

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xtls_component::config::Config;
+use xtls_component::config::{Config, LogFormat};
 
 /// XEP-0114 component that gives XMPP bots end-to-end encrypted XTLS endpoints.
 #[derive(Parser)]
@@ -42,20 +42,28 @@ enum Command {
     },
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
+/// Logs to standard error in the configured format; `RUST_LOG` filters (default `info`).
+fn init_logging(format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
         // Colour codes only for a person at a terminal, never in a log file or journal.
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none(),
-        )
-        .init();
+        LogFormat::Text => builder
+            .with_ansi(
+                std::io::IsTerminal::is_terminal(&std::io::stderr())
+                    && std::env::var_os("NO_COLOR").is_none(),
+            )
+            .init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
     let (config_path, serve) = match cli.command {
         Command::Serve { config } => (config, true),
         Command::CheckConfig { config } => (config, false),
@@ -63,7 +71,10 @@ fn main() -> ExitCode {
             addr,
             config,
             timeout,
-        } => return healthcheck(addr, config, timeout),
+        } => {
+            init_logging(LogFormat::Text);
+            return healthcheck(addr, config, timeout);
+        }
     };
     let config = match Config::load(config_path.as_deref()) {
         Ok(config) => config,
@@ -72,6 +83,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_logging(config.log.format);
     if !serve {
         println!("configuration ok");
         return ExitCode::SUCCESS;
