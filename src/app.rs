@@ -13,7 +13,7 @@ use crate::session::{BotTable, NewBot, Shared};
 use crate::store::Store;
 
 /// Runs the component until `shutdown` resolves or the server refuses the configuration.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+pub async fn run(mut config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let store = Store::open(&config.store.url)
         .await
         .with_context(|| format!("cannot open the store at {}", config.store.url))?;
@@ -121,7 +121,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let limits = HttpLimits::from(&config.admin);
     let state = AdminState {
         bots: bots.clone(),
-        token: config.token().clone(),
+        // Only the digest stays: the plain token leaves memory with the configuration's copy.
+        token: api::AdminToken::new(&config.admin.token.take().expect("validated config")),
         link: status_rx,
         limits: std::sync::Arc::new(limits.clone()),
         allowed_hosts: std::sync::Arc::new(AllowedHosts::new(

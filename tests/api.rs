@@ -19,7 +19,7 @@ use tower::ServiceExt as _;
 
 use xtls::stanza::{Iq, ns};
 use xtls::tunnel::TunnelConfig;
-use xtls_component::api::{AdminState, AllowedHosts, HttpLimits, app};
+use xtls_component::api::{AdminState, AdminToken, AllowedHosts, HttpLimits, app};
 use xtls_component::config::{AdminConfig, EventsConfig, LimitsConfig, Secret, WebhooksConfig};
 use xtls_component::link::LinkStatus;
 use xtls_component::session::{BotTable, Shared};
@@ -71,7 +71,7 @@ impl Api {
         let admin = AdminConfig::default();
         let state = AdminState {
             bots: bots.clone(),
-            token: Secret::new(ADMIN.to_owned()),
+            token: AdminToken::new(&Secret::new(ADMIN.to_owned())),
             link: link_rx,
             limits: Arc::new(HttpLimits::from(&admin)),
             allowed_hosts: Arc::new(AllowedHosts::new(&[], admin.listen)),

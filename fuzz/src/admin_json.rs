@@ -98,7 +98,7 @@ fn fixture() -> &'static Fixture {
             };
             let state = AdminState {
                 bots,
-                token: Secret::new(TOKEN),
+                token: xtls_component::api::AdminToken::new(&Secret::new(TOKEN)),
                 link: link_rx,
                 limits: std::sync::Arc::new(xtls_component::api::HttpLimits::from(&admin)),
                 allowed_hosts: std::sync::Arc::new(AllowedHosts::new(&[], admin.listen)),

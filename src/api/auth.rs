@@ -5,7 +5,32 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use sha2::{Digest, Sha256};
+
 use super::{AdminState, ApiError};
+
+/// The admin token as the API keeps it: its SHA-256, like bot tokens, so the token itself is
+/// not held in the server's memory after start-up.
+#[derive(Clone)]
+pub struct AdminToken([u8; 32]);
+
+impl AdminToken {
+    /// Keeps the digest of `token`.
+    pub fn new(token: &crate::config::Secret) -> AdminToken {
+        AdminToken(Sha256::digest(token.expose().as_bytes()).into())
+    }
+
+    /// Whether `presented` is the admin token (constant time).
+    fn matches(&self, presented: &str) -> bool {
+        same(&Sha256::digest(presented.as_bytes()), &self.0)
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
 
 /// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
 fn same(a: &[u8], b: &[u8]) -> bool {
@@ -59,7 +84,7 @@ pub(super) async fn require_token(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_owned);
     let caller = match presented {
-        Some(token) if same(token.as_bytes(), state.token.expose().as_bytes()) => Caller::Admin,
+        Some(token) if state.token.matches(&token) => Caller::Admin,
         Some(token) if token.starts_with(super::bot::TOKEN_PREFIX) => {
             match state.bots.shared().store.token_bot(&token).await {
                 Ok(Some(jid)) => Caller::Bot(jid),
@@ -89,5 +114,14 @@ mod tests {
         assert!(same(b"abc", b"abc"));
         assert!(!same(b"abc", b"abd"));
         assert!(!same(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn the_admin_token_is_kept_as_a_digest() {
+        let token = super::AdminToken::new(&crate::config::Secret::new("token-123456".to_owned()));
+        assert!(token.matches("token-123456"));
+        assert!(!token.matches("token-12345"));
+        assert!(!token.matches(""));
+        assert_eq!(format!("{token:?}"), "AdminToken(..)");
     }
 }

@@ -34,11 +34,10 @@ use axum::{Json, Router};
 use tokio::sync::watch;
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::config::Secret;
 use crate::link::LinkStatus;
 use crate::session::BotTable;
 
-pub use auth::Caller;
+pub use auth::{AdminToken, Caller};
 pub use error::ApiError;
 pub use health::{metrics_app, probe_health};
 pub use server::{AllowedHosts, HttpLimits, serve};
@@ -48,8 +47,8 @@ pub use server::{AllowedHosts, HttpLimits, serve};
 pub struct AdminState {
     /// The running bots.
     pub bots: BotTable,
-    /// The bearer token.
-    pub token: Secret,
+    /// The admin bearer token, as its digest.
+    pub token: AdminToken,
     /// The component link's status.
     pub link: watch::Receiver<LinkStatus>,
     /// Body size and time limits.
