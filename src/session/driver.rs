@@ -16,8 +16,10 @@ use crate::delivery::event::BotEvent;
 use crate::store::MessageStatus;
 use crate::store::{BotRecord, NewEvent, StoreError, TunnelId, TunnelRecord};
 use xtls::stanza::xtls::XtlsElement;
-use xtls::stanza::{IqType, build_iq};
-use xtls::tunnel::{BotCredentials, CloseReason, PeerAuth, State, TrustMode, Tunnel, TunnelKey};
+use xtls::stanza::{IqType, build_iq, name, ns};
+use xtls::tunnel::{
+    BotCredentials, CloseReason, PeerAuth, State, TrustMode, Tunnel, TunnelKey, bare,
+};
 
 use super::Shared;
 use super::events::refuse_ack;
@@ -329,7 +331,9 @@ impl BotDriver {
                 }
             }
             BotCommand::LinkUp => {
-                // Spec §3.5 rule 4: paced `<close/>` so peers drop zombie state.
+                // Spec §3.5 rule 4: first the bot's presence, again, to the peers it knows (its
+                // former tunnel peers and those who told it they are available); then paced
+                // `<close/>` so peers drop zombie state.
                 // A new tunnel to one of them takes it off the list (`adopt`): its `start`
                 // replaces the stale state, and a late `<close/>` would end the new tunnel.
                 // One pacer per link session: it stops when the link goes down again (the
@@ -339,7 +343,33 @@ impl BotDriver {
                 let peers = self.former_peers.clone();
                 let shared = self.shared.clone();
                 let out = self.shared.out.clone();
+                let mut announce: Vec<Element> = Vec::new();
+                let mut told = HashSet::new();
+                let former: Vec<String> = peers
+                    .lock()
+                    .expect("former peers lock")
+                    .iter()
+                    .map(|k| bare(&k.peer).to_owned())
+                    .collect();
+                for peer in former.into_iter().chain(self.out.presence.keys().cloned()) {
+                    if told.insert(peer.clone()) {
+                        announce.push(
+                            Element::builder("presence", ns::CLIENT)
+                                .attr(name("from"), self.bot.jid.as_str())
+                                .attr(name("to"), peer.as_str())
+                                .build(),
+                        );
+                    }
+                }
                 tokio::spawn(async move {
+                    for presence in announce {
+                        if !shared.link_up.load(Ordering::Relaxed)
+                            || current.load(Ordering::Relaxed) != generation
+                            || out.send(presence).await.is_err()
+                        {
+                            return;
+                        }
+                    }
                     loop {
                         if !shared.link_up.load(Ordering::Relaxed)
                             || current.load(Ordering::Relaxed) != generation

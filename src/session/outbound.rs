@@ -72,7 +72,7 @@ pub(super) struct Outbound {
     /// Messages sent and not yet acknowledged, with their marks.
     unacked: HashMap<TunnelKey, VecDeque<(u64, OutMsg)>>,
     /// Available resources of peers, by bare JID: (full JID, priority).
-    presence: HashMap<String, Vec<(String, i8)>>,
+    pub(super) presence: HashMap<String, Vec<(String, i8)>>,
     /// Messages already sent once on a tunnel that ended (not reopened twice).
     reopened: std::collections::HashSet<String>,
     /// Messages to submit again on a new tunnel.

@@ -776,6 +776,45 @@ async fn messages_in_clear_reach_the_bot_marked_or_are_refused_by_policy() {
 }
 
 #[tokio::test]
+async fn after_a_reconnect_the_bot_announces_itself_before_the_paced_closes() {
+    let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+    bots.broadcast_link(true).await;
+    let bot = api_bot(&bots).await;
+    let _peer = open_peer(&bot, &mut rx).await;
+    // A peer that only said it is available is told too.
+    let available: Element = format!(
+        "<presence xmlns='jabber:client' from='carol@example.net/tablet' to='{}'/>",
+        bot.record.jid
+    )
+    .parse()
+    .unwrap();
+    bot.try_deliver(available).unwrap();
+    nothing_more_before_a_barrier(&bot, &mut rx).await;
+
+    bots.broadcast_link(false).await;
+    bots.broadcast_link(true).await;
+    let mut presences = Vec::new();
+    let close = loop {
+        let el = recv(&mut rx).await;
+        if el.name() == "presence" {
+            assert_eq!(el.attr("type"), None, "available: {el:?}");
+            assert_eq!(el.attr("from"), Some(bot.record.jid.as_str()));
+            presences.push(el.attr("to").unwrap().to_owned());
+        } else {
+            break el;
+        }
+    };
+    presences.sort();
+    assert_eq!(presences, ["alice@example.net", "carol@example.net"]);
+    assert!(
+        close.has_child("close", ns::XTLS),
+        "then the close: {close:?}"
+    );
+    assert_eq!(close.attr("to"), Some("alice@example.net/phone"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn stopping_closes_tunnels_with_close_notify_then_close() {
     let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
     let bot = api_bot(&bots).await;
