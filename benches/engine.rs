@@ -197,7 +197,7 @@ impl Side {
                 Event::Acknowledged(_) => self.acks += 1,
                 Event::Established(_) => self.established += 1,
                 Event::Closed(reason) => panic!("tunnel closed: {reason}"),
-                Event::Writable => {}
+                Event::Writable | Event::Unanswered(_) => {}
             }
         }
     }

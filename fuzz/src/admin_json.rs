@@ -33,12 +33,12 @@ use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, watch};
 use tower::ServiceExt as _;
 use xtls::tunnel::{PeerAuth, TrustMode, TunnelConfig};
+use xtls_component::api::AllowedHosts;
 use xtls_component::api::{AdminState, app};
-use xtls_component::link::LinkStatus;
 use xtls_component::config::{
     AdminConfig, EventsConfig, Handler, LimitsConfig, Secret, WebhooksConfig,
 };
-use xtls_component::api::AllowedHosts;
+use xtls_component::link::LinkStatus;
 use xtls_component::session::{BotTable, NewBot, Shared};
 use xtls_component::store::Store;
 

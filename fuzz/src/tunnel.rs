@@ -798,6 +798,13 @@ impl World {
                         String::from_utf8_lossy(&to_bytes(&stripped))
                     );
                 }
+                // A local error for one of our inner requests the peer left unanswered: it
+                // comes just before Closed, addressed as if from the peer.
+                Event::Unanswered(answer) => {
+                    assert_eq!(answer.attr("from"), Some(side.key.peer.as_str()));
+                    assert_eq!(answer.attr("to"), Some(side.key.local.as_str()));
+                    assert_eq!(answer.attr("type"), Some("error"));
+                }
                 Event::Writable | Event::Acknowledged(_) => {}
                 Event::Closed(_) => instance.closed = true,
             }

@@ -47,6 +47,10 @@ pub struct StanzaReceived {
     /// §1.9 rule 8), which the servers on the way could read and change.
     #[serde(default = "encrypted_by_default")]
     pub encrypted: bool,
+    /// Present and `true` for an error the component made itself: the tunnel closed before
+    /// the peer answered the bot's inner IQ request (spec §1.9 rule 7).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
 }
 
 /// Events stored before `encrypted` existed all came through tunnels.
@@ -196,6 +200,16 @@ impl BotEvent {
         Self::received(stanza, None, false)
     }
 
+    /// The local error answering the bot's inner IQ request that the peer had not answered
+    /// when the tunnel closed (spec §1.9 rule 7).
+    pub fn unanswered(answer: &Element) -> BotEvent {
+        let mut event = Self::received(answer, None, false);
+        if let BotEvent::IqReceived(received) = &mut event {
+            received.local = true;
+        }
+        event
+    }
+
     fn received(stanza: &Element, identity: Option<Identity>, encrypted: bool) -> BotEvent {
         let received = StanzaReceived {
             body: stanza
@@ -204,6 +218,7 @@ impl BotEvent {
             stanza: String::from_utf8_lossy(&xtls::xml::to_bytes(stanza)).into_owned(),
             identity,
             encrypted,
+            local: false,
         };
         match stanza.name() {
             "message" => BotEvent::MessageReceived(received),

@@ -95,6 +95,13 @@ impl BotDriver {
                     self.log(Some(key), row);
                 }
             },
+            Event::Unanswered(answer) => {
+                if self.handler == Handler::Api {
+                    let row = BotEvent::unanswered(&answer)
+                        .into_row(Some(live.record.id.clone()), Some(key.peer.clone()));
+                    self.log(None, row);
+                }
+            }
             Event::Writable => self.send_waiting(key).await,
             Event::Acknowledged(mark) => self.on_acknowledged(key, mark).await,
             Event::Closed(reason) => {

@@ -120,9 +120,13 @@ impl BotDriver {
                             self.refuse(&msg, reply, "the tunnel is closing", Some(id))
                                 .await;
                         }
-                        Err(SendError::NotXml) => {
-                            // Not worth a retry: the message itself cannot be sent.
-                            let why = Some(SendError::NotXml.to_string());
+                        Err(SendError::TooManyRequests) => {
+                            let why = "too many inner IQ requests await the peer's answers";
+                            self.refuse(&msg, reply, why, Some(id)).await;
+                        }
+                        // Not worth a retry: the message itself cannot be sent.
+                        Err(e @ (SendError::NotXml | SendError::NotAwaited)) => {
+                            let why = Some(e.to_string());
                             self.settle(&msg, MessageStatus::Failed, why, reply).await;
                         }
                     }

@@ -815,6 +815,56 @@ async fn after_a_reconnect_the_bot_announces_itself_before_the_paced_closes() {
 }
 
 #[tokio::test]
+async fn a_bots_inner_iq_left_unanswered_when_the_tunnel_closes_fails_locally() {
+    let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+    bots.broadcast_link(true).await;
+    let bot = api_bot(&bots).await;
+    let store = bots.shared().store.clone();
+    let mut peer = open_peer(&bot, &mut rx).await;
+    let ask = |id: &str| OutMsg {
+        id: id.into(),
+        to: "alice@example.net/phone".into(),
+        stanza:
+            "<iq xmlns='jabber:client' type='get' id='q1'><query xmlns='jabber:iq:version'/></iq>"
+                .parse()
+                .unwrap(),
+        reopen: false,
+    };
+    let m = ask("msg_q");
+    store
+        .insert_message(&bot.record.jid, &m, None)
+        .await
+        .unwrap();
+    assert_eq!(bot.submit(m).await.unwrap().status, MessageStatus::Sent);
+    // The peer takes the request and closes without answering it.
+    exchange_until(&mut peer, &bot, &mut rx, async |peer: &mut Tunnel| {
+        let mut asked = false;
+        while let Some(ev) = peer.poll_event() {
+            asked |= matches!(&ev, Event::Stanza(s) if s.attr("id") == Some("q1"));
+        }
+        asked
+    })
+    .await;
+    peer.close(std::time::Instant::now());
+    exchange_until(&mut peer, &bot, &mut rx, async |peer: &mut Tunnel| {
+        while peer.poll_event().is_some() {}
+        peer.is_gone()
+    })
+    .await;
+    let local = event_where(&bot, &store, |e| {
+        e.kind == "iq.received" && e.data["local"] == true
+    })
+    .await;
+    let xml = local.data["stanza"].as_str().unwrap();
+    assert!(
+        xml.contains("id='q1'") && xml.contains("recipient-unavailable"),
+        "{xml}"
+    );
+    assert_eq!(local.peer.as_deref(), Some("alice@example.net/phone"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn stopping_closes_tunnels_with_close_notify_then_close() {
     let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
     let bot = api_bot(&bots).await;

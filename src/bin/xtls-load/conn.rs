@@ -503,7 +503,7 @@ impl Conn {
                         self.echo_failed(Some(&id.to_string()));
                     }
                 }
-                Event::Writable | Event::Acknowledged(_) => {}
+                Event::Writable | Event::Acknowledged(_) | Event::Unanswered(_) => {}
             }
         }
     }

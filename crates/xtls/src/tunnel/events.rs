@@ -152,6 +152,9 @@ pub enum Event {
     Writable,
     /// Every `data` carrying the stanza that [`Tunnel::send`](super::Tunnel::send) marked so was acknowledged.
     Acknowledged(u64),
+    /// A local error answering one of our inner IQ requests that the peer had not answered
+    /// when the tunnel closed (spec §1.9 rule 7); it comes just before [`Event::Closed`].
+    Unanswered(Element),
     /// The tunnel is gone.
     Closed(CloseReason),
 }
@@ -168,6 +171,13 @@ pub enum SendError {
     /// The stanza holds text XML cannot carry (control characters, U+FFFE, U+FFFF).
     #[error("the stanza holds characters XML cannot carry")]
     NotXml,
+    /// An IQ result or error that answers no request of the peer still awaiting one: an inner
+    /// IQ get/set gets exactly one answer (spec §1.9 rule 7).
+    #[error("no inner IQ request of the peer awaits this answer")]
+    NotAwaited,
+    /// Too many of our inner IQ requests await the peer's answers.
+    #[error("too many inner IQ requests await the peer's answers")]
+    TooManyRequests,
 }
 
 /// Byte and stanza counters, each direction.

@@ -3,8 +3,10 @@
 
 use minidom::Element;
 
-use super::{CloseReason, Event, Tunnel, bare};
-use crate::stanza::{ns, set_attr};
+use std::collections::VecDeque;
+
+use super::{CloseReason, Event, SendError, Tunnel, TunnelKey, bare};
+use crate::stanza::{DefinedCondition, ErrorType, error_element, ns, remove_attr, set_attr};
 use crate::xml::{StreamReader, XmlLimits};
 
 impl Tunnel {
@@ -26,7 +28,17 @@ impl Tunnel {
                 && let Some(stanza) = self.restore_routing(stanza)
             {
                 self.stats.stanzas_in += 1;
-                self.events.push_back(Event::Stanza(stanza));
+                match self.inner_iqs.on_receive(&stanza) {
+                    Received::Deliver => self.events.push_back(Event::Stanza(stanza)),
+                    Received::Unsolicited => {
+                        tracing::debug!(tunnel = %self.key, "inner IQ answer to no request dropped");
+                    }
+                    Received::TooMany => {
+                        // Answered here, so the peer still gets exactly one answer.
+                        let answer = self.inner_iqs.refusal(&stanza);
+                        self.answer_inside(answer);
+                    }
+                }
             }
         }
         // Keep the reader only while a stanza is under way: the bytes end with the `>` of a
@@ -68,5 +80,137 @@ impl Tunnel {
         set_attr(&mut stanza, "from", &self.key.peer);
         set_attr(&mut stanza, "to", &self.key.local);
         Some(stanza)
+    }
+}
+
+/// Inner IQ requests still awaiting an answer, each way, with a cap so a peer cannot make a
+/// tunnel remember without bound.
+#[derive(Debug, Default)]
+pub(super) struct InnerIqs {
+    /// Ids of our requests the peer has not answered.
+    ours: VecDeque<String>,
+    /// Ids of the peer's requests we have not answered.
+    theirs: VecDeque<String>,
+}
+
+/// What to do with an inner stanza the peer sent.
+pub(super) enum Received {
+    /// Hand it to the owner.
+    Deliver,
+    /// An answer to nothing we asked: drop it.
+    Unsolicited,
+    /// A request beyond the cap: answer it here.
+    TooMany,
+}
+
+impl InnerIqs {
+    /// Requests remembered each way, at most.
+    const CAP: usize = 256;
+
+    /// The request or answer kind of an inner IQ, with its id.
+    fn kind(stanza: &Element) -> Option<(bool, &str)> {
+        if stanza.name() != "iq" || stanza.ns() != ns::CLIENT {
+            return None;
+        }
+        let request = match stanza.attr("type") {
+            Some("get" | "set") => true,
+            Some("result" | "error") => false,
+            _ => return None,
+        };
+        Some((request, stanza.attr("id").unwrap_or_default()))
+    }
+
+    pub(super) fn on_send(&mut self, stanza: &Element) -> Result<(), SendError> {
+        match Self::kind(stanza) {
+            Some((true, id)) => {
+                if self.ours.len() >= Self::CAP {
+                    return Err(SendError::TooManyRequests);
+                }
+                self.ours.push_back(id.to_owned());
+            }
+            Some((false, id)) => match self.theirs.iter().position(|p| p == id) {
+                Some(at) => {
+                    self.theirs.remove(at);
+                }
+                None => return Err(SendError::NotAwaited),
+            },
+            None => {}
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_receive(&mut self, stanza: &Element) -> Received {
+        match Self::kind(stanza) {
+            Some((true, id)) => {
+                if self.theirs.len() >= Self::CAP {
+                    return Received::TooMany;
+                }
+                self.theirs.push_back(id.to_owned());
+                Received::Deliver
+            }
+            Some((false, id)) => match self.ours.iter().position(|p| p == id) {
+                Some(at) => {
+                    self.ours.remove(at);
+                    Received::Deliver
+                }
+                None => Received::Unsolicited,
+            },
+            None => Received::Deliver,
+        }
+    }
+
+    /// The inner `resource-constraint` answering a request beyond the cap.
+    pub(super) fn refusal(&self, request: &Element) -> Element {
+        answer_to(
+            request.attr("id").unwrap_or_default(),
+            error_element(
+                ErrorType::Wait,
+                DefinedCondition::ResourceConstraint,
+                "too many requests await an answer in this tunnel",
+            ),
+        )
+    }
+
+    /// Local errors for our requests still unanswered, as if from the peer; forgets them.
+    pub(super) fn unanswered(&mut self, key: &TunnelKey) -> Vec<Element> {
+        self.ours
+            .drain(..)
+            .map(|id| {
+                let mut answer = answer_to(
+                    &id,
+                    error_element(
+                        ErrorType::Cancel,
+                        DefinedCondition::RecipientUnavailable,
+                        "the tunnel closed before the peer answered",
+                    ),
+                );
+                set_attr(&mut answer, "from", &key.peer);
+                set_attr(&mut answer, "to", &key.local);
+                answer
+            })
+            .collect()
+    }
+}
+
+/// An inner `<iq type='error'/>` with `id`, carrying `error`.
+fn answer_to(id: &str, error: Element) -> Element {
+    let mut iq = Element::builder("iq", ns::CLIENT).build();
+    set_attr(&mut iq, "type", "error");
+    set_attr(&mut iq, "id", id);
+    iq.append_child(error);
+    iq
+}
+
+impl Tunnel {
+    /// Writes an inner stanza of our own making (an answer the owner never sees).
+    fn answer_inside(&mut self, mut stanza: Element) {
+        remove_attr(&mut stanza, "from");
+        remove_attr(&mut stanza, "to");
+        let bytes = crate::xml::to_bytes(&stanza);
+        if let Some(tls) = self.tls.as_mut()
+            && tls.write_plaintext(&bytes).is_ok()
+        {
+            self.stats.stanzas_out += 1;
+        }
     }
 }

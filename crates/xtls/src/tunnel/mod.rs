@@ -182,6 +182,9 @@ pub struct Tunnel {
     bytes_queued: u64,
     /// Marks of sent stanzas not yet acknowledged, oldest first.
     marks: VecDeque<u64>,
+    /// Inner IQ requests: ours awaiting the peer's answer, and the peer's awaiting ours
+    /// (spec §1.9 rule 7).
+    inner_iqs: framing::InnerIqs,
     /// The reader of the inner stream; dropped between stanzas (its parser keeps an 8 KiB
     /// token buffer, half an idle tunnel's memory) and made again for the next one.
     inner: Option<Box<StreamReader>>,
@@ -260,6 +263,7 @@ impl Tunnel {
             blocked: false,
             bytes_queued: 0,
             marks: VecDeque::new(),
+            inner_iqs: framing::InnerIqs::default(),
             inner: None,
             plaintext: Vec::new(),
             transmit: VecDeque::new(),
@@ -448,6 +452,7 @@ impl Tunnel {
         if !carries_as_xml(&stanza) {
             return Err(SendError::NotXml);
         }
+        self.inner_iqs.on_send(&stanza)?;
         if self.out_bytes.len() >= self.config.max_queued_out {
             self.blocked = true;
             return Err(SendError::Blocked);
@@ -873,6 +878,10 @@ impl Tunnel {
         self.outstanding.clear();
         self.out_bytes.clear();
         self.tls = None;
+        // Spec §1.9 rule 7: our inner requests the peer did not answer fail locally.
+        for answer in self.inner_iqs.unanswered(&self.key) {
+            self.events.push_back(Event::Unanswered(answer));
+        }
         self.events.push_back(Event::Closed(reason));
     }
 

@@ -546,6 +546,140 @@ fn send_refuses_text_xml_cannot_carry_and_the_tunnel_goes_on() {
     assert_eq!(bodies, ["still here"]);
 }
 
+fn inner_iq(kind: &str, id: &str) -> Element {
+    format!("<iq xmlns='jabber:client' type='{kind}' id='{id}'><query xmlns='urn:x'/></iq>")
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn an_inner_iq_gets_exactly_one_answer_each_way() {
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    // Alice asks; the bot answers once; a second answer, or one to nothing, is refused.
+    pair.alice
+        .tunnel()
+        .send(now, inner_iq("get", "q1"))
+        .unwrap();
+    pair.drive();
+    assert_eq!(pair.bot.stanzas().last().unwrap().attr("id"), Some("q1"));
+    pair.bot
+        .tunnel()
+        .send(now, inner_iq("result", "q1"))
+        .unwrap();
+    assert_eq!(
+        pair.bot.tunnel().send(now, inner_iq("result", "q1")),
+        Err(SendError::NotAwaited)
+    );
+    assert_eq!(
+        pair.bot
+            .tunnel()
+            .send(now, inner_iq("error", "never-asked")),
+        Err(SendError::NotAwaited)
+    );
+    pair.drive();
+    let answers = pair
+        .alice
+        .stanzas()
+        .iter()
+        .filter(|s| s.attr("id") == Some("q1"))
+        .count();
+    assert_eq!(answers, 1);
+    // An answer nobody asked for is not handed to the owner.
+    let before = pair.bot.stanzas().len();
+    let t = pair.alice.tunnel();
+    t.tls
+        .as_mut()
+        .unwrap()
+        .write_plaintext(b"<iq xmlns='jabber:client' type='result' id='stray'/>")
+        .unwrap();
+    t.flush(now);
+    pair.drive();
+    assert_eq!(
+        pair.bot.stanzas().len(),
+        before,
+        "unsolicited answer dropped"
+    );
+}
+
+#[test]
+fn our_inner_requests_fail_locally_when_the_tunnel_closes_first() {
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    pair.bot
+        .tunnel()
+        .send(now, inner_iq("set", "answered"))
+        .unwrap();
+    pair.bot
+        .tunnel()
+        .send(now, inner_iq("get", "pending"))
+        .unwrap();
+    pair.drive();
+    pair.alice
+        .tunnel()
+        .send(now, inner_iq("result", "answered"))
+        .unwrap();
+    pair.drive();
+    pair.alice.tunnel().close(now);
+    pair.drive();
+    let unanswered: Vec<&Element> = pair
+        .bot
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Unanswered(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(unanswered.len(), 1, "{:?}", pair.bot.events);
+    let local = unanswered[0];
+    assert_eq!(
+        (
+            local.attr("id"),
+            local.attr("type"),
+            local.attr("from"),
+            local.attr("to")
+        ),
+        (Some("pending"), Some("error"), Some(ALICE), Some(BOT))
+    );
+    let error = local.get_child("error", ns::CLIENT).unwrap();
+    assert!(error.has_child("recipient-unavailable", ns::STANZAS));
+    let at = |f: &dyn Fn(&Event) -> bool| pair.bot.events.iter().position(f).unwrap();
+    assert!(
+        at(&|e| matches!(e, Event::Unanswered(_))) < at(&|e| matches!(e, Event::Closed(_))),
+        "the local answer comes before Closed"
+    );
+}
+
+#[test]
+fn a_peer_cannot_make_a_tunnel_remember_unanswered_requests_without_bound() {
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    let requests: String = (0..300)
+        .map(|i| format!("<iq xmlns='jabber:client' type='get' id='r{i}'><q xmlns='urn:x'/></iq>"))
+        .collect();
+    let t = pair.alice.tunnel();
+    t.tls
+        .as_mut()
+        .unwrap()
+        .write_plaintext(requests.as_bytes())
+        .unwrap();
+    t.flush(now);
+    pair.drive();
+    assert_eq!(
+        pair.bot.stanzas().len(),
+        256,
+        "the bot is handed the first 256"
+    );
+    // The other 44 were answered inside the tunnel by the engine itself (alice's engine,
+    // which never sent them through send(), drops those answers as unsolicited).
+    assert_eq!(pair.bot.tunnel().stats().stanzas_out, 44);
+    assert_eq!(pair.bot.tunnel().state(), State::Open);
+}
+
 #[test]
 fn c06_stanzas_flow_with_routing_restored() {
     let mut pair = Pair::new();
