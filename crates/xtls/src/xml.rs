@@ -14,6 +14,9 @@ use minidom::tree_builder::TreeBuilder;
 use rxml::error::EndOrError;
 use rxml::{Parse, RawEvent, RawParser};
 
+/// RFC 6120's stream namespace.
+const STREAM_NS: &str = "http://etherx.jabber.org/streams";
+
 /// The synthetic root fed before tunnel plaintext (spec §1.9 rule 3).
 const SYNTHETIC_ROOT: &[u8] =
     b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
@@ -109,6 +112,10 @@ pub struct StreamReader {
     skipping: Option<(Head, XmlError)>,
     /// Name and attributes of the depth-1 element being read (for [`XmlEvent::Skipped`]).
     current: Head,
+    /// Inside a tunnel, a depth-1 element named `stream` whose head is being read: its prefix,
+    /// and the namespace its own attributes bind to that prefix (None: inherited). Whether it
+    /// is a stream header is known once the head is complete.
+    maybe_header: Option<(Option<String>, Option<String>)>,
 }
 
 impl StreamReader {
@@ -130,6 +137,7 @@ impl StreamReader {
             root_ready: false,
             skipping: None,
             current: Default::default(),
+            maybe_header: None,
         }
     }
 
@@ -223,14 +231,14 @@ impl StreamReader {
         }
         let event = match event {
             RawEvent::XmlDeclaration(..) => return Ok(()),
-            RawEvent::ElementHeadOpen(_, (_, ref name)) => {
+            RawEvent::ElementHeadOpen(_, (ref prefix, ref name)) => {
                 self.depth += 1;
                 if self.depth == 2 {
                     if self.synthetic_root && name.as_str() == "stream" {
-                        // Spec §1.9 rule 1: no stream header inside a tunnel.
-                        return Err(XmlError::NotWellFormed(
-                            "a stream header inside the tunnel".into(),
-                        ));
+                        // Perhaps a stream header: decided when its head (and so its
+                        // namespace) is complete.
+                        let prefix = prefix.as_ref().map(|p| p.as_str().to_owned());
+                        self.maybe_header = Some((prefix, None));
                     }
                     self.current = (name.as_str().to_owned(), Vec::new());
                 }
@@ -250,6 +258,19 @@ impl StreamReader {
                     }
                     _ => value,
                 };
+                if self.depth == 2
+                    && let Some((element_prefix, declared)) = self.maybe_header.as_mut()
+                {
+                    // `xmlns:p` for the element's prefix p, or `xmlns` when it has none.
+                    let binds = match (&prefix, element_prefix.as_deref()) {
+                        (Some(p), Some(ep)) => p.as_str() == "xmlns" && name.as_str() == ep,
+                        (None, None) => name.as_str() == "xmlns",
+                        _ => false,
+                    };
+                    if binds {
+                        *declared = Some(value.clone());
+                    }
+                }
                 if self.depth <= 2 {
                     let qname = match &prefix {
                         Some(p) => format!("{}:{}", p.as_str(), name.as_str()),
@@ -264,6 +285,24 @@ impl StreamReader {
                 RawEvent::Attribute(metrics, (prefix, name), value)
             }
             RawEvent::ElementHeadClose(..) => {
+                if self.depth == 2
+                    && let Some((prefix, declared)) = self.maybe_header.take()
+                {
+                    // The synthetic root binds `stream:` to the streams namespace and the
+                    // default namespace to jabber:client.
+                    let namespace = declared.unwrap_or_else(|| match prefix.as_deref() {
+                        Some("stream") => STREAM_NS.to_owned(),
+                        Some(_) => String::new(),
+                        None => "jabber:client".to_owned(),
+                    });
+                    if namespace == STREAM_NS {
+                        // Spec §1.9 rules 1 and 5: no stream header inside a tunnel; another
+                        // element named `stream` is just an element, ignored like any other.
+                        return Err(XmlError::NotWellFormed(
+                            "a stream header inside the tunnel".into(),
+                        ));
+                    }
+                }
                 if self.depth == 1 && !self.synthetic_root {
                     self.out
                         .push_back(XmlEvent::Header(std::mem::take(&mut self.root_attrs)));
@@ -591,6 +630,22 @@ mod tests {
             .feed(format!("<message>{}</message>", "<a/>".repeat(100)).as_bytes())
             .unwrap_err();
         assert_eq!(err, XmlError::TooLarge(300));
+    }
+
+    #[test]
+    fn an_element_named_stream_in_another_namespace_is_no_header() {
+        for element in [
+            "<stream xmlns='urn:example:media'><track/></stream>",
+            "<x:stream xmlns:x='urn:example:media'/>",
+            "<stream/>",
+        ] {
+            let mut reader = StreamReader::with_synthetic_root(XmlLimits::default());
+            reader.feed(element.as_bytes()).unwrap();
+            assert!(
+                matches!(reader.next_event(), Some(XmlEvent::Element(e)) if e.name() == "stream"),
+                "{element}"
+            );
+        }
     }
 
     #[test]
