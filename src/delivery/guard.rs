@@ -178,20 +178,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_name_that_resolves_to_loopback_is_refused_unless_allowed() {
+    async fn what_a_name_resolves_to_is_filtered_before_the_client_sees_it() {
         use reqwest::dns::Resolve as _;
+        // Numeric names resolve without DNS or /etc/hosts, through the same lookup.
         let name = |s: &str| s.parse::<reqwest::dns::Name>().unwrap();
-        let err = WebhookNetworks::default()
-            .resolve(name("localhost"))
+        for loopback in ["127.0.0.1", "::1"] {
+            let err = WebhookNetworks::default()
+                .resolve(name(loopback))
+                .await
+                .err()
+                .expect("refused");
+            assert!(err.to_string().contains("loopback"), "{err}");
+        }
+        let allowed = WebhookNetworks::new(vec!["127.0.0.0/8".parse().unwrap()]);
+        let addrs: Vec<SocketAddr> = allowed.resolve(name("127.0.0.1")).await.unwrap().collect();
+        assert_eq!(addrs, ["127.0.0.1:0".parse::<SocketAddr>().unwrap()]);
+        let public: Vec<SocketAddr> = WebhookNetworks::default()
+            .resolve(name("192.0.2.7"))
             .await
-            .err()
-            .expect("refused");
-        assert!(err.to_string().contains("loopback"), "{err}");
-        let allowed = WebhookNetworks::new(vec![
-            "127.0.0.0/8".parse().unwrap(),
-            "::1/128".parse().unwrap(),
-        ]);
-        let addrs: Vec<SocketAddr> = allowed.resolve(name("localhost")).await.unwrap().collect();
-        assert!(!addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback()));
+            .unwrap()
+            .collect();
+        assert_eq!(public.len(), 1);
     }
 }
