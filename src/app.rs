@@ -121,7 +121,8 @@ pub async fn run(mut config: Config, shutdown: impl Future<Output = ()>) -> anyh
     let limits = HttpLimits::from(&config.admin);
     let state = AdminState {
         bots: bots.clone(),
-        // Only the digest stays: the plain token leaves memory with the configuration's copy.
+        // The API keeps only the digest; the configuration's copy is dropped here (the
+        // environment a token came from is the process's own and stays as it was).
         token: api::AdminToken::new(&config.admin.token.take().expect("validated config")),
         link: status_rx,
         limits: std::sync::Arc::new(limits.clone()),

@@ -480,7 +480,7 @@ pub struct BotConfig {
     /// How peers' keys are trusted.
     #[serde(default)]
     pub trust: TrustMode,
-    /// Refuse stanzas sent in clear, telling the sender to use XTLS (default: deliver them
+    /// Refuse messages sent in clear, telling the sender to use XTLS (default: deliver them
     /// to the bot marked as not encrypted).
     #[serde(default)]
     pub encrypted_only: bool,

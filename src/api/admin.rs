@@ -39,7 +39,7 @@ pub struct BotView {
     peer_auth: PeerAuth,
     /// How peer keys are trusted.
     trust: TrustMode,
-    /// Whether stanzas sent in clear are refused.
+    /// Whether messages sent in clear are refused.
     encrypted_only: bool,
     /// When it was created (RFC 3339).
     created_at: String,
@@ -134,7 +134,7 @@ struct CreateBot {
     /// How peers' keys become trusted; default `tofu`.
     #[serde(default)]
     trust: TrustMode,
-    /// Refuse stanzas sent in clear, telling the sender to use XTLS; default `false`
+    /// Refuse messages sent in clear, telling the sender to use XTLS; default `false`
     /// (they reach the bot marked as not encrypted).
     #[serde(default)]
     encrypted_only: bool,

@@ -13,14 +13,31 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-/// Why an address is closed to webhooks by default; `None` for a public address.
+/// Why an address is closed to webhooks by default; `None` for a public address. An IPv6
+/// address that carries an IPv4 one (mapped, compatible, NAT64, 6to4) is judged by it.
 pub fn internal(ip: IpAddr) -> Option<&'static str> {
-    match ip {
+    match carried(ip) {
         IpAddr::V4(v4) => internal_v4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => internal_v4(v4),
-            None => internal_v6(v6),
-        },
+        IpAddr::V6(v6) => internal_v6(v6),
+    }
+}
+
+/// The IPv4 address an IPv6 one carries, when it does; else the address itself.
+fn carried(ip: IpAddr) -> IpAddr {
+    let IpAddr::V6(v6) = ip else { return ip };
+    let s = v6.segments();
+    let v4 = |hi: u16, lo: u16| IpAddr::V4(Ipv4Addr::from(u32::from(hi) << 16 | u32::from(lo)));
+    if let Some(mapped) = v6.to_ipv4_mapped() {
+        IpAddr::V4(mapped)
+    } else if (s[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified())
+        || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+    {
+        // IPv4-compatible (deprecated, RFC 4291), or NAT64's well-known prefix (RFC 6052).
+        v4(s[6], s[7])
+    } else if s[0] == 0x2002 {
+        v4(s[1], s[2]) // 6to4 (RFC 3056)
+    } else {
+        ip
     }
 }
 
@@ -53,6 +70,10 @@ fn internal_v6(ip: Ipv6Addr) -> Option<&'static str> {
         "private (unique local)"
     } else if first & 0xffc0 == 0xfe80 {
         "link-local"
+    } else if first & 0xffc0 == 0xfec0 {
+        "site-local"
+    } else if ip.segments()[..3] == [0x64, 0xff9b, 1] {
+        "NAT64 for local use"
     } else if ip.is_multicast() {
         "not unicast"
     } else {
@@ -72,8 +93,16 @@ impl WebhookNetworks {
 
     /// `Err` with the reason when webhooks may not connect to `ip`.
     pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+        let inner = carried(ip);
         match internal(ip) {
-            Some(_) if self.0.iter().any(|net| net.contains(&ip)) => Ok(()),
+            Some(_)
+                if self
+                    .0
+                    .iter()
+                    .any(|net| net.contains(&ip) || net.contains(&inner)) =>
+            {
+                Ok(())
+            }
             Some(why) => Err(format!(
                 "address {ip} is {why}: webhooks may not reach it unless webhooks.allowed_networks lists it"
             )),
@@ -142,6 +171,12 @@ mod tests {
             ("::ffff:10.0.0.1", "private"),
             ("fd00:ec2::254", "private"),
             ("fe80::1", "link-local"),
+            ("64:ff9b::a00:5", "private"),
+            ("::10.0.0.1", "private"),
+            ("2002:7f00:1::", "loopback"),
+            ("2002:a9fe:a9fe::1", "link-local"),
+            ("fec0::1", "site-local"),
+            ("64:ff9b:1::1", "NAT64"),
         ] {
             let got = internal(ip.parse().unwrap());
             assert!(got.is_some_and(|g| g.starts_with(why)), "{ip}: {got:?}");
@@ -151,6 +186,7 @@ mod tests {
             "2606:2800:21f:cb07::1",
             "100.128.0.1",
             "172.32.0.1",
+            "64:ff9b::5db8:d70e",
         ] {
             assert_eq!(internal(ip.parse().unwrap()), None, "{ip}");
         }
@@ -167,6 +203,11 @@ mod tests {
         let some = WebhookNetworks::new(vec!["127.0.0.0/8".parse().unwrap()]);
         assert_eq!(some.check("127.0.0.1".parse().unwrap()), Ok(()));
         assert!(some.check("10.0.0.1".parse().unwrap()).is_err());
+        assert_eq!(
+            some.check("::ffff:127.0.0.1".parse().unwrap()),
+            Ok(()),
+            "judged by the IPv4 address it carries"
+        );
         let url = reqwest::Url::parse("http://[::1]:8080/hook").unwrap();
         assert!(none.check_url(&url).is_err());
         let url = reqwest::Url::parse("https://hooks.example.org/x").unwrap();

@@ -223,9 +223,12 @@ impl BotDriver {
     /// Ends the tunnels whose `data` or `close` the router refused while this driver was
     /// busy: the peer got an error, and after an error a tunnel is gone (spec §1.11).
     pub(super) fn end_refused(&mut self) {
-        for (local, peer) in self.refused.take() {
+        for ((local, peer), refused_at) in self.refused.take() {
+            // Only the tunnel the refusal was about: one the peer started afterwards (its
+            // answer to the error) lives on.
             if let Some(live) = self.tunnels.get_mut(&TunnelKey { local, peer })
                 && !live.tunnel.is_gone()
+                && live.created <= refused_at
             {
                 live.tunnel.abandon(CloseReason::Overloaded);
             }
@@ -362,6 +365,8 @@ impl BotDriver {
                     }
                 }
                 tokio::spawn(async move {
+                    // Paced like the closes (10 per second), so a bot that knows many peers
+                    // does not crowd the link all other bots share.
                     for presence in announce {
                         if !shared.link_up.load(Ordering::Relaxed)
                             || current.load(Ordering::Relaxed) != generation
@@ -369,6 +374,7 @@ impl BotDriver {
                         {
                             return;
                         }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     loop {
                         if !shared.link_up.load(Ordering::Relaxed)

@@ -413,7 +413,7 @@ impl BotDriver {
                         .push_back((mark, msg.clone()));
                     self.settle(&msg, MessageStatus::Sent, None, None).await;
                 }
-                Err(_) => {
+                Err(SendError::Blocked) => {
                     // Full: the rest goes out on the next Writable event.
                     self.out
                         .waiting
@@ -421,6 +421,22 @@ impl BotDriver {
                         .or_default()
                         .push_front(msg);
                     return;
+                }
+                Err(SendError::NotOpen) => {
+                    // Closing: it waits with the rest, and fails or moves when the tunnel ends.
+                    self.out
+                        .waiting
+                        .entry(key.clone())
+                        .or_default()
+                        .push_front(msg);
+                    return;
+                }
+                // This message can never go out: it fails, the ones behind it go on.
+                Err(
+                    e @ (SendError::NotXml | SendError::NotAwaited | SendError::TooManyRequests),
+                ) => {
+                    self.settle(&msg, MessageStatus::Failed, Some(e.to_string()), None)
+                        .await;
                 }
             }
         }
@@ -453,8 +469,9 @@ impl BotDriver {
             .map(|(_, m)| m)
             .collect();
         let waiting = self.out.waiting.remove(key).unwrap_or_default();
-        if *reason == CloseReason::Replaced {
-            // The peer's new tunnel has the same key: what never went out waits for it.
+        if matches!(reason, CloseReason::Replaced | CloseReason::Conflict) {
+            // The peer's own tunnel has the same key (it replaced ours, or its start won the
+            // tie-break over ours): what never went out waits for it.
             self.out.resubmit.extend(waiting);
         } else {
             lost.extend(waiting);

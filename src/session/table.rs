@@ -1,7 +1,7 @@
 //! The registry of running bots: create, load, find, delete, and the handle each one is
 //! reached by.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -60,23 +60,23 @@ pub struct BotHandle {
     pub(super) refused: Arc<RefusedTunnels>,
 }
 
-/// The keys of tunnels refused while their driver was busy, at most [`Self::CAP`].
+/// The keys of tunnels refused while their driver was busy, with when, at most [`Self::CAP`].
 #[derive(Debug, Default)]
-pub struct RefusedTunnels(std::sync::Mutex<HashSet<(String, String)>>);
+pub struct RefusedTunnels(std::sync::Mutex<HashMap<(String, String), tokio::time::Instant>>);
 
 impl RefusedTunnels {
     /// Keys held at most; beyond, a refused tunnel ends by its own timeouts instead.
     const CAP: usize = 4096;
 
     fn insert(&self, local: String, peer: String) {
-        let mut set = self.0.lock().expect("refused lock");
-        if set.len() < Self::CAP {
-            set.insert((local, peer));
+        let mut refused = self.0.lock().expect("refused lock");
+        if refused.len() < Self::CAP {
+            refused.insert((local, peer), tokio::time::Instant::now());
         }
     }
 
-    /// Takes every key recorded so far.
-    pub(super) fn take(&self) -> HashSet<(String, String)> {
+    /// Takes every key recorded so far, with when it was refused.
+    pub(super) fn take(&self) -> HashMap<(String, String), tokio::time::Instant> {
         std::mem::take(&mut *self.0.lock().expect("refused lock"))
     }
 }
@@ -185,7 +185,7 @@ pub struct NewBot {
     pub peer_auth: PeerAuth,
     /// How peer keys are trusted.
     pub trust: TrustMode,
-    /// Whether stanzas sent in clear are refused (else delivered, marked as such).
+    /// Whether messages sent in clear are refused (else delivered, marked as such).
     pub encrypted_only: bool,
 }
 

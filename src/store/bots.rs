@@ -21,7 +21,7 @@ pub struct BotRecord {
     pub peer_auth: PeerAuth,
     /// How peer keys are trusted.
     pub trust: TrustMode,
-    /// Whether stanzas sent in clear are refused instead of delivered marked as such.
+    /// Whether messages sent in clear are refused instead of delivered marked as such.
     pub encrypted_only: bool,
     /// Creation time.
     pub created_at: String,

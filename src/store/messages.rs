@@ -46,8 +46,9 @@ pub enum MessageStatus {
     /// The peer answered our `start` that it is busy (a `wait` error); a later try may work.
     /// Final.
     PeerBusy,
-    /// The peer's own `start` to the bot crossed ours and won the tie-break; the bot may send
-    /// again through the peer's tunnel. Final.
+    /// The peer's own `start` to the bot crossed ours and won the tie-break. Messages that
+    /// were only waiting go out through the peer's tunnel instead; this status is for one
+    /// that had already been written into the lost tunnel. Final.
     Conflict,
     /// The peer presented a key other than the one pinned for it. Final.
     IdentityChanged,

@@ -53,8 +53,9 @@ pub enum CloseReason {
     BotDeleted,
     /// What arrived could not be stored, so it was refused.
     StoreUnavailable,
-    /// The owner was too busy to take a request of the tunnel and refused it with an error;
-    /// after an error both sides consider the tunnel gone (spec §1.11).
+    /// The owner was too busy to take a request of the tunnel and refused it with an error
+    /// (after an error both sides consider the tunnel gone, spec §1.11), or the peer sent
+    /// inner requests faster than it took our answers.
     Overloaded,
 }
 

@@ -23,6 +23,7 @@ impl Tunnel {
             }))
         });
         let fed = inner.feed(plaintext);
+        let mut overloaded = false;
         while let Some(event) = inner.next_event() {
             if let crate::xml::XmlEvent::Element(stanza) = event
                 && let Some(stanza) = self.restore_routing(stanza)
@@ -33,10 +34,14 @@ impl Tunnel {
                     Received::Unsolicited => {
                         tracing::debug!(tunnel = %self.key, "inner IQ answer to no request dropped");
                     }
+                    // Answered here, so the peer still gets exactly one answer; but a peer that
+                    // asks faster than it takes our answers does not get a growing queue.
+                    Received::TooMany if self.out_bytes.len() >= self.config.max_queued_out => {
+                        overloaded = true;
+                    }
                     Received::TooMany => {
-                        // Answered here, so the peer still gets exactly one answer.
                         let answer = self.inner_iqs.refusal(&stanza);
-                        self.answer_inside(answer);
+                        overloaded |= !self.answer_inside(answer);
                     }
                 }
             }
@@ -51,7 +56,11 @@ impl Tunnel {
         if fed.is_err() || !(ends_a_stanza && inner.at_rest()) {
             self.inner = Some(inner);
         }
-        fed.map_err(|e| CloseReason::InnerXml(e.to_string()))
+        fed.map_err(|e| CloseReason::InnerXml(e.to_string()))?;
+        if overloaded {
+            return Err(CloseReason::Overloaded);
+        }
+        Ok(())
     }
 
     /// Spec §1.9 rules 4 and 5.
@@ -93,6 +102,16 @@ pub(super) struct InnerIqs {
     theirs: VecDeque<String>,
 }
 
+/// What sending an inner stanza changes in the bookkeeping.
+pub(super) enum SentIq {
+    /// Our request with this id now awaits the peer's answer.
+    Request(String),
+    /// It answers the peer's request at this place in the queue.
+    Answer(usize),
+    /// Not an IQ request or answer.
+    NotAnIq,
+}
+
 /// What to do with an inner stanza the peer sent.
 pub(super) enum Received {
     /// Hand it to the owner.
@@ -120,23 +139,28 @@ impl InnerIqs {
         Some((request, stanza.attr("id").unwrap_or_default()))
     }
 
-    pub(super) fn on_send(&mut self, stanza: &Element) -> Result<(), SendError> {
+    /// Whether `stanza` may be sent, and what sending it will change ([`Self::record_send`]).
+    pub(super) fn check_send(&self, stanza: &Element) -> Result<SentIq, SendError> {
         match Self::kind(stanza) {
-            Some((true, id)) => {
-                if self.ours.len() >= Self::CAP {
-                    return Err(SendError::TooManyRequests);
-                }
-                self.ours.push_back(id.to_owned());
-            }
+            Some((true, _)) if self.ours.len() >= Self::CAP => Err(SendError::TooManyRequests),
+            Some((true, id)) => Ok(SentIq::Request(id.to_owned())),
             Some((false, id)) => match self.theirs.iter().position(|p| p == id) {
-                Some(at) => {
-                    self.theirs.remove(at);
-                }
-                None => return Err(SendError::NotAwaited),
+                Some(at) => Ok(SentIq::Answer(at)),
+                None => Err(SendError::NotAwaited),
             },
-            None => {}
+            None => Ok(SentIq::NotAnIq),
         }
-        Ok(())
+    }
+
+    /// Records a stanza [`Self::check_send`] allowed, once it is written.
+    pub(super) fn record_send(&mut self, sent: SentIq) {
+        match sent {
+            SentIq::Request(id) => self.ours.push_back(id),
+            SentIq::Answer(at) => {
+                self.theirs.remove(at);
+            }
+            SentIq::NotAnIq => {}
+        }
     }
 
     pub(super) fn on_receive(&mut self, stanza: &Element) -> Received {
@@ -202,15 +226,19 @@ fn answer_to(id: &str, error: Element) -> Element {
 }
 
 impl Tunnel {
-    /// Writes an inner stanza of our own making (an answer the owner never sees).
-    fn answer_inside(&mut self, mut stanza: Element) {
+    /// Writes an inner stanza of our own making (an answer the owner never sees); `false`
+    /// when TLS would not take it.
+    fn answer_inside(&mut self, mut stanza: Element) -> bool {
         remove_attr(&mut stanza, "from");
         remove_attr(&mut stanza, "to");
         let bytes = crate::xml::to_bytes(&stanza);
-        if let Some(tls) = self.tls.as_mut()
-            && tls.write_plaintext(&bytes).is_ok()
-        {
+        let written = self
+            .tls
+            .as_mut()
+            .is_some_and(|tls| tls.write_plaintext(&bytes).is_ok());
+        if written {
             self.stats.stanzas_out += 1;
         }
+        written
     }
 }

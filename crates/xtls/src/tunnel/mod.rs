@@ -452,7 +452,9 @@ impl Tunnel {
         if !carries_as_xml(&stanza) {
             return Err(SendError::NotXml);
         }
-        self.inner_iqs.on_send(&stanza)?;
+        // Checked first, recorded only once the stanza is written: a refused send changes
+        // nothing, so the same stanza can be sent again.
+        let iq = self.inner_iqs.check_send(&stanza)?;
         if self.out_bytes.len() >= self.config.max_queued_out {
             self.blocked = true;
             return Err(SendError::Blocked);
@@ -465,6 +467,7 @@ impl Tunnel {
             self.blocked = true;
             return Err(SendError::Blocked);
         }
+        self.inner_iqs.record_send(iq);
         self.stats.stanzas_out += 1;
         self.touch(now);
         self.flush(now);

@@ -604,6 +604,59 @@ fn an_inner_iq_gets_exactly_one_answer_each_way() {
 }
 
 #[test]
+fn a_refused_send_changes_nothing_so_the_same_answer_can_go_later() {
+    let mut pair = Pair::new();
+    pair.config.window = 1;
+    pair.config.max_queued_out = 1;
+    pair.open();
+    let now = pair.now;
+    pair.alice
+        .tunnel()
+        .send(now, inner_iq("get", "q1"))
+        .unwrap();
+    pair.drive();
+    // The bot's queue fills: its answer is refused for now, and its own request too.
+    pair.bot
+        .tunnel()
+        .send(now, chat_message(&"x".repeat(10_000), "chat"))
+        .unwrap();
+    assert_eq!(
+        pair.bot.tunnel().send(now, inner_iq("result", "q1")),
+        Err(SendError::Blocked)
+    );
+    assert_eq!(
+        pair.bot.tunnel().send(now, inner_iq("get", "b1")),
+        Err(SendError::Blocked)
+    );
+    pair.drive();
+    // Once it drained, the same answer goes, once.
+    pair.bot
+        .tunnel()
+        .send(now, inner_iq("result", "q1"))
+        .unwrap();
+    pair.drive();
+    let answers = pair
+        .alice
+        .stanzas()
+        .iter()
+        .filter(|s| s.attr("id") == Some("q1"))
+        .count();
+    assert_eq!(answers, 1);
+    // The refused request was never recorded: closing reports nothing unanswered.
+    pair.alice.tunnel().close(now);
+    pair.drive();
+    assert!(
+        !pair
+            .bot
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Unanswered(_))),
+        "{:?}",
+        pair.bot.events
+    );
+}
+
+#[test]
 fn our_inner_requests_fail_locally_when_the_tunnel_closes_first() {
     let mut pair = Pair::new();
     pair.open();
