@@ -15,6 +15,7 @@ _command_of() {
         prosody) echo prosody ;;
         ejabberd) echo ejabberdctl ;;
         util-linux) echo setpriv ;;
+        g++) echo c++ ;;
         *) echo "$1" ;;
     esac
 }
