@@ -226,11 +226,11 @@ impl Store {
             .bind(before)
             .execute(self.writer())
             .await?;
-        let finished = vec!["?"; super::MessageStatus::FINAL.len()].join(", ");
+        let finished = vec!["?"; super::MessageStatus::finals().count()].join(", ");
         let sql = format!("DELETE FROM messages WHERE created_at < ? AND status IN ({finished})");
         let mut query = sqlx::query(&sql).bind(before);
-        for status in super::MessageStatus::FINAL {
-            query = query.bind(*status);
+        for status in super::MessageStatus::finals() {
+            query = query.bind(status);
         }
         query.execute(self.writer()).await?;
         Ok(done.rows_affected())

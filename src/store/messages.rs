@@ -76,17 +76,10 @@ impl MessageStatus {
         MessageStatus::RateLimited,
     ];
 
-    /// The statuses after which nothing more happens to a message.
-    pub const FINAL: &'static [MessageStatus] = &[
-        MessageStatus::Acknowledged,
-        MessageStatus::Failed,
-        MessageStatus::NoXtlsSupport,
-        MessageStatus::Refused,
-        MessageStatus::PeerBusy,
-        MessageStatus::Conflict,
-        MessageStatus::IdentityChanged,
-        MessageStatus::PeerUnavailable,
-    ];
+    /// The statuses after which nothing more happens to a message, in [`Self::ALL`]'s order.
+    pub fn finals() -> impl Iterator<Item = MessageStatus> {
+        Self::ALL.iter().copied().filter(|s| s.is_final())
+    }
 
     /// The stable name (as in JSON and the store).
     pub fn as_str(self) -> &'static str {
@@ -109,7 +102,17 @@ impl MessageStatus {
 
     /// Whether nothing more happens to a message with this status.
     pub fn is_final(self) -> bool {
-        Self::FINAL.contains(&self)
+        matches!(
+            self,
+            MessageStatus::Acknowledged
+                | MessageStatus::Failed
+                | MessageStatus::NoXtlsSupport
+                | MessageStatus::Refused
+                | MessageStatus::PeerBusy
+                | MessageStatus::Conflict
+                | MessageStatus::IdentityChanged
+                | MessageStatus::PeerUnavailable
+        )
     }
 }
 
@@ -251,12 +254,12 @@ impl Store {
     pub(crate) async fn bots_with_unfinished_messages(
         &self,
     ) -> Result<std::collections::HashSet<String>, StoreError> {
-        let placeholders = vec!["?"; MessageStatus::FINAL.len()].join(", ");
+        let placeholders = vec!["?"; MessageStatus::finals().count()].join(", ");
         let sql =
             format!("SELECT DISTINCT bot_jid FROM messages WHERE status NOT IN ({placeholders})");
         let mut query = sqlx::query(&sql);
-        for status in MessageStatus::FINAL {
-            query = query.bind(*status);
+        for status in MessageStatus::finals() {
+            query = query.bind(status);
         }
         let rows = query.fetch_all(self.pool()).await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -270,13 +273,13 @@ impl Store {
         bot: &str,
         before: &str,
     ) -> Result<Vec<OutMsg>, StoreError> {
-        let placeholders = vec!["?"; MessageStatus::FINAL.len()].join(", ");
+        let placeholders = vec!["?"; MessageStatus::finals().count()].join(", ");
         let sql = format!(
             "SELECT id, to_jid, stanza, reopen FROM messages WHERE bot_jid = ? AND created_at < ? AND status NOT IN ({placeholders}) ORDER BY created_at"
         );
         let mut query = sqlx::query(&sql).bind(bot).bind(before);
-        for status in MessageStatus::FINAL {
-            query = query.bind(*status);
+        for status in MessageStatus::finals() {
+            query = query.bind(status);
         }
         let rows = query.fetch_all(self.pool()).await?;
         Ok(rows
@@ -306,5 +309,19 @@ mod tests {
             let back: MessageStatus = serde_json::from_value(json).unwrap();
             assert_eq!(back, *status);
         }
+        let finals: Vec<&str> = MessageStatus::finals().map(MessageStatus::as_str).collect();
+        assert_eq!(
+            finals,
+            [
+                "acknowledged",
+                "failed",
+                "no_xtls_support",
+                "refused",
+                "peer_busy",
+                "conflict",
+                "identity_changed",
+                "peer_unavailable"
+            ]
+        );
     }
 }
