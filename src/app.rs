@@ -13,7 +13,14 @@ use crate::session::{BotTable, NewBot, Shared};
 use crate::store::Store;
 
 /// Runs the component until `shutdown` resolves or the server refuses the configuration.
-pub async fn run(mut config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// Each configuration from `reloads` (SIGHUP) applies what can change in a running process:
+/// the admin token and the log (the caller applies the log filter); the rest is named in the
+/// log as needing a restart.
+pub async fn run(
+    mut config: Config,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: mpsc::Receiver<Config>,
+) -> anyhow::Result<()> {
     let store = Store::open(&config.store.url)
         .await
         .with_context(|| format!("cannot open the store at {}", config.store.url))?;
@@ -132,6 +139,31 @@ pub async fn run(mut config: Config, shutdown: impl Future<Output = ()>) -> anyh
         )),
         cors_origins: config.admin.cors_origins.clone(),
     };
+    let reload_token = state.token.clone();
+    let mut running = config.clone();
+    tokio::spawn(async move {
+        while let Some(mut new) = reloads.recv().await {
+            let token = new.admin.token.take().expect("validated config");
+            let mut applied = Vec::new();
+            if !reload_token.matches(token.expose()) {
+                reload_token.replace(&token);
+                applied.push("admin.token");
+            }
+            let changed = running.changes(&new);
+            let restart: Vec<&str> = changed.iter().copied().filter(|c| *c != "log").collect();
+            if changed.contains(&"log") {
+                applied.push("log");
+                running.log = new.log;
+            }
+            tracing::info!(applied = %applied.join(", "), "configuration reloaded");
+            if !restart.is_empty() {
+                tracing::warn!(
+                    sections = %restart.join(", "),
+                    "changed settings not applied: they take a restart"
+                );
+            }
+        }
+    });
     let metrics_server = match config.metrics.listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)

@@ -63,7 +63,7 @@ fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
 }
 
 /// The whole configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The link to the XMPP server.
@@ -99,11 +99,14 @@ pub struct Config {
 }
 
 /// `[log]`: how the log on standard error is written (`RUST_LOG` sets what is logged).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// `text` for people (the default), `json` for log shippers: one object per line.
     pub format: LogFormat,
+    /// What is logged, as `RUST_LOG` directives (e.g. `info,xtls_component::session=debug`);
+    /// `RUST_LOG`, when set, wins. Default `info`. SIGHUP applies a change.
+    pub filter: Option<String>,
 }
 
 /// The log's format.
@@ -118,7 +121,7 @@ pub enum LogFormat {
 }
 
 /// `[component]`: the XEP-0114 link.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ComponentConfig {
     /// The component's domain, as declared in the server (required).
@@ -179,7 +182,7 @@ fn default_reconnect_max() -> u64 {
 }
 
 /// `[admin]`: the HTTP admin API.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address to listen on.
@@ -248,7 +251,7 @@ impl Default for AdminConfig {
 }
 
 /// `[store]`: where state lives.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// SQLite URL; the file is created when missing.
@@ -269,7 +272,7 @@ impl Default for StoreConfig {
 }
 
 /// `[tunnel]`: timers and sizes of every tunnel (spec §1.13).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TunnelSettings {
     /// Raw bytes per `<data/>` sent (at most 65535).
@@ -333,7 +336,7 @@ impl TunnelSettings {
 }
 
 /// `[limits]`: capacity caps; exceeding one is answered `resource-constraint` (spec §1.11).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Live tunnels per bot.
@@ -373,7 +376,7 @@ impl Default for LimitsConfig {
 }
 
 /// `[metrics]`: where `/metrics` is served.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// A listener of its own, without token; unset: on the admin listener, admin token required.
@@ -381,7 +384,7 @@ pub struct MetricsConfig {
 }
 
 /// `[events]`: the bots' event logs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsConfig {
     /// Seconds an acknowledged event is kept before it is deleted.
@@ -400,7 +403,7 @@ impl Default for EventsConfig {
 }
 
 /// `[webhooks]`: how events are pushed to bots' webhooks.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WebhooksConfig {
     /// First retry delay, in milliseconds; it doubles per attempt.
@@ -467,7 +470,7 @@ impl std::str::FromStr for Handler {
 }
 
 /// `[[bots]]`: a bot created at start when missing.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BotConfig {
     /// The bot's localpart; its JID is `localpart@domain`.
@@ -637,6 +640,11 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        if let Some(filter) = &self.log.filter
+            && let Err(e) = tracing_subscriber::EnvFilter::try_new(filter)
+        {
+            return Err(invalid("log.filter", format!("not a log filter: {e}")));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, bot) in self.bots.iter().enumerate() {
             let key = format!("bots[{i}].localpart");
@@ -660,6 +668,30 @@ impl Config {
     /// The component secret (present after validation).
     pub fn secret(&self) -> &Secret {
         self.component.secret.as_ref().expect("validated config")
+    }
+
+    /// The settings that differ in `new`, by name: `admin.token` and `log` apart (they apply
+    /// without a restart), then every section that does.
+    pub fn changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut admin = self.admin.clone();
+        admin.token.clone_from(&new.admin.token);
+        admin.token_file.clone_from(&new.admin.token_file);
+        [
+            ("admin.token", self.admin.token != new.admin.token),
+            ("log", self.log != new.log),
+            ("component", self.component != new.component),
+            ("admin", admin != new.admin),
+            ("store", self.store != new.store),
+            ("tunnel", self.tunnel != new.tunnel),
+            ("limits", self.limits != new.limits),
+            ("events", self.events != new.events),
+            ("metrics", self.metrics != new.metrics),
+            ("webhooks", self.webhooks != new.webhooks),
+            ("bots", self.bots != new.bots),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
     }
 
     /// The admin token (present after validation).

@@ -4,6 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tokio::sync::mpsc;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _, Registry, fmt, reload};
 use xtls_component::config::{Config, LogFormat};
 
 /// XEP-0114 component that gives XMPP bots end-to-end encrypted XTLS endpoints.
@@ -42,23 +46,66 @@ enum Command {
     },
 }
 
-/// Logs to standard error in the configured format; `RUST_LOG` filters (default `info`).
-fn init_logging(format: LogFormat) {
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+/// The handle that changes what is logged while the process runs (SIGHUP).
+type LogFilter = reload::Handle<EnvFilter, Registry>;
+
+/// What is logged: `RUST_LOG` when set, else `log.filter`, else `info`.
+fn log_filter(configured: Option<&str>) -> EnvFilter {
+    EnvFilter::try_from_default_env()
+        .ok()
+        .or_else(|| configured.and_then(|f| EnvFilter::try_new(f).ok()))
+        .unwrap_or_else(|| EnvFilter::new("info"))
+}
+
+/// Logs to standard error in the configured format.
+fn init_logging(format: LogFormat, filter: Option<&str>) -> LogFilter {
+    let (filter, handle) = reload::Layer::new(log_filter(filter));
+    let output = match format {
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
         // Colour codes only for a person at a terminal, never in a log file or journal.
-        LogFormat::Text => builder
+        LogFormat::Text => fmt::layer()
             .with_ansi(
                 std::io::IsTerminal::is_terminal(&std::io::stderr())
                     && std::env::var_os("NO_COLOR").is_none(),
             )
-            .init(),
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output)
+        .init();
+    handle
+}
+
+/// On every SIGHUP: reads the configuration again; when it is valid, applies its log filter
+/// and hands it to the running component, else says why and changes nothing.
+#[cfg(unix)]
+async fn reload_on_hangup(path: Option<PathBuf>, filter: LogFilter, tx: mpsc::Sender<Config>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        tracing::warn!("no SIGHUP handler: configuration reloads are off");
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        match Config::load(path.as_deref()) {
+            Ok(config) => {
+                if let Err(e) = filter.reload(log_filter(config.log.filter.as_deref())) {
+                    tracing::warn!(error = %e, "log filter not reloaded");
+                }
+                if tx.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "SIGHUP: the configuration is not valid; the running one stays as it was"
+            ),
+        }
     }
 }
 
@@ -72,7 +119,7 @@ fn main() -> ExitCode {
             config,
             timeout,
         } => {
-            init_logging(LogFormat::Text);
+            init_logging(LogFormat::Text, None);
             return healthcheck(addr, config, timeout);
         }
     };
@@ -83,7 +130,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(config.log.format);
+    let filter = init_logging(config.log.format, config.log.filter.as_deref());
     if !serve {
         println!("configuration ok");
         return ExitCode::SUCCESS;
@@ -95,7 +142,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(xtls_component::app::run(config, shutdown_signal())) {
+    let (reload_tx, reloads) = mpsc::channel(4);
+    #[cfg(unix)]
+    runtime.spawn(reload_on_hangup(config_path.clone(), filter, reload_tx));
+    #[cfg(not(unix))]
+    let _ = (filter, reload_tx);
+    match runtime.block_on(xtls_component::app::run(config, shutdown_signal(), reloads)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("xtls-component: {e:#}");

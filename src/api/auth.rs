@@ -11,18 +11,31 @@ use super::{AdminState, ApiError};
 
 /// The admin token as the API keeps it: its SHA-256, like bot tokens, so the token itself is
 /// not held in the server's memory after start-up.
+/// Clones share one token, so a reload ([`AdminToken::replace`]) reaches every handler.
 #[derive(Clone)]
-pub struct AdminToken([u8; 32]);
+pub struct AdminToken(std::sync::Arc<std::sync::RwLock<[u8; 32]>>);
 
 impl AdminToken {
     /// Keeps the digest of `token`.
     pub fn new(token: &crate::config::Secret) -> AdminToken {
-        AdminToken(Sha256::digest(token.expose().as_bytes()).into())
+        AdminToken(std::sync::Arc::new(std::sync::RwLock::new(Self::digest(
+            token.expose(),
+        ))))
+    }
+
+    fn digest(token: &str) -> [u8; 32] {
+        Sha256::digest(token.as_bytes()).into()
+    }
+
+    /// From now on, `token` is the admin token (a configuration reload).
+    pub fn replace(&self, token: &crate::config::Secret) {
+        *self.0.write().expect("admin token lock") = Self::digest(token.expose());
     }
 
     /// Whether `presented` is the admin token (constant time).
-    fn matches(&self, presented: &str) -> bool {
-        same(&Sha256::digest(presented.as_bytes()), &self.0)
+    pub fn matches(&self, presented: &str) -> bool {
+        let expected = *self.0.read().expect("admin token lock");
+        same(&Self::digest(presented), &expected)
     }
 }
 
@@ -123,5 +136,8 @@ mod tests {
         assert!(!token.matches("token-12345"));
         assert!(!token.matches(""));
         assert_eq!(format!("{token:?}"), "AdminToken(..)");
+        let handlers = token.clone();
+        token.replace(&crate::config::Secret::new("rotated-654321".to_owned()));
+        assert!(handlers.matches("rotated-654321") && !handlers.matches("token-123456"));
     }
 }
