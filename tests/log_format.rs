@@ -1,6 +1,7 @@
 //! `log.format = "json"`: the running binary writes one JSON object per line on standard error.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,16 +32,7 @@ fn json_logs_are_one_object_per_line_with_the_event_fields() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    // Lines are read on a thread of their own, so a silent child cannot hang the test.
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = common::stderr_lines(&mut child);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut objects = Vec::new();
     while objects.len() < 3 {

@@ -4,10 +4,11 @@
 
 #![cfg(unix)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The status of `GET path` with a bearer token, or `None` when nothing answers.
@@ -68,16 +69,7 @@ fn sighup_applies_the_admin_token_and_names_what_takes_a_restart() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    // The log, read on a thread of its own.
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = common::stderr_lines(&mut child);
     let mut log = String::new();
     let read_log = |log: &mut String| {
         while let Ok(line) = rx.try_recv() {
