@@ -318,7 +318,7 @@ async fn tokens_hosts_and_unknown_routes() {
 
 #[tokio::test]
 async fn bots_are_created_read_and_deleted() {
-    let api = Api::new().await;
+    let mut api = Api::new().await;
     let a = api
         .admin(
             Method::POST,
@@ -406,6 +406,60 @@ async fn bots_are_created_read_and_deleted() {
     );
     let a = api.admin(Method::GET, "/v1/bots/weather/peers", None).await;
     assert_eq!((a.status, a.body), (StatusCode::OK, json!([])));
+
+    // The clear-text policy of a running bot: changed, shown, and applied by its driver.
+    for (body, status) in [
+        (
+            json!({"encrypted_only": "yes"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (json!({"handler": "api"}), StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        is_problem(
+            &api.admin(Method::PATCH, "/v1/bots/weather", Some(body))
+                .await,
+            status,
+        );
+    }
+    is_problem(
+        &api.admin(
+            Method::PATCH,
+            "/v1/bots/nobody",
+            Some(json!({"encrypted_only": true})),
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+    );
+    let a = api
+        .admin(
+            Method::PATCH,
+            "/v1/bots/weather",
+            Some(json!({"encrypted_only": true})),
+        )
+        .await;
+    assert_eq!(
+        (a.status, &a.body["encrypted_only"]),
+        (StatusCode::OK, &json!(true))
+    );
+    let a = api.admin(Method::GET, "/v1/bots/weather", None).await;
+    assert_eq!(a.body["encrypted_only"], true);
+    let clear: Element = "<message xmlns='jabber:client' type='chat' id='p1' \
+        from='alice@example.net/phone' to='weather@bots.example.org'><body>hi</body></message>"
+        .parse()
+        .unwrap();
+    api.bots
+        .by_jid("weather@bots.example.org")
+        .unwrap()
+        .try_deliver(clear)
+        .unwrap();
+    let refused = api.next_out().await;
+    assert_eq!(refused.attr("type"), Some("error"), "{refused:?}");
+    assert!(
+        refused
+            .get_child("error", ns::CLIENT)
+            .unwrap()
+            .has_child("policy-violation", ns::STANZAS)
+    );
 
     let a = api.admin(Method::DELETE, "/v1/bots/weather", None).await;
     assert_eq!(a.status, StatusCode::NO_CONTENT);

@@ -19,7 +19,7 @@ use xtls::tunnel::{PeerAuth, TrustMode};
 pub(super) fn routes() -> OpenApiRouter<AdminState> {
     OpenApiRouter::new()
         .routes(routes!(list_bots, create_bot))
-        .routes(routes!(get_bot, delete_bot))
+        .routes(routes!(get_bot, delete_bot, patch_bot))
         .routes(routes!(get_certificate))
         .routes(routes!(get_peers))
         .routes(routes!(list_tunnels, super::bot::open_tunnel))
@@ -192,6 +192,38 @@ async fn delete_bot(
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!("bot {jid}")))
+    }
+}
+
+/// Body of `PATCH /v1/bots/{jid}`: the settings a running bot can change.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct PatchBot {
+    /// Refuse messages sent in clear (`policy-violation`), or deliver them marked
+    /// `encrypted: false`.
+    encrypted_only: bool,
+}
+
+/// Changes a running bot's settings; its tunnels are not touched.
+#[utoipa::path(patch, path = "/bots/{jid}", tag = "bots", params(BotPath), request_body = PatchBot,
+    responses(
+    (status = 200, description = "The bot as it is now", body = BotView),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON),
+    (status = 422, description = "Not a valid body", body = Problem, content_type = PROBLEM_JSON)))]
+async fn patch_bot(
+    State(state): State<AdminState>,
+    Path(jid): Path<String>,
+    body: Result<Json<PatchBot>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<BotView>, ApiError> {
+    let bot = find_bot(&state, &jid)?;
+    let body = json_body(body)?;
+    match state
+        .bots
+        .set_encrypted_only(&bot.record.jid, body.encrypted_only)
+        .await?
+    {
+        Some(bot) => Ok(Json(bot_view(&bot))),
+        None => Err(ApiError::NotFound(format!("bot {jid}"))),
     }
 }
 

@@ -410,6 +410,15 @@ impl BotDriver {
             }
             BotCommand::Submit(msg, reply) => self.submit(*msg, Some(reply)).await,
             BotCommand::Open(peer, reply) => self.open_to(peer, reply).await,
+            BotCommand::SetEncryptedOnly(on, done) => {
+                self.bot.encrypted_only = on;
+                tracing::info!(
+                    bot = self.bot.jid,
+                    encrypted_only = on,
+                    "clear-text policy set"
+                );
+                let _ = done.send(());
+            }
             BotCommand::Stop(..) => unreachable!("handled by dispatch"),
         }
     }

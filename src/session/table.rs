@@ -39,6 +39,9 @@ pub enum BotCommand {
     Open(String, oneshot::Sender<Submitted>),
     /// Close every tunnel and stop.
     Stop(CloseReason, oneshot::Sender<()>),
+    /// Refuse messages sent in clear from now on (or deliver them again); answers once
+    /// applied.
+    SetEncryptedOnly(bool, oneshot::Sender<()>),
 }
 
 /// A running bot as the rest of the component sees it.
@@ -375,6 +378,41 @@ impl BotTable {
             .collect();
         bots.sort_by(|a, b| a.record.jid.cmp(&b.record.jid));
         bots
+    }
+
+    /// Sets a running bot's clear-text policy, stored first, then applied by its driver; the
+    /// bot as it is now, or `None` when there is no such bot.
+    pub async fn set_encrypted_only(
+        &self,
+        jid: &str,
+        on: bool,
+    ) -> Result<Option<BotHandle>, BotError> {
+        let Some(handle) = self.by_jid(jid) else {
+            return Ok(None);
+        };
+        if !self
+            .shared
+            .store
+            .set_encrypted_only(&handle.record.jid, on)
+            .await?
+        {
+            return Ok(None);
+        }
+        let (done, applied) = oneshot::channel();
+        if handle
+            .tx
+            .send(BotCommand::SetEncryptedOnly(on, done))
+            .await
+            .is_ok()
+        {
+            let _ = applied.await;
+        }
+        let mut bots = self.bots.write().expect("bots lock");
+        let Some(entry) = bots.get_mut(&handle.record.localpart) else {
+            return Ok(None);
+        };
+        entry.record.encrypted_only = on;
+        Ok(Some(entry.clone()))
     }
 
     /// Closes a bot's tunnels, stops it and deletes it; `false` when it did not exist.

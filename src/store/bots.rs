@@ -153,6 +153,16 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Sets a bot's clear-text policy; `false` when the bot does not exist.
+    pub async fn set_encrypted_only(&self, jid: &str, on: bool) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE bots SET encrypted_only = ? WHERE jid = ?")
+            .bind(on)
+            .bind(jid)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     /// The SPKI pins a bot holds for a peer bare JID.
     pub async fn pins(&self, bot: &str, peer: &str) -> Result<Vec<Fingerprint>, StoreError> {
         let rows = sqlx::query("SELECT spki_sha256 FROM peer_pins WHERE bot_jid = ? AND peer = ?")
