@@ -4,7 +4,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use minidom::Element;
 
-use super::{name, ns};
+use super::{DefinedCondition, name, ns};
 
 /// Largest raw payload accepted in one `<data/>` (spec §1.7 rule 2, the IBB maximum).
 pub const MAX_CHUNK_ACCEPTED: usize = 65_535;
@@ -157,6 +157,16 @@ pub enum DataError {
     /// More raw bytes than [`MAX_CHUNK_ACCEPTED`].
     #[error("chunk of {0} bytes exceeds the limit of {MAX_CHUNK_ACCEPTED}")]
     TooLarge(usize),
+}
+
+impl DataError {
+    /// The stanza error that answers this refusal (spec §1.7 rules 1–2).
+    pub fn condition(&self) -> DefinedCondition {
+        match self {
+            DataError::BadBase64(_) => DefinedCondition::BadRequest,
+            DataError::TooLarge(_) => DefinedCondition::PolicyViolation,
+        }
+    }
 }
 
 /// Encodes raw TLS bytes for `<data/>`: padded base64, no whitespace.

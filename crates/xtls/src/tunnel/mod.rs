@@ -31,8 +31,7 @@ use minidom::Element;
 
 use crate::stanza::xtls::{Offer, XtlsElement};
 use crate::stanza::{
-    DataError, DefinedCondition, ErrorType, Iq, IqType, build_iq, carries_as_xml, decode_data,
-    remove_attr,
+    DefinedCondition, ErrorType, Iq, IqType, build_iq, carries_as_xml, decode_data, remove_attr,
 };
 use crate::xml::{StreamReader, to_bytes};
 
@@ -539,21 +538,11 @@ impl Tunnel {
         }
         let bytes = match decode_data(text) {
             Ok(bytes) => bytes,
-            Err(e @ DataError::BadBase64(_)) => {
+            Err(e) => {
                 let text = e.to_string();
                 self.fail(
                     iq,
-                    DefinedCondition::BadRequest,
-                    &text,
-                    CloseReason::Protocol(text.clone()),
-                );
-                return;
-            }
-            Err(e @ DataError::TooLarge(_)) => {
-                let text = e.to_string();
-                self.fail(
-                    iq,
-                    DefinedCondition::PolicyViolation,
+                    e.condition(),
                     &text,
                     CloseReason::Protocol(text.clone()),
                 );

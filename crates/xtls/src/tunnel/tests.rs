@@ -223,17 +223,24 @@ impl Pair {
     fn open(&mut self) {
         self.start();
         self.drive();
+        self.assert_open("");
+    }
+
+    /// Asserts both ends are open, showing each end's events otherwise.
+    fn assert_open(&self, label: &str) {
+        let alice = &self.alice;
+        let bot = &self.bot;
         assert_eq!(
-            self.alice.state(),
+            alice.state(),
             Some(State::Open),
-            "alice: {:?}",
-            self.alice.events
+            "{label} alice: {:?}",
+            alice.events
         );
         assert_eq!(
-            self.bot.state(),
+            bot.state(),
             Some(State::Open),
-            "bot: {:?}",
-            self.bot.events
+            "{label} bot: {:?}",
+            bot.events
         );
     }
 
@@ -1127,18 +1134,7 @@ fn c17_simultaneous_start_tie_break_both_orders() {
         pair.start();
         pair.bot_starts();
         pair.drive();
-        assert_eq!(
-            pair.alice.state(),
-            Some(State::Open),
-            "{client}: {:?}",
-            pair.alice.events
-        );
-        assert_eq!(
-            pair.bot.state(),
-            Some(State::Open),
-            "{client}: {:?}",
-            pair.bot.events
-        );
+        pair.assert_open(client);
         assert_eq!(pair.bot.tunnel().role(), bot_role, "{client}");
         assert_eq!(
             pair.errors(true).len() + pair.errors(false).len(),
@@ -1289,8 +1285,7 @@ fn c21_initiator_waits_for_every_handshake_ack_with_a_window_of_one() {
             break;
         }
     }
-    assert_eq!(pair.alice.state(), Some(State::Open));
-    assert_eq!(pair.bot.state(), Some(State::Open));
+    pair.assert_open("");
     // Small chunks and a window of one: the client's last flight took several data IQs.
     assert!(pair.sent(true, "data").len() > 3);
 }
