@@ -319,15 +319,7 @@ mod tests {
     #[tokio::test]
     async fn a_stored_event_is_served_in_the_documented_envelope() {
         let (store, dir) = crate::store::tests::temp_store().await;
-        let bot = crate::store::BotRecord {
-            jid: "weather@bots.example.org".into(),
-            localpart: "weather".into(),
-            handler: crate::config::Handler::Api,
-            peer_auth: xtls::tunnel::PeerAuth::Required,
-            trust: xtls::tunnel::TrustMode::Tofu,
-            encrypted_only: false,
-            created_at: crate::store::now(),
-        };
+        let bot = crate::store::tests::test_bot("weather", crate::config::Handler::Api);
         let identity = xtls::certs::BotIdentity::generate(&bot.jid).unwrap();
         store.insert_bot(&bot, &identity).await.unwrap();
         let event = BotEvent::PeerIdentityChanged {

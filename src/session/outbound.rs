@@ -413,17 +413,9 @@ impl BotDriver {
                         .push_back((mark, msg.clone()));
                     self.settle(&msg, MessageStatus::Sent, None, None).await;
                 }
-                Err(SendError::Blocked) => {
-                    // Full: the rest goes out on the next Writable event.
-                    self.out
-                        .waiting
-                        .entry(key.clone())
-                        .or_default()
-                        .push_front(msg);
-                    return;
-                }
-                Err(SendError::NotOpen) => {
-                    // Closing: it waits with the rest, and fails or moves when the tunnel ends.
+                Err(SendError::Blocked | SendError::NotOpen) => {
+                    // Full: the rest goes out on the next Writable event. Closing: it waits
+                    // with the rest, and fails or moves when the tunnel ends.
                     self.out
                         .waiting
                         .entry(key.clone())

@@ -240,7 +240,6 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::BotRecord;
     use crate::store::NewEvent;
     use xtls::certs::BotIdentity;
 
@@ -248,15 +247,8 @@ mod tests {
     async fn append_read_acknowledge_and_prune() {
         let (store, dir) = super::super::tests::temp_store().await;
         let jid = "weather@bots.example.org";
-        let bot = BotRecord {
-            jid: jid.into(),
-            localpart: "weather".into(),
-            handler: crate::config::Handler::Api,
-            peer_auth: xtls::tunnel::PeerAuth::Required,
-            trust: xtls::tunnel::TrustMode::Tofu,
-            encrypted_only: false,
-            created_at: now(),
-        };
+        let bot = super::super::tests::test_bot("weather", crate::config::Handler::Api);
+        assert_eq!(bot.jid, jid);
         store
             .insert_bot(&bot, &BotIdentity::generate(jid).unwrap())
             .await

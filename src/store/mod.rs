@@ -167,6 +167,19 @@ pub(crate) mod tests {
     use xtls::certs::{BotIdentity, Fingerprint};
     use xtls::tunnel::{PeerAuth, Role, State, TrustMode};
 
+    /// A bot record on `bots.example.org` with the defaults tests rely on.
+    pub(crate) fn test_bot(localpart: &str, handler: Handler) -> BotRecord {
+        BotRecord {
+            jid: format!("{localpart}@bots.example.org"),
+            localpart: localpart.into(),
+            handler,
+            peer_auth: PeerAuth::Required,
+            trust: TrustMode::Tofu,
+            encrypted_only: false,
+            created_at: now(),
+        }
+    }
+
     #[test]
     fn a_tunnel_record_clones_every_field() {
         let key = xtls::tunnel::TunnelKey {
@@ -226,15 +239,7 @@ pub(crate) mod tests {
         let (store, dir) = temp_store().await;
         store.check_writable().await.unwrap();
         let id = BotIdentity::generate("echo@bots.example.org").unwrap();
-        let bot = BotRecord {
-            jid: "echo@bots.example.org".into(),
-            localpart: "echo".into(),
-            handler: Handler::Echo,
-            peer_auth: PeerAuth::Required,
-            trust: TrustMode::Tofu,
-            encrypted_only: false,
-            created_at: now(),
-        };
+        let bot = test_bot("echo", Handler::Echo);
         store.insert_bot(&bot, &id).await.unwrap();
         assert!(matches!(
             store.insert_bot(&bot, &id).await,
@@ -307,15 +312,7 @@ pub(crate) mod tests {
     async fn an_unknown_stored_value_is_an_error_not_a_default() {
         let (store, dir) = temp_store().await;
         let id = BotIdentity::generate("odd@bots.example.org").unwrap();
-        let bot = BotRecord {
-            jid: "odd@bots.example.org".into(),
-            localpart: "odd".into(),
-            handler: Handler::Echo,
-            peer_auth: PeerAuth::Required,
-            trust: TrustMode::Tofu,
-            encrypted_only: false,
-            created_at: now(),
-        };
+        let bot = test_bot("odd", Handler::Echo);
         store.insert_bot(&bot, &id).await.unwrap();
         let key = xtls::tunnel::TunnelKey {
             local: bot.jid.clone(),

@@ -303,15 +303,7 @@ impl Tunnel {
         }
         let peer_bare = bare(&params.key.peer).to_owned();
         let proceed_offer = offer.map(|_| Offer {
-            key_names: vec![
-                params
-                    .creds
-                    .identity
-                    .info
-                    .fingerprints
-                    .cert_sha1
-                    .to_lower_hex(),
-            ],
+            key_names: own_key_names(&params.creds),
             srp: false,
             // We keep pins as SPKI digests: a named certificate cannot be matched to one.
             insecure: true,
@@ -336,15 +328,7 @@ impl Tunnel {
     pub fn initiate(now: Instant, params: TunnelParams) -> Tunnel {
         let mut tunnel = Tunnel::new(Role::Initiator, params);
         let offer = tunnel.config.send_offer.then(|| Offer {
-            key_names: vec![
-                tunnel
-                    .creds
-                    .identity
-                    .info
-                    .fingerprints
-                    .cert_sha1
-                    .to_lower_hex(),
-            ],
+            key_names: own_key_names(&tunnel.creds),
             ..Offer::default()
         });
         tunnel.handshake_deadline = Some(now + tunnel.config.handshake_timeout);
@@ -907,6 +891,11 @@ impl Tunnel {
 /// The bare part of a JID string (everything before the first `/`).
 pub fn bare(jid: &str) -> &str {
     jid.split_once('/').map_or(jid, |(b, _)| b)
+}
+
+/// How offers name our key: the certificate's SHA-1, lower-case hex (spec §2.4).
+fn own_key_names(creds: &BotCredentials) -> Vec<String> {
+    vec![creds.identity.info.fingerprints.cert_sha1.to_lower_hex()]
 }
 
 /// What an error answering our `start` means (spec §1.14): not supported, busy, conflict, or
