@@ -13,9 +13,8 @@ use crate::session::{BotTable, NewBot, Shared};
 use crate::store::Store;
 
 /// Runs the component until `shutdown` resolves or the server refuses the configuration.
-/// Each configuration from `reloads` (SIGHUP) applies what can change in a running process:
-/// the admin token and the log (the caller applies the log filter); the rest is named in the
-/// log as needing a restart.
+/// Each configuration from `reloads` (SIGHUP) applies what can change in a running process
+/// (see [`reload`]); the rest is named in the log as needing a restart.
 pub async fn run(
     mut config: Config,
     shutdown: impl Future<Output = ()>,
@@ -139,26 +138,15 @@ pub async fn run(
         )),
         cors_origins: config.admin.cors_origins.clone(),
     };
-    let reload_token = state.token.clone();
+    let (reload_token, reload_bots) = (state.token.clone(), bots.clone());
     let mut running = config.clone();
     tokio::spawn(async move {
-        while let Some(mut new) = reloads.recv().await {
-            let token = new.admin.token.take().expect("validated config");
-            let mut applied = Vec::new();
-            if !reload_token.matches(token.expose()) {
-                reload_token.replace(&token);
-                applied.push("admin.token");
-            }
-            let changed = running.changes(&new);
-            let restart: Vec<&str> = changed.iter().copied().filter(|c| *c != "log").collect();
-            if changed.contains(&"log") {
-                applied.push("log");
-                running.log = new.log;
-            }
+        while let Some(new) = reloads.recv().await {
+            let (applied, restart) = reload(&mut running, new, &reload_token, reload_bots.shared());
             tracing::info!(applied = %applied.join(", "), "configuration reloaded");
             if !restart.is_empty() {
                 tracing::warn!(
-                    sections = %restart.join(", "),
+                    settings = %restart.join(", "),
                     "changed settings not applied: they take a restart"
                 );
             }
@@ -217,4 +205,46 @@ pub async fn run(
     pruner.abort();
     store.close().await;
     outcome
+}
+
+/// Puts what can change in a running process in effect (the admin token, the log section,
+/// limits, webhook settings) and updates `running` to match; returns what was applied and
+/// what takes a restart. The caller has applied the log filter already.
+fn reload(
+    running: &mut Config,
+    mut new: Config,
+    token: &api::AdminToken,
+    shared: &Shared,
+) -> (Vec<&'static str>, Vec<&'static str>) {
+    let mut applied = Vec::new();
+    let secret = new.admin.token.take().expect("validated config");
+    if !token.matches(secret.expose()) {
+        token.replace(&secret);
+        applied.push("admin.token");
+    }
+    let mut restart = Vec::new();
+    for section in running.changes(&new) {
+        match section {
+            "log" => running.log = new.log.clone(),
+            "limits" => {
+                restart.extend(running.limits.fixed_changes(&new.limits));
+                let live = running.limits.reloadable(&new.limits);
+                if live == running.limits {
+                    continue;
+                }
+                shared.reload_limits(&live);
+                running.limits = live;
+            }
+            "webhooks" => {
+                shared.reload_webhooks(&new.webhooks);
+                running.webhooks = new.webhooks.clone();
+            }
+            other => {
+                restart.push(other);
+                continue;
+            }
+        }
+        applied.push(section);
+    }
+    (applied, restart)
 }

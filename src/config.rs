@@ -8,6 +8,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use figment::Figment;
@@ -357,6 +358,62 @@ pub struct LimitsConfig {
     pub starts_per_peer_per_minute: u32,
     /// `start`s one peer may send at once before the per-minute rate applies.
     pub start_burst_per_peer: u32,
+}
+
+impl LimitsConfig {
+    /// The fields of `new` that differ from these and take a restart: the queues are sized
+    /// and the stream's stanza limit set when the process starts.
+    pub fn fixed_changes(&self, new: &LimitsConfig) -> Vec<&'static str> {
+        [
+            ("limits.bot_queue", self.bot_queue != new.bot_queue),
+            (
+                "limits.outbound_queue",
+                self.outbound_queue != new.outbound_queue,
+            ),
+            (
+                "limits.max_stanza_bytes",
+                self.max_stanza_bytes != new.max_stanza_bytes,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+
+    /// `new` with the fields that take a restart kept as they are here.
+    pub fn reloadable(&self, new: &LimitsConfig) -> LimitsConfig {
+        LimitsConfig {
+            bot_queue: self.bot_queue,
+            outbound_queue: self.outbound_queue,
+            max_stanza_bytes: self.max_stanza_bytes,
+            ..new.clone()
+        }
+    }
+}
+
+/// A setting a reload may replace while the process runs; readers take the value in effect
+/// when they ask, and keep it for as long as they hold it.
+#[derive(Debug, Default)]
+pub struct Live<T>(RwLock<Arc<T>>);
+
+impl<T> Live<T> {
+    /// Holds `value`.
+    pub fn new(value: T) -> Self {
+        Live(RwLock::new(Arc::new(value)))
+    }
+
+    /// The value in effect.
+    pub fn get(&self) -> Arc<T> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `value` in effect for every later reader.
+    pub fn set(&self, value: T) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(value);
+    }
 }
 
 impl Default for LimitsConfig {

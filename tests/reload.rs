@@ -1,6 +1,6 @@
-//! SIGHUP reloads the configuration in a running process: the admin token changes at once,
-//! an invalid file changes nothing, settings that take a restart are named, and the process
-//! goes on.
+//! SIGHUP reloads the configuration in a running process: the admin token, limits and webhook
+//! settings change at once, an invalid file changes nothing, settings that take a restart are
+//! named, and the process goes on.
 
 #![cfg(unix)]
 
@@ -35,10 +35,14 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 }
 
 fn config(dir: &std::path::Path, admin: &str, token: &str, bot_queue: u32) -> String {
+    // The live settings follow the queue size, so one change touches both kinds.
+    let (per_bot, max_age) = (bot_queue / 2, bot_queue * 60);
     format!(
         "[component]\ndomain = \"bots.example.org\"\nserver = \"127.0.0.1:9\"\nsecret = \"s3cret\"\n\
          [admin]\nlisten = \"{admin}\"\ntoken = \"{token}\"\n\
-         [store]\nurl = \"sqlite://{}/store.db\"\n[limits]\nbot_queue = {bot_queue}\n",
+         [store]\nurl = \"sqlite://{}/store.db\"\n\
+         [limits]\nbot_queue = {bot_queue}\ntunnels_per_bot = {per_bot}\n\
+         [webhooks]\nmax_age_secs = {max_age}\n",
         dir.display()
     )
 }
@@ -82,7 +86,8 @@ fn sighup_applies_the_admin_token_and_names_what_takes_a_restart() {
         status(&admin, "/v1/bots", "first-token-1") == Some(200)
     });
 
-    // A new token and a new queue depth: the token applies, the depth takes a restart.
+    // A new token, new caps and webhook ages, a new queue depth: all apply but the depth,
+    // which takes a restart.
     std::fs::write(&file, config(&dir, &admin, "second-token-2", 2048)).unwrap();
     hangup(&child);
     eventually("the new token admitted", || {
@@ -94,7 +99,8 @@ fn sighup_applies_the_admin_token_and_names_what_takes_a_restart() {
         log.contains("configuration reloaded") && log.contains("take a restart")
     });
     assert!(
-        log.contains("admin.token") && log.contains("limits"),
+        log.contains("applied=admin.token, limits, webhooks")
+            && log.contains("settings=limits.bot_queue"),
         "{log}"
     );
 

@@ -333,7 +333,7 @@ async fn put_webhook(
             "secret must be whsec_ followed by 16 to 64 bytes in base64".into(),
         ));
     }
-    let defaults = &state.bots.shared().webhooks;
+    let defaults = state.bots.shared().webhooks.get();
     let hook = Webhook {
         url: url.to_string(),
         secret: crate::config::Secret::new(secret.clone()),

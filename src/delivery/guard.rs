@@ -13,6 +13,8 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
+use crate::config::Live;
+
 /// Why an address is closed to webhooks by default; `None` for a public address. An IPv6
 /// address that carries an IPv4 one (mapped, compatible, NAT64, 6to4) is judged by it.
 pub fn internal(ip: IpAddr) -> Option<&'static str> {
@@ -81,14 +83,20 @@ fn internal_v6(ip: Ipv6Addr) -> Option<&'static str> {
     })
 }
 
-/// The networks webhooks may reach although they are internal (`webhooks.allowed_networks`).
+/// The networks webhooks may reach although they are internal (`webhooks.allowed_networks`);
+/// clones share one list, which a reload replaces.
 #[derive(Debug, Clone, Default)]
-pub struct WebhookNetworks(Arc<Vec<IpNet>>);
+pub struct WebhookNetworks(Arc<Live<Vec<IpNet>>>);
 
 impl WebhookNetworks {
     /// Allows `networks` beyond the public Internet.
     pub fn new(networks: Vec<IpNet>) -> Self {
-        WebhookNetworks(Arc::new(networks))
+        WebhookNetworks(Arc::new(Live::new(networks)))
+    }
+
+    /// Allows `networks` instead, for every clone and every later connection.
+    pub fn set(&self, networks: Vec<IpNet>) {
+        self.0.set(networks);
     }
 
     /// `Err` with the reason when webhooks may not connect to `ip`.
@@ -98,6 +106,7 @@ impl WebhookNetworks {
             Some(_)
                 if self
                     .0
+                    .get()
                     .iter()
                     .any(|net| net.contains(&ip) || net.contains(&inner)) =>
             {
@@ -207,6 +216,12 @@ mod tests {
             some.check("::ffff:127.0.0.1".parse().unwrap()),
             Ok(()),
             "judged by the IPv4 address it carries"
+        );
+        let shared = some.clone();
+        some.set(Vec::new());
+        assert!(
+            shared.check("127.0.0.1".parse().unwrap()).is_err(),
+            "a new list reaches every clone"
         );
         let url = reqwest::Url::parse("http://[::1]:8080/hook").unwrap();
         assert!(none.check_url(&url).is_err());

@@ -19,7 +19,7 @@ use sha2::Sha256;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
-use crate::config::WebhooksConfig;
+use crate::config::{Live, WebhooksConfig};
 use crate::delivery::guard::WebhookNetworks;
 use crate::store::events::PENDING;
 use crate::store::{Attempt, Outcome, PendingEvent, Store, TunnelId, Webhook, now};
@@ -185,8 +185,8 @@ pub struct Deliverer<R> {
     pub bot: String,
     /// Where the log and the webhook live.
     pub store: Store,
-    /// Back-off and age limits.
-    pub config: Arc<WebhooksConfig>,
+    /// Back-off and age limits, read at each attempt (a reload may change them).
+    pub config: Arc<Live<WebhooksConfig>>,
     /// The highest `seq` committed to the bot's log.
     pub committed: watch::Receiver<u64>,
     /// Woken when the webhook or the dead letters change.
@@ -331,7 +331,7 @@ async fn deliver<R: ReplySink>(
     parts: &Deliverer<R>,
     head: PendingEvent,
 ) -> Option<PendingEvent> {
-    let (store, config) = (&parts.store, &*parts.config);
+    let (store, config) = (&parts.store, parts.config.get());
     let event = &head.event;
     let body = serde_json::to_vec(event).expect("an event serializes");
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -412,7 +412,7 @@ async fn deliver<R: ReplySink>(
         Outcome::Dead
     } else {
         Outcome::Retry {
-            at_ms: now_ms + backoff(config, attempts).as_millis() as i64,
+            at_ms: now_ms + backoff(&config, attempts).as_millis() as i64,
         }
     };
     if !delivered {

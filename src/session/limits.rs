@@ -22,7 +22,7 @@ impl BotDriver {
         if self.stopping.is_some() {
             return Some(("stopping", "the bot is stopping"));
         }
-        let limits = &self.shared.limits;
+        let limits = self.shared.limits.get();
         let peer_bare = bare(&key.peer);
         let per_peer = self
             .tunnels

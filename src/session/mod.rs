@@ -25,7 +25,7 @@ use std::sync::{Arc, RwLock};
 use minidom::Element;
 use tokio::sync::mpsc;
 
-use crate::config::{EventsConfig, LimitsConfig, WebhooksConfig};
+use crate::config::{EventsConfig, LimitsConfig, Live, WebhooksConfig};
 use crate::delivery::guard::WebhookNetworks;
 use crate::delivery::webhook::webhook_client;
 use crate::store::{Store, TunnelId, TunnelRecord};
@@ -56,14 +56,14 @@ pub struct Shared {
     pub table: TunnelTable,
     /// Timers and sizes of every tunnel.
     pub tunnel_config: TunnelConfig,
-    /// Capacity caps.
-    pub limits: LimitsConfig,
+    /// Capacity caps (a reload may change them).
+    pub limits: Live<LimitsConfig>,
     /// The component domain.
     pub domain: String,
     /// Most events committed in one transaction.
     pub max_batch: usize,
-    /// Webhook delivery settings.
-    pub webhooks: Arc<WebhooksConfig>,
+    /// Webhook delivery settings (a reload may change them).
+    pub webhooks: Arc<Live<WebhooksConfig>>,
     /// The internal networks webhooks may reach.
     pub webhook_networks: WebhookNetworks,
     /// The HTTP client of webhook deliveries (connects only where the networks allow).
@@ -88,6 +88,7 @@ impl Shared {
         events: &EventsConfig,
         webhooks: WebhooksConfig,
     ) -> Arc<Shared> {
+        let networks = WebhookNetworks::new(webhooks.allowed_networks.clone());
         Arc::new(Shared {
             start_rate: rate::StartRate::new(
                 limits.starts_per_peer_per_minute,
@@ -97,17 +98,38 @@ impl Shared {
             out,
             table: TunnelTable::default(),
             tunnel_config,
-            limits,
+            limits: Live::new(limits),
             domain,
             max_batch: events.max_batch,
-            webhook_networks: WebhookNetworks::new(webhooks.allowed_networks.clone()),
-            webhook_client: webhook_client(WebhookNetworks::new(webhooks.allowed_networks.clone())),
-            webhooks: Arc::new(webhooks),
+            // One list for the client's resolver and the URL checks, so a reload reaches both.
+            webhook_client: webhook_client(networks.clone()),
+            webhook_networks: networks,
+            webhooks: Arc::new(Live::new(webhooks)),
             link_up: Default::default(),
             metrics: Default::default(),
             handshakes: AtomicUsize::new(0),
             tunnels: AtomicUsize::new(0),
         })
+    }
+}
+
+impl Shared {
+    /// Puts new caps and a new start rate in effect; the queue sizes stay as they were
+    /// ([`LimitsConfig::fixed_changes`]).
+    pub fn reload_limits(&self, new: &LimitsConfig) {
+        let limits = self.limits.get().reloadable(new);
+        self.start_rate.set_rate(
+            limits.starts_per_peer_per_minute,
+            limits.start_burst_per_peer,
+        );
+        self.limits.set(limits);
+    }
+
+    /// Puts new webhook settings in effect: back-off and age for the next attempt, defaults
+    /// for the next registration, the allowed networks for the next connection.
+    pub fn reload_webhooks(&self, new: &WebhooksConfig) {
+        self.webhook_networks.set(new.allowed_networks.clone());
+        self.webhooks.set(new.clone());
     }
 }
 

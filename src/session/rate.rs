@@ -2,7 +2,7 @@
 //! one peer cannot make the component run handshakes (or replace its own tunnels) without end.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 /// Buckets kept before full (idle) ones are dropped.
@@ -10,10 +10,13 @@ const MAX_TRACKED: usize = 10_000;
 
 /// Token buckets of `start`s by peer bare JID.
 #[derive(Debug)]
-pub struct StartRate {
+pub struct StartRate(Mutex<Buckets>);
+
+#[derive(Debug)]
+struct Buckets {
     per_second: f64,
     burst: f64,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    by_peer: HashMap<String, Bucket>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -25,25 +28,38 @@ struct Bucket {
 impl StartRate {
     /// `per_minute` starts per peer on average, `burst` at once.
     pub fn new(per_minute: u32, burst: u32) -> Self {
-        StartRate {
+        StartRate(Mutex::new(Buckets {
             per_second: f64::from(per_minute) / 60.0,
             burst: f64::from(burst.max(1)),
-            buckets: Mutex::new(HashMap::new()),
-        }
+            by_peer: HashMap::new(),
+        }))
+    }
+
+    /// Changes the rate and the burst; every peer's tokens so far are kept, up to the new
+    /// burst.
+    pub fn set_rate(&self, per_minute: u32, burst: u32) {
+        let mut b = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        b.per_second = f64::from(per_minute) / 60.0;
+        b.burst = f64::from(burst.max(1));
+        let cap = b.burst;
+        b.by_peer
+            .values_mut()
+            .for_each(|k| k.tokens = k.tokens.min(cap));
     }
 
     /// Takes one token for `peer`; `false` when it has none left.
     pub fn allow(&self, peer: &str, now: Instant) -> bool {
-        let mut buckets = self.buckets.lock().expect("start rate lock");
-        if buckets.len() >= MAX_TRACKED && !buckets.contains_key(peer) {
-            let (rate, burst) = (self.per_second, self.burst);
-            buckets.retain(|_, b| refill(*b, now, rate, burst) < burst);
+        let mut b = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let (rate, burst) = (b.per_second, b.burst);
+        if b.by_peer.len() >= MAX_TRACKED && !b.by_peer.contains_key(peer) {
+            b.by_peer
+                .retain(|_, k| refill(*k, now, rate, burst) < burst);
         }
-        let bucket = buckets.entry(peer.to_owned()).or_insert(Bucket {
-            tokens: self.burst,
+        let bucket = b.by_peer.entry(peer.to_owned()).or_insert(Bucket {
+            tokens: burst,
             at: now,
         });
-        let tokens = refill(*bucket, now, self.per_second, self.burst);
+        let tokens = refill(*bucket, now, rate, burst);
         let allowed = tokens >= 1.0;
         *bucket = Bucket {
             tokens: if allowed { tokens - 1.0 } else { tokens },
@@ -86,6 +102,23 @@ mod tests {
     }
 
     #[test]
+    fn a_new_rate_applies_to_peers_already_counted() {
+        let rate = StartRate::new(60, 5);
+        let t0 = Instant::now();
+        assert!(rate.allow("mallory@evil", t0));
+        rate.set_rate(0, 2);
+        // Four tokens were left; the new burst caps them at two, and none come back.
+        assert!(rate.allow("mallory@evil", t0));
+        assert!(rate.allow("mallory@evil", t0));
+        assert!(!rate.allow("mallory@evil", t0 + Duration::from_secs(60)));
+        // A new peer starts with the new burst.
+        assert_eq!(
+            (0..5).filter(|_| rate.allow("alice@example", t0)).count(),
+            2
+        );
+    }
+
+    #[test]
     fn many_peers_do_not_grow_the_table_without_bound() {
         let rate = StartRate::new(60, 2);
         let t0 = Instant::now();
@@ -95,6 +128,6 @@ mod tests {
                 t0 + Duration::from_secs(10 + i as u64),
             );
         }
-        assert!(rate.buckets.lock().unwrap().len() <= MAX_TRACKED + 1);
+        assert!(rate.0.lock().unwrap().by_peer.len() <= MAX_TRACKED + 1);
     }
 }

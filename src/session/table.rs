@@ -294,7 +294,7 @@ impl BotTable {
             recover,
             webhook,
         } = start;
-        let (tx, rx) = mpsc::channel(self.shared.limits.bot_queue);
+        let (tx, rx) = mpsc::channel(self.shared.limits.get().bot_queue);
         let (events_tx, events) = watch::channel(last_seq);
         let refused: Arc<RefusedTunnels> = Arc::default();
         let handle = BotHandle {

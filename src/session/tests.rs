@@ -106,6 +106,17 @@ async fn limits_answer_resource_constraint_wait_and_unknown_tunnels_item_not_fou
         .unwrap();
     assert_eq!(error.attr("type"), Some("wait"));
 
+    // A reload raises the cap: the next start opens, and the queue size stays as it was.
+    bots.shared().reload_limits(&LimitsConfig {
+        tunnels_per_peer: 2,
+        bot_queue: 7,
+        ..LimitsConfig::default()
+    });
+    assert_eq!(bots.shared().limits.get().bot_queue, 1024);
+    bot.try_deliver(start("alice@example.net/c", "s3")).unwrap();
+    let proceed = next(&mut rx).await;
+    assert_eq!((proceed.type_, proceed.id.as_str()), (IqType::Result, "s3"));
+
     // data and close for a key with no tunnel.
     for payload in [
         "<data xmlns='urn:xmpp:tmp:xtls'>AAAA</data>",
