@@ -5,8 +5,10 @@ use std::future::Future;
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
-use crate::api::{self, AdminState, AllowedHosts, HttpLimits};
-use crate::config::Config;
+use std::sync::Arc;
+
+use crate::api::{self, AdminState, AllowedHosts, HttpLimits, ListenerTls};
+use crate::config::{Config, Live, TlsFiles};
 use crate::link::{self, LinkConfig, LinkEvent, LinkStatus};
 use crate::router;
 use crate::session::{BotTable, NewBot, Shared};
@@ -14,7 +16,7 @@ use crate::store::Store;
 
 /// Runs the component until `shutdown` resolves or the server refuses the configuration.
 /// Each configuration from `reloads` (SIGHUP) applies what can change in a running process
-/// (see [`reload`]); the rest is named in the log as needing a restart.
+/// (see `Running::reload`); the rest is named in the log as needing a restart.
 pub async fn run(
     mut config: Config,
     shutdown: impl Future<Output = ()>,
@@ -120,10 +122,16 @@ pub async fn run(
         }
     });
 
+    let admin_tls = listener_tls(config.admin.tls.as_ref(), "admin.tls")?;
+    let metrics_tls = listener_tls(config.metrics.tls.as_ref(), "metrics.tls")?;
     let listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("cannot listen on {} (admin.listen)", config.admin.listen))?;
-    tracing::info!(listen = %config.admin.listen, "admin API listening");
+    tracing::info!(
+        listen = %config.admin.listen,
+        https = admin_tls.is_some(),
+        "admin API listening"
+    );
     let limits = HttpLimits::from(&config.admin);
     let state = AdminState {
         bots: bots.clone(),
@@ -138,11 +146,16 @@ pub async fn run(
         )),
         cors_origins: config.admin.cors_origins.clone(),
     };
-    let (reload_token, reload_bots) = (state.token.clone(), bots.clone());
-    let mut running = config.clone();
+    let mut running = Running {
+        config: config.clone(),
+        token: state.token.clone(),
+        bots: bots.clone(),
+        admin_tls: admin_tls.clone(),
+        metrics_tls: metrics_tls.clone(),
+    };
     tokio::spawn(async move {
         while let Some(new) = reloads.recv().await {
-            let (applied, restart) = reload(&mut running, new, &reload_token, reload_bots.shared());
+            let (applied, restart) = running.reload(new);
             tracing::info!(applied = %applied.join(", "), "configuration reloaded");
             if !restart.is_empty() {
                 tracing::warn!(
@@ -157,23 +170,22 @@ pub async fn run(
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot listen on {addr} (metrics.listen)"))?;
-            tracing::info!(listen = %addr, "metrics listening");
+            tracing::info!(listen = %addr, https = metrics_tls.is_some(), "metrics listening");
             let (stop, app, limits) = (
                 stop_rx.clone(),
                 api::metrics_app(bots.clone()),
                 limits.clone(),
             );
             Some(tokio::spawn(async move {
-                api::serve(listener, app, &limits, stop).await
+                api::serve(listener, app, &limits, metrics_tls, stop).await
             }))
         }
         None => None,
     };
     let admin_stop = stop_rx.clone();
-    let admin =
-        tokio::spawn(
-            async move { api::serve(listener, api::app(state), &limits, admin_stop).await },
-        );
+    let admin = tokio::spawn(async move {
+        api::serve(listener, api::app(state), &limits, admin_tls, admin_stop).await
+    });
 
     let outcome = tokio::select! {
         _ = shutdown => Ok(()),
@@ -207,44 +219,91 @@ pub async fn run(
     outcome
 }
 
-/// Puts what can change in a running process in effect (the admin token, the log section,
-/// limits, webhook settings) and updates `running` to match; returns what was applied and
-/// what takes a restart. The caller has applied the log filter already.
-fn reload(
-    running: &mut Config,
-    mut new: Config,
-    token: &api::AdminToken,
-    shared: &Shared,
-) -> (Vec<&'static str>, Vec<&'static str>) {
-    let mut applied = Vec::new();
-    let secret = new.admin.token.take().expect("validated config");
-    if !token.matches(secret.expose()) {
-        token.replace(&secret);
-        applied.push("admin.token");
-    }
-    let mut restart = Vec::new();
-    for section in running.changes(&new) {
-        match section {
-            "log" => running.log = new.log.clone(),
-            "limits" => {
-                restart.extend(running.limits.fixed_changes(&new.limits));
-                let live = running.limits.reloadable(&new.limits);
-                if live == running.limits {
+/// A listener's TLS from its files, when it has them.
+fn listener_tls(files: Option<&TlsFiles>, key: &str) -> anyhow::Result<Option<ListenerTls>> {
+    files
+        .map(|files| Ok(Arc::new(Live::new(files.server_config(key)?))))
+        .transpose()
+}
+
+/// What a reload may change, and the configuration in effect.
+struct Running {
+    config: Config,
+    token: api::AdminToken,
+    bots: BotTable,
+    admin_tls: Option<ListenerTls>,
+    metrics_tls: Option<ListenerTls>,
+}
+
+impl Running {
+    /// Puts what can change in a running process in effect (the admin token, the log
+    /// section, limits, webhook settings, the listeners' certificates, read again even when
+    /// their paths did not change) and updates the configuration to match; returns what was
+    /// applied and what takes a restart. The caller has applied the log filter already.
+    fn reload(&mut self, mut new: Config) -> (Vec<&'static str>, Vec<&'static str>) {
+        let mut applied = Vec::new();
+        let secret = new.admin.token.take().expect("validated config");
+        if !self.token.matches(secret.expose()) {
+            self.token.replace(&secret);
+            applied.push("admin.token");
+        }
+        let mut restart = Vec::new();
+        let shared = self.bots.shared();
+        let running = &mut self.config;
+        for section in running.changes(&new) {
+            match section {
+                "log" => running.log = new.log.clone(),
+                "limits" => {
+                    restart.extend(running.limits.fixed_changes(&new.limits));
+                    let live = running.limits.reloadable(&new.limits);
+                    if live == running.limits {
+                        continue;
+                    }
+                    shared.reload_limits(&live);
+                    running.limits = live;
+                }
+                "webhooks" => {
+                    shared.reload_webhooks(&new.webhooks);
+                    running.webhooks = new.webhooks.clone();
+                }
+                // Handled below with the certificates, changed or not.
+                "admin.tls" | "metrics.tls" => continue,
+                other => {
+                    restart.push(other);
                     continue;
                 }
-                shared.reload_limits(&live);
-                running.limits = live;
             }
-            "webhooks" => {
-                shared.reload_webhooks(&new.webhooks);
-                running.webhooks = new.webhooks.clone();
-            }
-            other => {
-                restart.push(other);
-                continue;
+            applied.push(section);
+        }
+        for (key, live, now, next) in [
+            (
+                "admin.tls",
+                &self.admin_tls,
+                &mut running.admin.tls,
+                new.admin.tls,
+            ),
+            (
+                "metrics.tls",
+                &self.metrics_tls,
+                &mut running.metrics.tls,
+                new.metrics.tls,
+            ),
+        ] {
+            match (live, next) {
+                (Some(live), Some(files)) => match files.server_config(key) {
+                    Ok(config) => {
+                        live.set(config);
+                        *now = Some(files);
+                        applied.push(key);
+                    }
+                    // The listener keeps its certificate; check-config shows the same error.
+                    Err(e) => tracing::error!(error = %e, "certificate not reloaded"),
+                },
+                (None, None) => {}
+                // HTTP to HTTPS or back is another listener.
+                _ => restart.push(key),
             }
         }
-        applied.push(section);
+        (applied, restart)
     }
-    (applied, restart)
 }

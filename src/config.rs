@@ -213,6 +213,9 @@ pub struct AdminConfig {
     /// Connections served at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// HTTPS instead of HTTP, with these files.
+    #[serde(default)]
+    pub tls: Option<TlsFiles>,
 }
 
 fn default_admin_listen() -> SocketAddr {
@@ -247,6 +250,7 @@ impl Default for AdminConfig {
             header_timeout_secs: default_header_timeout_secs(),
             body_timeout_secs: default_body_timeout_secs(),
             max_connections: default_max_connections(),
+            tls: None,
         }
     }
 }
@@ -438,6 +442,55 @@ impl Default for LimitsConfig {
 pub struct MetricsConfig {
     /// A listener of its own, without token; unset: on the admin listener, admin token required.
     pub listen: Option<SocketAddr>,
+    /// HTTPS instead of HTTP on that listener, with these files.
+    pub tls: Option<TlsFiles>,
+}
+
+/// `[admin.tls]`, `[metrics.tls]`: the certificate and key a listener serves HTTPS with.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The certificate chain in PEM, the listener's own certificate first.
+    pub cert_file: PathBuf,
+    /// Its private key in PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+impl TlsFiles {
+    /// Reads both files into a TLS 1.3 server configuration for HTTP/1.1; an error names
+    /// `key` (the dotted config key), the file and the problem, never the key's content.
+    pub fn server_config(&self, key: &str) -> Result<rustls::ServerConfig, ConfigError> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let file = |name: &str, path: &Path, e: &dyn fmt::Display| {
+            invalid(&format!("{key}.{name}"), format!("{}: {e}", path.display()))
+        };
+        let chain = CertificateDer::pem_file_iter(&self.cert_file)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| file("cert_file", &self.cert_file, &e))?;
+        if chain.is_empty() {
+            return Err(file("cert_file", &self.cert_file, &"holds no certificate"));
+        }
+        let secret = PrivateKeyDer::from_pem_file(&self.key_file).map_err(|e| {
+            // The parser's messages name sections and I/O problems, not key bytes.
+            file("key_file", &self.key_file, &e)
+        })?;
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| invalid(key, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(chain, secret)
+        .map_err(|e| {
+            invalid(
+                key,
+                format!("the key does not fit the certificate, or is not usable: {e}"),
+            )
+        })?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
 }
 
 /// `[events]`: the bots' event logs.
@@ -573,15 +626,18 @@ fn sources(path: Option<&Path>) -> Result<Figment, ConfigError> {
     Ok(figment.merge(env))
 }
 
-/// The admin listener of a configuration (file and environment), without requiring the rest
-/// of it: what `healthcheck` needs inside a container that has no secrets in its environment.
-pub fn admin_listen(path: Option<&Path>) -> Result<SocketAddr, ConfigError> {
+/// The admin listener of a configuration (file and environment) and whether it serves
+/// HTTPS, without requiring the rest of it: what `healthcheck` needs inside a container that
+/// has no secrets in its environment.
+pub fn admin_endpoint(path: Option<&Path>) -> Result<(SocketAddr, bool), ConfigError> {
     let figment = sources(path)?;
+    let https = figment.contains("admin.tls");
     if !figment.contains("admin.listen") {
-        return Ok(default_admin_listen());
+        return Ok((default_admin_listen(), https));
     }
     figment
         .extract_inner::<SocketAddr>("admin.listen")
+        .map(|listen| (listen, https))
         .map_err(|e| ConfigError::Parse(Box::new(e)))
 }
 
@@ -656,6 +712,21 @@ impl Config {
                 ));
             }
         }
+        if let Some(tls) = &a.tls {
+            tls.server_config("admin.tls")?;
+        }
+        match (&self.metrics.tls, self.metrics.listen) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "metrics.tls",
+                    "needs metrics.listen: without a listener of its own, /metrics is served on the admin listener (admin.tls)",
+                ));
+            }
+            (Some(tls), Some(_)) => {
+                tls.server_config("metrics.tls")?;
+            }
+            (None, _) => {}
+        }
         if !self.store.url.starts_with("sqlite:") {
             return Err(invalid("store.url", "only sqlite: URLs are supported"));
         }
@@ -727,22 +798,27 @@ impl Config {
         self.component.secret.as_ref().expect("validated config")
     }
 
-    /// The settings that differ in `new`, by name: `admin.token` and `log` apart (they apply
-    /// without a restart), then every section that does.
+    /// The settings that differ in `new`, by name: sections, with `admin.token`,
+    /// `admin.tls` and `metrics.tls` apart from the rest of theirs.
     pub fn changes(&self, new: &Config) -> Vec<&'static str> {
         let mut admin = self.admin.clone();
         admin.token.clone_from(&new.admin.token);
         admin.token_file.clone_from(&new.admin.token_file);
+        admin.tls.clone_from(&new.admin.tls);
+        let mut metrics = self.metrics.clone();
+        metrics.tls.clone_from(&new.metrics.tls);
         [
             ("admin.token", self.admin.token != new.admin.token),
             ("log", self.log != new.log),
             ("component", self.component != new.component),
             ("admin", admin != new.admin),
+            ("admin.tls", self.admin.tls != new.admin.tls),
             ("store", self.store != new.store),
             ("tunnel", self.tunnel != new.tunnel),
             ("limits", self.limits != new.limits),
             ("events", self.events != new.events),
-            ("metrics", self.metrics != new.metrics),
+            ("metrics", metrics != new.metrics),
+            ("metrics.tls", self.metrics.tls != new.metrics.tls),
             ("webhooks", self.webhooks != new.webhooks),
             ("bots", self.bots != new.bots),
         ]
@@ -925,5 +1001,51 @@ mod tests {
             .merge(Serialized::default("component.secret", "from-env"));
         let c = Config::from_figment(figment).unwrap();
         assert_eq!(c.secret().expose(), "from-env");
+    }
+
+    #[test]
+    fn listener_tls_is_checked_when_loaded() {
+        let dir = std::env::temp_dir().join(format!("xtls-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let identity = xtls::certs::BotIdentity::generate("admin@example.org").unwrap();
+        let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
+        std::fs::write(&cert, identity.cert_pem()).unwrap();
+        let pem = |der: &[u8]| {
+            use base64::Engine as _;
+            let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+            format!("-----BEGIN PRIVATE KEY-----\n{b64}\n-----END PRIVATE KEY-----\n")
+        };
+        std::fs::write(&key, pem(identity.key_der())).unwrap();
+        let tls = |section: &str, c: &Path, k: &Path| {
+            format!(
+                "{MINIMAL}\n[{section}]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                c.display(),
+                k.display()
+            )
+        };
+        let ok = load(&tls("admin.tls", &cert, &key)).unwrap();
+        assert_eq!(ok.admin.tls.as_ref().unwrap().cert_file, cert);
+
+        let missing = dir.join("missing.pem");
+        let err = load(&tls("admin.tls", &missing, &key))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("admin.tls.cert_file") && err.contains("missing.pem"),
+            "{err}"
+        );
+        let other = xtls::certs::BotIdentity::generate("other@example.org").unwrap();
+        std::fs::write(&key, pem(other.key_der())).unwrap();
+        let err = load(&tls("admin.tls", &cert, &key))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not fit"), "{err}");
+        assert!(!err.contains("PRIVATE KEY"), "{err}");
+
+        let err = load(&tls("metrics.tls", &cert, &key))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs metrics.listen"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -37,7 +37,10 @@ enum Command {
         /// The admin address to ask; by default `admin.listen` of the configuration.
         #[arg(long)]
         addr: Option<std::net::SocketAddr>,
-        /// The TOML configuration file (read for `admin.listen` only).
+        /// Ask over HTTPS (with `--addr`; otherwise the configuration's `admin.tls` decides).
+        #[arg(long)]
+        https: bool,
+        /// The TOML configuration file (read for `admin.listen` and `admin.tls` only).
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Seconds to wait for the answer.
@@ -116,11 +119,12 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => (config, false),
         Command::Healthcheck {
             addr,
+            https,
             config,
             timeout,
         } => {
             init_logging(LogFormat::Text, None);
-            return healthcheck(addr, config, timeout);
+            return healthcheck(addr, https, config, timeout);
         }
     };
     let config = match Config::load(config_path.as_deref()) {
@@ -160,20 +164,22 @@ fn main() -> ExitCode {
 /// addresses.
 fn healthcheck(
     addr: Option<std::net::SocketAddr>,
+    https: bool,
     config: Option<PathBuf>,
     timeout: u64,
 ) -> ExitCode {
-    let addr = match addr {
-        Some(addr) => addr,
-        None => match xtls_component::config::admin_listen(config.as_deref()) {
-            Ok(addr) => addr,
+    let (addr, https) = match addr {
+        Some(addr) => (addr, https),
+        None => match xtls_component::config::admin_endpoint(config.as_deref()) {
+            Ok((addr, tls)) => (addr, https || tls),
             Err(e) => {
                 eprintln!("xtls-component: configuration error: {e}");
                 return ExitCode::from(2);
             }
         },
     };
-    let probe = xtls_component::api::probe_health(addr, std::time::Duration::from_secs(timeout));
+    let probe =
+        xtls_component::api::probe_health(addr, https, std::time::Duration::from_secs(timeout));
     let answer = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -46,6 +46,7 @@ async fn healthz() -> Json<Health> {
 /// addresses); `Err` says why it is not healthy.
 pub async fn probe_health(
     addr: std::net::SocketAddr,
+    https: bool,
     timeout: std::time::Duration,
 ) -> Result<(), String> {
     let mut addr = addr;
@@ -55,12 +56,26 @@ pub async fn probe_health(
             std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
         });
     }
-    let answer = crate::delivery::webhook::client()
-        .get(format!("http://{addr}/healthz"))
+    let (client, scheme) = if https {
+        // The probe sends no credential and reads only a status, so it takes the listener's
+        // certificate as it is: a check would fail on a certificate made for the public name
+        // (the probe connects to loopback) and call a live process dead.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .danger_accept_invalid_certs(true)
+            .build()
+            .map_err(|e| format!("cannot make an HTTPS client: {e}"))?;
+        (client, "https")
+    } else {
+        (crate::delivery::webhook::client().clone(), "http")
+    };
+    let answer = client
+        .get(format!("{scheme}://{addr}/healthz"))
         .timeout(timeout)
         .send()
         .await
-        .map_err(|e| format!("no answer from {addr}: {e}"))?;
+        .map_err(|e| format!("no answer from {scheme}://{addr}: {e}"))?;
     match answer.status() {
         StatusCode::OK => Ok(()),
         status => Err(format!("/healthz answered {status}")),

@@ -12,7 +12,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | `server` | the hyper server: connection cap, deadlines, body cap, `Host` check |
+//! | `server` | the hyper server: connection cap, deadlines, body cap, `Host` check, HTTPS |
 //! | `error` | [`ApiError`] and its problem+json rendering |
 //! | `auth` | bearer tokens: who the caller is and what it may reach |
 //! | `health` | `/healthz`, `/readyz`, `/metrics` |
@@ -40,7 +40,7 @@ use crate::session::BotTable;
 pub use auth::{AdminToken, Caller};
 pub use error::ApiError;
 pub use health::{metrics_app, probe_health};
-pub use server::{AllowedHosts, HttpLimits, serve};
+pub use server::{AllowedHosts, HttpLimits, ListenerTls, serve};
 
 /// What the handlers share.
 #[derive(Clone)]

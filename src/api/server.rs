@@ -1,5 +1,6 @@
 //! The HTTP/1.1 server under the admin and metrics listeners, closed by default: a deadline
-//! on request headers and bodies, a cap on connections and body sizes, a `Host` allow-list.
+//! on request headers and bodies, a cap on connections and body sizes, a `Host` allow-list,
+//! and HTTPS when the listener has certificate files.
 //!
 //! `axum::serve` has no header deadline and no connection cap, so a client that trickles
 //! headers or opens connections without end could hold resources forever; this loop bounds
@@ -23,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use super::ApiError;
+use crate::config::Live;
 
 /// How much a client may ask of the HTTP server.
 #[derive(Debug, Clone)]
@@ -48,11 +50,17 @@ impl From<&crate::config::AdminConfig> for HttpLimits {
     }
 }
 
-/// Serves `app` on `listener` until `stop` turns true, then lets open requests finish.
+/// A listener's TLS configuration; a reload replaces it (a renewed certificate) for the
+/// connections accepted after.
+pub type ListenerTls = Arc<Live<rustls::ServerConfig>>;
+
+/// Serves `app` on `listener` (over TLS when `tls` is set) until `stop` turns true, then
+/// lets open requests finish.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: &HttpLimits,
+    tls: Option<ListenerTls>,
     mut stop: watch::Receiver<bool>,
 ) {
     let stopped = async move {
@@ -83,12 +91,38 @@ pub async fn serve(
             () = &mut stopped => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn =
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let conn = graceful.watch(conn);
+        let service = TowerToHyperService::new(app.clone());
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
+        // The handshake gets the header deadline, so a silent client holds its slot no longer
+        // than one that trickles headers.
+        let handshake_deadline = limits.header_timeout;
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(e) = conn.await {
+            let served = match tls {
+                None => {
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+                Some(tls) => {
+                    let accept = tokio_rustls::TlsAcceptor::from(tls.get()).accept(stream);
+                    let stream = match tokio::time::timeout(handshake_deadline, accept).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "HTTPS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("HTTPS handshake not finished in time");
+                            return;
+                        }
+                    };
+                    watcher
+                        .watch(builder.serve_connection(TokioIo::new(stream), service))
+                        .await
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
         });

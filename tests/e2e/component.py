@@ -20,6 +20,7 @@ import os
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import time
@@ -53,7 +54,8 @@ class Component:
     `domain` picks another domain the server declares (e.g. `server.api_component_domain`),
     `bots` replaces the `[[bots]]` TOML (use "" for none), `admin_config` adds keys to the
     `[admin]` section and `extra_config` is appended to the file as is (e.g. a `[webhooks]`
-    section).
+    section). `https_ca` (a PEM file) makes the admin client speak HTTPS to `localhost`,
+    trusting that file; the config must then give `[admin.tls]`.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class Component:
         bots: str = ECHO_BOT,
         extra_config: str = "",
         admin_config: str = "",
+        https_ca: Path | None = None,
     ) -> None:
         self.server = server
         self.binary = binary or binary_path()
@@ -76,6 +79,10 @@ class Component:
         self.log_path = self.dir / "component.log"
         self.store_path = self.dir / "xtls.db"
         self.base_url = f"http://127.0.0.1:{self.admin_port}"
+        self.ssl: ssl.SSLContext | None = None
+        if https_ca is not None:
+            self.base_url = f"https://localhost:{self.admin_port}"
+            self.ssl = ssl.create_default_context(cafile=str(https_ca))
         self._openapi: OpenApiChecker | None = None
         self._secrets: set[str] = set()
         self.starts = 0  # how many times start() launched the binary
@@ -231,7 +238,7 @@ url = "sqlite://{self.store_path}"
         headers.update(extra)
         req = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.ssl) as resp:
                 status, content_type, answer = resp.status, resp.headers.get("Content-Type"), _decode(resp.read())
         except urllib.error.HTTPError as err:
             status, content_type, answer = err.code, err.headers.get("Content-Type"), _decode(err.read())
@@ -246,7 +253,7 @@ url = "sqlite://{self.store_path}"
         if self._openapi is None:
             req = urllib.request.Request(self.base_url + "/v1/openapi.json",
                                          headers={"Authorization": f"Bearer {self.token}"})
-            with urllib.request.urlopen(req, timeout=10) as resp:
+            with urllib.request.urlopen(req, timeout=10, context=self.ssl) as resp:
                 self._openapi = OpenApiChecker(json.loads(resp.read()))
         return self._openapi
 
