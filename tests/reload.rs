@@ -48,8 +48,9 @@ fn config(dir: &std::path::Path, admin: &str, token: &str, bot_queue: u32) -> St
 }
 
 fn hangup(child: &Child) {
-    let sent = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
+    // The shell's own `kill`: a bare Debian has no /bin/kill (procps) to run.
+    let sent = Command::new("sh")
+        .args(["-c", "kill -HUP \"$1\"", "sh", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(sent.success());
