@@ -54,8 +54,8 @@ class Component:
     `domain` picks another domain the server declares (e.g. `server.api_component_domain`),
     `bots` replaces the `[[bots]]` TOML (use "" for none), `admin_config` adds keys to the
     `[admin]` section and `extra_config` is appended to the file as is (e.g. a `[webhooks]`
-    section). `https_ca` (a PEM file) makes the admin client speak HTTPS to `localhost`,
-    trusting that file; the config must then give `[admin.tls]`.
+    section). `https_ca` (a PEM file) makes the admin client speak HTTPS, trusting that
+    file to name 127.0.0.1; the config must then give `[admin.tls]`.
     """
 
     def __init__(
@@ -81,7 +81,7 @@ class Component:
         self.base_url = f"http://127.0.0.1:{self.admin_port}"
         self.ssl: ssl.SSLContext | None = None
         if https_ca is not None:
-            self.base_url = f"https://localhost:{self.admin_port}"
+            self.base_url = f"https://127.0.0.1:{self.admin_port}"
             self.ssl = ssl.create_default_context(cafile=str(https_ca))
         self._openapi: OpenApiChecker | None = None
         self._secrets: set[str] = set()
@@ -151,9 +151,9 @@ url = "sqlite://{self.store_path}"
         start = time.monotonic()
         status = None
         while True:
-            if self._proc is None or self._proc.poll() is not None:
-                code = None if self._proc is None else self._proc.returncode
-                raise RuntimeError(f"component exited (status {code}) while waiting for /readyz\n{self.diagnostics()}")
+            if not self.running():
+                raise RuntimeError(f"component exited (status {self.exit_status()}) while waiting for /readyz\n"
+                                   f"{self.diagnostics()}")
             try:
                 status, _ = self.get("/readyz", token=False, timeout=2.0)
             except OSError:
@@ -165,6 +165,14 @@ url = "sqlite://{self.store_path}"
                     f"/readyz not {what} within {timeout} s (last: {status})\n{self.diagnostics()}"
                 )
             time.sleep(0.1)
+
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def exit_status(self) -> int | None:
+        """The exit status of the last run, once it ended."""
+        return None if self._proc is None else self._proc.returncode
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the component by its pid: SIGTERM, wait, SIGKILL as a last resort."""

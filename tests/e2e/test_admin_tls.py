@@ -1,14 +1,16 @@
 """HTTPS on the admin and metrics listeners (`[admin.tls]`, `[metrics.tls]`), checked with
-OpenSSL through Python's `ssl` as the client: the certificate verifies for `localhost`,
-plain HTTP gets nothing, a silent client loses its connection at the header deadline, a
-renewed certificate is served after SIGHUP without a restart, a reload with a broken key is
-refused and the old certificate kept, and `check-config` names a key that does not fit its certificate.
+OpenSSL through Python's `ssl` as the client: the certificate verifies for `localhost` and
+127.0.0.1, plain HTTP gets nothing, a silent client loses its connection at the header
+deadline, a renewed certificate is served after SIGHUP without a restart, a reload with a
+broken key is refused and the old certificate kept, and `check-config` names a key that
+does not fit its certificate.
 """
 
 from __future__ import annotations
 
 import datetime
 import http.client
+import ipaddress
 import os
 import signal
 import socket
@@ -26,6 +28,8 @@ from cryptography.x509.oid import NameOID
 from component import Component, binary_path
 from xmpp_server import free_port
 
+LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
+
 
 def make_cert(cert: Path, key: Path, name: str = "localhost") -> bytes:
     """Writes a self-signed P-256 certificate for `name` and its key; returns the DER."""
@@ -42,7 +46,9 @@ def make_cert(cert: Path, key: Path, name: str = "localhost") -> bytes:
         .serial_number(serial)
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        # The address too: clients here connect to 127.0.0.1, which resolves without /etc/hosts.
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name), x509.IPAddress(LOOPBACK)]),
+                       critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(secret, hashes.SHA256())
     )
@@ -139,7 +145,7 @@ def test_plain_http_gets_no_answer(secure):
 
 def test_metrics_are_served_over_https_on_their_own_listener(secure, files):
     context = ssl.create_default_context(cafile=str(files.trusted))
-    conn = http.client.HTTPSConnection("localhost", secure.metrics_port, timeout=10, context=context)
+    conn = http.client.HTTPSConnection("127.0.0.1", secure.metrics_port, timeout=10, context=context)
     try:
         conn.request("GET", "/metrics")
         resp = conn.getresponse()
