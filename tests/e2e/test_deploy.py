@@ -1,6 +1,6 @@
-"""What can be checked of the container image and the compose examples without Docker.
+"""What can be checked of the container image and the compose examples without building
+the image (that takes minutes: scripts/image builds and runs it, with test_image.py, in CI).
 
-Docker is not available where this project is built, so the image is never built here.
 These tests hold the Dockerfile and deploy/ to the code: the paths the Dockerfile copies
 exist, its binary name and port match the crate and the defaults, the compose files parse
 and agree with the server configurations beside them, and the `healthcheck` subcommand the
