@@ -538,6 +538,158 @@ async fn bot_tokens_reach_their_own_bot_only() {
 }
 
 #[tokio::test]
+async fn peers_keys_are_managed_and_every_decision_is_audited() {
+    let api = Api::new().await;
+    api.bot("weather").await;
+    api.bot("news").await;
+    let issued = api
+        .admin(Method::POST, "/v1/bots/weather/tokens", None)
+        .await;
+    let token = issued.body["token"].as_str().unwrap().to_owned();
+    let token_id = issued.body["id"].as_str().unwrap().to_owned();
+    let laptop = "AB:".repeat(31) + "AB";
+    let phone_plain = "cd".repeat(32);
+    let phone = "CD:".repeat(31) + "CD";
+    let keys = "/v1/bots/weather/peers/Alice@Example.net/keys";
+
+    let empty = api.call(Method::GET, keys, Some(&token), None).await;
+    assert_eq!(
+        (empty.status, empty.body.clone()),
+        (StatusCode::OK, json!([]))
+    );
+    // The bot's backend approves alice's laptop; the operator verifies her phone, saying
+    // which fingerprint they compared (pasted as plain hex).
+    let a = api
+        .call(
+            Method::PUT,
+            &format!("{keys}/{laptop}"),
+            Some(&token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    assert_eq!(
+        (a.body["peer"].as_str(), a.body["verified"].as_bool()),
+        (Some("alice@example.net"), Some(false))
+    );
+    let a = api
+        .admin(
+            Method::PUT,
+            &format!("{keys}/{phone_plain}"),
+            Some(json!({"compared": phone_plain})),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::CREATED, "{}", a.body);
+    assert_eq!(a.body["verified"], true);
+    assert_eq!(a.body["verified_by"], "admin");
+    assert_eq!(a.body["compared"], phone.as_str());
+    let a = api
+        .call(
+            Method::PUT,
+            &format!("{keys}/{laptop}"),
+            Some(&token),
+            Some(json!({"verified": true})),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let listed = api.call(Method::GET, keys, Some(&token), None).await;
+    assert_eq!(listed.body.as_array().unwrap().len(), 2);
+
+    // Problems: a fingerprint that is not one, a comparison with another key, another bot.
+    for (path, body) in [
+        (format!("{keys}/AB:CD"), json!({})),
+        (format!("{keys}/{laptop}"), json!({"compared": phone})),
+        (
+            format!("{keys}/{laptop}"),
+            json!({"compared": laptop, "verified": false}),
+        ),
+        (format!("{keys}/{laptop}"), json!({"trusted": true})),
+    ] {
+        is_problem(
+            &api.call(Method::PUT, &path, Some(&token), Some(body)).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        );
+    }
+    is_problem(
+        &api.call(
+            Method::GET,
+            "/v1/bots/news/peers/alice@example.net/keys",
+            Some(&token),
+            None,
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+    );
+    is_problem(
+        &api.admin(
+            Method::GET,
+            "/v1/bots/weather/peers/not%20a%20jid/keys",
+            None,
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+    );
+
+    let removed = api
+        .call(
+            Method::DELETE,
+            &format!("{keys}/{laptop}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(removed.status, StatusCode::NO_CONTENT);
+    is_problem(
+        &api.call(
+            Method::DELETE,
+            &format!("{keys}/{laptop}"),
+            Some(&token),
+            None,
+        )
+        .await,
+        StatusCode::NOT_FOUND,
+    );
+
+    // The audit log: who did what, newest first; a bot token sees its own bot's only.
+    let log = api.admin(Method::GET, "/v1/audit?bot=weather", None).await;
+    assert_eq!(log.status, StatusCode::OK, "{}", log.body);
+    let seen: Vec<(String, String)> = log.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_owned(),
+                e["actor"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let by_token = format!("bot-token:{token_id}");
+    assert_eq!(
+        seen,
+        [
+            ("removed".to_owned(), by_token.clone()),
+            ("verified".to_owned(), by_token.clone()),
+            ("verified".to_owned(), "admin".to_owned()),
+            ("approved".to_owned(), by_token.clone()),
+        ]
+    );
+    assert_eq!(log.body["entries"][2]["compared"], phone.as_str());
+    let own = api.call(Method::GET, "/v1/audit", Some(&token), None).await;
+    assert_eq!(own.body["entries"].as_array().unwrap().len(), 4);
+    is_problem(
+        &api.call(Method::GET, "/v1/audit?bot=news", Some(&token), None)
+            .await,
+        StatusCode::FORBIDDEN,
+    );
+    is_problem(
+        &api.admin(Method::GET, "/v1/audit?limit=0", None).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    );
+    api.close().await;
+}
+
+#[tokio::test]
 async fn the_session_table_and_tunnels_opened_by_the_api() {
     let mut api = Api::new().await;
     let weather = api.bot("weather").await;

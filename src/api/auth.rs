@@ -55,17 +55,30 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 pub enum Caller {
     /// The admin token: everything.
     Admin,
-    /// A bot token: that bot's events, messages, webhook and deliveries.
-    Bot(String),
+    /// A bot token: that bot's events, messages, webhook, deliveries and peers' keys.
+    Bot {
+        /// The bot's bare JID.
+        jid: String,
+        /// The token's id (never the token).
+        token: String,
+    },
 }
 
 impl Caller {
+    /// Who did it, for the audit log: `admin` or `bot-token:<id>`.
+    pub fn actor(&self) -> String {
+        match self {
+            Caller::Admin => "admin".into(),
+            Caller::Bot { token, .. } => format!("bot-token:{token}"),
+        }
+    }
+
     /// Allows the admin and the bot itself; 403 for any other bot.
     pub fn may_act_for(&self, bot_jid: &str) -> Result<(), ApiError> {
         match self {
             Caller::Admin => Ok(()),
-            Caller::Bot(jid) if jid == bot_jid => Ok(()),
-            Caller::Bot(_) => Err(ApiError::Forbidden),
+            Caller::Bot { jid, .. } if jid == bot_jid => Ok(()),
+            Caller::Bot { .. } => Err(ApiError::Forbidden),
         }
     }
 }
@@ -100,7 +113,7 @@ pub(super) async fn require_token(
         Some(token) if state.token.matches(&token) => Caller::Admin,
         Some(token) if token.starts_with(super::bot::TOKEN_PREFIX) => {
             match state.bots.shared().store.token_bot(&token).await {
-                Ok(Some(jid)) => Caller::Bot(jid),
+                Ok(Some((jid, token))) => Caller::Bot { jid, token },
                 Ok(None) => return ApiError::Unauthorized.into_response(),
                 Err(e) => return ApiError::from(e).into_response(),
             }
@@ -114,7 +127,7 @@ pub(super) async fn require_token(
 pub(super) async fn require_admin(caller: Caller, request: Request, next: Next) -> Response {
     match caller {
         Caller::Admin => next.run(request).await,
-        Caller::Bot(_) => ApiError::Forbidden.into_response(),
+        Caller::Bot { .. } => ApiError::Forbidden.into_response(),
     }
 }
 

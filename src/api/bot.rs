@@ -65,7 +65,7 @@ pub struct BotItemPath {
 
 /// The bot named in the path, if the caller may act for it.
 pub fn scoped(state: &AdminState, caller: &Caller, jid: &str) -> Result<BotHandle, ApiError> {
-    if let Caller::Bot(own) = caller {
+    if let Caller::Bot { jid: own, .. } = caller {
         // A bot token learns nothing about other bots, not even whether they exist.
         let named = xtls::certs::normalize_bare(jid).unwrap_or_else(|| jid.to_owned());
         let own_local = own.split('@').next().unwrap_or_default();

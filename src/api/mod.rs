@@ -18,6 +18,7 @@
 //! | `health` | `/healthz`, `/readyz`, `/metrics` |
 //! | `admin` | bots, certificates, peers, the session table |
 //! | `bot` | the bot-facing routes: events, messages, webhook, deliveries, tokens |
+//! | `trust` | peers' pinned keys over HTTP, the audit log of those decisions |
 //! | `openapi` | the OpenAPI document, generated from the handlers |
 
 mod admin;
@@ -27,6 +28,7 @@ mod error;
 mod health;
 mod openapi;
 mod server;
+mod trust;
 
 use axum::http::{HeaderValue, header};
 use axum::middleware;
@@ -128,6 +130,7 @@ pub fn routes(state: AdminState) -> OpenApiRouter<AdminState> {
         .merge(openapi::routes())
         .merge(admin_only)
         .merge(bot::routes())
+        .merge(trust::routes())
         .fallback(|| async { ApiError::NotFound("route".into()) })
         // read_body enforces admin.max_body_bytes; the extractors' own 2 MB cap would
         // contradict a larger setting.

@@ -26,6 +26,8 @@ use utoipa::{IntoParams, ToSchema};
         (name = "tunnels", description = "The session table (admin token)"),
         (name = "tokens", description = "Bot tokens (admin token)"),
         (name = "bot-api", description = "What a bot token may use for its own bot"),
+        (name = "trust", description = "Peers' pinned keys and the audit log of decisions \
+                                        (a bot token for its own bot, the admin token for any)"),
     )
 )]
 pub struct ApiDoc;

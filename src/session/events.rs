@@ -8,9 +8,9 @@ use tokio::time::Instant;
 
 use crate::config::Handler;
 use crate::delivery::event::{BotEvent, FailStage, Identity};
-use crate::store::PeerIdentityRecord;
+use crate::store::{FirstUse, PeerIdentityRecord};
 use xtls::stanza::{DefinedCondition, ErrorType, error_reply, name, ns};
-use xtls::tunnel::{Event, State, TunnelKey, bare};
+use xtls::tunnel::{CloseReason, Event, State, TrustVerdict, TunnelKey, VerifyError, bare};
 
 use super::driver::BotDriver;
 use super::inbound::echo;
@@ -56,26 +56,44 @@ impl BotDriver {
                 };
                 let (id, peer) = (Some(record.id.clone()), Some(key.peer.clone()));
                 self.log(None, established.into_row(id.clone(), peer.clone()));
-                if est.peer.trust == xtls::tunnel::TrustVerdict::TofuNew {
-                    let new = BotEvent::PeerIdentityNew {
-                        peer: bare(&key.peer).to_owned(),
-                        spki_sha256: record.peer_identity.spki_sha256.clone(),
+                if let Some(spki) = &est.peer.spki_sha256 {
+                    let (store, bot, peer_bare) =
+                        (&self.shared.store, &self.bot.jid, bare(&key.peer));
+                    let cert = est.peer.cert_der.as_deref();
+                    let stored = if est.peer.trust == TrustVerdict::TofuNew {
+                        store.pin_first_use(bot, peer_bare, spki, cert).await
+                    } else {
+                        store
+                            .pin_seen(bot, peer_bare, spki, cert)
+                            .await
+                            .map(|_| FirstUse::AlreadyPinned)
                     };
-                    self.log(None, new.into_row(id, peer));
-                }
-                if let Some(spki) = &est.peer.spki_sha256
-                    && let Err(e) = self
-                        .shared
-                        .store
-                        .record_pin(
-                            &self.bot.jid,
-                            bare(&key.peer),
-                            spki,
-                            est.peer.cert_der.as_deref(),
-                        )
-                        .await
-                {
-                    tracing::error!(error = %e, "cannot record peer pin");
+                    match stored {
+                        Ok(FirstUse::Pinned) => {
+                            let new = BotEvent::PeerIdentityNew {
+                                peer: peer_bare.to_owned(),
+                                spki_sha256: record.peer_identity.spki_sha256.clone(),
+                            };
+                            self.log(None, new.into_row(id, peer));
+                        }
+                        Ok(FirstUse::AlreadyPinned) => {}
+                        // Another handshake of this peer pinned a different key first: this
+                        // one is a changed key like any other, and the tunnel ends as such.
+                        Ok(FirstUse::Lost(pinned)) => {
+                            let reason =
+                                CloseReason::CertificateRejected(VerifyError::PinMismatch {
+                                    jid: peer_bare.to_owned(),
+                                    presented: spki.clone(),
+                                    pinned,
+                                });
+                            if let Some(live) = self.tunnels.get_mut(key) {
+                                live.tunnel.close_because(now, reason);
+                            }
+                            self.save(&record).await;
+                            return;
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot record peer pin"),
+                    }
                 }
                 self.save(&record).await;
                 self.send_waiting(key).await;

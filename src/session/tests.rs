@@ -572,6 +572,75 @@ async fn a_changed_peer_key_raises_the_event_the_metric_and_the_message_status()
 }
 
 #[tokio::test]
+async fn two_first_handshakes_of_one_peer_pin_one_key_and_the_other_is_a_changed_key() {
+    let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+    bots.shared().link_up.store(true, Ordering::Relaxed);
+    let bot = api_bot(&bots).await;
+    let store = bots.shared().store.clone();
+    // Two devices of alice, each with its own key, start before either handshake ends: both
+    // begin with no pin, so both are first use until one of them is stored.
+    let device = |resource: &str| {
+        Tunnel::initiate(
+            std::time::Instant::now(),
+            TunnelParams {
+                config: TunnelConfig::default(),
+                key: TunnelKey {
+                    local: format!("alice@example.net/{resource}"),
+                    peer: bot.record.jid.clone(),
+                },
+                creds: BotCredentials::new(BotIdentity::generate("alice@example.net").unwrap())
+                    .unwrap(),
+                policy: PeerPolicy::default(),
+                id_prefix: format!("{resource}-"),
+            },
+        )
+    };
+    let mut peers = [device("phone"), device("laptop")];
+    let mut changed = None;
+    for _ in 0..400 {
+        for peer in &mut peers {
+            while let Some(el) = peer.poll_transmit() {
+                bot.try_deliver(el).unwrap();
+            }
+        }
+        changed = store
+            .read_events(&bot.record.jid, 0, 1000, false)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|e| e.kind == "peer.identity_changed");
+        if changed.is_some() {
+            break;
+        }
+        let Ok(Some(el)) = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await else {
+            continue;
+        };
+        let to = el.attr("to").unwrap_or_default().to_owned();
+        let peer = peers
+            .iter_mut()
+            .find(|p| p.key().local == to)
+            .expect("the bot writes to one of the devices");
+        peer.handle_iq(std::time::Instant::now(), &Iq::parse(&el).unwrap());
+    }
+    let changed = changed.expect("the second key is reported as a changed key");
+    let pinned = store
+        .pins(&bot.record.jid, "alice@example.net")
+        .await
+        .unwrap();
+    assert_eq!(pinned.len(), 1, "one key pinned, not both");
+    assert_eq!(
+        changed.data["pinned_spki_sha256"],
+        serde_json::json!([pinned[0].to_string()])
+    );
+    assert_ne!(changed.data["presented_spki_sha256"], pinned[0].to_string());
+    assert_eq!(bots.shared().metrics.identity_changes.get(), 1);
+    let audit = store.audit_log(Some(&bot.record.jid), 10).await.unwrap();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0].spki_sha256, pinned[0].to_string());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
 async fn crossing_starts_get_conflict_or_proceed_even_past_the_start_rate() {
     // One start per peer and minute: the peer's own first start uses it up.
     let limits = LimitsConfig {

@@ -1,11 +1,11 @@
-//! Bots, their keys and certificates, and the keys pinned for their peers.
+//! Bots, their keys and certificates.
 
 use serde::Serialize;
 use sqlx::Row;
 
-use super::{Store, StoreError, named, now};
+use super::{Store, StoreError, named};
 use crate::config::Handler;
-use xtls::certs::{BotIdentity, Fingerprint};
+use xtls::certs::BotIdentity;
 use xtls::tunnel::{PeerAuth, TrustMode};
 
 /// A bot as stored.
@@ -25,21 +25,6 @@ pub struct BotRecord {
     pub encrypted_only: bool,
     /// Creation time.
     pub created_at: String,
-}
-
-/// A pinned peer key.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
-pub struct PeerPin {
-    /// The peer's bare JID.
-    pub peer: String,
-    /// SPKI SHA-256, colon hex.
-    pub spki_sha256: String,
-    /// Whether an operator confirmed the key out of band.
-    pub verified: bool,
-    /// When the key was first seen.
-    pub first_seen: String,
-    /// When the key was last seen.
-    pub last_seen: String,
 }
 
 /// A bot as stored: its record, its key and certificate (DER), its last event `seq`.
@@ -161,69 +146,6 @@ impl Store {
             .execute(&self.writer)
             .await?;
         Ok(done.rows_affected() > 0)
-    }
-
-    /// The SPKI pins a bot holds for a peer bare JID.
-    pub async fn pins(&self, bot: &str, peer: &str) -> Result<Vec<Fingerprint>, StoreError> {
-        let rows = sqlx::query("SELECT spki_sha256 FROM peer_pins WHERE bot_jid = ? AND peer = ?")
-            .bind(bot)
-            .bind(peer)
-            .fetch_all(&self.pool)
-            .await?;
-        // An unreadable pin is an error, never skipped: without it, trust on first use would
-        // pin whatever key came next.
-        rows.iter()
-            .map(|r| {
-                let stored: &str = r.try_get("spki_sha256")?;
-                Fingerprint::parse(stored).ok_or_else(|| {
-                    StoreError::Unreadable(format!("pin '{stored}' of {peer} is not a fingerprint"))
-                })
-            })
-            .collect()
-    }
-
-    /// Records that a peer presented a key (pinning it on first use).
-    pub async fn record_pin(
-        &self,
-        bot: &str,
-        peer: &str,
-        spki: &Fingerprint,
-        cert_der: Option<&[u8]>,
-    ) -> Result<(), StoreError> {
-        let at = now();
-        sqlx::query(
-            "INSERT INTO peer_pins (bot_jid, peer, spki_sha256, cert_der, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (bot_jid, peer, spki_sha256) DO UPDATE SET last_seen = excluded.last_seen, cert_der = excluded.cert_der",
-        )
-        .bind(bot)
-        .bind(peer)
-        .bind(spki.to_string())
-        .bind(cert_der)
-        .bind(&at)
-        .bind(&at)
-        .execute(&self.writer)
-        .await?;
-        Ok(())
-    }
-
-    /// The peers a bot knows, with their pins.
-    pub async fn list_pins(&self, bot: &str) -> Result<Vec<PeerPin>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT peer, spki_sha256, verified, first_seen, last_seen FROM peer_pins WHERE bot_jid = ? ORDER BY peer, first_seen",
-        )
-        .bind(bot)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| PeerPin {
-                peer: r.get("peer"),
-                spki_sha256: r.get("spki_sha256"),
-                verified: r.get::<i64, _>("verified") != 0,
-                first_seen: r.get("first_seen"),
-                last_seen: r.get("last_seen"),
-            })
-            .collect())
     }
 }
 

@@ -6,7 +6,8 @@
 //!
 //! | module | tables |
 //! |---|---|
-//! | [`bots`] | `bots`, `bot_keys` (keys, certificates), `peer_pins` |
+//! | [`bots`] | `bots`, `bot_keys` (keys, certificates) |
+//! | [`pins`] | `peer_pins`, `trust_audit`: peers' keys and every decision about them |
 //! | [`tunnels`] | `tunnels`: the session table's history |
 //! | [`events`] | `events`: the per-bot logs, their delivery states and cursor |
 //! | [`webhooks`] | `webhooks`, `delivery_attempts` |
@@ -20,13 +21,15 @@
 pub mod bots;
 pub mod events;
 pub mod messages;
+pub mod pins;
 pub mod tokens;
 pub mod tunnels;
 pub mod webhooks;
 
-pub use bots::{BotRecord, PeerPin, StoredBot};
+pub use bots::{BotRecord, StoredBot};
 pub use events::{EventRecord, NewEvent};
 pub use messages::{MessageRecord, MessageStatus, OutMsg};
+pub use pins::{AuditEntry, FirstUse, PeerPin, PinAction, PinChange};
 pub use tokens::TokenInfo;
 pub use tunnels::{PeerIdentityRecord, PeerTrust, TunnelFilter, TunnelId, TunnelRecord};
 pub use webhooks::{Attempt, DeadLetter, Outcome, PendingEvent, Webhook};
@@ -235,6 +238,91 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn pins_set_over_the_api_are_audited() {
+        let (store, dir) = temp_store().await;
+        let id = BotIdentity::generate("echo@bots.example.org").unwrap();
+        let bot = test_bot("echo", Handler::Echo);
+        store.insert_bot(&bot, &id).await.unwrap();
+        let (alice, laptop, phone) = (
+            "alice@example.net",
+            Fingerprint::sha256(b"laptop"),
+            Fingerprint::sha256(b"phone"),
+        );
+        store
+            .pin_first_use(&bot.jid, alice, &laptop, None)
+            .await
+            .unwrap();
+        // A second device, approved; then verified with the fingerprint compared.
+        let approve = PinChange {
+            bot: &bot.jid,
+            peer: alice,
+            spki: &phone,
+            verified: false,
+            compared: None,
+            actor: "bot-token:t1",
+        };
+        let (pin, created) = store.set_pin(&approve).await.unwrap();
+        assert!(created && !pin.verified && pin.verified_by.is_none());
+        let verify = PinChange {
+            verified: true,
+            compared: Some(&phone),
+            actor: "admin",
+            ..approve.clone()
+        };
+        let (pin, created) = store.set_pin(&verify).await.unwrap();
+        assert!(!created && pin.verified);
+        assert_eq!(pin.verified_by.as_deref(), Some("admin"));
+        assert_eq!(pin.compared, Some(phone.to_string()));
+        store.set_pin(&approve).await.unwrap();
+        assert_eq!(store.peer_pins(&bot.jid, alice).await.unwrap().len(), 2);
+
+        assert!(
+            store
+                .remove_pin(&bot.jid, alice, &laptop, "admin")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .remove_pin(&bot.jid, alice, &laptop, "admin")
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.pins(&bot.jid, alice).await.unwrap(),
+            vec![phone.clone()]
+        );
+
+        let log = store.audit_log(Some(&bot.jid), 10).await.unwrap();
+        let actions: Vec<(PinAction, &str)> = log
+            .iter()
+            .rev()
+            .map(|e| (e.action, e.actor.as_str()))
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                (PinAction::PinnedOnFirstUse, "component"),
+                (PinAction::Approved, "bot-token:t1"),
+                (PinAction::Verified, "admin"),
+                (PinAction::Unverified, "bot-token:t1"),
+                (PinAction::Removed, "admin"),
+            ]
+        );
+        assert!(log.windows(2).all(|w| w[0].seq > w[1].seq), "newest first");
+        assert_eq!(log[2].compared, Some(phone.to_string()));
+        assert!(
+            store
+                .audit_log(Some("other@bots.example.org"), 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        store.close().await;
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
     async fn bots_keys_pins_and_tunnels_round_trip() {
         let (store, dir) = temp_store().await;
         store.check_writable().await.unwrap();
@@ -250,14 +338,32 @@ pub(crate) mod tests {
         assert_eq!(loaded.info.fingerprints, id.info.fingerprints);
 
         let fp = Fingerprint::sha256(b"key");
-        store
-            .record_pin(&bot.jid, "alice@example.net", &fp, None)
-            .await
-            .unwrap();
-        store
-            .record_pin(&bot.jid, "alice@example.net", &fp, None)
-            .await
-            .unwrap();
+        let alice = "alice@example.net";
+        assert_eq!(
+            store
+                .pin_first_use(&bot.jid, alice, &fp, None)
+                .await
+                .unwrap(),
+            FirstUse::Pinned
+        );
+        assert_eq!(
+            store
+                .pin_first_use(&bot.jid, alice, &fp, None)
+                .await
+                .unwrap(),
+            FirstUse::AlreadyPinned
+        );
+        // A second key racing for the first pin loses to the one stored.
+        let late = Fingerprint::sha256(b"other device");
+        assert_eq!(
+            store
+                .pin_first_use(&bot.jid, alice, &late, None)
+                .await
+                .unwrap(),
+            FirstUse::Lost(vec![fp.clone()])
+        );
+        assert!(store.pin_seen(&bot.jid, alice, &fp, None).await.unwrap());
+        assert!(!store.pin_seen(&bot.jid, alice, &late, None).await.unwrap());
         assert_eq!(
             store.pins(&bot.jid, "alice@example.net").await.unwrap(),
             vec![fp]
@@ -355,7 +461,7 @@ pub(crate) mod tests {
         );
         // No pin is skipped: trust on first use would then pin whatever key came next.
         store
-            .record_pin(
+            .pin_first_use(
                 &bot.jid,
                 "alice@example.net",
                 &Fingerprint::sha256(b"k"),

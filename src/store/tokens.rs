@@ -35,13 +35,13 @@ impl Store {
         Ok(())
     }
 
-    /// The bot a token belongs to.
-    pub async fn token_bot(&self, token: &str) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT bot_jid FROM bot_tokens WHERE sha256 = ?")
+    /// The bot a token belongs to, and the token's id.
+    pub async fn token_bot(&self, token: &str) -> Result<Option<(String, String)>, StoreError> {
+        let row = sqlx::query("SELECT bot_jid, id FROM bot_tokens WHERE sha256 = ?")
             .bind(token_hash(token))
             .fetch_optional(self.pool())
             .await?;
-        Ok(row.map(|r| r.get(0)))
+        Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
     /// A bot's tokens (ids and creation times only).

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import time
 import urllib.parse
+import uuid
 
 import pytest
 from cryptography import x509
@@ -327,3 +328,50 @@ def test_admin_api_requires_token(component):
     assert not wrong, "routes not answering 401:\n" + "\n".join(wrong)
     status, bot = component.get(f"/v1/bots/{BOT}")
     assert status == 200, f"echo bot gone after unauthenticated requests: {status} {bot!r}"
+
+
+def test_a_changed_key_gets_in_once_approved_over_http(component, users):
+    """Trust on first use pins mallory's key; her new device's key is refused until the bot's
+    backend approves it over HTTP (a bot token), after which both keys get in; a removed key
+    is refused again; the audit log says who did what."""
+    status, made = component.post("/v1/bots", {"localpart": f"keys{uuid.uuid4().hex[:6]}", "handler": "echo"})
+    assert status == 201, made
+    bot = made["jid"]
+    status, issued = component.post(f"/v1/bots/{bot}/tokens")
+    assert status == 201, issued
+    token = issued["token"]
+    first, second = users.identity("mallory"), Identity.generate("mallory@localhost")
+    keys = f"/v1/bots/{bot}/peers/mallory@localhost/keys"
+
+    async def refused(identity):
+        async with users.client("mallory", identity=identity) as mallory:
+            with pytest.raises(XtlsError) as err:
+                await mallory.open_tunnel(bot)
+            assert (err.value.request, err.value.condition) == ("data", "not-acceptable"), err.value
+
+    async def admitted(identity, text):
+        async with users.client("mallory", identity=identity) as mallory:
+            tunnel = await mallory.open_tunnel(bot)
+            await echo_roundtrip(tunnel, text)
+            await tunnel.close()
+
+    run(admitted(first, "first use"))
+    run(refused(second))
+    new_key = spki_sha256(second.cert_der)
+    status, pin = component.request("PUT", f"{keys}/{new_key}", token=token, body={"compared": new_key})
+    assert status == 201 and pin["verified"], pin
+    run(admitted(second, "my new device"))
+    run(admitted(first, "my old device still works"))
+    old_key = spki_sha256(first.cert_der)
+    status, _ = component.request("DELETE", f"{keys}/{old_key}", token=token)
+    assert status == 204
+    run(refused(first))
+
+    status, log = component.get(f"/v1/audit?bot={urllib.parse.quote(bot)}")
+    assert status == 200, log
+    actor = f"bot-token:{issued['id']}"
+    assert [(e["action"], e["actor"], e["spki_sha256"]) for e in log["entries"]] == [
+        ("removed", actor, old_key),
+        ("verified", actor, new_key),
+        ("pinned_on_first_use", "component", old_key),
+    ]

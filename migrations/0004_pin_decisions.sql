@@ -1,0 +1,18 @@
+-- Pins people act on over the API: who verified a key, when, and the fingerprint they said
+-- they compared; and the audit log of every decision about a pin (trust on first use
+-- included), kept after the bot is deleted.
+ALTER TABLE peer_pins ADD COLUMN verified_at TEXT;
+ALTER TABLE peer_pins ADD COLUMN verified_by TEXT;   -- admin | bot-token:<id>
+ALTER TABLE peer_pins ADD COLUMN compared TEXT;      -- SPKI SHA-256 the verifier compared
+
+CREATE TABLE trust_audit (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          TEXT NOT NULL,
+    actor       TEXT NOT NULL,                   -- admin | bot-token:<id> | component
+    action      TEXT NOT NULL,                   -- pinned_on_first_use | approved | verified | unverified | removed
+    bot_jid     TEXT NOT NULL,
+    peer        TEXT NOT NULL,
+    spki_sha256 TEXT NOT NULL,
+    compared    TEXT
+);
+CREATE INDEX trust_audit_by_bot ON trust_audit (bot_jid, seq);

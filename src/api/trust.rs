@@ -1,0 +1,244 @@
+//! The keys a bot pins for its peers, managed over HTTP, and the audit log of those decisions.
+//!
+//! A bot token may manage its own bot's peers; the admin token any bot's. Every change is
+//! written to the audit log with the caller (`admin` or `bot-token:<id>`) and, when they say,
+//! the fingerprint they compared.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::bot::scoped;
+use super::openapi::{PROBLEM_JSON, Problem};
+use super::{AdminState, ApiError, Caller};
+use crate::store::{AuditEntry, PeerPin, PinChange};
+use xtls::certs::{Fingerprint, normalize_bare};
+
+/// The routes; each checks that the caller may act for the bot.
+pub fn routes() -> OpenApiRouter<AdminState> {
+    OpenApiRouter::new()
+        .routes(routes!(get_keys))
+        .routes(routes!(put_key, delete_key))
+        .routes(routes!(get_audit))
+}
+
+/// A bot and one of its peers.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[expect(
+    dead_code,
+    reason = "only the OpenAPI document reads it; handlers take the path as a tuple"
+)]
+struct PeerPath {
+    /// The bot's bare JID, or its localpart.
+    jid: String,
+    /// The peer's bare JID.
+    peer: String,
+}
+
+/// A bot, one of its peers, and one key.
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Path)]
+#[expect(
+    dead_code,
+    reason = "only the OpenAPI document reads it; handlers take the path as a tuple"
+)]
+struct KeyPath {
+    /// The bot's bare JID, or its localpart.
+    jid: String,
+    /// The peer's bare JID.
+    peer: String,
+    /// The key's SPKI SHA-256: 64 hex digits, with or without colons.
+    spki: String,
+}
+
+/// The peer's bare JID from a path, normalized; 404 for anything that is not one.
+fn peer_jid(peer: &str) -> Result<String, ApiError> {
+    normalize_bare(peer)
+        .filter(|p| p.contains('@'))
+        .ok_or_else(|| ApiError::NotFound(format!("peer {peer}")))
+}
+
+/// An SPKI SHA-256 fingerprint as people paste it: colon-separated or plain hex, any case.
+fn spki(text: &str, what: &str) -> Result<Fingerprint, ApiError> {
+    let hex: String = text.chars().filter(|c| *c != ':').collect();
+    let colon = if hex.len() == 64 && hex.is_ascii() {
+        hex.as_bytes()
+            .chunks(2)
+            .map(|pair| std::str::from_utf8(pair).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(":")
+    } else {
+        String::new()
+    };
+    Fingerprint::parse(&colon).ok_or_else(|| {
+        ApiError::Invalid(format!(
+            "{what} must be an SPKI SHA-256 fingerprint: 64 hex digits, with or without colons"
+        ))
+    })
+}
+
+/// The keys a bot holds for one peer (one per device), oldest first.
+#[utoipa::path(get, path = "/bots/{jid}/peers/{peer}/keys", tag = "trust", params(PeerPath),
+    responses(
+        (status = 200, description = "The peer's pinned keys (empty when none)", body = [PeerPin]),
+        (status = 403, description = "A bot token of another bot", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "No such bot, or not a bare JID", body = Problem, content_type = PROBLEM_JSON)))]
+async fn get_keys(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path((jid, peer)): Path<(String, String)>,
+) -> Result<Json<Vec<PeerPin>>, ApiError> {
+    let bot = scoped(&state, &caller, &jid)?;
+    let peer = peer_jid(&peer)?;
+    let store = &state.bots.shared().store;
+    Ok(Json(store.peer_pins(&bot.record.jid, &peer).await?))
+}
+
+/// A decision about a key.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct KeyDecision {
+    /// Whether someone confirmed the key out of band. Default: true when `compared` is given.
+    verified: Option<bool>,
+    /// The fingerprint the person compared (it must be this key's): recorded in the pin and
+    /// the audit log.
+    compared: Option<String>,
+}
+
+/// Pins a key for a peer (approving a new device or a replaced key), or marks a pinned key
+/// verified or unverified. Trust on first use then lets this key in, next to any other pin.
+#[utoipa::path(put, path = "/bots/{jid}/peers/{peer}/keys/{spki}", tag = "trust",
+    params(KeyPath), request_body = KeyDecision,
+    responses(
+        (status = 200, description = "The pin, changed", body = PeerPin),
+        (status = 201, description = "The pin, new", body = PeerPin),
+        (status = 403, description = "A bot token of another bot", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "No such bot, or not a bare JID", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "Not a fingerprint, or `compared` is not this key", body = Problem, content_type = PROBLEM_JSON)))]
+async fn put_key(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path((jid, peer, key)): Path<(String, String, String)>,
+    body: Result<Json<KeyDecision>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<PeerPin>), ApiError> {
+    let bot = scoped(&state, &caller, &jid)?;
+    let peer = peer_jid(&peer)?;
+    let key = spki(&key, "the key in the path")?;
+    let Json(decision) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let compared = decision
+        .compared
+        .as_deref()
+        .map(|c| spki(c, "compared"))
+        .transpose()?;
+    if compared.as_ref().is_some_and(|c| *c != key) {
+        return Err(ApiError::Invalid(
+            "the fingerprint compared is not this key's: nothing was changed".into(),
+        ));
+    }
+    let verified = decision.verified.unwrap_or(compared.is_some());
+    if compared.is_some() && !verified {
+        return Err(ApiError::Invalid(
+            "compared goes with verified: true (or leave verified out)".into(),
+        ));
+    }
+    let actor = caller.actor();
+    let change = PinChange {
+        bot: &bot.record.jid,
+        peer: &peer,
+        spki: &key,
+        verified,
+        compared: compared.as_ref(),
+        actor: &actor,
+    };
+    let (pin, created) = state.bots.shared().store.set_pin(&change).await?;
+    tracing::info!(bot = bot.record.jid, peer, spki = %key, verified, actor, "peer key set");
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(pin)))
+}
+
+/// Removes a pin: a lost or replaced device's key no longer gets in. With no pin left, trust
+/// on first use pins the peer's next key. Open tunnels are not touched.
+#[utoipa::path(delete, path = "/bots/{jid}/peers/{peer}/keys/{spki}", tag = "trust",
+    params(KeyPath),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 403, description = "A bot token of another bot", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "No such bot or pin", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "Not a fingerprint", body = Problem, content_type = PROBLEM_JSON)))]
+async fn delete_key(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path((jid, peer, key)): Path<(String, String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let bot = scoped(&state, &caller, &jid)?;
+    let peer = peer_jid(&peer)?;
+    let key = spki(&key, "the key in the path")?;
+    let actor = caller.actor();
+    let store = &state.bots.shared().store;
+    if !store
+        .remove_pin(&bot.record.jid, &peer, &key, &actor)
+        .await?
+    {
+        return Err(ApiError::NotFound(format!("pin {key} of {peer}")));
+    }
+    tracing::info!(bot = bot.record.jid, peer, spki = %key, actor, "peer key removed");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Query of `GET /v1/audit`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    /// Only this bot's decisions; a bot token sees its own bot's only.
+    bot: Option<String>,
+    /// At most this many, newest first (1 to 1000; default 100).
+    limit: Option<u32>,
+}
+
+/// A page of the audit log.
+#[derive(Serialize, ToSchema)]
+struct AuditPage {
+    /// Decisions, newest first.
+    entries: Vec<AuditEntry>,
+}
+
+/// Every decision about a pin: who, what, when, and what they said they compared.
+#[utoipa::path(get, path = "/audit", tag = "trust", params(AuditQuery),
+    responses(
+        (status = 200, description = "The decisions, newest first", body = AuditPage),
+        (status = 403, description = "A bot token asking for another bot", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "A query parameter is not valid", body = Problem, content_type = PROBLEM_JSON)))]
+async fn get_audit(
+    State(state): State<AdminState>,
+    caller: Caller,
+    query: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<AuditPage>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::Invalid("limit must be between 1 and 1000".into()));
+    }
+    let bot = match (&caller, q.bot.as_deref()) {
+        (Caller::Bot { jid, .. }, None) => Some(jid.clone()),
+        (_, Some(named)) => Some(scoped(&state, &caller, named)?.record.jid.clone()),
+        (Caller::Admin, None) => None,
+    };
+    let entries = state
+        .bots
+        .shared()
+        .store
+        .audit_log(bot.as_deref(), limit)
+        .await?;
+    Ok(Json(AuditPage { entries }))
+}

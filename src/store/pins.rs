@@ -1,0 +1,434 @@
+//! The keys bots pin for their peers, and the audit log of every decision about them.
+//!
+//! A peer (bare JID) may hold several pins on one bot: one per device or key. Trust on first
+//! use pins a key only while the peer has none, in one statement, so two handshakes that
+//! race for the first pin cannot both win. Whoever changes a pin over the API (approves,
+//! verifies, removes a key) is written to `trust_audit` in the same transaction.
+
+use serde::Serialize;
+use sqlx::Row;
+
+use super::{Store, StoreError, now};
+use xtls::certs::Fingerprint;
+
+/// A pinned peer key.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct PeerPin {
+    /// The peer's bare JID.
+    pub peer: String,
+    /// SPKI SHA-256, colon hex.
+    pub spki_sha256: String,
+    /// Whether someone confirmed the key out of band.
+    pub verified: bool,
+    /// When the key was first seen (or pinned over the API).
+    pub first_seen: String,
+    /// When the key was last seen in a handshake.
+    pub last_seen: String,
+    /// When it was verified.
+    pub verified_at: Option<String>,
+    /// Who verified it: `admin` or `bot-token:<id>`.
+    pub verified_by: Option<String>,
+    /// The fingerprint the verifier said they compared.
+    pub compared: Option<String>,
+}
+
+/// What trust on first use did with a key that no pin matched when the handshake began.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirstUse {
+    /// The peer had no pin: this key is pinned now.
+    Pinned,
+    /// The key was pinned meanwhile (an earlier handshake of the same key): seen again.
+    AlreadyPinned,
+    /// Another key was pinned first: these are the peer's pins, and this key is not one.
+    Lost(Vec<Fingerprint>),
+}
+
+/// A change to a pin made over the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PinAction {
+    /// A key pinned because it was the peer's first (trust on first use).
+    PinnedOnFirstUse,
+    /// A key pinned, not verified, by someone.
+    Approved,
+    /// A key pinned or marked verified by someone who compared it.
+    Verified,
+    /// A verified key marked unverified again.
+    Unverified,
+    /// A pin removed.
+    Removed,
+}
+
+impl PinAction {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinAction::PinnedOnFirstUse => "pinned_on_first_use",
+            PinAction::Approved => "approved",
+            PinAction::Verified => "verified",
+            PinAction::Unverified => "unverified",
+            PinAction::Removed => "removed",
+        }
+    }
+}
+
+impl std::str::FromStr for PinAction {
+    type Err = xtls::UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            PinAction::PinnedOnFirstUse,
+            PinAction::Approved,
+            PinAction::Verified,
+            PinAction::Unverified,
+            PinAction::Removed,
+        ]
+        .into_iter()
+        .find(|a| a.as_str() == s)
+        .ok_or_else(|| xtls::UnknownName {
+            kind: "pin action",
+            value: s.to_owned(),
+        })
+    }
+}
+
+/// One trust decision, as the audit log keeps it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct AuditEntry {
+    /// Position in the log, increasing.
+    pub seq: i64,
+    /// When.
+    pub at: String,
+    /// Who: `admin`, `bot-token:<id>`, or `component` for trust on first use.
+    pub actor: String,
+    /// What.
+    pub action: PinAction,
+    /// The bot.
+    pub bot: String,
+    /// The peer's bare JID.
+    pub peer: String,
+    /// The key, SPKI SHA-256.
+    pub spki_sha256: String,
+    /// The fingerprint the actor said they compared, if any.
+    pub compared: Option<String>,
+}
+
+/// A pin to set over the API.
+#[derive(Debug, Clone)]
+pub struct PinChange<'a> {
+    /// The bot.
+    pub bot: &'a str,
+    /// The peer's bare JID.
+    pub peer: &'a str,
+    /// The key.
+    pub spki: &'a Fingerprint,
+    /// Verified (someone compared it) or merely approved.
+    pub verified: bool,
+    /// The fingerprint the actor compared, when they say.
+    pub compared: Option<&'a Fingerprint>,
+    /// Who: `admin` or `bot-token:<id>`.
+    pub actor: &'a str,
+}
+
+const PIN_COLUMNS: &str =
+    "peer, spki_sha256, verified, first_seen, last_seen, verified_at, verified_by, compared";
+
+impl Store {
+    /// The SPKI pins a bot holds for a peer bare JID.
+    pub async fn pins(&self, bot: &str, peer: &str) -> Result<Vec<Fingerprint>, StoreError> {
+        let rows = sqlx::query("SELECT spki_sha256 FROM peer_pins WHERE bot_jid = ? AND peer = ?")
+            .bind(bot)
+            .bind(peer)
+            .fetch_all(&self.pool)
+            .await?;
+        // An unreadable pin is an error, never skipped: without it, trust on first use would
+        // pin whatever key came next.
+        rows.iter()
+            .map(|r| {
+                let stored: &str = r.try_get("spki_sha256")?;
+                Fingerprint::parse(stored).ok_or_else(|| {
+                    StoreError::Unreadable(format!("pin '{stored}' of {peer} is not a fingerprint"))
+                })
+            })
+            .collect()
+    }
+
+    /// Pins `spki` for `peer` only if the peer has no pin yet (trust on first use), in one
+    /// statement; says what happened.
+    pub async fn pin_first_use(
+        &self,
+        bot: &str,
+        peer: &str,
+        spki: &Fingerprint,
+        cert_der: Option<&[u8]>,
+    ) -> Result<FirstUse, StoreError> {
+        let (at, key) = (now(), spki.to_string());
+        let mut tx = self.writer.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO peer_pins (bot_jid, peer, spki_sha256, cert_der, first_seen, last_seen) \
+             SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS \
+             (SELECT 1 FROM peer_pins WHERE bot_jid = ? AND peer = ?)",
+        )
+        .bind(bot)
+        .bind(peer)
+        .bind(&key)
+        .bind(cert_der)
+        .bind(&at)
+        .bind(&at)
+        .bind(bot)
+        .bind(peer)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted {
+            audit(
+                &mut tx,
+                &at,
+                "component",
+                PinAction::PinnedOnFirstUse,
+                bot,
+                peer,
+                &key,
+                None,
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(FirstUse::Pinned);
+        }
+        let seen = sqlx::query(
+            "UPDATE peer_pins SET last_seen = ? WHERE bot_jid = ? AND peer = ? AND spki_sha256 = ?",
+        )
+        .bind(&at)
+        .bind(bot)
+        .bind(peer)
+        .bind(&key)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        tx.commit().await?;
+        if seen {
+            Ok(FirstUse::AlreadyPinned)
+        } else {
+            Ok(FirstUse::Lost(self.pins(bot, peer).await?))
+        }
+    }
+
+    /// Notes that a pinned key was presented again (and its certificate, when there is one);
+    /// `false` when the pin is gone (removed over the API meanwhile).
+    pub async fn pin_seen(
+        &self,
+        bot: &str,
+        peer: &str,
+        spki: &Fingerprint,
+        cert_der: Option<&[u8]>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE peer_pins SET last_seen = ?, cert_der = COALESCE(?, cert_der) \
+             WHERE bot_jid = ? AND peer = ? AND spki_sha256 = ?",
+        )
+        .bind(now())
+        .bind(cert_der)
+        .bind(bot)
+        .bind(peer)
+        .bind(spki.to_string())
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The peers a bot knows, with their pins.
+    pub async fn list_pins(&self, bot: &str) -> Result<Vec<PeerPin>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PIN_COLUMNS} FROM peer_pins WHERE bot_jid = ? ORDER BY peer, first_seen"
+        ))
+        .bind(bot)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(pin_from_row).collect()
+    }
+
+    /// One peer's pins on a bot, oldest first.
+    pub async fn peer_pins(&self, bot: &str, peer: &str) -> Result<Vec<PeerPin>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {PIN_COLUMNS} FROM peer_pins WHERE bot_jid = ? AND peer = ? ORDER BY first_seen"
+        ))
+        .bind(bot)
+        .bind(peer)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(pin_from_row).collect()
+    }
+
+    /// Pins a key, or changes whether it is verified, and audits it; returns the pin and
+    /// whether it is new.
+    pub async fn set_pin(&self, change: &PinChange<'_>) -> Result<(PeerPin, bool), StoreError> {
+        let (at, key) = (now(), change.spki.to_string());
+        let compared = change.compared.map(ToString::to_string);
+        let mut tx = self.writer.begin().await?;
+        let before = sqlx::query(
+            "SELECT verified FROM peer_pins WHERE bot_jid = ? AND peer = ? AND spki_sha256 = ?",
+        )
+        .bind(change.bot)
+        .bind(change.peer)
+        .bind(&key)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(|r| r.get::<bool, _>(0));
+        let (verified_at, verified_by) = if change.verified {
+            (Some(at.as_str()), Some(change.actor))
+        } else {
+            (None, None)
+        };
+        sqlx::query(
+            "INSERT INTO peer_pins (bot_jid, peer, spki_sha256, verified, first_seen, last_seen, verified_at, verified_by, compared) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (bot_jid, peer, spki_sha256) DO UPDATE SET verified = excluded.verified, \
+             verified_at = excluded.verified_at, verified_by = excluded.verified_by, compared = excluded.compared",
+        )
+        .bind(change.bot)
+        .bind(change.peer)
+        .bind(&key)
+        .bind(change.verified)
+        .bind(&at)
+        .bind(&at)
+        .bind(verified_at)
+        .bind(verified_by)
+        .bind(&compared)
+        .execute(&mut *tx)
+        .await?;
+        let action = match (before, change.verified) {
+            (_, true) => PinAction::Verified,
+            (Some(true), false) => PinAction::Unverified,
+            (_, false) => PinAction::Approved,
+        };
+        audit(
+            &mut tx,
+            &at,
+            change.actor,
+            action,
+            change.bot,
+            change.peer,
+            &key,
+            compared.as_deref(),
+        )
+        .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {PIN_COLUMNS} FROM peer_pins WHERE bot_jid = ? AND peer = ? AND spki_sha256 = ?"
+        ))
+        .bind(change.bot)
+        .bind(change.peer)
+        .bind(&key)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((pin_from_row(&row)?, before.is_none()))
+    }
+
+    /// Removes a pin and audits it; `false` when there was none.
+    pub async fn remove_pin(
+        &self,
+        bot: &str,
+        peer: &str,
+        spki: &Fingerprint,
+        actor: &str,
+    ) -> Result<bool, StoreError> {
+        let (at, key) = (now(), spki.to_string());
+        let mut tx = self.writer.begin().await?;
+        let removed =
+            sqlx::query("DELETE FROM peer_pins WHERE bot_jid = ? AND peer = ? AND spki_sha256 = ?")
+                .bind(bot)
+                .bind(peer)
+                .bind(&key)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                == 1;
+        if removed {
+            audit(
+                &mut tx,
+                &at,
+                actor,
+                PinAction::Removed,
+                bot,
+                peer,
+                &key,
+                None,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(removed)
+    }
+
+    /// The audit log, newest first: one bot's entries, or every bot's.
+    pub async fn audit_log(
+        &self,
+        bot: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, at, actor, action, bot_jid, peer, spki_sha256, compared FROM trust_audit \
+             WHERE ? IS NULL OR bot_jid = ? ORDER BY seq DESC LIMIT ?",
+        )
+        .bind(bot)
+        .bind(bot)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    seq: r.try_get("seq")?,
+                    at: r.try_get("at")?,
+                    actor: r.try_get("actor")?,
+                    action: super::named(r, "action")?,
+                    bot: r.try_get("bot_jid")?,
+                    peer: r.try_get("peer")?,
+                    spki_sha256: r.try_get("spki_sha256")?,
+                    compared: r.try_get("compared")?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn audit(
+    tx: &mut sqlx::SqliteConnection,
+    at: &str,
+    actor: &str,
+    action: PinAction,
+    bot: &str,
+    peer: &str,
+    spki: &str,
+    compared: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO trust_audit (at, actor, action, bot_jid, peer, spki_sha256, compared) VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(at)
+    .bind(actor)
+    .bind(action.as_str())
+    .bind(bot)
+    .bind(peer)
+    .bind(spki)
+    .bind(compared)
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+fn pin_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<PeerPin, StoreError> {
+    Ok(PeerPin {
+        peer: r.try_get("peer")?,
+        spki_sha256: r.try_get("spki_sha256")?,
+        verified: r.try_get("verified")?,
+        first_seen: r.try_get("first_seen")?,
+        last_seen: r.try_get("last_seen")?,
+        verified_at: r.try_get("verified_at")?,
+        verified_by: r.try_get("verified_by")?,
+        compared: r.try_get("compared")?,
+    })
+}
