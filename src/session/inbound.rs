@@ -7,6 +7,8 @@ use tokio::time::Instant;
 use crate::config::Handler;
 use crate::delivery::event::BotEvent;
 use crate::store::StoreError;
+use xmpp_parsers::data_forms::{DataForm, DataFormType, Field};
+use xtls::certs::BotIdentity;
 use xtls::stanza::xtls::XtlsElement;
 use xtls::stanza::{DefinedCondition, ErrorType, Iq, IqType, error_reply, name, ns};
 use xtls::tunnel::{
@@ -163,7 +165,7 @@ impl BotDriver {
                     && p.is("query", ns::DISCO_INFO)
                     && p.attr("node").is_none() =>
             {
-                iq.result(Some(bot_disco_info()))
+                iq.result(Some(bot_disco_info(&self.creds.identity)))
             }
             Some(p) if iq.type_ == IqType::Get && p.is("ping", ns::PING) => iq.result(None),
             Some(_) => iq.error(ErrorType::Cancel, DefinedCondition::ServiceUnavailable, ""),
@@ -287,8 +289,9 @@ pub(super) fn echo(stanza: &Element) -> Option<Element> {
     }
 }
 
-/// disco#info of a bot (spec §1.4).
-pub fn bot_disco_info() -> Element {
+/// disco#info of a bot (spec §1.4), with its certificate's fingerprints in an extended
+/// information form (XEP-0128), so a client can show them before opening a tunnel.
+pub fn bot_disco_info(identity: &BotIdentity) -> Element {
     let mut q = Element::bare("query", ns::DISCO_INFO);
     q.append_child(
         Element::builder("identity", ns::DISCO_INFO)
@@ -303,6 +306,17 @@ pub fn bot_disco_info() -> Element {
                 .build(),
         );
     }
+    let prints = &identity.info.fingerprints;
+    let form = DataForm::new(
+        DataFormType::Result_,
+        ns::XTLS,
+        vec![
+            Field::text_single("spki-sha256", &prints.spki_sha256.to_string()),
+            Field::text_single("cert-sha256", &prints.cert_sha256.to_string()),
+            Field::text_single("not-after", &identity.info.not_after),
+        ],
+    );
+    q.append_child(form.into());
     q
 }
 
@@ -329,8 +343,19 @@ mod tests {
     }
 
     #[test]
-    fn disco_lists_the_xtls_feature() {
-        let q = bot_disco_info();
+    fn disco_lists_the_xtls_feature_and_the_fingerprints() {
+        let identity = BotIdentity::generate("echo@bots.example.org").unwrap();
+        let q = bot_disco_info(&identity);
         assert!(q.children().any(|c| c.attr("var") == Some(ns::XTLS)));
+        let form = DataForm::try_from(q.get_child("x", "jabber:x:data").unwrap().clone()).unwrap();
+        assert_eq!(form.form_type(), Some(ns::XTLS));
+        let value = |var: &str| {
+            let field = form.fields.iter().find(|f| f.var.as_deref() == Some(var)).unwrap();
+            field.values[0].clone()
+        };
+        let prints = &identity.info.fingerprints;
+        assert_eq!(value("spki-sha256"), prints.spki_sha256.to_string());
+        assert_eq!(value("cert-sha256"), prints.cert_sha256.to_string());
+        assert_eq!(value("not-after"), identity.info.not_after);
     }
 }

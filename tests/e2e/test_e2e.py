@@ -206,13 +206,19 @@ def test_changed_key_is_refused_under_tofu(component, users):
 
 
 def test_bot_answers_disco_and_presence(component, users):
-    """disco#info lists XTLS (spec §1.4); other IQs get service-unavailable; a subscriber sees the bot online."""
+    """disco#info lists XTLS (spec §1.4) and the bot's fingerprints; other IQs get
+    service-unavailable; a subscriber sees the bot online."""
 
     async def scenario():
         async with users.client("bob") as bob:
             reply = await bob.send_raw_iq(BOT, "<query xmlns='http://jabber.org/protocol/disco#info'/>", itype="get")
             assert reply.condition == "result", reply
             assert "urn:xmpp:tmp:xtls" in reply.xml, reply.xml
+            # The bot's fingerprint in-band (XEP-0128 form), as the admin API shows it.
+            _, bot = component.get(f"/v1/bots/{BOT}")
+            spki = bot["fingerprints"]["spki_sha256"]
+            assert f"<field var=\"spki-sha256\"" in reply.xml.replace("'", '"'), reply.xml
+            assert spki in reply.xml, reply.xml
             reply = await bob.send_raw_iq(BOT, "<query xmlns='jabber:iq:version'/>", itype="get")
             assert (reply.condition, reply.error_type) == ("service-unavailable", "cancel"), reply
             loop = asyncio.get_running_loop()
