@@ -626,19 +626,34 @@ fn sources(path: Option<&Path>) -> Result<Figment, ConfigError> {
     Ok(figment.merge(env))
 }
 
+/// One key of a configuration (file and environment), without requiring or validating the
+/// rest: what the offline subcommands need. `None` when it is not set.
+pub fn single_key<T: serde::de::DeserializeOwned>(
+    path: Option<&Path>,
+    key: &str,
+) -> Result<Option<T>, ConfigError> {
+    let figment = sources(path)?;
+    if !figment.contains(key) {
+        return Ok(None);
+    }
+    figment
+        .extract_inner::<T>(key)
+        .map(Some)
+        .map_err(|e| ConfigError::Parse(Box::new(e)))
+}
+
+/// The store URL of a configuration, or the default.
+pub fn store_url(path: Option<&Path>) -> Result<String, ConfigError> {
+    Ok(single_key(path, "store.url")?.unwrap_or_else(default_store_url))
+}
+
 /// The admin listener of a configuration (file and environment) and whether it serves
 /// HTTPS, without requiring the rest of it: what `healthcheck` needs inside a container that
 /// has no secrets in its environment.
 pub fn admin_endpoint(path: Option<&Path>) -> Result<(SocketAddr, bool), ConfigError> {
-    let figment = sources(path)?;
-    let https = figment.contains("admin.tls");
-    if !figment.contains("admin.listen") {
-        return Ok((default_admin_listen(), https));
-    }
-    figment
-        .extract_inner::<SocketAddr>("admin.listen")
-        .map(|listen| (listen, https))
-        .map_err(|e| ConfigError::Parse(Box::new(e)))
+    let listen = single_key(path, "admin.listen")?.unwrap_or_else(default_admin_listen);
+    let https = sources(path)?.contains("admin.tls");
+    Ok((listen, https))
 }
 
 impl Config {

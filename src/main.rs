@@ -32,6 +32,20 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Print a bot's certificate fingerprints from the store, to compare out of band (works
+    /// while the component runs, and without its secrets).
+    ///
+    /// Example: xtls-component fingerprint --config /etc/xtls-component.toml weather
+    Fingerprint {
+        /// The bot's bare JID, or its localpart.
+        jid: String,
+        /// The TOML configuration file (read for `store.url` and `component.domain` only).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// One JSON object instead of lines for a person.
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask a running instance's /healthz; exit 0 when it answers 200 (for container health checks).
     Healthcheck {
         /// The admin address to ask; by default `admin.listen` of the configuration.
@@ -126,6 +140,7 @@ fn main() -> ExitCode {
             init_logging(LogFormat::Text, None);
             return healthcheck(addr, https, config, timeout);
         }
+        Command::Fingerprint { jid, config, json } => return fingerprint(&jid, config, json),
     };
     let config = match Config::load(config_path.as_deref()) {
         Ok(config) => config,
@@ -197,6 +212,79 @@ fn healthcheck(
             ExitCode::FAILURE
         }
     }
+}
+
+/// `fingerprint`: a bot's fingerprints and validity, read from the store.
+fn fingerprint(jid: &str, config: Option<PathBuf>, json: bool) -> ExitCode {
+    use xtls_component::config::{single_key, store_url};
+    let target = (|| {
+        let url = store_url(config.as_deref())?;
+        let domain: Option<String> = single_key(config.as_deref(), "component.domain")?;
+        Ok::<_, xtls_component::config::ConfigError>((url, domain))
+    })();
+    let (url, domain) = match target {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("xtls-component: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let jid = match (jid.contains('@'), domain) {
+        (true, _) => jid.to_owned(),
+        (false, Some(domain)) => format!("{jid}@{domain}"),
+        (false, None) => {
+            eprintln!(
+                "xtls-component: '{jid}' is a localpart and no component.domain is configured: give the bot's bare JID"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let Some(jid) = xtls::certs::normalize_bare(&jid) else {
+        eprintln!("xtls-component: '{jid}' is not a bare JID");
+        return ExitCode::from(2);
+    };
+    let read = async {
+        let store = xtls_component::store::Store::open_existing(&url).await?;
+        let identity = store.load_identity(&jid).await;
+        store.close().await;
+        identity
+    };
+    let identity = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.block_on(read).map_err(|e| e.to_string()))
+    {
+        Ok(identity) => identity,
+        Err(e) => {
+            eprintln!(
+                "xtls-component: cannot read {jid} from the store {url} (is --config right?): {e}"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let (prints, info) = (&identity.info.fingerprints, &identity.info);
+    if json {
+        let out = serde_json::json!({
+            "jid": jid,
+            "spki_sha256": prints.spki_sha256.to_string(),
+            "cert_sha256": prints.cert_sha256.to_string(),
+            "cert_sha1": prints.cert_sha1.to_string(),
+            "not_before": info.not_before,
+            "not_after": info.not_after,
+        });
+        println!("{out}");
+    } else {
+        println!("{jid}");
+        println!("  key (SPKI SHA-256):  {}", prints.spki_sha256);
+        println!("  certificate SHA-256: {}", prints.cert_sha256);
+        println!("  certificate SHA-1:   {}", prints.cert_sha1);
+        println!(
+            "  valid:               {} to {}",
+            info.not_before, info.not_after
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -350,7 +350,11 @@ mod tests {
         let form = DataForm::try_from(q.get_child("x", "jabber:x:data").unwrap().clone()).unwrap();
         assert_eq!(form.form_type(), Some(ns::XTLS));
         let value = |var: &str| {
-            let field = form.fields.iter().find(|f| f.var.as_deref() == Some(var)).unwrap();
+            let field = form
+                .fields
+                .iter()
+                .find(|f| f.var.as_deref() == Some(var))
+                .unwrap();
             field.values[0].clone()
         };
         let prints = &identity.info.fingerprints;

@@ -118,8 +118,18 @@ async fn writer_is_clean(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx
 impl Store {
     /// Opens (creating when missing) and migrates the database.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
+        Self::connect(url, true).await
+    }
+
+    /// Opens an existing database (an error when there is none) and migrates it: for the
+    /// offline commands, which must not leave an empty store behind a mistyped path.
+    pub async fn open_existing(url: &str) -> Result<Store, StoreError> {
+        Self::connect(url, false).await
+    }
+
+    async fn connect(url: &str, create: bool) -> Result<Store, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
+            .create_if_missing(create)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)

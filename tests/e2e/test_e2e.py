@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
+import subprocess
 import time
 import urllib.parse
 import uuid
@@ -19,6 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from component import binary_path
 from conftest import BOT, run
 from xtls_client import Identity, XtlsError, cert_sha256, spki_sha256, xmpp_addrs
 
@@ -381,3 +385,20 @@ def test_a_changed_key_gets_in_once_approved_over_http(component, users):
         ("verified", actor, new_key),
         ("pinned_on_first_use", "component", old_key),
     ]
+
+
+def test_the_fingerprint_subcommand_prints_what_the_api_shows(component):
+    """`xtls-component fingerprint` reads the store offline, beside the running component."""
+    _, bot = component.get(f"/v1/bots/{BOT}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XTLS_")}
+    command = [str(binary_path()), "fingerprint", "--config", str(component.config_path)]
+    done = subprocess.run([*command, "echo", "--json"], capture_output=True, text=True, timeout=30, env=env)
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["jid"] == BOT
+    for key in ("spki_sha256", "cert_sha256", "cert_sha1"):
+        assert printed[key] == bot["fingerprints"][key], key
+    person = subprocess.run([*command, BOT], capture_output=True, text=True, timeout=30, env=env)
+    assert person.returncode == 0 and bot["fingerprints"]["spki_sha256"] in person.stdout, person
+    missing = subprocess.run([*command, "nobody"], capture_output=True, text=True, timeout=30, env=env)
+    assert missing.returncode == 1 and "nobody@" in missing.stderr, missing
