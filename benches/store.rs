@@ -95,7 +95,7 @@ fn bot_record() -> BotRecord {
         localpart: "weather".into(),
         handler: xtls_component::config::Handler::Api,
         peer_auth: xtls::tunnel::PeerAuth::Required,
-        trust: xtls::tunnel::TrustMode::Tofu,
+        trust: xtls_component::config::BotTrust::Tofu,
         encrypted_only: false,
         created_at: now(),
     }

@@ -16,3 +16,7 @@ CREATE TABLE trust_audit (
     compared    TEXT
 );
 CREATE INDEX trust_audit_by_bot ON trust_audit (bot_jid, seq);
+
+-- The trust mode `pinned` is now called `manual` (only keys someone approved get in); a new
+-- mode `verified_only` accepts only keys someone verified. Old rows are renamed.
+UPDATE bots SET trust = 'manual' WHERE trust = 'pinned';

@@ -579,6 +579,61 @@ impl std::str::FromStr for Handler {
     }
 }
 
+/// Which peer keys a bot accepts (stored by name; `pinned`, the earlier name of `manual`, is
+/// read as `manual`).
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum BotTrust {
+    /// Trust on first use: a peer's first key is pinned, unverified; another key is refused
+    /// (`peer.identity_changed`) until someone approves it.
+    #[default]
+    Tofu,
+    /// Only keys someone approved or verified over the API; an unknown key is refused and
+    /// reported (`peer.identity_new` with `accepted: false`).
+    #[serde(alias = "pinned")]
+    Manual,
+    /// Only keys someone verified (compared out of band, or paired).
+    VerifiedOnly,
+}
+
+impl BotTrust {
+    /// The config, store and API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BotTrust::Tofu => "tofu",
+            BotTrust::Manual => "manual",
+            BotTrust::VerifiedOnly => "verified_only",
+        }
+    }
+
+    /// The engine's mode: trust on first use, or listed keys only.
+    pub fn engine_mode(self) -> TrustMode {
+        match self {
+            BotTrust::Tofu => TrustMode::Tofu,
+            BotTrust::Manual | BotTrust::VerifiedOnly => TrustMode::Pinned,
+        }
+    }
+}
+
+impl std::str::FromStr for BotTrust {
+    type Err = xtls::UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pinned" => Ok(BotTrust::Manual),
+            _ => [BotTrust::Tofu, BotTrust::Manual, BotTrust::VerifiedOnly]
+                .into_iter()
+                .find(|t| t.as_str() == s)
+                .ok_or_else(|| xtls::UnknownName {
+                    kind: "trust mode",
+                    value: s.to_owned(),
+                }),
+        }
+    }
+}
+
 /// `[[bots]]`: a bot created at start when missing.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -590,9 +645,9 @@ pub struct BotConfig {
     /// Whether peers must present a certificate.
     #[serde(default)]
     pub peer_auth: PeerAuth,
-    /// How peers' keys are trusted.
+    /// Which peers' keys are accepted.
     #[serde(default)]
-    pub trust: TrustMode,
+    pub trust: BotTrust,
     /// Refuse messages sent in clear, telling the sender to use XTLS (default: deliver them
     /// to the bot marked as not encrypted).
     #[serde(default)]

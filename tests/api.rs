@@ -330,7 +330,8 @@ async fn bots_are_created_read_and_deleted() {
     assert_eq!(a.body["jid"], "weather@bots.example.org");
     assert_eq!(
         (&a.body["handler"], &a.body["peer_auth"], &a.body["trust"]),
-        (&json!("echo"), &json!("required"), &json!("pinned"))
+        (&json!("echo"), &json!("required"), &json!("manual")),
+        "`pinned` is the earlier name of `manual`"
     );
     let spki = a.body["fingerprints"]["spki_sha256"]
         .as_str()
@@ -414,6 +415,8 @@ async fn bots_are_created_read_and_deleted() {
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (json!({"handler": "api"}), StatusCode::UNPROCESSABLE_ENTITY),
+        (json!({}), StatusCode::UNPROCESSABLE_ENTITY),
+        (json!({"trust": "ca"}), StatusCode::UNPROCESSABLE_ENTITY),
     ] {
         is_problem(
             &api.admin(Method::PATCH, "/v1/bots/weather", Some(body))
@@ -443,6 +446,18 @@ async fn bots_are_created_read_and_deleted() {
     );
     let a = api.admin(Method::GET, "/v1/bots/weather", None).await;
     assert_eq!(a.body["encrypted_only"], true);
+    // The trust mode alone: the clear-text policy stays.
+    let a = api
+        .admin(
+            Method::PATCH,
+            "/v1/bots/weather",
+            Some(json!({"trust": "verified_only"})),
+        )
+        .await;
+    assert_eq!(
+        (a.status, &a.body["trust"], &a.body["encrypted_only"]),
+        (StatusCode::OK, &json!("verified_only"), &json!(true))
+    );
     let clear: Element = "<message xmlns='jabber:client' type='chat' id='p1' \
         from='alice@example.net/phone' to='weather@bots.example.org'><body>hi</body></message>"
         .parse()

@@ -32,7 +32,7 @@ use serde_json::Value;
 use tokio::runtime::Runtime;
 use tokio::sync::{mpsc, watch};
 use tower::ServiceExt as _;
-use xtls::tunnel::{PeerAuth, TrustMode, TunnelConfig};
+use xtls::tunnel::{PeerAuth, TunnelConfig};
 use xtls_component::api::AllowedHosts;
 use xtls_component::api::{AdminState, app};
 use xtls_component::config::{
@@ -82,7 +82,7 @@ fn fixture() -> &'static Fixture {
                 localpart: "fuzz".into(),
                 handler: Handler::Echo,
                 peer_auth: PeerAuth::Required,
-                trust: TrustMode::Tofu,
+                trust: xtls_component::config::BotTrust::Tofu,
                 encrypted_only: false,
             })
             .await

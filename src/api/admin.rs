@@ -10,10 +10,11 @@ use utoipa_axum::routes;
 
 use super::openapi::{BotPath, PROBLEM_JSON, Problem, TunnelPath};
 use super::{AdminState, ApiError, json_body};
+use crate::config::BotTrust;
 use crate::config::Handler;
-use crate::session::{BotHandle, NewBot};
+use crate::session::{BotHandle, NewBot, PolicyChange};
 use crate::store::{TunnelFilter, TunnelId, TunnelRecord};
-use xtls::tunnel::{PeerAuth, TrustMode};
+use xtls::tunnel::PeerAuth;
 
 /// The operator's routes (admin token only), with their OpenAPI entries.
 pub(super) fn routes() -> OpenApiRouter<AdminState> {
@@ -38,7 +39,7 @@ pub struct BotView {
     /// Whether peers must present a certificate.
     peer_auth: PeerAuth,
     /// How peer keys are trusted.
-    trust: TrustMode,
+    trust: BotTrust,
     /// Whether messages sent in clear are refused.
     encrypted_only: bool,
     /// When it was created (RFC 3339).
@@ -133,7 +134,7 @@ struct CreateBot {
     peer_auth: PeerAuth,
     /// How peers' keys become trusted; default `tofu`.
     #[serde(default)]
-    trust: TrustMode,
+    trust: BotTrust,
     /// Refuse messages sent in clear, telling the sender to use XTLS; default `false`
     /// (they reach the bot marked as not encrypted).
     #[serde(default)]
@@ -201,10 +202,12 @@ async fn delete_bot(
 struct PatchBot {
     /// Refuse messages sent in clear (`policy-violation`), or deliver them marked
     /// `encrypted: false`.
-    encrypted_only: bool,
+    encrypted_only: Option<bool>,
+    /// Which peer keys are accepted, from the next tunnel on.
+    trust: Option<BotTrust>,
 }
 
-/// Changes a running bot's settings; its tunnels are not touched.
+/// Changes a running bot's settings; open tunnels are not touched, new ones follow them.
 #[utoipa::path(patch, path = "/bots/{jid}", tag = "bots", params(BotPath), request_body = PatchBot,
     responses(
     (status = 200, description = "The bot as it is now", body = BotView),
@@ -217,11 +220,16 @@ async fn patch_bot(
 ) -> Result<Json<BotView>, ApiError> {
     let bot = find_bot(&state, &jid)?;
     let body = json_body(body)?;
-    match state
-        .bots
-        .set_encrypted_only(&bot.record.jid, body.encrypted_only)
-        .await?
-    {
+    if body.encrypted_only.is_none() && body.trust.is_none() {
+        return Err(ApiError::Invalid(
+            "name what to change: encrypted_only, trust or both".into(),
+        ));
+    }
+    let change = PolicyChange {
+        encrypted_only: body.encrypted_only,
+        trust: body.trust,
+    };
+    match state.bots.set_policy(&bot.record.jid, change).await? {
         Some(bot) => Ok(Json(bot_view(&bot))),
         None => Err(ApiError::NotFound(format!("bot {jid}"))),
     }

@@ -117,13 +117,17 @@ pub enum BotEvent {
         /// Why, as a stable code.
         code: String,
     },
-    /// A peer's first key was pinned (trust on first use).
+    /// A key the bot had not accepted before: pinned on first use (`accepted`), or refused
+    /// until someone approves it (`manual`) or verifies it (`verified_only`).
     #[serde(rename = "peer.identity_new")]
     PeerIdentityNew {
         /// The peer's bare JID.
         peer: String,
-        /// SPKI SHA-256 of the key now pinned.
+        /// SPKI SHA-256 of the key.
         spki_sha256: Option<String>,
+        /// Whether the key got in: `true` when pinned on first use, `false` when the tunnel
+        /// was refused and the key waits for a decision (`PUT .../keys/{spki}`).
+        accepted: bool,
     },
     /// A peer presented a key other than the ones pinned for it; the tunnel was refused.
     #[serde(rename = "peer.identity_changed")]

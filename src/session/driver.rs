@@ -11,15 +11,13 @@ use minidom::Element;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::config::Handler;
+use crate::config::{BotTrust, Handler};
 use crate::delivery::event::BotEvent;
 use crate::store::MessageStatus;
 use crate::store::{BotRecord, NewEvent, StoreError, TunnelId, TunnelRecord};
 use xtls::stanza::xtls::XtlsElement;
 use xtls::stanza::{IqType, build_iq, name, ns};
-use xtls::tunnel::{
-    BotCredentials, CloseReason, PeerAuth, State, TrustMode, Tunnel, TunnelKey, bare,
-};
+use xtls::tunnel::{BotCredentials, CloseReason, PeerAuth, State, Tunnel, TunnelKey, bare};
 
 use super::Shared;
 use super::events::refuse_ack;
@@ -83,7 +81,7 @@ pub(super) struct BotDriver {
     /// Messages the bot sends.
     pub(super) out: outbound::Outbound,
     pub(super) peer_auth: PeerAuth,
-    pub(super) trust: TrustMode,
+    pub(super) trust: BotTrust,
     pub(super) creds: BotCredentials,
     pub(super) rx: mpsc::Receiver<BotCommand>,
     pub(super) shared: Arc<Shared>,
@@ -410,12 +408,14 @@ impl BotDriver {
             }
             BotCommand::Submit(msg, reply) => self.submit(*msg, Some(reply)).await,
             BotCommand::Open(peer, reply) => self.open_to(peer, reply).await,
-            BotCommand::SetEncryptedOnly(on, done) => {
-                self.bot.encrypted_only = on;
+            BotCommand::SetPolicy(policy, done) => {
+                self.bot.encrypted_only = policy.encrypted_only;
+                self.trust = policy.trust;
                 tracing::info!(
                     bot = self.bot.jid,
-                    encrypted_only = on,
-                    "clear-text policy set"
+                    encrypted_only = policy.encrypted_only,
+                    trust = policy.trust.as_str(),
+                    "policy set"
                 );
                 let _ = done.send(());
             }

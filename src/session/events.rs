@@ -6,9 +6,10 @@ use std::sync::atomic::Ordering;
 use minidom::Element;
 use tokio::time::Instant;
 
-use crate::config::Handler;
+use crate::config::{BotTrust, Handler};
 use crate::delivery::event::{BotEvent, FailStage, Identity};
 use crate::store::{FirstUse, PeerIdentityRecord};
+use xtls::certs::Fingerprint;
 use xtls::stanza::{DefinedCondition, ErrorType, error_reply, name, ns};
 use xtls::tunnel::{CloseReason, Event, State, TrustVerdict, TunnelKey, VerifyError, bare};
 
@@ -73,6 +74,7 @@ impl BotDriver {
                             let new = BotEvent::PeerIdentityNew {
                                 peer: peer_bare.to_owned(),
                                 spki_sha256: record.peer_identity.spki_sha256.clone(),
+                                accepted: true,
                             };
                             self.log(None, new.into_row(id, peer));
                         }
@@ -132,31 +134,86 @@ impl BotDriver {
                 };
                 let ended = BotEvent::ended(&reason, r.established_at.is_some(), stage)
                     .into_row(Some(r.id.clone()), Some(key.peer.clone()));
-                let changed = reason.identity_change();
                 if r.established_at.is_none() {
                     self.shared.metrics.opened(r.role.as_str(), false);
                 }
-                if changed.is_some() {
+                let refused = self.refused_key(key, &reason).await;
+                if matches!(refused, Some(RefusedKey::Changed { .. })) {
                     self.shared.metrics.identity_changes.inc();
                 }
+                let Some(live) = self.tunnels.get_mut(key) else {
+                    return;
+                };
+                let r = &mut live.record;
                 let id = r.id.clone();
                 r.state = State::Closed;
                 r.closed_at = Some(crate::store::now());
                 r.close_reason = Some(reason.to_string());
                 tracing::info!(bot = self.bot.jid, peer = key.peer, tunnel = %r.id, reason = %reason, "tunnel closed");
-                if let Some((presented, pinned)) = changed {
-                    let changed = BotEvent::PeerIdentityChanged {
-                        peer: bare(&key.peer).to_owned(),
-                        presented_spki_sha256: presented.to_string(),
-                        pinned_spki_sha256: pinned.iter().map(ToString::to_string).collect(),
-                        reason: reason.to_string(),
-                    };
-                    self.log(None, changed.into_row(Some(id), Some(key.peer.clone())));
+                let peer = bare(&key.peer).to_owned();
+                let about_key = match refused {
+                    Some(RefusedKey::Changed { presented, pinned }) => {
+                        Some(BotEvent::PeerIdentityChanged {
+                            peer,
+                            presented_spki_sha256: presented.to_string(),
+                            pinned_spki_sha256: pinned.iter().map(ToString::to_string).collect(),
+                            reason: reason.to_string(),
+                        })
+                    }
+                    Some(RefusedKey::Unapproved(presented)) => Some(BotEvent::PeerIdentityNew {
+                        peer,
+                        spki_sha256: Some(presented.to_string()),
+                        accepted: false,
+                    }),
+                    None => None,
+                };
+                if let Some(event) = about_key {
+                    self.log(None, event.into_row(Some(id), Some(key.peer.clone())));
                 }
                 self.log(None, ended);
                 self.on_closed_outbound(key, &reason).await;
             }
         }
+    }
+}
+
+/// Why the trust mode refused a peer's key.
+enum RefusedKey {
+    /// Another key is accepted for the peer, and this one is not among its pins.
+    Changed {
+        /// The key presented.
+        presented: Fingerprint,
+        /// The keys accepted for the peer.
+        pinned: Vec<Fingerprint>,
+    },
+    /// No decision yet: nothing is accepted for the peer under `manual`, or the key is pinned
+    /// but not verified under `verified_only`.
+    Unapproved(Fingerprint),
+}
+
+impl BotDriver {
+    /// What a close says about the peer's key, if the trust mode refused it.
+    async fn refused_key(&self, key: &TunnelKey, reason: &CloseReason) -> Option<RefusedKey> {
+        if let Some((presented, pinned)) = reason.identity_change() {
+            // Under verified_only a pinned but unverified key is refused too: that is a
+            // key waiting for verification, not a changed one.
+            let waiting = self.trust == BotTrust::VerifiedOnly
+                && self
+                    .shared
+                    .store
+                    .pins(&self.bot.jid, bare(&key.peer))
+                    .await
+                    .is_ok_and(|all| all.contains(presented));
+            return Some(if waiting {
+                RefusedKey::Unapproved(presented.clone())
+            } else {
+                RefusedKey::Changed {
+                    presented: presented.clone(),
+                    pinned: pinned.to_vec(),
+                }
+            });
+        }
+        reason.refused_key().cloned().map(RefusedKey::Unapproved)
     }
 }
 

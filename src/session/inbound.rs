@@ -4,7 +4,7 @@
 use minidom::Element;
 use tokio::time::Instant;
 
-use crate::config::Handler;
+use crate::config::{BotTrust, Handler};
 use crate::delivery::event::BotEvent;
 use crate::store::StoreError;
 use xmpp_parsers::data_forms::{DataForm, DataFormType, Field};
@@ -241,20 +241,21 @@ impl BotDriver {
         }
     }
 
-    /// What a new tunnel to `key` is made of, with the pins held for the peer.
+    /// What a new tunnel to `key` is made of, with the pins the bot's trust mode accepts for
+    /// the peer: all of them, or the verified ones under `verified_only`.
     pub(super) async fn tunnel_params(&self, key: &TunnelKey) -> Result<TunnelParams, StoreError> {
-        let pins = self
-            .shared
-            .store
-            .pins(&self.bot.jid, bare(&key.peer))
-            .await?;
+        let (store, peer) = (&self.shared.store, bare(&key.peer));
+        let pins = match self.trust {
+            BotTrust::VerifiedOnly => store.verified_pins(&self.bot.jid, peer).await?,
+            BotTrust::Tofu | BotTrust::Manual => store.pins(&self.bot.jid, peer).await?,
+        };
         Ok(TunnelParams {
             config: self.shared.tunnel_config.clone(),
             key: key.clone(),
             creds: self.creds.clone(),
             policy: PeerPolicy {
                 peer_auth: self.peer_auth,
-                trust: self.trust,
+                trust: self.trust.engine_mode(),
                 pins,
             },
             id_prefix: random_prefix(),

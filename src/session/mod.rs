@@ -43,7 +43,7 @@ mod tests;
 
 pub use inbound::bot_disco_info;
 pub use outbound::Submitted;
-pub use table::{BotCommand, BotError, BotHandle, BotTable, NewBot};
+pub use table::{BotCommand, BotError, BotHandle, BotPolicy, BotTable, NewBot, PolicyChange};
 
 /// Everything the drivers share.
 #[derive(Debug)]

@@ -9,12 +9,12 @@ use std::time::Duration;
 use minidom::Element;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::config::Handler;
+use crate::config::{BotTrust, Handler};
 use crate::delivery::webhook::{self, Deliverer, ReplySink};
 use crate::store::{BotRecord, OutMsg, StoreError, StoredBot, TunnelId, now};
 use xtls::certs::{BotIdentity, Fingerprints, normalize_bare};
 use xtls::stanza::ns;
-use xtls::tunnel::{BotCredentials, CloseReason, PeerAuth, TrustMode};
+use xtls::tunnel::{BotCredentials, CloseReason, PeerAuth};
 
 use super::Shared;
 use super::driver::{BotDriver, normalize};
@@ -39,9 +39,26 @@ pub enum BotCommand {
     Open(String, oneshot::Sender<Submitted>),
     /// Close every tunnel and stop.
     Stop(CloseReason, oneshot::Sender<()>),
-    /// Refuse messages sent in clear from now on (or deliver them again); answers once
-    /// applied.
-    SetEncryptedOnly(bool, oneshot::Sender<()>),
+    /// Apply a new clear-text policy and trust mode from now on; answers once applied.
+    SetPolicy(BotPolicy, oneshot::Sender<()>),
+}
+
+/// The settings of a running bot that the API can change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BotPolicy {
+    /// Refuse messages sent in clear.
+    pub encrypted_only: bool,
+    /// Which peer keys are accepted.
+    pub trust: BotTrust,
+}
+
+/// A change to a bot's policy: the settings named change, the others stay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyChange {
+    /// A new clear-text policy.
+    pub encrypted_only: Option<bool>,
+    /// A new trust mode.
+    pub trust: Option<BotTrust>,
 }
 
 /// A running bot as the rest of the component sees it.
@@ -187,7 +204,7 @@ pub struct NewBot {
     /// Whether peers must present certificates.
     pub peer_auth: PeerAuth,
     /// How peer keys are trusted.
-    pub trust: TrustMode,
+    pub trust: BotTrust,
     /// Whether messages sent in clear are refused (else delivered, marked as such).
     pub encrypted_only: bool,
 }
@@ -380,20 +397,27 @@ impl BotTable {
         bots
     }
 
-    /// Sets a running bot's clear-text policy, stored first, then applied by its driver; the
-    /// bot as it is now, or `None` when there is no such bot.
-    pub async fn set_encrypted_only(
+    /// Changes a running bot's clear-text policy and trust mode (what `change` names), stored
+    /// first, then applied by its driver to the next message and the next tunnel; the bot as
+    /// it is now, or `None` when there is no such bot.
+    pub async fn set_policy(
         &self,
         jid: &str,
-        on: bool,
+        change: PolicyChange,
     ) -> Result<Option<BotHandle>, BotError> {
         let Some(handle) = self.by_jid(jid) else {
             return Ok(None);
         };
+        let policy = BotPolicy {
+            encrypted_only: change
+                .encrypted_only
+                .unwrap_or(handle.record.encrypted_only),
+            trust: change.trust.unwrap_or(handle.record.trust),
+        };
         if !self
             .shared
             .store
-            .set_encrypted_only(&handle.record.jid, on)
+            .set_policy(&handle.record.jid, policy.encrypted_only, policy.trust)
             .await?
         {
             return Ok(None);
@@ -401,7 +425,7 @@ impl BotTable {
         let (done, applied) = oneshot::channel();
         if handle
             .tx
-            .send(BotCommand::SetEncryptedOnly(on, done))
+            .send(BotCommand::SetPolicy(policy, done))
             .await
             .is_ok()
         {
@@ -411,7 +435,8 @@ impl BotTable {
         let Some(entry) = bots.get_mut(&handle.record.localpart) else {
             return Ok(None);
         };
-        entry.record.encrypted_only = on;
+        entry.record.encrypted_only = policy.encrypted_only;
+        entry.record.trust = policy.trust;
         Ok(Some(entry.clone()))
     }
 

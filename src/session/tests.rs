@@ -8,14 +8,14 @@ use minidom::Element;
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::config::{EventsConfig, Handler, LimitsConfig, WebhooksConfig};
+use crate::config::{BotTrust, EventsConfig, Handler, LimitsConfig, WebhooksConfig};
 use crate::store::{MessageStatus, OutMsg, Store};
 use xtls::certs::BotIdentity;
 use xtls::stanza::xtls::XtlsElement;
 use xtls::stanza::{Iq, IqType, name, ns};
 use xtls::tunnel::{
-    BotCredentials, CloseReason, Event, PeerAuth, PeerPolicy, State, TrustMode, Tunnel,
-    TunnelConfig, TunnelKey, TunnelParams, classify_request,
+    BotCredentials, CloseReason, Event, PeerAuth, PeerPolicy, State, Tunnel, TunnelConfig,
+    TunnelKey, TunnelParams, classify_request,
 };
 
 async fn table(limits: LimitsConfig) -> (BotTable, mpsc::Receiver<Element>, std::path::PathBuf) {
@@ -69,7 +69,7 @@ async fn limits_answer_resource_constraint_wait_and_unknown_tunnels_item_not_fou
             localpart: "Echo".into(),
             handler: Handler::Echo,
             peer_auth: PeerAuth::Required,
-            trust: TrustMode::Tofu,
+            trust: BotTrust::Tofu,
             encrypted_only: false,
         })
         .await
@@ -83,7 +83,7 @@ async fn limits_answer_resource_constraint_wait_and_unknown_tunnels_item_not_fou
             localpart: "echo".into(),
             handler: Handler::Echo,
             peer_auth: PeerAuth::Required,
-            trust: TrustMode::Tofu,
+            trust: BotTrust::Tofu,
             encrypted_only: false,
         })
         .await,
@@ -162,7 +162,7 @@ async fn api_bot(bots: &BotTable) -> BotHandle {
         localpart: "weather".into(),
         handler: Handler::Api,
         peer_auth: PeerAuth::Required,
-        trust: TrustMode::Tofu,
+        trust: BotTrust::Tofu,
         encrypted_only: false,
     })
     .await
@@ -810,7 +810,7 @@ async fn messages_in_clear_reach_the_bot_marked_or_are_refused_by_policy() {
             localpart: "strict".into(),
             handler: Handler::Api,
             peer_auth: PeerAuth::Required,
-            trust: TrustMode::Tofu,
+            trust: BotTrust::Tofu,
             encrypted_only: true,
         })
         .await

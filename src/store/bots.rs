@@ -4,9 +4,9 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::{Store, StoreError, named};
-use crate::config::Handler;
+use crate::config::{BotTrust, Handler};
 use xtls::certs::BotIdentity;
-use xtls::tunnel::{PeerAuth, TrustMode};
+use xtls::tunnel::PeerAuth;
 
 /// A bot as stored.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -20,7 +20,7 @@ pub struct BotRecord {
     /// Whether peers must present a certificate.
     pub peer_auth: PeerAuth,
     /// How peer keys are trusted.
-    pub trust: TrustMode,
+    pub trust: BotTrust,
     /// Whether messages sent in clear are refused instead of delivered marked as such.
     pub encrypted_only: bool,
     /// Creation time.
@@ -138,10 +138,16 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
-    /// Sets a bot's clear-text policy; `false` when the bot does not exist.
-    pub async fn set_encrypted_only(&self, jid: &str, on: bool) -> Result<bool, StoreError> {
-        let done = sqlx::query("UPDATE bots SET encrypted_only = ? WHERE jid = ?")
-            .bind(on)
+    /// Sets a bot's clear-text policy and trust mode; `false` when the bot does not exist.
+    pub async fn set_policy(
+        &self,
+        jid: &str,
+        encrypted_only: bool,
+        trust: BotTrust,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE bots SET encrypted_only = ?, trust = ? WHERE jid = ?")
+            .bind(encrypted_only)
+            .bind(trust.as_str())
             .bind(jid)
             .execute(&self.writer)
             .await?;

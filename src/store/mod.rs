@@ -176,9 +176,9 @@ impl Store {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::config::Handler;
+    use crate::config::{BotTrust, Handler};
     use xtls::certs::{BotIdentity, Fingerprint};
-    use xtls::tunnel::{PeerAuth, Role, State, TrustMode};
+    use xtls::tunnel::{PeerAuth, Role, State};
 
     /// A bot record on `bots.example.org` with the defaults tests rely on.
     pub(crate) fn test_bot(localpart: &str, handler: Handler) -> BotRecord {
@@ -187,7 +187,7 @@ pub(crate) mod tests {
             localpart: localpart.into(),
             handler,
             peer_auth: PeerAuth::Required,
-            trust: TrustMode::Tofu,
+            trust: BotTrust::Tofu,
             encrypted_only: false,
             created_at: now(),
         }

@@ -136,11 +136,32 @@ const PIN_COLUMNS: &str =
 impl Store {
     /// The SPKI pins a bot holds for a peer bare JID.
     pub async fn pins(&self, bot: &str, peer: &str) -> Result<Vec<Fingerprint>, StoreError> {
-        let rows = sqlx::query("SELECT spki_sha256 FROM peer_pins WHERE bot_jid = ? AND peer = ?")
-            .bind(bot)
-            .bind(peer)
-            .fetch_all(&self.pool)
-            .await?;
+        self.pins_where(bot, peer, false).await
+    }
+
+    /// The pins someone verified (compared out of band) for a peer bare JID.
+    pub async fn verified_pins(
+        &self,
+        bot: &str,
+        peer: &str,
+    ) -> Result<Vec<Fingerprint>, StoreError> {
+        self.pins_where(bot, peer, true).await
+    }
+
+    async fn pins_where(
+        &self,
+        bot: &str,
+        peer: &str,
+        verified_only: bool,
+    ) -> Result<Vec<Fingerprint>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT spki_sha256 FROM peer_pins WHERE bot_jid = ? AND peer = ? AND (verified OR NOT ?)",
+        )
+        .bind(bot)
+        .bind(peer)
+        .bind(verified_only)
+        .fetch_all(&self.pool)
+        .await?;
         // An unreadable pin is an error, never skipped: without it, trust on first use would
         // pin whatever key came next.
         rows.iter()

@@ -402,3 +402,47 @@ def test_the_fingerprint_subcommand_prints_what_the_api_shows(component):
     assert person.returncode == 0 and bot["fingerprints"]["spki_sha256"] in person.stdout, person
     missing = subprocess.run([*command, "nobody"], capture_output=True, text=True, timeout=30, env=env)
     assert missing.returncode == 1 and "nobody@" in missing.stderr, missing
+
+
+def test_manual_and_verified_only_admit_only_keys_someone_decided_on(component, users):
+    """`manual`: an unknown key is refused and reported (peer.identity_new, accepted false)
+    until approved over HTTP; `verified_only` (set on the running bot) then refuses the
+    approved key until someone verifies it."""
+    from botapi_helpers import poll_events
+
+    status, made = component.post("/v1/bots", {"localpart": f"gate{uuid.uuid4().hex[:6]}", "handler": "api",
+                                               "trust": "manual"})
+    assert status == 201 and made["trust"] == "manual", made
+    bot = made["jid"]
+    mallory = users.identity("mallory")
+    key = spki_sha256(mallory.cert_der)
+    keys = f"/v1/bots/{bot}/peers/mallory@localhost/keys"
+
+    async def opens() -> bool:
+        async with users.client("mallory") as client:
+            try:
+                tunnel = await client.open_tunnel(bot)
+            except XtlsError as refused:
+                assert (refused.request, refused.condition) == ("data", "not-acceptable"), refused
+                return False
+            await tunnel.close()
+            return True
+
+    def waiting_keys() -> list[str]:
+        _, body = poll_events(component, bot, after=0, limit=1000)
+        return [e["data"]["spki_sha256"] for e in body["events"]
+                if e["type"] == "peer.identity_new" and e["data"]["accepted"] is False]
+
+    assert not run(opens()), "manual: an unknown key is refused"
+    assert waiting_keys() == [key], "and reported with the key to approve"
+    status, _ = component.request("PUT", f"{keys}/{key}", body={})
+    assert status == 201
+    assert run(opens()), "approved: it gets in"
+
+    status, patched = component.request("PATCH", f"/v1/bots/{bot}", body={"trust": "verified_only"})
+    assert status == 200 and patched["trust"] == "verified_only", patched
+    assert not run(opens()), "verified_only: approved is not enough"
+    assert waiting_keys() == [key, key]
+    status, pin = component.request("PUT", f"{keys}/{key}", body={"compared": key})
+    assert status == 200 and pin["verified"], pin
+    assert run(opens()), "verified: it gets in"

@@ -73,6 +73,18 @@ impl CloseReason {
         }
     }
 
+    /// The key the peer presented, when the tunnel ended because the trust mode did not
+    /// accept it: a changed key, or one nobody approved yet.
+    pub fn refused_key(&self) -> Option<&Fingerprint> {
+        match self {
+            CloseReason::CertificateRejected(
+                VerifyError::PinMismatch { presented, .. }
+                | VerifyError::NotPinned { presented, .. },
+            ) => Some(presented),
+            _ => None,
+        }
+    }
+
     /// A short stable code for the API and the store.
     pub fn code(&self) -> &'static str {
         match self {

@@ -288,17 +288,10 @@ impl Tunnel {
                 condition,
             })
         };
-        let policy = &params.policy;
         if offer.is_some_and(|o| o.key_names.is_empty()) {
             return Err(refuse(
                 DefinedCondition::NotAcceptable,
                 "an X.509 client certificate is required; SRP is not supported",
-            ));
-        }
-        if policy.trust == TrustMode::Pinned && policy.pins.is_empty() {
-            return Err(refuse(
-                DefinedCondition::NotAcceptable,
-                "this bot accepts pinned peers only",
             ));
         }
         let peer_bare = bare(&params.key.peer).to_owned();

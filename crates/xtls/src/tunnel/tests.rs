@@ -365,16 +365,21 @@ fn the_outcomes_of_a_refused_start_are_told_apart() {
 
 #[test]
 fn c02_policy_refusals_are_not_acceptable() {
+    // Approved keys only, and none is: the handshake runs so that the refusal names the key
+    // someone would have to approve; it ends on the data IQ carrying alice's Finished.
     let mut pair = Pair::new();
     pair.bot.policy.trust = TrustMode::Pinned;
     pair.start();
     pair.drive();
     assert_eq!(pair.errors(false), vec!["not-acceptable"]);
+    let alice_key = &pair.alice.creds.identity.info.fingerprints.spki_sha256;
+    let reason = pair.bot.closed().expect("the bot's tunnel closed");
+    assert_eq!(reason.refused_key(), Some(alice_key), "{reason:?}");
     assert_eq!(
-        pair.alice.closed(),
-        Some(&CloseReason::Refused("not-acceptable".into()))
+        reason.identity_change(),
+        None,
+        "no key was pinned: not a change"
     );
-    assert!(pair.bot.tunnel.is_none());
 
     // An offer with no key (SRP only) is refused too.
     let mut pair = Pair::new();
@@ -450,6 +455,7 @@ fn c04_pinned_peer_is_known_and_a_changed_key_is_refused() {
         Some((alice_key, &[old_pin][..])),
         "{reason:?}"
     );
+    assert_eq!(reason.refused_key(), Some(alice_key));
     assert_eq!(
         reason,
         &CloseReason::CertificateRejected(VerifyError::PinMismatch {

@@ -40,7 +40,8 @@ pub enum TrustMode {
     /// Trust on first use: an unknown peer is pinned, a changed key is refused.
     #[default]
     Tofu,
-    /// Only keys already pinned for the peer's bare JID are accepted.
+    /// Only keys already pinned for the peer's bare JID are accepted. The handshake runs even
+    /// when none is, so that a refused key can be named ([`VerifyError::NotPinned`]).
     Pinned,
 }
 
@@ -114,8 +115,13 @@ pub enum VerifyError {
         pinned: Vec<Fingerprint>,
     },
     /// Pinned mode and no pin is held for the peer.
-    #[error("no key is pinned for {0} and the bot accepts pinned keys only")]
-    NotPinned(String),
+    #[error("peer key {presented} is not approved for {jid}: the bot accepts approved keys only")]
+    NotPinned {
+        /// The peer's bare JID.
+        jid: String,
+        /// SPKI SHA-256 of the presented key, for someone to approve.
+        presented: Fingerprint,
+    },
     /// TLS refused the certificate for another reason (a bad signature, say).
     #[error("peer certificate refused: {0}")]
     Invalid(String),
@@ -215,7 +221,10 @@ pub fn judge(
             pinned: policy.pins.clone(),
         });
     } else if policy.trust == TrustMode::Pinned {
-        return Err(VerifyError::NotPinned(expected_bare.to_owned()));
+        return Err(VerifyError::NotPinned {
+            jid: expected_bare.to_owned(),
+            presented: spki.clone(),
+        });
     } else {
         TrustVerdict::TofuNew
     };
