@@ -12,7 +12,7 @@ use crate::config::{Config, Live, TlsFiles};
 use crate::link::{self, LinkConfig, LinkEvent, LinkStatus};
 use crate::router;
 use crate::session::{BotTable, NewBot, Shared};
-use crate::store::Store;
+use crate::store::{Store, StoreKey};
 
 /// Runs the component until `shutdown` resolves or the server refuses the configuration.
 /// Each configuration from `reloads` (SIGHUP) applies what can change in a running process
@@ -25,6 +25,17 @@ pub async fn run(
     let store = Store::open(&config.store.url)
         .await
         .with_context(|| format!("cannot open the store at {}", config.store.url))?;
+    let key = store_key(&config.store, &store).await?;
+    let sealed = store
+        .use_key(key)
+        .await
+        .context("cannot use the store key")?;
+    if sealed > 0 {
+        tracing::info!(
+            count = sealed,
+            "secrets written before the store key was in use are sealed now"
+        );
+    }
     let stale = store.close_stale_tunnels().await?;
     if stale > 0 {
         tracing::info!(
@@ -217,6 +228,56 @@ pub async fn run(
     pruner.abort();
     store.close().await;
     outcome
+}
+
+/// The key that seals secrets in the store: `store.key`, or the key file, created (mode 0600)
+/// on first start.
+async fn store_key(config: &crate::config::StoreConfig, store: &Store) -> anyhow::Result<StoreKey> {
+    if let Some(key) = &config.key {
+        return StoreKey::from_text(key.expose()).context("store.key");
+    }
+    let Some(path) = config.key_path() else {
+        tracing::warn!("in-memory store: its secrets are sealed with a key of this run only");
+        return Ok(StoreKey::generate().0);
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            StoreKey::from_text(&text).with_context(|| format!("store key {}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A new key only for a store with nothing sealed yet: a key file that went
+            // missing must be restored, not replaced by one that opens nothing.
+            if store.has_sealed_secrets().await? {
+                anyhow::bail!(
+                    "the store's secrets are sealed, and their key is not at {}: restore the key file \
+                     (or point store.key_file at it); without it the bots' private keys cannot be read",
+                    path.display()
+                );
+            }
+            let (key, text) = StoreKey::generate();
+            write_private(&path, &text)
+                .with_context(|| format!("cannot create the store key {}", path.display()))?;
+            tracing::warn!(
+                path = %path.display(),
+                "created a new store key: back it up with the store, which cannot be read without it"
+            );
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read the store key {}", path.display())),
+    }
+}
+
+/// Writes a new file readable by its owner only; fails when it exists.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()
 }
 
 /// A listener's TLS from its files, when it has them.

@@ -262,6 +262,29 @@ pub struct StoreConfig {
     /// SQLite URL; the file is created when missing.
     #[serde(default = "default_store_url")]
     pub url: String,
+    /// The file holding the key that seals private keys and webhook secrets in the store
+    /// (created with mode 0600 when missing); default: the store file's path plus `.key`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The store key itself (base64 of 32 bytes), instead of a file.
+    #[serde(default)]
+    pub key: Option<Secret>,
+}
+
+impl StoreConfig {
+    /// Where the store key is kept: `key_file`, else beside the SQLite file; `None` for an
+    /// in-memory store (a key of its own for each run).
+    pub fn key_path(&self) -> Option<PathBuf> {
+        if let Some(path) = &self.key_file {
+            return Some(path.clone());
+        }
+        let path = self
+            .url
+            .strip_prefix("sqlite://")
+            .or_else(|| self.url.strip_prefix("sqlite:"))?;
+        let path = path.split('?').next().unwrap_or_default();
+        (!path.is_empty() && !path.starts_with(':')).then(|| PathBuf::from(format!("{path}.key")))
+    }
 }
 
 fn default_store_url() -> String {
@@ -272,6 +295,8 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             url: default_store_url(),
+            key_file: None,
+            key: None,
         }
     }
 }
@@ -799,6 +824,32 @@ impl Config {
         }
         if !self.store.url.starts_with("sqlite:") {
             return Err(invalid("store.url", "only sqlite: URLs are supported"));
+        }
+        let store_key = match (&self.store.key, self.store.key_path()) {
+            (Some(_), Some(_)) if self.store.key_file.is_some() => {
+                return Err(invalid(
+                    "store.key",
+                    "set either store.key or store.key_file, not both",
+                ));
+            }
+            (Some(key), _) => Some(("store.key", key.expose().to_owned())),
+            (None, Some(path)) if path.exists() => Some((
+                "store.key_file",
+                std::fs::read_to_string(&path).map_err(|e| {
+                    invalid(
+                        "store.key_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?,
+            )),
+            (None, _) => None,
+        };
+        if let Some((key, text)) = store_key {
+            use base64::Engine as _;
+            let decoded = base64::engine::general_purpose::STANDARD.decode(text.trim());
+            if decoded.map(|b| b.len()) != Ok(32) {
+                return Err(invalid(key, "not a store key: expected 32 bytes in base64"));
+            }
         }
         let t = &self.tunnel;
         if t.chunk_size == 0 || t.chunk_size > xtls::stanza::xtls::MAX_CHUNK_ACCEPTED {

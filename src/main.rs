@@ -245,17 +245,17 @@ fn fingerprint(jid: &str, config: Option<PathBuf>, json: bool) -> ExitCode {
     };
     let read = async {
         let store = xtls_component::store::Store::open_existing(&url).await?;
-        let identity = store.load_identity(&jid).await;
+        let cert = store.load_certificate(&jid).await;
         store.close().await;
-        identity
+        Ok::<_, xtls_component::store::StoreError>(xtls::certs::PeerCertInfo::parse(&cert?)?)
     };
-    let identity = match tokio::runtime::Builder::new_current_thread()
+    let info = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())
         .and_then(|rt| rt.block_on(read).map_err(|e| e.to_string()))
     {
-        Ok(identity) => identity,
+        Ok(info) => info,
         Err(e) => {
             eprintln!(
                 "xtls-component: cannot read {jid} from the store {url} (is --config right?): {e}"
@@ -263,7 +263,7 @@ fn fingerprint(jid: &str, config: Option<PathBuf>, json: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (prints, info) = (&identity.info.fingerprints, &identity.info);
+    let prints = &info.fingerprints;
     if json {
         let out = serde_json::json!({
             "jid": jid,

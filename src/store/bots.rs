@@ -68,7 +68,7 @@ impl Store {
             "INSERT INTO bot_keys (bot_jid, key_der, cert_der, created_at) VALUES (?, ?, ?, ?)",
         )
         .bind(&bot.jid)
-        .bind(identity.key_der())
+        .bind(self.seal_key(&bot.jid, identity.key_der()))
         .bind(identity.cert_der().as_ref())
         .bind(&bot.created_at)
         .execute(&mut *tx)
@@ -107,8 +107,8 @@ impl Store {
                 };
                 Ok(StoredBot {
                     last_seq: r.get::<i64, _>("last_seq") as u64,
+                    key_der: self.open_key(&record.jid, key_der)?,
                     record,
-                    key_der,
                     cert_der,
                 })
             })
@@ -122,11 +122,19 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("key of bot {jid}")))?;
-        Ok(BotIdentity::from_der(
-            jid,
-            row.get("cert_der"),
-            row.get("key_der"),
-        )?)
+        let key_der = self.open_key(jid, row.get("key_der"))?;
+        Ok(BotIdentity::from_der(jid, row.get("cert_der"), key_der)?)
+    }
+
+    /// A bot's certificate (DER), without its private key: what offline tools may read with
+    /// no store key.
+    pub async fn load_certificate(&self, jid: &str) -> Result<Vec<u8>, StoreError> {
+        let row = sqlx::query("SELECT cert_der FROM bot_keys WHERE bot_jid = ?")
+            .bind(jid)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("bot {jid}")))?;
+        Ok(row.get("cert_der"))
     }
 
     /// Deletes a bot, its key and its pins; `false` when it did not exist.

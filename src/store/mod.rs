@@ -13,6 +13,7 @@
 //! | [`webhooks`] | `webhooks`, `delivery_attempts` |
 //! | [`messages`] | `messages`: what bots send, and its status |
 //! | [`tokens`] | `bot_tokens` |
+//! | [`sealed`] | secrets at rest: private keys and webhook secrets sealed with the store key |
 //!
 //! Below it only the configuration's types (a handler, a secret) and the engine's enums: it
 //! imports nothing of the component's layers above. A stored value that none of its type's
@@ -22,6 +23,7 @@ pub mod bots;
 pub mod events;
 pub mod messages;
 pub mod pins;
+pub mod sealed;
 pub mod tokens;
 pub mod tunnels;
 pub mod webhooks;
@@ -30,6 +32,7 @@ pub use bots::{BotRecord, StoredBot};
 pub use events::{EventRecord, NewEvent};
 pub use messages::{MessageRecord, MessageStatus, OutMsg};
 pub use pins::{AuditEntry, FirstUse, PeerPin, PinAction, PinChange};
+pub use sealed::StoreKey;
 pub use tokens::TokenInfo;
 pub use tunnels::{PeerIdentityRecord, PeerTrust, TunnelFilter, TunnelId, TunnelRecord};
 pub use webhooks::{Attempt, DeadLetter, Outcome, PendingEvent, Webhook};
@@ -54,6 +57,9 @@ pub enum StoreError {
     /// A stored key or certificate is unreadable.
     #[error("stored bot identity unreadable: {0}")]
     Identity(#[from] CertError),
+    /// A sealed secret cannot be opened: no store key, or another one.
+    #[error("{0}")]
+    Sealed(String),
     /// A row that must exist is missing.
     #[error("{0} not found")]
     NotFound(String),
@@ -96,6 +102,8 @@ pub struct Store {
     /// The one writing connection: writers queue here, in order and without SQLite's
     /// sleep-and-retry busy handler.
     writer: SqlitePool,
+    /// The key secrets are sealed with, once in use ([`Store::use_key`]).
+    sealing: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<StoreKey>>>,
 }
 
 /// Whether the writer connection may be reused: not inside a transaction, in SQLite's view
@@ -144,7 +152,11 @@ impl Store {
             .max_connections(4)
             .connect_with(options)
             .await?;
-        Ok(Store { pool, writer })
+        Ok(Store {
+            pool,
+            writer,
+            sealing: Default::default(),
+        })
     }
 
     /// The reading pool.
@@ -245,6 +257,86 @@ pub(crate) mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let url = format!("sqlite://{}/test.db", dir.display());
         (Store::open(&url).await.unwrap(), dir)
+    }
+
+    #[tokio::test]
+    async fn private_keys_and_webhook_secrets_are_sealed_with_the_store_key() {
+        let (store, dir) = temp_store().await;
+        let url = format!("sqlite://{}/test.db", dir.display());
+        let id = BotIdentity::generate("echo@bots.example.org").unwrap();
+        let bot = test_bot("echo", Handler::Echo);
+        // Written before any key is in use (a store from an earlier version): plain.
+        store.insert_bot(&bot, &id).await.unwrap();
+        let hook = Webhook {
+            url: "https://hooks.example.org/x".into(),
+            secret: crate::config::Secret::new("whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ="),
+            timeout_ms: 5000,
+            max_in_flight: 8,
+            last_success_at: None,
+            last_error: None,
+        };
+        store.put_webhook(&bot.jid, &hook).await.unwrap();
+        let raw = |store: Store| async move {
+            let row = sqlx::query("SELECT k.key_der, w.secret FROM bot_keys k JOIN webhooks w ON w.bot_jid = k.bot_jid")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap();
+            (row.get::<Vec<u8>, _>(0), row.get::<String, _>(1))
+        };
+        assert_eq!(raw(store.clone()).await.0, id.key_der(), "plain before");
+
+        let (key, text) = StoreKey::generate();
+        assert_eq!(store.use_key(key).await.unwrap(), 2, "both sealed in place");
+        let (key_der, secret) = raw(store.clone()).await;
+        assert!(sealed::is_sealed(&key_der) && sealed::is_sealed(secret.as_bytes()));
+        assert!(
+            !key_der
+                .windows(16)
+                .any(|w| id.key_der().windows(16).any(|k| k == w))
+        );
+        assert!(!secret.contains("c2VjcmV0"));
+        // Read back through the key; new writes are sealed too.
+        let loaded = store.load_identity(&bot.jid).await.unwrap();
+        assert_eq!(loaded.key_der(), id.key_der());
+        assert_eq!(
+            store.webhook(&bot.jid).await.unwrap().unwrap().secret,
+            hook.secret
+        );
+        store.put_webhook(&bot.jid, &hook).await.unwrap();
+        assert!(sealed::is_sealed(raw(store.clone()).await.1.as_bytes()));
+        store.close().await;
+
+        // The same file with the same key: everything opens. Without it, or with another
+        // key: no private key, and the error says why.
+        let again = Store::open(&url).await.unwrap();
+        assert_eq!(
+            again
+                .use_key(StoreKey::from_text(&text).unwrap())
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(again.load_bots().await.unwrap()[0].key_der, id.key_der());
+        again.close().await;
+        let keyless = Store::open(&url).await.unwrap();
+        let err = keyless
+            .load_identity(&bot.jid)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no store key"), "{err}");
+        assert!(
+            keyless.load_certificate(&bot.jid).await.is_ok(),
+            "the certificate is public"
+        );
+        let err = keyless
+            .use_key(StoreKey::generate().0)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another key"), "{err}");
+        keyless.close().await;
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]

@@ -84,10 +84,10 @@ pub enum Outcome {
     Dead,
 }
 
-fn webhook_from_row(row: &sqlx::sqlite::SqliteRow) -> Webhook {
+fn webhook_from_row(row: &sqlx::sqlite::SqliteRow, secret: String) -> Webhook {
     Webhook {
         url: row.get("url"),
-        secret: Secret::new(row.get::<String, _>("secret")),
+        secret: Secret::new(secret),
         timeout_ms: row.get::<i64, _>("timeout_ms") as u64,
         max_in_flight: row.get::<i64, _>("max_in_flight").max(1) as usize,
         last_success_at: row.get("last_success_at"),
@@ -102,7 +102,9 @@ impl Store {
             .bind(bot)
             .fetch_optional(self.pool())
             .await?;
-        Ok(row.as_ref().map(webhook_from_row))
+        row.as_ref()
+            .map(|r| Ok(webhook_from_row(r, self.open_secret(bot, r.get("secret"))?)))
+            .transpose()
     }
 
     /// Every bot's webhook, by bot JID (start-up: one query instead of one per bot).
@@ -110,10 +112,13 @@ impl Store {
         let rows = sqlx::query("SELECT * FROM webhooks")
             .fetch_all(self.pool())
             .await?;
-        Ok(rows
-            .iter()
-            .map(|r| (r.get("bot_jid"), webhook_from_row(r)))
-            .collect())
+        rows.iter()
+            .map(|r| {
+                let bot: String = r.get("bot_jid");
+                let secret = self.open_secret(&bot, r.get("secret"))?;
+                Ok((bot, webhook_from_row(r, secret)))
+            })
+            .collect()
     }
 
     /// Sets a bot's webhook.
@@ -125,7 +130,7 @@ impl Store {
         )
         .bind(bot)
         .bind(&hook.url)
-        .bind(hook.secret.expose())
+        .bind(self.seal_secret(bot, hook.secret.expose()))
         .bind(hook.timeout_ms as i64)
         .bind(hook.max_in_flight as i64)
         .bind(now())

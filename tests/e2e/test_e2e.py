@@ -446,3 +446,42 @@ def test_manual_and_verified_only_admit_only_keys_someone_decided_on(component, 
     status, pin = component.request("PUT", f"{keys}/{key}", body={"compared": key})
     assert status == 200 and pin["verified"], pin
     assert run(opens()), "verified: it gets in"
+
+
+def test_private_keys_are_unreadable_without_the_store_key(prosody):
+    """The store seals every bot's private key with a key file of its own (mode 0600, made on
+    first start): the database alone yields no private key, and without the key file the
+    component refuses to start, saying why, instead of running with unreadable bots."""
+    import sqlite3
+    import stat
+
+    from component import Component
+
+    comp = Component(prosody, domain=prosody.api_component_domain)
+    try:
+        comp.start()
+        _, bots = comp.get("/v1/bots")
+        assert bots, "the config declares a bot"
+        comp.stop()
+        key_file = comp.store_path.with_name(comp.store_path.name + ".key")
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        with sqlite3.connect(comp.store_path) as db:
+            stored = [bytes(row[0]) for row in db.execute("SELECT key_der FROM bot_keys")]
+        assert stored and all(value.startswith(b"xk1\0") for value in stored), "sealed"
+        assert all(b"\x30\x81" not in value[:40] for value in stored), "no PKCS#8 header in sight"
+        assert "created a new store key" in comp.log_path.read_text()
+
+        hidden = key_file.with_name("moved-away.key")
+        key_file.rename(hidden)
+        try:
+            with pytest.raises(RuntimeError, match="exited"):
+                comp.start(timeout=15)
+            log = comp.log_path.read_text()
+            assert "restore the key file" in log, comp.diagnostics()
+            assert not key_file.exists(), "no new key that would open nothing"
+        finally:
+            hidden.rename(key_file)
+        comp.start()
+        assert comp.get("/v1/bots")[1] == bots, "the same bots and keys with the key back"
+    finally:
+        comp.cleanup()
