@@ -690,6 +690,24 @@ async fn peers_keys_are_managed_and_every_decision_is_audited() {
         ]
     );
     assert_eq!(log.body["entries"][2]["compared"], phone.as_str());
+    // The bot's backend hears of each decision in its event log too.
+    api.committed("weather@bots.example.org", 4).await;
+    let events = api
+        .call(
+            Method::GET,
+            "/v1/bots/weather/events?after=0",
+            Some(&token),
+            None,
+        )
+        .await;
+    let decisions: Vec<&str> = events.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "peer.key_decision")
+        .map(|e| e["data"]["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(decisions, ["approved", "verified", "verified", "removed"]);
     let own = api.call(Method::GET, "/v1/audit", Some(&token), None).await;
     assert_eq!(own.body["entries"].as_array().unwrap().len(), 4);
     is_problem(

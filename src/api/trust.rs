@@ -15,7 +15,9 @@ use utoipa_axum::routes;
 use super::bot::scoped;
 use super::openapi::{PROBLEM_JSON, Problem};
 use super::{AdminState, ApiError, Caller};
-use crate::store::{AuditEntry, PeerPin, PinChange};
+use crate::delivery::event::BotEvent;
+use crate::session::BotHandle;
+use crate::store::{AuditEntry, PeerPin, PinAction, PinChange};
 use xtls::certs::{Fingerprint, normalize_bare};
 
 /// The routes; each checks that the caller may act for the bot.
@@ -155,8 +157,9 @@ async fn put_key(
         compared: compared.as_ref(),
         actor: &actor,
     };
-    let (pin, created) = state.bots.shared().store.set_pin(&change).await?;
+    let (pin, created, action) = state.bots.shared().store.set_pin(&change).await?;
     tracing::info!(bot = bot.record.jid, peer, spki = %key, verified, actor, "peer key set");
+    decided(&bot, &peer, &key, action, actor, pin.compared.clone()).await;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -191,7 +194,27 @@ async fn delete_key(
         return Err(ApiError::NotFound(format!("pin {key} of {peer}")));
     }
     tracing::info!(bot = bot.record.jid, peer, spki = %key, actor, "peer key removed");
+    decided(&bot, &peer, &key, PinAction::Removed, actor, None).await;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Tells the bot's backend about a decision, as a `peer.key_decision` event in its log.
+async fn decided(
+    bot: &BotHandle,
+    peer: &str,
+    key: &Fingerprint,
+    action: PinAction,
+    actor: String,
+    compared: Option<String>,
+) {
+    let event = BotEvent::PeerKeyDecision {
+        peer: peer.to_owned(),
+        spki_sha256: key.to_string(),
+        action,
+        actor,
+        compared,
+    };
+    bot.record(event, Some(peer.to_owned())).await;
 }
 
 /// Query of `GET /v1/audit`.

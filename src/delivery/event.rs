@@ -6,7 +6,7 @@ use minidom::Element;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::store::{MessageStatus, NewEvent, TunnelId};
+use crate::store::{MessageStatus, NewEvent, PinAction, TunnelId};
 use xtls::tunnel::{CloseReason, Established, Role, TrustVerdict};
 
 /// The peer's key, as the handshake judged it.
@@ -141,6 +141,20 @@ pub enum BotEvent {
         /// Why, in words.
         reason: String,
     },
+    /// Someone decided about one of a peer's keys over the API (the audit log has it too).
+    #[serde(rename = "peer.key_decision")]
+    PeerKeyDecision {
+        /// The peer's bare JID.
+        peer: String,
+        /// SPKI SHA-256 of the key.
+        spki_sha256: String,
+        /// What was decided.
+        action: PinAction,
+        /// Who: `admin` or `bot-token:<id>`.
+        actor: String,
+        /// The fingerprint the actor said they compared, if any.
+        compared: Option<String>,
+    },
     /// A message the bot sent changed status.
     #[serde(rename = "delivery.status")]
     DeliveryStatus {
@@ -190,6 +204,7 @@ impl BotEvent {
             BotEvent::TunnelFailed { .. } => "tunnel.failed",
             BotEvent::PeerIdentityNew { .. } => "peer.identity_new",
             BotEvent::PeerIdentityChanged { .. } => "peer.identity_changed",
+            BotEvent::PeerKeyDecision { .. } => "peer.key_decision",
             BotEvent::DeliveryStatus { .. } => "delivery.status",
         }
     }

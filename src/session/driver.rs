@@ -408,6 +408,7 @@ impl BotDriver {
             }
             BotCommand::Submit(msg, reply) => self.submit(*msg, Some(reply)).await,
             BotCommand::Open(peer, reply) => self.open_to(peer, reply).await,
+            BotCommand::Record(event, peer) => self.log(None, event.into_row(None, peer)),
             BotCommand::SetPolicy(policy, done) => {
                 self.bot.encrypted_only = policy.encrypted_only;
                 self.trust = policy.trust;

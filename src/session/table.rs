@@ -41,6 +41,8 @@ pub enum BotCommand {
     Stop(CloseReason, oneshot::Sender<()>),
     /// Apply a new clear-text policy and trust mode from now on; answers once applied.
     SetPolicy(BotPolicy, oneshot::Sender<()>),
+    /// Add an event about the bot (not about a tunnel) to its log.
+    Record(Box<crate::delivery::event::BotEvent>, Option<String>),
 }
 
 /// The settings of a running bot that the API can change.
@@ -120,6 +122,15 @@ impl BotHandle {
     /// did not answer in time (the message stays accepted and is reported by its status).
     pub async fn submit(&self, msg: OutMsg) -> Option<Submitted> {
         self.ask(|tx| BotCommand::Submit(Box::new(msg), tx)).await
+    }
+
+    /// Adds an event about `peer` (a bare JID) to the bot's log, committed with the driver's
+    /// next batch; dropped when the bot stops first.
+    pub async fn record(&self, event: crate::delivery::event::BotEvent, peer: Option<String>) {
+        let _ = self
+            .tx
+            .send(BotCommand::Record(Box::new(event), peer))
+            .await;
     }
 
     /// Asks the driver to open a tunnel to a full JID.

@@ -363,7 +363,7 @@ pub(crate) mod tests {
             compared: None,
             actor: "bot-token:t1",
         };
-        let (pin, created) = store.set_pin(&approve).await.unwrap();
+        let (pin, created, _) = store.set_pin(&approve).await.unwrap();
         assert!(created && !pin.verified && pin.verified_by.is_none());
         let verify = PinChange {
             verified: true,
@@ -371,7 +371,8 @@ pub(crate) mod tests {
             actor: "admin",
             ..approve.clone()
         };
-        let (pin, created) = store.set_pin(&verify).await.unwrap();
+        let (pin, created, action) = store.set_pin(&verify).await.unwrap();
+        assert_eq!(action, PinAction::Verified);
         assert!(!created && pin.verified);
         assert_eq!(pin.verified_by.as_deref(), Some("admin"));
         assert_eq!(pin.compared, Some(phone.to_string()));

@@ -44,7 +44,7 @@ pub enum FirstUse {
 }
 
 /// A change to a pin made over the API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PinAction {
     /// A key pinned because it was the peer's first (trust on first use).
@@ -282,9 +282,12 @@ impl Store {
         rows.iter().map(pin_from_row).collect()
     }
 
-    /// Pins a key, or changes whether it is verified, and audits it; returns the pin and
-    /// whether it is new.
-    pub async fn set_pin(&self, change: &PinChange<'_>) -> Result<(PeerPin, bool), StoreError> {
+    /// Pins a key, or changes whether it is verified, and audits it; returns the pin,
+    /// whether it is new, and the action audited.
+    pub async fn set_pin(
+        &self,
+        change: &PinChange<'_>,
+    ) -> Result<(PeerPin, bool, PinAction), StoreError> {
         let (at, key) = (now(), change.spki.to_string());
         let compared = change.compared.map(ToString::to_string);
         let mut tx = self.writer.begin().await?;
@@ -344,7 +347,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok((pin_from_row(&row)?, before.is_none()))
+        Ok((pin_from_row(&row)?, before.is_none(), action))
     }
 
     /// Removes a pin and audits it; `false` when there was none.
