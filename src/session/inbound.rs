@@ -245,10 +245,15 @@ impl BotDriver {
     /// the peer: all of them, or the verified ones under `verified_only`.
     pub(super) async fn tunnel_params(&self, key: &TunnelKey) -> Result<TunnelParams, StoreError> {
         let (store, peer) = (&self.shared.store, bare(&key.peer));
-        let pins = match self.trust {
-            BotTrust::VerifiedOnly => store.verified_pins(&self.bot.jid, peer).await?,
-            BotTrust::Tofu | BotTrust::Manual => store.pins(&self.bot.jid, peer).await?,
+        let verified_only = self.trust == BotTrust::VerifiedOnly;
+        let pins = if verified_only {
+            store.verified_pins(&self.bot.jid, peer).await?
+        } else {
+            store.pins(&self.bot.jid, peer).await?
         };
+        let pinned_cert_names = store
+            .pinned_cert_names(&self.bot.jid, peer, verified_only)
+            .await?;
         Ok(TunnelParams {
             config: self.shared.tunnel_config.clone(),
             key: key.clone(),
@@ -257,6 +262,7 @@ impl BotDriver {
                 peer_auth: self.peer_auth,
                 trust: self.trust.engine_mode(),
                 pins,
+                pinned_cert_names,
             },
             id_prefix: random_prefix(),
         })

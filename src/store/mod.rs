@@ -351,9 +351,27 @@ pub(crate) mod tests {
             Fingerprint::sha256(b"phone"),
         );
         store
-            .pin_first_use(&bot.jid, alice, &laptop, None)
+            .pin_first_use(&bot.jid, alice, &laptop, Some(b"laptop cert"))
             .await
             .unwrap();
+        // Offers name certificates (spec §1.6): both digests of the one seen with the pin.
+        assert_eq!(
+            store
+                .pinned_cert_names(&bot.jid, alice, false)
+                .await
+                .unwrap(),
+            [
+                Fingerprint::sha1(b"laptop cert").to_lower_hex(),
+                Fingerprint::sha256(b"laptop cert").to_lower_hex()
+            ]
+        );
+        assert!(
+            store
+                .pinned_cert_names(&bot.jid, alice, true)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         // A second device, approved; then verified with the fingerprint compared.
         let approve = PinChange {
             bot: &bot.jid,

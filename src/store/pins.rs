@@ -148,6 +148,32 @@ impl Store {
         self.pins_where(bot, peer, true).await
     }
 
+    /// The offer key names (lowercase hex SHA-1 and SHA-256) of the certificates seen with
+    /// the pins the trust mode accepts for a peer: all pins, or the verified ones.
+    pub async fn pinned_cert_names(
+        &self,
+        bot: &str,
+        peer: &str,
+        verified_only: bool,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT cert_der FROM peer_pins WHERE bot_jid = ? AND peer = ? AND cert_der IS NOT NULL \
+             AND (verified OR NOT ?)",
+        )
+        .bind(bot)
+        .bind(peer)
+        .bind(verified_only)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut names = Vec::with_capacity(rows.len() * 2);
+        for row in &rows {
+            let der: Vec<u8> = row.try_get(0)?;
+            names.push(Fingerprint::sha1(&der).to_lower_hex());
+            names.push(Fingerprint::sha256(&der).to_lower_hex());
+        }
+        Ok(names)
+    }
+
     async fn pins_where(
         &self,
         bot: &str,

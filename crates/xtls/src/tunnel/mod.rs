@@ -295,12 +295,7 @@ impl Tunnel {
             ));
         }
         let peer_bare = bare(&params.key.peer).to_owned();
-        let proceed_offer = offer.map(|_| Offer {
-            key_names: own_key_names(&params.creds),
-            srp: false,
-            // We keep pins as SPKI digests: a named certificate cannot be matched to one.
-            insecure: true,
-        });
+        let proceed_offer = offer.map(|offer| proceed_offer(&params, offer));
         let mut tunnel = Tunnel::new(Role::Responder, params);
         tunnel.tls = Some(TlsSession::server(
             &tunnel.creds,
@@ -889,6 +884,27 @@ pub fn bare(jid: &str) -> &str {
 /// How offers name our key: the certificate's SHA-1, lower-case hex (spec §2.4).
 fn own_key_names(creds: &BotCredentials) -> Vec<String> {
     vec![creds.identity.info.fingerprints.cert_sha1.to_lower_hex()]
+}
+
+/// The offer a responder returns in `<proceed/>` (spec §1.6): its own key, then the offered
+/// names of certificates it holds pins for; `<insecure/>` only when none of the offered names
+/// is pinned and the trust mode accepts a key it cannot verify yet (trust on first use).
+fn proceed_offer(params: &TunnelParams, offer: &Offer) -> Offer {
+    let policy = &params.policy;
+    let known: Vec<String> = offer
+        .key_names
+        .iter()
+        .map(|name| name.to_ascii_lowercase())
+        .filter(|name| policy.pinned_cert_names.contains(name))
+        .collect();
+    Offer {
+        insecure: known.is_empty() && policy.trust == TrustMode::Tofu,
+        key_names: own_key_names(&params.creds)
+            .into_iter()
+            .chain(known)
+            .collect(),
+        srp: false,
+    }
 }
 
 /// What an error answering our `start` means (spec §1.14): not supported, busy, conflict, or

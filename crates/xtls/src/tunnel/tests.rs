@@ -315,6 +315,54 @@ fn c01_start_proceed_echoes_id_and_addressing() {
 }
 
 #[test]
+fn the_proceed_offer_names_pinned_certificates_instead_of_insecure() {
+    let offer_of = |pair: &mut Pair| {
+        pair.start();
+        pair.step_with(|_, el| Some(el));
+        let proceed = pair.bot.drain().into_iter().next().unwrap();
+        let offer = proceed
+            .get_child("proceed", ns::XTLS)
+            .and_then(|p| p.get_child("offer", ns::C2CTLS))
+            .expect("an offered start gets an offer back")
+            .clone();
+        let names: Vec<String> = offer
+            .children()
+            .filter_map(|k| k.get_child("name", ns::PUBKEY))
+            .map(|n| n.text())
+            .collect();
+        (names, offer.has_child("insecure", ns::C2CTLS))
+    };
+    let bot_name = |pair: &Pair| {
+        pair.bot
+            .creds
+            .identity
+            .info
+            .fingerprints
+            .cert_sha1
+            .to_lower_hex()
+    };
+    // Nothing pinned: the bot's own key, and it takes a key it cannot verify yet (TOFU).
+    let mut pair = Pair::new();
+    let (names, insecure) = offer_of(&mut pair);
+    assert_eq!((names, insecure), (vec![bot_name(&pair)], true));
+    // Alice's certificate pinned: named back, no <insecure/>.
+    let mut pair = Pair::new();
+    let alice = pair.alice.creds.identity.info.fingerprints.clone();
+    pair.bot.policy.pins = vec![alice.spki_sha256.clone()];
+    pair.bot.policy.pinned_cert_names = vec![alice.cert_sha1.to_lower_hex()];
+    let (names, insecure) = offer_of(&mut pair);
+    assert_eq!(
+        (names, insecure),
+        (vec![bot_name(&pair), alice.cert_sha1.to_lower_hex()], false)
+    );
+    // Approved keys only and none of the offered ones: no <insecure/> either.
+    let mut pair = Pair::new();
+    pair.bot.policy.trust = TrustMode::Pinned;
+    let (_, insecure) = offer_of(&mut pair);
+    assert!(!insecure);
+}
+
+#[test]
 fn the_outcomes_of_a_refused_start_are_told_apart() {
     for (error_type, condition, expected, code) in [
         (

@@ -84,6 +84,9 @@ pub struct PeerPolicy {
     pub trust: TrustMode,
     /// SPKI SHA-256 pins held for the peer's bare JID.
     pub pins: Vec<Fingerprint>,
+    /// Offer key names (lowercase hex SHA-1 and SHA-256) of the certificates seen with those
+    /// pins: a `start` offer naming one of them is answered without `<insecure/>`.
+    pub pinned_cert_names: Vec<String>,
 }
 
 /// Why a peer's certificate was refused (spec §2.3): the typed reason a tunnel carries up to
