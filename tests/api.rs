@@ -665,6 +665,35 @@ async fn peers_keys_are_managed_and_every_decision_is_audited() {
         StatusCode::NOT_FOUND,
     );
 
+    // A peer's own trust mode: set, shown beside the bot's, cleared.
+    let peer = "/v1/bots/weather/peers/alice@example.net";
+    let a = api
+        .call(
+            Method::PUT,
+            peer,
+            Some(&token),
+            Some(json!({"trust": "verified_only"})),
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(
+        (&a.body["trust"], &a.body["effective_trust"]),
+        (&json!("verified_only"), &json!("verified_only"))
+    );
+    assert_eq!(a.body["keys"].as_array().unwrap().len(), 1);
+    let a = api
+        .admin(Method::PUT, peer, Some(json!({"trust": null})))
+        .await;
+    assert_eq!(
+        (&a.body["trust"], &a.body["effective_trust"]),
+        (&Value::Null, &json!("tofu"))
+    );
+    is_problem(
+        &api.admin(Method::PUT, peer, Some(json!({"trust": "ca"})))
+            .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    );
+
     // The audit log: who did what, newest first; a bot token sees its own bot's only.
     let log = api.admin(Method::GET, "/v1/audit?bot=weather", None).await;
     assert_eq!(log.status, StatusCode::OK, "{}", log.body);
@@ -683,13 +712,16 @@ async fn peers_keys_are_managed_and_every_decision_is_audited() {
     assert_eq!(
         seen,
         [
+            ("trust_set".to_owned(), "admin".to_owned()),
+            ("trust_set".to_owned(), by_token.clone()),
             ("removed".to_owned(), by_token.clone()),
             ("verified".to_owned(), by_token.clone()),
             ("verified".to_owned(), "admin".to_owned()),
             ("approved".to_owned(), by_token.clone()),
         ]
     );
-    assert_eq!(log.body["entries"][2]["compared"], phone.as_str());
+    assert_eq!(log.body["entries"][4]["compared"], phone.as_str());
+    assert_eq!(log.body["entries"][1]["trust"], "verified_only");
     // The bot's backend hears of each decision in its event log too.
     api.committed("weather@bots.example.org", 4).await;
     let events = api
@@ -709,7 +741,7 @@ async fn peers_keys_are_managed_and_every_decision_is_audited() {
         .collect();
     assert_eq!(decisions, ["approved", "verified", "verified", "removed"]);
     let own = api.call(Method::GET, "/v1/audit", Some(&token), None).await;
-    assert_eq!(own.body["entries"].as_array().unwrap().len(), 4);
+    assert_eq!(own.body["entries"].as_array().unwrap().len(), 6);
     is_problem(
         &api.call(Method::GET, "/v1/audit?bot=news", Some(&token), None)
             .await,

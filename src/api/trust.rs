@@ -15,6 +15,7 @@ use utoipa_axum::routes;
 use super::bot::scoped;
 use super::openapi::{PROBLEM_JSON, Problem};
 use super::{AdminState, ApiError, Caller};
+use crate::config::BotTrust;
 use crate::delivery::event::BotEvent;
 use crate::session::BotHandle;
 use crate::store::{AuditEntry, PeerPin, PinAction, PinChange};
@@ -23,6 +24,7 @@ use xtls::certs::{Fingerprint, normalize_bare};
 /// The routes; each checks that the caller may act for the bot.
 pub fn routes() -> OpenApiRouter<AdminState> {
     OpenApiRouter::new()
+        .routes(routes!(get_peer, put_peer))
         .routes(routes!(get_keys))
         .routes(routes!(put_key, delete_key))
         .routes(routes!(get_audit))
@@ -82,6 +84,93 @@ fn spki(text: &str, what: &str) -> Result<Fingerprint, ApiError> {
             "{what} must be an SPKI SHA-256 fingerprint: 64 hex digits, with or without colons"
         ))
     })
+}
+
+/// One peer of a bot: its own trust mode, the one in effect, and its keys.
+#[derive(Serialize, ToSchema)]
+struct PeerTrustView {
+    /// The peer's bare JID.
+    peer: String,
+    /// The peer's own trust mode, when one is set; else the bot's applies.
+    trust: Option<BotTrust>,
+    /// The trust mode its next tunnel meets.
+    effective_trust: BotTrust,
+    /// Its pinned keys, oldest first.
+    keys: Vec<PeerPin>,
+}
+
+async fn peer_view(
+    state: &AdminState,
+    bot: &BotHandle,
+    peer: String,
+) -> Result<PeerTrustView, ApiError> {
+    let store = &state.bots.shared().store;
+    let trust = store.peer_trust(&bot.record.jid, &peer).await?;
+    let keys = store.peer_pins(&bot.record.jid, &peer).await?;
+    Ok(PeerTrustView {
+        effective_trust: trust.unwrap_or(bot.record.trust),
+        trust,
+        keys,
+        peer,
+    })
+}
+
+/// One peer of a bot: its trust mode and keys.
+#[utoipa::path(get, path = "/bots/{jid}/peers/{peer}", tag = "trust", params(PeerPath),
+    responses(
+        (status = 200, description = "The peer (a peer never seen has no keys)", body = PeerTrustView),
+        (status = 403, description = "A bot token of another bot", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "No such bot, or not a bare JID", body = Problem, content_type = PROBLEM_JSON)))]
+async fn get_peer(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path((jid, peer)): Path<(String, String)>,
+) -> Result<Json<PeerTrustView>, ApiError> {
+    let bot = scoped(&state, &caller, &jid)?;
+    let peer = peer_jid(&peer)?;
+    Ok(Json(peer_view(&state, &bot, peer).await?))
+}
+
+/// A peer's own trust mode.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct PeerTrustBody {
+    /// `tofu`, `manual` or `verified_only` for this peer only; `null`: the bot's applies.
+    trust: Option<BotTrust>,
+}
+
+/// Sets a peer's own trust mode, e.g. `verified_only` for an administrator's account on a
+/// bot that trusts everyone else on first use; from its next tunnel on.
+#[utoipa::path(put, path = "/bots/{jid}/peers/{peer}", tag = "trust", params(PeerPath),
+    request_body = PeerTrustBody,
+    responses(
+        (status = 200, description = "The peer as it is now", body = PeerTrustView),
+        (status = 403, description = "A bot token of another bot", body = Problem, content_type = PROBLEM_JSON),
+        (status = 404, description = "No such bot, or not a bare JID", body = Problem, content_type = PROBLEM_JSON),
+        (status = 422, description = "Not a valid body", body = Problem, content_type = PROBLEM_JSON)))]
+async fn put_peer(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path((jid, peer)): Path<(String, String)>,
+    body: Result<Json<PeerTrustBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<PeerTrustView>, ApiError> {
+    let bot = scoped(&state, &caller, &jid)?;
+    let peer = peer_jid(&peer)?;
+    let Json(body) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let actor = caller.actor();
+    let store = &state.bots.shared().store;
+    store
+        .set_peer_trust(&bot.record.jid, &peer, body.trust, &actor)
+        .await?;
+    let mode = body.trust.map_or("the bot's", BotTrust::as_str);
+    tracing::info!(
+        bot = bot.record.jid,
+        peer,
+        trust = mode,
+        actor,
+        "peer trust set"
+    );
+    Ok(Json(peer_view(&state, &bot, peer).await?))
 }
 
 /// The keys a bot holds for one peer (one per device), oldest first.

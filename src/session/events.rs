@@ -197,11 +197,14 @@ impl BotDriver {
         if let Some((presented, pinned)) = reason.identity_change() {
             // Under verified_only a pinned but unverified key is refused too: that is a
             // key waiting for verification, not a changed one.
-            let waiting = self.trust == BotTrust::VerifiedOnly
+            let peer = bare(&key.peer);
+            let verified_only =
+                self.trust_for(peer).await.unwrap_or(self.trust) == BotTrust::VerifiedOnly;
+            let waiting = verified_only
                 && self
                     .shared
                     .store
-                    .pins(&self.bot.jid, bare(&key.peer))
+                    .pins(&self.bot.jid, peer)
                     .await
                     .is_ok_and(|all| all.contains(presented));
             return Some(if waiting {

@@ -241,11 +241,18 @@ impl BotDriver {
         }
     }
 
-    /// What a new tunnel to `key` is made of, with the pins the bot's trust mode accepts for
-    /// the peer: all of them, or the verified ones under `verified_only`.
+    /// The trust mode for a peer (bare JID): its own when one is set, else the bot's.
+    pub(super) async fn trust_for(&self, peer: &str) -> Result<BotTrust, StoreError> {
+        let own = self.shared.store.peer_trust(&self.bot.jid, peer).await?;
+        Ok(own.unwrap_or(self.trust))
+    }
+
+    /// What a new tunnel to `key` is made of, with the pins the peer's trust mode accepts:
+    /// all of them, or the verified ones under `verified_only`.
     pub(super) async fn tunnel_params(&self, key: &TunnelKey) -> Result<TunnelParams, StoreError> {
         let (store, peer) = (&self.shared.store, bare(&key.peer));
-        let verified_only = self.trust == BotTrust::VerifiedOnly;
+        let trust = self.trust_for(peer).await?;
+        let verified_only = trust == BotTrust::VerifiedOnly;
         let pins = if verified_only {
             store.verified_pins(&self.bot.jid, peer).await?
         } else {
@@ -260,7 +267,7 @@ impl BotDriver {
             creds: self.creds.clone(),
             policy: PeerPolicy {
                 peer_auth: self.peer_auth,
-                trust: self.trust.engine_mode(),
+                trust: trust.engine_mode(),
                 pins,
                 pinned_cert_names,
             },

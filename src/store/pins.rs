@@ -9,6 +9,7 @@ use serde::Serialize;
 use sqlx::Row;
 
 use super::{Store, StoreError, now};
+use crate::config::BotTrust;
 use xtls::certs::Fingerprint;
 
 /// A pinned peer key.
@@ -57,6 +58,8 @@ pub enum PinAction {
     Unverified,
     /// A pin removed.
     Removed,
+    /// The peer's own trust mode set, or cleared (the bot's applies again).
+    TrustSet,
 }
 
 impl PinAction {
@@ -68,6 +71,7 @@ impl PinAction {
             PinAction::Verified => "verified",
             PinAction::Unverified => "unverified",
             PinAction::Removed => "removed",
+            PinAction::TrustSet => "trust_set",
         }
     }
 }
@@ -82,6 +86,7 @@ impl std::str::FromStr for PinAction {
             PinAction::Verified,
             PinAction::Unverified,
             PinAction::Removed,
+            PinAction::TrustSet,
         ]
         .into_iter()
         .find(|a| a.as_str() == s)
@@ -107,10 +112,12 @@ pub struct AuditEntry {
     pub bot: String,
     /// The peer's bare JID.
     pub peer: String,
-    /// The key, SPKI SHA-256.
-    pub spki_sha256: String,
+    /// The key, SPKI SHA-256 (none for `trust_set`).
+    pub spki_sha256: Option<String>,
     /// The fingerprint the actor said they compared, if any.
     pub compared: Option<String>,
+    /// For `trust_set`: the peer's trust mode, or none when cleared.
+    pub trust: Option<BotTrust>,
 }
 
 /// A pin to set over the API.
@@ -229,17 +236,8 @@ impl Store {
         .rows_affected()
             == 1;
         if inserted {
-            audit(
-                &mut tx,
-                &at,
-                "component",
-                PinAction::PinnedOnFirstUse,
-                bot,
-                peer,
-                &key,
-                None,
-            )
-            .await?;
+            let entry = Audit::key(PinAction::PinnedOnFirstUse, &key, None);
+            audit(&mut tx, &at, "component", bot, peer, entry).await?;
             tx.commit().await?;
             return Ok(FirstUse::Pinned);
         }
@@ -353,17 +351,8 @@ impl Store {
             (Some(true), false) => PinAction::Unverified,
             (_, false) => PinAction::Approved,
         };
-        audit(
-            &mut tx,
-            &at,
-            change.actor,
-            action,
-            change.bot,
-            change.peer,
-            &key,
-            compared.as_deref(),
-        )
-        .await?;
+        let entry = Audit::key(action, &key, compared.as_deref());
+        audit(&mut tx, &at, change.actor, change.bot, change.peer, entry).await?;
         let row = sqlx::query(&format!(
             "SELECT {PIN_COLUMNS} FROM peer_pins WHERE bot_jid = ? AND peer = ? AND spki_sha256 = ?"
         ))
@@ -396,20 +385,66 @@ impl Store {
                 .rows_affected()
                 == 1;
         if removed {
-            audit(
-                &mut tx,
-                &at,
-                actor,
-                PinAction::Removed,
-                bot,
-                peer,
-                &key,
-                None,
-            )
-            .await?;
+            let entry = Audit::key(PinAction::Removed, &key, None);
+            audit(&mut tx, &at, actor, bot, peer, entry).await?;
         }
         tx.commit().await?;
         Ok(removed)
+    }
+
+    /// A peer's own trust mode on a bot, when one is set.
+    pub async fn peer_trust(&self, bot: &str, peer: &str) -> Result<Option<BotTrust>, StoreError> {
+        let row = sqlx::query("SELECT trust FROM peer_trust WHERE bot_jid = ? AND peer = ?")
+            .bind(bot)
+            .bind(peer)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok(Some(r.try_get::<&str, _>(0)?.parse()?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Sets a peer's own trust mode on a bot (`None`: the bot's applies again) and audits it.
+    pub async fn set_peer_trust(
+        &self,
+        bot: &str,
+        peer: &str,
+        trust: Option<BotTrust>,
+        actor: &str,
+    ) -> Result<(), StoreError> {
+        let at = now();
+        let mut tx = self.writer.begin().await?;
+        match trust {
+            Some(mode) => {
+                sqlx::query(
+                    "INSERT INTO peer_trust (bot_jid, peer, trust, updated_at) VALUES (?, ?, ?, ?) \
+                     ON CONFLICT (bot_jid, peer) DO UPDATE SET trust = excluded.trust, updated_at = excluded.updated_at",
+                )
+                .bind(bot)
+                .bind(peer)
+                .bind(mode.as_str())
+                .bind(&at)
+                .execute(&mut *tx)
+                .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM peer_trust WHERE bot_jid = ? AND peer = ?")
+                    .bind(bot)
+                    .bind(peer)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        let entry = Audit {
+            action: PinAction::TrustSet,
+            spki: None,
+            compared: None,
+            trust,
+        };
+        audit(&mut tx, &at, actor, bot, peer, entry).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// The audit log, newest first: one bot's entries, or every bot's.
@@ -419,7 +454,7 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, at, actor, action, bot_jid, peer, spki_sha256, compared FROM trust_audit \
+            "SELECT seq, at, actor, action, bot_jid, peer, spki_sha256, compared, trust FROM trust_audit \
              WHERE ? IS NULL OR bot_jid = ? ORDER BY seq DESC LIMIT ?",
         )
         .bind(bot)
@@ -438,33 +473,55 @@ impl Store {
                     peer: r.try_get("peer")?,
                     spki_sha256: r.try_get("spki_sha256")?,
                     compared: r.try_get("compared")?,
+                    trust: r
+                        .try_get::<Option<&str>, _>("trust")?
+                        .map(str::parse)
+                        .transpose()?,
                 })
             })
             .collect()
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What one audit entry says beside who, when, which bot and peer.
+struct Audit<'a> {
+    action: PinAction,
+    spki: Option<&'a str>,
+    compared: Option<&'a str>,
+    trust: Option<BotTrust>,
+}
+
+impl<'a> Audit<'a> {
+    fn key(action: PinAction, spki: &'a str, compared: Option<&'a str>) -> Self {
+        Audit {
+            action,
+            spki: Some(spki),
+            compared,
+            trust: None,
+        }
+    }
+}
+
 async fn audit(
     tx: &mut sqlx::SqliteConnection,
     at: &str,
     actor: &str,
-    action: PinAction,
     bot: &str,
     peer: &str,
-    spki: &str,
-    compared: Option<&str>,
+    entry: Audit<'_>,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO trust_audit (at, actor, action, bot_jid, peer, spki_sha256, compared) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO trust_audit (at, actor, action, bot_jid, peer, spki_sha256, compared, trust) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(at)
     .bind(actor)
-    .bind(action.as_str())
+    .bind(entry.action.as_str())
     .bind(bot)
     .bind(peer)
-    .bind(spki)
-    .bind(compared)
+    .bind(entry.spki)
+    .bind(entry.compared)
+    .bind(entry.trust.map(BotTrust::as_str))
     .execute(tx)
     .await?;
     Ok(())

@@ -54,6 +54,21 @@ async def echo_roundtrip(tunnel, body: str) -> None:
     got = await tunnel.recv_message(timeout=10)
     assert got == body, f"echo bot answered {got!r} to {body!r}"
 
+async def gets_in(users, name: str, bot: str, identity=None, *, echo: bool = False) -> bool:
+    """Whether `name` (with `identity`, else the session's key) opens a tunnel to `bot`; a
+    refusal must be the trust mode's (`not-acceptable` on the data carrying the Finished)."""
+    async with users.client(name, identity=identity) as client:
+        try:
+            tunnel = await client.open_tunnel(bot)
+        except XtlsError as refused:
+            assert (refused.request, refused.condition) == ("data", "not-acceptable"), refused
+            return False
+        if echo:
+            await echo_roundtrip(tunnel, "in")
+        await tunnel.close()
+        return True
+
+
 
 def walking_path(component, users, capsys) -> None:
     """Certificate from the admin API, tunnel, 100 echoes in order, tunnel table, close:
@@ -418,15 +433,8 @@ def test_manual_and_verified_only_admit_only_keys_someone_decided_on(component, 
     key = spki_sha256(mallory.cert_der)
     keys = f"/v1/bots/{bot}/peers/mallory@localhost/keys"
 
-    async def opens() -> bool:
-        async with users.client("mallory") as client:
-            try:
-                tunnel = await client.open_tunnel(bot)
-            except XtlsError as refused:
-                assert (refused.request, refused.condition) == ("data", "not-acceptable"), refused
-                return False
-            await tunnel.close()
-            return True
+    def opens():
+        return gets_in(users, "mallory", bot)
 
     def waiting_keys() -> list[str]:
         _, body = poll_events(component, bot, after=0, limit=1000)
@@ -485,3 +493,24 @@ def test_private_keys_are_unreadable_without_the_store_key(prosody):
         assert comp.get("/v1/bots")[1] == bots, "the same bots and keys with the key back"
     finally:
         comp.cleanup()
+
+
+def test_a_peer_of_its_own_trust_mode_meets_it_on_its_next_tunnel(component, users):
+    """A `tofu` bot with `manual` set for one peer refuses that peer's unknown key; cleared,
+    the bot's trust on first use admits it."""
+    status, made = component.post("/v1/bots", {"localpart": f"own{uuid.uuid4().hex[:6]}", "handler": "echo"})
+    assert status == 201 and made["trust"] == "tofu", made
+    bot = made["jid"]
+    peer = f"/v1/bots/{bot}/peers/mallory@localhost"
+
+    def opens():
+        return gets_in(users, "mallory", bot, echo=True)
+
+    status, view = component.request("PUT", peer, body={"trust": "manual"})
+    assert status == 200 and view["effective_trust"] == "manual", view
+    assert not run(opens())
+    status, view = component.request("PUT", peer, body={"trust": None})
+    assert status == 200 and view["effective_trust"] == "tofu", view
+    assert run(opens())
+    status, view = component.get(peer)
+    assert status == 200 and len(view["keys"]) == 1, view
