@@ -267,17 +267,31 @@ async fn store_key(config: &crate::config::StoreConfig, store: &Store) -> anyhow
     }
 }
 
-/// Writes a new file readable by its owner only; fails when it exists.
+/// Writes a new file readable by its owner only, all or nothing: the text goes to a
+/// temporary file beside it, synced, then linked to `path` (which fails when `path` exists)
+/// and the directory synced, so a crash leaves either no key or the whole key.
 fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write as _;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let temp = dir.join(format!(".{name}.{}.new", std::process::id()));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path)?;
-    file.write_all(text.as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()
+    let written = (|| {
+        let mut file = options.open(&temp)?;
+        file.write_all(text.as_bytes())?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+        std::fs::hard_link(&temp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    let _ = std::fs::remove_file(&temp);
+    written
 }
 
 /// A listener's TLS from its files, when it has them.

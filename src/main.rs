@@ -244,7 +244,7 @@ fn fingerprint(jid: &str, config: Option<PathBuf>, json: bool) -> ExitCode {
         return ExitCode::from(2);
     };
     let read = async {
-        let store = xtls_component::store::Store::open_existing(&url).await?;
+        let store = xtls_component::store::Store::open_read_only(&url).await?;
         let cert = store.load_certificate(&jid).await;
         store.close().await;
         Ok::<_, xtls_component::store::StoreError>(xtls::certs::PeerCertInfo::parse(&cert?)?)

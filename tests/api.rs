@@ -609,6 +609,19 @@ async fn peers_keys_are_managed_and_every_decision_is_audited() {
     assert_eq!(a.status, StatusCode::OK, "{}", a.body);
     let listed = api.call(Method::GET, keys, Some(&token), None).await;
     assert_eq!(listed.body.as_array().unwrap().len(), 2);
+    // Approving a verified key again leaves it verified (and audits nothing).
+    let again = api
+        .call(
+            Method::PUT,
+            &format!("{keys}/{phone}"),
+            Some(&token),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (again.status, &again.body["verified"]),
+        (StatusCode::OK, &json!(true))
+    );
 
     // Problems: a fingerprint that is not one, a comparison with another key, another bot.
     for (path, body) in [

@@ -63,6 +63,7 @@ pub async fn serve(
     tls: Option<ListenerTls>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let handshakes_stop = stop.clone();
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
@@ -93,6 +94,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
         let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
+        let mut stop = handshakes_stop.clone();
         // The handshake gets the header deadline, so a silent client holds its slot no longer
         // than one that trickles headers.
         let handshake_deadline = limits.header_timeout;
@@ -106,7 +108,12 @@ pub async fn serve(
                 }
                 Some(tls) => {
                     let accept = tokio_rustls::TlsAcceptor::from(tls.get()).accept(stream);
-                    let stream = match tokio::time::timeout(handshake_deadline, accept).await {
+                    // A handshake in progress holds the graceful shutdown: end it on stop.
+                    let handshake = tokio::select! {
+                        done = tokio::time::timeout(handshake_deadline, accept) => done,
+                        _ = stop.wait_for(|s| *s) => return,
+                    };
+                    let stream = match handshake {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "HTTPS handshake failed");

@@ -194,7 +194,8 @@ async fn get_keys(
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct KeyDecision {
-    /// Whether someone confirmed the key out of band. Default: true when `compared` is given.
+    /// Whether someone confirmed the key out of band. Default: true when `compared` is given;
+    /// without either, an already pinned key stays as it is.
     verified: Option<bool>,
     /// The fingerprint the person compared (it must be this key's): recorded in the pin and
     /// the audit log.
@@ -230,6 +231,14 @@ async fn put_key(
         return Err(ApiError::Invalid(
             "the fingerprint compared is not this key's: nothing was changed".into(),
         ));
+    }
+    if decision.verified.is_none() && compared.is_none() {
+        // Approving a key already pinned changes nothing (a verified one stays verified).
+        let store = &state.bots.shared().store;
+        let pins = store.peer_pins(&bot.record.jid, &peer).await?;
+        if let Some(pin) = pins.into_iter().find(|p| p.spki_sha256 == key.to_string()) {
+            return Ok((StatusCode::OK, Json(pin)));
+        }
     }
     let verified = decision.verified.unwrap_or(compared.is_some());
     if compared.is_some() && !verified {

@@ -31,6 +31,9 @@ pub(super) struct Live {
     pub(super) record: TunnelRecord,
     /// Whether this tunnel counts against the concurrent-handshake cap.
     pub(super) in_handshake: bool,
+    /// Whether the store refused the peer's key after the handshake: the tunnel is closing
+    /// and nothing more of it reaches the bot.
+    pub(super) refused: bool,
 }
 
 impl Live {
@@ -491,6 +494,7 @@ impl BotDriver {
                 record,
                 created: Instant::now(),
                 in_handshake: true,
+                refused: false,
             },
         );
         id

@@ -50,13 +50,10 @@ impl BotDriver {
                     trust = record.peer_identity.trust.as_str(),
                     "tunnel open"
                 );
-                let established = BotEvent::TunnelEstablished {
-                    tls_version: est.tls_version.clone(),
-                    cipher_suite: est.cipher_suite.clone(),
-                    identity: Identity::of(&est),
-                };
+                // The trust decision the store makes (first use, a pin removed meanwhile)
+                // comes before anything of the tunnel reaches the bot.
                 let (id, peer) = (Some(record.id.clone()), Some(key.peer.clone()));
-                self.log(None, established.into_row(id.clone(), peer.clone()));
+                let mut pinned_now = false;
                 if let Some(spki) = &est.peer.spki_sha256 {
                     let (store, bot, peer_bare) =
                         (&self.shared.store, &self.bot.jid, bare(&key.peer));
@@ -67,39 +64,66 @@ impl BotDriver {
                         store
                             .pin_seen(bot, peer_bare, spki, cert)
                             .await
-                            .map(|_| FirstUse::AlreadyPinned)
+                            .map(|seen| {
+                                if seen {
+                                    FirstUse::AlreadyPinned
+                                } else {
+                                    FirstUse::Removed
+                                }
+                            })
                     };
-                    match stored {
+                    let refusal = match stored {
                         Ok(FirstUse::Pinned) => {
-                            let new = BotEvent::PeerIdentityNew {
-                                peer: peer_bare.to_owned(),
-                                spki_sha256: record.peer_identity.spki_sha256.clone(),
-                                accepted: true,
-                            };
-                            self.log(None, new.into_row(id, peer));
+                            pinned_now = true;
+                            None
                         }
-                        Ok(FirstUse::AlreadyPinned) => {}
+                        Ok(FirstUse::AlreadyPinned) => None,
                         // Another handshake of this peer pinned a different key first: this
                         // one is a changed key like any other, and the tunnel ends as such.
-                        Ok(FirstUse::Lost(pinned)) => {
-                            let reason =
-                                CloseReason::CertificateRejected(VerifyError::PinMismatch {
-                                    jid: peer_bare.to_owned(),
-                                    presented: spki.clone(),
-                                    pinned,
-                                });
-                            if let Some(live) = self.tunnels.get_mut(key) {
-                                live.tunnel.close_because(now, reason);
-                            }
-                            self.save(&record).await;
-                            return;
+                        Ok(FirstUse::Lost(pinned)) => Some(VerifyError::PinMismatch {
+                            jid: peer_bare.to_owned(),
+                            presented: spki.clone(),
+                            pinned,
+                        }),
+                        // The pin was removed while the handshake ran: not accepted any more.
+                        Ok(FirstUse::Removed) => Some(VerifyError::NotPinned {
+                            jid: peer_bare.to_owned(),
+                            presented: spki.clone(),
+                        }),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot record peer pin");
+                            None
                         }
-                        Err(e) => tracing::error!(error = %e, "cannot record peer pin"),
+                    };
+                    if let Some(refusal) = refusal {
+                        if let Some(live) = self.tunnels.get_mut(key) {
+                            live.refused = true;
+                            live.tunnel
+                                .close_because(now, CloseReason::CertificateRejected(refusal));
+                        }
+                        self.save(&record).await;
+                        return;
                     }
+                }
+                let established = BotEvent::TunnelEstablished {
+                    tls_version: est.tls_version.clone(),
+                    cipher_suite: est.cipher_suite.clone(),
+                    identity: Identity::of(&est),
+                };
+                self.log(None, established.into_row(id.clone(), peer.clone()));
+                if pinned_now {
+                    let new = BotEvent::PeerIdentityNew {
+                        peer: bare(&key.peer).to_owned(),
+                        spki_sha256: record.peer_identity.spki_sha256.clone(),
+                        accepted: true,
+                    };
+                    self.log(None, new.into_row(id, peer));
                 }
                 self.save(&record).await;
                 self.send_waiting(key).await;
             }
+            // A tunnel whose key was refused after its handshake hands the bot nothing more.
+            Event::Stanza(_) | Event::Unanswered(_) if live.refused => {}
             Event::Stanza(stanza) => match self.handler {
                 Handler::Echo => {
                     if let Some(reply) = echo(&stanza)

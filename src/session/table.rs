@@ -225,6 +225,8 @@ pub struct NewBot {
 pub struct BotTable {
     bots: Arc<RwLock<HashMap<String, BotHandle>>>,
     shared: Arc<Shared>,
+    /// Policy changes one at a time, so two PATCHes of one bot cannot undo each other.
+    policy_changes: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What a bot's tasks start from.
@@ -243,6 +245,7 @@ impl BotTable {
         let table = BotTable {
             bots: Arc::default(),
             shared,
+            policy_changes: Arc::default(),
         };
         let stored = table.shared.store.load_bots().await?;
         // What each bot's tasks would otherwise ask the store one by one at start.
@@ -416,6 +419,7 @@ impl BotTable {
         jid: &str,
         change: PolicyChange,
     ) -> Result<Option<BotHandle>, BotError> {
+        let _one_at_a_time = self.policy_changes.lock().await;
         let Some(handle) = self.by_jid(jid) else {
             return Ok(None);
         };

@@ -129,10 +129,23 @@ impl Store {
         Self::connect(url, true).await
     }
 
-    /// Opens an existing database (an error when there is none) and migrates it: for the
-    /// offline commands, which must not leave an empty store behind a mistyped path.
-    pub async fn open_existing(url: &str) -> Result<Store, StoreError> {
-        Self::connect(url, false).await
+    /// Opens an existing database read-only, as it is (no migration): for the offline
+    /// commands, which must neither leave an empty store behind a mistyped path nor change
+    /// the schema under a running instance of another version.
+    pub async fn open_read_only(url: &str) -> Result<Store, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .read_only(true)
+            .create_if_missing(false)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        Ok(Store {
+            writer: pool.clone(),
+            pool,
+            sealing: Default::default(),
+        })
     }
 
     async fn connect(url: &str, create: bool) -> Result<Store, StoreError> {

@@ -42,6 +42,8 @@ pub enum FirstUse {
     AlreadyPinned,
     /// Another key was pinned first: these are the peer's pins, and this key is not one.
     Lost(Vec<Fingerprint>),
+    /// The pin the handshake matched was removed meanwhile.
+    Removed,
 }
 
 /// A change to a pin made over the API.
