@@ -24,14 +24,14 @@ fn json_logs_are_one_object_per_line_with_the_event_fields() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xtls-component"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::Running::spawn(
+        Command::new(env!("CARGO_BIN_EXE_xtls-component"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null()),
+    );
     let rx = common::stderr_lines(&mut child);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut objects = Vec::new();
@@ -44,8 +44,7 @@ fn json_logs_are_one_object_per_line_with_the_event_fields() {
             .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
         objects.push(object);
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(objects.len() >= 3, "{objects:?}");
     for o in &objects {

@@ -65,15 +65,15 @@ fn sighup_applies_the_admin_token_and_names_what_takes_a_restart() {
     drop(free);
     let file = dir.join("config.toml");
     std::fs::write(&file, config(&dir, &admin, "first-token-1", 1024)).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_xtls-component"))
-        .args(["serve", "--config"])
-        .arg(&file)
-        .env_remove("RUST_LOG")
-        .env("NO_COLOR", "1")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = common::Running::spawn(
+        Command::new(env!("CARGO_BIN_EXE_xtls-component"))
+            .args(["serve", "--config"])
+            .arg(&file)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null()),
+    );
     let rx = common::stderr_lines(&mut child);
     let mut log = String::new();
     let read_log = |log: &mut String| {
@@ -122,7 +122,6 @@ fn sighup_applies_the_admin_token_and_names_what_takes_a_restart() {
         "no token in the log: {log}"
     );
 
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,7 +1,7 @@
 //! What the tests that run the binary share.
 
 use std::io::{BufRead, BufReader};
-use std::process::Child;
+use std::process::{Child, Command};
 use std::sync::mpsc;
 
 /// The child's standard error, line by line, read on a thread of its own so that a silent
@@ -17,4 +17,36 @@ pub fn stderr_lines(child: &mut Child) -> mpsc::Receiver<String> {
         }
     });
     rx
+}
+
+/// The component process a test runs: killed and reaped when dropped, so a failing test
+/// leaves nothing running.
+pub struct Running(pub Child);
+
+impl Running {
+    /// Spawns `command`.
+    pub fn spawn(command: &mut Command) -> Running {
+        Running(command.spawn().expect("the binary starts"))
+    }
+}
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
