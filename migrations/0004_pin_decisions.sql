@@ -11,8 +11,8 @@ CREATE TABLE trust_audit (
     actor       TEXT NOT NULL,                   -- admin | bot-token:<id> | component
     action      TEXT NOT NULL,                   -- pinned_on_first_use | approved | verified | unverified | removed | trust_set
     bot_jid     TEXT NOT NULL,
-    peer        TEXT NOT NULL,
-    spki_sha256 TEXT,                            -- NULL for a peer's trust mode
+    peer        TEXT,                            -- NULL: the bot's own trust mode (trust_set)
+    spki_sha256 TEXT,                            -- NULL for a trust mode
     compared    TEXT,
     trust       TEXT                             -- the peer's trust mode set (trust_set)
 );

@@ -458,6 +458,25 @@ async fn bots_are_created_read_and_deleted() {
         (a.status, &a.body["trust"], &a.body["encrypted_only"]),
         (StatusCode::OK, &json!("verified_only"), &json!(true))
     );
+    // A trust decision like any other: audited, with no peer.
+    let log = api.admin(Method::GET, "/v1/audit?bot=weather", None).await;
+    let entry = &log.body["entries"][0];
+    assert_eq!(
+        (
+            &entry["action"],
+            &entry["peer"],
+            &entry["trust"],
+            &entry["actor"]
+        ),
+        (
+            &json!("trust_set"),
+            &Value::Null,
+            &json!("verified_only"),
+            &json!("admin")
+        ),
+        "{}",
+        log.body
+    );
     let clear: Element = "<message xmlns='jabber:client' type='chat' id='p1' \
         from='alice@example.net/phone' to='weather@bots.example.org'><body>hi</body></message>"
         .parse()

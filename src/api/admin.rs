@@ -229,7 +229,12 @@ async fn patch_bot(
         encrypted_only: body.encrypted_only,
         trust: body.trust,
     };
-    match state.bots.set_policy(&bot.record.jid, change).await? {
+    // Admin-only route: the admin token is the actor.
+    match state
+        .bots
+        .set_policy(&bot.record.jid, change, "admin")
+        .await?
+    {
         Some(bot) => Ok(Json(bot_view(&bot))),
         None => Err(ApiError::NotFound(format!("bot {jid}"))),
     }

@@ -418,6 +418,7 @@ impl BotTable {
         &self,
         jid: &str,
         change: PolicyChange,
+        actor: &str,
     ) -> Result<Option<BotHandle>, BotError> {
         let _one_at_a_time = self.policy_changes.lock().await;
         let Some(handle) = self.by_jid(jid) else {
@@ -432,7 +433,12 @@ impl BotTable {
         if !self
             .shared
             .store
-            .set_policy(&handle.record.jid, policy.encrypted_only, policy.trust)
+            .set_policy(
+                &handle.record.jid,
+                policy.encrypted_only,
+                policy.trust,
+                actor,
+            )
             .await?
         {
             return Ok(None);

@@ -146,20 +146,41 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
-    /// Sets a bot's clear-text policy and trust mode; `false` when the bot does not exist.
+    /// Sets a bot's clear-text policy and trust mode, auditing a change of trust mode as
+    /// `actor`'s; `false` when the bot does not exist.
     pub async fn set_policy(
         &self,
         jid: &str,
         encrypted_only: bool,
         trust: BotTrust,
+        actor: &str,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query("UPDATE bots SET encrypted_only = ?, trust = ? WHERE jid = ?")
+        let mut tx = self.writer.begin().await?;
+        let Some(before) = sqlx::query("SELECT trust FROM bots WHERE jid = ?")
+            .bind(jid)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let before: BotTrust = before.try_get::<&str, _>(0)?.parse()?;
+        sqlx::query("UPDATE bots SET encrypted_only = ?, trust = ? WHERE jid = ?")
             .bind(encrypted_only)
             .bind(trust.as_str())
             .bind(jid)
-            .execute(&self.writer)
+            .execute(&mut *tx)
             .await?;
-        Ok(done.rows_affected() > 0)
+        if before != trust {
+            let entry = super::pins::Audit {
+                action: super::PinAction::TrustSet,
+                spki: None,
+                compared: None,
+                trust: Some(trust),
+            };
+            super::pins::audit(&mut tx, &super::now(), actor, jid, None, entry).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
     }
 }
 

@@ -112,13 +112,14 @@ pub struct AuditEntry {
     pub action: PinAction,
     /// The bot.
     pub bot: String,
-    /// The peer's bare JID.
-    pub peer: String,
+    /// The peer's bare JID; none for the bot's own trust mode (`trust_set`).
+    pub peer: Option<String>,
     /// The key, SPKI SHA-256 (none for `trust_set`).
     pub spki_sha256: Option<String>,
     /// The fingerprint the actor said they compared, if any.
     pub compared: Option<String>,
-    /// For `trust_set`: the peer's trust mode, or none when cleared.
+    /// For `trust_set`: the trust mode set (the peer's, or the bot's when there is no peer);
+    /// none when a peer's was cleared.
     pub trust: Option<BotTrust>,
 }
 
@@ -239,7 +240,7 @@ impl Store {
             == 1;
         if inserted {
             let entry = Audit::key(PinAction::PinnedOnFirstUse, &key, None);
-            audit(&mut tx, &at, "component", bot, peer, entry).await?;
+            audit(&mut tx, &at, "component", bot, Some(peer), entry).await?;
             tx.commit().await?;
             return Ok(FirstUse::Pinned);
         }
@@ -354,7 +355,15 @@ impl Store {
             (_, false) => PinAction::Approved,
         };
         let entry = Audit::key(action, &key, compared.as_deref());
-        audit(&mut tx, &at, change.actor, change.bot, change.peer, entry).await?;
+        audit(
+            &mut tx,
+            &at,
+            change.actor,
+            change.bot,
+            Some(change.peer),
+            entry,
+        )
+        .await?;
         let row = sqlx::query(&format!(
             "SELECT {PIN_COLUMNS} FROM peer_pins WHERE bot_jid = ? AND peer = ? AND spki_sha256 = ?"
         ))
@@ -388,7 +397,7 @@ impl Store {
                 == 1;
         if removed {
             let entry = Audit::key(PinAction::Removed, &key, None);
-            audit(&mut tx, &at, actor, bot, peer, entry).await?;
+            audit(&mut tx, &at, actor, bot, Some(peer), entry).await?;
         }
         tx.commit().await?;
         Ok(removed)
@@ -444,7 +453,7 @@ impl Store {
             compared: None,
             trust,
         };
-        audit(&mut tx, &at, actor, bot, peer, entry).await?;
+        audit(&mut tx, &at, actor, bot, Some(peer), entry).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -486,11 +495,11 @@ impl Store {
 }
 
 /// What one audit entry says beside who, when, which bot and peer.
-struct Audit<'a> {
-    action: PinAction,
-    spki: Option<&'a str>,
-    compared: Option<&'a str>,
-    trust: Option<BotTrust>,
+pub(super) struct Audit<'a> {
+    pub(super) action: PinAction,
+    pub(super) spki: Option<&'a str>,
+    pub(super) compared: Option<&'a str>,
+    pub(super) trust: Option<BotTrust>,
 }
 
 impl<'a> Audit<'a> {
@@ -504,12 +513,12 @@ impl<'a> Audit<'a> {
     }
 }
 
-async fn audit(
+pub(super) async fn audit(
     tx: &mut sqlx::SqliteConnection,
     at: &str,
     actor: &str,
     bot: &str,
-    peer: &str,
+    peer: Option<&str>,
     entry: Audit<'_>,
 ) -> Result<(), StoreError> {
     sqlx::query(
