@@ -210,8 +210,11 @@ url = "sqlite://{self.store_path}"
 
     def secrets_seen(self) -> set[str]:
         """Every secret this component was given or gave out: the component secret, the
-        admin token, bot tokens and webhook secrets that went through `request`."""
-        return {self.server.component_secret, self.token, *self._secrets}
+        admin token, bot tokens and webhook secrets that went through `request`, and the
+        store key it made beside its store."""
+        key_file = self.store_path.with_name(self.store_path.name + ".key")
+        store_key = key_file.read_text().strip() if key_file.exists() else ""
+        return {self.server.component_secret, self.token, store_key, *self._secrets} - {""}
 
     def assert_log_has_no_secrets(self) -> None:
         """Raise AssertionError naming the kind of secret found in the component's log."""
@@ -219,6 +222,9 @@ url = "sqlite://{self.store_path}"
             return
         log = self.log_path.read_text(errors="replace")
         kinds = {self.server.component_secret: "the component secret", self.token: "the admin token"}
+        key_file = self.store_path.with_name(self.store_path.name + ".key")
+        if key_file.exists():
+            kinds[key_file.read_text().strip()] = "the store key"
         leaked = sorted({kinds.get(s) or ("a bot token" if s.startswith("xtb_") else "a webhook secret")
                          for s in self.secrets_seen() if s and s in log})
         if "PRIVATE KEY" in log:
