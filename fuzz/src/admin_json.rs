@@ -3,7 +3,8 @@
 //!
 //! Input: one control byte (which route, which `Content-Type`), then the body. Routes: `POST
 //! /v1/bots`, `PUT /v1/bots/fuzz/webhook`, `POST /v1/bots/fuzz/messages`, `POST /v1/tunnels`,
-//! `POST /v1/bots/fuzz/deliveries/retry` and `.../drop`. A control byte whose low nibble is
+//! `POST /v1/bots/fuzz/deliveries/retry` and `.../drop`, `PATCH /v1/bots/fuzz`, `PUT
+//! /v1/bots/fuzz/peers/{peer}` and `PUT .../keys/{spki}`. A control byte whose low nibble is
 //! 0xf feeds the body to `webhook::reply_stanzas` instead (a webhook's synchronous answer)
 //! and serializes the stanzas it makes.
 //!
@@ -122,15 +123,21 @@ enum Route {
     OpenTunnel,
     RetryDead,
     DropDead,
+    PatchBot,
+    PutPeer,
+    PutKey,
 }
 
-const ROUTES: [Route; 6] = [
+const ROUTES: [Route; 9] = [
     Route::CreateBot,
     Route::PutWebhook,
     Route::PostMessage,
     Route::OpenTunnel,
     Route::RetryDead,
     Route::DropDead,
+    Route::PatchBot,
+    Route::PutPeer,
+    Route::PutKey,
 ];
 
 impl Route {
@@ -142,6 +149,13 @@ impl Route {
             Route::OpenTunnel => (Method::POST, "/v1/tunnels"),
             Route::RetryDead => (Method::POST, "/v1/bots/fuzz/deliveries/retry"),
             Route::DropDead => (Method::POST, "/v1/bots/fuzz/deliveries/drop"),
+            Route::PatchBot => (Method::PATCH, "/v1/bots/fuzz"),
+            Route::PutPeer => (Method::PUT, "/v1/bots/fuzz/peers/alice@example.net"),
+            Route::PutKey => (
+                Method::PUT,
+                "/v1/bots/fuzz/peers/alice@example.net/keys/\
+                 ab00000000000000000000000000000000000000000000000000000000000000",
+            ),
         }
     }
 
@@ -154,9 +168,13 @@ impl Route {
                 Route::CreateBot => matches!(code, 409 | 422 | 500),
                 // 404: `bot` names no bot.
                 Route::OpenTunnel => matches!(code, 404 | 422 | 500),
-                Route::PutWebhook | Route::PostMessage | Route::RetryDead | Route::DropDead => {
-                    matches!(code, 422 | 500)
-                }
+                Route::PutWebhook
+                | Route::PostMessage
+                | Route::RetryDead
+                | Route::DropDead
+                | Route::PatchBot
+                | Route::PutPeer
+                | Route::PutKey => matches!(code, 422 | 500),
             }
     }
 }
@@ -304,6 +322,35 @@ fn assert_passed_validation(route: Route, content_type: Option<&str>, body: &[u8
                     .get("seq")
                     .is_none_or(|s| s.is_null() || s.is_array())
             );
+        }
+        Route::PatchBot => {
+            let named = |key: &str| object.get(key).is_some_and(|v| !v.is_null());
+            assert!(
+                named("encrypted_only") || named("trust"),
+                "PATCH names a change"
+            );
+        }
+        Route::PutPeer => {
+            // Absent or null clears the peer's own mode.
+            assert!(
+                object
+                    .get("trust")
+                    .is_none_or(|t| t.is_null() || t.is_string())
+            );
+        }
+        Route::PutKey => {
+            // `compared`, when given, is this key (any case, colons or not) and goes with
+            // `verified` true or absent.
+            if let Some(compared) = object.get("compared").filter(|v| !v.is_null()) {
+                let hex: String = compared
+                    .as_str()
+                    .expect("compared is a string")
+                    .chars()
+                    .filter(|c| *c != ':')
+                    .collect();
+                assert!(hex.eq_ignore_ascii_case(&format!("ab{}", "0".repeat(62))));
+                assert_ne!(object.get("verified"), Some(&Value::Bool(false)));
+            }
         }
     }
 }

@@ -135,7 +135,8 @@ async fn get_peer(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PeerTrustBody {
-    /// `tofu`, `manual` or `verified_only` for this peer only; `null`: the bot's applies.
+    /// `tofu`, `manual` or `verified_only` for this peer only; `null` or absent: the bot's
+    /// applies again.
     trust: Option<BotTrust>,
 }
 
