@@ -252,14 +252,8 @@ impl BotDriver {
     pub(super) async fn tunnel_params(&self, key: &TunnelKey) -> Result<TunnelParams, StoreError> {
         let (store, peer) = (&self.shared.store, bare(&key.peer));
         let trust = self.trust_for(peer).await?;
-        let verified_only = trust == BotTrust::VerifiedOnly;
-        let pins = if verified_only {
-            store.verified_pins(&self.bot.jid, peer).await?
-        } else {
-            store.pins(&self.bot.jid, peer).await?
-        };
-        let pinned_cert_names = store
-            .pinned_cert_names(&self.bot.jid, peer, verified_only)
+        let (pins, pinned_cert_names) = store
+            .accepted_pins(&self.bot.jid, peer, trust == BotTrust::VerifiedOnly)
             .await?;
         Ok(TunnelParams {
             config: self.shared.tunnel_config.clone(),

@@ -369,10 +369,7 @@ pub(crate) mod tests {
             .unwrap();
         // Offers name certificates (spec §1.6): both digests of the one seen with the pin.
         assert_eq!(
-            store
-                .pinned_cert_names(&bot.jid, alice, false)
-                .await
-                .unwrap(),
+            store.accepted_pins(&bot.jid, alice, false).await.unwrap().1,
             [
                 Fingerprint::sha1(b"laptop cert").to_lower_hex(),
                 Fingerprint::sha256(b"laptop cert").to_lower_hex()
@@ -380,9 +377,10 @@ pub(crate) mod tests {
         );
         assert!(
             store
-                .pinned_cert_names(&bot.jid, alice, true)
+                .accepted_pins(&bot.jid, alice, true)
                 .await
                 .unwrap()
+                .1
                 .is_empty()
         );
         // A second device, approved; then verified with the fingerprint compared.

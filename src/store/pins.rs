@@ -146,68 +146,41 @@ const PIN_COLUMNS: &str =
 impl Store {
     /// The SPKI pins a bot holds for a peer bare JID.
     pub async fn pins(&self, bot: &str, peer: &str) -> Result<Vec<Fingerprint>, StoreError> {
-        self.pins_where(bot, peer, false).await
+        Ok(self.accepted_pins(bot, peer, false).await?.0)
     }
 
-    /// The pins someone verified (compared out of band) for a peer bare JID.
-    pub async fn verified_pins(
-        &self,
-        bot: &str,
-        peer: &str,
-    ) -> Result<Vec<Fingerprint>, StoreError> {
-        self.pins_where(bot, peer, true).await
-    }
-
-    /// The offer key names (lowercase hex SHA-1 and SHA-256) of the certificates seen with
-    /// the pins the trust mode accepts for a peer: all pins, or the verified ones.
-    pub async fn pinned_cert_names(
+    /// In one query, the pins a trust mode accepts for a peer (all of them, or the verified
+    /// ones) and the offer key names (lowercase hex SHA-1 and SHA-256) of the certificates
+    /// seen with them: what a new tunnel's policy is made of.
+    pub async fn accepted_pins(
         &self,
         bot: &str,
         peer: &str,
         verified_only: bool,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<(Vec<Fingerprint>, Vec<String>), StoreError> {
         let rows = sqlx::query(
-            "SELECT cert_der FROM peer_pins WHERE bot_jid = ? AND peer = ? AND cert_der IS NOT NULL \
-             AND (verified OR NOT ?)",
+            "SELECT spki_sha256, cert_der FROM peer_pins \
+             WHERE bot_jid = ? AND peer = ? AND (verified OR NOT ?)",
         )
         .bind(bot)
         .bind(peer)
         .bind(verified_only)
         .fetch_all(&self.pool)
         .await?;
-        let mut names = Vec::with_capacity(rows.len() * 2);
+        let (mut pins, mut names) = (Vec::with_capacity(rows.len()), Vec::new());
         for row in &rows {
-            let der: Vec<u8> = row.try_get(0)?;
-            names.push(Fingerprint::sha1(&der).to_lower_hex());
-            names.push(Fingerprint::sha256(&der).to_lower_hex());
+            // An unreadable pin is an error, never skipped: without it, trust on first use
+            // would pin whatever key came next.
+            let stored: &str = row.try_get("spki_sha256")?;
+            pins.push(Fingerprint::parse(stored).ok_or_else(|| {
+                StoreError::Unreadable(format!("pin '{stored}' of {peer} is not a fingerprint"))
+            })?);
+            if let Some(der) = row.try_get::<Option<Vec<u8>>, _>("cert_der")? {
+                names.push(Fingerprint::sha1(&der).to_lower_hex());
+                names.push(Fingerprint::sha256(&der).to_lower_hex());
+            }
         }
-        Ok(names)
-    }
-
-    async fn pins_where(
-        &self,
-        bot: &str,
-        peer: &str,
-        verified_only: bool,
-    ) -> Result<Vec<Fingerprint>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT spki_sha256 FROM peer_pins WHERE bot_jid = ? AND peer = ? AND (verified OR NOT ?)",
-        )
-        .bind(bot)
-        .bind(peer)
-        .bind(verified_only)
-        .fetch_all(&self.pool)
-        .await?;
-        // An unreadable pin is an error, never skipped: without it, trust on first use would
-        // pin whatever key came next.
-        rows.iter()
-            .map(|r| {
-                let stored: &str = r.try_get("spki_sha256")?;
-                Fingerprint::parse(stored).ok_or_else(|| {
-                    StoreError::Unreadable(format!("pin '{stored}' of {peer} is not a fingerprint"))
-                })
-            })
-            .collect()
+        Ok((pins, names))
     }
 
     /// Pins `spki` for `peer` only if the peer has no pin yet (trust on first use), in one
