@@ -14,7 +14,7 @@ use utoipa_axum::routes;
 
 use super::bot::scoped;
 use super::openapi::{PROBLEM_JSON, Problem};
-use super::{AdminState, ApiError, Caller};
+use super::{AdminState, ApiError, Caller, json_body};
 use crate::config::BotTrust;
 use crate::delivery::event::BotEvent;
 use crate::session::BotHandle;
@@ -157,7 +157,7 @@ async fn put_peer(
 ) -> Result<Json<PeerTrustView>, ApiError> {
     let bot = scoped(&state, &caller, &jid)?;
     let peer = peer_jid(&peer)?;
-    let Json(body) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let body = json_body(body)?;
     let actor = caller.actor();
     let store = &state.bots.shared().store;
     store
@@ -222,7 +222,7 @@ async fn put_key(
     let bot = scoped(&state, &caller, &jid)?;
     let peer = peer_jid(&peer)?;
     let key = spki(&key, "the key in the path")?;
-    let Json(decision) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let decision = json_body(body)?;
     let compared = decision
         .compared
         .as_deref()
