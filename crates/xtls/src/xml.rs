@@ -316,7 +316,8 @@ impl StreamReader {
                     0 => self.out.push_back(XmlEvent::End),
                     1 => {
                         self.element_bytes = 0;
-                        if let Some(element) = self.builder.unshift_child() {
+                        if let Some(mut element) = self.builder.unshift_child() {
+                            forget_prefixes(&mut element);
                             self.out.push_back(XmlEvent::Element(element));
                         }
                     }
@@ -434,6 +435,15 @@ pub fn parse_stanza(text: &str) -> Result<Element, XmlError> {
 
 /// Serializes an element to its XML bytes (no declaration).
 pub fn to_bytes(element: &Element) -> Vec<u8> {
+    let unprefixed;
+    let element = if declares_prefixes(element) {
+        let mut copy = element.clone();
+        forget_prefixes(&mut copy);
+        unprefixed = copy;
+        &unprefixed
+    } else {
+        element
+    };
     let mut out = Vec::with_capacity(256);
     element
         .write_to(&mut out)
@@ -450,6 +460,25 @@ pub fn to_bytes(element: &Element) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Whether an element or one of its descendants carries namespace declarations of its own.
+fn declares_prefixes(element: &Element) -> bool {
+    !element.prefixes.declared_prefixes().is_empty() || element.children().any(declares_prefixes)
+}
+
+/// Drops the prefix declarations an element tree was parsed with; names keep their namespaces.
+///
+/// minidom's writer replays the declarations it finds on each element and panics on some that
+/// are valid XML: a descendant redeclaring a prefix of the root (even to the same namespace),
+/// `xmlns:xml` stated explicitly, a prefix named like the writer's own `tns0`. Without them the
+/// writer declares every namespace itself, which always yields the same names. Found by the
+/// `inner_framing` fuzz target.
+fn forget_prefixes(element: &mut Element) {
+    element.prefixes = Default::default();
+    for child in element.children_mut() {
+        forget_prefixes(child);
+    }
 }
 
 #[cfg(test)]
@@ -478,6 +507,51 @@ mod parse_stanza_tests {
             panic!("an element")
         };
         assert!(message.get_child("x", "").is_some());
+    }
+
+    #[test]
+    fn declarations_the_writer_would_refuse_are_written_as_its_own() {
+        // Each of these once made minidom's writer panic on an element we had just parsed.
+        for input in [
+            "<iq xmlns:q='urn:q' q:a='en' type='result' id='r0'>\
+             <q:query xmlns:q='urn:q' q:attr='v'><q>item</q></q:query></iq>",
+            "<iq xmlns:q='urn:a' q:a='1'><q:query xmlns:q='urn:b'/></iq>",
+            "<iq xmlns:xml='http://www.w3.org/XML/1998/namespace' xml:lang='en'/>",
+            "<iq xmlns:tns0='urn:a' tns0:x='1'><c xmlns:z='urn:b' z:y='2'/></iq>",
+        ] {
+            let mut reader = StreamReader::with_synthetic_root(XmlLimits::default());
+            reader.feed(input.as_bytes()).unwrap();
+            let Some(XmlEvent::Element(el)) = reader.next_event() else {
+                panic!("an element from {input}")
+            };
+            let written = to_bytes(&el);
+            let mut again = StreamReader::with_synthetic_root(XmlLimits::default());
+            again.feed(&written).unwrap();
+            let Some(XmlEvent::Element(back)) = again.next_event() else {
+                panic!("{} reads back", String::from_utf8_lossy(&written))
+            };
+            assert_eq!(back, el, "{input}");
+        }
+    }
+
+    #[test]
+    fn a_built_element_with_declarations_is_written_too() {
+        let child = Element::builder("query", "urn:q")
+            .prefix(Some("q".into()), "urn:q")
+            .unwrap()
+            .build();
+        let el = Element::builder("iq", crate::stanza::ns::CLIENT)
+            .prefix(Some("q".into()), "urn:q")
+            .unwrap()
+            .attr_ns("urn:q".into(), "a".try_into().unwrap(), "1")
+            .append(child)
+            .build();
+        let written = String::from_utf8(to_bytes(&el)).unwrap();
+        let back = parse_stanza(&written).unwrap();
+        assert_eq!(
+            back.get_child("query", "urn:q").map(Element::name),
+            Some("query")
+        );
     }
 
     #[test]
