@@ -54,6 +54,7 @@ pub async fn run(
         &config.events,
         config.webhooks.clone(),
     );
+    shared.certificates.set(config.certificates.clone());
     let bots = BotTable::load(shared).await.context("cannot load bots")?;
     for bot in &config.bots {
         if bots.by_localpart(&bot.localpart).is_none() {
@@ -68,6 +69,8 @@ pub async fn run(
             .with_context(|| format!("cannot create bot {}", bot.localpart))?;
         }
     }
+
+    let rotations = tokio::spawn(bots.clone().run_rotations());
 
     let retention = std::time::Duration::from_secs(config.events.retention_secs);
     let pruner_store = store.clone();
@@ -226,6 +229,7 @@ pub async fn run(
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
     }
     pruner.abort();
+    rotations.abort();
     store.close().await;
     outcome
 }

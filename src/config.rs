@@ -91,6 +91,9 @@ pub struct Config {
     /// Webhook delivery.
     #[serde(default)]
     pub webhooks: WebhooksConfig,
+    /// The bots' own certificates: validity and rotation.
+    #[serde(default)]
+    pub certificates: CertificatesConfig,
     /// Bots created at start when missing.
     #[serde(default)]
     pub bots: Vec<BotConfig>,
@@ -537,6 +540,44 @@ impl Default for EventsConfig {
     }
 }
 
+/// `[certificates]`: the validity of the bots' certificates and their rotation.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CertificatesConfig {
+    /// Days a new or re-issued certificate is valid.
+    pub validity_days: u64,
+    /// Seconds a next certificate is announced before it becomes active, unless a rotation
+    /// says otherwise; also how long before its expiry a certificate is rotated automatically.
+    pub overlap_secs: u64,
+    /// Rotate certificates that expire within the overlap (keeping their key).
+    pub auto_rotate: bool,
+    /// Seconds between checks for certificates to activate or rotate.
+    pub check_interval_secs: u64,
+}
+
+impl Default for CertificatesConfig {
+    fn default() -> Self {
+        Self {
+            validity_days: 3650,
+            overlap_secs: 14 * 86400,
+            auto_rotate: true,
+            check_interval_secs: 60,
+        }
+    }
+}
+
+impl CertificatesConfig {
+    /// The validity of a new certificate.
+    pub fn validity(&self) -> Duration {
+        Duration::from_secs(self.validity_days * 86400)
+    }
+
+    /// The default overlap of a rotation.
+    pub fn overlap(&self) -> Duration {
+        Duration::from_secs(self.overlap_secs)
+    }
+}
+
 /// `[webhooks]`: how events are pushed to bots' webhooks.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -889,6 +930,26 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        let certs = &self.certificates;
+        if !(1..=36500).contains(&certs.validity_days) {
+            return Err(invalid(
+                "certificates.validity_days",
+                "must be between 1 and 36500",
+            ));
+        }
+        // A certificate due for rotation as soon as it is issued would be rotated forever.
+        if certs.auto_rotate && certs.overlap_secs >= certs.validity_days * 86400 {
+            return Err(invalid(
+                "certificates.overlap_secs",
+                "must be shorter than certificates.validity_days while auto_rotate is on",
+            ));
+        }
+        if certs.check_interval_secs == 0 {
+            return Err(invalid(
+                "certificates.check_interval_secs",
+                "must be at least 1",
+            ));
+        }
         if let Some(filter) = &self.log.filter
             && let Err(e) = tracing_subscriber::EnvFilter::try_new(filter)
         {
@@ -1094,6 +1155,29 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("parrot"), "{e}");
+    }
+
+    #[test]
+    fn certificate_rotation_settings_are_checked() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.certificates, CertificatesConfig::default());
+        assert_eq!(c.certificates.validity(), Duration::from_secs(3650 * 86400));
+        let with = |lines: &str| load(&format!("{MINIMAL}\n[certificates]\n{lines}"));
+        for (lines, key) in [
+            ("validity_days = 0", "certificates.validity_days"),
+            ("validity_days = 40000", "certificates.validity_days"),
+            ("validity_days = 10", "certificates.overlap_secs"),
+            (
+                "check_interval_secs = 0",
+                "certificates.check_interval_secs",
+            ),
+        ] {
+            let e = with(lines).unwrap_err().to_string();
+            assert!(e.contains(key), "{lines}: {e}");
+        }
+        // An overlap past the validity is harmless when nothing rotates by itself.
+        let c = with("validity_days = 10\nauto_rotate = false").unwrap();
+        assert_eq!(c.certificates.overlap(), Duration::from_secs(14 * 86400));
     }
 
     #[test]

@@ -293,6 +293,7 @@ async fn tokens_hosts_and_unknown_routes() {
         "/v1/bots",
         "/v1/bots/{jid}",
         "/v1/bots/{jid}/certificate",
+        "/v1/bots/{jid}/certificate/rotate",
         "/v1/bots/{jid}/peers",
         "/v1/bots/{jid}/events",
         "/v1/bots/{jid}/webhook",
@@ -1134,6 +1135,101 @@ async fn webhooks_and_deliveries() {
         &api.admin(Method::DELETE, "/v1/bots/weather/webhook", None)
             .await,
         StatusCode::NOT_FOUND,
+    );
+    api.close().await;
+}
+
+#[tokio::test]
+async fn a_rotation_is_announced_then_active_and_the_old_certificate_retired() {
+    let api = Api::new().await;
+    api.bot("weather").await;
+    let path = "/v1/bots/weather/certificate";
+    let before = api.admin(Method::GET, path, None).await.body;
+    assert_eq!(before["next"], Value::Null);
+    assert_eq!(before["retired"], json!([]));
+
+    // No body: the configured overlap (14 days), the key kept.
+    let a = api
+        .admin(Method::POST, &format!("{path}/rotate"), None)
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let next = &a.body["next"];
+    assert_eq!(a.body["cert_sha256"], before["cert_sha256"], "still active");
+    assert_eq!(
+        next["spki_sha256"], before["spki_sha256"],
+        "the key is kept"
+    );
+    assert_ne!(next["cert_sha256"], before["cert_sha256"]);
+    assert_eq!(next["new_key"], false);
+    assert!(
+        next["pem"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
+    assert!(next["active_at"].as_str().unwrap() > next["announced_at"].as_str().unwrap());
+    assert_eq!(api.admin(Method::GET, path, None).await.body, a.body);
+
+    // Active at once, with a new key.
+    let body = json!({"overlap_secs": 0, "new_key": true});
+    let a = api
+        .admin(Method::POST, &format!("{path}/rotate"), Some(body))
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(a.body["next"], Value::Null);
+    assert_ne!(a.body["spki_sha256"], before["spki_sha256"]);
+    let retired = a.body["retired"].as_array().unwrap();
+    assert_eq!(retired.len(), 1);
+    assert_eq!(retired[0]["cert_sha256"], before["cert_sha256"]);
+    assert!(retired[0]["retired_at"].is_string());
+    let bot = api.admin(Method::GET, "/v1/bots/weather", None).await.body;
+    assert_eq!(bot["fingerprints"]["spki_sha256"], a.body["spki_sha256"]);
+
+    // Both decisions are in the audit log, the admin named.
+    let audit = api.admin(Method::GET, "/v1/audit", None).await.body;
+    let actions: Vec<_> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap(), e["actor"].as_str().unwrap()))
+        .collect();
+    assert!(
+        actions.contains(&("certificate_activated", "admin")),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&("certificate_rotated", "admin")),
+        "{actions:?}"
+    );
+
+    for bad in [
+        json!({"overlap_secs": -1}),
+        json!({"overlap_secs": 3650 * 86400}),
+        json!({"new_key": "yes"}),
+        json!({"keep": true}),
+    ] {
+        is_problem(
+            &api.admin(Method::POST, &format!("{path}/rotate"), Some(bad))
+                .await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        );
+    }
+    is_problem(
+        &api.admin(Method::POST, "/v1/bots/nobody/certificate/rotate", None)
+            .await,
+        StatusCode::NOT_FOUND,
+    );
+    let token = api
+        .admin(Method::POST, "/v1/bots/weather/tokens", None)
+        .await
+        .body["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    is_problem(
+        &api.call(Method::POST, &format!("{path}/rotate"), Some(&token), None)
+            .await,
+        StatusCode::FORBIDDEN,
     );
     api.close().await;
 }

@@ -12,7 +12,7 @@ use super::openapi::{BotPath, PROBLEM_JSON, Problem, TunnelPath};
 use super::{AdminState, ApiError, json_body};
 use crate::config::BotTrust;
 use crate::config::Handler;
-use crate::session::{BotHandle, NewBot, PolicyChange};
+use crate::session::{BotHandle, NewBot, PolicyChange, Rotation};
 use crate::store::{TunnelFilter, TunnelId, TunnelRecord};
 use xtls::tunnel::PeerAuth;
 
@@ -22,6 +22,7 @@ pub(super) fn routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(list_bots, create_bot))
         .routes(routes!(get_bot, delete_bot, patch_bot))
         .routes(routes!(get_certificate))
+        .routes(routes!(rotate_certificate))
         .routes(routes!(get_peers))
         .routes(routes!(list_tunnels, super::bot::open_tunnel))
         .routes(routes!(get_tunnel, delete_tunnel))
@@ -240,14 +241,12 @@ async fn patch_bot(
     }
 }
 
-/// A bot's certificate (public part only).
+/// One certificate of a bot (public part only).
 #[derive(Serialize, ToSchema)]
-struct CertificateView {
-    /// The bot's bare JID (the certificate's XmppAddr).
-    jid: String,
+struct CertView {
     /// The certificate, PEM.
     pem: String,
-    /// SHA-256 of the SubjectPublicKeyInfo.
+    /// SHA-256 of the SubjectPublicKeyInfo: what peers pin.
     spki_sha256: String,
     /// SHA-256 of the DER certificate.
     cert_sha256: String,
@@ -261,27 +260,162 @@ struct CertificateView {
     not_after: String,
 }
 
-/// A bot's certificate and fingerprints.
+impl CertView {
+    fn of(pem: String, info: &xtls::certs::PeerCertInfo) -> Self {
+        let f = FingerprintsView::of(&info.fingerprints);
+        CertView {
+            pem,
+            spki_sha256: f.spki_sha256,
+            cert_sha256: f.cert_sha256,
+            cert_sha1: f.cert_sha1,
+            offer: f.offer,
+            not_before: info.not_before.clone(),
+            not_after: info.not_after.clone(),
+        }
+    }
+}
+
+/// A bot's certificates: the active one (at the top level), the announced next one and those
+/// it retired.
+#[derive(Serialize, ToSchema)]
+struct CertificateView {
+    /// The bot's bare JID (the certificates' XmppAddr).
+    jid: String,
+    /// The active certificate: what new tunnels get.
+    #[serde(flatten)]
+    active: CertView,
+    /// The next certificate while a rotation is under way.
+    next: Option<NextCertView>,
+    /// Certificates the bot used before, newest first.
+    retired: Vec<RetiredCertView>,
+}
+
+/// The announced next certificate of a bot.
+#[derive(Serialize, ToSchema)]
+struct NextCertView {
+    /// The certificate.
+    #[serde(flatten)]
+    certificate: CertView,
+    /// Whether it has a key of its own (else the active key, so SPKI pins stay valid).
+    new_key: bool,
+    /// When it was announced (RFC 3339).
+    announced_at: String,
+    /// When it becomes the active one (RFC 3339).
+    active_at: String,
+}
+
+/// A certificate a bot used before.
+#[derive(Serialize, ToSchema)]
+struct RetiredCertView {
+    /// The certificate.
+    #[serde(flatten)]
+    certificate: CertView,
+    /// When it stopped being the active one (RFC 3339).
+    retired_at: String,
+}
+
+async fn certificate_view(
+    state: &AdminState,
+    bot: &BotHandle,
+) -> Result<CertificateView, ApiError> {
+    let id = &bot.identity;
+    let retired = state
+        .bots
+        .shared()
+        .store
+        .retired_certificates(&bot.record.jid)
+        .await?;
+    let retired = retired
+        .into_iter()
+        .filter_map(|r| {
+            // Stored by this program from a certificate it parsed: unreadable means damaged.
+            let info = xtls::certs::PeerCertInfo::parse(&r.cert_der).ok()?;
+            let pem = xtls::certs::pem_encode("CERTIFICATE", &r.cert_der);
+            Some(RetiredCertView {
+                certificate: CertView::of(pem, &info),
+                retired_at: r.retired_at,
+            })
+        })
+        .collect();
+    let next = bot.next.as_ref().map(|n| NextCertView {
+        certificate: CertView::of(n.identity.cert_pem(), &n.identity.info),
+        new_key: n.identity.info.fingerprints.spki_sha256 != id.info.fingerprints.spki_sha256,
+        announced_at: n.created_at.clone(),
+        active_at: n.active_at.clone(),
+    });
+    Ok(CertificateView {
+        jid: bot.record.jid.clone(),
+        active: CertView::of(id.cert_pem(), &id.info),
+        next,
+        retired,
+    })
+}
+
+/// A bot's certificates and fingerprints: active, next and retired.
 #[utoipa::path(get, path = "/bots/{jid}/certificate", tag = "bots", params(BotPath), responses(
-    (status = 200, description = "The certificate", body = CertificateView),
+    (status = 200, description = "The certificates", body = CertificateView),
     (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON)))]
 async fn get_certificate(
     State(state): State<AdminState>,
     Path(jid): Path<String>,
 ) -> Result<Json<CertificateView>, ApiError> {
     let bot = find_bot(&state, &jid)?;
-    let id = &bot.identity;
-    let f = FingerprintsView::of(&id.info.fingerprints);
-    Ok(Json(CertificateView {
-        jid: bot.record.jid.clone(),
-        pem: id.cert_pem(),
-        spki_sha256: f.spki_sha256,
-        cert_sha256: f.cert_sha256,
-        cert_sha1: f.cert_sha1,
-        offer: f.offer,
-        not_before: id.info.not_before.clone(),
-        not_after: id.info.not_after.clone(),
-    }))
+    Ok(Json(certificate_view(&state, &bot).await?))
+}
+
+/// Body of `POST /v1/bots/{jid}/certificate/rotate`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct RotateBody {
+    /// Seconds the next certificate is announced before it becomes active; 0: at once.
+    /// Default: `certificates.overlap_secs` of the configuration (14 days).
+    overlap_secs: Option<u64>,
+    /// A new key pair too. Default false: the key stays, so peers' SPKI pins stay valid.
+    #[serde(default)]
+    new_key: bool,
+}
+
+/// Issues a bot's next certificate, announced (here and in disco#info) until it becomes the
+/// active one when the overlap ends; open tunnels keep the certificate they have.
+#[utoipa::path(post, path = "/bots/{jid}/certificate/rotate", tag = "bots", params(BotPath),
+    request_body = RotateBody, responses(
+    (status = 200, description = "The certificates as they are now", body = CertificateView),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON),
+    (status = 422, description = "Not a valid body", body = Problem, content_type = PROBLEM_JSON)))]
+async fn rotate_certificate(
+    State(state): State<AdminState>,
+    Path(jid): Path<String>,
+    body: Result<Option<Json<RotateBody>>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<CertificateView>, ApiError> {
+    let bot = find_bot(&state, &jid)?;
+    // No body (no Content-Type) takes every default.
+    let body = match body {
+        Ok(body) => body.map(|Json(b)| b).unwrap_or_default(),
+        Err(rejected) => json_body::<RotateBody>(Err(rejected))?,
+    };
+    let config = state.bots.shared().certificates.get();
+    let overlap = body
+        .overlap_secs
+        .map_or(config.overlap(), std::time::Duration::from_secs);
+    if overlap >= config.validity() {
+        return Err(ApiError::Invalid(format!(
+            "overlap_secs must be shorter than the certificates' validity ({} days)",
+            config.validity_days
+        )));
+    }
+    let rotation = Rotation {
+        overlap,
+        new_key: body.new_key,
+    };
+    // Admin-only route: the admin token is the actor.
+    match state
+        .bots
+        .rotate(&bot.record.jid, rotation, "admin")
+        .await?
+    {
+        Some(bot) => Ok(Json(certificate_view(&state, &bot).await?)),
+        None => Err(ApiError::NotFound(format!("bot {jid}"))),
+    }
 }
 
 /// A peer a bot has seen, with the keys it presented.

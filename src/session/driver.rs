@@ -86,6 +86,8 @@ pub(super) struct BotDriver {
     pub(super) peer_auth: PeerAuth,
     pub(super) trust: BotTrust,
     pub(super) creds: BotCredentials,
+    /// The announced next certificate, shown in disco#info.
+    pub(super) next: Option<Arc<crate::store::NextCertificate>>,
     pub(super) rx: mpsc::Receiver<BotCommand>,
     pub(super) shared: Arc<Shared>,
     pub(super) tunnels: HashMap<TunnelKey, Live>,
@@ -421,6 +423,13 @@ impl BotDriver {
                     trust = policy.trust.as_str(),
                     "policy set"
                 );
+                let _ = done.send(());
+            }
+            BotCommand::SetCertificates(certificates, done) => {
+                if let Some(active) = certificates.active {
+                    self.creds = active;
+                }
+                self.next = certificates.next;
                 let _ = done.send(());
             }
             BotCommand::Stop(..) => unreachable!("handled by dispatch"),

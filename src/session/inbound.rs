@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use crate::config::{BotTrust, Handler};
 use crate::delivery::event::BotEvent;
-use crate::store::StoreError;
+use crate::store::{NextCertificate, StoreError};
 use xmpp_parsers::data_forms::{DataForm, DataFormType, Field};
 use xtls::certs::BotIdentity;
 use xtls::stanza::xtls::XtlsElement;
@@ -165,7 +165,10 @@ impl BotDriver {
                     && p.is("query", ns::DISCO_INFO)
                     && p.attr("node").is_none() =>
             {
-                iq.result(Some(bot_disco_info(&self.creds.identity)))
+                iq.result(Some(bot_disco_info(
+                    &self.creds.identity,
+                    self.next.as_deref(),
+                )))
             }
             Some(p) if iq.type_ == IqType::Get && p.is("ping", ns::PING) => iq.result(None),
             Some(_) => iq.error(ErrorType::Cancel, DefinedCondition::ServiceUnavailable, ""),
@@ -299,7 +302,7 @@ pub(super) fn echo(stanza: &Element) -> Option<Element> {
 
 /// disco#info of a bot (spec §1.4), with its certificate's fingerprints in an extended
 /// information form (XEP-0128), so a client can show them before opening a tunnel.
-pub fn bot_disco_info(identity: &BotIdentity) -> Element {
+pub fn bot_disco_info(identity: &BotIdentity, next: Option<&NextCertificate>) -> Element {
     let mut q = Element::bare("query", ns::DISCO_INFO);
     q.append_child(
         Element::builder("identity", ns::DISCO_INFO)
@@ -315,15 +318,22 @@ pub fn bot_disco_info(identity: &BotIdentity) -> Element {
         );
     }
     let prints = &identity.info.fingerprints;
-    let form = DataForm::new(
-        DataFormType::Result_,
-        ns::XTLS,
-        vec![
-            Field::text_single("spki-sha256", &prints.spki_sha256.to_string()),
-            Field::text_single("cert-sha256", &prints.cert_sha256.to_string()),
-            Field::text_single("not-after", &identity.info.not_after),
-        ],
-    );
+    let mut fields = vec![
+        Field::text_single("spki-sha256", &prints.spki_sha256.to_string()),
+        Field::text_single("cert-sha256", &prints.cert_sha256.to_string()),
+        Field::text_single("not-after", &identity.info.not_after),
+    ];
+    // A rotation under way: the certificate peers will see from `next-active-at` on.
+    if let Some(next) = next {
+        let prints = &next.identity.info.fingerprints;
+        fields.extend([
+            Field::text_single("next-spki-sha256", &prints.spki_sha256.to_string()),
+            Field::text_single("next-cert-sha256", &prints.cert_sha256.to_string()),
+            Field::text_single("next-not-after", &next.identity.info.not_after),
+            Field::text_single("next-active-at", &next.active_at),
+        ]);
+    }
+    let form = DataForm::new(DataFormType::Result_, ns::XTLS, fields);
     q.append_child(form.into());
     q
 }
@@ -353,7 +363,7 @@ mod tests {
     #[test]
     fn disco_lists_the_xtls_feature_and_the_fingerprints() {
         let identity = BotIdentity::generate("echo@bots.example.org").unwrap();
-        let q = bot_disco_info(&identity);
+        let q = bot_disco_info(&identity, None);
         assert!(q.children().any(|c| c.attr("var") == Some(ns::XTLS)));
         let form = DataForm::try_from(q.get_child("x", "jabber:x:data").unwrap().clone()).unwrap();
         assert_eq!(form.form_type(), Some(ns::XTLS));

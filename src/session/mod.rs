@@ -17,6 +17,7 @@
 //! | `events` | what the engines report, turned into events, metrics and table rows |
 //! | `outbound` | messages the bot sends: disco, opening tunnels as initiator, status history |
 //! | `limits`, `rate` | capacity caps and the per-peer start rate |
+//! | `rotation` | the bots' own certificates: announce the next, activate it, rotate the expiring |
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
@@ -25,7 +26,7 @@ use std::sync::{Arc, RwLock};
 use minidom::Element;
 use tokio::sync::mpsc;
 
-use crate::config::{EventsConfig, LimitsConfig, Live, WebhooksConfig};
+use crate::config::{CertificatesConfig, EventsConfig, LimitsConfig, Live, WebhooksConfig};
 use crate::delivery::guard::WebhookNetworks;
 use crate::delivery::webhook::webhook_client;
 use crate::store::{Store, TunnelId, TunnelRecord};
@@ -37,12 +38,14 @@ mod inbound;
 mod limits;
 mod outbound;
 mod rate;
+mod rotation;
 mod table;
 #[cfg(test)]
 mod tests;
 
 pub use inbound::bot_disco_info;
 pub use outbound::Submitted;
+pub use rotation::{Certificates, Rotation};
 pub use table::{BotCommand, BotError, BotHandle, BotPolicy, BotTable, NewBot, PolicyChange};
 
 /// Everything the drivers share.
@@ -68,6 +71,8 @@ pub struct Shared {
     pub webhook_networks: WebhookNetworks,
     /// The HTTP client of webhook deliveries (connects only where the networks allow).
     pub webhook_client: reqwest::Client,
+    /// Validity and rotation of the bots' certificates (the configuration's, set at start).
+    pub certificates: Live<CertificatesConfig>,
     /// Whether the component link is authenticated.
     pub link_up: std::sync::atomic::AtomicBool,
     /// Counters and histograms.
@@ -105,6 +110,7 @@ impl Shared {
             webhook_client: webhook_client(networks.clone()),
             webhook_networks: networks,
             webhooks: Arc::new(Live::new(webhooks)),
+            certificates: Live::new(CertificatesConfig::default()),
             link_up: Default::default(),
             metrics: Default::default(),
             handshakes: AtomicUsize::new(0),

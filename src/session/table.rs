@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{BotTrust, Handler};
 use crate::delivery::webhook::{self, Deliverer, ReplySink};
-use crate::store::{BotRecord, OutMsg, StoreError, StoredBot, TunnelId, now};
+use crate::store::{BotRecord, NextCertificate, OutMsg, StoreError, StoredBot, TunnelId, now};
 use xtls::certs::{BotIdentity, Fingerprints, normalize_bare};
 use xtls::stanza::ns;
 use xtls::tunnel::{BotCredentials, CloseReason, PeerAuth};
@@ -43,6 +43,8 @@ pub enum BotCommand {
     SetPolicy(BotPolicy, oneshot::Sender<()>),
     /// Add an event about the bot (not about a tunnel) to its log.
     Record(Box<crate::delivery::event::BotEvent>, Option<String>),
+    /// Serve these certificates from now on; answers once applied.
+    SetCertificates(Box<super::rotation::Certificates>, oneshot::Sender<()>),
 }
 
 /// The settings of a running bot that the API can change.
@@ -72,6 +74,8 @@ pub struct BotHandle {
     pub fingerprints: Fingerprints,
     /// Its identity (certificate PEM and validity for the API).
     pub identity: Arc<BotIdentity>,
+    /// The announced next certificate, if a rotation is under way.
+    pub next: Option<Arc<NextCertificate>>,
     /// The `seq` of the newest committed event.
     pub events: watch::Receiver<u64>,
     /// Wakes the webhook deliverer when the webhook or the dead letters change.
@@ -225,8 +229,9 @@ pub struct NewBot {
 pub struct BotTable {
     bots: Arc<RwLock<HashMap<String, BotHandle>>>,
     shared: Arc<Shared>,
-    /// Policy changes one at a time, so two PATCHes of one bot cannot undo each other.
-    policy_changes: Arc<tokio::sync::Mutex<()>>,
+    /// Policy changes and rotations one at a time, so two changes of one bot cannot undo
+    /// each other.
+    pub(super) changes: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What a bot's tasks start from.
@@ -237,6 +242,8 @@ struct Start {
     recover: bool,
     /// The webhook as loaded with every bot's (`None`: none set).
     webhook: Option<crate::store::Webhook>,
+    /// The announced next certificate.
+    next: Option<Arc<NextCertificate>>,
 }
 
 impl BotTable {
@@ -245,12 +252,18 @@ impl BotTable {
         let table = BotTable {
             bots: Arc::default(),
             shared,
-            policy_changes: Arc::default(),
+            changes: Arc::default(),
         };
         let stored = table.shared.store.load_bots().await?;
         // What each bot's tasks would otherwise ask the store one by one at start.
         let unfinished = table.shared.store.bots_with_unfinished_messages().await?;
         let mut webhooks = table.shared.store.webhooks().await?;
+        let mut next: HashMap<String, Arc<NextCertificate>> = (table.shared.store)
+            .next_certificates()
+            .await?
+            .into_iter()
+            .map(|n| (n.bot.clone(), Arc::new(n)))
+            .collect();
         // Parsing certificates and loading keys is CPU work: spread it over the cores, off
         // the async workers (10,000 bots must be ready within seconds).
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -278,6 +291,7 @@ impl BotTable {
                     last_seq,
                     recover: unfinished.contains(&record.jid),
                     webhook: webhooks.remove(&record.jid),
+                    next: next.remove(&record.jid),
                 };
                 table.start(record, creds, start);
             }
@@ -299,7 +313,8 @@ impl BotTable {
         if self.by_localpart(&localpart).is_some() {
             return Err(BotError::Duplicate(jid));
         }
-        let identity = BotIdentity::generate(&jid)?;
+        let validity = self.shared.certificates.get().validity();
+        let identity = BotIdentity::generate_valid_for(&jid, validity)?;
         let record = BotRecord {
             jid,
             localpart,
@@ -315,6 +330,7 @@ impl BotTable {
             last_seq: 0,
             recover: false,
             webhook: None,
+            next: None,
         };
         Ok(self.start(record, BotCredentials::new(identity)?, start))
     }
@@ -324,6 +340,7 @@ impl BotTable {
             last_seq,
             recover,
             webhook,
+            next,
         } = start;
         let (tx, rx) = mpsc::channel(self.shared.limits.get().bot_queue);
         let (events_tx, events) = watch::channel(last_seq);
@@ -331,6 +348,7 @@ impl BotTable {
         let handle = BotHandle {
             fingerprints: creds.identity.info.fingerprints.clone(),
             identity: creds.identity.clone(),
+            next: next.clone(),
             record: record.clone(),
             events,
             webhook_changed: Arc::default(),
@@ -353,6 +371,7 @@ impl BotTable {
             trust: record.trust,
             bot: record,
             creds,
+            next,
             rx,
             shared: self.shared.clone(),
             tunnels: HashMap::new(),
@@ -420,7 +439,7 @@ impl BotTable {
         change: PolicyChange,
         actor: &str,
     ) -> Result<Option<BotHandle>, BotError> {
-        let _one_at_a_time = self.policy_changes.lock().await;
+        let _one_at_a_time = self.changes.lock().await;
         let Some(handle) = self.by_jid(jid) else {
             return Ok(None);
         };
@@ -452,13 +471,22 @@ impl BotTable {
         {
             let _ = applied.await;
         }
+        Ok(self.update(&handle.record.localpart, |entry| {
+            entry.record.encrypted_only = policy.encrypted_only;
+            entry.record.trust = policy.trust;
+        }))
+    }
+
+    /// Changes the handle of a running bot; the handle as changed, `None` when it is gone.
+    pub(super) fn update(
+        &self,
+        localpart: &str,
+        change: impl FnOnce(&mut BotHandle),
+    ) -> Option<BotHandle> {
         let mut bots = self.bots.write().expect("bots lock");
-        let Some(entry) = bots.get_mut(&handle.record.localpart) else {
-            return Ok(None);
-        };
-        entry.record.encrypted_only = policy.encrypted_only;
-        entry.record.trust = policy.trust;
-        Ok(Some(entry.clone()))
+        let entry = bots.get_mut(localpart)?;
+        change(entry);
+        Some(entry.clone())
     }
 
     /// Closes a bot's tunnels, stops it and deletes it; `false` when it did not exist.

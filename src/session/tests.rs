@@ -303,17 +303,22 @@ async fn event_where(
     }
 }
 
-/// Proves the driver wrote nothing more so far: a disco#info query sent now must be answered
-/// by the very next stanza out, since a driver handles its commands and writes in order.
-async fn nothing_more_before_a_barrier(bot: &BotHandle, rx: &mut mpsc::Receiver<Element>) {
-    let query: Element = format!(
-        "<iq xmlns='jabber:client' type='get' id='barrier' from='barrier@example.net/x' to='{}'>\
+/// A disco#info query to the bot.
+fn disco_query(bot: &BotHandle, id: &str, from: &str) -> Element {
+    format!(
+        "<iq xmlns='jabber:client' type='get' id='{id}' from='{from}' to='{}'>\
          <query xmlns='http://jabber.org/protocol/disco#info'/></iq>",
         bot.record.jid
     )
     .parse()
-    .unwrap();
-    bot.try_deliver(query).unwrap();
+    .unwrap()
+}
+
+/// Proves the driver wrote nothing more so far: a disco#info query sent now must be answered
+/// by the very next stanza out, since a driver handles its commands and writes in order.
+async fn nothing_more_before_a_barrier(bot: &BotHandle, rx: &mut mpsc::Receiver<Element>) {
+    bot.try_deliver(disco_query(bot, "barrier", "barrier@example.net/x"))
+        .unwrap();
     let next = recv(rx).await;
     assert_eq!(
         (next.attr("id"), next.attr("type")),
@@ -1004,6 +1009,169 @@ async fn stopping_closes_tunnels_with_close_notify_then_close() {
         (last.kind.as_str(), last.data["code"].as_str()),
         ("tunnel.closed", Some("shutdown")),
         "the close was logged before the driver stopped"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The fields of the bot's disco#info form (XEP-0128), by name.
+async fn disco_fields(
+    bot: &BotHandle,
+    rx: &mut mpsc::Receiver<Element>,
+) -> std::collections::HashMap<String, String> {
+    bot.try_deliver(disco_query(bot, "disco", "alice@example.net/phone"))
+        .unwrap();
+    let answer = loop {
+        let el = recv(rx).await;
+        if el.attr("id") == Some("disco") {
+            break el;
+        }
+    };
+    let query = answer.get_child("query", ns::DISCO_INFO).unwrap();
+    let form = query.get_child("x", "jabber:x:data").unwrap();
+    form.children()
+        .filter_map(|f| {
+            let value = f.get_child("value", "jabber:x:data")?.text();
+            Some((f.attr("var")?.to_owned(), value))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_rotation_is_announced_then_activated_and_tunnels_keep_working_across_it() {
+    let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+    bots.shared()
+        .certificates
+        .set(crate::config::CertificatesConfig {
+            validity_days: 1,
+            overlap_secs: 3600,
+            ..Default::default()
+        });
+    let bot = api_bot(&bots).await;
+    let store = bots.shared().store.clone();
+    let first = bot.identity.clone();
+    let prints = |id: &BotIdentity| id.info.fingerprints.clone();
+    // Valid for a day, an hour of overlap: nothing is due.
+    assert_eq!(bots.rotate_due().await.unwrap(), (0, 0));
+
+    // Announced: shown in disco#info beside the active one, which new tunnels still get.
+    let hour = Rotation {
+        overlap: Duration::from_secs(3600),
+        new_key: false,
+    };
+    let bot = bots
+        .rotate(&bot.record.jid, hour, "admin")
+        .await
+        .unwrap()
+        .unwrap();
+    let next = bot.next.clone().expect("a next certificate is announced");
+    assert_eq!(
+        prints(&next.identity).spki_sha256,
+        prints(&first).spki_sha256,
+        "key kept"
+    );
+    assert_ne!(
+        prints(&next.identity).cert_sha256,
+        prints(&first).cert_sha256
+    );
+    let disco = disco_fields(&bot, &mut rx).await;
+    assert_eq!(disco["cert-sha256"], prints(&first).cert_sha256.to_string());
+    assert_eq!(
+        disco["next-cert-sha256"],
+        prints(&next.identity).cert_sha256.to_string()
+    );
+    assert_eq!(disco["next-active-at"], next.active_at);
+    let mut peer = open_peer(&bot, &mut rx).await;
+    let seen = peer.established().unwrap().peer.cert_der.clone();
+    assert_eq!(seen.as_deref(), Some(first.cert_der().as_ref()));
+    assert_eq!(
+        bots.rotate_due().await.unwrap(),
+        (0, 0),
+        "the overlap has not ended"
+    );
+
+    // A rotation with no overlap (and a new key) replaces the announced one and is active at
+    // once; the tunnel opened before keeps its certificate and keeps working.
+    let now = Rotation {
+        overlap: Duration::ZERO,
+        new_key: true,
+    };
+    let bot = bots
+        .rotate(&bot.record.jid, now, "admin")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(bot.next.is_none());
+    assert_ne!(
+        prints(&bot.identity).spki_sha256,
+        prints(&first).spki_sha256
+    );
+    assert_eq!(bot.fingerprints, prints(&bot.identity));
+    let disco = disco_fields(&bot, &mut rx).await;
+    assert_eq!(
+        disco["spki-sha256"],
+        prints(&bot.identity).spki_sha256.to_string()
+    );
+    assert!(!disco.contains_key("next-cert-sha256"));
+    let retired = store.retired_certificates(&bot.record.jid).await.unwrap();
+    assert_eq!(retired.len(), 1);
+    assert_eq!(retired[0].cert_der, first.cert_der().to_vec());
+
+    let message: Element =
+        "<message xmlns='jabber:client' type='chat'><body>still here?</body></message>"
+            .parse()
+            .unwrap();
+    peer.send(std::time::Instant::now(), message).unwrap();
+    let store2 = store.clone();
+    let jid = bot.record.jid.clone();
+    exchange_until(&mut peer, &bot, &mut rx, async |_| {
+        let events = store2.read_events(&jid, 0, 100, false).await.unwrap();
+        events
+            .iter()
+            .any(|e| e.kind == "message.received" && e.data["body"] == "still here?")
+    })
+    .await;
+
+    // An overlap longer than the validity left makes the new certificate due: rotated
+    // automatically, with the key kept, active no later than the old one expires.
+    bots.shared()
+        .certificates
+        .set(crate::config::CertificatesConfig {
+            validity_days: 1,
+            overlap_secs: 2 * 86400,
+            ..Default::default()
+        });
+    assert_eq!(bots.rotate_due().await.unwrap(), (0, 1));
+    let bot = bots.by_jid(&bot.record.jid).unwrap();
+    let next = bot.next.clone().expect("rotated automatically");
+    assert_eq!(
+        prints(&next.identity).spki_sha256,
+        bot.fingerprints.spki_sha256
+    );
+    assert!(
+        next.active_at <= bot.identity.info.not_after,
+        "{} > {}",
+        next.active_at,
+        bot.identity.info.not_after
+    );
+    assert_eq!(
+        bots.rotate_due().await.unwrap(),
+        (0, 0),
+        "once, not at every check"
+    );
+    let audit = store.audit_log(Some(&bot.record.jid), 10).await.unwrap();
+    let actors: Vec<_> = audit
+        .iter()
+        .map(|e| (e.action.as_str(), e.actor.as_str()))
+        .filter(|(action, _)| action.starts_with("certificate_"))
+        .collect();
+    assert_eq!(
+        actors,
+        [
+            ("certificate_rotated", "component"),
+            ("certificate_activated", "admin"),
+            ("certificate_rotated", "admin"),
+            ("certificate_rotated", "admin"),
+        ]
     );
     std::fs::remove_dir_all(dir).unwrap();
 }

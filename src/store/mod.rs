@@ -7,6 +7,7 @@
 //! | module | tables |
 //! |---|---|
 //! | [`bots`] | `bots`, `bot_keys` (keys, certificates) |
+//! | [`rotation`] | `bot_next_keys`, `bot_retired_certs`: certificate rotation |
 //! | [`pins`] | `peer_pins`, `trust_audit`: peers' keys and every decision about them |
 //! | [`tunnels`] | `tunnels`: the session table's history |
 //! | [`events`] | `events`: the per-bot logs, their delivery states and cursor |
@@ -23,6 +24,7 @@ pub mod bots;
 pub mod events;
 pub mod messages;
 pub mod pins;
+pub mod rotation;
 pub mod sealed;
 pub mod tokens;
 pub mod tunnels;
@@ -32,6 +34,7 @@ pub use bots::{BotRecord, StoredBot};
 pub use events::{EventRecord, NewEvent};
 pub use messages::{MessageRecord, MessageStatus, OutMsg};
 pub use pins::{AuditEntry, FirstUse, PeerPin, PinAction, PinChange};
+pub use rotation::{NextCertificate, RetiredCertificate};
 pub use sealed::StoreKey;
 pub use tokens::TokenInfo;
 pub use tunnels::{PeerIdentityRecord, PeerTrust, TunnelFilter, TunnelId, TunnelRecord};

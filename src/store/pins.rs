@@ -62,6 +62,10 @@ pub enum PinAction {
     Removed,
     /// The peer's own trust mode set, or cleared (the bot's applies again).
     TrustSet,
+    /// The bot's next certificate announced (no peer; the key is the next one's).
+    CertificateRotated,
+    /// The bot's next certificate made the active one (no peer; the key is the new one's).
+    CertificateActivated,
 }
 
 impl PinAction {
@@ -74,6 +78,8 @@ impl PinAction {
             PinAction::Unverified => "unverified",
             PinAction::Removed => "removed",
             PinAction::TrustSet => "trust_set",
+            PinAction::CertificateRotated => "certificate_rotated",
+            PinAction::CertificateActivated => "certificate_activated",
         }
     }
 }
@@ -89,6 +95,8 @@ impl std::str::FromStr for PinAction {
             PinAction::Unverified,
             PinAction::Removed,
             PinAction::TrustSet,
+            PinAction::CertificateRotated,
+            PinAction::CertificateActivated,
         ]
         .into_iter()
         .find(|a| a.as_str() == s)
@@ -112,9 +120,11 @@ pub struct AuditEntry {
     pub action: PinAction,
     /// The bot.
     pub bot: String,
-    /// The peer's bare JID; none for the bot's own trust mode (`trust_set`).
+    /// The peer's bare JID; none for a decision about the bot itself (its trust mode, its
+    /// certificate).
     pub peer: Option<String>,
-    /// The key, SPKI SHA-256 (none for `trust_set`).
+    /// The key, SPKI SHA-256: the peer's, or the bot's own for a certificate action (none for
+    /// `trust_set`).
     pub spki_sha256: Option<String>,
     /// The fingerprint the actor said they compared, if any.
     pub compared: Option<String>,

@@ -101,7 +101,11 @@ pub fn is_sealed(value: &[u8]) -> bool {
     value.starts_with(MAGIC) || value.starts_with(TEXT_PREFIX.as_bytes())
 }
 
-/// The associated data of a bot's private key.
+/// The tables holding bots' private keys (`key_der`, one row per `bot_jid`).
+const KEY_TABLES: [&str; 2] = ["bot_keys", "bot_next_keys"];
+
+/// The associated data of a bot's private key: the same in both key tables, so activating a
+/// next key moves its sealed bytes as they are.
 fn key_context(bot: &str) -> String {
     format!("bot_keys.key_der:{bot}")
 }
@@ -116,23 +120,32 @@ impl Store {
     /// (returned: how many); an error when the store's sealed values are not this key's.
     pub async fn use_key(&self, key: StoreKey) -> Result<u64, StoreError> {
         let mut tx = self.writer.begin().await?;
-        let keys = sqlx::query("SELECT bot_jid, key_der FROM bot_keys")
-            .fetch_all(&mut *tx)
-            .await?;
+        let mut keys = Vec::new();
+        for table in KEY_TABLES {
+            for row in sqlx::query(&format!("SELECT bot_jid, key_der FROM {table}"))
+                .fetch_all(&mut *tx)
+                .await?
+            {
+                keys.push((
+                    table,
+                    row.try_get::<String, _>(0)?,
+                    row.try_get::<Vec<u8>, _>(1)?,
+                ));
+            }
+        }
         let hooks = sqlx::query("SELECT bot_jid, secret FROM webhooks")
             .fetch_all(&mut *tx)
             .await?;
         let mut sealed_now = 0;
-        for row in &keys {
-            let (bot, value): (String, Vec<u8>) = (row.try_get(0)?, row.try_get(1)?);
-            if is_sealed(&value) {
-                key.open(&key_context(&bot), &value)
-                    .ok_or_else(|| wrong_key(&bot))?;
+        for (table, bot, value) in &keys {
+            if is_sealed(value) {
+                key.open(&key_context(bot), value)
+                    .ok_or_else(|| wrong_key(bot))?;
                 continue;
             }
-            sqlx::query("UPDATE bot_keys SET key_der = ? WHERE bot_jid = ?")
-                .bind(key.seal(&key_context(&bot), &value))
-                .bind(&bot)
+            sqlx::query(&format!("UPDATE {table} SET key_der = ? WHERE bot_jid = ?"))
+                .bind(key.seal(&key_context(bot), value))
+                .bind(bot)
                 .execute(&mut *tx)
                 .await?;
             sealed_now += 1;
@@ -160,8 +173,10 @@ impl Store {
     pub async fn has_sealed_secrets(&self) -> Result<bool, StoreError> {
         let row = sqlx::query(
             "SELECT EXISTS (SELECT 1 FROM bot_keys WHERE substr(key_der, 1, 4) = ?) \
+             OR EXISTS (SELECT 1 FROM bot_next_keys WHERE substr(key_der, 1, 4) = ?) \
              OR EXISTS (SELECT 1 FROM webhooks WHERE secret LIKE 'sealed:%')",
         )
+        .bind(MAGIC)
         .bind(MAGIC)
         .fetch_one(&self.pool)
         .await?;

@@ -19,7 +19,7 @@ pub const XMPP_ADDR_OID: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 8, 5];
 const XMPP_ADDR_OID_STR: &str = "1.3.6.1.5.5.7.8.5";
 
 /// How long a generated bot certificate is valid (spec §2.2: long; pins do not rely on expiry).
-const VALIDITY_DAYS: i64 = 3650;
+pub const DEFAULT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(3650 * 86400);
 
 /// Why a certificate could not be made, read or matched.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +33,9 @@ pub enum CertError {
     /// The private key is not PKCS#8 DER.
     #[error("private key is not PKCS#8 DER")]
     BadKey,
+    /// The requested validity is out of the range a certificate can state.
+    #[error("certificate validity out of range")]
+    BadValidity,
 }
 
 /// A SHA-256 or SHA-1 digest shown as colon-separated uppercase hex pairs.
@@ -227,18 +230,38 @@ impl fmt::Debug for BotIdentity {
 impl BotIdentity {
     /// Generates an ECDSA P-256 key and a certificate per spec §2.2.
     pub fn generate(bare_jid: &str) -> Result<BotIdentity, CertError> {
-        Self::issue(bare_jid, &KeyPair::generate()?)
+        Self::generate_valid_for(bare_jid, DEFAULT_VALIDITY)
+    }
+
+    /// Generates a key and a certificate valid for `validity` from now.
+    pub fn generate_valid_for(
+        bare_jid: &str,
+        validity: std::time::Duration,
+    ) -> Result<BotIdentity, CertError> {
+        Self::issue(bare_jid, &KeyPair::generate()?, validity)
     }
 
     /// A new certificate (new serial, new validity) for the same key: the SPKI fingerprint,
     /// which peers pin, stays; the certificate's own digests change.
     pub fn reissue(&self) -> Result<BotIdentity, CertError> {
+        self.reissue_valid_for(DEFAULT_VALIDITY)
+    }
+
+    /// Like [`Self::reissue`], valid for `validity` from now.
+    pub fn reissue_valid_for(
+        &self,
+        validity: std::time::Duration,
+    ) -> Result<BotIdentity, CertError> {
         let key = KeyPair::try_from(self.key_der.as_slice()).map_err(|_| CertError::BadKey)?;
-        Self::issue(&self.jid, &key)
+        Self::issue(&self.jid, &key, validity)
     }
 
     /// A self-signed certificate for `key` per spec §2.2.
-    fn issue(bare_jid: &str, key: &KeyPair) -> Result<BotIdentity, CertError> {
+    fn issue(
+        bare_jid: &str,
+        key: &KeyPair,
+        validity: std::time::Duration,
+    ) -> Result<BotIdentity, CertError> {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, bare_jid);
@@ -255,7 +278,8 @@ impl BotIdentity {
         ];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(VALIDITY_DAYS);
+        params.not_after =
+            now + time::Duration::try_from(validity).map_err(|_| CertError::BadValidity)?;
         let mut serial = [0u8; 16];
         rand::Rng::fill(&mut rand::rng(), &mut serial);
         serial[0] &= 0x7f;
@@ -300,7 +324,8 @@ impl BotIdentity {
     }
 }
 
-fn pem_encode(label: &str, der: &[u8]) -> String {
+/// DER bytes as PEM with this label.
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     let mut out = format!("-----BEGIN {label}-----\n");
