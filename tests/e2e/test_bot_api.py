@@ -701,3 +701,36 @@ def test_metrics_moved_during_the_run_and_name_no_peer(api_component, users):
     finally:
         drop_webhook(api_component, bot)
         receiver.stop()
+
+
+def test_namespace_declarations_a_writer_could_trip_on_reach_the_bot(api_component, users):
+    """Valid XML the XML writer once panicked on (a child redeclaring its parent's prefix, an
+    explicit xmlns:xml): delivered as message.received with its namespaces, and the bot and
+    the tunnel carry on (docs/fuzzing.md, crash 8)."""
+    bot = new_api_bot(api_component, "prefixes")
+    tricky = [
+        "<message xmlns='jabber:client' xmlns:q='urn:q' q:a='1'><body>redeclared</body>"
+        "<q:x xmlns:q='urn:q' q:b='2'/></message>",
+        "<message xmlns='jabber:client' xmlns:xml='http://www.w3.org/XML/1998/namespace' xml:lang='en'>"
+        "<body>explicit xml prefix</body></message>",
+    ]
+
+    async def scenario():
+        async with users.client("alice") as alice:
+            tunnel = await alice.open_tunnel(bot)
+            for xml in tricky:
+                await tunnel.send_stanza(xml)
+            await tunnel.send_message("after them")
+            deadline = time.monotonic() + 10
+            while True:
+                received = [e for e in await call(read_log, api_component, bot, 0) if e["type"] == "message.received"]
+                if len(received) >= 3 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert [e["data"]["body"] for e in received] == ["redeclared", "explicit xml prefix", "after them"], received
+            stanza = received[0]["data"]["stanza"]
+            assert "urn:q" in stanza and "b='2'" in stanza, stanza
+            assert tunnel.state == "open"
+            await tunnel.close()
+
+    run(scenario(), 30)

@@ -514,3 +514,69 @@ def test_a_peer_of_its_own_trust_mode_meets_it_on_its_next_tunnel(component, use
     assert run(opens())
     status, view = component.get(peer)
     assert status == 200 and len(view["keys"]) == 1, view
+
+
+def test_a_rotated_certificate_is_announced_then_served_and_open_tunnels_keep_working(component, users):
+    """A rotation with an overlap is announced in the API and in disco#info while tunnels still
+    get the active certificate; once active, new tunnels get the new one (same key: pins hold),
+    a tunnel opened before keeps echoing, and the old certificate is listed as retired."""
+    status, made = component.post("/v1/bots", {"localpart": f"rot{uuid.uuid4().hex[:6]}", "handler": "echo"})
+    assert status == 201, made
+    bot = made["jid"]
+    path = f"/v1/bots/{bot}/certificate"
+    _, first = component.get(path)
+    first_der = x509.load_pem_x509_certificate(first["pem"].encode()).public_bytes(serialization.Encoding.DER)
+
+    def disco_fields(xml: str) -> dict[str, str]:
+        import xml.etree.ElementTree as ET
+
+        ns = {"x": "jabber:x:data"}
+        form = ET.fromstring(xml).find(".//x:x", ns)
+        assert form is not None, xml
+        return {f.get("var"): f.findtext("x:value", namespaces=ns) for f in form.findall("x:field", ns)}
+
+    async def scenario():
+        async with users.client("alice") as alice, users.client("bob") as bob:
+            before = await alice.open_tunnel(bot)
+            assert before.peer_cert_der == first_der
+            await echo_roundtrip(before, "before the rotation")
+
+            status, announced = component.post(f"{path}/rotate", {"overlap_secs": 3600})
+            assert status == 200, announced
+            nxt = announced["next"]
+            assert nxt and nxt["spki_sha256"] == first["spki_sha256"] and not nxt["new_key"], announced
+            assert announced["cert_sha256"] == first["cert_sha256"], "active until the overlap ends"
+            reply = await bob.send_raw_iq(bot, "<query xmlns='http://jabber.org/protocol/disco#info'/>", itype="get")
+            fields = disco_fields(reply.xml)
+            assert fields["cert-sha256"] == first["cert_sha256"], fields
+            assert fields["next-cert-sha256"] == nxt["cert_sha256"], fields
+            assert fields["next-spki-sha256"] == nxt["spki_sha256"], fields
+            assert fields["next-active-at"] == nxt["active_at"], fields
+            during = await bob.open_tunnel(bot)
+            assert during.peer_cert_der == first_der, "the next certificate is served before its time"
+            await during.close()
+
+            status, active = component.post(f"{path}/rotate", {"overlap_secs": 0})
+            assert status == 200, active
+            assert active["next"] is None and active["spki_sha256"] == first["spki_sha256"], active
+            assert active["cert_sha256"] != first["cert_sha256"], active
+            assert [r["cert_sha256"] for r in active["retired"]] == [first["cert_sha256"]], active
+            new_der = x509.load_pem_x509_certificate(active["pem"].encode()).public_bytes(serialization.Encoding.DER)
+            after = await bob.open_tunnel(bot)
+            assert after.peer_cert_der == new_der, "new tunnels get the active certificate"
+            assert after.spki_sha256() == first["spki_sha256"], "the key, and so the pin, is the same"
+            await echo_roundtrip(after, "after the rotation")
+            await after.close()
+            await echo_roundtrip(before, "the tunnel opened before still works")
+            await before.close()
+            reply = await bob.send_raw_iq(bot, "<query xmlns='http://jabber.org/protocol/disco#info'/>", itype="get")
+            fields = disco_fields(reply.xml)
+            assert fields["cert-sha256"] == active["cert_sha256"] and "next-cert-sha256" not in fields, fields
+
+    run(scenario())
+    status, log = component.get(f"/v1/audit?bot={urllib.parse.quote(bot)}")
+    assert status == 200, log
+    assert [e["action"] for e in log["entries"] if e["action"].startswith("certificate_")] == [
+        "certificate_activated", "certificate_rotated", "certificate_rotated",
+    ], log
+    component.delete(f"/v1/bots/{bot}")
