@@ -40,6 +40,7 @@
 //! | [`xml`] | incremental XML stream reading with size and depth caps; serialization |
 //! | [`certs`] | identities: certificate generation, fingerprints, XmppAddr checks |
 //! | [`tunnel`] | the sans-IO state machine of one tunnel over rustls |
+//! | [`sas`] | short authentication strings: the commit–reveal exchange inside a tunnel |
 
 #![deny(missing_docs)]
 
@@ -82,6 +83,7 @@ macro_rules! named_enum {
 }
 
 pub mod certs;
+pub mod sas;
 pub mod stanza;
 pub mod tunnel;
 pub mod xml;

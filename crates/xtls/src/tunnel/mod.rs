@@ -353,6 +353,23 @@ impl Tunnel {
         self.established.as_ref()
     }
 
+    /// Fills `out` from the tunnel's TLS exporter (RFC 8446 §7.5) with this label and
+    /// context: keying material both ends share and no one else can compute, for the
+    /// short authentication string ([`crate::sas`]) and channel bindings. `None` until the
+    /// handshake is done and once the TLS session is dropped.
+    pub fn export_keying_material(
+        &self,
+        out: &mut [u8],
+        label: &[u8],
+        context: &[u8],
+    ) -> Option<()> {
+        self.established.as_ref()?;
+        self.tls
+            .as_ref()?
+            .export_keying_material(out, label, context)
+            .ok()
+    }
+
     /// Whether the tunnel reached its terminal state.
     pub fn is_gone(&self) -> bool {
         self.state == State::Closed

@@ -1494,3 +1494,47 @@ fn enum_names_round_trip_and_unknown_names_are_errors() {
     let err = "Open".parse::<State>().unwrap_err();
     assert_eq!(err.to_string(), "unknown tunnel state 'Open'");
 }
+
+#[test]
+fn c25_both_ends_export_the_same_keying_material_once_open() {
+    use crate::sas::{Answerer, Committer, EXPORT_LEN, EXPORTER_LABEL, SasCode};
+    let mut pair = Pair::new();
+    let mut out = [0u8; EXPORT_LEN];
+    pair.start();
+    assert_eq!(
+        pair.alice
+            .tunnel()
+            .export_keying_material(&mut out, EXPORTER_LABEL, b""),
+        None,
+        "nothing before the handshake"
+    );
+    pair.drive();
+    pair.assert_open("exporter");
+    // The short authentication string's exchange, through its own messages (crate::sas).
+    let (mut committer, commit) = Committer::start([1; 32]);
+    let (answerer, nonce) = Answerer::on_commit(commit, [2; 32]).unwrap();
+    let (reveal, alice_context) = committer.on_nonce(nonce).unwrap();
+    let bot_context = answerer.on_reveal(reveal).unwrap();
+    let export = |side: &mut Side, context: &[u8]| {
+        let mut out = [0u8; EXPORT_LEN];
+        side.tunnel()
+            .export_keying_material(&mut out, EXPORTER_LABEL, context)
+            .expect("open tunnels export");
+        out
+    };
+    let alice = export(&mut pair.alice, &alice_context);
+    let bot = export(&mut pair.bot, &bot_context);
+    assert_eq!(alice, bot);
+    assert_eq!(SasCode::from_export(&alice), SasCode::from_export(&bot));
+    assert_ne!(
+        export(&mut pair.alice, &[0; 64]),
+        alice,
+        "the nonces are in the context"
+    );
+
+    // Another session between the same two keys (what a man in the middle holds) gives
+    // another code for the same nonces.
+    let mut other = Pair::new();
+    other.open();
+    assert_ne!(export(&mut other.alice, &alice_context), alice);
+}

@@ -390,6 +390,18 @@ fn tls13_only() -> &'static [&'static rustls::SupportedProtocolVersion] {
 }
 
 impl TlsSession {
+    /// Fills `out` from the TLS exporter (RFC 8446 §7.5); fails before the handshake is done.
+    pub fn export_keying_material(
+        &self,
+        out: &mut [u8],
+        label: &[u8],
+        context: &[u8],
+    ) -> Result<(), rustls::Error> {
+        self.conn
+            .export_keying_material(out, label, Some(context))
+            .map(|_| ())
+    }
+
     /// The responder's TLS server, requesting a client certificate (spec §1.8).
     pub fn server(creds: &BotCredentials, peer_bare: &str, policy: PeerPolicy) -> TlsSession {
         let verifier = PeerVerifier::new(peer_bare, policy, creds.provider.clone());
