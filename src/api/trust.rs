@@ -2,7 +2,8 @@
 //!
 //! A bot token may manage its own bot's peers; the admin token any bot's. Every change is
 //! written to the audit log with the caller (`admin` or `bot-token:<id>`) and, when they say,
-//! the fingerprint they compared.
+//! the fingerprint they compared. A live tunnel's short authentication string is started,
+//! confirmed (the peer's key becomes verified) or rejected here too (docs/verification.md).
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -13,12 +14,12 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::bot::scoped;
-use super::openapi::{PROBLEM_JSON, Problem};
+use super::openapi::{PROBLEM_JSON, Problem, TunnelPath};
 use super::{AdminState, ApiError, Caller, json_body};
 use crate::config::BotTrust;
 use crate::delivery::event::BotEvent;
-use crate::session::BotHandle;
-use crate::store::{AuditEntry, PeerPin, PinAction, PinChange};
+use crate::session::{BotHandle, SasRefusal, SasRequest};
+use crate::store::{AuditEntry, PeerPin, PinAction, PinChange, SasStatus, TunnelId};
 use xtls::certs::{Fingerprint, normalize_bare};
 
 /// The routes; each checks that the caller may act for the bot.
@@ -28,6 +29,9 @@ pub fn routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(get_keys))
         .routes(routes!(put_key, delete_key))
         .routes(routes!(get_audit))
+        .routes(routes!(start_sas))
+        .routes(routes!(confirm_sas))
+        .routes(routes!(reject_sas))
 }
 
 /// A bot and one of its peers.
@@ -253,7 +257,7 @@ async fn put_key(
         peer: &peer,
         spki: &key,
         verified,
-        compared: compared.as_ref(),
+        compared: compared.as_ref().map(ToString::to_string),
         actor: &actor,
     };
     let (pin, created, action) = state.bots.shared().store.set_pin(&change).await?;
@@ -363,4 +367,102 @@ async fn get_audit(
         .audit_log(bot.as_deref(), limit)
         .await?;
     Ok(Json(AuditPage { entries }))
+}
+
+/// Carries out a short authentication string request on a live tunnel the caller may act for.
+async fn sas(
+    state: &AdminState,
+    caller: &Caller,
+    id: &TunnelId,
+    request: SasRequest,
+) -> Result<Json<SasStatus>, ApiError> {
+    let record = state
+        .bots
+        .shared()
+        .table
+        .get(id)
+        .ok_or_else(|| ApiError::NotFound(format!("live tunnel {id}")))?;
+    scoped(state, caller, &record.bot)?;
+    match state.bots.sas(id, request).await {
+        Ok(status) => Ok(Json(status)),
+        Err(SasRefusal::NoTunnel) => Err(ApiError::NotFound(format!("live tunnel {id}"))),
+        Err(e @ (SasRefusal::NotOpen | SasRefusal::Conflict(_))) => {
+            Err(ApiError::Conflict(e.to_string()))
+        }
+        Err(SasRefusal::Store(e)) => Err(ApiError::Internal(e)),
+    }
+}
+
+/// Starts a short authentication string exchange with the tunnel's peer, the bot committing;
+/// the code appears in the tunnel (`sas`) and in a `tunnel.sas` event once both nonces are in.
+#[utoipa::path(post, path = "/tunnels/{id}/sas", tag = "trust", params(TunnelPath), responses(
+    (status = 200, description = "The exchange, started", body = SasStatus),
+    (status = 403, description = "A bot token of another bot", body = Problem, content_type = PROBLEM_JSON),
+    (status = 404, description = "No such live tunnel", body = Problem, content_type = PROBLEM_JSON),
+    (status = 409, description = "Not open, or an exchange is in progress", body = Problem, content_type = PROBLEM_JSON)))]
+async fn start_sas(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<TunnelId>,
+) -> Result<Json<SasStatus>, ApiError> {
+    sas(&state, &caller, &id, SasRequest::Start).await
+}
+
+/// Body of `POST /v1/tunnels/{id}/sas/confirm`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct SasDecision {
+    /// The code the person compared (either form), checked against the tunnel's: a guard
+    /// against confirming another tunnel's code.
+    code: Option<String>,
+}
+
+/// The person compared the codes and they match: the peer's key becomes verified (audited,
+/// `compared` `sas:<code>`, and a `peer.key_decision` event).
+#[utoipa::path(post, path = "/tunnels/{id}/sas/confirm", tag = "trust", params(TunnelPath),
+    request_body = SasDecision, responses(
+    (status = 200, description = "Confirmed", body = SasStatus),
+    (status = 403, description = "A bot token of another bot", body = Problem, content_type = PROBLEM_JSON),
+    (status = 404, description = "No such live tunnel", body = Problem, content_type = PROBLEM_JSON),
+    (status = 409, description = "No code waits for a decision", body = Problem, content_type = PROBLEM_JSON),
+    (status = 422, description = "Not the tunnel's code", body = Problem, content_type = PROBLEM_JSON)))]
+async fn confirm_sas(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<TunnelId>,
+    body: Result<Option<Json<SasDecision>>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<SasStatus>, ApiError> {
+    let decision = match body {
+        Ok(body) => body.map(|Json(d)| d).unwrap_or_default(),
+        Err(rejected) => json_body::<SasDecision>(Err(rejected))?,
+    };
+    if let Some(code) = decision.code.as_deref().map(str::trim) {
+        let current = state.bots.shared().table.get(&id).and_then(|t| t.sas);
+        let matches = current.is_some_and(|s| {
+            s.sas28x5.as_deref() == Some(&code.to_lowercase()) || s.decimal.as_deref() == Some(code)
+        });
+        if !matches {
+            return Err(ApiError::Invalid(
+                "that is not the tunnel's code: nothing was confirmed".into(),
+            ));
+        }
+    }
+    let actor = caller.actor();
+    sas(&state, &caller, &id, SasRequest::Confirm { actor }).await
+}
+
+/// The person compared the codes and they differ: someone is in the middle; the tunnel is
+/// closed and the key stays as it was.
+#[utoipa::path(post, path = "/tunnels/{id}/sas/reject", tag = "trust", params(TunnelPath), responses(
+    (status = 200, description = "Rejected; the tunnel is closing", body = SasStatus),
+    (status = 403, description = "A bot token of another bot", body = Problem, content_type = PROBLEM_JSON),
+    (status = 404, description = "No such live tunnel", body = Problem, content_type = PROBLEM_JSON),
+    (status = 409, description = "No code waits for a decision", body = Problem, content_type = PROBLEM_JSON)))]
+async fn reject_sas(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path(id): Path<TunnelId>,
+) -> Result<Json<SasStatus>, ApiError> {
+    let actor = caller.actor();
+    sas(&state, &caller, &id, SasRequest::Reject { actor }).await
 }

@@ -155,6 +155,11 @@ pub enum BotEvent {
         /// The fingerprint the actor said they compared, if any.
         compared: Option<String>,
     },
+    /// A tunnel's short authentication string exchange moved: started (by the peer or the
+    /// bot), ready (the code to show the person, then confirm or reject over the API),
+    /// confirmed, rejected or failed.
+    #[serde(rename = "tunnel.sas")]
+    TunnelSas(crate::store::SasStatus),
     /// A message the bot sent changed status.
     #[serde(rename = "delivery.status")]
     DeliveryStatus {
@@ -205,6 +210,7 @@ impl BotEvent {
             BotEvent::PeerIdentityNew { .. } => "peer.identity_new",
             BotEvent::PeerIdentityChanged { .. } => "peer.identity_changed",
             BotEvent::PeerKeyDecision { .. } => "peer.key_decision",
+            BotEvent::TunnelSas(_) => "tunnel.sas",
             BotEvent::DeliveryStatus { .. } => "delivery.status",
         }
     }

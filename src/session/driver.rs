@@ -34,6 +34,8 @@ pub(super) struct Live {
     /// Whether the store refused the peer's key after the handshake: the tunnel is closing
     /// and nothing more of it reaches the bot.
     pub(super) refused: bool,
+    /// The short authentication string exchange's state (its status is in `record.sas`).
+    pub(super) sas: super::sas::SasEngine,
 }
 
 impl Live {
@@ -425,6 +427,9 @@ impl BotDriver {
                 );
                 let _ = done.send(());
             }
+            BotCommand::Sas(id, request, done) => {
+                let _ = done.send(self.sas_request(&id, request).await);
+            }
             BotCommand::SetCertificates(certificates, done) => {
                 if let Some(active) = certificates.active {
                     self.creds = active;
@@ -504,6 +509,7 @@ impl BotDriver {
                 created: Instant::now(),
                 in_handshake: true,
                 refused: false,
+                sas: super::sas::SasEngine::Idle,
             },
         );
         id

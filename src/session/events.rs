@@ -19,6 +19,13 @@ use super::inbound::echo;
 impl BotDriver {
     pub(super) async fn on_event(&mut self, key: &TunnelKey, event: Event) {
         let now = Instant::now().into_std();
+        // The short authentication string's messages are the component's, not the bot's.
+        if let Event::Stanza(stanza) = &event
+            && self.tunnels.get(key).is_some_and(|live| !live.refused)
+            && self.on_sas_stanza(key, stanza)
+        {
+            return;
+        }
         let Some(live) = self.tunnels.get_mut(key) else {
             return;
         };

@@ -17,6 +17,7 @@
 //! | `events` | what the engines report, turned into events, metrics and table rows |
 //! | `outbound` | messages the bot sends: disco, opening tunnels as initiator, status history |
 //! | `limits`, `rate` | capacity caps and the per-peer start rate |
+//! | `sas` | short authentication strings: the exchange over a tunnel's inner IQs, the decision |
 //! | `rotation` | the bots' own certificates: announce the next, activate it, rotate the expiring |
 
 use std::collections::HashMap;
@@ -39,6 +40,7 @@ mod limits;
 mod outbound;
 mod rate;
 mod rotation;
+mod sas;
 mod table;
 #[cfg(test)]
 mod tests;
@@ -46,6 +48,7 @@ mod tests;
 pub use inbound::bot_disco_info;
 pub use outbound::Submitted;
 pub use rotation::{Certificates, Rotation};
+pub use sas::{SasRefusal, SasRequest};
 pub use table::{BotCommand, BotError, BotHandle, BotPolicy, BotTable, NewBot, PolicyChange};
 
 /// Everything the drivers share.

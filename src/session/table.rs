@@ -43,6 +43,12 @@ pub enum BotCommand {
     SetPolicy(BotPolicy, oneshot::Sender<()>),
     /// Add an event about the bot (not about a tunnel) to its log.
     Record(Box<crate::delivery::event::BotEvent>, Option<String>),
+    /// A short authentication string request from the API for one tunnel.
+    Sas(
+        TunnelId,
+        super::sas::SasRequest,
+        oneshot::Sender<Result<crate::store::SasStatus, super::sas::SasRefusal>>,
+    ),
     /// Serve these certificates from now on; answers once applied.
     SetCertificates(Box<super::rotation::Certificates>, oneshot::Sender<()>),
 }
@@ -522,6 +528,24 @@ impl BotTable {
             return false;
         }
         rx.await.unwrap_or(false)
+    }
+
+    /// Hands a short authentication string request to the driver of the live tunnel `id`.
+    pub async fn sas(
+        &self,
+        id: &TunnelId,
+        request: super::sas::SasRequest,
+    ) -> Result<crate::store::SasStatus, super::sas::SasRefusal> {
+        use super::sas::SasRefusal;
+        let record = self.shared.table.get(id).ok_or(SasRefusal::NoTunnel)?;
+        let handle = self.by_jid(&record.bot).ok_or(SasRefusal::NoTunnel)?;
+        let (tx, rx) = oneshot::channel();
+        handle
+            .tx
+            .send(BotCommand::Sas(id.clone(), request, tx))
+            .await
+            .map_err(|_| SasRefusal::NoTunnel)?;
+        rx.await.unwrap_or(Err(SasRefusal::NoTunnel))
     }
 
     /// Tells every driver about the link.

@@ -171,16 +171,23 @@ async fn api_bot(bots: &BotTable) -> BotHandle {
 
 /// alice@example.net/phone's engine, with a tunnel to the bot open.
 async fn open_peer(bot: &BotHandle, rx: &mut mpsc::Receiver<Element>) -> Tunnel {
+    open_peer_as("alice@example.net/phone", bot, rx).await
+}
+
+/// The engine of `full_jid` (a new key), with a tunnel to the bot open.
+async fn open_peer_as(full_jid: &str, bot: &BotHandle, rx: &mut mpsc::Receiver<Element>) -> Tunnel {
     let mut peer = Tunnel::initiate(
         std::time::Instant::now(),
         TunnelParams {
             config: TunnelConfig::default(),
             key: TunnelKey {
-                local: "alice@example.net/phone".into(),
+                local: full_jid.into(),
                 peer: bot.record.jid.clone(),
             },
-            creds: BotCredentials::new(BotIdentity::generate("alice@example.net").unwrap())
-                .unwrap(),
+            creds: BotCredentials::new(
+                BotIdentity::generate(xtls::tunnel::bare(full_jid)).unwrap(),
+            )
+            .unwrap(),
             policy: PeerPolicy::default(),
             id_prefix: "alice-".into(),
         },
@@ -1172,6 +1179,175 @@ async fn a_rotation_is_announced_then_activated_and_tunnels_keep_working_across_
             ("certificate_rotated", "admin"),
             ("certificate_rotated", "admin"),
         ]
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Moves stanzas until the peer's engine reports an inner stanza; returns it.
+async fn peer_receives(
+    peer: &mut Tunnel,
+    bot: &BotHandle,
+    rx: &mut mpsc::Receiver<Element>,
+) -> Element {
+    let mut got = None;
+    exchange_until(peer, bot, rx, async |peer| {
+        while let Some(event) = peer.poll_event() {
+            if let Event::Stanza(stanza) = event {
+                got = Some(stanza);
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    got.expect("a stanza")
+}
+
+/// The peer's exporter output for a SAS context, as its code.
+fn peer_code(peer: &Tunnel, context: &[u8]) -> xtls::sas::SasCode {
+    let mut out = [0u8; xtls::sas::EXPORT_LEN];
+    peer.export_keying_material(&mut out, xtls::sas::EXPORTER_LABEL, context)
+        .unwrap();
+    xtls::sas::SasCode::from_export(&out)
+}
+
+/// An inner IQ set from the peer carrying one SAS message.
+fn sas_set(id: &str, message: &xtls::sas::SasMessage) -> Element {
+    let mut iq: Element = format!("<iq xmlns='jabber:client' type='set' id='{id}'/>")
+        .parse()
+        .unwrap();
+    iq.append_child(message.to_element());
+    iq
+}
+
+#[tokio::test]
+async fn a_short_authentication_string_matches_on_both_ends_and_confirming_verifies_the_key() {
+    use crate::store::{SasSide, SasState};
+    use xtls::sas::{Answerer, Committer, SasMessage};
+    let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+    let bot = api_bot(&bots).await;
+    let store = bots.shared().store.clone();
+    let mut peer = open_peer(&bot, &mut rx).await;
+    let id = bots.shared().table.snapshot()[0].id.clone();
+    let status = || bots.shared().table.get(&id).unwrap().sas.unwrap();
+    let now = std::time::Instant::now;
+
+    // The peer starts: it commits, the bot answers with its nonce, the peer reveals.
+    let (mut committer, commit) = Committer::start(rand::random());
+    peer.send(now(), sas_set("c1", &commit)).unwrap();
+    let answer = peer_receives(&mut peer, &bot, &mut rx).await;
+    assert_eq!(
+        (answer.attr("type"), answer.attr("id")),
+        (Some("result"), Some("c1"))
+    );
+    let nonce = SasMessage::parse(answer.children().next().unwrap())
+        .unwrap()
+        .unwrap();
+    let (reveal, context) = committer.on_nonce(nonce).unwrap();
+    assert_eq!(status().state, SasState::Exchanging);
+    peer.send(now(), sas_set("r1", &reveal)).unwrap();
+    let ack = peer_receives(&mut peer, &bot, &mut rx).await;
+    assert_eq!(
+        (ack.attr("type"), ack.attr("id")),
+        (Some("result"), Some("r1"))
+    );
+    let ours = peer_code(&peer, &context);
+    let shown = status();
+    assert_eq!(
+        (shown.state, shown.started_by),
+        (SasState::Ready, SasSide::Peer)
+    );
+    assert_eq!(shown.sas28x5.as_deref(), Some(ours.sas28x5.as_str()));
+    assert_eq!(shown.decimal.as_deref(), Some(ours.decimal.as_str()));
+
+    // Confirmed: the key is verified, the decision audited with the code.
+    let confirm = SasRequest::Confirm {
+        actor: "admin".into(),
+    };
+    assert_eq!(
+        bots.sas(&id, confirm).await.unwrap().state,
+        SasState::Confirmed
+    );
+    let pins = store
+        .peer_pins(&bot.record.jid, "alice@example.net")
+        .await
+        .unwrap();
+    assert!(pins[0].verified, "{pins:?}");
+    assert_eq!(
+        pins[0].compared.as_deref(),
+        Some(format!("sas:{}", ours.sas28x5).as_str())
+    );
+    let again = SasRequest::Confirm {
+        actor: "admin".into(),
+    };
+    assert!(matches!(
+        bots.sas(&id, again).await,
+        Err(SasRefusal::Conflict(_))
+    ));
+
+    // The bot starts: the peer answers, the bot reveals; the peer checks the commitment.
+    assert_eq!(
+        bots.sas(&id, SasRequest::Start).await.unwrap().state,
+        SasState::Exchanging
+    );
+    let commit = peer_receives(&mut peer, &bot, &mut rx).await;
+    let iq = xtls::stanza::Iq::parse(&commit).unwrap();
+    let message = SasMessage::parse(&iq.children[0]).unwrap().unwrap();
+    let (answerer, nonce) = Answerer::on_commit(message, rand::random()).unwrap();
+    peer.send(now(), iq.result(Some(nonce.to_element())))
+        .unwrap();
+    let reveal = peer_receives(&mut peer, &bot, &mut rx).await;
+    let iq = xtls::stanza::Iq::parse(&reveal).unwrap();
+    let context = answerer
+        .on_reveal(SasMessage::parse(&iq.children[0]).unwrap().unwrap())
+        .unwrap();
+    peer.send(now(), iq.result(None)).unwrap();
+    let shown = status();
+    assert_eq!(
+        (shown.state, shown.started_by),
+        (SasState::Ready, SasSide::Bot)
+    );
+    assert_eq!(shown.sas28x5, Some(peer_code(&peer, &context).sas28x5));
+    // None of the exchange reached the bot's backend as a stanza; each step is an event.
+    let events = store
+        .read_events(&bot.record.jid, 0, 100, false)
+        .await
+        .unwrap();
+    assert!(
+        !events.iter().any(|e| e.kind == "iq.received"),
+        "{events:?}"
+    );
+    let sas_events: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "tunnel.sas")
+        .map(|e| e.data["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sas_events,
+        ["exchanging", "ready", "confirmed", "exchanging", "ready"]
+    );
+
+    // A revealed nonce that does not match its commitment: refused, and the exchange failed.
+    let (_, commit) = Committer::start([1; 32]);
+    peer.send(now(), sas_set("c2", &commit)).unwrap();
+    peer_receives(&mut peer, &bot, &mut rx).await;
+    peer.send(now(), sas_set("r2", &SasMessage::Reveal([2; 32])))
+        .unwrap();
+    let refused = peer_receives(&mut peer, &bot, &mut rx).await;
+    let iq = xtls::stanza::Iq::parse(&refused).unwrap();
+    assert_eq!(iq.error_condition(), "not-acceptable");
+    let shown = status();
+    assert_eq!(
+        (shown.state, shown.started_by),
+        (SasState::Failed, SasSide::Peer)
+    );
+    assert!(shown.error.unwrap().contains("commitment"));
+    let reject = SasRequest::Reject {
+        actor: "admin".into(),
+    };
+    assert!(
+        matches!(bots.sas(&id, reject).await, Err(SasRefusal::Conflict(_))),
+        "nothing to decide on"
     );
     std::fs::remove_dir_all(dir).unwrap();
 }

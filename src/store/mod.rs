@@ -37,7 +37,10 @@ pub use pins::{AuditEntry, FirstUse, PeerPin, PinAction, PinChange};
 pub use rotation::{NextCertificate, RetiredCertificate};
 pub use sealed::StoreKey;
 pub use tokens::TokenInfo;
-pub use tunnels::{PeerIdentityRecord, PeerTrust, TunnelFilter, TunnelId, TunnelRecord};
+pub use tunnels::{
+    PeerIdentityRecord, PeerTrust, SasSide, SasState, SasStatus, TunnelFilter, TunnelId,
+    TunnelRecord,
+};
 pub use webhooks::{Attempt, DeadLetter, Outcome, PendingEvent, Webhook};
 
 use std::str::FromStr;
@@ -399,7 +402,7 @@ pub(crate) mod tests {
         assert!(created && !pin.verified && pin.verified_by.is_none());
         let verify = PinChange {
             verified: true,
-            compared: Some(&phone),
+            compared: Some(phone.to_string()),
             actor: "admin",
             ..approve.clone()
         };

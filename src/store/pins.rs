@@ -29,7 +29,8 @@ pub struct PeerPin {
     pub verified_at: Option<String>,
     /// Who verified it: `admin` or `bot-token:<id>`.
     pub verified_by: Option<String>,
-    /// The fingerprint the verifier said they compared.
+    /// What the verifier said they compared: a fingerprint, or `sas:<code>` when a short
+    /// authentication string was confirmed.
     pub compared: Option<String>,
 }
 
@@ -144,8 +145,9 @@ pub struct PinChange<'a> {
     pub spki: &'a Fingerprint,
     /// Verified (someone compared it) or merely approved.
     pub verified: bool,
-    /// The fingerprint the actor compared, when they say.
-    pub compared: Option<&'a Fingerprint>,
+    /// What the actor compared, when they say: a fingerprint, or `sas:<code>` for a short
+    /// authentication string.
+    pub compared: Option<String>,
     /// Who: `admin` or `bot-token:<id>`.
     pub actor: &'a str,
 }
@@ -299,7 +301,7 @@ impl Store {
         change: &PinChange<'_>,
     ) -> Result<(PeerPin, bool, PinAction), StoreError> {
         let (at, key) = (now(), change.spki.to_string());
-        let compared = change.compared.map(ToString::to_string);
+        let compared = change.compared.clone();
         let mut tx = self.writer.begin().await?;
         let before = sqlx::query(
             "SELECT verified FROM peer_pins WHERE bot_jid = ? AND peer = ? AND spki_sha256 = ?",

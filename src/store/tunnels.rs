@@ -109,6 +109,47 @@ pub struct PeerIdentityRecord {
     pub trust: PeerTrust,
 }
 
+/// Where a tunnel's short authentication string exchange is (docs/verification.md).
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SasState {
+    /// Nonces are being exchanged.
+    Exchanging,
+    /// Both nonces are in: the code is shown, awaiting a person's decision.
+    Ready,
+    /// Someone confirmed the codes match: the peer's key is verified.
+    Confirmed,
+    /// Someone said the codes differ: the tunnel was closed.
+    Rejected,
+    /// The exchange failed (a changed nonce, a refused message); `error` says why.
+    Failed,
+}
+
+/// Which end started an exchange.
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SasSide {
+    /// The bot (over the API).
+    Bot,
+    /// The peer.
+    Peer,
+}
+
+/// A live tunnel's short authentication string, as the API shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct SasStatus {
+    /// Where the exchange is.
+    pub state: SasState,
+    /// Who started it.
+    pub started_by: SasSide,
+    /// The code as five base-28 characters (XEP-0116 `sas28x5`), once both nonces are in.
+    pub sas28x5: Option<String>,
+    /// The code as six decimal digits, once both nonces are in.
+    pub decimal: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
 /// One row of the session table, live or historical (the admin API's tunnel object).
 #[derive(Debug, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct TunnelRecord {
@@ -146,6 +187,9 @@ pub struct TunnelRecord {
     pub closed_at: Option<String>,
     /// Why it ended.
     pub close_reason: Option<String>,
+    /// The short authentication string exchange of a live tunnel, if one was started (not
+    /// kept once the tunnel is closed).
+    pub sas: Option<SasStatus>,
 }
 
 /// Field by field, so that `clone_from` reuses the strings' buffers: the live session table
@@ -186,6 +230,7 @@ impl Clone for TunnelRecord {
             established_at,
             closed_at,
             close_reason,
+            sas,
         } = source;
         self.id.0.clone_from(&id.0);
         self.bot.clone_from(bot);
@@ -206,6 +251,7 @@ impl Clone for TunnelRecord {
         self.established_at.clone_from(established_at);
         self.closed_at.clone_from(closed_at);
         self.close_reason.clone_from(close_reason);
+        self.sas.clone_from(sas);
     }
 }
 
@@ -237,6 +283,7 @@ impl TunnelRecord {
             established_at: None,
             closed_at: None,
             close_reason: None,
+            sas: None,
         }
     }
 }
@@ -371,5 +418,6 @@ fn tunnel_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<TunnelRecord, StoreErr
         established_at: r.try_get("established_at")?,
         closed_at: r.try_get("closed_at")?,
         close_reason: r.try_get("close_reason")?,
+        sas: None,
     })
 }
