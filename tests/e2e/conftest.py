@@ -52,13 +52,15 @@ class Users:
             self._identities[key] = Identity.generate(xmpp_addr)
         return self._identities[key]
 
-    def client(self, name: str, *, cert_jid: str | None = None, identity: Identity | None = None) -> XtlsClient:
+    def client(self, name: str, *, cert_jid: str | None = None, identity: Identity | None = None,
+               tls: str = "ssl") -> XtlsClient:
         """A client for `name` with a fresh resource, presenting `identity`, else the session's
-        certificate with XmppAddr `cert_jid`."""
+        certificate with XmppAddr `cert_jid`; `tls="openssl"` opens tunnels over pyOpenSSL
+        (which has the TLS exporter for short authentication strings)."""
         jid = f"{name}@{self.server.host}/e2e-{uuid.uuid4().hex[:8]}"
         return XtlsClient(
             jid, USERS[name], host="127.0.0.1", port=self.server.c2s_port,
-            identity=identity or self.identity(name, cert_jid),
+            identity=identity or self.identity(name, cert_jid), tls=tls,
         )
 
 

@@ -580,3 +580,86 @@ def test_a_rotated_certificate_is_announced_then_served_and_open_tunnels_keep_wo
         "certificate_activated", "certificate_rotated", "certificate_rotated",
     ], log
     component.delete(f"/v1/bots/{bot}")
+
+
+def tunnel_of_peer_of(component, bot: str, peer: str) -> dict:
+    rows = [t for t in tunnels_of(component, bot) if t.get("peer") == peer]
+    assert len(rows) == 1, f"expected one tunnel of {bot} with peer {peer}, got {rows!r}"
+    return rows[0]
+
+
+def sas_of(component, tunnel_id: str) -> dict | None:
+    status, row = component.get(f"/v1/tunnels/{tunnel_id}")
+    assert status == 200, row
+    return row.get("sas")
+
+
+def test_short_authentication_strings_match_through_prosody_and_confirming_verifies_the_key(component, users):
+    """A client on OpenSSL (pyOpenSSL's exporter) and the bot on rustls compute the same code
+    from their TLS sessions, whichever side starts; confirming it over HTTP verifies the key."""
+    status, made = component.post("/v1/bots", {"localpart": f"sas{uuid.uuid4().hex[:6]}", "handler": "echo"})
+    assert status == 201, made
+    bot = made["jid"]
+
+    async def scenario():
+        async with users.client("bob", tls="openssl") as carol:
+            tunnel = await carol.open_tunnel(bot)
+            tunnel_id = tunnel_of_peer_of(component, bot, carol.jid)["id"]
+            # The person starts it from the client.
+            code, digits = await tunnel.start_sas()
+            shown = sas_of(component, tunnel_id)
+            assert shown["state"] == "ready" and shown["started_by"] == "peer", shown
+            assert (shown["sas28x5"], shown["decimal"]) == (code, digits), (shown, code, digits)
+            status, wrong = component.post(f"/v1/tunnels/{tunnel_id}/sas/confirm", {"code": "aaaaa"})
+            assert status == 422, wrong
+            status, confirmed = component.post(f"/v1/tunnels/{tunnel_id}/sas/confirm", {"code": code})
+            assert status == 200 and confirmed["state"] == "confirmed", confirmed
+            await echo_roundtrip(tunnel, "the exchange left the tunnel as it was")
+
+            # The bot starts it (its backend or operator, over HTTP).
+            status, started = component.post(f"/v1/tunnels/{tunnel_id}/sas")
+            assert status == 200 and started["state"] == "exchanging", started
+            code2 = await tunnel.answer_sas()
+            deadline = time.monotonic() + 5
+            while (shown := sas_of(component, tunnel_id))["state"] != "ready":
+                assert time.monotonic() < deadline, shown
+                await asyncio.sleep(0.05)
+            assert shown["started_by"] == "bot" and (shown["sas28x5"], shown["decimal"]) == code2, shown
+            assert code2 != (code, digits), "fresh nonces, another code"
+            await tunnel.close()
+
+    run(scenario())
+    status, keys = component.get(f"/v1/bots/{bot}/peers/bob@localhost/keys")
+    assert status == 200, keys
+    pins = keys if isinstance(keys, list) else keys.get("keys", keys.get("pins"))
+    assert pins and pins[0]["verified"] and pins[0]["compared"].startswith("sas:"), keys
+    component.delete(f"/v1/bots/{bot}")
+
+
+def test_a_nonce_changed_in_transit_gives_codes_that_differ_and_rejecting_closes(component, users):
+    """What a man in the middle would cause: the client uses another nonce than the bot sent.
+    The two codes differ, the person rejects it over HTTP, and the bot closes the tunnel."""
+    status, made = component.post("/v1/bots", {"localpart": f"sasx{uuid.uuid4().hex[:6]}", "handler": "echo"})
+    assert status == 201, made
+    bot = made["jid"]
+
+    async def scenario():
+        async with users.client("bob", tls="openssl") as carol:
+            tunnel = await carol.open_tunnel(bot)
+            tunnel_id = tunnel_of_peer_of(component, bot, carol.jid)["id"]
+            code = await tunnel.start_sas(tamper_their_nonce=True)
+            shown = sas_of(component, tunnel_id)
+            assert shown["state"] == "ready", shown
+            assert (shown["sas28x5"], shown["decimal"]) != code, (shown, code)
+            status, rejected = component.post(f"/v1/tunnels/{tunnel_id}/sas/reject")
+            assert status == 200 and rejected["state"] == "rejected", rejected
+            deadline = time.monotonic() + 10
+            while not tunnel.closed_by_peer and tunnel.state not in ("closed", "failed"):
+                assert time.monotonic() < deadline, f"the bot did not close: {tunnel.state}"
+                await asyncio.sleep(0.05)
+
+    run(scenario())
+    status, keys = component.get(f"/v1/bots/{bot}/peers/bob@localhost/keys")
+    pins = keys if isinstance(keys, list) else keys.get("keys", keys.get("pins"))
+    assert pins and not pins[0]["verified"], keys
+    component.delete(f"/v1/bots/{bot}")

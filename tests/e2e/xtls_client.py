@@ -5,7 +5,8 @@ It implements both roles of docs/protocol.md §1.4–§1.10 (XTLS 0.0.5, namespa
 
     XtlsClient (slixmpp ClientXMPP, plaintext c2s on loopback; answers disco#info)
         └─ Tunnel (one per peer JID: start/proceed, data window, acks, close)
-              └─ TlsEngine (sans-IO: ssl.SSLObject over two MemoryBIOs, TLS 1.3 only)
+              └─ TlsEngine (sans-IO: ssl.SSLObject over two MemoryBIOs, TLS 1.3 only), or
+                 OpenSslEngine (the same over pyOpenSSL, for the TLS exporter that `ssl` lacks)
                     └─ StanzaParser (incremental parse of the inner jabber:client stanzas, §1.9)
 
 As **initiator** (`open_tunnel`) we are the TLS client; the bot's certificate is not verified
@@ -29,6 +30,7 @@ import base64
 import binascii
 import datetime
 import hashlib
+import os
 import ssl
 import tempfile
 import time
@@ -54,6 +56,9 @@ NS_CLIENT = "jabber:client"
 NS_C2CTLS = "urn:xmpp:tmp:c2ctls"  # XEP-0250 offers (spec §1.6)
 NS_PUBKEY = "urn:xmpp:tmp:pubkey"  # XEP-0189 v0.8 keyinfo inside an offer
 NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
+NS_SAS = "urn:xmpp:tmp:xtls:sas"  # short authentication strings (docs/verification.md)
+SAS_LABEL = b"EXPERIMENTAL-xtls-sas"
+SAS28 = "acdefghikmopqruvwxy123456789"
 XMPP_ADDR_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.5")  # id-on-xmppAddr, RFC 6120 §13.7.1.4
 
 CHUNK_SIZE = 4096  # raw bytes per <data/> we send (spec §1.7 rule 2)
@@ -347,6 +352,103 @@ class TlsEngine:
         return self._tls.version()
 
 
+class OpenSslEngine:
+    """`TlsEngine`'s interface over pyOpenSSL, as the TLS client: the OpenSSL that the
+    `cryptography` wheel bundles, reached through an API that has the TLS exporter (RFC 8446
+    §7.5) Python's `ssl` lacks, for short authentication strings.  Like `client_context`,
+    it accepts any server certificate: callers compare fingerprints after the handshake."""
+
+    def __init__(self, identity: "Identity") -> None:
+        from OpenSSL import SSL
+
+        self._SSL = SSL
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+        ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+        ctx.use_certificate(x509.load_pem_x509_certificate(identity.cert_pem))
+        ctx.use_privatekey(serialization.load_pem_private_key(identity.key_pem, None))
+        ctx.set_verify(SSL.VERIFY_PEER, lambda _conn, _cert, _errno, _depth, _ok: True)
+        self._tls = SSL.Connection(ctx, None)  # memory BIOs
+        self._tls.set_connect_state()
+        self._parser = StanzaParser()
+        self.handshake_done = False
+        self.peer_eof = False
+
+    def step(self) -> list[ET.Element]:
+        SSL = self._SSL
+        try:
+            if not self.handshake_done:
+                try:
+                    self._tls.do_handshake()
+                except SSL.WantReadError:
+                    return []
+                self.handshake_done = True
+            stanzas = []
+            while not self.peer_eof:
+                try:
+                    plaintext = self._tls.recv(65536)
+                except SSL.WantReadError:
+                    break
+                except SSL.ZeroReturnError:
+                    self.peer_eof = True
+                    break
+                stanzas.extend(self._parser.feed(plaintext))
+            return stanzas
+        except SSL.Error as exc:
+            raise ssl.SSLError(str(exc)) from exc
+
+    def feed(self, payload: bytes) -> list[ET.Element]:
+        self._tls.bio_write(payload)
+        return self.step()
+
+    def write(self, plaintext: bytes) -> None:
+        self._tls.sendall(plaintext)
+
+    def close_notify(self) -> None:
+        try:
+            self._tls.shutdown()
+        except self._SSL.Error:
+            pass
+
+    def take_chunks(self, size: int = CHUNK_SIZE) -> list[bytes]:
+        data = b""
+        while True:
+            try:
+                data += self._tls.bio_read(65536)
+            except self._SSL.WantReadError:
+                break
+        return [data[i : i + size] for i in range(0, len(data), size)]
+
+    @property
+    def peer_cert_der(self) -> bytes | None:
+        cert = self._tls.get_peer_certificate(as_cryptography=True)
+        return None if cert is None else cert.public_bytes(serialization.Encoding.DER)
+
+    @property
+    def version(self) -> str | None:
+        return self._tls.get_protocol_version_name()
+
+    def export_keying_material(self, label: bytes, length: int, context: bytes) -> bytes:
+        return self._tls.export_keying_material(label, length, context)
+
+
+def sas_code(exported: bytes) -> tuple[str, str]:
+    """The code of an exporter output (docs/verification.md): `sas28x5` of the first 24
+    bits, most significant digit first, and the first 32 bits modulo 10^6 as six digits."""
+    n = int.from_bytes(exported[:3], "big")
+    digits = ""
+    for _ in range(5):
+        digits = SAS28[n % 28] + digits
+        n //= 28
+    return digits, f"{int.from_bytes(exported[:4], 'big') % 1_000_000:06d}"
+
+
+def sas_iq(iq_id: str, element: str, payload: bytes) -> str:
+    """An inner IQ set carrying one message of the exchange."""
+    return (f"<iq xmlns='jabber:client' type='set' id='{iq_id}'>"
+            f"<{element} xmlns='{NS_SAS}'>{base64.b64encode(payload).decode()}</{element}></iq>")
+
+
 def message_xml(body: str, msg_id: str) -> bytes:
     """`<message xmlns='jabber:client' type='chat' id=..><body>..</body></message>`, no from/to."""
     msg = ET.Element("message", {"xmlns": NS_CLIENT, "type": "chat", "id": msg_id})
@@ -369,7 +471,12 @@ class IqReply:
 
 def error_of(iq: Iq) -> tuple[str, str, str]:
     """(condition, type, text) of an IQ error reply."""
-    err = iq.xml.find(f"{{{NS_CLIENT}}}error")
+    return error_of_element(iq.xml)
+
+
+def error_of_element(stanza: ET.Element) -> tuple[str, str, str]:
+    """(condition, type, text) of a stanza error, as an element."""
+    err = stanza.find(f"{{{NS_CLIENT}}}error")
     if err is None:
         return "(no <error/> element)", "", ""
     condition, text = "(no condition)", ""
@@ -564,6 +671,54 @@ class Tunnel:
             raise XtlsProtocolError(f"message without body: {ET.tostring(stanza)!r}")
         return body.text or ""
 
+    # -- short authentication strings (docs/verification.md) ------------------------------
+
+    async def _recv_iq(self, predicate: Callable[[ET.Element], bool], timeout: float) -> ET.Element:
+        """The next inner IQ `predicate` accepts; other stanzas meanwhile are an error."""
+        stanza = await self.recv_stanza(timeout)
+        if stanza.tag != f"{{{NS_CLIENT}}}iq" or not predicate(stanza):
+            raise XtlsProtocolError(f"expected a SAS IQ, got {ET.tostring(stanza)!r}")
+        return stanza
+
+    def _sas_code(self, context: bytes) -> tuple[str, str]:
+        if not hasattr(self.engine, "export_keying_material"):
+            raise XtlsProtocolError("this TLS engine has no exporter: log in with tls='openssl'")
+        return sas_code(self.engine.export_keying_material(SAS_LABEL, 32, context))
+
+    async def start_sas(self, timeout: float = 10.0, *, tamper_their_nonce: bool = False) -> tuple[str, str]:
+        """Run the exchange as the committer; returns the code (sas28x5, six digits).
+        `tamper_their_nonce` uses another nonce than the one received, as a man in the middle
+        that changed it in transit would make us do: the codes then differ."""
+        ours = os.urandom(32)
+        commit_id, reveal_id = f"sas-{uuid.uuid4().hex[:8]}", f"sas-{uuid.uuid4().hex[:8]}"
+        await self.send_stanza(sas_iq(commit_id, "commit", hashlib.sha256(ours).digest()), timeout)
+        reply = await self._recv_iq(lambda s: s.get("id") == commit_id, timeout)
+        if reply.get("type") != "result":
+            raise XtlsError(*error_of_element(reply), request="sas commit")
+        theirs = base64.b64decode(reply.findtext(f"{{{NS_SAS}}}nonce") or "")
+        if tamper_their_nonce:
+            theirs = bytes([theirs[0] ^ 1]) + theirs[1:]
+        await self.send_stanza(sas_iq(reveal_id, "reveal", ours), timeout)
+        ack = await self._recv_iq(lambda s: s.get("id") == reveal_id, timeout)
+        if ack.get("type") != "result":
+            raise XtlsError(*error_of_element(ack), request="sas reveal")
+        return self._sas_code(ours + theirs)
+
+    async def answer_sas(self, timeout: float = 10.0) -> tuple[str, str]:
+        """Answer an exchange the peer starts; returns the code once the reveal checks out."""
+        commit = await self._recv_iq(lambda s: s.find(f"{{{NS_SAS}}}commit") is not None, timeout)
+        committed = base64.b64decode(commit.findtext(f"{{{NS_SAS}}}commit") or "")
+        ours = os.urandom(32)
+        await self.send_stanza(
+            f"<iq xmlns='jabber:client' type='result' id='{commit.get('id')}'>"
+            f"<nonce xmlns='{NS_SAS}'>{base64.b64encode(ours).decode()}</nonce></iq>", timeout)
+        reveal = await self._recv_iq(lambda s: s.find(f"{{{NS_SAS}}}reveal") is not None, timeout)
+        theirs = base64.b64decode(reveal.findtext(f"{{{NS_SAS}}}reveal") or "")
+        if hashlib.sha256(theirs).digest() != committed:
+            raise XtlsProtocolError("the revealed nonce does not match its commitment")
+        await self.send_stanza(f"<iq xmlns='jabber:client' type='result' id='{reveal.get('id')}'/>", timeout)
+        return self._sas_code(theirs + ours)
+
     async def close(self, timeout: float = 30.0) -> None:
         """Graceful close (spec §1.10 rule 1): close_notify in a data IQ, then <close/> -> <closed/>."""
         self._check_usable("close")
@@ -597,7 +752,7 @@ class Tunnel:
             raise self.failure
         self.proceed_seen = reply.xml.find(f"{{{NS_XTLS}}}proceed") is not None
         self.state = "handshaking"
-        self.engine = TlsEngine(self.client.tls_context, server_side=False)
+        self.engine = self.client.new_client_engine()
         self.engine.step()  # produces the ClientHello
         self._enqueue(handshake=True)
         remaining = max(0.1, timeout - (time.monotonic() - self._t_start))
@@ -860,7 +1015,8 @@ class XtlsClient:
     record what reached it.
     """
 
-    def __init__(self, jid: str, password: str, *, host: str, port: int, identity: Identity | None = None) -> None:
+    def __init__(self, jid: str, password: str, *, host: str, port: int, identity: Identity | None = None,
+                 tls: str = "ssl") -> None:
         self.xmpp = slixmpp.ClientXMPP(
             jid,
             password,
@@ -873,6 +1029,9 @@ class XtlsClient:
         self._host, self._port = host, port
         self.identity = identity or Identity.generate(slixmpp.JID(jid).bare)
         self.tls_context = client_context(self.identity)
+        if tls not in ("ssl", "openssl"):
+            raise ValueError(tls)
+        self._tls_backend = tls  # the initiator's TLS stack: stdlib ssl, or pyOpenSSL
         self._pending: dict[str, tuple[str, Callable[[str, Iq | BaseException], None]]] = {}
         self._tunnels: dict[str, Tunnel] = {}
         self._responder: ResponderPolicy | None = None
@@ -1076,6 +1235,12 @@ class XtlsClient:
             tunnel._set_gone("failed", failure)
 
     # -- tunnels ----------------------------------------------------------------------
+
+    def new_client_engine(self) -> "TlsEngine | OpenSslEngine":
+        """A TLS client presenting our identity, on the stack this client was made with."""
+        if self._tls_backend == "openssl":
+            return OpenSslEngine(self.identity)
+        return TlsEngine(self.tls_context, server_side=False)
 
     async def open_tunnel(self, bot_jid: str, timeout: float = 30.0) -> Tunnel:
         """start -> proceed -> TLS 1.3 handshake -> open (all handshake data acked)."""
