@@ -43,6 +43,13 @@ def tunnels_of(component, bot: str = BOT) -> list[dict]:
     return listing
 
 
+def new_echo_bot(component, prefix: str) -> str:
+    """Create an echo bot with a fresh localpart; return its bare JID."""
+    status, made = component.post("/v1/bots", {"localpart": f"{prefix}{uuid.uuid4().hex[:6]}", "handler": "echo"})
+    assert status == 201, made
+    return made["jid"]
+
+
 def tunnel_of_peer(component, peer: str) -> dict:
     rows = [t for t in tunnels_of(component) if t.get("peer") == peer]
     assert len(rows) == 1, f"expected one tunnel with peer {peer}, got {rows!r}"
@@ -359,9 +366,7 @@ def test_a_changed_key_gets_in_once_approved_over_http(component, users):
     """Trust on first use pins mallory's key; her new device's key is refused until the bot's
     backend approves it over HTTP (a bot token), after which both keys get in; a removed key
     is refused again; the audit log says who did what."""
-    status, made = component.post("/v1/bots", {"localpart": f"keys{uuid.uuid4().hex[:6]}", "handler": "echo"})
-    assert status == 201, made
-    bot = made["jid"]
+    bot = new_echo_bot(component, "keys")
     status, issued = component.post(f"/v1/bots/{bot}/tokens")
     assert status == 201, issued
     token = issued["token"]
@@ -520,9 +525,7 @@ def test_a_rotated_certificate_is_announced_then_served_and_open_tunnels_keep_wo
     """A rotation with an overlap is announced in the API and in disco#info while tunnels still
     get the active certificate; once active, new tunnels get the new one (same key: pins hold),
     a tunnel opened before keeps echoing, and the old certificate is listed as retired."""
-    status, made = component.post("/v1/bots", {"localpart": f"rot{uuid.uuid4().hex[:6]}", "handler": "echo"})
-    assert status == 201, made
-    bot = made["jid"]
+    bot = new_echo_bot(component, "rot")
     path = f"/v1/bots/{bot}/certificate"
     _, first = component.get(path)
     first_der = x509.load_pem_x509_certificate(first["pem"].encode()).public_bytes(serialization.Encoding.DER)
@@ -597,14 +600,12 @@ def sas_of(component, tunnel_id: str) -> dict | None:
 def test_short_authentication_strings_match_through_prosody_and_confirming_verifies_the_key(component, users):
     """A client on OpenSSL (pyOpenSSL's exporter) and the bot on rustls compute the same code
     from their TLS sessions, whichever side starts; confirming it over HTTP verifies the key."""
-    status, made = component.post("/v1/bots", {"localpart": f"sas{uuid.uuid4().hex[:6]}", "handler": "echo"})
-    assert status == 201, made
-    bot = made["jid"]
+    bot = new_echo_bot(component, "sas")
 
     async def scenario():
-        async with users.client("bob", tls="openssl") as carol:
-            tunnel = await carol.open_tunnel(bot)
-            tunnel_id = tunnel_of_peer_of(component, bot, carol.jid)["id"]
+        async with users.client("bob", tls="openssl") as bob:
+            tunnel = await bob.open_tunnel(bot)
+            tunnel_id = tunnel_of_peer_of(component, bot, bob.jid)["id"]
             # The person starts it from the client.
             code, digits = await tunnel.start_sas()
             shown = sas_of(component, tunnel_id)
@@ -639,14 +640,12 @@ def test_short_authentication_strings_match_through_prosody_and_confirming_verif
 def test_a_nonce_changed_in_transit_gives_codes_that_differ_and_rejecting_closes(component, users):
     """What a man in the middle would cause: the client uses another nonce than the bot sent.
     The two codes differ, the person rejects it over HTTP, and the bot closes the tunnel."""
-    status, made = component.post("/v1/bots", {"localpart": f"sasx{uuid.uuid4().hex[:6]}", "handler": "echo"})
-    assert status == 201, made
-    bot = made["jid"]
+    bot = new_echo_bot(component, "sasx")
 
     async def scenario():
-        async with users.client("bob", tls="openssl") as carol:
-            tunnel = await carol.open_tunnel(bot)
-            tunnel_id = tunnel_of_peer_of(component, bot, carol.jid)["id"]
+        async with users.client("bob", tls="openssl") as bob:
+            tunnel = await bob.open_tunnel(bot)
+            tunnel_id = tunnel_of_peer_of(component, bot, bob.jid)["id"]
             code = await tunnel.start_sas(tamper_their_nonce=True)
             shown = sas_of(component, tunnel_id)
             assert shown["state"] == "ready", shown
