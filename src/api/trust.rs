@@ -29,6 +29,7 @@ pub fn routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(get_keys))
         .routes(routes!(put_key, delete_key))
         .routes(routes!(get_audit))
+        .routes(routes!(mint_pairing_code, revoke_pairing_code))
         .routes(routes!(start_sas))
         .routes(routes!(confirm_sas))
         .routes(routes!(reject_sas))
@@ -465,4 +466,93 @@ async fn reject_sas(
 ) -> Result<Json<SasStatus>, ApiError> {
     let actor = caller.actor();
     sas(&state, &caller, &id, SasRequest::Reject { actor }).await
+}
+
+/// Body of `POST /v1/bots/{jid}/peers/{peer}/pairing`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct PairingRequest {
+    /// Seconds the code stays valid: 60 to 86400, default 600.
+    ttl_secs: Option<u64>,
+}
+
+/// A pairing code, shown once.
+#[derive(Serialize, ToSchema)]
+struct PairingCode {
+    /// The code the person types into their client: `XXXXX-XXXXX`. Show it where the XMPP
+    /// servers cannot read it (a page over HTTPS); it is never shown again.
+    code: String,
+    /// When it expires (RFC 3339).
+    expires_at: String,
+    /// Wrong attempts it allows before it is revoked.
+    attempts: u8,
+}
+
+/// Mints a one-time pairing code for a peer (replacing one minted before): the peer types it
+/// into their client, which runs SPAKE2 inside a tunnel (docs/verification.md); the right
+/// code pins the key of that tunnel as verified, even one the bot's trust mode would refuse.
+#[utoipa::path(post, path = "/bots/{jid}/peers/{peer}/pairing", tag = "trust", params(PeerPath),
+    request_body = PairingRequest, responses(
+    (status = 201, description = "The code, shown once", body = PairingCode),
+    (status = 403, description = "A bot token of another bot", body = Problem, content_type = PROBLEM_JSON),
+    (status = 404, description = "No such bot, or not a bare JID", body = Problem, content_type = PROBLEM_JSON),
+    (status = 422, description = "A TTL out of range", body = Problem, content_type = PROBLEM_JSON)))]
+async fn mint_pairing_code(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path((jid, peer)): Path<(String, String)>,
+    body: Result<Option<Json<PairingRequest>>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<PairingCode>), ApiError> {
+    let bot = scoped(&state, &caller, &jid)?;
+    let peer = peer_jid(&peer)?;
+    let request = match body {
+        Ok(body) => body.map(|Json(r)| r).unwrap_or_default(),
+        Err(rejected) => json_body::<PairingRequest>(Err(rejected))?,
+    };
+    let ttl = request.ttl_secs.unwrap_or(600);
+    if !(60..=86400).contains(&ttl) {
+        return Err(ApiError::Invalid(
+            "ttl_secs must be between 60 and 86400".into(),
+        ));
+    }
+    let ttl = std::time::Duration::from_secs(ttl);
+    let actor = caller.actor();
+    let minted = (state.bots.shared().pairings).mint(&bot.record.jid, &peer, ttl, &actor);
+    // The code itself is never logged.
+    tracing::info!(
+        bot = bot.record.jid,
+        peer,
+        actor,
+        ttl_secs = ttl.as_secs(),
+        "pairing code minted"
+    );
+    let expires = time::OffsetDateTime::now_utc() + ttl;
+    Ok((
+        StatusCode::CREATED,
+        Json(PairingCode {
+            code: minted.code,
+            expires_at: xtls::certs::rfc3339(expires),
+            attempts: minted.attempts,
+        }),
+    ))
+}
+
+/// Revokes a peer's pairing code.
+#[utoipa::path(delete, path = "/bots/{jid}/peers/{peer}/pairing", tag = "trust", params(PeerPath),
+    responses(
+    (status = 204, description = "Revoked"),
+    (status = 403, description = "A bot token of another bot", body = Problem, content_type = PROBLEM_JSON),
+    (status = 404, description = "No code waits for that peer", body = Problem, content_type = PROBLEM_JSON)))]
+async fn revoke_pairing_code(
+    State(state): State<AdminState>,
+    caller: Caller,
+    Path((jid, peer)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let bot = scoped(&state, &caller, &jid)?;
+    let peer = peer_jid(&peer)?;
+    if state.bots.shared().pairings.revoke(&bot.record.jid, &peer) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!("pairing code for {peer}")))
+    }
 }

@@ -36,6 +36,8 @@ pub(super) struct Live {
     pub(super) refused: bool,
     /// The short authentication string exchange's state (its status is in `record.sas`).
     pub(super) sas: super::sas::SasEngine,
+    /// A pairing exchange waiting for the peer's confirmation.
+    pub(super) pair: Option<xtls::pair::Verifier>,
 }
 
 impl Live {
@@ -510,6 +512,7 @@ impl BotDriver {
                 in_handshake: true,
                 refused: false,
                 sas: super::sas::SasEngine::Idle,
+                pair: None,
             },
         );
         id

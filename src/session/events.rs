@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use crate::config::{BotTrust, Handler};
 use crate::delivery::event::{BotEvent, FailStage, Identity};
-use crate::store::{FirstUse, PeerIdentityRecord};
+use crate::store::{FirstUse, PeerIdentityRecord, PeerTrust};
 use xtls::certs::Fingerprint;
 use xtls::stanza::{DefinedCondition, ErrorType, error_reply, name, ns};
 use xtls::tunnel::{CloseReason, Event, State, TrustVerdict, TunnelKey, VerifyError, bare};
@@ -19,12 +19,22 @@ use super::inbound::echo;
 impl BotDriver {
     pub(super) async fn on_event(&mut self, key: &TunnelKey, event: Event) {
         let now = Instant::now().into_std();
-        // The short authentication string's messages are the component's, not the bot's.
+        // The messages of pairing and of the short authentication string are the
+        // component's, not the bot's; a tunnel admitted for pairing carries nothing else.
         if let Event::Stanza(stanza) = &event
-            && self.tunnels.get(key).is_some_and(|live| !live.refused)
-            && self.on_sas_stanza(key, stanza)
+            && let Some(live) = self.tunnels.get(key)
+            && !live.refused
         {
-            return;
+            let pairing = live.record.peer_identity.trust == PeerTrust::Pairing;
+            if self.on_pair_stanza(key, stanza).await
+                || (!pairing && self.on_sas_stanza(key, stanza))
+            {
+                return;
+            }
+            if pairing {
+                self.refuse_unpaired(key, stanza);
+                return;
+            }
         }
         let Some(live) = self.tunnels.get_mut(key) else {
             return;
@@ -61,7 +71,8 @@ impl BotDriver {
                 // comes before anything of the tunnel reaches the bot.
                 let (id, peer) = (Some(record.id.clone()), Some(key.peer.clone()));
                 let mut pinned_now = false;
-                if let Some(spki) = &est.peer.spki_sha256 {
+                let pairing = est.peer.trust == TrustVerdict::Pairing;
+                if let Some(spki) = est.peer.spki_sha256.as_ref().filter(|_| !pairing) {
                     let (store, bot, peer_bare) =
                         (&self.shared.store, &self.bot.jid, bare(&key.peer));
                     let cert = est.peer.cert_der.as_deref();
@@ -127,7 +138,9 @@ impl BotDriver {
                     self.log(None, new.into_row(id, peer));
                 }
                 self.save(&record).await;
-                self.send_waiting(key).await;
+                if !pairing {
+                    self.send_waiting(key).await;
+                }
             }
             // A tunnel whose key was refused after its handshake hands the bot nothing more.
             Event::Stanza(_) | Event::Unanswered(_) if live.refused => {}
@@ -270,4 +283,27 @@ pub(super) fn refuse_ack(stanza: &Element) -> Option<Element> {
         DefinedCondition::ResourceConstraint,
         "the event log is unavailable",
     ))
+}
+
+impl BotDriver {
+    /// A stanza in a tunnel admitted for pairing alone: an IQ request is refused, anything
+    /// else dropped; none of it reaches the bot.
+    fn refuse_unpaired(&mut self, key: &TunnelKey, stanza: &Element) {
+        let now = Instant::now().into_std();
+        let Some(live) = self.tunnels.get_mut(key) else {
+            return;
+        };
+        tracing::debug!(tunnel = %live.record.id, "stanza before pairing dropped");
+        if stanza.name() == "iq" && matches!(stanza.attr("type"), Some("get" | "set")) {
+            let refusal = error_reply(
+                stanza,
+                ErrorType::Auth,
+                DefinedCondition::NotAuthorized,
+                "pair with your code first",
+            );
+            if let Err(e) = live.tunnel.send(now, refusal) {
+                tracing::warn!(error = %e, tunnel = %live.record.id, "refusal not sent");
+            }
+        }
+    }
 }

@@ -267,6 +267,7 @@ impl BotDriver {
                 trust: trust.engine_mode(),
                 pins,
                 pinned_cert_names,
+                pairing: self.shared.pairings.waiting(&self.bot.jid, peer),
             },
             id_prefix: random_prefix(),
         })

@@ -17,6 +17,7 @@
 //! | `events` | what the engines report, turned into events, metrics and table rows |
 //! | `outbound` | messages the bot sends: disco, opening tunnels as initiator, status history |
 //! | `limits`, `rate` | capacity caps and the per-peer start rate |
+//! | `pair` | pairing codes: minted for a peer, checked by SPAKE2 inside its tunnel |
 //! | `sas` | short authentication strings: the exchange over a tunnel's inner IQs, the decision |
 //! | `rotation` | the bots' own certificates: announce the next, activate it, rotate the expiring |
 
@@ -38,6 +39,7 @@ mod events;
 mod inbound;
 mod limits;
 mod outbound;
+mod pair;
 mod rate;
 mod rotation;
 mod sas;
@@ -47,6 +49,7 @@ mod tests;
 
 pub use inbound::bot_disco_info;
 pub use outbound::Submitted;
+pub use pair::{MAX_ATTEMPTS, Minted, Pairings};
 pub use rotation::{Certificates, Rotation};
 pub use sas::{SasRefusal, SasRequest};
 pub use table::{BotCommand, BotError, BotHandle, BotPolicy, BotTable, NewBot, PolicyChange};
@@ -74,6 +77,8 @@ pub struct Shared {
     pub webhook_networks: WebhookNetworks,
     /// The HTTP client of webhook deliveries (connects only where the networks allow).
     pub webhook_client: reqwest::Client,
+    /// Pairing codes waiting for their peers.
+    pub pairings: pair::Pairings,
     /// Validity and rotation of the bots' certificates (the configuration's, set at start).
     pub certificates: Live<CertificatesConfig>,
     /// Whether the component link is authenticated.
@@ -113,6 +118,7 @@ impl Shared {
             webhook_client: webhook_client(networks.clone()),
             webhook_networks: networks,
             webhooks: Arc::new(Live::new(webhooks)),
+            pairings: Default::default(),
             certificates: Live::new(CertificatesConfig::default()),
             link_up: Default::default(),
             metrics: Default::default(),

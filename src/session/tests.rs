@@ -1351,3 +1351,153 @@ async fn a_short_authentication_string_matches_on_both_ends_and_confirming_verif
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// An inner IQ set from the peer carrying one pairing message.
+fn pair_set(id: &str, message: &xtls::pair::PairMessage) -> Element {
+    let mut iq: Element = format!("<iq xmlns='jabber:client' type='set' id='{id}'/>")
+        .parse()
+        .unwrap();
+    iq.append_child(message.to_element());
+    iq
+}
+
+#[tokio::test]
+async fn a_pairing_code_admits_a_key_the_bot_would_refuse_and_a_wrong_one_closes_the_tunnel() {
+    use xtls::pair::{CHANNEL_BINDING_LABEL, Claimant, PairMessage};
+    let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+    let bot = bots
+        .create(NewBot {
+            localpart: "vault".into(),
+            handler: Handler::Api,
+            peer_auth: PeerAuth::Required,
+            trust: BotTrust::Manual,
+            encrypted_only: false,
+        })
+        .await
+        .unwrap();
+    let store = bots.shared().store.clone();
+    let pairings = &bots.shared().pairings;
+    let minted = pairings.mint(
+        &bot.record.jid,
+        "alice@example.net",
+        Duration::from_secs(600),
+        "admin",
+    );
+    let now = std::time::Instant::now;
+
+    // Admitted for pairing only: a message before pairing does not reach the bot.
+    let mut peer = open_peer(&bot, &mut rx).await;
+    let id = bots.shared().table.snapshot()[0].id.clone();
+    let trust = || bots.shared().table.get(&id).unwrap().peer_identity.trust;
+    assert_eq!(trust(), crate::store::PeerTrust::Pairing);
+    let early: Element = "<message xmlns='jabber:client'><body>too early</body></message>"
+        .parse()
+        .unwrap();
+    peer.send(now(), early).unwrap();
+
+    let (claimant, pake) = Claimant::start(
+        &minted.code.to_lowercase(),
+        "alice@example.net",
+        &bot.record.jid,
+    );
+    peer.send(now(), pair_set("p1", &pake)).unwrap();
+    let answer = peer_receives(&mut peer, &bot, &mut rx).await;
+    assert_eq!(
+        (answer.attr("type"), answer.attr("id")),
+        (Some("result"), Some("p1"))
+    );
+    let theirs = PairMessage::parse(answer.children().next().unwrap())
+        .unwrap()
+        .unwrap();
+    let mut cb = [0u8; 32];
+    peer.export_keying_material(&mut cb, CHANNEL_BINDING_LABEL, b"")
+        .unwrap();
+    let (claimed, confirm) = claimant.on_pake(theirs, &cb).unwrap();
+    peer.send(now(), pair_set("p2", &confirm)).unwrap();
+    let answer = peer_receives(&mut peer, &bot, &mut rx).await;
+    assert_eq!(
+        (answer.attr("type"), answer.attr("id")),
+        (Some("result"), Some("p2"))
+    );
+    let theirs = PairMessage::parse(answer.children().next().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        claimed.on_confirm(theirs),
+        Ok(()),
+        "the bot proved it knows the code"
+    );
+    assert_eq!(trust(), crate::store::PeerTrust::Pinned);
+    let pins = store
+        .peer_pins(&bot.record.jid, "alice@example.net")
+        .await
+        .unwrap();
+    assert!(
+        pins[0].verified && pins[0].compared.as_deref() == Some("pairing"),
+        "{pins:?}"
+    );
+    assert!(
+        !pairings.waiting(&bot.record.jid, "alice@example.net"),
+        "spent"
+    );
+
+    // Paired: the tunnel carries the bot's stanzas now; the early one never reached it.
+    let message: Element = "<message xmlns='jabber:client'><body>paired</body></message>"
+        .parse()
+        .unwrap();
+    peer.send(now(), message).unwrap();
+    let jid = bot.record.jid.clone();
+    exchange_until(&mut peer, &bot, &mut rx, async |_| {
+        let events = store.read_events(&jid, 0, 100, false).await.unwrap();
+        events.iter().any(|e| e.kind == "message.received")
+    })
+    .await;
+    let events = store.read_events(&jid, 0, 100, false).await.unwrap();
+    let bodies: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "message.received")
+        .map(|e| e.data["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["paired"]);
+
+    // A wrong code: refused, the tunnel closed, nothing pinned, one attempt fewer.
+    pairings.mint(
+        &bot.record.jid,
+        "carol@example.net",
+        Duration::from_secs(600),
+        "admin",
+    );
+    let mut carol = open_peer_as("carol@example.net/laptop", &bot, &mut rx).await;
+    let (claimant, pake) = Claimant::start("00000-00000", "carol@example.net", &bot.record.jid);
+    carol.send(now(), pair_set("w1", &pake)).unwrap();
+    let answer = peer_receives(&mut carol, &bot, &mut rx).await;
+    let theirs = PairMessage::parse(answer.children().next().unwrap())
+        .unwrap()
+        .unwrap();
+    carol
+        .export_keying_material(&mut cb, CHANNEL_BINDING_LABEL, b"")
+        .unwrap();
+    let (_, confirm) = claimant.on_pake(theirs, &cb).unwrap();
+    carol.send(now(), pair_set("w2", &confirm)).unwrap();
+    let refused = peer_receives(&mut carol, &bot, &mut rx).await;
+    assert_eq!(
+        xtls::stanza::Iq::parse(&refused).unwrap().error_condition(),
+        "not-authorized"
+    );
+    exchange_until(&mut carol, &bot, &mut rx, async |carol| {
+        carol.is_gone() || carol.state() == State::Closing
+    })
+    .await;
+    assert!(
+        store
+            .peer_pins(&bot.record.jid, "carol@example.net")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        pairings.waiting(&bot.record.jid, "carol@example.net"),
+        "two attempts left"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -68,6 +68,8 @@ pub enum PeerTrust {
     TofuNew,
     /// The key matched a pin.
     Pinned,
+    /// Admitted only to pair with a code (the key is not trusted yet).
+    Pairing,
 }
 
 impl From<TrustVerdict> for PeerTrust {
@@ -76,6 +78,7 @@ impl From<TrustVerdict> for PeerTrust {
             TrustVerdict::Unauthenticated => PeerTrust::Unauthenticated,
             TrustVerdict::TofuNew => PeerTrust::TofuNew,
             TrustVerdict::Pinned => PeerTrust::Pinned,
+            TrustVerdict::Pairing => PeerTrust::Pairing,
         }
     }
 }
@@ -88,6 +91,7 @@ impl PeerTrust {
             PeerTrust::Unauthenticated => TrustVerdict::Unauthenticated.as_str(),
             PeerTrust::TofuNew => TrustVerdict::TofuNew.as_str(),
             PeerTrust::Pinned => TrustVerdict::Pinned.as_str(),
+            PeerTrust::Pairing => TrustVerdict::Pairing.as_str(),
         }
     }
 

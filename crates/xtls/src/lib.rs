@@ -41,6 +41,7 @@
 //! | [`certs`] | identities: certificate generation, fingerprints, XmppAddr checks |
 //! | [`tunnel`] | the sans-IO state machine of one tunnel over rustls |
 //! | [`sas`] | short authentication strings: the commit–reveal exchange inside a tunnel |
+//! | [`pair`] | pairing codes: SPAKE2 inside a tunnel, bound to it, with a typed one-time code |
 
 #![deny(missing_docs)]
 
@@ -83,6 +84,7 @@ macro_rules! named_enum {
 }
 
 pub mod certs;
+pub mod pair;
 pub mod sas;
 pub mod stanza;
 pub mod tunnel;

@@ -57,6 +57,9 @@ pub enum TrustVerdict {
     TofuNew,
     /// The key matched a pin held for the peer's bare JID.
     Pinned,
+    /// The key would be refused, but a pairing code is waiting for the peer: the tunnel is
+    /// admitted for pairing only ([`crate::pair`]), and the key is trusted once it pairs.
+    Pairing,
 }
 
 named_enum!(PeerAuth, "peer_auth", {
@@ -73,6 +76,7 @@ named_enum!(TrustVerdict, "trust verdict", {
     Unauthenticated => "unauthenticated",
     TofuNew => "tofu_new",
     Pinned => "pinned",
+    Pairing => "pairing",
 });
 
 /// Everything a tunnel needs to judge its peer.
@@ -87,6 +91,9 @@ pub struct PeerPolicy {
     /// Offer key names (lowercase hex SHA-1 and SHA-256) of the certificates seen with those
     /// pins: a `start` offer naming one of them is answered without `<insecure/>`.
     pub pinned_cert_names: Vec<String>,
+    /// A pairing code waits for the peer: a key that would be refused is admitted with
+    /// [`TrustVerdict::Pairing`] instead, for the pairing exchange alone.
+    pub pairing: bool,
 }
 
 /// Why a peer's certificate was refused (spec §2.3): the typed reason a tunnel carries up to
@@ -217,6 +224,8 @@ pub fn judge(
     let spki = &info.fingerprints.spki_sha256;
     let verdict = if policy.pins.contains(spki) {
         TrustVerdict::Pinned
+    } else if policy.pairing && (!policy.pins.is_empty() || policy.trust == TrustMode::Pinned) {
+        TrustVerdict::Pairing
     } else if !policy.pins.is_empty() {
         return Err(VerifyError::PinMismatch {
             jid: expected_bare.to_owned(),
