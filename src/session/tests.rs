@@ -1211,12 +1211,12 @@ fn peer_code(peer: &Tunnel, context: &[u8]) -> xtls::sas::SasCode {
     xtls::sas::SasCode::from_export(&out)
 }
 
-/// An inner IQ set from the peer carrying one SAS message.
-fn sas_set(id: &str, message: &xtls::sas::SasMessage) -> Element {
+/// An inner IQ set from the peer carrying one payload.
+fn inner_set(id: &str, payload: Element) -> Element {
     let mut iq: Element = format!("<iq xmlns='jabber:client' type='set' id='{id}'/>")
         .parse()
         .unwrap();
-    iq.append_child(message.to_element());
+    iq.append_child(payload);
     iq
 }
 
@@ -1234,7 +1234,8 @@ async fn a_short_authentication_string_matches_on_both_ends_and_confirming_verif
 
     // The peer starts: it commits, the bot answers with its nonce, the peer reveals.
     let (mut committer, commit) = Committer::start(rand::random());
-    peer.send(now(), sas_set("c1", &commit)).unwrap();
+    peer.send(now(), inner_set("c1", commit.to_element()))
+        .unwrap();
     let answer = peer_receives(&mut peer, &bot, &mut rx).await;
     assert_eq!(
         (answer.attr("type"), answer.attr("id")),
@@ -1245,7 +1246,8 @@ async fn a_short_authentication_string_matches_on_both_ends_and_confirming_verif
         .unwrap();
     let (reveal, context) = committer.on_nonce(nonce).unwrap();
     assert_eq!(status().state, SasState::Exchanging);
-    peer.send(now(), sas_set("r1", &reveal)).unwrap();
+    peer.send(now(), inner_set("r1", reveal.to_element()))
+        .unwrap();
     let ack = peer_receives(&mut peer, &bot, &mut rx).await;
     assert_eq!(
         (ack.attr("type"), ack.attr("id")),
@@ -1329,10 +1331,14 @@ async fn a_short_authentication_string_matches_on_both_ends_and_confirming_verif
 
     // A revealed nonce that does not match its commitment: refused, and the exchange failed.
     let (_, commit) = Committer::start([1; 32]);
-    peer.send(now(), sas_set("c2", &commit)).unwrap();
-    peer_receives(&mut peer, &bot, &mut rx).await;
-    peer.send(now(), sas_set("r2", &SasMessage::Reveal([2; 32])))
+    peer.send(now(), inner_set("c2", commit.to_element()))
         .unwrap();
+    peer_receives(&mut peer, &bot, &mut rx).await;
+    peer.send(
+        now(),
+        inner_set("r2", SasMessage::Reveal([2; 32]).to_element()),
+    )
+    .unwrap();
     let refused = peer_receives(&mut peer, &bot, &mut rx).await;
     let iq = xtls::stanza::Iq::parse(&refused).unwrap();
     assert_eq!(iq.error_condition(), "not-acceptable");
@@ -1350,15 +1356,6 @@ async fn a_short_authentication_string_matches_on_both_ends_and_confirming_verif
         "nothing to decide on"
     );
     std::fs::remove_dir_all(dir).unwrap();
-}
-
-/// An inner IQ set from the peer carrying one pairing message.
-fn pair_set(id: &str, message: &xtls::pair::PairMessage) -> Element {
-    let mut iq: Element = format!("<iq xmlns='jabber:client' type='set' id='{id}'/>")
-        .parse()
-        .unwrap();
-    iq.append_child(message.to_element());
-    iq
 }
 
 #[tokio::test]
@@ -1400,7 +1397,8 @@ async fn a_pairing_code_admits_a_key_the_bot_would_refuse_and_a_wrong_one_closes
         "alice@example.net",
         &bot.record.jid,
     );
-    peer.send(now(), pair_set("p1", &pake)).unwrap();
+    peer.send(now(), inner_set("p1", pake.to_element()))
+        .unwrap();
     let answer = peer_receives(&mut peer, &bot, &mut rx).await;
     assert_eq!(
         (answer.attr("type"), answer.attr("id")),
@@ -1413,7 +1411,8 @@ async fn a_pairing_code_admits_a_key_the_bot_would_refuse_and_a_wrong_one_closes
     peer.export_keying_material(&mut cb, CHANNEL_BINDING_LABEL, b"")
         .unwrap();
     let (claimed, confirm) = claimant.on_pake(theirs, &cb).unwrap();
-    peer.send(now(), pair_set("p2", &confirm)).unwrap();
+    peer.send(now(), inner_set("p2", confirm.to_element()))
+        .unwrap();
     let answer = peer_receives(&mut peer, &bot, &mut rx).await;
     assert_eq!(
         (answer.attr("type"), answer.attr("id")),
@@ -1469,7 +1468,9 @@ async fn a_pairing_code_admits_a_key_the_bot_would_refuse_and_a_wrong_one_closes
     );
     let mut carol = open_peer_as("carol@example.net/laptop", &bot, &mut rx).await;
     let (claimant, pake) = Claimant::start("00000-00000", "carol@example.net", &bot.record.jid);
-    carol.send(now(), pair_set("w1", &pake)).unwrap();
+    carol
+        .send(now(), inner_set("w1", pake.to_element()))
+        .unwrap();
     let answer = peer_receives(&mut carol, &bot, &mut rx).await;
     let theirs = PairMessage::parse(answer.children().next().unwrap())
         .unwrap()
@@ -1478,7 +1479,9 @@ async fn a_pairing_code_admits_a_key_the_bot_would_refuse_and_a_wrong_one_closes
         .export_keying_material(&mut cb, CHANNEL_BINDING_LABEL, b"")
         .unwrap();
     let (_, confirm) = claimant.on_pake(theirs, &cb).unwrap();
-    carol.send(now(), pair_set("w2", &confirm)).unwrap();
+    carol
+        .send(now(), inner_set("w2", confirm.to_element()))
+        .unwrap();
     let refused = peer_receives(&mut carol, &bot, &mut rx).await;
     assert_eq!(
         xtls::stanza::Iq::parse(&refused).unwrap().error_condition(),
