@@ -210,8 +210,8 @@ url = "sqlite://{self.store_path}"
 
     def secrets_seen(self) -> set[str]:
         """Every secret this component was given or gave out: the component secret, the
-        admin token, bot tokens and webhook secrets that went through `request`, and the
-        store key it made beside its store."""
+        admin token, bot tokens, webhook secrets and pairing codes that went through
+        `request`, and the store key it made beside its store."""
         key_file = self.store_path.with_name(self.store_path.name + ".key")
         store_key = key_file.read_text().strip() if key_file.exists() else ""
         return {self.server.component_secret, self.token, store_key, *self._secrets} - {""}
@@ -225,7 +225,8 @@ url = "sqlite://{self.store_path}"
         key_file = self.store_path.with_name(self.store_path.name + ".key")
         if key_file.exists():
             kinds[key_file.read_text().strip()] = "the store key"
-        leaked = sorted({kinds.get(s) or ("a bot token" if s.startswith("xtb_") else "a webhook secret")
+        leaked = sorted({kinds.get(s) or ("a bot token" if s.startswith("xtb_") else
+                                          "a pairing code" if len(s) == 11 and s[5] == "-" else "a webhook secret")
                          for s in self.secrets_seen() if s and s in log})
         if "PRIVATE KEY" in log:
             leaked.append("a PEM private key")
@@ -285,11 +286,13 @@ url = "sqlite://{self.store_path}"
 
 
 def _secret_values(value) -> set[str]:
-    """Bot tokens (xtb_...) and webhook secrets (whsec_...) anywhere in a JSON value."""
+    """Bot tokens (xtb_...), webhook secrets (whsec_...) and pairing codes (`code`) anywhere
+    in a JSON value."""
     if isinstance(value, str):
         return {value} if value.startswith(("xtb_", "whsec_")) else set()
     if isinstance(value, dict):
-        return set().union(*map(_secret_values, value.values()))
+        codes = {value["code"]} if isinstance(value.get("code"), str) and len(value["code"]) == 11 else set()
+        return codes.union(*map(_secret_values, value.values()))
     if isinstance(value, list):
         return set().union(*map(_secret_values, value))
     return set()

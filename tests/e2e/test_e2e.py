@@ -662,3 +662,54 @@ def test_a_nonce_changed_in_transit_gives_codes_that_differ_and_rejecting_closes
     pins = keys if isinstance(keys, list) else keys.get("keys", keys.get("pins"))
     assert pins and not pins[0]["verified"], keys
     component.delete(f"/v1/bots/{bot}")
+
+
+def test_a_pairing_code_lets_a_new_key_into_a_verified_only_bot_and_a_wrong_one_does_not(component, users):
+    """The operator mints a code; the person types it into a client on OpenSSL; SPAKE2 runs
+    through Prosody against the bot's rustls tunnel. The right code verifies the key (the bot
+    admitted it for pairing alone until then) and proves the bot knew the code; a wrong code
+    is refused, closes the tunnel and pins nothing."""
+    status, made = component.post("/v1/bots", {"localpart": f"pair{uuid.uuid4().hex[:6]}", "handler": "echo",
+                                                "trust": "verified_only"})
+    assert status == 201, made
+    bot = made["jid"]
+    status, minted = component.post(f"/v1/bots/{bot}/peers/bob@localhost/pairing", {"ttl_secs": 300})
+    assert status == 201 and len(minted["code"]) == 11 and minted["attempts"] == 3, minted
+    status, wrong = component.post(f"/v1/bots/{bot}/peers/mallory@localhost/pairing")
+    assert status == 201, wrong
+
+    async def scenario():
+        async with users.client("bob", tls="openssl") as bob:
+            tunnel = await bob.open_tunnel(bot)
+            assert tunnel_of_peer_of(component, bot, bob.jid)["peer_identity"]["trust"] == "pairing"
+            await tunnel.send_message("before pairing")  # dropped: the bot sees nothing yet
+            await tunnel.pair(minted["code"].lower().replace("-", " "))
+            await echo_roundtrip(tunnel, "paired")
+            await tunnel.close()
+        async with users.client("bob", tls="openssl") as bob:
+            again = await bob.open_tunnel(bot)  # verified now: admitted like any verified key
+            await echo_roundtrip(again, "no code needed any more")
+            await again.close()
+        async with users.client("mallory", tls="openssl") as mallory:
+            tunnel = await mallory.open_tunnel(bot)
+            with pytest.raises(XtlsError) as refused:
+                await tunnel.pair("00000-00000" if wrong["code"] != "00000-00000" else "11111-11111")
+            assert refused.value.condition == "not-authorized", refused.value
+            deadline = time.monotonic() + 10
+            while not tunnel.closed_by_peer and tunnel.state not in ("closed", "failed"):
+                assert time.monotonic() < deadline, f"the bot kept the unpaired tunnel: {tunnel.state}"
+                await asyncio.sleep(0.05)
+
+    run(scenario())
+    _, keys = component.get(f"/v1/bots/{bot}/peers/bob@localhost/keys")
+    assert [(k["verified"], k["compared"]) for k in keys] == [(True, "pairing")], keys
+    _, keys = component.get(f"/v1/bots/{bot}/peers/mallory@localhost/keys")
+    assert keys == [], keys
+    # Spent, and the wrong one still has attempts left until revoked.
+    status, _ = component.request("DELETE", f"/v1/bots/{bot}/peers/bob@localhost/pairing")
+    assert status == 404
+    status, _ = component.request("DELETE", f"/v1/bots/{bot}/peers/mallory@localhost/pairing")
+    assert status == 204
+    status, log = component.get(f"/v1/audit?bot={urllib.parse.quote(bot)}")
+    assert [(e["action"], e["compared"]) for e in log["entries"]] == [("verified", "pairing")], log
+    component.delete(f"/v1/bots/{bot}")

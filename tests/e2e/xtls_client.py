@@ -30,6 +30,7 @@ import base64
 import binascii
 import datetime
 import hashlib
+import hmac
 import os
 import ssl
 import tempfile
@@ -59,6 +60,8 @@ NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
 NS_SAS = "urn:xmpp:tmp:xtls:sas"  # short authentication strings (docs/verification.md)
 SAS_LABEL = b"EXPERIMENTAL-xtls-sas"
 SAS28 = "acdefghikmopqruvwxy123456789"
+NS_PAIR = "urn:xmpp:tmp:xtls:pair"  # pairing codes (docs/verification.md)
+CHANNEL_BINDING_LABEL = b"EXPORTER-Channel-Binding"  # RFC 9266 tls-exporter
 XMPP_ADDR_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.5")  # id-on-xmppAddr, RFC 6120 §13.7.1.4
 
 CHUNK_SIZE = 4096  # raw bytes per <data/> we send (spec §1.7 rule 2)
@@ -443,10 +446,16 @@ def sas_code(exported: bytes) -> tuple[str, str]:
     return digits, f"{int.from_bytes(exported[:4], 'big') % 1_000_000:06d}"
 
 
-def sas_iq(iq_id: str, element: str, payload: bytes) -> str:
-    """An inner IQ set carrying one message of the exchange."""
+def sas_iq(iq_id: str, element: str, payload: bytes, ns: str = NS_SAS) -> str:
+    """An inner IQ set carrying one message of an exchange (SAS by default, or pairing)."""
     return (f"<iq xmlns='jabber:client' type='set' id='{iq_id}'>"
-            f"<{element} xmlns='{NS_SAS}'>{base64.b64encode(payload).decode()}</{element}></iq>")
+            f"<{element} xmlns='{ns}'>{base64.b64encode(payload).decode()}</{element}></iq>")
+
+
+def normalize_code(typed: str) -> str:
+    """A pairing code as typed, as the PAKE's password (docs/verification.md)."""
+    kept = "".join(c for c in typed if c not in "- \t").upper()
+    return kept.translate(str.maketrans({"I": "1", "L": "1", "O": "0"}))
 
 
 def message_xml(body: str, msg_id: str) -> bytes:
@@ -718,6 +727,33 @@ class Tunnel:
             raise XtlsProtocolError("the revealed nonce does not match its commitment")
         await self.send_stanza(f"<iq xmlns='jabber:client' type='result' id='{reveal.get('id')}'/>", timeout)
         return self._sas_code(theirs + ours)
+
+    async def pair(self, code: str, timeout: float = 10.0) -> None:
+        """Pair with the code the bot's operator showed us (SPAKE2 side A, docs/verification.md);
+        returns once the bot proved it knows the code too.  Raises XtlsError when the bot refuses
+        (`not-authorized`: a wrong code, or none waiting)."""
+        from spake2 import SPAKE2_A
+
+        own, bot = self.local_jid.split("/")[0], self.peer_jid.split("/")[0]
+        spake = SPAKE2_A(normalize_code(code).encode(), idA=own.encode(), idB=bot.encode())
+        pake_id, confirm_id = f"pair-{uuid.uuid4().hex[:8]}", f"pair-{uuid.uuid4().hex[:8]}"
+        await self.send_stanza(sas_iq(pake_id, "pake", spake.start(), NS_PAIR), timeout)
+        reply = await self._recv_iq(lambda s: s.get("id") == pake_id, timeout)
+        if reply.get("type") != "result":
+            raise XtlsError(*error_of_element(reply), request="pair")
+        key = spake.finish(base64.b64decode(reply.findtext(f"{{{NS_PAIR}}}pake") or ""))
+        if not hasattr(self.engine, "export_keying_material"):
+            raise XtlsProtocolError("this TLS engine has no exporter: log in with tls='openssl'")
+        cb = self.engine.export_keying_material(CHANNEL_BINDING_LABEL, 32, b"")
+        ours = hmac.new(key, b"xtls-pair confirm A" + cb, hashlib.sha256).digest()
+        await self.send_stanza(sas_iq(confirm_id, "confirm", ours, NS_PAIR), timeout)
+        reply = await self._recv_iq(lambda s: s.get("id") == confirm_id, timeout)
+        if reply.get("type") != "result":
+            raise XtlsError(*error_of_element(reply), request="pair confirm")
+        theirs = base64.b64decode(reply.findtext(f"{{{NS_PAIR}}}confirm") or "")
+        expected = hmac.new(key, b"xtls-pair confirm B" + cb, hashlib.sha256).digest()
+        if not hmac.compare_digest(theirs, expected):
+            raise XtlsProtocolError("the bot's confirmation does not match: it does not know the code")
 
     async def close(self, timeout: float = 30.0) -> None:
         """Graceful close (spec §1.10 rule 1): close_notify in a data IQ, then <close/> -> <closed/>."""
