@@ -591,6 +591,14 @@ def tunnel_of_peer_of(component, bot: str, peer: str) -> dict:
     return rows[0]
 
 
+async def closed_by_the_bot(tunnel, when: str, timeout: float = 10.0) -> None:
+    """Wait until the bot closed `tunnel` (its <close/>, or the tunnel ended)."""
+    deadline = time.monotonic() + timeout
+    while not tunnel.closed_by_peer and tunnel.state not in ("closed", "failed"):
+        assert time.monotonic() < deadline, f"the bot kept the tunnel open {when}: {tunnel.state}"
+        await asyncio.sleep(0.05)
+
+
 def sas_of(component, tunnel_id: str) -> dict | None:
     status, row = component.get(f"/v1/tunnels/{tunnel_id}")
     assert status == 200, row
@@ -630,10 +638,9 @@ def test_short_authentication_strings_match_through_prosody_and_confirming_verif
             await tunnel.close()
 
     run(scenario())
-    status, keys = component.get(f"/v1/bots/{bot}/peers/bob@localhost/keys")
-    assert status == 200, keys
-    pins = keys if isinstance(keys, list) else keys.get("keys", keys.get("pins"))
-    assert pins and pins[0]["verified"] and pins[0]["compared"].startswith("sas:"), keys
+    status, pins = component.get(f"/v1/bots/{bot}/peers/bob@localhost/keys")
+    assert status == 200, pins
+    assert pins and pins[0]["verified"] and pins[0]["compared"].startswith("sas:"), pins
     component.delete(f"/v1/bots/{bot}")
 
 
@@ -652,15 +659,11 @@ def test_a_nonce_changed_in_transit_gives_codes_that_differ_and_rejecting_closes
             assert (shown["sas28x5"], shown["decimal"]) != code, (shown, code)
             status, rejected = component.post(f"/v1/tunnels/{tunnel_id}/sas/reject")
             assert status == 200 and rejected["state"] == "rejected", rejected
-            deadline = time.monotonic() + 10
-            while not tunnel.closed_by_peer and tunnel.state not in ("closed", "failed"):
-                assert time.monotonic() < deadline, f"the bot did not close: {tunnel.state}"
-                await asyncio.sleep(0.05)
+            await closed_by_the_bot(tunnel, "after the rejected code")
 
     run(scenario())
-    status, keys = component.get(f"/v1/bots/{bot}/peers/bob@localhost/keys")
-    pins = keys if isinstance(keys, list) else keys.get("keys", keys.get("pins"))
-    assert pins and not pins[0]["verified"], keys
+    status, pins = component.get(f"/v1/bots/{bot}/peers/bob@localhost/keys")
+    assert pins and not pins[0]["verified"], pins
     component.delete(f"/v1/bots/{bot}")
 
 
@@ -695,10 +698,7 @@ def test_a_pairing_code_lets_a_new_key_into_a_verified_only_bot_and_a_wrong_one_
             with pytest.raises(XtlsError) as refused:
                 await tunnel.pair("00000-00000" if wrong["code"] != "00000-00000" else "11111-11111")
             assert refused.value.condition == "not-authorized", refused.value
-            deadline = time.monotonic() + 10
-            while not tunnel.closed_by_peer and tunnel.state not in ("closed", "failed"):
-                assert time.monotonic() < deadline, f"the bot kept the unpaired tunnel: {tunnel.state}"
-                await asyncio.sleep(0.05)
+            await closed_by_the_bot(tunnel, "after the wrong pairing code")
 
     run(scenario())
     _, keys = component.get(f"/v1/bots/{bot}/peers/bob@localhost/keys")
