@@ -1087,6 +1087,29 @@ async fn a_rotation_is_announced_then_activated_and_tunnels_keep_working_across_
         prints(&next.identity).cert_sha256.to_string()
     );
     assert_eq!(disco["next-active-at"], next.active_at);
+    // A restart finds the rotation where it was.
+    let (out, _restarted_rx) = mpsc::channel(64);
+    let restarted = BotTable::load(Shared::new(
+        store.clone(),
+        out,
+        TunnelConfig::default(),
+        LimitsConfig::default(),
+        "bots.example.org".into(),
+        &EventsConfig::default(),
+        WebhooksConfig::default(),
+    ))
+    .await
+    .unwrap();
+    let reloaded = restarted.by_jid(&bot.record.jid).unwrap();
+    assert_eq!(reloaded.identity.cert_der(), first.cert_der());
+    let again = reloaded
+        .next
+        .clone()
+        .expect("the announced certificate survives a restart");
+    assert_eq!(again.identity.cert_der(), next.identity.cert_der());
+    assert_eq!(again.active_at, next.active_at);
+    restarted.stop_all().await;
+
     let mut peer = open_peer(&bot, &mut rx).await;
     let seen = peer.established().unwrap().peer.cert_der.clone();
     assert_eq!(seen.as_deref(), Some(first.cert_der().as_ref()));

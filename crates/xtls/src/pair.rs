@@ -288,6 +288,26 @@ mod tests {
     }
 
     #[test]
+    fn confirmations_follow_the_documented_vectors() {
+        // docs/verification.md: K = 32 bytes 01, cb = 32 bytes 02.
+        let hex = |mac: Hmac<Sha256>| -> String {
+            mac.finalize()
+                .into_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        assert_eq!(
+            hex(confirmation(&[1; 32], CONFIRM_A, &[2; 32])),
+            "53519d2ad9b647bf2d4239edb623264fd89bff8fe688376e2c28b2b460d21027"
+        );
+        assert_eq!(
+            hex(confirmation(&[1; 32], CONFIRM_B, &[2; 32])),
+            "74e4dba1b59e4f28b7f71c1140ea2674c9aedf6918a63ce72fd2d7e3ff5ea066"
+        );
+    }
+
+    #[test]
     fn codes_normalize_as_people_type_them() {
         assert_eq!(normalize_code("ab1cd-ef0gh"), "AB1CDEF0GH");
         assert_eq!(normalize_code(" iLo0 "), "1100");
