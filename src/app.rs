@@ -316,7 +316,7 @@ struct Running {
 
 impl Running {
     /// Puts what can change in a running process in effect (the admin token, the log
-    /// section, limits, webhook settings, the listeners' certificates, read again even when
+    /// section, limits, webhook and bot certificate settings, the listeners' certificates, read again even when
     /// their paths did not change) and updates the configuration to match; returns what was
     /// applied and what takes a restart. The caller has applied the log filter already.
     fn reload(&mut self, mut new: Config) -> (Vec<&'static str>, Vec<&'static str>) {
@@ -344,6 +344,11 @@ impl Running {
                 "webhooks" => {
                     shared.reload_webhooks(&new.webhooks);
                     running.webhooks = new.webhooks.clone();
+                }
+                // Read at each use: the next rotation and the next check follow it.
+                "certificates" => {
+                    shared.certificates.set(new.certificates.clone());
+                    running.certificates = new.certificates.clone();
                 }
                 // Handled below with the certificates, changed or not.
                 "admin.tls" | "metrics.tls" => continue,

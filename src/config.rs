@@ -1002,6 +1002,7 @@ impl Config {
             ("metrics", metrics != new.metrics),
             ("metrics.tls", self.metrics.tls != new.metrics.tls),
             ("webhooks", self.webhooks != new.webhooks),
+            ("certificates", self.certificates != new.certificates),
             ("bots", self.bots != new.bots),
         ]
         .into_iter()

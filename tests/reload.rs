@@ -1,5 +1,5 @@
-//! SIGHUP reloads the configuration in a running process: the admin token, limits and webhook
-//! settings change at once, an invalid file changes nothing, settings that take a restart are
+//! SIGHUP reloads the configuration in a running process: the admin token, limits, webhook
+//! and certificate settings change at once, an invalid file changes nothing, settings that take a restart are
 //! named, and the process goes on.
 
 #![cfg(unix)]
@@ -42,7 +42,8 @@ fn config(dir: &std::path::Path, admin: &str, token: &str, bot_queue: u32) -> St
          [admin]\nlisten = \"{admin}\"\ntoken = \"{token}\"\n\
          [store]\nurl = \"sqlite://{}/store.db\"\n\
          [limits]\nbot_queue = {bot_queue}\ntunnels_per_bot = {per_bot}\n\
-         [webhooks]\nmax_age_secs = {max_age}\n",
+         [webhooks]\nmax_age_secs = {max_age}\n\
+         [certificates]\noverlap_secs = {max_age}\n",
         dir.display()
     )
 }
@@ -100,7 +101,7 @@ fn sighup_applies_the_admin_token_and_names_what_takes_a_restart() {
         log.contains("configuration reloaded") && log.contains("take a restart")
     });
     assert!(
-        log.contains("applied=admin.token, limits, webhooks")
+        log.contains("applied=admin.token, limits, webhooks, certificates")
             && log.contains("settings=limits.bot_queue"),
         "{log}"
     );
