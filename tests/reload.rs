@@ -1,6 +1,6 @@
 //! SIGHUP reloads the configuration in a running process: the admin token, limits, webhook
-//! and certificate settings change at once, an invalid file changes nothing, settings that take a restart are
-//! named, and the process goes on.
+//! and certificate settings change at once, an invalid file changes nothing, settings that
+//! take a restart are named, and the process goes on.
 
 #![cfg(unix)]
 
