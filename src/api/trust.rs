@@ -390,6 +390,7 @@ async fn sas(
         Err(e @ (SasRefusal::NotOpen | SasRefusal::Conflict(_))) => {
             Err(ApiError::Conflict(e.to_string()))
         }
+        Err(e @ SasRefusal::WrongCode) => Err(ApiError::Invalid(e.to_string())),
         Err(SasRefusal::Store(e)) => Err(ApiError::Internal(e)),
     }
 }
@@ -437,19 +438,12 @@ async fn confirm_sas(
         Ok(body) => body.map(|Json(d)| d).unwrap_or_default(),
         Err(rejected) => json_body::<SasDecision>(Err(rejected))?,
     };
-    if let Some(code) = decision.code.as_deref().map(str::trim) {
-        let current = state.bots.shared().table.get(&id).and_then(|t| t.sas);
-        let matches = current.is_some_and(|s| {
-            s.sas28x5.as_deref() == Some(&code.to_lowercase()) || s.decimal.as_deref() == Some(code)
-        });
-        if !matches {
-            return Err(ApiError::Invalid(
-                "that is not the tunnel's code: nothing was confirmed".into(),
-            ));
-        }
-    }
     let actor = caller.actor();
-    sas(&state, &caller, &id, SasRequest::Confirm { actor }).await
+    let request = SasRequest::Confirm {
+        actor,
+        code: decision.code,
+    };
+    sas(&state, &caller, &id, request).await
 }
 
 /// The person compared the codes and they differ: someone is in the middle; the tunnel is

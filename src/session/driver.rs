@@ -36,11 +36,20 @@ pub(super) struct Live {
     pub(super) refused: bool,
     /// The short authentication string exchange's state (its status is in `record.sas`).
     pub(super) sas: super::sas::SasEngine,
-    /// A pairing exchange waiting for the peer's confirmation.
-    pub(super) pair: Option<xtls::pair::Verifier>,
+    /// The ids of the IQs the short authentication string exchange sent (the newest few):
+    /// their answers, however late, and their local failures are the exchange's.
+    pub(super) sas_ids: Vec<String>,
+    /// A pairing exchange waiting for the peer's confirmation, with the code it used.
+    pub(super) pair: Option<(xtls::pair::Verifier, String)>,
 }
 
 impl Live {
+    /// Whether the bot may send into this tunnel: its peer's key was not refused, and the
+    /// tunnel is not one admitted to pair with a code and not paired yet.
+    pub(super) fn trusted(&self) -> bool {
+        !self.refused && self.record.peer_identity.trust != crate::store::PeerTrust::Pairing
+    }
+
     /// Whether the tunnel's counters or state moved since the record last took them.
     pub(super) fn changed(&self) -> bool {
         let stats = self.tunnel.stats();
@@ -401,7 +410,7 @@ impl BotDriver {
             BotCommand::Reply(id, stanzas) => {
                 let now = Instant::now().into_std();
                 match self.tunnels.values_mut().find(|l| l.record.id == id) {
-                    Some(live) => {
+                    Some(live) if live.trusted() => {
                         let peer = live.record.peer.clone();
                         let failures: Vec<String> = stanzas
                             .into_iter()
@@ -412,6 +421,7 @@ impl BotDriver {
                             self.reply_failed(&id, Some(peer.clone()), &e);
                         }
                     }
+                    Some(_) => self.reply_failed(&id, None, "the tunnel's peer is not trusted"),
                     None => self.reply_failed(&id, None, "the tunnel is gone"),
                 }
             }
@@ -512,6 +522,7 @@ impl BotDriver {
                 in_handshake: true,
                 refused: false,
                 sas: super::sas::SasEngine::Idle,
+                sas_ids: Vec::new(),
                 pair: None,
             },
         );

@@ -123,12 +123,15 @@ impl BotDriver {
                         return;
                     }
                 }
-                let established = BotEvent::TunnelEstablished {
-                    tls_version: est.tls_version.clone(),
-                    cipher_suite: est.cipher_suite.clone(),
-                    identity: Identity::of(&est),
-                };
-                self.log(None, established.into_row(id.clone(), peer.clone()));
+                // A tunnel admitted to pair is the bot's business only once it paired.
+                if !pairing {
+                    let established = BotEvent::TunnelEstablished {
+                        tls_version: est.tls_version.clone(),
+                        cipher_suite: est.cipher_suite.clone(),
+                        identity: Identity::of(&est),
+                    };
+                    self.log(None, established.into_row(id.clone(), peer.clone()));
+                }
                 if pinned_now {
                     let new = BotEvent::PeerIdentityNew {
                         peer: bare(&key.peer).to_owned(),
@@ -160,7 +163,11 @@ impl BotDriver {
                 }
             },
             Event::Unanswered(answer) => {
-                if self.handler == Handler::Api {
+                // The exchange's own requests fail with the tunnel, not the bot's.
+                let ours = answer
+                    .attr("id")
+                    .is_some_and(|id| live.sas_ids.iter().any(|s| s == id));
+                if self.handler == Handler::Api && !ours {
                     let row = BotEvent::unanswered(&answer)
                         .into_row(Some(live.record.id.clone()), Some(key.peer.clone()));
                     self.log(None, row);
@@ -304,6 +311,10 @@ impl BotDriver {
             if let Err(e) = live.tunnel.send(now, refusal) {
                 tracing::warn!(error = %e, tunnel = %live.record.id, "refusal not sent");
             }
+        }
+        // No code waits any more (expired, revoked, spent elsewhere): nothing to pair with.
+        if !self.shared.pairings.waiting(&self.bot.jid, bare(&key.peer)) {
+            self.close_unpaired(key);
         }
     }
 }

@@ -95,7 +95,12 @@ impl BotDriver {
         if let Some(live) = self.tunnels.get_mut(&key) {
             let id = live.record.id.clone();
             match live.tunnel.state() {
-                State::Open if self.out.waiting.get(&key).is_none_or(VecDeque::is_empty) => {
+                // A tunnel admitted to pair with a code takes nothing until it pairs: the
+                // message waits below and goes with the rest once the key is trusted.
+                State::Open
+                    if live.trusted()
+                        && self.out.waiting.get(&key).is_none_or(VecDeque::is_empty) =>
+                {
                     let now = Instant::now().into_std();
                     match live.tunnel.send(now, msg.stanza.clone()) {
                         Ok(mark) => {
@@ -398,7 +403,7 @@ impl BotDriver {
             let Some(live) = self.tunnels.get_mut(key) else {
                 return;
             };
-            if live.tunnel.state() != State::Open {
+            if live.tunnel.state() != State::Open || !live.trusted() {
                 return;
             }
             let Some(msg) = self.out.waiting.get_mut(key).and_then(VecDeque::pop_front) else {

@@ -154,6 +154,25 @@ impl BotDriver {
         true
     }
 
+    /// Ends a tunnel admitted for pairing that will not pair, as a key that was refused.
+    pub(super) fn close_unpaired(&mut self, key: &TunnelKey) {
+        let now = tokio::time::Instant::now().into_std();
+        let Some(live) = self.tunnels.get_mut(key) else {
+            return;
+        };
+        let spki = live.record.peer_identity.spki_sha256.as_deref();
+        let Some(presented) = spki.and_then(Fingerprint::parse) else {
+            return;
+        };
+        let refusal = VerifyError::NotPinned {
+            jid: bare(&key.peer).to_owned(),
+            presented,
+        };
+        live.refused = true;
+        live.tunnel
+            .close_because(now, CloseReason::CertificateRejected(refusal));
+    }
+
     /// Writes an answer of the exchange into the tunnel.
     fn send_inner(&mut self, key: &TunnelKey, reply: Element) {
         let now = tokio::time::Instant::now().into_std();
@@ -191,7 +210,7 @@ impl BotDriver {
         }
         match Verifier::respond(&code, peer, &self.bot.jid, pake, &cb) {
             Ok((verifier, ours)) => {
-                live.pair = Some(verifier);
+                live.pair = Some((verifier, code));
                 iq.result(Some(ours.to_element()))
             }
             Err(e) => iq.error(
@@ -218,7 +237,7 @@ impl BotDriver {
                 false,
             );
         };
-        let Some(verifier) = live.pair.take() else {
+        let Some((verifier, used)) = live.pair.take() else {
             return (
                 Some(iq.error(
                     ErrorType::Cancel,
@@ -228,7 +247,14 @@ impl BotDriver {
                 false,
             );
         };
-        let ours = match verifier.on_confirm(confirm) {
+        // The code must still be the one the exchange began with: one minted meanwhile
+        // replaces it, and an old code someone else holds must not pair.
+        let current = self.shared.pairings.code(&self.bot.jid, &peer);
+        let confirmed = match current {
+            Some((code, _)) if code == used => verifier.on_confirm(confirm),
+            _ => Err(xtls::pair::PairError::Mismatch),
+        };
+        let ours = match confirmed {
             Ok(ours) => ours,
             Err(e) => {
                 self.shared.pairings.failed(&self.bot.jid, &peer);
@@ -244,16 +270,7 @@ impl BotDriver {
                     if let Err(e) = live.tunnel.send(now, refusal) {
                         tracing::warn!(error = %e, "pairing refusal not sent");
                     }
-                    let spki = live.record.peer_identity.spki_sha256.as_deref();
-                    let presented = spki.and_then(Fingerprint::parse);
-                    if let Some(presented) = presented {
-                        let refusal = VerifyError::NotPinned {
-                            jid: peer.clone(),
-                            presented,
-                        };
-                        live.tunnel
-                            .close_because(now, CloseReason::CertificateRejected(refusal));
-                    }
+                    self.close_unpaired(key);
                     return (None, false);
                 }
                 return (Some(refusal), false);
@@ -310,11 +327,26 @@ impl BotDriver {
             return (Some(reply), false);
         };
         let was_pairing = live.record.peer_identity.trust == PeerTrust::Pairing;
+        let id = Some(live.record.id.clone());
         if was_pairing {
             live.record.peer_identity.trust = PeerTrust::Pinned;
             self.shared.table.put(&live.record);
+            // Only now is the tunnel the bot's: established, with the key it trusts.
+            if let Some(est) = live.tunnel.established() {
+                let established = BotEvent::TunnelEstablished {
+                    tls_version: est.tls_version.clone(),
+                    cipher_suite: est.cipher_suite.clone(),
+                    identity: crate::delivery::event::Identity {
+                        spki_sha256: Some(spki.to_string()),
+                        trust: xtls::tunnel::TrustVerdict::Pinned,
+                    },
+                };
+                self.log(
+                    None,
+                    established.into_row(id.clone(), Some(key.peer.clone())),
+                );
+            }
         }
-        let id = Some(live.record.id.clone());
         let decision = BotEvent::PeerKeyDecision {
             peer: peer.clone(),
             spki_sha256: spki.to_string(),

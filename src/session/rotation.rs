@@ -49,10 +49,25 @@ impl BotTable {
         rotation: Rotation,
         actor: &str,
     ) -> Result<Option<BotHandle>, BotError> {
+        self.rotate_unless(jid, rotation, actor, false).await
+    }
+
+    /// [`Self::rotate`]; with `unless_announced`, nothing when a next certificate is announced
+    /// already (checked under the lock: an operator's rotation may have come first).
+    async fn rotate_unless(
+        &self,
+        jid: &str,
+        rotation: Rotation,
+        actor: &str,
+        unless_announced: bool,
+    ) -> Result<Option<BotHandle>, BotError> {
         let _one_at_a_time = self.changes.lock().await;
         let Some(handle) = self.by_jid(jid) else {
             return Ok(None);
         };
+        if unless_announced && handle.next.is_some() {
+            return Ok(None);
+        }
         let validity = self.shared().certificates.get().validity();
         let current = handle.identity.clone();
         let identity = tokio::task::spawn_blocking(move || {
@@ -87,7 +102,7 @@ impl BotTable {
             "next certificate announced"
         );
         if rotation.overlap.is_zero() {
-            return self.activate_locked(&handle, actor).await;
+            return self.activate_locked(&handle, &next.active_at, actor).await;
         }
         let next = Some(Arc::new(next));
         self.serve(&handle, None, next).await
@@ -105,7 +120,11 @@ impl BotTable {
                 && let Some(handle) = self.by_jid(&next.bot)
             {
                 let _one_at_a_time = self.changes.lock().await;
-                if self.activate_locked(&handle, COMPONENT).await?.is_some() {
+                if self
+                    .activate_locked(&handle, &next.active_at, COMPONENT)
+                    .await?
+                    .is_some()
+                {
                     activated += 1;
                 }
             }
@@ -132,7 +151,7 @@ impl BotTable {
                     "certificate expires within the overlap: rotating"
                 );
                 if self
-                    .rotate(&bot.record.jid, rotation, COMPONENT)
+                    .rotate_unless(&bot.record.jid, rotation, COMPONENT, true)
                     .await?
                     .is_some()
                 {
@@ -155,15 +174,17 @@ impl BotTable {
         }
     }
 
-    /// Makes the stored next certificate of `handle`'s bot the active one; the caller holds
-    /// `changes`.
+    /// Makes the stored next certificate of `handle`'s bot, announced for `active_at`, the
+    /// active one; the caller holds `changes`.
     async fn activate_locked(
         &self,
         handle: &BotHandle,
+        active_at: &str,
         actor: &str,
     ) -> Result<Option<BotHandle>, BotError> {
         let store = &self.shared().store;
-        let Some(identity) = store.activate_next(&handle.record.jid, actor).await? else {
+        let activated = store.activate_next(&handle.record.jid, active_at, actor);
+        let Some(identity) = activated.await? else {
             return Ok(None);
         };
         tracing::info!(

@@ -40,6 +40,8 @@ pub enum SasRequest {
     Confirm {
         /// Who decided: `admin` or `bot-token:<id>`.
         actor: String,
+        /// The code they compared, when they say (either form): it must be the tunnel's.
+        code: Option<String>,
     },
     /// The person says the codes differ: the tunnel is closed.
     Reject {
@@ -60,6 +62,9 @@ pub enum SasRefusal {
     /// An exchange is in flight, or the code is not ready to decide on.
     #[error("{0}")]
     Conflict(&'static str),
+    /// The code the person compared is not the tunnel's.
+    #[error("that is not the tunnel's code: nothing was confirmed")]
+    WrongCode,
     /// The store failed.
     #[error("the store failed: {0}")]
     Store(String),
@@ -85,11 +90,16 @@ impl BotDriver {
                 true
             }
             IqType::Result | IqType::Error => {
-                let ours = self.tunnels.get(key).is_some_and(|live| match &live.sas {
+                let Some(live) = self.tunnels.get(key) else {
+                    return false;
+                };
+                let awaited = match &live.sas {
                     SasEngine::Committed { id, .. } | SasEngine::Revealed { id } => *id == iq.id,
                     _ => false,
-                });
-                if ours {
+                };
+                // An answer to an exchange given up since is the exchange's too: dropped.
+                let ours = awaited || live.sas_ids.contains(&iq.id);
+                if awaited {
                     self.on_sas_answer(key, &iq);
                 }
                 ours
@@ -116,7 +126,9 @@ impl BotDriver {
                     None,
                 )
             }
-            (Ok(commit @ SasMessage::Commit(_)), SasEngine::Idle) => {
+            // A commit starts a new exchange, whatever was in flight: the peer may restart
+            // one it gave up on, and each new one has new nonces, so a new code.
+            (Ok(commit @ SasMessage::Commit(_)), _) => {
                 let (answerer, ours) = Answerer::on_commit(commit, nonce()).expect("a commit");
                 live.sas = SasEngine::Answered { answerer };
                 let status = SasStatus {
@@ -144,13 +156,8 @@ impl BotDriver {
                 }
             }
             (Ok(_), engine) => {
-                let busy = !matches!(engine, SasEngine::Idle);
                 live.sas = engine;
-                let text = if busy {
-                    "another SAS exchange is in progress"
-                } else {
-                    "no SAS exchange to continue"
-                };
+                let text = "no SAS exchange to continue";
                 (refuse(DefinedCondition::UnexpectedRequest, text), None)
             }
         };
@@ -182,7 +189,7 @@ impl BotDriver {
         let answer = iq.children.first().and_then(SasMessage::parse);
         let status = match answer.map(|m| m.and_then(|m| committer.on_nonce(m))) {
             Some(Ok((reveal, context))) => {
-                let id = sas_id();
+                let id = sas_id(&mut live.sas_ids);
                 let request = build_iq(
                     IqType::Set,
                     &id,
@@ -218,16 +225,14 @@ impl BotDriver {
             .map(|(k, _)| k.clone())
             .ok_or(SasRefusal::NoTunnel)?;
         let live = self.tunnels.get_mut(&key).expect("found");
-        if live.tunnel.state() != State::Open || live.refused {
+        if live.tunnel.state() != State::Open || !live.trusted() {
             return Err(SasRefusal::NotOpen);
         }
         match request {
+            // A new exchange replaces one in flight (the peer may have given up on it).
             SasRequest::Start => {
-                if !matches!(live.sas, SasEngine::Idle) {
-                    return Err(SasRefusal::Conflict("an exchange is in progress"));
-                }
                 let (committer, commit) = Committer::start(nonce());
-                let id = sas_id();
+                let id = sas_id(&mut live.sas_ids);
                 let request = build_iq(
                     IqType::Set,
                     &id,
@@ -249,8 +254,16 @@ impl BotDriver {
                 self.sas_moved(&key, status.clone());
                 Ok(status)
             }
-            SasRequest::Confirm { actor } => {
+            SasRequest::Confirm { actor, code } => {
                 let mut status = awaiting_decision(&live.record)?;
+                if let Some(code) = code.as_deref().map(str::trim) {
+                    let lower = code.to_lowercase();
+                    if status.sas28x5.as_deref() != Some(lower.as_str())
+                        && status.decimal.as_deref() != Some(code)
+                    {
+                        return Err(SasRefusal::WrongCode);
+                    }
+                }
                 let spki = live
                     .record
                     .peer_identity
@@ -333,9 +346,15 @@ fn awaiting_decision(record: &crate::store::TunnelRecord) -> Result<SasStatus, S
         .ok_or(SasRefusal::Conflict("no code is waiting for a decision"))
 }
 
-/// An id for an IQ of the exchange: unpredictable, as every id we originate.
-fn sas_id() -> String {
-    format!("sas-{:016x}", rand::random::<u64>())
+/// A new id for an IQ of the exchange (unpredictable, as every id we originate), kept with
+/// the tunnel's few newest.
+fn sas_id(ids: &mut Vec<String>) -> String {
+    let id = format!("sas-{:016x}", rand::random::<u64>());
+    if ids.len() >= 8 {
+        ids.remove(0);
+    }
+    ids.push(id.clone());
+    id
 }
 
 /// The code of an open tunnel for this exporter context.

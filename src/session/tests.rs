@@ -1286,8 +1286,14 @@ async fn a_short_authentication_string_matches_on_both_ends_and_confirming_verif
     assert_eq!(shown.decimal.as_deref(), Some(ours.decimal.as_str()));
 
     // Confirmed: the key is verified, the decision audited with the code.
+    let wrong = SasRequest::Confirm {
+        actor: "admin".into(),
+        code: Some("aaaaa".into()),
+    };
+    assert_eq!(bots.sas(&id, wrong).await, Err(SasRefusal::WrongCode));
     let confirm = SasRequest::Confirm {
         actor: "admin".into(),
+        code: Some(ours.decimal.clone()),
     };
     assert_eq!(
         bots.sas(&id, confirm).await.unwrap().state,
@@ -1304,6 +1310,7 @@ async fn a_short_authentication_string_matches_on_both_ends_and_confirming_verif
     );
     let again = SasRequest::Confirm {
         actor: "admin".into(),
+        code: None,
     };
     assert!(matches!(
         bots.sas(&id, again).await,
@@ -1414,6 +1421,19 @@ async fn a_pairing_code_admits_a_key_the_bot_would_refuse_and_a_wrong_one_closes
         .parse()
         .unwrap();
     peer.send(now(), early).unwrap();
+    // What the bot sends meanwhile waits: never into a tunnel whose key is not trusted yet.
+    let waiting = OutMsg {
+        id: "msg_paired".into(),
+        to: "alice@example.net/phone".into(),
+        stanza: xtls::stanza::chat_message("for alice only", "chat"),
+        reopen: false,
+    };
+    store
+        .insert_message(&bot.record.jid, &waiting, None)
+        .await
+        .unwrap();
+    let submitted = bot.submit(waiting).await.unwrap();
+    assert_eq!(submitted.status, MessageStatus::Queued, "{submitted:?}");
 
     let (claimant, pake) = Claimant::start(
         &minted.code.to_lowercase(),
@@ -1449,6 +1469,10 @@ async fn a_pairing_code_admits_a_key_the_bot_would_refuse_and_a_wrong_one_closes
         Ok(()),
         "the bot proved it knows the code"
     );
+    // Paired: what waited goes now.
+    let delivered = peer_receives(&mut peer, &bot, &mut rx).await;
+    let body = delivered.get_child("body", ns::CLIENT).map(Element::text);
+    assert_eq!(body.as_deref(), Some("for alice only"));
     assert_eq!(trust(), crate::store::PeerTrust::Pinned);
     let pins = store
         .peer_pins(&bot.record.jid, "alice@example.net")

@@ -93,19 +93,24 @@ impl Store {
     }
 
     /// Makes the bot's next certificate the active one and retires the active one, audited as
-    /// `actor`'s `certificate_activated`; the new identity, or `None` when none was announced.
+    /// `actor`'s `certificate_activated`; the new identity, or `None` when none was announced,
+    /// or when the one announced is not the one due at `active_at` (a newer rotation replaced
+    /// it meanwhile, with its own overlap).
     pub async fn activate_next(
         &self,
         bot: &str,
+        active_at: &str,
         actor: &str,
     ) -> Result<Option<BotIdentity>, StoreError> {
         let at = now();
         let mut tx = self.writer.begin().await?;
-        let Some(next) =
-            sqlx::query("SELECT key_der, cert_der FROM bot_next_keys WHERE bot_jid = ?")
-                .bind(bot)
-                .fetch_optional(&mut *tx)
-                .await?
+        let Some(next) = sqlx::query(
+            "SELECT key_der, cert_der FROM bot_next_keys WHERE bot_jid = ? AND active_at = ?",
+        )
+        .bind(bot)
+        .bind(active_at)
+        .fetch_optional(&mut *tx)
+        .await?
         else {
             return Ok(None);
         };
@@ -205,7 +210,14 @@ mod tests {
     async fn the_next_certificate_replaces_the_active_one_and_the_old_one_is_retired() {
         let (store, first, dir) = store_with_bot().await;
         let bot = first.jid.clone();
-        assert!(store.activate_next(&bot, "admin").await.unwrap().is_none());
+        let due = "2030-01-01T00:00:00Z";
+        assert!(
+            store
+                .activate_next(&bot, due, "admin")
+                .await
+                .unwrap()
+                .is_none()
+        );
 
         let next = first.reissue().unwrap();
         assert!(
@@ -231,7 +243,7 @@ mod tests {
         );
 
         let active = store
-            .activate_next(&bot, "component")
+            .activate_next(&bot, due, "component")
             .await
             .unwrap()
             .unwrap();
@@ -292,7 +304,17 @@ mod tests {
             .unwrap();
         assert!(crate::store::sealed::is_sealed(&raw));
         assert!(store.has_sealed_secrets().await.unwrap());
-        let active = store.activate_next(&bot, "admin").await.unwrap().unwrap();
+        let stale = store.activate_next(&bot, "2030-01-01T00:00:00Z", "admin");
+        assert!(
+            stale.await.unwrap().is_none(),
+            "replaced by the second announcement"
+        );
+        let due = "2031-01-01T00:00:00Z";
+        let active = store
+            .activate_next(&bot, due, "admin")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(active.key_der(), new_key.key_der());
 
         let unknown = BotIdentity::generate("nobody@bots.example.org").unwrap();
