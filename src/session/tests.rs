@@ -1385,6 +1385,15 @@ async fn a_short_authentication_string_matches_on_both_ends_and_confirming_verif
         matches!(bots.sas(&id, reject).await, Err(SasRefusal::Conflict(_))),
         "nothing to decide on"
     );
+    // An exchange the peer never answers does not block the next one.
+    assert_eq!(
+        bots.sas(&id, SasRequest::Start).await.unwrap().state,
+        SasState::Exchanging
+    );
+    assert_eq!(
+        bots.sas(&id, SasRequest::Start).await.unwrap().state,
+        SasState::Exchanging
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
