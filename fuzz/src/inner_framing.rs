@@ -8,7 +8,9 @@
 //! Invariants: no panic; whole and split input read the same; no element deeper than the
 //! limit is produced and no more than the size limit is ever buffered for one element; a
 //! `TooLarge` error needs more input than the limit; every error is sticky; every element
-//! serializes and reads back to the same bytes, and a stanza also through `parse_stanza`.
+//! serializes and reads back to the same bytes, and a stanza also through `parse_stanza`; a
+//! child in the namespaces of short authentication strings or pairing reads without panicking
+//! and writes back the same.
 
 use xtls::tunnel::TunnelConfig;
 use xtls::xml::{StreamReader, XmlError, XmlLimits, parse_stanza, to_bytes};
@@ -17,6 +19,22 @@ use crate::xmlcheck::{Canon, assert_round_trip, assert_split_invariant, chunks, 
 
 /// The depth limit `Tunnel` gives its inner reader.
 const TUNNEL_DEPTH: usize = 32;
+
+/// The payloads of the verification exchanges a peer may put in an inner IQ (short
+/// authentication strings, pairing): read without panicking, and what reads writes back the
+/// same.
+fn verification_payloads(el: &minidom::Element) {
+    use xtls::pair::PairMessage;
+    use xtls::sas::SasMessage;
+    for child in el.children() {
+        if let Some(Ok(message)) = SasMessage::parse(child) {
+            assert_eq!(SasMessage::parse(&message.to_element()), Some(Ok(message)));
+        }
+        if let Some(Ok(message)) = PairMessage::parse(child) {
+            assert_eq!(PairMessage::parse(&message.to_element()), Some(Ok(message)));
+        }
+    }
+}
 
 /// Runs one input.
 pub fn run(data: &[u8]) {
@@ -40,6 +58,7 @@ pub fn run(data: &[u8]) {
         &[plaintext],
         |el| {
             assert_round_trip(el, TUNNEL_DEPTH);
+            verification_payloads(el);
             if matches!(el.name(), "message" | "presence" | "iq")
                 && el.ns() == xtls::stanza::ns::CLIENT
             {

@@ -314,6 +314,19 @@ mod tests {
         assert_ne!(new_code(), new_code());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_payload_reads_without_panic_and_what_reads_writes_back(
+            name in "pake|confirm|other",
+            text in "[A-Za-z0-9+/= \t*]{0,60}",
+        ) {
+            let el = Element::builder(name.as_str(), NS).append(text.as_str()).build();
+            if let Some(Ok(message)) = PairMessage::parse(&el) {
+                proptest::prop_assert_eq!(PairMessage::parse(&message.to_element()), Some(Ok(message)));
+            }
+        }
+    }
+
     #[test]
     fn malformed_messages_are_refused() {
         let el = |xml: &str| -> Element { xml.parse().unwrap() };

@@ -267,6 +267,19 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_payload_reads_without_panic_and_what_reads_writes_back(
+            name in "commit|nonce|reveal|other",
+            text in "[A-Za-z0-9+/= \t*]{0,60}",
+        ) {
+            let el = Element::builder(name.as_str(), NS).append(text.as_str()).build();
+            if let Some(Ok(message)) = SasMessage::parse(&el) {
+                proptest::prop_assert_eq!(SasMessage::parse(&message.to_element()), Some(Ok(message)));
+            }
+        }
+    }
+
     #[test]
     fn malformed_messages_are_refused_and_foreign_ones_are_not_ours() {
         let el = |xml: &str| -> Element { xml.parse().unwrap() };
