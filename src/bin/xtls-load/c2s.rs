@@ -33,18 +33,21 @@ pub fn reader() -> StreamReader {
     })
 }
 
-/// Connects to `server`, authenticates `user@host` with SASL PLAIN and binds `resource`.
+/// Connects to `server`, authenticates `user@host` with SASL PLAIN and binds `resource`; with
+/// `nodelay`, TCP_NODELAY on the socket (the load tool's default; client libraries leave it
+/// off).
 pub async fn login(
     server: &str,
     host: &str,
     user: &str,
     password: &str,
     resource: &str,
+    nodelay: bool,
 ) -> anyhow::Result<Session> {
     let mut stream = TcpStream::connect(server)
         .await
         .with_context(|| format!("connecting to {server}"))?;
-    stream.set_nodelay(true)?;
+    stream.set_nodelay(nodelay)?;
     let mut reader = reader();
     let mut buf = vec![0u8; 16 * 1024];
 

@@ -83,6 +83,10 @@ struct Args {
     /// Write the report as JSON to this file too.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Leave the c2s sockets as client libraries do (Nagle on, no TCP_NODELAY): what an
+    /// ordinary client looks like to the server, instead of the tuned default.
+    #[arg(long)]
+    ordinary_sockets: bool,
     /// A label copied into the report (e.g. the server configuration).
     #[arg(long, default_value = "")]
     label: String,
@@ -241,11 +245,12 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
             args.password.clone(),
         );
         let logins = logins.clone();
+        let nodelay = !args.ordinary_sockets;
         handles.push(tokio::spawn(async move {
             let _permit = logins.acquire_owned().await?;
             let identity = BotIdentity::generate(&format!("{user}@{host}"))?;
             let creds = BotCredentials::new(identity)?;
-            let session = c2s::login(&server, &host, &user, &password, "load").await?;
+            let session = c2s::login(&server, &host, &user, &password, "load", nodelay).await?;
             anyhow::Ok((session, creds))
         }));
     }
