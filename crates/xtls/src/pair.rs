@@ -12,12 +12,12 @@
 
 use std::fmt;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use hmac::{Hmac, Mac};
 use minidom::Element;
 use sha2::Sha256;
 use spake2::{Ed25519Group, Identity, Password, Spake2};
+
+use crate::stanza::xtls::{decode_data, encode_data};
 
 /// The inner namespace of the exchange.
 pub const NS: &str = "urn:xmpp:tmp:xtls:pair";
@@ -91,7 +91,9 @@ impl PairMessage {
             PairMessage::Pake(m) => ("pake", m),
             PairMessage::Confirm(c) => ("confirm", c),
         };
-        Element::builder(name, NS).append(B64.encode(bytes)).build()
+        Element::builder(name, NS)
+            .append(encode_data(bytes))
+            .build()
     }
 
     /// Reads a payload element; `None` when it is not of [`NS`].
@@ -99,12 +101,8 @@ impl PairMessage {
         if el.ns() != NS {
             return None;
         }
-        let text: String = el
-            .text()
-            .chars()
-            .filter(|c| !c.is_ascii_whitespace())
-            .collect();
-        let Ok(raw) = B64.decode(text.as_bytes()) else {
+        // Encoded as `<data/>` is (spec §1.7 rule 1): the same reader, with its size cap.
+        let Ok(raw) = decode_data(&el.text()) else {
             return Some(Err(PairError::Malformed("not base64")));
         };
         Some(match el.name() {

@@ -15,10 +15,10 @@
 
 use std::fmt;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use minidom::Element;
 use sha2::{Digest, Sha256};
+
+use crate::stanza::xtls::{decode_data, encode_data};
 
 /// The inner namespace of the exchange.
 pub const NS: &str = "urn:xmpp:tmp:xtls:sas";
@@ -107,7 +107,9 @@ impl SasMessage {
             SasMessage::Nonce(n) => ("nonce", n),
             SasMessage::Reveal(n) => ("reveal", n),
         };
-        Element::builder(name, NS).append(B64.encode(bytes)).build()
+        Element::builder(name, NS)
+            .append(encode_data(bytes))
+            .build()
     }
 
     /// Reads a payload element; `None` when it is not of [`NS`].
@@ -115,15 +117,9 @@ impl SasMessage {
         if el.ns() != NS {
             return None;
         }
+        // Encoded as `<data/>` is (spec §1.7 rule 1): the same reader, with its size cap.
         let bytes = |el: &Element| -> Result<[u8; 32], SasError> {
-            let text: String = el
-                .text()
-                .chars()
-                .filter(|c| !c.is_ascii_whitespace())
-                .collect();
-            let raw = B64
-                .decode(text.as_bytes())
-                .map_err(|_| SasError::Malformed("not base64"))?;
+            let raw = decode_data(&el.text()).map_err(|_| SasError::Malformed("not base64"))?;
             raw.try_into()
                 .map_err(|_| SasError::Malformed("not 32 bytes"))
         };
