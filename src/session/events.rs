@@ -10,7 +10,7 @@ use crate::config::{BotTrust, Handler};
 use crate::delivery::event::{BotEvent, FailStage, Identity};
 use crate::store::{FirstUse, PeerIdentityRecord, PeerTrust};
 use xtls::certs::Fingerprint;
-use xtls::stanza::{DefinedCondition, ErrorType, error_reply, name, ns};
+use xtls::stanza::{DefinedCondition, ErrorType, Iq, error_reply, name, ns};
 use xtls::tunnel::{CloseReason, Event, State, TrustVerdict, TunnelKey, VerifyError, bare};
 
 use super::driver::BotDriver;
@@ -26,8 +26,9 @@ impl BotDriver {
             && !live.refused
         {
             let pairing = live.record.peer_identity.trust == PeerTrust::Pairing;
-            if self.on_pair_stanza(key, stanza).await
-                || (!pairing && self.on_sas_stanza(key, stanza))
+            // Only IQs carry the exchanges: their envelope is read once, here.
+            if let Ok(iq) = Iq::parse(stanza)
+                && (self.on_pair_iq(key, &iq).await || (!pairing && self.on_sas_iq(key, &iq)))
             {
                 return;
             }

@@ -121,10 +121,7 @@ impl Pairings {
 
 impl BotDriver {
     /// Takes an inner stanza of the pairing exchange; `false` when it is none of its.
-    pub(super) async fn on_pair_stanza(&mut self, key: &TunnelKey, stanza: &Element) -> bool {
-        let Ok(iq) = Iq::parse(stanza) else {
-            return false;
-        };
+    pub(super) async fn on_pair_iq(&mut self, key: &TunnelKey, iq: &Iq) -> bool {
         let Some(message) = iq.children.first().and_then(PairMessage::parse) else {
             return false;
         };
@@ -137,9 +134,9 @@ impl BotDriver {
             Ok(_) if iq.type_ != IqType::Set => {
                 refuse(DefinedCondition::BadRequest, "pairing requests are IQ sets")
             }
-            Ok(pake @ PairMessage::Pake(_)) => self.pair_start(key, &iq, pake),
+            Ok(pake @ PairMessage::Pake(_)) => self.pair_start(key, iq, pake),
             Ok(confirm @ PairMessage::Confirm(_)) => {
-                let (reply, paired) = self.pair_confirm(key, &iq, confirm).await;
+                let (reply, paired) = self.pair_confirm(key, iq, confirm).await;
                 if let Some(reply) = reply {
                     self.send_inner(key, reply);
                 }

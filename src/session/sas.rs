@@ -6,7 +6,6 @@
 //! `tunnel.sas` event; confirming it over the API verifies the peer's key (audited, `compared`
 //! `sas:<code>`), rejecting it closes the tunnel. The exchange's IQs never reach the handler.
 
-use minidom::Element;
 use tokio::time::Instant;
 
 use crate::delivery::event::BotEvent;
@@ -16,7 +15,7 @@ use xtls::sas::{Answerer, Committer, EXPORT_LEN, EXPORTER_LABEL, SasCode, SasErr
 use xtls::stanza::{DefinedCondition, ErrorType, Iq, IqType, build_iq};
 use xtls::tunnel::{State, TunnelKey, bare};
 
-use super::driver::BotDriver;
+use super::driver::{BotDriver, Live};
 
 /// Where a tunnel's exchange is, beyond what its row shows.
 #[derive(Debug)]
@@ -77,16 +76,13 @@ fn nonce() -> [u8; 32] {
 impl BotDriver {
     /// Takes an inner stanza that belongs to a short authentication string exchange; `false`
     /// when it is none of the exchange's and goes to the handler.
-    pub(super) fn on_sas_stanza(&mut self, key: &TunnelKey, stanza: &Element) -> bool {
-        let Ok(iq) = Iq::parse(stanza) else {
-            return false;
-        };
+    pub(super) fn on_sas_iq(&mut self, key: &TunnelKey, iq: &Iq) -> bool {
         match iq.type_ {
             IqType::Set | IqType::Get => {
                 let Some(result) = iq.children.first().and_then(SasMessage::parse) else {
                     return false;
                 };
-                self.on_sas_request(key, &iq, result);
+                self.on_sas_request(key, iq, result);
                 true
             }
             IqType::Result | IqType::Error => {
@@ -100,7 +96,7 @@ impl BotDriver {
                 // An answer to an exchange given up since is the exchange's too: dropped.
                 let ours = awaited || live.sas_ids.contains(&iq.id);
                 if awaited {
-                    self.on_sas_answer(key, &iq);
+                    self.on_sas_answer(key, iq);
                 }
                 ours
             }
@@ -131,13 +127,7 @@ impl BotDriver {
             (Ok(commit @ SasMessage::Commit(_)), _) => {
                 let (answerer, ours) = Answerer::on_commit(commit, nonce()).expect("a commit");
                 live.sas = SasEngine::Answered { answerer };
-                let status = SasStatus {
-                    state: SasState::Exchanging,
-                    started_by: SasSide::Peer,
-                    sas28x5: None,
-                    decimal: None,
-                    error: None,
-                };
+                let status = exchanging(SasSide::Peer);
                 (iq.result(Some(ours.to_element())), Some(status))
             }
             (Ok(reveal @ SasMessage::Reveal(_)), SasEngine::Answered { answerer }) => {
@@ -171,7 +161,6 @@ impl BotDriver {
 
     /// The peer answers our commit (its nonce) or our reveal.
     fn on_sas_answer(&mut self, key: &TunnelKey, iq: &Iq) {
-        let now = Instant::now().into_std();
         let Some(live) = self.tunnels.get_mut(key) else {
             return;
         };
@@ -189,16 +178,11 @@ impl BotDriver {
         let answer = iq.children.first().and_then(SasMessage::parse);
         let status = match answer.map(|m| m.and_then(|m| committer.on_nonce(m))) {
             Some(Ok((reveal, context))) => {
-                let id = sas_id(&mut live.sas_ids);
-                let request = build_iq(
-                    IqType::Set,
-                    &id,
-                    &key.local,
-                    &key.peer,
-                    Some(reveal.to_element()),
-                );
-                match (live.tunnel.send(now, request), code(&live.tunnel, &context)) {
-                    (Ok(_), Some(code)) => {
+                match (
+                    send_request(live, key, &reveal),
+                    code(&live.tunnel, &context),
+                ) {
+                    (Ok(id), Some(code)) => {
                         live.sas = SasEngine::Revealed { id };
                         ready(SasSide::Bot, code)
                     }
@@ -232,25 +216,9 @@ impl BotDriver {
             // A new exchange replaces one in flight (the peer may have given up on it).
             SasRequest::Start => {
                 let (committer, commit) = Committer::start(nonce());
-                let id = sas_id(&mut live.sas_ids);
-                let request = build_iq(
-                    IqType::Set,
-                    &id,
-                    &key.local,
-                    &key.peer,
-                    Some(commit.to_element()),
-                );
-                live.tunnel
-                    .send(now, request)
-                    .map_err(|_| SasRefusal::NotOpen)?;
+                let id = send_request(live, &key, &commit).map_err(|_| SasRefusal::NotOpen)?;
                 live.sas = SasEngine::Committed { committer, id };
-                let status = SasStatus {
-                    state: SasState::Exchanging,
-                    started_by: SasSide::Bot,
-                    sas28x5: None,
-                    decimal: None,
-                    error: None,
-                };
+                let status = exchanging(SasSide::Bot);
                 self.sas_moved(&key, status.clone());
                 Ok(status)
             }
@@ -346,15 +314,37 @@ fn awaiting_decision(record: &crate::store::TunnelRecord) -> Result<SasStatus, S
         .ok_or(SasRefusal::Conflict("no code is waiting for a decision"))
 }
 
-/// A new id for an IQ of the exchange (unpredictable, as every id we originate), kept with
-/// the tunnel's few newest.
-fn sas_id(ids: &mut Vec<String>) -> String {
+/// Sends one of the exchange's requests into the tunnel, under a new id (unpredictable, as
+/// every id we originate) kept with the tunnel's few newest; the id.
+fn send_request(
+    live: &mut Live,
+    key: &TunnelKey,
+    message: &SasMessage,
+) -> Result<String, xtls::tunnel::SendError> {
     let id = format!("sas-{:016x}", rand::random::<u64>());
-    if ids.len() >= 8 {
-        ids.remove(0);
+    let request = build_iq(
+        IqType::Set,
+        &id,
+        &key.local,
+        &key.peer,
+        Some(message.to_element()),
+    );
+    live.tunnel.send(Instant::now().into_std(), request)?;
+    if live.sas_ids.len() >= 8 {
+        live.sas_ids.remove(0);
     }
-    ids.push(id.clone());
-    id
+    live.sas_ids.push(id.clone());
+    Ok(id)
+}
+
+fn exchanging(by: SasSide) -> SasStatus {
+    SasStatus {
+        state: SasState::Exchanging,
+        started_by: by,
+        sas28x5: None,
+        decimal: None,
+        error: None,
+    }
 }
 
 /// The code of an open tunnel for this exporter context.
