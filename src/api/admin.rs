@@ -9,7 +9,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::openapi::{BotPath, PROBLEM_JSON, Problem, TunnelPath};
-use super::{AdminState, ApiError, json_body};
+use super::{AdminState, ApiError, json_body, optional_json_body};
 use crate::config::BotTrust;
 use crate::config::Handler;
 use crate::session::{BotHandle, NewBot, PolicyChange, Rotation};
@@ -388,11 +388,7 @@ async fn rotate_certificate(
     body: Result<Option<Json<RotateBody>>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<CertificateView>, ApiError> {
     let bot = find_bot(&state, &jid)?;
-    // No body (no Content-Type) takes every default.
-    let body = match body {
-        Ok(body) => body.map(|Json(b)| b).unwrap_or_default(),
-        Err(rejected) => json_body::<RotateBody>(Err(rejected))?,
-    };
+    let body = optional_json_body(body)?;
     let config = state.bots.shared().certificates.get();
     let overlap = body
         .overlap_secs

@@ -121,6 +121,18 @@ pub fn json_body<T>(
         .map_err(|e| ApiError::Invalid(e.body_text()))
 }
 
+/// An optional JSON body: none (no `Content-Type`) takes every default; a body that is
+/// there must be valid, as [`json_body`] says.
+pub fn optional_json_body<T: Default>(
+    body: Result<Option<Json<T>>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, ApiError> {
+    Ok(body
+        .transpose()
+        .map(json_body)
+        .transpose()?
+        .unwrap_or_default())
+}
+
 /// The admin API's routes with their OpenAPI document.
 pub fn routes(state: AdminState) -> OpenApiRouter<AdminState> {
     let admin_only = admin::routes()

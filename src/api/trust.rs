@@ -15,7 +15,7 @@ use utoipa_axum::routes;
 
 use super::bot::scoped;
 use super::openapi::{PROBLEM_JSON, Problem, TunnelPath};
-use super::{AdminState, ApiError, Caller, json_body};
+use super::{AdminState, ApiError, Caller, json_body, optional_json_body};
 use crate::config::BotTrust;
 use crate::delivery::event::BotEvent;
 use crate::session::{BotHandle, SasRefusal, SasRequest};
@@ -434,10 +434,7 @@ async fn confirm_sas(
     Path(id): Path<TunnelId>,
     body: Result<Option<Json<SasDecision>>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<SasStatus>, ApiError> {
-    let decision = match body {
-        Ok(body) => body.map(|Json(d)| d).unwrap_or_default(),
-        Err(rejected) => json_body::<SasDecision>(Err(rejected))?,
-    };
+    let decision = optional_json_body(body)?;
     let actor = caller.actor();
     let request = SasRequest::Confirm {
         actor,
@@ -499,10 +496,7 @@ async fn mint_pairing_code(
 ) -> Result<(StatusCode, Json<PairingCode>), ApiError> {
     let bot = scoped(&state, &caller, &jid)?;
     let peer = peer_jid(&peer)?;
-    let request = match body {
-        Ok(body) => body.map(|Json(r)| r).unwrap_or_default(),
-        Err(rejected) => json_body::<PairingRequest>(Err(rejected))?,
-    };
+    let request = optional_json_body(body)?;
     let ttl = request.ttl_secs.unwrap_or(600);
     if !(60..=86400).contains(&ttl) {
         return Err(ApiError::Invalid(
