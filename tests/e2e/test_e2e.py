@@ -585,12 +585,6 @@ def test_a_rotated_certificate_is_announced_then_served_and_open_tunnels_keep_wo
     component.delete(f"/v1/bots/{bot}")
 
 
-def tunnel_of_peer_of(component, bot: str, peer: str) -> dict:
-    rows = [t for t in tunnels_of(component, bot) if t.get("peer") == peer]
-    assert len(rows) == 1, f"expected one tunnel of {bot} with peer {peer}, got {rows!r}"
-    return rows[0]
-
-
 async def closed_by_the_bot(tunnel, when: str, timeout: float = 10.0) -> None:
     """Wait until the bot closed `tunnel` (its <close/>, or the tunnel ended)."""
     deadline = time.monotonic() + timeout
@@ -613,7 +607,7 @@ def test_short_authentication_strings_match_through_prosody_and_confirming_verif
     async def scenario():
         async with users.client("bob", tls="openssl") as bob:
             tunnel = await bob.open_tunnel(bot)
-            tunnel_id = tunnel_of_peer_of(component, bot, bob.jid)["id"]
+            tunnel_id = tunnel_of_peer_for(component, bot, bob.jid)["id"]
             # The person starts it from the client.
             code, digits = await tunnel.start_sas()
             shown = sas_of(component, tunnel_id)
@@ -652,7 +646,7 @@ def test_a_nonce_changed_in_transit_gives_codes_that_differ_and_rejecting_closes
     async def scenario():
         async with users.client("bob", tls="openssl") as bob:
             tunnel = await bob.open_tunnel(bot)
-            tunnel_id = tunnel_of_peer_of(component, bot, bob.jid)["id"]
+            tunnel_id = tunnel_of_peer_for(component, bot, bob.jid)["id"]
             code = await tunnel.start_sas(tamper_their_nonce=True)
             shown = sas_of(component, tunnel_id)
             assert shown["state"] == "ready", shown
@@ -684,7 +678,7 @@ def test_a_pairing_code_lets_a_new_key_into_a_verified_only_bot_and_a_wrong_one_
     async def scenario():
         async with users.client("bob", tls="openssl") as bob:
             tunnel = await bob.open_tunnel(bot)
-            assert tunnel_of_peer_of(component, bot, bob.jid)["peer_identity"]["trust"] == "pairing"
+            assert tunnel_of_peer_for(component, bot, bob.jid)["peer_identity"]["trust"] == "pairing"
             await tunnel.send_message("before pairing")  # dropped: the bot sees nothing yet
             await tunnel.pair(minted["code"].lower().replace("-", " "))
             await echo_roundtrip(tunnel, "paired")

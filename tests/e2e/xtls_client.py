@@ -304,25 +304,36 @@ class TlsEngine:
     def step(self) -> list[ET.Element]:
         """Advance the handshake and drain decrypted stanzas. Raises ssl.SSLError, ET.ParseError."""
         if not self.handshake_done:
-            try:
-                self._tls.do_handshake()
-            except ssl.SSLWantReadError:
+            if not self._handshake():
                 return []
             self.handshake_done = True
         stanzas = []
         while not self.peer_eof:
-            try:
-                plaintext = self._tls.read(65536)
-            except ssl.SSLWantReadError:
+            plaintext = self._read()
+            if plaintext is None:
                 break
-            except ssl.SSLZeroReturnError:
-                self.peer_eof = True
-                break
-            if not plaintext:  # SSLObject.read() returns b'' once close_notify arrived
+            if not plaintext:  # b'' once close_notify arrived
                 self.peer_eof = True
                 break
             stanzas.extend(self._parser.feed(plaintext))
         return stanzas
+
+    def _handshake(self) -> bool:
+        """Advance the handshake; whether it is done."""
+        try:
+            self._tls.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        return True
+
+    def _read(self) -> bytes | None:
+        """Decrypted bytes; None when TLS wants more input, b'' after the peer's close_notify."""
+        try:
+            return self._tls.read(65536)
+        except ssl.SSLWantReadError:
+            return None
+        except ssl.SSLZeroReturnError:
+            return b""
 
     def feed(self, payload: bytes) -> list[ET.Element]:
         """Hand bytes received from the peer to TLS; return the stanzas completed by them."""
@@ -355,8 +366,8 @@ class TlsEngine:
         return self._tls.version()
 
 
-class OpenSslEngine:
-    """`TlsEngine`'s interface over pyOpenSSL, as the TLS client: the OpenSSL that the
+class OpenSslEngine(TlsEngine):
+    """`TlsEngine` over pyOpenSSL, as the TLS client: the OpenSSL that the
     `cryptography` wheel bundles, reached through an API that has the TLS exporter (RFC 8446
     §7.5) Python's `ssl` lacks, for short authentication strings.  Like `client_context`,
     it accepts any server certificate: callers compare fingerprints after the handshake."""
@@ -377,27 +388,23 @@ class OpenSslEngine:
         self.handshake_done = False
         self.peer_eof = False
 
-    def step(self) -> list[ET.Element]:
-        SSL = self._SSL
+    def _handshake(self) -> bool:
         try:
-            if not self.handshake_done:
-                try:
-                    self._tls.do_handshake()
-                except SSL.WantReadError:
-                    return []
-                self.handshake_done = True
-            stanzas = []
-            while not self.peer_eof:
-                try:
-                    plaintext = self._tls.recv(65536)
-                except SSL.WantReadError:
-                    break
-                except SSL.ZeroReturnError:
-                    self.peer_eof = True
-                    break
-                stanzas.extend(self._parser.feed(plaintext))
-            return stanzas
-        except SSL.Error as exc:
+            self._tls.do_handshake()
+        except self._SSL.WantReadError:
+            return False
+        except self._SSL.Error as exc:
+            raise ssl.SSLError(str(exc)) from exc
+        return True
+
+    def _read(self) -> bytes | None:
+        try:
+            return self._tls.recv(65536)
+        except self._SSL.WantReadError:
+            return None
+        except self._SSL.ZeroReturnError:
+            return b""
+        except self._SSL.Error as exc:
             raise ssl.SSLError(str(exc)) from exc
 
     def feed(self, payload: bytes) -> list[ET.Element]:
@@ -446,8 +453,8 @@ def sas_code(exported: bytes) -> tuple[str, str]:
     return digits, f"{int.from_bytes(exported[:4], 'big') % 1_000_000:06d}"
 
 
-def sas_iq(iq_id: str, element: str, payload: bytes, ns: str = NS_SAS) -> str:
-    """An inner IQ set carrying one message of an exchange (SAS by default, or pairing)."""
+def exchange_iq(iq_id: str, element: str, payload: bytes, ns: str) -> str:
+    """An inner IQ set carrying one message of a verification exchange (SAS or pairing)."""
     return (f"<iq xmlns='jabber:client' type='set' id='{iq_id}'>"
             f"<{element} xmlns='{ns}'>{base64.b64encode(payload).decode()}</{element}></iq>")
 
@@ -689,10 +696,14 @@ class Tunnel:
             raise XtlsProtocolError(f"expected a SAS IQ, got {ET.tostring(stanza)!r}")
         return stanza
 
-    def _sas_code(self, context: bytes) -> tuple[str, str]:
+    def _export(self, label: bytes, context: bytes) -> bytes:
+        """32 bytes of the TLS exporter (pyOpenSSL only: Python's ssl has none)."""
         if not hasattr(self.engine, "export_keying_material"):
             raise XtlsProtocolError("this TLS engine has no exporter: log in with tls='openssl'")
-        return sas_code(self.engine.export_keying_material(SAS_LABEL, 32, context))
+        return self.engine.export_keying_material(label, 32, context)
+
+    def _sas_code(self, context: bytes) -> tuple[str, str]:
+        return sas_code(self._export(SAS_LABEL, context))
 
     async def start_sas(self, timeout: float = 10.0, *, tamper_their_nonce: bool = False) -> tuple[str, str]:
         """Run the exchange as the committer; returns the code (sas28x5, six digits).
@@ -700,14 +711,14 @@ class Tunnel:
         that changed it in transit would make us do: the codes then differ."""
         ours = os.urandom(32)
         commit_id, reveal_id = f"sas-{uuid.uuid4().hex[:8]}", f"sas-{uuid.uuid4().hex[:8]}"
-        await self.send_stanza(sas_iq(commit_id, "commit", hashlib.sha256(ours).digest()), timeout)
+        await self.send_stanza(exchange_iq(commit_id, "commit", hashlib.sha256(ours).digest(), NS_SAS), timeout)
         reply = await self._recv_iq(lambda s: s.get("id") == commit_id, timeout)
         if reply.get("type") != "result":
             raise XtlsError(*error_of_element(reply), request="sas commit")
         theirs = base64.b64decode(reply.findtext(f"{{{NS_SAS}}}nonce") or "")
         if tamper_their_nonce:
             theirs = bytes([theirs[0] ^ 1]) + theirs[1:]
-        await self.send_stanza(sas_iq(reveal_id, "reveal", ours), timeout)
+        await self.send_stanza(exchange_iq(reveal_id, "reveal", ours, NS_SAS), timeout)
         ack = await self._recv_iq(lambda s: s.get("id") == reveal_id, timeout)
         if ack.get("type") != "result":
             raise XtlsError(*error_of_element(ack), request="sas reveal")
@@ -737,16 +748,14 @@ class Tunnel:
         own, bot = self.local_jid.split("/")[0], self.peer_jid.split("/")[0]
         spake = SPAKE2_A(normalize_code(code).encode(), idA=own.encode(), idB=bot.encode())
         pake_id, confirm_id = f"pair-{uuid.uuid4().hex[:8]}", f"pair-{uuid.uuid4().hex[:8]}"
-        await self.send_stanza(sas_iq(pake_id, "pake", spake.start(), NS_PAIR), timeout)
+        await self.send_stanza(exchange_iq(pake_id, "pake", spake.start(), NS_PAIR), timeout)
         reply = await self._recv_iq(lambda s: s.get("id") == pake_id, timeout)
         if reply.get("type") != "result":
             raise XtlsError(*error_of_element(reply), request="pair")
         key = spake.finish(base64.b64decode(reply.findtext(f"{{{NS_PAIR}}}pake") or ""))
-        if not hasattr(self.engine, "export_keying_material"):
-            raise XtlsProtocolError("this TLS engine has no exporter: log in with tls='openssl'")
-        cb = self.engine.export_keying_material(CHANNEL_BINDING_LABEL, 32, b"")
+        cb = self._export(CHANNEL_BINDING_LABEL, b"")
         ours = hmac.new(key, b"xtls-pair confirm A" + cb, hashlib.sha256).digest()
-        await self.send_stanza(sas_iq(confirm_id, "confirm", ours, NS_PAIR), timeout)
+        await self.send_stanza(exchange_iq(confirm_id, "confirm", ours, NS_PAIR), timeout)
         reply = await self._recv_iq(lambda s: s.get("id") == confirm_id, timeout)
         if reply.get("type") != "result":
             raise XtlsError(*error_of_element(reply), request="pair confirm")
