@@ -113,18 +113,18 @@ impl BotTable {
     pub async fn rotate_due(&self) -> Result<(usize, usize), BotError> {
         let config = self.shared().certificates.get();
         let now = OffsetDateTime::now_utc();
-        let announced = self.shared().store.next_certificates().await?;
+        // The handles hold what is announced (the store's truth, loaded at start and kept
+        // with every change): nothing is read or unsealed here until something is due.
+        let bots = self.list();
         let mut activated = 0;
-        for next in &announced {
-            if parse(&next.active_at).is_none_or(|at| at <= now)
-                && let Some(handle) = self.by_jid(&next.bot)
-            {
+        for handle in &bots {
+            let Some(next) = &handle.next else {
+                continue;
+            };
+            if parse(&next.active_at).is_none_or(|at| at <= now) {
                 let _one_at_a_time = self.changes.lock().await;
-                if self
-                    .activate_locked(&handle, &next.active_at, COMPONENT)
-                    .await?
-                    .is_some()
-                {
+                let done = self.activate_locked(handle, &next.active_at, COMPONENT);
+                if done.await?.is_some() {
                     activated += 1;
                 }
             }
@@ -133,10 +133,10 @@ impl BotTable {
         if config.auto_rotate {
             let overlap = config.overlap();
             let horizon = now + time::Duration::try_from(overlap).unwrap_or(time::Duration::MAX);
-            for bot in self.list() {
+            for bot in &bots {
                 let expires = parse(&bot.identity.info.not_after);
-                let pending = announced.iter().any(|n| n.bot == bot.record.jid);
-                let Some(expires) = expires.filter(|at| *at <= horizon && !pending) else {
+                let Some(expires) = expires.filter(|at| *at <= horizon && bot.next.is_none())
+                else {
                     continue;
                 };
                 // Active before the old one expires, even when the overlap would end later.

@@ -1203,6 +1203,30 @@ async fn a_rotation_is_announced_then_activated_and_tunnels_keep_working_across_
             ("certificate_rotated", "admin"),
         ]
     );
+
+    // An overlap that ends: the check activates the announcement then, and only then.
+    let second = Rotation {
+        overlap: Duration::from_secs(1),
+        new_key: false,
+    };
+    let bot = bots
+        .rotate(&bot.record.jid, second, "admin")
+        .await
+        .unwrap()
+        .unwrap();
+    let next = bot.next.clone().unwrap();
+    let active_at = time::OffsetDateTime::parse(
+        &next.active_at,
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    while time::OffsetDateTime::now_utc() <= active_at {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(bots.rotate_due().await.unwrap(), (1, 0));
+    let bot = bots.by_jid(&bot.record.jid).unwrap();
+    assert_eq!(bot.identity.cert_der(), next.identity.cert_der());
+    assert!(bot.next.is_none());
     std::fs::remove_dir_all(dir).unwrap();
 }
 
