@@ -546,23 +546,29 @@ impl BotDriver {
             .map(|(key, _)| key.clone())
             .collect();
         for key in keys {
+            // Events first: a reply the bot writes to what just arrived then leaves with the
+            // acknowledgement of the `data` that carried it (Tunnel::poll_transmit).
             while let Some(live) = self.tunnels.get_mut(&key) {
-                let mut stanzas = Vec::new();
-                while let Some(el) = live.tunnel.poll_transmit() {
-                    stanzas.push(el);
-                }
                 let mut events = Vec::new();
                 while let Some(ev) = live.tunnel.poll_event() {
                     events.push(ev);
                 }
-                if stanzas.is_empty() && events.is_empty() {
+                let had_events = !events.is_empty();
+                for ev in events {
+                    self.on_event(&key, ev).await;
+                }
+                let Some(live) = self.tunnels.get_mut(&key) else {
+                    break;
+                };
+                let mut stanzas = Vec::new();
+                while let Some(el) = live.tunnel.poll_transmit() {
+                    stanzas.push(el);
+                }
+                if stanzas.is_empty() && !had_events {
                     break;
                 }
                 self.held
                     .extend(stanzas.into_iter().map(|el| (Some(key.clone()), el)));
-                for ev in events {
-                    self.on_event(&key, ev).await;
-                }
             }
             if let Some(live) = self.tunnels.get_mut(&key) {
                 let stats = live.tunnel.stats();

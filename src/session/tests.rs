@@ -64,16 +64,7 @@ async fn limits_answer_resource_constraint_wait_and_unknown_tunnels_item_not_fou
         ..LimitsConfig::default()
     };
     let (bots, mut rx, dir) = table(limits).await;
-    let bot = bots
-        .create(NewBot {
-            localpart: "Echo".into(),
-            handler: Handler::Echo,
-            peer_auth: PeerAuth::Required,
-            trust: BotTrust::Tofu,
-            encrypted_only: false,
-        })
-        .await
-        .unwrap();
+    let bot = new_bot(&bots, "Echo", Handler::Echo, BotTrust::Tofu).await;
     assert_eq!(
         bot.record.jid, "echo@bots.example.org",
         "localparts are normalized"
@@ -158,11 +149,16 @@ async fn limits_answer_resource_constraint_wait_and_unknown_tunnels_item_not_fou
 
 /// The `api` bot weather@bots.example.org.
 async fn api_bot(bots: &BotTable) -> BotHandle {
+    new_bot(bots, "weather", Handler::Api, BotTrust::Tofu).await
+}
+
+/// A bot that requires peer certificates and accepts stanzas in clear.
+async fn new_bot(bots: &BotTable, localpart: &str, handler: Handler, trust: BotTrust) -> BotHandle {
     bots.create(NewBot {
-        localpart: "weather".into(),
-        handler: Handler::Api,
+        localpart: localpart.into(),
+        handler,
         peer_auth: PeerAuth::Required,
-        trust: BotTrust::Tofu,
+        trust,
         encrypted_only: false,
     })
     .await
@@ -1425,16 +1421,7 @@ async fn a_short_authentication_string_matches_on_both_ends_and_confirming_verif
 async fn a_pairing_code_admits_a_key_the_bot_would_refuse_and_a_wrong_one_closes_the_tunnel() {
     use xtls::pair::{CHANNEL_BINDING_LABEL, Claimant, PairMessage};
     let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
-    let bot = bots
-        .create(NewBot {
-            localpart: "vault".into(),
-            handler: Handler::Api,
-            peer_auth: PeerAuth::Required,
-            trust: BotTrust::Manual,
-            encrypted_only: false,
-        })
-        .await
-        .unwrap();
+    let bot = new_bot(&bots, "vault", Handler::Api, BotTrust::Manual).await;
     let store = bots.shared().store.clone();
     let pairings = &bots.shared().pairings;
     let minted = pairings.mint(
@@ -1582,5 +1569,51 @@ async fn a_pairing_code_admits_a_key_the_bot_would_refuse_and_a_wrong_one_closes
         pairings.waiting(&bot.record.jid, "carol@example.net"),
         "two attempts left"
     );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn an_echo_leaves_with_the_acknowledgement_of_what_it_answers() {
+    // Through a server that leaves Nagle on, a bare `result` followed by a separate `data`
+    // stalls the peer's client for its delayed ACK: the echo must not wait for the ack of
+    // the previous echo, it rides with the result (Tunnel::poll_transmit).
+    let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+    let bot = new_bot(&bots, "echo", Handler::Echo, BotTrust::Tofu).await;
+    let mut peer = open_peer(&bot, &mut rx).await;
+    let now = std::time::Instant::now;
+    let mut unacked_echoes = Vec::new();
+    for n in 1..=3 {
+        let message: Element =
+            format!("<message xmlns='jabber:client' type='chat'><body>m{n}</body></message>")
+                .parse()
+                .unwrap();
+        peer.send(now(), message).unwrap();
+        let data = peer
+            .poll_transmit()
+            .expect("nothing of the peer's is in flight");
+        let id = data.attr("id").unwrap().to_owned();
+        bot.try_deliver(data).unwrap();
+        // The result, then at once the echo: the previous echoes are still unacknowledged.
+        let result = recv(&mut rx).await;
+        assert_eq!(
+            (result.attr("id"), result.attr("type")),
+            (Some(id.as_str()), Some("result"))
+        );
+        peer.handle_iq(now(), &Iq::parse(&result).unwrap());
+        let echo = recv(&mut rx).await;
+        assert!(echo.has_child("data", ns::XTLS), "m{n}: {echo:?}");
+        unacked_echoes.push(echo);
+    }
+    // The peer reads every echo, in order, once it takes them.
+    for echo in &unacked_echoes {
+        peer.handle_iq(now(), &Iq::parse(echo).unwrap());
+    }
+    let bodies: Vec<String> = std::iter::from_fn(|| peer.poll_event())
+        .filter_map(|e| match e {
+            Event::Stanza(s) => s.get_child("body", ns::CLIENT).map(|b| b.text()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bodies, ["m1", "m2", "m3"]);
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -189,6 +189,9 @@ pub struct Tunnel {
     inner: Option<Box<StreamReader>>,
     plaintext: Vec<u8>,
     transmit: VecDeque<Element>,
+    /// When an acknowledgement of the peer's `data` was queued, until it is polled: the bytes
+    /// held back meanwhile leave with it (see `ride_along`).
+    ack_waiting: Option<Instant>,
     events: VecDeque<Event>,
     stats: Stats,
     established: Option<Established>,
@@ -266,6 +269,7 @@ impl Tunnel {
             inner: None,
             plaintext: Vec::new(),
             transmit: VecDeque::new(),
+            ack_waiting: None,
             events: VecDeque::new(),
             stats: Stats::default(),
             established: None,
@@ -381,7 +385,15 @@ impl Tunnel {
     }
 
     /// The next stanza to write to the server.
+    ///
+    /// Poll the events first and act on them (a bot answering what arrived writes its reply
+    /// then), then every stanza, and write them together: a reply written while the
+    /// acknowledgement of the `data` that prompted it still waits here is not held back by
+    /// the window's batching, and leaves beside that acknowledgement.
     pub fn poll_transmit(&mut self) -> Option<Element> {
+        if let Some(at) = self.ack_waiting.take() {
+            self.ride_along(at);
+        }
         self.transmit.pop_front()
     }
 
@@ -556,7 +568,7 @@ impl Tunnel {
         self.seen_first_data = true;
         self.stats.bytes_in += bytes.len() as u64;
         if bytes.is_empty() {
-            self.transmit.push_back(iq.result(None));
+            self.acknowledge(now, iq);
             return;
         }
         let tls = self.tls.as_mut().expect("a tunnel past Starting has TLS");
@@ -604,7 +616,7 @@ impl Tunnel {
                 return;
             }
         };
-        self.transmit.push_back(iq.result(None));
+        self.acknowledge(now, iq);
         let inner_ok = self.deliver_plaintext(&plaintext);
         let had_plaintext = !plaintext.is_empty();
         plaintext.clear();
@@ -747,6 +759,11 @@ impl Tunnel {
 
     /// Moves TLS output into `data` IQs within the window; sends `<close/>` when due.
     fn flush(&mut self, now: Instant) {
+        self.flush_with(now, false);
+    }
+
+    /// [`Tunnel::flush`]; `riding`: an acknowledgement is leaving, so held bytes go too.
+    fn flush_with(&mut self, now: Instant, riding: bool) {
         if let Some(tls) = self.tls.as_mut() {
             let mut out = Vec::new();
             tls.drain_output(&mut out);
@@ -754,14 +771,16 @@ impl Tunnel {
             self.out_bytes.extend(out);
         }
         // Nagle's rule at the IQ level, once open: full chunks fill the window, a partial one
-        // goes only when nothing is in flight. Small stanzas queued behind an unacknowledged
-        // `data` then travel together in the next one: with many messages in flight the server
-        // routes a fraction of the IQs (docs/performance.md, window sweep), and a lone message
-        // still leaves at once. Handshake flights are never held back.
+        // goes only when nothing is in flight, or along with an acknowledgement of the peer's
+        // `data` when that is polled (`ride_along`). Small stanzas queued behind an
+        // unacknowledged `data` then travel together in the next one: with many messages in
+        // flight the server routes a fraction of the IQs (docs/performance.md, window sweep),
+        // and a lone message still leaves at once. Handshake flights are never held back.
         while !self.out_bytes.is_empty()
             && self.data_in_flight() < self.config.window
             && (self.state != State::Open
                 || self.data_in_flight() == 0
+                || riding
                 || self.out_bytes.len() >= self.config.chunk_size)
         {
             // (Called only in Handshaking and Open: `begin_closing` empties the queue.)
@@ -869,6 +888,28 @@ impl Tunnel {
     fn fresh_id(&mut self) -> String {
         self.next_id += 1;
         format!("{}{}", self.id_prefix, self.next_id)
+    }
+
+    /// Queues the `result` for the peer's `data`.
+    fn acknowledge(&mut self, now: Instant, iq: &Iq) {
+        self.transmit.push_back(iq.result(None));
+        self.ack_waiting.get_or_insert(now);
+    }
+
+    /// Sends the bytes held behind our unacknowledged `data` after the acknowledgements
+    /// being polled, once the owner has acted on the events (a bot's reply to what arrived
+    /// is written by then).
+    ///
+    /// A bare `result` is a segment the peer's client has no reason to answer, so its kernel
+    /// delays the ACK; a server that leaves Nagle's algorithm on (Prosody's default) then
+    /// holds whatever it writes to that client next until that delayed ACK (~40 ms). Nagle's
+    /// rule at the IQ level (see `flush`) would make that the common case: the reply waits
+    /// for our previous `data` to be acknowledged and leaves on its own, just after the
+    /// `result`. Here it leaves in the same write instead.
+    fn ride_along(&mut self, at: Instant) {
+        if self.state == State::Open {
+            self.flush_with(at, true);
+        }
     }
 
     fn request(&mut self, now: Instant, kind: Request, payload: Element) {

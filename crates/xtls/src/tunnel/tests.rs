@@ -1538,3 +1538,55 @@ fn c25_both_ends_export_the_same_keying_material_once_open() {
     other.open();
     assert_ne!(export(&mut other.alice, &alice_context), alice);
 }
+
+#[test]
+fn c26_a_reply_written_before_the_ack_is_polled_leaves_with_it() {
+    let mut pair = Pair::new();
+    pair.open();
+    let now = pair.now;
+    let config = pair.config.clone();
+    // The bot's first reply is in flight, unacknowledged.
+    pair.bot.tunnel().send(now, message("reply one")).unwrap();
+    let in_flight = pair.bot.drain();
+    assert_eq!(in_flight.len(), 1);
+    // Alice sends again; the bot answers before polling (events first, then transmit).
+    pair.alice.tunnel().send(now, message("two")).unwrap();
+    let from_alice = pair.alice.drain();
+    pair.bot.deliver(now, &config, &from_alice[0]);
+    let arrived: Vec<Event> = std::iter::from_fn(|| pair.bot.tunnel().poll_event()).collect();
+    assert!(arrived.iter().any(|e| matches!(e, Event::Stanza(_))));
+    pair.bot.tunnel().send(now, message("reply two")).unwrap();
+    let out = pair.bot.drain();
+    assert_eq!(out.len(), 2, "the result and the reply: {out:?}");
+    assert_eq!(
+        out[0].attr("type"),
+        Some("result"),
+        "the acknowledgement first"
+    );
+    assert!(out[1].has_child("data", ns::XTLS), "the reply rides along");
+
+    // A reply written after the acknowledgement was polled waits for the `data` in flight
+    // (Nagle's rule at the IQ level): the bot of an HTTP backend answers later.
+    pair.alice.deliver(now, &config, &out[0]);
+    pair.alice.tunnel().send(now, message("three")).unwrap();
+    let from_alice = pair.alice.drain();
+    pair.bot.deliver(now, &config, &from_alice[0]);
+    let ack = pair.bot.drain();
+    assert_eq!(ack.len(), 1);
+    assert_eq!(ack[0].attr("type"), Some("result"));
+    pair.bot.tunnel().send(now, message("reply three")).unwrap();
+    assert!(
+        pair.bot.drain().is_empty(),
+        "held behind the data in flight"
+    );
+    // Acknowledging both data IQs in flight releases it.
+    for el in in_flight.iter().chain(&out[1..]) {
+        let result = Iq::parse(el).unwrap().result(None);
+        pair.bot
+            .tunnel()
+            .handle_iq(now, &Iq::parse(&result).unwrap());
+    }
+    let released = pair.bot.drain();
+    assert_eq!(released.len(), 1);
+    assert!(released[0].has_child("data", ns::XTLS));
+}
