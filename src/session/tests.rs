@@ -1573,10 +1573,10 @@ async fn a_pairing_code_admits_a_key_the_bot_would_refuse_and_a_wrong_one_closes
 }
 
 #[tokio::test]
-async fn an_echo_leaves_with_the_acknowledgement_of_what_it_answers() {
+async fn an_echo_leaves_just_before_the_acknowledgement_of_what_it_answers() {
     // Through a server that leaves Nagle on, a bare `result` followed by a separate `data`
     // stalls the peer's client for its delayed ACK: the echo must not wait for the ack of
-    // the previous echo, it rides with the result (Tunnel::poll_transmit).
+    // the previous echo, it leaves just before the result (Tunnel::poll_transmit).
     let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
     let bot = new_bot(&bots, "echo", Handler::Echo, BotTrust::Tofu).await;
     let mut peer = open_peer(&bot, &mut rx).await;
@@ -1593,15 +1593,15 @@ async fn an_echo_leaves_with_the_acknowledgement_of_what_it_answers() {
             .expect("nothing of the peer's is in flight");
         let id = data.attr("id").unwrap().to_owned();
         bot.try_deliver(data).unwrap();
-        // The result, then at once the echo: the previous echoes are still unacknowledged.
+        // At once the echo, then the result: the previous echoes are still unacknowledged.
+        let echo = recv(&mut rx).await;
+        assert!(echo.has_child("data", ns::XTLS), "m{n}: {echo:?}");
         let result = recv(&mut rx).await;
         assert_eq!(
             (result.attr("id"), result.attr("type")),
             (Some(id.as_str()), Some("result"))
         );
         peer.handle_iq(now(), &Iq::parse(&result).unwrap());
-        let echo = recv(&mut rx).await;
-        assert!(echo.has_child("data", ns::XTLS), "m{n}: {echo:?}");
         unacked_echoes.push(echo);
     }
     // The peer reads every echo, in order, once it takes them.

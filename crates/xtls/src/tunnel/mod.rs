@@ -189,9 +189,10 @@ pub struct Tunnel {
     inner: Option<Box<StreamReader>>,
     plaintext: Vec<u8>,
     transmit: VecDeque<Element>,
-    /// When an acknowledgement of the peer's `data` was queued, until it is polled: the bytes
-    /// held back meanwhile leave with it (see `ride_along`).
-    ack_waiting: Option<Instant>,
+    /// Acknowledgements of the peer's `data` not yet in `transmit`, and when the first was
+    /// made: they leave when polled, after our `data` (see `settle_acks`).
+    acks: Vec<Element>,
+    acks_at: Option<Instant>,
     events: VecDeque<Event>,
     stats: Stats,
     established: Option<Established>,
@@ -269,7 +270,8 @@ impl Tunnel {
             inner: None,
             plaintext: Vec::new(),
             transmit: VecDeque::new(),
-            ack_waiting: None,
+            acks: Vec::new(),
+            acks_at: None,
             events: VecDeque::new(),
             stats: Stats::default(),
             established: None,
@@ -381,7 +383,7 @@ impl Tunnel {
 
     /// Whether [`Tunnel::poll_transmit`] or [`Tunnel::poll_event`] has something.
     pub fn has_output(&self) -> bool {
-        !self.transmit.is_empty() || !self.events.is_empty()
+        !self.transmit.is_empty() || !self.acks.is_empty() || !self.events.is_empty()
     }
 
     /// The next stanza to write to the server.
@@ -389,10 +391,10 @@ impl Tunnel {
     /// Poll the events first and act on them (a bot answering what arrived writes its reply
     /// then), then every stanza, and write them together: a reply written while the
     /// acknowledgement of the `data` that prompted it still waits here is not held back by
-    /// the window's batching, and leaves beside that acknowledgement.
+    /// the window's batching, and leaves just before that acknowledgement.
     pub fn poll_transmit(&mut self) -> Option<Element> {
-        if let Some(at) = self.ack_waiting.take() {
-            self.ride_along(at);
+        if !self.acks.is_empty() {
+            self.settle_acks();
         }
         self.transmit.pop_front()
     }
@@ -772,7 +774,7 @@ impl Tunnel {
         }
         // Nagle's rule at the IQ level, once open: full chunks fill the window, a partial one
         // goes only when nothing is in flight, or along with an acknowledgement of the peer's
-        // `data` when that is polled (`ride_along`). Small stanzas queued behind an
+        // `data` when that is polled (`settle_acks`). Small stanzas queued behind an
         // unacknowledged `data` then travel together in the next one: with many messages in
         // flight the server routes a fraction of the IQs (docs/performance.md, window sweep),
         // and a lone message still leaves at once. Handshake flights are never held back.
@@ -846,6 +848,8 @@ impl Tunnel {
         if matches!(self.state, State::Closing | State::Closed) {
             return;
         }
+        // The data they answer was accepted: its results go before our `<close/>`.
+        self.release_acks();
         self.state = State::Closing;
         self.closing_reason = Some(reason);
         self.handshake_deadline = None;
@@ -874,6 +878,7 @@ impl Tunnel {
         if self.state == State::Closed {
             return;
         }
+        self.release_acks();
         self.state = State::Closed;
         self.outstanding.clear();
         self.out_bytes.clear();
@@ -890,26 +895,34 @@ impl Tunnel {
         format!("{}{}", self.id_prefix, self.next_id)
     }
 
-    /// Queues the `result` for the peer's `data`.
+    /// Makes the `result` for the peer's `data`; it leaves when polled (`settle_acks`), or
+    /// before anything that ends the tunnel.
     fn acknowledge(&mut self, now: Instant, iq: &Iq) {
-        self.transmit.push_back(iq.result(None));
-        self.ack_waiting.get_or_insert(now);
+        self.acks.push(iq.result(None));
+        self.acks_at.get_or_insert(now);
     }
 
-    /// Sends the bytes held behind our unacknowledged `data` after the acknowledgements
-    /// being polled, once the owner has acted on the events (a bot's reply to what arrived
-    /// is written by then).
+    /// Queues the acknowledgements made since the last poll behind our `data`, once the
+    /// owner has acted on the events: a bot's reply to what arrived is written by then, and
+    /// leaves first, even when Nagle's rule at the IQ level (see `flush`) would hold it.
     ///
-    /// A bare `result` is a segment the peer's client has no reason to answer, so its kernel
-    /// delays the ACK; a server that leaves Nagle's algorithm on (Prosody's default) then
-    /// holds whatever it writes to that client next until that delayed ACK (~40 ms). Nagle's
-    /// rule at the IQ level (see `flush`) would make that the common case: the reply waits
-    /// for our previous `data` to be acknowledged and leaves on its own, just after the
-    /// `result`. Here it leaves in the same write instead.
-    fn ride_along(&mut self, at: Instant) {
+    /// Servers that leave Nagle's algorithm on (Prosody's default) write each stanza on its
+    /// own, and the kernel sends a write at once only when nothing sent is unacknowledged.
+    /// A `result` is a segment the peer's client has nothing to answer, so its kernel delays
+    /// the ACK, and what the server writes to it next waits for that (~40 ms). A `data`
+    /// first is answered at once, and the `result` behind it leaves with that answer's ACK.
+    fn settle_acks(&mut self) {
+        let at = self.acks_at.take().expect("set with the first ack");
         if self.state == State::Open {
             self.flush_with(at, true);
         }
+        self.release_acks();
+    }
+
+    /// Moves the acknowledgements made into `transmit`.
+    fn release_acks(&mut self) {
+        self.acks_at = None;
+        self.transmit.extend(self.acks.drain(..));
     }
 
     fn request(&mut self, now: Instant, kind: Request, payload: Element) {

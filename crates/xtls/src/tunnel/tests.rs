@@ -1540,7 +1540,7 @@ fn c25_both_ends_export_the_same_keying_material_once_open() {
 }
 
 #[test]
-fn c26_a_reply_written_before_the_ack_is_polled_leaves_with_it() {
+fn c26_a_reply_written_before_the_ack_is_polled_leaves_just_before_it() {
     let mut pair = Pair::new();
     pair.open();
     let now = pair.now;
@@ -1557,17 +1557,20 @@ fn c26_a_reply_written_before_the_ack_is_polled_leaves_with_it() {
     assert!(arrived.iter().any(|e| matches!(e, Event::Stanza(_))));
     pair.bot.tunnel().send(now, message("reply two")).unwrap();
     let out = pair.bot.drain();
-    assert_eq!(out.len(), 2, "the result and the reply: {out:?}");
-    assert_eq!(
-        out[0].attr("type"),
-        Some("result"),
-        "the acknowledgement first"
+    assert_eq!(out.len(), 2, "the reply and the result: {out:?}");
+    assert!(
+        out[0].has_child("data", ns::XTLS),
+        "the reply first: {out:?}"
     );
-    assert!(out[1].has_child("data", ns::XTLS), "the reply rides along");
+    assert_eq!(
+        out[1].attr("type"),
+        Some("result"),
+        "then the acknowledgement"
+    );
 
     // A reply written after the acknowledgement was polled waits for the `data` in flight
     // (Nagle's rule at the IQ level): the bot of an HTTP backend answers later.
-    pair.alice.deliver(now, &config, &out[0]);
+    pair.alice.deliver(now, &config, &out[1]);
     pair.alice.tunnel().send(now, message("three")).unwrap();
     let from_alice = pair.alice.drain();
     pair.bot.deliver(now, &config, &from_alice[0]);
@@ -1580,7 +1583,7 @@ fn c26_a_reply_written_before_the_ack_is_polled_leaves_with_it() {
         "held behind the data in flight"
     );
     // Acknowledging both data IQs in flight releases it.
-    for el in in_flight.iter().chain(&out[1..]) {
+    for el in in_flight.iter().chain(&out[..1]) {
         let result = Iq::parse(el).unwrap().result(None);
         pair.bot
             .tunnel()
