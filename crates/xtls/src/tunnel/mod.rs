@@ -895,9 +895,14 @@ impl Tunnel {
         format!("{}{}", self.id_prefix, self.next_id)
     }
 
-    /// Makes the `result` for the peer's `data`; it leaves when polled (`settle_acks`), or
-    /// before anything that ends the tunnel.
+    /// Queues the `result` for the peer's `data`. Once open it is kept until polled
+    /// (`settle_acks`), or until something ends the tunnel; during the handshake it goes
+    /// first, before the flight that feeding the payload produced (spec §1.7 rule 5).
     fn acknowledge(&mut self, now: Instant, iq: &Iq) {
+        if self.state != State::Open {
+            self.transmit.push_back(iq.result(None));
+            return;
+        }
         self.acks.push(iq.result(None));
         self.acks_at.get_or_insert(now);
     }
