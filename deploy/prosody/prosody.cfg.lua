@@ -2,8 +2,6 @@
 admins = { }
 modules_enabled = { "roster"; "saslauth"; "tls"; "disco"; "ping"; "register" }
 allow_registration = false
--- Tunnels exchange many small stanzas: do not let Nagle's algorithm delay them.
-network_settings = { nagle = false }
 c2s_require_encryption = true
 log = { info = "*console" }
 pidfile = "/var/run/prosody/prosody.pid"

@@ -100,8 +100,11 @@ class Ejabberd(XmppServer):
     start_timeout = 30.0
     stop_timeout = 15.0
 
-    def __init__(self, *, log_level: str = "info", workdir: str | None = None) -> None:
+    def __init__(self, *, log_level: str = "info", workdir: str | None = None, stock_shaper: bool = False) -> None:
+        """`stock_shaper=True` limits c2s input as Debian's /etc/ejabberd/ejabberd.yml does
+        (`c2s_shaper: normal`, 3,000 bytes/s, bursts of 20,000); by default it is off."""
         super().__init__(log_level=log_level, workdir=workdir)
+        self.stock_shaper = stock_shaper
         self.dist_port = self._new_port()
         self.node = f"xtls-e2e-{secrets.token_hex(4)}@localhost"
         self.spool_dir = self.dir / "spool"  # Mnesia, and HOME (the Erlang cookie)
@@ -121,6 +124,13 @@ class Ejabberd(XmppServer):
         cookie.write_text(secrets.token_hex(16).upper())
         cookie.chmod(0o400)
         # Only the listeners below: no s2s, no HTTP, no STUN; plaintext c2s on loopback.
+        c2s_shaper = "c2s_shaper" if self.stock_shaper else "none"
+        # Debian's /etc/ejabberd/ejabberd.yml (its admin exemption aside: no admin here).
+        shapers = (
+            "shaper:\n  normal:\n    rate: 3000\n    burst_size: 20000\n  fast: 100000\n"
+            "shaper_rules:\n  c2s_shaper:\n    normal: all\n  s2s_shaper: fast\n"
+            if self.stock_shaper else ""
+        )
         self.config_path.write_text(
             f"""# Private test configuration written by tests/e2e/ejabberd.py.
 hosts:
@@ -138,7 +148,7 @@ listen:
     port: {self.c2s_port}
     ip: "127.0.0.1"
     module: ejabberd_c2s
-    shaper: none
+    shaper: {c2s_shaper}
     starttls: false
     starttls_required: false
   -
@@ -154,7 +164,7 @@ listen:
         password: "{self.component_secret}"
 
 s2s_access: none
-acl:
+{shapers}acl:
   local:
     user_regexp: ""
 access_rules:

@@ -5,10 +5,15 @@ on loopback with its own config, ports and data, stopped by pid; the component w
 `--bots` echo bots named echo0..echoN-1 and limits raised for the load (tunnels per peer,
 start rate); then `xtls-load` with both pids so it can read their CPU time and memory.
 
-    python3 tests/e2e/load.py [--users 10] [--bots 10] [--window 1,4] [--nagle] \
-        [--sample-limits] [--json-dir DIR] [-- xtls-load options...]
+    python3 tests/e2e/load.py [--users 10] [--bots 10] [--window 1,4] [--nodelay] \
+        [--sample-limits] [--json-dir DIR] [--no-cross-check] [-- xtls-load options...]
 
-`--nagle` leaves Nagle's algorithm on in Prosody (its stock setting); `--sample-limits` adds
+Afterwards, unless `--no-cross-check`, the Python test peer runs the same echo through the
+same kind of server (tests/e2e/bench_echo.py, one user and the echo bot, the tool's in-flight
+values): a figure from the tool alone is not a figure users will see.
+
+`--nodelay` switches Nagle's algorithm off in Prosody (`network_settings = { nagle = false }`;
+it is on by default, as in a stock Prosody); `--sample-limits` adds
 the c2s rate limits of Debian's sample configuration. `--pin` gives the server the first CPU
 and the component and the tool the others: steadier figures, but on two cores it puts the
 tool's client-side TLS on the component's core (docs/performance.md). Each value of `--window` restarts the
@@ -64,11 +69,14 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=10)
     parser.add_argument("--bots", type=int, default=10)
     parser.add_argument("--window", default="4", help="comma-separated windows, one component run each")
-    parser.add_argument("--nagle", action="store_true", help="leave Nagle on in Prosody (stock)")
+    parser.add_argument("--nodelay", action="store_true",
+                        help="Prosody with network_settings = { nagle = false } (default: stock, Nagle on)")
     parser.add_argument("--sample-limits", action="store_true", help="Debian sample c2s rate limits")
     parser.add_argument("--pin", action="store_true",
                         help="pin the server to CPU 0 and the component and the tool to the others")
     parser.add_argument("--json-dir", type=Path, help="write one JSON report per window here")
+    parser.add_argument("--no-cross-check", action="store_true",
+                        help="skip the Python client's run (tests/e2e/bench_echo.py) after the tool's")
     parser.add_argument("tool_args", nargs=argparse.REMAINDER, help="after --: options for xtls-load")
     args = parser.parse_args()
     tool_args = [a for a in args.tool_args if a != "--"]
@@ -83,10 +91,10 @@ def main() -> int:
     os.environ["RUST_LOG"] = "warn"
 
     label = ", ".join(
-        ["Prosody " + ("stock Nagle" if args.nagle else "nagle=false")]
+        ["Prosody " + ("nagle=false" if args.nodelay else "stock Nagle")]
         + (["sample rate limits"] if args.sample_limits else [])
     )
-    server = Prosody(nagle=args.nagle, sample_limits=args.sample_limits)
+    server = Prosody(nagle=not args.nodelay, sample_limits=args.sample_limits)
     password = secrets.token_urlsafe(12)
     status = 0
     try:
@@ -138,7 +146,27 @@ def main() -> int:
     finally:
         server.stop()
         server.cleanup()
+    if not args.no_cross_check:
+        status = status or cross_check(args, tool_args, component_bin)
     return status
+
+
+def cross_check(args, tool_args: list[str], component_bin: Path) -> int:
+    """The same echo, plain against XTLS, from a client we did not write for speed: the
+    Python test peer (one user, the echo bot, sockets as the libraries leave them), so a figure
+    from the tool never stands alone (docs/performance.md)."""
+    in_flight = "1,16"
+    for n, arg in enumerate(tool_args):
+        if arg == "--in-flight" and n + 1 < len(tool_args):
+            in_flight = tool_args[n + 1]
+        elif arg.startswith("--in-flight="):
+            in_flight = arg.split("=", 1)[1]
+    in_flight = ",".join(v for v in in_flight.split(",") if int(v) > 0) or "1"
+    argv = [sys.executable, str(Path(__file__).with_name("bench_echo.py")), "--in-flight", in_flight]
+    if args.nodelay:
+        argv.append("--nodelay")
+    print(f"\ncross-check with the Python client: {' '.join(argv[1:])}", flush=True)
+    return subprocess.run(argv, env=dict(os.environ, XTLS_COMPONENT_BIN=str(component_bin))).returncode
 
 
 if __name__ == "__main__":

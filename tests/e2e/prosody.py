@@ -7,8 +7,8 @@ execs, so the pid recorded is Prosody's own.  It is stopped by that pid only, ne
 by process name (all of that is shared with ejabberd.py, in xmpp_server.py).
 
 Facts this relies on (docs/servers.md): Prosody refuses to run as root; the
-Debian sample config enables `mod_limits` (left out here) and Nagle's algorithm
-(switched off here with `network_settings`); `s2s` is autoloaded and would listen on
+Debian sample config enables `mod_limits` (left out here) and leaves Nagle's algorithm on
+(left on here too unless a test asks otherwise); `s2s` is autoloaded and would listen on
 *:5269 (disabled here); `prosody --version` starts a server, so it is never called.
 """
 
@@ -52,10 +52,11 @@ class Prosody(XmppServer):
         *,
         log_level: str = "info",
         workdir: str | None = None,
-        nagle: bool = False,
+        nagle: bool = True,
         sample_limits: bool = False,
     ) -> None:
-        """`nagle=True` leaves Nagle's algorithm on, as a stock Prosody does; `sample_limits=True`
+        """`nagle=False` switches Nagle's algorithm off (`network_settings = { nagle = false }`);
+        by default it stays on, as in a stock Prosody. `sample_limits=True`
         adds the c2s/s2s rate limits of Debian's sample configuration (mod_limits)."""
         super().__init__(log_level=log_level, workdir=workdir)
         self.nagle = nagle

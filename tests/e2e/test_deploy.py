@@ -141,9 +141,11 @@ def test_readme_server_snippets_match_the_tested_configs(tmp_path):
 
     tested_lua = Prosody(workdir=str(tmp_path / "prosody")).config_path.read_text()
     shown_lua = readme_block("**Prosody**")
-    for setting in ("network_settings", "component_interfaces"):
+    for setting in ("component_interfaces",):
         (line,) = [l for l in shown_lua.splitlines() if l.startswith(setting)]
         assert line.split("--")[0].strip() in tested_lua, f"README's {line!r} is not what the tests run"
+    # Stock network settings on both sides: the component needs no Nagle setting.
+    assert "network_settings" not in shown_lua and "network_settings" not in tested_lua
     assert re.search(r'^Component "[^"]+"\n    component_secret = "[^"]+"$', shown_lua, re.M)
     assert re.search(r'^Component "[^"]+"\n    component_secret = "[^"]+"$', tested_lua, re.M)
 

@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 from pathlib import Path
 
 from component import Component
@@ -58,3 +59,29 @@ def test_the_load_tool_echoes_in_plain_and_through_tunnels(tmp_path):
         if comp is not None:
             comp.cleanup()
         server.cleanup()
+
+
+def test_the_python_cross_check_echoes_in_plain_and_through_a_tunnel(tmp_path):
+    """tests/e2e/bench_echo.py (the load tool's cross-check) against a stock Prosody: every
+    message echoed in order in both modes, round trips and CPU read; never how fast."""
+    from component import binary_path
+
+    report_path = tmp_path / "echo.json"
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("bench_echo.py")),
+         "--messages", "40", "--in-flight", "1,4", "--json", str(report_path)],
+        env=dict(os.environ, XTLS_COMPONENT_BIN=str(binary_path())),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(report_path.read_text())
+    assert "stock network settings" in report["label"], report["label"]
+    assert [row["in_flight"] for row in report["rows"]] == [1, 4]
+    for row in report["rows"]:
+        for mode in ("plain", "xtls"):
+            phase = row[mode]
+            assert phase["mode"] == mode and phase["messages"] == 40, phase
+            assert 0 < phase["rtt_ms"]["p50"] <= phase["rtt_ms"]["p99"] <= phase["rtt_ms"]["max"], phase
+            assert set(phase["cpu_us_per_echo"]) == {"client", "server", "component"}, phase
+        assert row["ratio"] > 0
+    assert "XTLS/plain" in result.stdout, result.stdout
