@@ -318,6 +318,9 @@ pub struct TunnelSettings {
     pub handshake_timeout_secs: u64,
     /// Seconds allowed for the acknowledgement of one `data`.
     pub ack_timeout_secs: u64,
+    /// Milliseconds an `api` bot keeps the acknowledgement of a peer's `data` waiting for
+    /// the backend's reply, to send it behind that reply; 0 sends it at once.
+    pub ack_hold_ms: u64,
     /// Seconds allowed for the answer to our `close`.
     pub close_timeout_secs: u64,
     /// Seconds without application data before an open tunnel is closed; 0 disables.
@@ -339,6 +342,8 @@ impl Default for TunnelSettings {
             start_timeout_secs: t.start_timeout.as_secs(),
             handshake_timeout_secs: t.handshake_timeout.as_secs(),
             ack_timeout_secs: t.ack_timeout.as_secs(),
+            // Above the 40 ms a client's kernel delays an ACK (docs/performance.md).
+            ack_hold_ms: 50,
             close_timeout_secs: t.close_timeout.as_secs(),
             idle_timeout_secs: t.idle_timeout.map_or(0, |d| d.as_secs()),
             max_inner_stanza: t.max_inner_stanza,
@@ -357,6 +362,7 @@ impl TunnelSettings {
             start_timeout: Duration::from_secs(self.start_timeout_secs),
             handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
             ack_timeout: Duration::from_secs(self.ack_timeout_secs),
+            ack_hold: Duration::from_millis(self.ack_hold_ms),
             close_timeout: Duration::from_secs(self.close_timeout_secs),
             idle_timeout: (self.idle_timeout_secs > 0)
                 .then(|| Duration::from_secs(self.idle_timeout_secs)),
@@ -895,6 +901,10 @@ impl Config {
         let t = &self.tunnel;
         if t.chunk_size == 0 || t.chunk_size > xtls::stanza::xtls::MAX_CHUNK_ACCEPTED {
             return Err(invalid("tunnel.chunk_size", "must be between 1 and 65535"));
+        }
+        // The peer's `data` waits for this acknowledgement: longer than a second is a stall.
+        if t.ack_hold_ms > 1000 {
+            return Err(invalid("tunnel.ack_hold_ms", "must be at most 1000"));
         }
         // A zero here would be a timer that fires at once, a window or queue that never
         // opens, or an interval tokio refuses: say so now instead of failing at run time.

@@ -122,6 +122,8 @@ struct Setup {
     no_offer: bool,
     cert: Cert,
     trust: Trust,
+    /// Both ends keep acknowledgements back for a reply (`TunnelConfig::ack_hold`).
+    hold_acks: bool,
 }
 
 #[derive(Debug, Arbitrary, Clone, Copy)]
@@ -404,6 +406,11 @@ impl World {
                 defaults.idle_timeout
             },
             send_offer: !setup.no_offer,
+            ack_hold: if setup.hold_acks {
+                Duration::from_millis(50)
+            } else {
+                defaults.ack_hold
+            },
             ..defaults
         };
         let alice_creds = match setup.cert {

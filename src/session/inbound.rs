@@ -258,8 +258,13 @@ impl BotDriver {
         let (pins, pinned_cert_names) = store
             .accepted_pins(&self.bot.jid, peer, trust == BotTrust::VerifiedOnly)
             .await?;
+        let mut config = self.shared.tunnel_config.clone();
+        if self.handler != Handler::Api {
+            // The built-in handlers answer in the step the stanza arrives in.
+            config.ack_hold = std::time::Duration::ZERO;
+        }
         Ok(TunnelParams {
-            config: self.shared.tunnel_config.clone(),
+            config,
             key: key.clone(),
             creds: self.creds.clone(),
             policy: PeerPolicy {

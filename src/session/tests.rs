@@ -19,6 +19,14 @@ use xtls::tunnel::{
 };
 
 async fn table(limits: LimitsConfig) -> (BotTable, mpsc::Receiver<Element>, std::path::PathBuf) {
+    table_with(limits, TunnelConfig::default()).await
+}
+
+/// A table whose tunnels get `tunnel` (the `[tunnel]` settings).
+async fn table_with(
+    limits: LimitsConfig,
+    tunnel: TunnelConfig,
+) -> (BotTable, mpsc::Receiver<Element>, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!(
         "xtls-session-{}-{}",
         std::process::id(),
@@ -32,7 +40,7 @@ async fn table(limits: LimitsConfig) -> (BotTable, mpsc::Receiver<Element>, std:
     let shared = Shared::new(
         store,
         out,
-        TunnelConfig::default(),
+        tunnel,
         limits,
         "bots.example.org".into(),
         &EventsConfig::default(),
@@ -192,6 +200,20 @@ async fn open_peer_as(full_jid: &str, bot: &BotHandle, rx: &mut mpsc::Receiver<E
     peer
 }
 
+/// The peer writes a chat message with `body` and its `data` IQ reaches the bot at once
+/// (nothing of the peer's may be in flight); returns that IQ's id.
+fn peer_sends(peer: &mut Tunnel, bot: &BotHandle, body: &str) -> String {
+    let message: Element =
+        format!("<message xmlns='jabber:client' type='chat'><body>{body}</body></message>")
+            .parse()
+            .unwrap();
+    peer.send(std::time::Instant::now(), message).unwrap();
+    let data = peer.poll_transmit().expect("a data IQ at once");
+    let id = data.attr("id").unwrap().to_owned();
+    bot.try_deliver(data).unwrap();
+    id
+}
+
 /// Feeds the peer's stanzas to the bot and the bot's to the peer until the peer is open.
 async fn until_open(peer: &mut Tunnel, bot: &BotHandle, rx: &mut mpsc::Receiver<Element>) {
     for _ in 0..100 {
@@ -217,14 +239,7 @@ async fn an_api_bot_commits_events_before_acknowledging_data() {
     let store = bots.shared().store.clone();
     let mut peer = open_peer(&bot, &mut rx).await;
 
-    let message: Element =
-        "<message xmlns='jabber:client' type='chat'><body>forecast?</body></message>"
-            .parse()
-            .unwrap();
-    peer.send(std::time::Instant::now(), message).unwrap();
-    let data = peer.poll_transmit().expect("a data IQ");
-    let data_id = data.attr("id").unwrap().to_owned();
-    bot.try_deliver(data).unwrap();
+    let data_id = peer_sends(&mut peer, &bot, "forecast?");
     loop {
         let el = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
@@ -1583,16 +1598,7 @@ async fn an_echo_leaves_just_before_the_acknowledgement_of_what_it_answers() {
     let now = std::time::Instant::now;
     let mut unacked_echoes = Vec::new();
     for n in 1..=3 {
-        let message: Element =
-            format!("<message xmlns='jabber:client' type='chat'><body>m{n}</body></message>")
-                .parse()
-                .unwrap();
-        peer.send(now(), message).unwrap();
-        let data = peer
-            .poll_transmit()
-            .expect("nothing of the peer's is in flight");
-        let id = data.attr("id").unwrap().to_owned();
-        bot.try_deliver(data).unwrap();
+        let id = peer_sends(&mut peer, &bot, &format!("m{n}"));
         // At once the echo, then the result: the previous echoes are still unacknowledged.
         let echo = recv(&mut rx).await;
         assert!(echo.has_child("data", ns::XTLS), "m{n}: {echo:?}");
@@ -1615,5 +1621,56 @@ async fn an_echo_leaves_just_before_the_acknowledgement_of_what_it_answers() {
         })
         .collect();
     assert_eq!(bodies, ["m1", "m2", "m3"]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn an_api_bots_result_waits_for_the_backends_reply_and_leaves_behind_it() {
+    // An HTTP backend answers after the step that acknowledged the peer's `data`: the result
+    // waits for that reply (tunnel.ack_hold_ms; long here, so nothing depends on timing),
+    // and leaves just behind it.
+    let tunnel = TunnelConfig {
+        ack_hold: Duration::from_secs(30),
+        ..TunnelConfig::default()
+    };
+    let (bots, mut rx, dir) = table_with(LimitsConfig::default(), tunnel).await;
+    bots.shared().link_up.store(true, Ordering::Relaxed);
+    let bot = api_bot(&bots).await;
+    let store = bots.shared().store.clone();
+    let mut peer = open_peer(&bot, &mut rx).await;
+    let alice = "alice@example.net/phone";
+    let data_id = peer_sends(&mut peer, &bot, "forecast?");
+    event_where(&bot, &store, |e| e.kind == "message.received").await;
+    nothing_more_before_a_barrier(&bot, &mut rx).await;
+
+    let reply = OutMsg {
+        id: "msg_reply".into(),
+        to: alice.into(),
+        stanza: xtls::stanza::chat_message("sunny", "chat"),
+        reopen: false,
+    };
+    store
+        .insert_message(&bot.record.jid, &reply, None)
+        .await
+        .unwrap();
+    bot.submit(reply).await.expect("the driver answers");
+    let first = recv(&mut rx).await;
+    assert!(
+        first.has_child("data", ns::XTLS),
+        "the reply first: {first:?}"
+    );
+    let second = recv(&mut rx).await;
+    assert_eq!(
+        (second.attr("id"), second.attr("type")),
+        (Some(data_id.as_str()), Some("result"))
+    );
+    peer.handle_iq(std::time::Instant::now(), &Iq::parse(&first).unwrap());
+    let bodies: Vec<String> = std::iter::from_fn(|| peer.poll_event())
+        .filter_map(|e| match e {
+            Event::Stanza(s) => s.get_child("body", ns::CLIENT).map(|b| b.text()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bodies, ["sunny"]);
     std::fs::remove_dir_all(dir).unwrap();
 }

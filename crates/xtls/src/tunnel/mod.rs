@@ -193,6 +193,10 @@ pub struct Tunnel {
     /// made: they leave when polled, after our `data` (see `settle_acks`).
     acks: Vec<Element>,
     acks_at: Option<Instant>,
+    /// Until when they wait for the owner's reply ([`TunnelConfig::ack_hold`]).
+    acks_held_until: Option<Instant>,
+    /// A `data` of ours was queued since they were made: they can leave behind it.
+    acks_ride: bool,
     events: VecDeque<Event>,
     stats: Stats,
     established: Option<Established>,
@@ -272,6 +276,8 @@ impl Tunnel {
             transmit: VecDeque::new(),
             acks: Vec::new(),
             acks_at: None,
+            acks_held_until: None,
+            acks_ride: false,
             events: VecDeque::new(),
             stats: Stats::default(),
             established: None,
@@ -383,7 +389,9 @@ impl Tunnel {
 
     /// Whether [`Tunnel::poll_transmit`] or [`Tunnel::poll_event`] has something.
     pub fn has_output(&self) -> bool {
-        !self.transmit.is_empty() || !self.acks.is_empty() || !self.events.is_empty()
+        !self.transmit.is_empty()
+            || (!self.acks.is_empty() && self.acks_held_until.is_none())
+            || !self.events.is_empty()
     }
 
     /// The next stanza to write to the server.
@@ -393,7 +401,7 @@ impl Tunnel {
     /// acknowledgement of the `data` that prompted it still waits here is not held back by
     /// the window's batching, and leaves just before that acknowledgement.
     pub fn poll_transmit(&mut self) -> Option<Element> {
-        if !self.acks.is_empty() {
+        if !self.acks.is_empty() && self.acks_held_until.is_none() {
             self.settle_acks();
         }
         self.transmit.pop_front()
@@ -472,7 +480,9 @@ impl Tunnel {
         self.inner_iqs.record_send(iq);
         self.stats.stanzas_out += 1;
         self.touch(now);
-        self.flush(now);
+        // The reply the held acknowledgements waited for: it leaves now, and they behind it.
+        let riding = self.acks_held_until.take().is_some();
+        self.flush_with(now, riding);
         let mark = self.bytes_queued;
         self.marks.push_back(mark);
         Ok(mark)
@@ -905,11 +915,17 @@ impl Tunnel {
         }
         self.acks.push(iq.result(None));
         self.acks_at.get_or_insert(now);
+        if self.acks.len() >= self.config.window {
+            // The peer's window is likely full: waiting longer would only stall it.
+            self.acks_held_until = None;
+        }
     }
 
     /// Queues the acknowledgements made since the last poll behind our `data`, once the
     /// owner has acted on the events: a bot's reply to what arrived is written by then, and
     /// leaves first, even when Nagle's rule at the IQ level (see `flush`) would hold it.
+    /// With nothing to go behind, they wait up to [`TunnelConfig::ack_hold`] for a reply
+    /// the owner writes later (one from an HTTP backend, say).
     ///
     /// Servers that leave Nagle's algorithm on (Prosody's default) write each stanza on its
     /// own, and the kernel sends a write at once only when nothing sent is unacknowledged.
@@ -917,20 +933,33 @@ impl Tunnel {
     /// the ACK, and what the server writes to it next waits for that (~40 ms). A `data`
     /// first is answered at once, and the `result` behind it leaves with that answer's ACK.
     fn settle_acks(&mut self) {
-        let at = self.acks_at.take().expect("set with the first ack");
+        let at = self.acks_at.expect("set with the first ack");
         if self.state == State::Open {
             self.flush_with(at, true);
         }
-        self.release_acks();
+        let hold = self.state == State::Open
+            && !self.acks_ride
+            && !self.config.ack_hold.is_zero()
+            && self.acks.len() < self.config.window;
+        if hold {
+            self.acks_held_until = Some(at + self.config.ack_hold);
+        } else {
+            self.release_acks();
+        }
     }
 
     /// Moves the acknowledgements made into `transmit`.
     fn release_acks(&mut self) {
         self.acks_at = None;
+        self.acks_held_until = None;
+        self.acks_ride = false;
         self.transmit.extend(self.acks.drain(..));
     }
 
     fn request(&mut self, now: Instant, kind: Request, payload: Element) {
+        if matches!(kind, Request::Data { .. }) && !self.acks.is_empty() {
+            self.acks_ride = true;
+        }
         let id = self.fresh_id();
         let timeout = match kind {
             Request::Start => self.config.start_timeout,

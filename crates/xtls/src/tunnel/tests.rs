@@ -1593,3 +1593,48 @@ fn c26_a_reply_written_before_the_ack_is_polled_leaves_just_before_it() {
     assert_eq!(released.len(), 1);
     assert!(released[0].has_child("data", ns::XTLS));
 }
+
+#[test]
+fn c27_held_acknowledgements_leave_at_the_deadline_or_when_a_window_waits() {
+    let mut pair = Pair::new();
+    pair.config.ack_hold = Duration::from_millis(50);
+    pair.open();
+    let config = pair.config.clone();
+    let t0 = pair.now;
+    // No reply: the result waits, and the deadline is the owner's next timer.
+    pair.alice.tunnel().send(t0, message("one")).unwrap();
+    let first = pair.alice.drain();
+    pair.bot.deliver(t0, &config, &first[0]);
+    assert!(pair.bot.drain().is_empty(), "held for a reply");
+    assert!(!pair.bot.tunnel().has_output());
+    assert_eq!(
+        pair.bot.tunnel().poll_timeout(),
+        Some(t0 + Duration::from_millis(50))
+    );
+    pair.advance(Duration::from_millis(50));
+    let out = pair.bot.drain();
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        out[0].attr("type"),
+        Some("result"),
+        "released alone: {out:?}"
+    );
+    pair.alice.deliver(pair.now, &config, &out[0]);
+
+    // A window's worth waiting leaves at once: the peer could send nothing more.
+    let now = pair.now;
+    pair.alice
+        .tunnel()
+        .send(now, message(&"w".repeat(20_000)))
+        .unwrap();
+    let data = pair.alice.drain();
+    assert_eq!(data.len(), 4, "four full chunks fill the window");
+    for el in &data[..3] {
+        pair.bot.deliver(now, &config, el);
+    }
+    assert!(pair.bot.drain().is_empty(), "three wait");
+    pair.bot.deliver(now, &config, &data[3]);
+    let out = pair.bot.drain();
+    assert_eq!(out.len(), 4, "{out:?}");
+    assert!(out.iter().all(|e| e.attr("type") == Some("result")));
+}

@@ -18,6 +18,9 @@ pub struct TunnelConfig {
     pub handshake_timeout: Duration,
     /// Time allowed for the acknowledgement of one `data`.
     pub ack_timeout: Duration,
+    /// Longest the `result` for the peer's `data` waits for a reply the owner writes later,
+    /// to leave behind it (see [`Tunnel::poll_transmit`]); zero sends it when polled.
+    pub ack_hold: Duration,
     /// Time allowed for the answer to our `close`.
     pub close_timeout: Duration,
     /// Idle time after which an open tunnel is closed; `None` disables.
@@ -40,6 +43,7 @@ impl Default for TunnelConfig {
             start_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(90),
             ack_timeout: Duration::from_secs(60),
+            ack_hold: Duration::ZERO,
             close_timeout: Duration::from_secs(30),
             idle_timeout: Some(Duration::from_secs(30 * 60)),
             peer_eof_timeout: Duration::from_secs(30),
@@ -61,6 +65,7 @@ impl Tunnel {
             self.close_deadline,
             self.idle_deadline,
             self.peer_eof_deadline,
+            self.acks_held_until,
             self.outstanding.iter().map(|o| o.deadline).min(),
         ]
         .into_iter()
@@ -95,6 +100,10 @@ impl Tunnel {
         if self.handshake_deadline.is_some_and(|d| d <= now) {
             self.begin_closing(now, CloseReason::Timeout("handshake"));
             return;
+        }
+        if self.acks_held_until.is_some_and(|d| d <= now) {
+            // No reply came: the acknowledgements leave on their own.
+            self.release_acks();
         }
         if self
             .outstanding
