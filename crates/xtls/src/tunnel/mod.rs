@@ -425,7 +425,7 @@ impl Tunnel {
                     Ok(payload) => payload,
                     Err(reply) => {
                         // A malformed XTLS request: answered, and the tunnel is gone (spec §1.11).
-                        self.transmit.push_back(reply);
+                        self.answer(reply);
                         self.finish(CloseReason::Protocol("malformed XTLS request".into()));
                         return;
                     }
@@ -438,11 +438,9 @@ impl Tunnel {
                     // `start` is routed by the owner; reaching here means a bug upstream.
                     XtlsElement::Start { .. }
                     | XtlsElement::Proceed { .. }
-                    | XtlsElement::Closed => self.transmit.push_back(iq.error(
-                        ErrorType::Modify,
-                        DefinedCondition::BadRequest,
-                        "",
-                    )),
+                    | XtlsElement::Closed => {
+                        self.answer(iq.error(ErrorType::Modify, DefinedCondition::BadRequest, ""))
+                    }
                 }
             }
         }
@@ -527,8 +525,7 @@ impl Tunnel {
 
     fn handle_close(&mut self, iq: &Iq) {
         // Spec §1.10 rule 2: reply, keep what is complete, drop the rest.
-        self.transmit
-            .push_back(iq.result(Some(XtlsElement::Closed.to_element())));
+        self.answer(iq.result(Some(XtlsElement::Closed.to_element())));
         let reason = match self.state {
             State::Closing => self
                 .closing_reason
@@ -589,7 +586,7 @@ impl Tunnel {
         let eof = match fed {
             Ok(eof) => eof,
             Err(TlsFailure::PeerAlert(alert)) => {
-                self.transmit.push_back(iq.result(None));
+                self.answer(iq.result(None));
                 // Stanzas completed before the alert still count; a parse error no longer does.
                 let _ = self.deliver_plaintext(&plaintext);
                 self.finish(CloseReason::PeerAlert(alert));
@@ -601,6 +598,7 @@ impl Tunnel {
                 // larger than a chunk: spec §1.7 rule 2 holds here too.
                 let mut alert = Vec::new();
                 tls.drain_output(&mut alert);
+                self.release_acks();
                 for chunk in alert.chunks(self.config.chunk_size.max(1)) {
                     let data = XtlsElement::data(chunk, None).to_element();
                     let id = self.fresh_id();
@@ -622,8 +620,7 @@ impl Tunnel {
                     }
                 };
                 let text = reason.to_string();
-                self.transmit
-                    .push_back(iq.error(ErrorType::Cancel, condition, &text));
+                self.answer(iq.error(ErrorType::Cancel, condition, &text));
                 self.finish(reason);
                 return;
             }
@@ -879,9 +876,15 @@ impl Tunnel {
 
     /// Answers a request with an error and ends the tunnel (spec §1.11: no `close` after).
     fn fail(&mut self, iq: &Iq, condition: DefinedCondition, text: &str, reason: CloseReason) {
-        self.transmit
-            .push_back(iq.error(ErrorType::Cancel, condition, text));
+        self.answer(iq.error(ErrorType::Cancel, condition, text));
         self.finish(reason);
+    }
+
+    /// Queues an answer to a peer's request after the acknowledgements made before it, so
+    /// answers keep the order of the requests.
+    fn answer(&mut self, reply: Element) {
+        self.release_acks();
+        self.transmit.push_back(reply);
     }
 
     fn finish(&mut self, reason: CloseReason) {
