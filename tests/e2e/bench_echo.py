@@ -13,7 +13,11 @@ The server runs with its stock network settings unless `--nodelay` is given (Pro
 ejabberd runs without a c2s shaper unless `--stock-shaper` adds Debian's (3,000 bytes/s).
 
     python3 tests/e2e/bench_echo.py [--server prosody|ejabberd] [--nodelay] [--stock-shaper] \
-        [--messages 2000] [--in-flight 1,4,16] [--size 140] [--json FILE] [--capture PCAP]
+        [--messages 2000] [--in-flight 1,4,16] [--size 140] [--api] [--json FILE] [--capture PCAP]
+
+`--api` adds a bot with the `api` handler whose backend (a thread here: Server-Sent Events in,
+`POST /v1/bots/{jid}/messages` out) echoes each message: its XTLS phase shows what a reply
+written after the acknowledgement costs, beside the built-in echo's.
 
 `--capture PCAP` records the c2s and component connections with tcpdump (Debian's package)
 while the phases run: `tcpdump -r PCAP -tt -n` shows which segment waited for which ACK.
@@ -32,12 +36,14 @@ import secrets
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from botapi_helpers import new_api_bot, open_sse  # noqa: E402
 from component import Component  # noqa: E402
 from xtls_client import NS_CLIENT, Tunnel, XtlsClient, message_xml  # noqa: E402
 
@@ -174,6 +180,45 @@ def start_capture(path: Path, server) -> subprocess.Popen:
     return proc
 
 
+class ApiBackend:
+    """The backend of an `api` bot, as simple as they come: one thread reads the bot's events
+    over Server-Sent Events and answers every `message.received` with the same body through
+    `POST /v1/bots/{jid}/messages`."""
+
+    def __init__(self, comp: Component, bot: str) -> None:
+        self.comp, self.bot = comp, bot
+        self.failure: BaseException | None = None
+        self._stop = threading.Event()
+        self._stream = open_sse(comp, bot, timeout=30)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    event = self._stream.next(0.5).json
+                except TimeoutError:
+                    continue
+                if event.get("type") != "message.received" or not event["data"].get("body"):
+                    continue
+                status, answer = self.comp.post(
+                    f"/v1/bots/{self.bot}/messages", {"to": event["peer"], "body": event["data"]["body"]}
+                )
+                if status != 202:
+                    raise RuntimeError(f"POST messages -> {status}: {answer!r}")
+        except BaseException as exc:  # reported by close()
+            if not self._stop.is_set():
+                self.failure = exc
+
+    def close(self) -> None:
+        self._stop.set()
+        self._stream.close()
+        self._thread.join(5)
+        if self.failure is not None:
+            raise RuntimeError(f"the api backend failed: {self.failure}") from self.failure
+
+
 def print_table(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     print(f"{'in flight':>9} | {'plain msg/s':>11} | {'XTLS msg/s':>10} | {'XTLS/plain':>10} | "
@@ -184,6 +229,12 @@ def print_table(title: str, rows: list[dict]) -> None:
               f"{row['ratio']:>10.2f} | {p['rtt_ms']['p50']:>7.2f} / {x['rtt_ms']['p50']:<7.2f} | "
               f"{p['rtt_ms']['p99']:>7.2f} / {x['rtt_ms']['p99']:<7.2f} | "
               f"{p['stalls_over_30ms']:>7} / {x['stalls_over_30ms']:<7}")
+    if any("api" in row for row in rows):
+        print("api bot (an SSE backend answers through POST .../messages), XTLS:")
+        for row in rows:
+            a = row["api"]
+            print(f"{row['in_flight']:>9} | {a['msg_per_s']:>11,.0f} msg/s | api / echo {row['api_ratio']:.2f} | "
+                  f"p50 {a['rtt_ms']['p50']:.2f} ms | p99 {a['rtt_ms']['p99']:.2f} ms | >30 ms {a['stalls_over_30ms']}")
     print("CPU µs per echo, plain / XTLS:")
     for row in rows:
         p, x = row["plain"]["cpu_us_per_echo"], row["xtls"]["cpu_us_per_echo"]
@@ -197,19 +248,33 @@ async def run(server, comp: Component, password: str, args) -> list[dict]:
     rows = []
     try:
         tunnel = await client.open_tunnel(bot)
+        backend = api_tunnel = None
+        if args.api:
+            api_bot = new_api_bot(comp, "bench")
+            backend = ApiBackend(comp, api_bot)
+            api_tunnel = await client.open_tunnel(api_bot)
         # One round of each to warm the paths (JIT-free, but caches, routes and the bot's task).
         await plain_phase(client, bot, 50, 1, args.size)
         await xtls_phase(tunnel, 50, 1, args.size)
+        if api_tunnel is not None:
+            await xtls_phase(api_tunnel, 50, 1, args.size)
         for in_flight in args.in_flight:
             plain = await plain_phase(client, bot, args.messages, in_flight, args.size)
             xtls = await xtls_phase(tunnel, args.messages, in_flight, args.size)
-            rows.append({
+            row = {
                 "in_flight": in_flight,
                 "plain": plain,
                 "xtls": xtls,
                 "ratio": round(xtls["msg_per_s"] / plain["msg_per_s"], 3),
-            })
+            }
+            if api_tunnel is not None:
+                row["api"] = await xtls_phase(api_tunnel, args.messages, in_flight, args.size)
+                row["api_ratio"] = round(row["api"]["msg_per_s"] / xtls["msg_per_s"], 3)
+            rows.append(row)
         await tunnel.close()
+        if api_tunnel is not None:
+            await api_tunnel.close()
+            backend.close()
     finally:
         await client.disconnect()
     return rows
@@ -225,6 +290,8 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--in-flight", default="1,4,16")
     parser.add_argument("--size", type=int, default=140, help="body length in characters")
+    parser.add_argument("--api", action="store_true",
+                        help="also echo through an api bot whose backend answers over the bot API")
     parser.add_argument("--json", type=Path, help="write the report here as well")
     parser.add_argument("--capture", type=Path, help="record the server's c2s and component ports here (tcpdump)")
     args = parser.parse_args()

@@ -69,7 +69,7 @@ def test_the_python_cross_check_echoes_in_plain_and_through_a_tunnel(tmp_path):
     report_path = tmp_path / "echo.json"
     result = subprocess.run(
         [sys.executable, str(Path(__file__).with_name("bench_echo.py")),
-         "--messages", "40", "--in-flight", "1,4", "--json", str(report_path)],
+         "--messages", "40", "--in-flight", "1,4", "--api", "--json", str(report_path)],
         env=dict(os.environ, XTLS_COMPONENT_BIN=str(binary_path())),
         capture_output=True, text=True, timeout=300,
     )
@@ -84,4 +84,6 @@ def test_the_python_cross_check_echoes_in_plain_and_through_a_tunnel(tmp_path):
             assert 0 < phase["rtt_ms"]["p50"] <= phase["rtt_ms"]["p99"] <= phase["rtt_ms"]["max"], phase
             assert set(phase["cpu_us_per_echo"]) == {"client", "server", "component"}, phase
         assert row["ratio"] > 0
+        # The api bot's backend answered every message through the bot API.
+        assert row["api"]["messages"] == 40 and row["api_ratio"] > 0, row["api"]
     assert "XTLS/plain" in result.stdout, result.stdout

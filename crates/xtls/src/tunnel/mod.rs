@@ -197,6 +197,9 @@ pub struct Tunnel {
     acks_held_until: Option<Instant>,
     /// A `data` of ours was queued since they were made: they can leave behind it.
     acks_ride: bool,
+    /// Whether the owner answers what arrives: false once a hold ran out with no reply,
+    /// true again when the owner writes.
+    expect_reply: bool,
     events: VecDeque<Event>,
     stats: Stats,
     established: Option<Established>,
@@ -278,6 +281,7 @@ impl Tunnel {
             acks_at: None,
             acks_held_until: None,
             acks_ride: false,
+            expect_reply: true,
             events: VecDeque::new(),
             stats: Stats::default(),
             established: None,
@@ -479,6 +483,7 @@ impl Tunnel {
         self.stats.stanzas_out += 1;
         self.touch(now);
         // The reply the held acknowledgements waited for: it leaves now, and they behind it.
+        self.expect_reply = true;
         let riding = self.acks_held_until.take().is_some();
         self.flush_with(now, riding);
         let mark = self.bytes_queued;
@@ -918,17 +923,14 @@ impl Tunnel {
         }
         self.acks.push(iq.result(None));
         self.acks_at.get_or_insert(now);
-        if self.acks.len() >= self.config.window {
-            // The peer's window is likely full: waiting longer would only stall it.
-            self.acks_held_until = None;
-        }
     }
 
     /// Queues the acknowledgements made since the last poll behind our `data`, once the
     /// owner has acted on the events: a bot's reply to what arrived is written by then, and
     /// leaves first, even when Nagle's rule at the IQ level (see `flush`) would hold it.
     /// With nothing to go behind, they wait up to [`TunnelConfig::ack_hold`] for a reply
-    /// the owner writes later (one from an HTTP backend, say).
+    /// the owner writes later (one from an HTTP backend, say); an owner that let a hold run
+    /// out is not waited for again until it writes.
     ///
     /// Servers that leave Nagle's algorithm on (Prosody's default) write each stanza on its
     /// own, and the kernel sends a write at once only when nothing sent is unacknowledged.
@@ -942,8 +944,8 @@ impl Tunnel {
         }
         let hold = self.state == State::Open
             && !self.acks_ride
-            && !self.config.ack_hold.is_zero()
-            && self.acks.len() < self.config.window;
+            && self.expect_reply
+            && !self.config.ack_hold.is_zero();
         if hold {
             self.acks_held_until = Some(at + self.config.ack_hold);
         } else {

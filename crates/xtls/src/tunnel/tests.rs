@@ -1595,16 +1595,21 @@ fn c26_a_reply_written_before_the_ack_is_polled_leaves_just_before_it() {
 }
 
 #[test]
-fn c27_held_acknowledgements_leave_at_the_deadline_or_when_a_window_waits() {
+fn c27_held_acknowledgements_leave_at_the_deadline_and_then_are_not_held_until_a_reply() {
     let mut pair = Pair::new();
     pair.config.ack_hold = Duration::from_millis(50);
     pair.open();
     let config = pair.config.clone();
     let t0 = pair.now;
+    let alice_sends = |pair: &mut Pair, body: &str| {
+        let now = pair.now;
+        pair.alice.tunnel().send(now, message(body)).unwrap();
+        let data = pair.alice.drain();
+        assert_eq!(data.len(), 1);
+        pair.bot.deliver(now, &config, &data[0]);
+    };
     // No reply: the result waits, and the deadline is the owner's next timer.
-    pair.alice.tunnel().send(t0, message("one")).unwrap();
-    let first = pair.alice.drain();
-    pair.bot.deliver(t0, &config, &first[0]);
+    alice_sends(&mut pair, "one");
     assert!(pair.bot.drain().is_empty(), "held for a reply");
     assert!(!pair.bot.tunnel().has_output());
     assert_eq!(
@@ -1621,20 +1626,31 @@ fn c27_held_acknowledgements_leave_at_the_deadline_or_when_a_window_waits() {
     );
     pair.alice.deliver(pair.now, &config, &out[0]);
 
-    // A window's worth waiting leaves at once: the peer could send nothing more.
+    // The bot did not answer: the next result is not held.
+    alice_sends(&mut pair, "two");
+    let out = pair.bot.drain();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].attr("type"), Some("result"), "at once: {out:?}");
+    pair.alice.deliver(pair.now, &config, &out[0]);
+
+    // Once the bot writes again, results wait for its replies again.
     let now = pair.now;
-    pair.alice
-        .tunnel()
-        .send(now, message(&"w".repeat(20_000)))
-        .unwrap();
-    let data = pair.alice.drain();
-    assert_eq!(data.len(), 4, "four full chunks fill the window");
-    for el in &data[..3] {
+    pair.bot.tunnel().send(now, message("news")).unwrap();
+    let news = pair.bot.drain();
+    assert_eq!(news.len(), 1);
+    pair.alice.deliver(now, &config, &news[0]);
+    // Alice holds her result too, and her next message takes it along.
+    assert!(pair.alice.drain().is_empty());
+    pair.alice.tunnel().send(now, message("three")).unwrap();
+    let from_alice = pair.alice.drain();
+    assert_eq!(from_alice.len(), 2, "{from_alice:?}");
+    for el in &from_alice {
         pair.bot.deliver(now, &config, el);
     }
-    assert!(pair.bot.drain().is_empty(), "three wait");
-    pair.bot.deliver(now, &config, &data[3]);
+    assert!(pair.bot.drain().is_empty(), "held again");
+    pair.bot.tunnel().send(now, message("reply")).unwrap();
     let out = pair.bot.drain();
-    assert_eq!(out.len(), 4, "{out:?}");
-    assert!(out.iter().all(|e| e.attr("type") == Some("result")));
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(out[0].has_child("data", ns::XTLS), "the reply first");
+    assert_eq!(out[1].attr("type"), Some("result"));
 }

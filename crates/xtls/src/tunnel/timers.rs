@@ -102,8 +102,10 @@ impl Tunnel {
             return;
         }
         if self.acks_held_until.is_some_and(|d| d <= now) {
-            // No reply came: the acknowledgements leave on their own.
+            // No reply came: the acknowledgements leave on their own, and the next ones leave
+            // at once until the owner writes again.
             self.release_acks();
+            self.expect_reply = false;
         }
         if self
             .outstanding
