@@ -4,15 +4,19 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 # Dependencies first, from the manifests alone: stand-in sources with the same targets are
 # built once and removed, so this layer (every third-party crate, compiled) survives any
-# change to the project's own sources, and a rebuild compiles only the two workspace crates.
+# change to the project's own sources, and a rebuild compiles only the component's two crates.
 COPY Cargo.toml Cargo.lock ./
 COPY crates/xtls/Cargo.toml crates/xtls/
-RUN mkdir -p src benches crates/xtls/src \
+# The workspace's other member (the `xtls` client) is not built here, but its manifest and a
+# stand-in make the workspace whole.
+COPY crates/xtls-cli/Cargo.toml crates/xtls-cli/
+RUN mkdir -p src benches crates/xtls/src crates/xtls-cli/src \
  && echo 'fn main() {}' > src/main.rs \
+ && echo 'fn main() {}' > crates/xtls-cli/src/main.rs \
  && touch src/lib.rs crates/xtls/src/lib.rs \
  && for bench in engine store; do echo 'fn main() {}' > "benches/$bench.rs"; done \
  && cargo build --release --locked --bin xtls-component \
- && rm -rf src benches crates/xtls/src
+ && rm -rf src benches crates/xtls/src crates/xtls-cli/src
 COPY crates ./crates
 COPY src ./src
 COPY benches ./benches
