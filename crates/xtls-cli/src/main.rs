@@ -1,6 +1,7 @@
 //! `xtls`: talk to XMPP bots, and to people, through end-to-end encrypted XTLS tunnels.
 
 mod identity;
+mod known;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,11 +9,16 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use identity::{IdentityError, Stored};
+use known::{Entry, How, KnownBots, KnownError, Verdict};
 
 const EXAMPLES: &str = "\
 Examples:
   xtls whoami --jid alice@example.org         your key's fingerprints (made on first use)
   XTLS_JID=alice@example.org xtls whoami --json
+  xtls trust weather@bots.example.org 3F:A0:...:9A
+                                              pin a bot's key its operator gave you
+  xtls known                                  the bots whose keys you know
+  xtls forget weather@bots.example.org        after a key change you have checked
 
 Your key lives in the configuration directory (~/.config/xtls on Linux, or --config-dir),
 readable by you alone. Give its fingerprint to the people and bot operators you talk to, so
@@ -40,6 +46,20 @@ enum Command {
         #[arg(long, env = "XTLS_JID", value_name = "JID")]
         jid: String,
     },
+    /// Pin a bot's key by the fingerprint you got from its operator (marked verified)
+    Trust {
+        /// The bot, e.g. weather@bots.example.org
+        bot: String,
+        /// The SHA-256 fingerprint of its key (SPKI), colon-separated hex
+        fingerprint: String,
+    },
+    /// List the bots whose keys you know, and how you came to know them
+    Known,
+    /// Forget a bot's key: the next tunnel to it is a first meeting again
+    Forget {
+        /// The bot, e.g. weather@bots.example.org
+        bot: String,
+    },
 }
 
 /// Exit status for a mistake in how `xtls` was called (clap uses it too).
@@ -51,7 +71,48 @@ fn main() -> ExitCode {
         eprintln!("xtls: no home directory to keep your key in; give --config-dir DIR");
         return ExitCode::from(USAGE);
     };
+    let known_file = dir.join("known_bots");
     match cli.command {
+        Command::Trust { bot, fingerprint } => {
+            let Some(bot) = identity::bare_jid(&bot) else {
+                eprintln!("xtls: '{bot}' is not a bot's JID like weather@bots.example.org");
+                return ExitCode::from(USAGE);
+            };
+            let Some(spki_sha256) = known::parse_spki(&fingerprint) else {
+                eprintln!(
+                    "xtls: '{fingerprint}' is not a SHA-256 fingerprint (32 colon-separated hex \
+                     pairs, as `xtls whoami` and the bot's operator show them)"
+                );
+                return ExitCode::from(USAGE);
+            };
+            let entry = Entry {
+                jid: bot,
+                spki_sha256,
+                how: How::Verified,
+                since: now(),
+            };
+            known_bots(&known_file, |known| {
+                let verdict = known.check(&entry.jid, &entry.spki_sha256);
+                known.remember(entry.clone());
+                report_trust(&entry, &verdict, cli.json);
+                true
+            })
+        }
+        Command::Known => known_bots(&known_file, |known| {
+            report_known(known.entries(), cli.json);
+            false
+        }),
+        Command::Forget { bot } => {
+            let Some(bot) = identity::bare_jid(&bot) else {
+                eprintln!("xtls: '{bot}' is not a bot's JID like weather@bots.example.org");
+                return ExitCode::from(USAGE);
+            };
+            known_bots(&known_file, |known| {
+                let old = known.forget(&bot);
+                report_forget(&bot, old.as_ref(), cli.json);
+                old.is_some()
+            })
+        }
         Command::Whoami { jid } => {
             let Some(bare) = identity::bare_jid(&jid) else {
                 eprintln!("xtls: '{jid}' is not a JID like alice@example.org");
@@ -71,6 +132,101 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Loads `known_bots`, runs `act` on it, and saves it when `act` says it changed it.
+fn known_bots(path: &std::path::Path, act: impl FnOnce(&mut KnownBots) -> bool) -> ExitCode {
+    let result = KnownBots::load(path).and_then(|mut known| {
+        if act(&mut known) {
+            known.save()?;
+        }
+        Ok::<(), KnownError>(())
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtls: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Now, RFC 3339 in UTC.
+fn now() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    xtls::certs::rfc3339(now.replace_nanosecond(0).unwrap_or(now))
+}
+
+fn entry_json(e: &Entry) -> serde_json::Value {
+    serde_json::json!({
+        "jid": e.jid,
+        "spki_sha256": e.spki_sha256.to_string(),
+        "how": e.how.to_string(),
+        "since": e.since,
+    })
+}
+
+fn report_trust(entry: &Entry, before: &Verdict, json: bool) {
+    if json {
+        let (was, replaced) = match before {
+            Verdict::New => ("new", None),
+            Verdict::Known(old) => ("known", Some(entry_json(old))),
+            Verdict::Changed(old) => ("changed", Some(entry_json(old))),
+        };
+        let value = serde_json::json!({
+            "trusted": entry_json(entry),
+            "was": was,
+            "replaced": replaced,
+        });
+        println!("{value:#}");
+        return;
+    }
+    match before {
+        Verdict::Known(old) => println!(
+            "{}: this key was known since {} ({}); it is now marked verified.",
+            entry.jid, old.since, old.how
+        ),
+        Verdict::Changed(old) => println!(
+            "{}: the key known since {} ({}), {}, is replaced by {}, marked verified.",
+            entry.jid, old.since, old.how, old.spki_sha256, entry.spki_sha256
+        ),
+        Verdict::New => println!(
+            "{}: key {} pinned, marked verified.",
+            entry.jid, entry.spki_sha256
+        ),
+    }
+}
+
+fn report_known(entries: &[Entry], json: bool) {
+    if json {
+        let list: Vec<_> = entries.iter().map(entry_json).collect();
+        println!("{:#}", serde_json::Value::Array(list));
+        return;
+    }
+    if entries.is_empty() {
+        println!("No bot's key is known yet.");
+        return;
+    }
+    for e in entries {
+        println!("{}  {}  {} since {}", e.jid, e.spki_sha256, e.how, e.since);
+    }
+}
+
+fn report_forget(bot: &str, old: Option<&Entry>, json: bool) {
+    if json {
+        println!(
+            "{:#}",
+            serde_json::json!({ "forgotten": old.map(entry_json) })
+        );
+        return;
+    }
+    match old {
+        Some(old) => println!(
+            "{bot}: forgot key {} ({} since {}); the next tunnel to it is a first meeting.",
+            old.spki_sha256, old.how, old.since
+        ),
+        None => println!("{bot}: no key was known."),
     }
 }
 

@@ -3,36 +3,13 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
+mod common;
+use common::{ok_json, temp_dir, xtls};
 
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use xtls::certs::PeerCertInfo;
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("xtls-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-fn xtls(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_xtls"))
-        .arg("--config-dir")
-        .arg(dir)
-        .args(args)
-        .env_remove("XTLS_JID")
-        .output()
-        .expect("xtls runs")
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
-}
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -40,8 +17,8 @@ fn mode(path: &Path) -> u32 {
 
 #[test]
 fn the_key_is_made_once_kept_private_and_its_fingerprint_is_the_certificates() {
-    let dir = temp_dir("once");
-    let first = json(&xtls(
+    let dir = temp_dir("whoami-once");
+    let first = ok_json(xtls(
         &dir,
         &["whoami", "--jid", "Alice@Example.org/laptop", "--json"],
     ));
@@ -67,7 +44,7 @@ fn the_key_is_made_once_kept_private_and_its_fingerprint_is_the_certificates() {
     assert!(info.names("alice@example.org"), "{:?}", info.xmpp_addrs);
 
     // The second run keeps the key.
-    let second = json(&xtls(
+    let second = ok_json(xtls(
         &dir,
         &["whoami", "--jid", "alice@example.org", "--json"],
     ));
@@ -92,8 +69,8 @@ fn the_key_is_made_once_kept_private_and_its_fingerprint_is_the_certificates() {
 
 #[test]
 fn a_key_others_can_read_is_refused_with_the_command_that_fixes_it() {
-    let dir = temp_dir("open");
-    let first = json(&xtls(
+    let dir = temp_dir("whoami-open");
+    let first = ok_json(xtls(
         &dir,
         &["whoami", "--jid", "bob@example.org", "--json"],
     ));
@@ -109,7 +86,7 @@ fn a_key_others_can_read_is_refused_with_the_command_that_fixes_it() {
 
 #[test]
 fn what_is_not_a_jid_is_a_usage_error() {
-    let dir = temp_dir("bad");
+    let dir = temp_dir("whoami-bad");
     for bad in ["example.org", "not a jid@@", ""] {
         let out = xtls(&dir, &["whoami", "--jid", bad]);
         assert_eq!(out.status.code(), Some(2), "{bad:?}");
