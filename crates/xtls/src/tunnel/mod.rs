@@ -963,7 +963,10 @@ impl Tunnel {
 
     fn request(&mut self, now: Instant, kind: Request, payload: Element) {
         if matches!(kind, Request::Data { .. }) && !self.acks.is_empty() {
+            // Whatever made this `data` (a reply, a close_notify, bytes the window held), the
+            // acknowledgements waiting, held or not, leave behind it at the next poll.
             self.acks_ride = true;
+            self.acks_held_until = None;
         }
         let id = self.fresh_id();
         let timeout = match kind {

@@ -1654,3 +1654,26 @@ fn c27_held_acknowledgements_leave_at_the_deadline_and_then_are_not_held_until_a
     assert!(out[0].has_child("data", ns::XTLS), "the reply first");
     assert_eq!(out[1].attr("type"), Some("result"));
 }
+
+#[test]
+fn c28_held_acknowledgements_leave_behind_any_data_we_send() {
+    let mut pair = Pair::new();
+    pair.config.ack_hold = Duration::from_secs(30);
+    pair.open();
+    let config = pair.config.clone();
+    let now = pair.now;
+    pair.alice.tunnel().send(now, message("one")).unwrap();
+    let data = pair.alice.drain();
+    pair.bot.deliver(now, &config, &data[0]);
+    assert!(pair.bot.drain().is_empty(), "held for a reply");
+    // The bot closes instead of answering: its close_notify leaves, the result behind it.
+    pair.bot.tunnel().close(now);
+    let out = pair.bot.drain();
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(
+        out[0].has_child("data", ns::XTLS),
+        "close_notify first: {out:?}"
+    );
+    assert_eq!(out[1].attr("id"), data[0].attr("id"));
+    assert_eq!(out[1].attr("type"), Some("result"));
+}
