@@ -1,9 +1,8 @@
 //! The user's own XTLS identity: a key and a self-signed certificate whose XmppAddr is the
 //! account's bare JID, kept in the configuration directory and made on first use.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use rustls::pki_types::pem::PemObject;
@@ -123,21 +122,9 @@ fn create_private_dir(dir: &Path) -> Result<(), IdentityError> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| io(dir, source))
 }
 
-/// Writes a file that must not exist yet, with `mode` from its creation on, through a
-/// temporary name so a crash never leaves half a file.
+/// Writes a new file of the identity (see [`crate::files::write_atomic`]).
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let tmp = path.with_extension("pem.tmp");
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|source| io(&tmp, source))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(|source| io(&tmp, source))?;
-    fs::rename(&tmp, path).map_err(|source| io(path, source))
+    crate::files::write_atomic(path, contents, mode).map_err(|(path, source)| io(&path, source))
 }
 
 fn io(path: &Path, source: std::io::Error) -> IdentityError {

@@ -10,9 +10,7 @@
 //! `how` is `tofu` (accepted on first use) or `verified` (compared out of band).
 
 use std::fmt;
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use xtls::certs::Fingerprint;
@@ -198,18 +196,8 @@ impl KnownBots {
                 e.jid, e.spki_sha256, e.how, e.since
             ));
         }
-        let tmp = self.path.with_extension("tmp");
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| io(&tmp, e))?;
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| io(&tmp, e))?;
-        fs::rename(&tmp, &self.path).map_err(|e| io(&self.path, e))
+        crate::files::write_atomic(&self.path, text.as_bytes(), 0o600)
+            .map_err(|(path, e)| io(&path, e))
     }
 }
 

@@ -1,5 +1,6 @@
 //! `xtls`: talk to XMPP bots, and to people, through end-to-end encrypted XTLS tunnels.
 
+mod files;
 mod identity;
 mod known;
 
