@@ -56,6 +56,8 @@ pub struct Stored {
     pub cert_file: PathBuf,
     /// Whether it was made by this call.
     pub created: bool,
+    /// The key and certificate.
+    pub identity: BotIdentity,
 }
 
 /// The normalized bare JID of `jid` (a resource is dropped), or None when it is no JID.
@@ -114,6 +116,7 @@ pub fn load_or_create(dir: &Path, bare_jid: &str) -> Result<Stored, IdentityErro
         key_file,
         cert_file,
         created,
+        identity,
     })
 }
 

@@ -154,6 +154,11 @@ impl KnownBots {
         &self.entries
     }
 
+    /// The entry for `jid`, if it is known.
+    pub fn get(&self, jid: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.jid == jid)
+    }
+
     /// What the file says of `jid` presenting the key `spki_sha256`.
     pub fn check(&self, jid: &str, spki_sha256: &Fingerprint) -> Verdict {
         match self.entries.iter().find(|e| e.jid == jid) {

@@ -1,8 +1,14 @@
 //! `xtls`: talk to XMPP bots, and to people, through end-to-end encrypted XTLS tunnels.
 
+mod chat;
+mod client;
 mod files;
 mod identity;
 mod known;
+mod send;
+mod talk;
+mod verify;
+mod xmpp;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +17,7 @@ use clap::{Parser, Subcommand};
 
 use identity::{IdentityError, Stored};
 use known::{Entry, How, KnownBots, KnownError, Verdict};
+use talk::{LoginArgs, Outcome};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -20,6 +27,14 @@ Examples:
                                               pin a bot's key its operator gave you
   xtls known                                  the bots whose keys you know
   xtls forget weather@bots.example.org        after a key change you have checked
+  xtls chat --jid alice@example.org weather@bots.example.org
+                                              chat; /sas to compare a code, /quit to leave
+  XTLS_PASSWORD=... xtls send --jid alice@example.org weather@bots.example.org 'forecast'
+                                              one message; prints the answer
+
+Exit status of send: 0 delivered (and answered), 1 failure (login, network, files),
+2 wrong usage, 3 refused by the peer, 4 the peer does not speak XTLS or does not exist,
+5 the peer's key is not the one you know, 6 no answer in time.
 
 Your key lives in the configuration directory (~/.config/xtls on Linux, or --config-dir),
 readable by you alone. Give its fingerprint to the people and bot operators you talk to, so
@@ -60,6 +75,34 @@ enum Command {
     Forget {
         /// The bot, e.g. weather@bots.example.org
         bot: String,
+    },
+    /// Chat through a tunnel, line by line; /sas and /pair check the peer's key
+    Chat {
+        #[command(flatten)]
+        login: LoginArgs,
+        /// The bot (weather@bots.example.org) or a person's full JID (bob@example.org/laptop)
+        peer: String,
+        /// Pair with this code from the peer's operator as soon as the tunnel is open
+        #[arg(long, value_name = "CODE")]
+        pair: Option<String>,
+        /// Seconds the login and the tunnel's opening may take
+        #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+        timeout: u64,
+    },
+    /// Send one message through a tunnel and print the answer
+    Send {
+        #[command(flatten)]
+        login: LoginArgs,
+        /// The bot (weather@bots.example.org) or a person's full JID (bob@example.org/laptop)
+        peer: String,
+        /// The message
+        text: String,
+        /// Exit once the message is delivered, without waiting for an answer
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds the exchange may take, login included
+        #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+        timeout: u64,
     },
 }
 
@@ -114,6 +157,43 @@ fn main() -> ExitCode {
                 old.is_some()
             })
         }
+        Command::Send {
+            login,
+            peer,
+            text,
+            no_wait,
+            timeout,
+        } => {
+            let Some(peer) = peer_jid(&peer) else {
+                eprintln!("xtls: '{peer}' is not a JID like weather@bots.example.org");
+                return ExitCode::from(USAGE);
+            };
+            let args = send::SendArgs {
+                peer,
+                text,
+                wait: !no_wait,
+                timeout: std::time::Duration::from_secs(timeout.max(1)),
+            };
+            let outcome = runtime().block_on(send::run(&login, &dir, args, cli.json));
+            exit(outcome)
+        }
+        Command::Chat {
+            login,
+            peer,
+            pair,
+            timeout,
+        } => {
+            let Some(peer) = peer_jid(&peer) else {
+                eprintln!("xtls: '{peer}' is not a JID like weather@bots.example.org");
+                return ExitCode::from(USAGE);
+            };
+            let args = chat::ChatArgs {
+                peer,
+                pair,
+                timeout: std::time::Duration::from_secs(timeout.max(1)),
+            };
+            exit(runtime().block_on(chat::run(&login, &dir, args)))
+        }
         Command::Whoami { jid } => {
             let Some(bare) = identity::bare_jid(&jid) else {
                 eprintln!("xtls: '{jid}' is not a JID like alice@example.org");
@@ -134,6 +214,25 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// A peer's JID, normalized; a resource is kept (a person's client), a bare JID stays bare.
+fn peer_jid(s: &str) -> Option<String> {
+    let jid = jid::Jid::new(s).ok()?;
+    jid.node()?;
+    Some(jid.to_string())
+}
+
+/// The single-threaded runtime of the commands that go online.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+fn exit(outcome: Outcome) -> ExitCode {
+    ExitCode::from(outcome as u8)
 }
 
 /// Loads `known_bots`, runs `act` on it, and saves it when `act` says it changed it.

@@ -1,0 +1,441 @@
+//! What the commands that go online share: the login options, the outcomes a script branches
+//! on, asking a peer whether it speaks XTLS, and opening a tunnel whose key is judged against
+//! `known_bots`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use minidom::Element;
+use xtls::certs::Fingerprint;
+use xtls::stanza::{IqType, ns};
+use xtls::tunnel::{
+    BotCredentials, CloseReason, Established, Event, PeerAuth, PeerPolicy, TrustMode, TrustVerdict,
+};
+
+use crate::client::{Client, DISCO_TIMEOUT, Happening};
+use crate::identity;
+use crate::known::{Entry, How, KnownBots};
+use crate::xmpp::{Account, Connection};
+
+/// How to reach and log into your account.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoginArgs {
+    /// Your account, e.g. alice@example.org
+    #[arg(long, env = "XTLS_JID", value_name = "JID")]
+    pub jid: String,
+    /// Read your password from FILE (else $XTLS_PASSWORD, else it is asked for)
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Where your server listens when DNS (SRV records) does not say: HOST or HOST:PORT
+    #[arg(long, env = "XTLS_SERVER", value_name = "HOST[:PORT]")]
+    pub server: Option<String>,
+    /// Speak TLS from the first byte (XEP-0368, port 5223) instead of STARTTLS
+    #[arg(long)]
+    pub direct_tls: bool,
+    /// Trust the CA certificates in FILE (PEM) instead of the system's: a private server
+    #[arg(long, env = "XTLS_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The exit statuses of the commands that talk to a peer; a script branches on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Delivered (and answered, when an answer was awaited).
+    Delivered = 0,
+    /// Anything else went wrong: login, network, files.
+    Failed = 1,
+    /// The command was called wrongly.
+    Usage = 2,
+    /// The peer refused the tunnel or the message.
+    Refused = 3,
+    /// The peer does not speak XTLS, or does not exist.
+    NoXtls = 4,
+    /// The peer's key is not the one in `known_bots`.
+    KeyChanged = 5,
+    /// No answer in time.
+    Timeout = 6,
+}
+
+/// A command's failure: its exit status and what to tell the person.
+#[derive(Debug)]
+pub struct Fail {
+    /// The exit status.
+    pub outcome: Outcome,
+    /// The message, in words.
+    pub message: String,
+}
+
+impl Fail {
+    /// A failure of kind `outcome`.
+    pub fn new(outcome: Outcome, message: impl Into<String>) -> Fail {
+        Fail {
+            outcome,
+            message: message.into(),
+        }
+    }
+}
+
+/// Everything a command that goes online starts from.
+pub struct Online {
+    /// The session and its tunnels.
+    pub client: Client,
+    /// The bots whose keys we know.
+    pub known: KnownBots,
+}
+
+/// The account's bare JID, the identity's credentials, `known_bots`, then the login.
+pub async fn go_online(args: &LoginArgs, dir: &Path, limit: Duration) -> Result<Online, Fail> {
+    let Some(bare) = identity::bare_jid(&args.jid) else {
+        return Err(Fail::new(
+            Outcome::Usage,
+            format!("'{}' is not a JID like alice@example.org", args.jid),
+        ));
+    };
+    let stored = identity::load_or_create(dir, &bare).map_err(|e| {
+        let outcome = match e {
+            identity::IdentityError::TooOpen { .. } => Outcome::Usage,
+            _ => Outcome::Failed,
+        };
+        Fail::new(outcome, e.to_string())
+    })?;
+    let creds = BotCredentials::new(stored.identity)
+        .map_err(|e| Fail::new(Outcome::Failed, format!("your key cannot be used: {e}")))?;
+    let known = KnownBots::load(&dir.join("known_bots"))
+        .map_err(|e| Fail::new(Outcome::Failed, e.to_string()))?;
+    let password = password(args)?;
+    let account = Account {
+        jid: bare
+            .parse()
+            .map_err(|e| Fail::new(Outcome::Usage, format!("'{bare}': {e}")))?,
+        password,
+        server: args.server.clone(),
+        direct_tls: args.direct_tls,
+        ca_file: args.ca_file.clone(),
+    };
+    let conn = Connection::login(&account, limit)
+        .await
+        .map_err(|e| Fail::new(Outcome::Failed, e.to_string()))?;
+    Ok(Online {
+        client: Client::new(conn, creds),
+        known,
+    })
+}
+
+/// The password: the file given, `$XTLS_PASSWORD`, or asked on the terminal.
+fn password(args: &LoginArgs) -> Result<String, Fail> {
+    if let Some(path) = &args.password_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Fail::new(Outcome::Failed, format!("{}: {e}", path.display())))?;
+        return Ok(text.trim_end_matches(['\r', '\n']).to_owned());
+    }
+    if let Ok(password) = std::env::var("XTLS_PASSWORD") {
+        return Ok(password);
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(Fail::new(
+            Outcome::Usage,
+            "no password: give --password-file FILE or set XTLS_PASSWORD",
+        ));
+    }
+    rpassword::prompt_password(format!("Password for {}: ", args.jid))
+        .map_err(|e| Fail::new(Outcome::Failed, format!("cannot read the password: {e}")))
+}
+
+/// What a peer's disco#info says of XTLS.
+#[derive(Debug, Default)]
+pub struct Announced {
+    /// The XTLS feature is listed.
+    pub xtls: bool,
+    /// The key it announces (form field `spki-sha256`), if any.
+    pub spki_sha256: Option<Fingerprint>,
+    /// Its certificate's fingerprint (`cert-sha256`), if announced.
+    pub cert_sha256: Option<String>,
+    /// Its certificate's expiry (`not-after`), if announced.
+    pub not_after: Option<String>,
+    /// The next key during a rotation (`next-spki-sha256`), if announced.
+    pub next_spki_sha256: Option<Fingerprint>,
+}
+
+/// Asks `peer` for disco#info (docs/protocol.md §1.4).
+pub async fn discover(client: &mut Client, peer: &str) -> Result<Announced, Fail> {
+    let query = Element::bare("query", ns::DISCO_INFO);
+    let id = client.query(peer, query).await.map_err(lost)?;
+    client.set_deadline(Some(Instant::now() + DISCO_TIMEOUT));
+    loop {
+        match client.next().await.map_err(lost)? {
+            Happening::Answer(iq) if iq.id == id => {
+                client.set_deadline(None);
+                if iq.type_ == IqType::Error {
+                    let condition = iq.error_condition();
+                    let words = match condition.as_str() {
+                        "item-not-found" | "remote-server-not-found" => {
+                            format!("{peer} does not exist ({condition})")
+                        }
+                        "service-unavailable" | "feature-not-implemented" => format!(
+                            "{peer} does not answer service discovery ({condition}): it is \
+                             offline or does not support XTLS"
+                        ),
+                        "recipient-unavailable" | "remote-server-timeout" => {
+                            format!("{peer} cannot be reached now ({condition})")
+                        }
+                        _ => format!("{peer}'s server answered {condition}"),
+                    };
+                    return Err(Fail::new(Outcome::NoXtls, words));
+                }
+                let announced = iq
+                    .children
+                    .iter()
+                    .find(|c| c.is("query", ns::DISCO_INFO))
+                    .map(read_disco)
+                    .unwrap_or_default();
+                if !announced.xtls {
+                    return Err(Fail::new(
+                        Outcome::NoXtls,
+                        format!(
+                            "{peer} does not support XTLS (its service discovery does not list it)"
+                        ),
+                    ));
+                }
+                return Ok(announced);
+            }
+            Happening::Deadline => {
+                return Err(Fail::new(
+                    Outcome::Timeout,
+                    format!(
+                        "{peer} did not answer service discovery within {} s",
+                        DISCO_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Reads the features and the `urn:xmpp:tmp:xtls` form of a disco#info `<query/>`.
+pub fn read_disco(query: &Element) -> Announced {
+    let mut announced = Announced {
+        xtls: query
+            .children()
+            .any(|c| c.name() == "feature" && c.attr("var") == Some(ns::XTLS)),
+        ..Announced::default()
+    };
+    let form = query.children().find(|x| {
+        x.is("x", "jabber:x:data")
+            && x.children().any(|f| {
+                f.attr("var") == Some("FORM_TYPE") && field_value(f).as_deref() == Some(ns::XTLS)
+            })
+    });
+    for field in form.iter().flat_map(|x| x.children()) {
+        let value = field_value(field);
+        match field.attr("var") {
+            Some("spki-sha256") => {
+                announced.spki_sha256 = value.as_deref().and_then(Fingerprint::parse)
+            }
+            Some("cert-sha256") => announced.cert_sha256 = value,
+            Some("not-after") => announced.not_after = value,
+            Some("next-spki-sha256") => {
+                announced.next_spki_sha256 = value.as_deref().and_then(Fingerprint::parse)
+            }
+            _ => {}
+        }
+    }
+    announced
+}
+
+fn field_value(field: &Element) -> Option<String> {
+    field
+        .children()
+        .find(|v| v.name() == "value")
+        .map(|v| v.text())
+}
+
+/// How a tunnel's peer was judged once it opened.
+#[derive(Debug)]
+pub struct Opened {
+    /// What the handshake established.
+    pub established: Established,
+    /// The peer's key.
+    pub spki_sha256: Fingerprint,
+    /// What `known_bots` said before: `None` on a first meeting (now remembered as tofu).
+    pub known: Option<Entry>,
+}
+
+/// The policy for a peer's key: its entry in `known_bots` pinned, or trust on first use.
+pub fn policy_for(known: &KnownBots, peer_bare: &str) -> PeerPolicy {
+    PeerPolicy {
+        peer_auth: PeerAuth::Required,
+        trust: TrustMode::Tofu,
+        pins: known
+            .get(peer_bare)
+            .map(|e| vec![e.spki_sha256.clone()])
+            .unwrap_or_default(),
+        pinned_cert_names: Vec::new(),
+        pairing: false,
+    }
+}
+
+/// Opens a tunnel to `peer` and waits until it is open; a first meeting is remembered in
+/// `known_bots` (tofu), a changed key ends it with [`Outcome::KeyChanged`].
+pub async fn open(online: &mut Online, peer: &str, limit: Duration) -> Result<Opened, Fail> {
+    let peer_bare = xtls::tunnel::bare(peer).to_owned();
+    let policy = policy_for(&online.known, &peer_bare);
+    online.client.open(peer, policy).await.map_err(lost)?;
+    online.client.set_deadline(Some(Instant::now() + limit));
+    loop {
+        match online.client.next().await.map_err(lost)? {
+            Happening::Tunnel(p, Event::Established(established)) if p == peer => {
+                online.client.set_deadline(None);
+                let Some(spki) = established.peer.spki_sha256.clone() else {
+                    return Err(Fail::new(
+                        Outcome::Refused,
+                        format!("{peer} presented no key"),
+                    ));
+                };
+                let before = online.known.get(&peer_bare).cloned();
+                if established.peer.trust == TrustVerdict::TofuNew {
+                    online.known.remember(Entry {
+                        jid: peer_bare.clone(),
+                        spki_sha256: spki.clone(),
+                        how: How::Tofu,
+                        since: crate::now(),
+                    });
+                    online
+                        .known
+                        .save()
+                        .map_err(|e| Fail::new(Outcome::Failed, e.to_string()))?;
+                }
+                return Ok(Opened {
+                    established,
+                    spki_sha256: spki,
+                    known: before,
+                });
+            }
+            Happening::Tunnel(p, Event::Closed(reason)) if p == peer => {
+                online.client.set_deadline(None);
+                return Err(closed_early(&online.known, peer, &peer_bare, &reason));
+            }
+            Happening::Deadline => {
+                return Err(Fail::new(
+                    Outcome::Timeout,
+                    format!(
+                        "the tunnel to {peer} did not open within {} s",
+                        limit.as_secs()
+                    ),
+                ));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Why a tunnel that never opened ended, in words, with its exit status.
+fn closed_early(known: &KnownBots, peer: &str, peer_bare: &str, reason: &CloseReason) -> Fail {
+    if let Some((presented, _pinned)) = reason.identity_change() {
+        let old = known.get(peer_bare);
+        let since = old
+            .map(|e| format!(" ({} since {})", e.how, e.since))
+            .unwrap_or_default();
+        let was = old
+            .map(|e| e.spki_sha256.to_string())
+            .unwrap_or_else(|| "(none)".into());
+        return Fail::new(
+            Outcome::KeyChanged,
+            format!(
+                "WARNING: {peer}'S KEY HAS CHANGED. Nothing was sent.\n\
+                 \x20 the key you know{since}:\n\
+                 \x20   {was}\n\
+                 \x20 the key it presents now:\n\
+                 \x20   {presented}\n\
+                 Someone may be impersonating it, or its operator replaced the key. Ask the \
+                 operator for the new fingerprint over a channel you trust, and compare. If it \
+                 matches, accept it with:\n\
+                 \x20 xtls trust {peer_bare} {presented}"
+            ),
+        );
+    }
+    let (outcome, words) = match reason {
+        CloseReason::NotSupported(c) => (
+            Outcome::NoXtls,
+            format!("{peer} does not support XTLS ({c})"),
+        ),
+        CloseReason::Refused(c) => (Outcome::Refused, format!("{peer} refused the tunnel ({c})")),
+        CloseReason::Busy(c) => (
+            Outcome::Refused,
+            format!("{peer} is busy; try again later ({c})"),
+        ),
+        CloseReason::PeerAlert(alert) => (
+            Outcome::Refused,
+            format!(
+                "{peer} refused the tunnel during the handshake (TLS alert: {alert}); it may not accept your key yet"
+            ),
+        ),
+        CloseReason::CertificateRejected(e) => (
+            Outcome::Refused,
+            format!("{peer}'s certificate was refused: {e}"),
+        ),
+        CloseReason::Timeout(which) => (
+            Outcome::Timeout,
+            format!("{peer} did not answer in time ({which})"),
+        ),
+        other => (
+            Outcome::Refused,
+            format!("the tunnel to {peer} ended: {other}"),
+        ),
+    };
+    Fail::new(outcome, words)
+}
+
+/// Closes the tunnel and waits a little for the peer's answer, so it ends cleanly on both
+/// sides.
+pub async fn close(online: &mut Online, peer: &str) {
+    if online.client.close(peer).await.is_err() {
+        return;
+    }
+    online
+        .client
+        .set_deadline(Some(Instant::now() + Duration::from_secs(5)));
+    while online.client.any_live() {
+        match online.client.next().await {
+            Ok(Happening::Deadline) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    online.client.set_deadline(None);
+}
+
+/// The session ended under us.
+pub fn lost(e: std::io::Error) -> Fail {
+    Fail::new(
+        Outcome::Failed,
+        format!("the connection to your server was lost: {e}"),
+    )
+}
+
+/// One line about the peer's key, for a person.
+pub fn key_line(peer: &str, opened: &Opened) -> String {
+    match &opened.known {
+        Some(e) if e.how == How::Verified => format!(
+            "{peer}: key {} — verified (since {})",
+            opened.spki_sha256, e.since
+        ),
+        Some(e) => format!(
+            "{peer}: key {} — known since {}, not verified (compare it with its operator, or run /sas in xtls chat)",
+            opened.spki_sha256, e.since
+        ),
+        None => format!(
+            "{peer}: key {} — NEW: first meeting, remembered. Compare this fingerprint with the one its operator publishes",
+            opened.spki_sha256
+        ),
+    }
+}
+
+/// The key's standing as a word, for JSON.
+pub fn standing(opened: &Opened) -> &'static str {
+    match &opened.known {
+        Some(e) if e.how == How::Verified => "verified",
+        Some(_) => "known",
+        None => "new",
+    }
+}
