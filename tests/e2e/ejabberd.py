@@ -100,11 +100,16 @@ class Ejabberd(XmppServer):
     start_timeout = 30.0
     stop_timeout = 15.0
 
-    def __init__(self, *, log_level: str = "info", workdir: str | None = None, stock_shaper: bool = False) -> None:
+    def __init__(self, *, log_level: str = "info", workdir: str | None = None, stock_shaper: bool = False,
+                 tls_ca=None) -> None:
         """`stock_shaper=True` limits c2s input as Debian's /etc/ejabberd/ejabberd.yml does
-        (`c2s_shaper: normal`, 3,000 bytes/s, bursts of 20,000); by default it is off."""
+        (`c2s_shaper: normal`, 3,000 bytes/s, bursts of 20,000); by default it is off.
+        `tls_ca` (a `PrivateCa`) gives c2s TLS with a certificate it issues: STARTTLS required
+        on `c2s_port`, direct TLS on `c2s_direct_tls_port`."""
         super().__init__(log_level=log_level, workdir=workdir)
         self.stock_shaper = stock_shaper
+        self.tls_ca = tls_ca
+        self.c2s_direct_tls_port = self._new_port() if tls_ca is not None else None
         self.dist_port = self._new_port()
         self.node = f"xtls-e2e-{secrets.token_hex(4)}@localhost"
         self.spool_dir = self.dir / "spool"  # Mnesia, and HOME (the Erlang cookie)
@@ -131,13 +136,30 @@ class Ejabberd(XmppServer):
             "shaper_rules:\n  c2s_shaper:\n    normal: all\n  s2s_shaper: fast\n"
             if self.stock_shaper else ""
         )
+        certfiles, starttls, direct_tls = "[]", "false", ""
+        if self.tls_ca is not None:
+            # One PEM with the chain and the key: ejabberd picks it for the names it carries.
+            cert, key = self.dir / "c2s.crt", self.dir / "c2s.key"
+            self.tls_ca.issue(self.host, cert, key)
+            pem = self.dir / "c2s.pem"
+            pem.write_bytes(cert.read_bytes() + key.read_bytes())
+            certfiles, starttls = f'["{pem}"]', "true"
+            direct_tls = (
+                f"""  -
+    port: {self.c2s_direct_tls_port}
+    ip: "127.0.0.1"
+    module: ejabberd_c2s
+    shaper: {c2s_shaper}
+    tls: true
+"""
+            )
         self.config_path.write_text(
             f"""# Private test configuration written by tests/e2e/ejabberd.py.
 hosts:
   - {self.host}
 loglevel: {self.log_level}
 log_rotate_count: 0
-certfiles: []
+certfiles: {certfiles}
 acme:
   auto: false
 auth_method: internal
@@ -149,9 +171,9 @@ listen:
     ip: "127.0.0.1"
     module: ejabberd_c2s
     shaper: {c2s_shaper}
-    starttls: false
-    starttls_required: false
-  -
+    starttls: {starttls}
+    starttls_required: {starttls}
+{direct_tls}  -
     port: {self.component_port}
     ip: "127.0.0.1"
     module: ejabberd_service

@@ -54,22 +54,35 @@ class Prosody(XmppServer):
         workdir: str | None = None,
         nagle: bool = True,
         sample_limits: bool = False,
+        tls_ca=None,
     ) -> None:
         """`nagle=False` switches Nagle's algorithm off (`network_settings = { nagle = false }`);
         by default it stays on, as in a stock Prosody. `sample_limits=True`
-        adds the c2s/s2s rate limits of Debian's sample configuration (mod_limits)."""
+        adds the c2s/s2s rate limits of Debian's sample configuration (mod_limits).
+        `tls_ca` (a `PrivateCa`) gives c2s TLS with a certificate it issues: STARTTLS required
+        on `c2s_port`, direct TLS on `c2s_direct_tls_port`, no plaintext authentication."""
         super().__init__(log_level=log_level, workdir=workdir)
         self.nagle = nagle
         self.sample_limits = sample_limits
+        self.tls_ca = tls_ca
+        self.c2s_direct_tls_port = self._new_port() if tls_ca is not None else None
         self.config_path = self.dir / "prosody.cfg.lua"
         self.log_path = self.dir / "prosody.log"
         self._write_config()
 
     def _write_config(self) -> None:
         data = self.dir / "data"
-        certs = self.dir / "certs"  # empty: no TLS, and no look into /etc/prosody/certs
+        certs = self.dir / "certs"  # empty without tls_ca; never /etc/prosody/certs
         data.mkdir(parents=True, exist_ok=True)
         certs.mkdir(exist_ok=True)
+        direct_tls = ""
+        encryption = "c2s_require_encryption = false\nallow_unencrypted_plain_auth = true\n"
+        if self.tls_ca is not None:
+            # Prosody finds <host>.crt and <host>.key in `certificates` by itself.
+            self.tls_ca.issue(self.host, certs / f"{self.host}.crt", certs / f"{self.host}.key")
+            direct_tls = f"{self.c2s_direct_tls_port} "
+            encryption = "c2s_require_encryption = true\n"
+
         network = "" if self.nagle else "network_settings = { nagle = false }\n"
         # Debian's /etc/prosody/prosody.cfg.lua, word for word.
         limits = (
@@ -77,6 +90,8 @@ class Prosody(XmppServer):
             if self.sample_limits else ""
         )
         modules = '; "limits"' if self.sample_limits else ""
+        if self.tls_ca is not None:
+            modules += '; "tls"'
         self.config_path.write_text(
             f"""-- Private test configuration written by tests/e2e/prosody.py.
 pidfile = "{self.dir}/prosody.pid"
@@ -86,7 +101,7 @@ log = {{ {{ levels = {{ min = "{self.log_level}" }}, to = "file", filename = "{s
 
 interfaces = {{ "127.0.0.1" }}
 c2s_ports = {{ {self.c2s_port} }}
-c2s_direct_tls_ports = {{ }}
+c2s_direct_tls_ports = {{ {direct_tls}}}
 legacy_ssl_ports = {{ }}
 component_ports = {{ {self.component_port} }}
 component_interfaces = {{ "127.0.0.1" }}  -- its own default also listens on ::1
@@ -96,9 +111,7 @@ https_ports = {{ }}
 modules_enabled = {{ "roster"; "saslauth"; "disco"; "ping"; "posix"{modules} }}
 modules_disabled = {{ "s2s" }}
 
-c2s_require_encryption = false
-allow_unencrypted_plain_auth = true
-authentication = "internal_plain"
+{encryption}authentication = "internal_plain"
 storage = "internal"
 {network}{limits}
 

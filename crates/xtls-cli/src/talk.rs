@@ -368,7 +368,10 @@ fn closed_early(known: &KnownBots, peer: &str, peer_bare: &str, reason: &CloseRe
         CloseReason::PeerAlert(alert) => (
             Outcome::Refused,
             format!(
-                "{peer} refused the tunnel during the handshake (TLS alert: {alert}); it may not accept your key yet"
+                "{peer} refused your key during the handshake (TLS alert: {alert}): it knows \
+                 another key for your account, or lets in only keys its operator approved; give \
+                 its operator your fingerprint (xtls whoami), or use a pairing code (xtls chat \
+                 --pair CODE)"
             ),
         ),
         CloseReason::CertificateRejected(e) => (

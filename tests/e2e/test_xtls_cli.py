@@ -1,0 +1,275 @@
+"""The `xtls` command-line client as a person uses it, through a real XMPP server whose c2s
+TLS certificate comes from a private CA the test creates (`--ca-file`), against the
+component's bots: `xtls send` and its exit statuses for each outcome, and `xtls chat` driven
+in a pseudo-terminal (type, read the screen) through a short authentication string compared
+with the one the component shows.
+
+The servers here are their own (module fixtures), not the session's plaintext ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from component import REPO, Component
+from conftest import USERS, _component, _running
+from ejabberd import Ejabberd
+from private_ca import PrivateCa
+from prosody import Prosody
+
+XTLS_BIN = Path(os.environ.get("XTLS_CLI_BIN") or REPO / "target" / "debug" / "xtls")
+ECHO = "echo@bots.localhost"
+
+
+@pytest.fixture(scope="module", params=["prosody", "ejabberd"])
+def tls_server(request, tmp_path_factory):
+    ca = PrivateCa(tmp_path_factory.mktemp("ca"))
+    server = Prosody(tls_ca=ca) if request.param == "prosody" else Ejabberd(tls_ca=ca)
+    server.ca = ca
+    yield from _running(server)
+
+
+@pytest.fixture(scope="module")
+def tls_component(tls_server):
+    yield from _component(tls_server)
+
+
+@pytest.fixture(scope="module")
+def homes(tls_server, tmp_path_factory) -> Path:
+    """The users' configuration directories, kept for the module: one key per user, as on one
+    device (the bots pin it on first use and would refuse a second one)."""
+    return tmp_path_factory.mktemp("homes")
+
+
+class Xtls:
+    """Runs `xtls` as one user, with its own configuration directory."""
+
+    def __init__(self, server, user: str, home: Path, *, direct_tls: bool = False) -> None:
+        self.server = server
+        self.user = user
+        self.home = home
+        port = server.c2s_direct_tls_port if direct_tls else server.c2s_port
+        self.env = dict(
+            os.environ,
+            XTLS_CONFIG_DIR=str(home),
+            XTLS_JID=f"{user}@{server.host}",
+            XTLS_PASSWORD=USERS[user],
+            XTLS_SERVER=f"127.0.0.1:{port}",
+            XTLS_CA_FILE=str(server.ca.ca_file),
+        )
+        self.direct_tls = direct_tls
+
+    def argv(self, *args: str) -> list[str]:
+        extra = ["--direct-tls"] if self.direct_tls and args[0] in ("send", "chat") else []
+        return [str(XTLS_BIN), *args[:1], *extra, *args[1:]]
+
+    def run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(*args), env={**self.env, **(env or {})}, capture_output=True,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def send_json(self, peer: str, text: str, *extra: str, env=None) -> tuple[int, dict]:
+        done = self.run("send", "--json", peer, text, *extra, env=env)
+        try:
+            return done.returncode, json.loads(done.stdout)
+        except json.JSONDecodeError:
+            raise AssertionError(f"no JSON from xtls send ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+    def known(self) -> list[dict]:
+        done = self.run("known", "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+
+def spki_of(component, bot: str) -> str:
+    status, cert = component.get(f"/v1/bots/{bot}/certificate")
+    assert status == 200, cert
+    return cert["spki_sha256"]
+
+
+def new_bot(component, prefix: str, **fields) -> str:
+    status, made = component.post("/v1/bots", {"localpart": f"{prefix}{uuid.uuid4().hex[:6]}", "handler": "echo",
+                                               **fields})
+    assert status == 201, made
+    return made["jid"]
+
+
+def test_send_prints_the_echo_and_remembers_the_bots_key_on_first_use(tls_component, tls_server, homes):
+    alice = Xtls(tls_server, "alice", homes / "alice")
+    first = alice.run("send", ECHO, "hello through the tunnel")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == "hello through the tunnel\n"
+    spki = spki_of(tls_component, ECHO)
+    assert f"key {spki}" in first.stderr and "NEW: first meeting" in first.stderr, first.stderr
+    assert [(k["jid"], k["spki_sha256"], k["how"]) for k in alice.known()] == [(ECHO, spki, "tofu")]
+
+    code, answer = alice.send_json(ECHO, "and again, in JSON")
+    assert code == 0, answer
+    assert answer == {**answer, "outcome": "delivered", "reply": "and again, in JSON", "key": "known",
+                      "spki_sha256": spki, "tls_version": "TLSv1.3"}, answer
+    # The tunnels were closed by the client, not left to time out.
+    closed = [t for t in tls_component.get(f"/v1/tunnels?bot={ECHO}")[1] if t["peer"].startswith("alice@")]
+    assert len(closed) == 2 and all(t.get("close_reason") == "peer_close" for t in closed), closed
+
+
+def test_send_over_direct_tls_logs_in_on_the_direct_tls_port(tls_component, tls_server, homes):
+    alice = Xtls(tls_server, "alice", homes / "alice", direct_tls=True)
+    done = alice.run("send", ECHO, "direct")
+    assert (done.returncode, done.stdout) == (0, "direct\n"), done.stderr
+
+
+def test_login_failures_are_said_in_words_and_exit_1(tls_component, tls_server, homes):
+    alice = Xtls(tls_server, "alice", homes / "alice")
+    wrong = alice.run("send", ECHO, "x", env={"XTLS_PASSWORD": "not-the-password"})
+    assert wrong.returncode == 1 and "wrong user name or password" in wrong.stderr, wrong.stderr
+    untrusted = alice.run("send", ECHO, "x", env={"XTLS_CA_FILE": str(Path(__file__).parent / "absent.pem")})
+    assert untrusted.returncode == 1 and "absent.pem" in untrusted.stderr, untrusted.stderr
+    env = {k: v for k, v in alice.env.items() if k != "XTLS_CA_FILE"}
+    system_roots = subprocess.run(alice.argv("send", ECHO, "x"), env=env, capture_output=True, text=True,
+                                  timeout=60, stdin=subprocess.DEVNULL)
+    assert system_roots.returncode == 1, system_roots.stderr
+    assert "--ca-file" in system_roots.stderr and "UnknownIssuer" in system_roots.stderr, system_roots.stderr
+    assert USERS["alice"] not in wrong.stderr + untrusted.stderr + system_roots.stderr
+
+
+def test_send_exit_statuses_tell_each_outcome_apart(tls_component, tls_server, homes):
+    comp = tls_component
+    bob = Xtls(tls_server, "bob", homes / "bob")
+    # 4: no XTLS: an account that does not exist, and one whose server answers for it.
+    for peer in (f"nobody-{uuid.uuid4().hex[:6]}@{tls_server.host}", f"alice@{tls_server.host}"):
+        code, answer = bob.send_json(peer, "x")
+        assert (code, answer["outcome"]) == (4, "no_xtls"), answer
+    # 3: a bot that only lets in keys someone approved refuses ours in the handshake.
+    strict = new_bot(comp, "strict", trust="manual")
+    code, answer = bob.send_json(strict, "x")
+    assert (code, answer["outcome"]) == (3, "refused"), answer
+    # 6: an api bot delivers to a backend that is not there: no answer comes.
+    silent = new_bot(comp, "silent", handler="api")
+    code, answer = bob.send_json(silent, "anyone?", "--timeout", "4")
+    assert (code, answer["outcome"]) == (6, "timeout") and "delivered" in answer["error"], answer
+    # ... and with --no-wait, delivery is the success.
+    code, answer = bob.send_json(silent, "just take it", "--no-wait")
+    assert (code, answer["outcome"], answer["reply"]) == (0, "delivered", None), answer
+    # 5: the bot's operator replaced its key.
+    bot = new_bot(comp, "rekey")
+    code, answer = bob.send_json(bot, "first")
+    assert code == 0, answer
+    old = answer["spki_sha256"]
+    status, rotated = comp.post(f"/v1/bots/{bot}/certificate/rotate", {"new_key": True, "overlap_secs": 0})
+    assert status == 200, rotated
+    new = spki_of(comp, bot)
+    assert new != old
+    changed = bob.run("send", bot, "second")
+    assert changed.returncode == 5, changed.stderr
+    assert "KEY HAS CHANGED" in changed.stderr and old in changed.stderr and new in changed.stderr, changed.stderr
+    assert f"xtls trust {bot} {new}" in changed.stderr, changed.stderr
+    assert [k["spki_sha256"] for k in bob.known() if k["jid"] == bot] == [old], "never accepted silently"
+    trusted = bob.run("trust", bot, new)
+    assert trusted.returncode == 0, trusted.stderr
+    code, answer = bob.send_json(bot, "third")
+    assert (code, answer["reply"], answer["key"]) == (0, "third", "verified"), answer
+    for jid in (strict, silent, bot):
+        comp.delete(f"/v1/bots/{jid}")
+
+
+class Terminal:
+    """A program in a pseudo-terminal: type lines, wait for text on the screen."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the program, on the terminal
+            os.execve(argv[0], argv, env)
+        self.screen = ""
+
+    def type(self, line: str) -> None:
+        os.write(self.fd, (line + "\n").encode())
+
+    def expect(self, text: str, timeout: float = 20) -> str:
+        """Reads until `text` is on the screen; returns the screen so far."""
+        deadline = time.monotonic() + timeout
+        while text not in self.screen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{text!r} never appeared; the screen:\n{self.screen}"
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:  # the program ended
+                    chunk = b""
+                assert chunk, f"{text!r} never appeared before the end; the screen:\n{self.screen}"
+                self.screen += chunk.decode(errors="replace").replace("\r\n", "\n")
+        return self.screen
+
+    def wait(self, timeout: float = 20) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.waitstatus_to_exitcode(status)
+            assert time.monotonic() < deadline, f"still running; the screen:\n{self.screen}"
+            try:  # keep draining the screen so the program never blocks on it
+                if select.select([self.fd], [], [], 0.1)[0]:
+                    self.screen += os.read(self.fd, 4096).decode(errors="replace")
+            except OSError:
+                time.sleep(0.05)
+
+
+def test_chat_in_a_terminal_shows_the_key_echoes_compares_a_code_and_quits(tls_component, tls_server, homes):
+    comp = tls_component
+    bot = new_bot(comp, "chat")
+    person = Xtls(tls_server, "mallory", homes / "mallory")
+    term = Terminal(person.argv("chat", bot), person.env)
+    screen = term.expect("/quit leave.")
+    spki = spki_of(comp, bot)
+    assert f"Tunnel open to {bot} (TLSv1.3" in screen and f"key {spki}" in screen and "NEW" in screen, screen
+    term.type("hello from a terminal")
+    term.expect(f"{bot}: hello from a terminal")
+    term.type("/sas")
+    screen = term.expect("yes/no")
+    shown = screen.split("Short authentication string: ", 1)[1].split("\n", 1)[0]
+    live = [t for t in comp.get(f"/v1/tunnels?bot={bot}")[1] if t["state"] == "open"]
+    assert len(live) == 1, live
+    sas = comp.get(f"/v1/tunnels/{live[0]['id']}")[1]["sas"]
+    assert sas["state"] == "ready" and sas["started_by"] == "peer", sas
+    assert shown == f"{sas['sas28x5']} ({sas['decimal']})", (shown, sas)
+    term.type("yes")
+    term.expect("is now verified")
+    term.type("/quit")
+    term.expect("Closed.")
+    assert term.wait() == 0
+    assert [(k["jid"], k["how"]) for k in person.known()] == [(bot, "verified")]
+    row = comp.get(f"/v1/tunnels/{live[0]['id']}")[1]
+    assert row["state"] == "closed" and row["close_reason"] == "peer_close", row
+    comp.delete(f"/v1/bots/{bot}")
+
+
+def test_chat_with_a_pairing_code_lets_a_new_key_into_a_verified_only_bot(tls_component, tls_server, homes):
+    comp = tls_component
+    bot = new_bot(comp, "pair", trust="verified_only")
+    person = Xtls(tls_server, "bob", homes / "bob")
+    refused = person.run("send", bot, "let me in")
+    assert refused.returncode == 3 and "pairing code" in refused.stderr, refused.stderr
+    status, minted = comp.post(f"/v1/bots/{bot}/peers/bob@{tls_server.host}/pairing", {"ttl_secs": 300})
+    assert status == 201, minted
+    term = Terminal(person.argv("chat", "--pair", minted["code"].lower(), bot), person.env)
+    term.expect(f"{bot}'s key is now verified (paired with the code its operator gave you)")
+    term.type("paired now")
+    term.expect(f"{bot}: paired now")
+    term.type("/quit")
+    term.expect("Closed.")
+    assert term.wait() == 0
+    assert [k["how"] for k in person.known() if k["jid"] == bot] == ["verified"]
+    _, keys = comp.get(f"/v1/bots/{bot}/peers/bob@{tls_server.host}/keys")
+    assert [(k["verified"], k["compared"]) for k in keys] == [(True, "pairing")], keys
+    done = person.run("send", bot, "no code needed any more")
+    assert (done.returncode, done.stdout) == (0, "no code needed any more\n"), done.stderr
+    comp.delete(f"/v1/bots/{bot}")
