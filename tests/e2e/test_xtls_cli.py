@@ -273,3 +273,53 @@ def test_chat_with_a_pairing_code_lets_a_new_key_into_a_verified_only_bot(tls_co
     done = person.run("send", bot, "no code needed any more")
     assert (done.returncode, done.stdout) == (0, "no code needed any more\n"), done.stderr
     comp.delete(f"/v1/bots/{bot}")
+
+
+def wait_for(check, timeout: float = 15, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what} not met in {timeout} s"
+        time.sleep(0.1)
+    return value
+
+
+def test_listen_takes_a_bots_push_and_two_people_chat_through_their_own_tunnel(tls_component, tls_server, homes):
+    """The bot opens a tunnel to the listening person (xtls is the TLS server then); then another
+    person chats to that person's full JID, and each sees what the other types."""
+    comp = tls_component
+    alice = Xtls(tls_server, "alice", homes / "alice")
+    bob = Xtls(tls_server, "bob", homes / "bob")
+    listener = Terminal(alice.argv("--json", "listen"), alice.env)
+    online = json.loads(listener.expect('"event":"online"').splitlines()[-1])
+    full = online["jid"]
+    assert full.startswith(f"alice@{tls_server.host}/"), online
+
+    bot = new_bot(comp, "pusher", handler="api")
+    status, sent = comp.post(f"/v1/bots/{bot}/messages", {"to": full, "body": "the bot pushes"})
+    assert status == 202, sent
+    listener.expect('"body":"the bot pushes"')
+    opened = [json.loads(line) for line in listener.screen.splitlines() if '"event":"opened"' in line]
+    assert opened == [{"event": "opened", "peer": bot, "spki_sha256": spki_of(comp, bot), "key": "new"}], opened
+    wait_for(lambda: comp.get(f"/v1/bots/{bot}/messages/{sent['id']}")[1]["status"] == "acknowledged",
+             what="the push acknowledged")
+
+    talker = Terminal(bob.argv("chat", full), bob.env)
+    screen = talker.expect("/quit leave.")
+    alice_spki = json.loads(alice.run("whoami", "--json").stdout)["spki_sha256"]
+    assert f"Tunnel open to {full}" in screen and f"key {alice_spki}" in screen, screen
+    talker.type("hello alice")
+    listener.expect('"body":"hello alice"')
+    bob_spki = json.loads(bob.run("whoami", "--json").stdout)["spki_sha256"]
+    bob_opened = [json.loads(line) for line in listener.screen.splitlines()
+                  if '"event":"opened"' in line and f'"peer":"bob@{tls_server.host}/' in line]
+    assert [(o["spki_sha256"], o["key"]) for o in bob_opened] == [(bob_spki, "new")], bob_opened
+    listener.type("hello bob")
+    talker.expect(f"{full}: hello bob")
+    talker.type("/quit")
+    talker.expect("Closed.")
+    assert talker.wait() == 0
+    listener.expect('"event":"closed"')
+    os.write(listener.fd, b"\x04")  # Ctrl-D: the end of input
+    assert listener.wait() == 0
+    assert {(k["jid"], k["how"]) for k in alice.known()} >= {(bot, "tofu"), (f"bob@{tls_server.host}", "tofu")}
+    comp.delete(f"/v1/bots/{bot}")

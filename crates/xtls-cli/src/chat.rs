@@ -31,12 +31,9 @@ the peer, /pair CODE use a pairing code its operator gave you, /key show its key
 
 /// Runs `xtls chat`; returns the exit status.
 pub async fn run(login: &LoginArgs, dir: &Path, args: ChatArgs) -> Outcome {
-    let result = async {
-        let mut online = talk::go_online(login, dir, args.timeout).await?;
-        let outcome = chat(&mut online, &args).await;
-        online.client.logout().await;
-        outcome
-    }
+    let result = talk::online(login, dir, args.timeout, async |online| {
+        chat(online, &args).await
+    })
     .await;
     match result {
         Ok(outcome) => outcome,
@@ -252,14 +249,7 @@ impl Chat<'_> {
             self.verification.on_iq(stanza, &export)
         };
         let Some(steps) = steps else {
-            // Not ours: a request still gets its one answer (docs/protocol.md §1.9 rule 7).
-            if let Ok(iq) = Iq::parse(stanza)
-                && iq.type_.is_request()
-            {
-                let mut reply =
-                    iq.error(ErrorType::Cancel, DefinedCondition::ServiceUnavailable, "");
-                xtls::stanza::remove_attr(&mut reply, "from");
-                xtls::stanza::remove_attr(&mut reply, "to");
+            if let Some(reply) = unhandled_request(stanza) {
                 self.send_inner(reply).await?;
             }
             return Ok(());
@@ -309,8 +299,18 @@ impl Chat<'_> {
     }
 }
 
+/// The answer to an inner IQ request nothing here handles: it still gets its one answer
+/// (docs/protocol.md §1.9 rule 7). `None` for anything but a request.
+pub fn unhandled_request(stanza: &Element) -> Option<Element> {
+    let iq = Iq::parse(stanza).ok().filter(|iq| iq.type_.is_request())?;
+    let mut reply = iq.error(ErrorType::Cancel, DefinedCondition::ServiceUnavailable, "");
+    xtls::stanza::remove_attr(&mut reply, "from");
+    xtls::stanza::remove_attr(&mut reply, "to");
+    Some(reply)
+}
+
 /// The person's lines, read on a thread of their own (stdin blocks).
-fn stdin_lines() -> mpsc::Receiver<String> {
+pub fn stdin_lines() -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel(16);
     std::thread::spawn(move || {
         for line in std::io::stdin().lock().lines() {

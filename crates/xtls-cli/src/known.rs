@@ -154,6 +154,11 @@ impl KnownBots {
         &self.entries
     }
 
+    /// The file it was read from and is saved to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The entry for `jid`, if it is known.
     pub fn get(&self, jid: &str) -> Option<&Entry> {
         self.entries.iter().find(|e| e.jid == jid)

@@ -3,8 +3,10 @@
 mod chat;
 mod client;
 mod files;
+mod fingerprint;
 mod identity;
 mod known;
+mod listen;
 mod send;
 mod talk;
 mod verify;
@@ -29,6 +31,9 @@ Examples:
   xtls forget weather@bots.example.org        after a key change you have checked
   xtls chat --jid alice@example.org weather@bots.example.org
                                               chat; /sas to compare a code, /quit to leave
+  xtls fingerprint --jid alice@example.org weather@bots.example.org
+                                              the key it announces, against the one you know
+  xtls listen --jid alice@example.org         accept tunnels bots and people open to you
   XTLS_PASSWORD=... xtls send --jid alice@example.org weather@bots.example.org 'forecast'
                                               one message; prints the answer
 
@@ -86,6 +91,24 @@ enum Command {
         #[arg(long, value_name = "CODE")]
         pair: Option<String>,
         /// Seconds the login and the tunnel's opening may take
+        #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+        timeout: u64,
+    },
+    /// Show the key a bot announces in its service discovery, compared with the one you know
+    Fingerprint {
+        #[command(flatten)]
+        login: LoginArgs,
+        /// The bot, e.g. weather@bots.example.org
+        peer: String,
+        /// Seconds the login and the question may take
+        #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+        timeout: u64,
+    },
+    /// Stay online and accept the tunnels bots and people open to you; print what arrives
+    Listen {
+        #[command(flatten)]
+        login: LoginArgs,
+        /// Seconds the login may take
         #[arg(long, default_value_t = 30, value_name = "SECONDS")]
         timeout: u64,
     },
@@ -193,6 +216,22 @@ fn main() -> ExitCode {
                 timeout: std::time::Duration::from_secs(timeout.max(1)),
             };
             exit(runtime().block_on(chat::run(&login, &dir, args)))
+        }
+        Command::Fingerprint {
+            login,
+            peer,
+            timeout,
+        } => {
+            let Some(peer) = peer_jid(&peer) else {
+                eprintln!("xtls: '{peer}' is not a JID like weather@bots.example.org");
+                return ExitCode::from(USAGE);
+            };
+            let timeout = std::time::Duration::from_secs(timeout.max(1));
+            exit(runtime().block_on(fingerprint::run(&login, &dir, &peer, timeout, cli.json)))
+        }
+        Command::Listen { login, timeout } => {
+            let timeout = std::time::Duration::from_secs(timeout.max(1));
+            exit(runtime().block_on(listen::run(&login, &dir, timeout, cli.json)))
         }
         Command::Whoami { jid } => {
             let Some(bare) = identity::bare_jid(&jid) else {

@@ -30,13 +30,8 @@ struct Sent {
 
 /// Runs `xtls send`; returns the exit status.
 pub async fn run(login: &LoginArgs, dir: &Path, args: SendArgs, json: bool) -> Outcome {
-    let result = async {
-        let mut online = talk::go_online(login, dir, args.timeout).await?;
-        let outcome = exchange(&mut online, &args, json).await;
-        online.client.logout().await;
-        outcome
-    }
-    .await;
+    let work = async |online: &mut Online| exchange(online, &args, json).await;
+    let result = talk::online(login, dir, args.timeout, work).await;
     match result {
         Ok(sent) => {
             report(&args.peer, &sent, json);

@@ -84,8 +84,21 @@ pub struct Online {
     pub known: KnownBots,
 }
 
+/// Goes online, runs `work`, and logs out whatever came of it.
+pub async fn online<T>(
+    args: &LoginArgs,
+    dir: &Path,
+    limit: Duration,
+    work: impl AsyncFnOnce(&mut Online) -> Result<T, Fail>,
+) -> Result<T, Fail> {
+    let mut online = go_online(args, dir, limit).await?;
+    let result = work(&mut online).await;
+    online.client.logout().await;
+    result
+}
+
 /// The account's bare JID, the identity's credentials, `known_bots`, then the login.
-pub async fn go_online(args: &LoginArgs, dir: &Path, limit: Duration) -> Result<Online, Fail> {
+async fn go_online(args: &LoginArgs, dir: &Path, limit: Duration) -> Result<Online, Fail> {
     let Some(bare) = identity::bare_jid(&args.jid) else {
         return Err(Fail::new(
             Outcome::Usage,

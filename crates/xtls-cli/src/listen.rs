@@ -1,0 +1,191 @@
+//! `xtls listen`: stay online and accept the tunnels that bots and people open to you; print
+//! what arrives, and send the lines you type to whoever spoke last.
+
+use std::path::Path;
+use std::time::Duration;
+
+use minidom::Element;
+use xtls::stanza::{checked_chat_message, ns};
+use xtls::tunnel::{CloseReason, Event, TrustVerdict, bare};
+
+use crate::client::Happening;
+use crate::known::{Entry, How, KnownBots};
+use crate::talk::{self, Fail, LoginArgs, Online, Outcome};
+
+/// Runs `xtls listen` until the input ends or the connection is lost; returns the exit status.
+pub async fn run(login: &LoginArgs, dir: &Path, timeout: Duration, json: bool) -> Outcome {
+    let result = talk::online(login, dir, timeout, async |online| {
+        listen(online, json).await
+    })
+    .await;
+    match result {
+        Ok(outcome) => outcome,
+        Err(fail) => {
+            if json {
+                line(serde_json::json!({"event": "error", "error": fail.message}));
+            } else {
+                eprintln!("xtls: {}", fail.message);
+            }
+            fail.outcome
+        }
+    }
+}
+
+async fn listen(online: &mut Online, json: bool) -> Result<Outcome, Fail> {
+    let jid = online.client.jid();
+    // Read afresh for every tunnel: a key remembered a moment ago is pinned for the next.
+    let path = online.known.path().to_path_buf();
+    online.client.accept_tunnels(Box::new(move |peer| {
+        let known = KnownBots::load(&path).ok()?;
+        Some(talk::policy_for(&known, bare(peer)))
+    }));
+    online.client.read_input(crate::chat::stdin_lines());
+    if json {
+        line(serde_json::json!({"event": "online", "jid": jid}));
+    } else {
+        println!(
+            "Listening as {jid}. Tunnels that bots and people open to this address are \
+             accepted; lines you type go to whoever wrote last. End with Ctrl-D."
+        );
+    }
+    let mut last: Option<String> = None;
+    loop {
+        match online.client.next().await.map_err(talk::lost)? {
+            Happening::Tunnel(peer, event) => match event {
+                Event::Established(established) => {
+                    let spki = established.peer.spki_sha256.clone();
+                    let standing = remember(
+                        &mut online.known,
+                        &peer,
+                        spki.as_ref(),
+                        established.peer.trust,
+                    )?;
+                    let spki = spki.map(|s| s.to_string()).unwrap_or_default();
+                    if json {
+                        line(serde_json::json!({
+                            "event": "opened", "peer": peer, "spki_sha256": spki, "key": standing,
+                        }));
+                    } else {
+                        let words = match standing {
+                            "new" => "NEW: first meeting, remembered",
+                            "verified" => "verified",
+                            _ => "known, not verified",
+                        };
+                        println!("{peer} opened a tunnel; key {spki} — {words}");
+                    }
+                }
+                Event::Stanza(stanza) if stanza.name() == "message" => {
+                    if let Some(body) = body(&stanza) {
+                        if json {
+                            line(
+                                serde_json::json!({"event": "message", "peer": peer, "body": body}),
+                            );
+                        } else {
+                            println!("{peer}: {body}");
+                        }
+                        last = Some(peer);
+                    }
+                }
+                Event::Stanza(stanza) if stanza.name() == "iq" => {
+                    answer_unknown_request(online, &peer, &stanza).await?;
+                }
+                Event::Closed(reason) => {
+                    if let Some((presented, _)) = reason.identity_change() {
+                        let warning = format!(
+                            "{peer} tried to open a tunnel with a key that is NOT the one you \
+                             know for it ({presented}); it was refused. If its owner really \
+                             changed it, accept it with: xtls trust {} {presented}",
+                            bare(&peer)
+                        );
+                        if json {
+                            line(serde_json::json!({
+                                "event": "refused", "peer": peer, "reason": "key_changed",
+                                "spki_sha256": presented.to_string(),
+                            }));
+                        } else {
+                            println!("WARNING: {warning}");
+                        }
+                    } else if json {
+                        line(
+                            serde_json::json!({"event": "closed", "peer": peer, "reason": reason.code()}),
+                        );
+                    } else if reason != CloseReason::Replaced {
+                        println!("The tunnel with {peer} ended ({reason}).");
+                    }
+                }
+                _ => {}
+            },
+            Happening::Input(Some(text)) => {
+                let Some(peer) = last.clone() else {
+                    println!("No one has written yet: nothing to answer.");
+                    continue;
+                };
+                match checked_chat_message(&text, "chat") {
+                    Ok(message) => match online
+                        .client
+                        .send(&peer, message)
+                        .await
+                        .map_err(talk::lost)?
+                    {
+                        Ok(_) => {}
+                        Err(why) => println!("Not sent to {peer}: {why}."),
+                    },
+                    Err(e) => println!("Not sent: {e}."),
+                }
+            }
+            Happening::Input(None) => return Ok(Outcome::Delivered),
+            _ => {}
+        }
+    }
+}
+
+/// Records a first meeting in `known_bots`; returns how the key stands: new, known, verified.
+fn remember(
+    known: &mut KnownBots,
+    peer: &str,
+    spki: Option<&xtls::Fingerprint>,
+    trust: TrustVerdict,
+) -> Result<&'static str, Fail> {
+    let Some(spki) = spki else {
+        return Ok("none");
+    };
+    if trust == TrustVerdict::TofuNew {
+        known.remember(Entry {
+            jid: bare(peer).to_owned(),
+            spki_sha256: spki.clone(),
+            how: How::Tofu,
+            since: crate::now(),
+        });
+        known
+            .save()
+            .map_err(|e| Fail::new(Outcome::Failed, e.to_string()))?;
+        return Ok("new");
+    }
+    Ok(match known.get(bare(peer)) {
+        Some(e) if e.how == How::Verified => "verified",
+        _ => "known",
+    })
+}
+
+/// Answers an inner IQ request nothing here handles (docs/protocol.md §1.9 rule 7).
+async fn answer_unknown_request(
+    online: &mut Online,
+    peer: &str,
+    stanza: &Element,
+) -> Result<(), Fail> {
+    if let Some(reply) = crate::chat::unhandled_request(stanza) {
+        let _ = online.client.send(peer, reply).await.map_err(talk::lost)?;
+    }
+    Ok(())
+}
+
+fn body(message: &Element) -> Option<String> {
+    if message.attr("type") == Some("error") {
+        return None;
+    }
+    message.get_child("body", ns::CLIENT).map(|b| b.text())
+}
+
+fn line(value: serde_json::Value) {
+    println!("{value}");
+}
