@@ -12,9 +12,13 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
+import signal
 import subprocess
+import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -169,7 +173,7 @@ def test_send_exit_statuses_tell_each_outcome_apart(tls_component, tls_server, h
     assert new != old
     changed = bob.run("send", bot, "second")
     assert changed.returncode == 5, changed.stderr
-    assert "KEY HAS CHANGED" in changed.stderr and old in changed.stderr and new in changed.stderr, changed.stderr
+    assert f"THE KEY OF {bot} HAS CHANGED" in changed.stderr and old in changed.stderr and new in changed.stderr, changed.stderr
     assert f"xtls trust {bot} {new}" in changed.stderr, changed.stderr
     assert [k["spki_sha256"] for k in bob.known() if k["jid"] == bot] == [old], "never accepted silently"
     trusted = bob.run("trust", bot, new)
@@ -323,3 +327,62 @@ def test_listen_takes_a_bots_push_and_two_people_chat_through_their_own_tunnel(t
     assert listener.wait() == 0
     assert {(k["jid"], k["how"]) for k in alice.known()} >= {(bot, "tofu"), (f"bob@{tls_server.host}", "tofu")}
     comp.delete(f"/v1/bots/{bot}")
+
+
+def test_the_readme_walkthrough_against_the_demo_chats_verifies_and_warns_of_a_changed_key(tmp_path):
+    """README, "Talk to a bot": `scripts/demo --serve`, source its file, `xtls chat` the echo bot,
+    /sas and yes, then the operator replaces the key and `xtls` refuses with the warning."""
+    demo = subprocess.Popen([sys.executable, str(Path(__file__).parent / "demo.py"), "--serve"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        printed = ""
+        while "Ctrl-C stops everything" not in printed:
+            line = demo.stdout.readline()
+            assert line, f"the demo ended early:\n{printed}"
+            printed += line
+        env_file = Path(re.search(r"^ +\. (\S+/xtls\.env)$", printed, re.M).group(1))
+        env = dict(os.environ)
+        for line in env_file.read_text().splitlines():
+            if line.startswith("export "):
+                key, value = line[len("export "):].split("=", 1)
+                env[key] = value
+        assert env_file.stat().st_mode & 0o077 == 0, "the demo's file holds a token and a password"
+
+        term = Terminal([str(XTLS_BIN), "chat", ECHO], env)
+        term.expect("NEW: first meeting")
+        term.type("hello")
+        term.expect(f"{ECHO}: hello")
+        term.type("/sas")
+        screen = term.expect("yes/no")
+        code = screen.split("Short authentication string: ", 1)[1].split(" ", 1)[0]
+        api, token = env["XTLS_API"], env["XTLS_TOKEN"]
+        rows = curl_json(f"{api}/tunnels?bot={ECHO}", token)
+        assert [r["sas"]["sas28x5"] for r in rows if r["state"] == "open"] == [code], rows
+        term.type("yes")
+        term.expect("is now verified")
+        term.type("/quit")
+        term.expect("Closed.")
+        assert term.wait() == 0
+
+        curl_json(f"{api}/bots/{ECHO}/certificate/rotate", token, {"new_key": True, "overlap_secs": 0})
+        changed = subprocess.run([str(XTLS_BIN), "send", ECHO, "still you?"], env=env, capture_output=True,
+                                 text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert changed.returncode == 5, changed.stderr
+        assert f"THE KEY OF {ECHO} HAS CHANGED. Nothing was sent." in changed.stderr, changed.stderr
+        assert "(verified since" in changed.stderr and f"xtls trust {ECHO} " in changed.stderr, changed.stderr
+    finally:
+        demo.send_signal(signal.SIGINT)
+        rest, _ = demo.communicate(timeout=60)
+    assert demo.returncode == 0, rest
+    assert "stopped Prosody and the component" in rest and not env_file.parent.exists()
+
+
+def curl_json(url: str, token: str, body: dict | None = None):
+    """What the README's curl commands do, with the standard library."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}, method="GET")
+    if body is not None:
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Authorization": f"Bearer {token}",
+                                                  "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.loads(answer.read())

@@ -356,7 +356,7 @@ fn closed_early(known: &KnownBots, peer: &str, peer_bare: &str, reason: &CloseRe
         return Fail::new(
             Outcome::KeyChanged,
             format!(
-                "WARNING: {peer}'S KEY HAS CHANGED. Nothing was sent.\n\
+                "WARNING: THE KEY OF {peer} HAS CHANGED. Nothing was sent.\n\
                  \x20 the key you know{since}:\n\
                  \x20   {was}\n\
                  \x20 the key it presents now:\n\
