@@ -15,17 +15,21 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
 from component import Component
 from ejabberd import Ejabberd
+from private_ca import PrivateCa
 from prosody import Prosody
 from xmpp_server import XmppServer
 from xtls_client import Identity, XtlsClient
 
 USERS = {"alice": "alice-secret", "bob": "bob-secret", "mallory": "mallory-secret"}
 BOT = "echo@bots.localhost"
+# More accounts on the TLS servers: Python bots and clients of the interoperability tests.
+TLS_USERS = {"pybot": "pybot-secret", "carol": "carol-secret"}
 
 
 def run(coro, timeout: float = 120.0):
@@ -112,6 +116,31 @@ def ejabberd_component(ejabberd):
 @pytest.fixture(scope="session")
 def ejabberd_users(ejabberd) -> Users:
     return Users(ejabberd)
+
+
+@pytest.fixture(scope="session", params=["prosody", "ejabberd"])
+def tls_server(request, tmp_path_factory):
+    """Prosody, then ejabberd, with c2s TLS on a certificate from a private CA (`server.ca`),
+    and the accounts of USERS and TLS_USERS: for the `xtls` client and the Python plugin."""
+    ca = PrivateCa(tmp_path_factory.mktemp("ca"))
+    server = Prosody(tls_ca=ca) if request.param == "prosody" else Ejabberd(tls_ca=ca)
+    server.ca = ca
+    for server in _running(server):
+        for name, password in TLS_USERS.items():
+            server.register(name, password)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tls_component(tls_server):
+    yield from _component(tls_server)
+
+
+@pytest.fixture(scope="session")
+def homes(tls_server, tmp_path_factory) -> Path:
+    """The users' configuration directories, kept for the session: one key per user, as on one
+    device (the bots pin it on first use and would refuse a second one)."""
+    return tmp_path_factory.mktemp("homes")
 
 
 @pytest.hookimpl(wrapper=True)

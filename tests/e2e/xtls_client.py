@@ -28,11 +28,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import datetime
 import hashlib
 import hmac
 import os
 import ssl
+import sys
 import tempfile
 import time
 import uuid
@@ -44,12 +44,28 @@ from typing import Callable
 
 import slixmpp
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
 from slixmpp.stanza import Iq
 from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher.base import MatcherBase
+
+# The helpers this peer shares with the Python plugin (clients/python), which started from it;
+# other test modules import some of them from here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "clients" / "python" / "src"))
+from slixmpp_xtls.identity import (  # noqa: E402
+    XMPP_ADDR_OID,
+    cert_sha256,
+    colon_hex,
+    der_utf8string,
+    parse_der_utf8string,
+    spki_sha256,
+    xmpp_addrs,
+)
+from slixmpp_xtls.tls import StanzaParser  # noqa: E402
+from slixmpp_xtls.tls import TlsEngine as PluginEngine  # noqa: E402
+from slixmpp_xtls.tls import TlsError as PluginTlsError  # noqa: E402
+from slixmpp_xtls.identity import Identity as PluginIdentity  # noqa: E402
+from slixmpp_xtls.verify import normalize_code, sas_code  # noqa: E402
 
 NS_XTLS = "urn:xmpp:tmp:xtls"
 NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
@@ -59,17 +75,12 @@ NS_PUBKEY = "urn:xmpp:tmp:pubkey"  # XEP-0189 v0.8 keyinfo inside an offer
 NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
 NS_SAS = "urn:xmpp:tmp:xtls:sas"  # short authentication strings (docs/verification.md)
 SAS_LABEL = b"EXPERIMENTAL-xtls-sas"
-SAS28 = "acdefghikmopqruvwxy123456789"
 NS_PAIR = "urn:xmpp:tmp:xtls:pair"  # pairing codes (docs/verification.md)
 CHANNEL_BINDING_LABEL = b"EXPORTER-Channel-Binding"  # RFC 9266 tls-exporter
-XMPP_ADDR_OID = x509.ObjectIdentifier("1.3.6.1.5.5.7.8.5")  # id-on-xmppAddr, RFC 6120 §13.7.1.4
 
 CHUNK_SIZE = 4096  # raw bytes per <data/> we send (spec §1.7 rule 2)
 WINDOW = 4  # unacknowledged <data/> IQs per tunnel (spec §1.7 rule 5)
 XML_WHITESPACE = {ord(c): None for c in " \t\r\n"}  # stripped from <data/> before decoding
-STREAM_PREFIX = (
-    b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>"
-)  # synthetic, never transmitted (spec §1.9 rule 3)
 
 
 # --------------------------------------------------------------------------- errors
@@ -98,68 +109,6 @@ class TlsFailure(Exception):
 # --------------------------------------------------------------------------- certificates
 
 
-def der_utf8string(text: str) -> bytes:
-    """DER encoding of an ASN.1 UTF8String (tag 0x0c, definite length)."""
-    body = text.encode("utf-8")
-    n = len(body)
-    if n < 0x80:
-        length = bytes([n])
-    else:
-        octets = n.to_bytes((n.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(octets)]) + octets
-    return b"\x0c" + length + body
-
-
-def parse_der_utf8string(der: bytes) -> str:
-    """Inverse of `der_utf8string`; raises ValueError on anything but one UTF8String."""
-    if len(der) < 2 or der[0] != 0x0C:
-        raise ValueError(f"not a DER UTF8String: {der[:8].hex()}")
-    first = der[1]
-    if first < 0x80:
-        n, offset = first, 2
-    else:
-        k = first & 0x7F
-        if k == 0 or k > 4 or len(der) < 2 + k:
-            raise ValueError("bad DER length")
-        n, offset = int.from_bytes(der[2 : 2 + k], "big"), 2 + k
-    if len(der) != offset + n:
-        raise ValueError("DER UTF8String length does not match its content")
-    return der[offset:].decode("utf-8")
-
-
-def colon_hex(digest: bytes) -> str:
-    """Uppercase hex pairs joined by ':' (the notation of spec §2.4)."""
-    return ":".join(f"{b:02X}" for b in digest)
-
-
-def spki_sha256(cert_der: bytes) -> str:
-    """SHA-256 over the DER SubjectPublicKeyInfo: the canonical fingerprint (spec §2.4)."""
-    cert = x509.load_der_x509_certificate(cert_der)
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return colon_hex(hashlib.sha256(spki).digest())
-
-
-def cert_sha256(cert_der: bytes) -> str:
-    """SHA-256 over the whole DER certificate (what `openssl x509 -fingerprint -sha256` shows)."""
-    return colon_hex(hashlib.sha256(cert_der).digest())
-
-
-def xmpp_addrs(cert_der: bytes) -> list[str]:
-    """All XmppAddr otherName values in the certificate's subjectAltName, decoded."""
-    cert = x509.load_der_x509_certificate(cert_der)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return [
-        parse_der_utf8string(name.value)
-        for name in san.get_values_for_type(x509.OtherName)
-        if name.type_id == XMPP_ADDR_OID
-    ]
-
-
 @dataclass(frozen=True)
 class Identity:
     """A self-signed certificate and its key, PEM-encoded, plus the DER of the certificate."""
@@ -170,45 +119,10 @@ class Identity:
 
     @classmethod
     def generate(cls, xmpp_addr: str) -> "Identity":
-        """ECDSA P-256, CN and exactly one XmppAddr = `xmpp_addr`, profile of spec §2.2."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, xmpp_addr)])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=365))
-            .add_extension(
-                x509.SubjectAlternativeName([x509.OtherName(XMPP_ADDR_OID, der_utf8string(xmpp_addr))]),
-                critical=False,
-            )
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                    crl_sign=False, encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
-            .sign(key, hashes.SHA256())
-        )
-        return cls(
-            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-            key_pem=key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-            cert_der=cert.public_bytes(serialization.Encoding.DER),
-        )
+        """ECDSA P-256, CN and exactly one XmppAddr = `xmpp_addr`, profile of spec §2.2
+        (the Python plugin's, valid for a year)."""
+        made = PluginIdentity.generate(xmpp_addr, days=365)
+        return cls(cert_pem=made.cert_pem, key_pem=made.key_pem, cert_der=made.cert_der)
 
     def load_into(self, ctx: ssl.SSLContext) -> None:
         """Load this certificate and key into `ctx` (ssl only reads files; they live a moment)."""
@@ -253,32 +167,6 @@ def server_context(identity: Identity, trusted_peer_pem: bytes | str | None, *, 
 
 
 # --------------------------------------------------------------------------- sans-IO TLS
-
-
-class StanzaParser:
-    """Incremental parser for the tunnel plaintext: top-level jabber:client stanzas (spec §1.9)."""
-
-    def __init__(self) -> None:
-        self._parser = ET.XMLPullParser(events=("start", "end"))
-        self._parser.feed(STREAM_PREFIX)
-        self._root: ET.Element | None = None
-        self._depth = 0
-
-    def feed(self, data: bytes) -> list[ET.Element]:
-        """Feed plaintext; return the stanzas it completed. Raises ET.ParseError on bad XML."""
-        self._parser.feed(data)
-        done = []
-        for event, elem in self._parser.read_events():
-            if event == "start":
-                self._depth += 1
-                if self._root is None:
-                    self._root = elem
-            else:
-                self._depth -= 1
-                if self._depth == 1:
-                    done.append(elem)
-                    self._root.remove(elem)
-        return done
 
 
 def is_peer_alert(exc: ssl.SSLError) -> bool:
@@ -367,102 +255,59 @@ class TlsEngine:
 
 
 class OpenSslEngine(TlsEngine):
-    """`TlsEngine` over pyOpenSSL, as the TLS client: the OpenSSL that the
-    `cryptography` wheel bundles, reached through an API that has the TLS exporter (RFC 8446
-    §7.5) Python's `ssl` lacks, for short authentication strings.  Like `client_context`,
-    it accepts any server certificate: callers compare fingerprints after the handshake."""
+    """`TlsEngine`'s interface over the Python plugin's engine (pyOpenSSL), as the TLS client:
+    the OpenSSL that the `cryptography` wheel bundles, reached through an API that has the TLS
+    exporter (RFC 8446 §7.5) Python's `ssl` lacks, for short authentication strings. Like
+    `client_context`, it accepts any server certificate: callers compare fingerprints after
+    the handshake."""
 
     def __init__(self, identity: "Identity") -> None:
-        from OpenSSL import SSL
-
-        self._SSL = SSL
-        ctx = SSL.Context(SSL.TLS_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-        ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
-        ctx.use_certificate(x509.load_pem_x509_certificate(identity.cert_pem))
-        ctx.use_privatekey(serialization.load_pem_private_key(identity.key_pem, None))
-        ctx.set_verify(SSL.VERIFY_PEER, lambda _conn, _cert, _errno, _depth, _ok: True)
-        self._tls = SSL.Connection(ctx, None)  # memory BIOs
-        self._tls.set_connect_state()
+        self._engine = PluginEngine(identity, server_side=False, judge=lambda _der: None)
         self._parser = StanzaParser()
         self.handshake_done = False
         self.peer_eof = False
 
-    def _handshake(self) -> bool:
+    def step(self) -> list[ET.Element]:
         try:
-            self._tls.do_handshake()
-        except self._SSL.WantReadError:
-            return False
-        except self._SSL.Error as exc:
+            stanzas = self._engine.step()
+        except PluginTlsError as exc:
             raise ssl.SSLError(str(exc)) from exc
-        return True
-
-    def _read(self) -> bytes | None:
-        try:
-            return self._tls.recv(65536)
-        except self._SSL.WantReadError:
-            return None
-        except self._SSL.ZeroReturnError:
-            return b""
-        except self._SSL.Error as exc:
-            raise ssl.SSLError(str(exc)) from exc
+        self.handshake_done, self.peer_eof = self._engine.handshake_done, self._engine.peer_eof
+        return stanzas
 
     def feed(self, payload: bytes) -> list[ET.Element]:
-        self._tls.bio_write(payload)
-        return self.step()
+        try:
+            stanzas = self._engine.feed(payload)
+        except PluginTlsError as exc:
+            raise ssl.SSLError(str(exc)) from exc
+        self.handshake_done, self.peer_eof = self._engine.handshake_done, self._engine.peer_eof
+        return stanzas
 
     def write(self, plaintext: bytes) -> None:
-        self._tls.sendall(plaintext)
+        self._engine.write(plaintext)
 
     def close_notify(self) -> None:
-        try:
-            self._tls.shutdown()
-        except self._SSL.Error:
-            pass
+        self._engine.close_notify()
 
     def take_chunks(self, size: int = CHUNK_SIZE) -> list[bytes]:
-        data = b""
-        while True:
-            try:
-                data += self._tls.bio_read(65536)
-            except self._SSL.WantReadError:
-                break
-        return [data[i : i + size] for i in range(0, len(data), size)]
+        return self._engine.take_chunks(size)
 
     @property
     def peer_cert_der(self) -> bytes | None:
-        cert = self._tls.get_peer_certificate(as_cryptography=True)
-        return None if cert is None else cert.public_bytes(serialization.Encoding.DER)
+        return self._engine.peer_cert_der
 
     @property
     def version(self) -> str | None:
-        return self._tls.get_protocol_version_name()
+        return self._engine.version
 
     def export_keying_material(self, label: bytes, length: int, context: bytes) -> bytes:
-        return self._tls.export_keying_material(label, length, context)
-
-
-def sas_code(exported: bytes) -> tuple[str, str]:
-    """The code of an exporter output (docs/verification.md): `sas28x5` of the first 24
-    bits, most significant digit first, and the first 32 bits modulo 10^6 as six digits."""
-    n = int.from_bytes(exported[:3], "big")
-    digits = ""
-    for _ in range(5):
-        digits = SAS28[n % 28] + digits
-        n //= 28
-    return digits, f"{int.from_bytes(exported[:4], 'big') % 1_000_000:06d}"
+        return self._engine.export(label, context, length)
 
 
 def exchange_iq(iq_id: str, element: str, payload: bytes, ns: str) -> str:
     """An inner IQ set carrying one message of a verification exchange (SAS or pairing)."""
     return (f"<iq xmlns='jabber:client' type='set' id='{iq_id}'>"
             f"<{element} xmlns='{ns}'>{base64.b64encode(payload).decode()}</{element}></iq>")
-
-
-def normalize_code(typed: str) -> str:
-    """A pairing code as typed, as the PAKE's password (docs/verification.md)."""
-    kept = "".join(c for c in typed if c not in "- \t").upper()
-    return kept.translate(str.maketrans({"I": "1", "L": "1", "O": "0"}))
 
 
 def message_xml(body: str, msg_id: str) -> bytes:
