@@ -46,6 +46,9 @@ class XTLS(BasePlugin):
     - `accept`: whether peers may open tunnels to us: True, False, or a function of the peer's
       JID.
     - `window`: `<data/>` IQs in flight per tunnel (4).
+    - `max_tunnels`: tunnels at once (100); a `start` beyond is refused, to be tried later.
+    - `inbox`: stanzas kept per tunnel for `Tunnel.recv` (256); an application that only
+      handles events loses nothing to it, and a peer cannot fill memory.
 
     Events: `xtls_opened` (a `Tunnel`), `xtls_stanza` (`(tunnel, stanza)`, routing restored),
     `xtls_sas` (`(tunnel, (code, digits))` when the peer ran the short authentication string
@@ -62,6 +65,8 @@ class XTLS(BasePlugin):
         "trust": "tofu",
         "accept": True,
         "window": 4,
+        "max_tunnels": 100,
+        "inbox": 256,
     }
 
     def plugin_init(self) -> None:
@@ -154,6 +159,8 @@ class XTLS(BasePlugin):
         if not (accept(peer) if callable(accept) else accept):
             return self._reply_error(xml, "not-acceptable")
         existing = self._tunnels.get(peer)
+        if existing is None and len(self._tunnels) >= self.config.get("max_tunnels", 100):
+            return self._reply_error(xml, "resource-constraint", "wait")
         if existing is not None:
             if existing.state == "starting" and str(self.xmpp.boundjid.full).encode() < peer.encode():
                 return self._reply_error(xml, "conflict")

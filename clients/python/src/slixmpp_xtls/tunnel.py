@@ -100,7 +100,9 @@ class Tunnel:
         self._key_verdict: str | None = None
         self._opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._progress = asyncio.Event()
-        self._inbox: asyncio.Queue[ET.Element | None] = asyncio.Queue()
+        # Stanzas for `recv`; the oldest go once an application that reads events only has
+        # left `inbox` of them unread, so a peer cannot fill our memory.
+        self._inbox: deque[ET.Element] = deque(maxlen=plugin.config.get("inbox", 256))
         self._waiting: dict[str, asyncio.Future[ET.Element]] = {}
         self._sas_answer: tuple[bytes, bytes] | None = None  # (their commitment, our nonce)
 
@@ -135,12 +137,10 @@ class Tunnel:
         self._enqueue(handshake=False)
 
     async def recv(self, timeout: float = 30.0) -> ET.Element:
-        """The next inner stanza (routing restored) that no event handler took."""
-        stanza = await asyncio.wait_for(self._inbox.get(), timeout)
-        if stanza is None:
-            self._inbox.put_nowait(None)
-            raise TunnelClosed(f"the tunnel with {self.peer} ended: {self.reason}")
-        return stanza
+        """The next inner stanza (routing restored), in order; the same stanzas also come as
+        `xtls_stanza` events."""
+        await self._wait(lambda: bool(self._inbox), timeout, "stanza")
+        return self._inbox.popleft()
 
     async def recv_message(self, timeout: float = 30.0) -> str:
         """The body of the next message."""
@@ -375,7 +375,8 @@ class Tunnel:
                 return
             if kind == "set" and self._on_sas(stanza):
                 return
-        self._inbox.put_nowait(stanza)
+        self._inbox.append(stanza)
+        self._progress.set()
         self.plugin.xmpp.event("xtls_stanza", (self, stanza))
 
     def _on_sas(self, iq: ET.Element) -> bool:
@@ -427,7 +428,6 @@ class Tunnel:
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(TunnelClosed(reason))
-        self._inbox.put_nowait(None)
         self._progress.set()
         self.plugin.xmpp.event("xtls_closed", self)
 
