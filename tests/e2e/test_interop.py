@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from conftest import TLS_USERS
-from test_xtls_cli import ECHO, Terminal, Xtls
+from test_xtls_cli import ECHO, Terminal, Xtls, json_event
 
 CLIENTS = Path(__file__).resolve().parents[2] / "clients" / "python"
 
@@ -85,7 +85,7 @@ def test_a_python_client_talks_to_the_components_bot_and_to_a_person_running_xtl
 
     alice = Xtls(tls_server, "alice", homes / "alice")
     listener = Terminal(alice.argv("--json", "listen"), alice.env)
-    full = json.loads(listener.expect('"event":"online"').splitlines()[-1])["jid"]
+    full = json_event(listener, "online")["jid"]
     client = subprocess.Popen(carol.argv("send.py", full, "hello alice, from python"), env=carol.env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     listener.expect('"body":"hello alice, from python"')

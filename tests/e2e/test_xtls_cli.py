@@ -177,17 +177,27 @@ class Terminal:
         """Reads until `text` is on the screen; returns the screen so far."""
         deadline = time.monotonic() + timeout
         while text not in self.screen:
-            left = deadline - time.monotonic()
-            assert left > 0, f"{text!r} never appeared; the screen:\n{self.screen}"
-            ready, _, _ = select.select([self.fd], [], [], left)
-            if ready:
-                try:
-                    chunk = os.read(self.fd, 4096)
-                except OSError:  # the program ended
-                    chunk = b""
-                assert chunk, f"{text!r} never appeared before the end; the screen:\n{self.screen}"
-                self.screen += chunk.decode(errors="replace").replace("\r\n", "\n")
+            self._read(text, deadline)
         return self.screen
+
+    def expect_line(self, text: str, timeout: float = 20) -> str:
+        """Reads until a whole line holding `text` is on the screen; returns that line."""
+        deadline = time.monotonic() + timeout
+        while not (lines := [line for line in self.screen.split("\n")[:-1] if text in line]):
+            self._read(text, deadline)
+        return lines[0]
+
+    def _read(self, text: str, deadline: float) -> None:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{text!r} never appeared; the screen:\n{self.screen}"
+        ready, _, _ = select.select([self.fd], [], [], left)
+        if ready:
+            try:
+                chunk = os.read(self.fd, 4096)
+            except OSError:  # the program ended
+                chunk = b""
+            assert chunk, f"{text!r} never appeared before the end; the screen:\n{self.screen}"
+            self.screen += chunk.decode(errors="replace").replace("\r\n", "\n")
 
     def wait(self, timeout: float = 20) -> int:
         deadline = time.monotonic() + timeout
@@ -256,6 +266,11 @@ def test_chat_with_a_pairing_code_lets_a_new_key_into_a_verified_only_bot(tls_co
     comp.delete(f"/v1/bots/{bot}")
 
 
+def json_event(term: Terminal, event: str) -> dict:
+    """The first line of `xtls --json listen` output that reports `event`, parsed."""
+    return json.loads(term.expect_line(f'"event":"{event}"'))
+
+
 def wait_for(check, timeout: float = 15, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while not (value := check()):
@@ -271,7 +286,7 @@ def test_listen_takes_a_bots_push_and_two_people_chat_through_their_own_tunnel(t
     alice = Xtls(tls_server, "alice", homes / "alice")
     bob = Xtls(tls_server, "bob", homes / "bob")
     listener = Terminal(alice.argv("--json", "listen"), alice.env)
-    online = json.loads(listener.expect('"event":"online"').splitlines()[-1])
+    online = json_event(listener, "online")
     full = online["jid"]
     assert full.startswith(f"alice@{tls_server.host}/"), online
 
@@ -283,6 +298,15 @@ def test_listen_takes_a_bots_push_and_two_people_chat_through_their_own_tunnel(t
     assert opened == [{"event": "opened", "peer": bot, "spki_sha256": spki_of(comp, bot), "key": "new"}], opened
     wait_for(lambda: comp.get(f"/v1/bots/{bot}/messages/{sent['id']}")[1]["status"] == "acknowledged",
              what="the push acknowledged")
+    # The bot's side starts a short authentication string; the listener shows the same code.
+    (row,) = [t for t in comp.get(f"/v1/tunnels?bot={bot}")[1] if t["peer"] == full and t["state"] == "open"]
+    status, started = comp.post(f"/v1/tunnels/{row['id']}/sas")
+    assert status == 200, started
+    shown = json_event(listener, "sas")
+    sas = wait_for(lambda: (comp.get(f"/v1/tunnels/{row['id']}")[1]["sas"] or {}).get("sas28x5") and
+                   comp.get(f"/v1/tunnels/{row['id']}")[1]["sas"], what="the bot's code")
+    assert (shown["sas28x5"], shown["decimal"]) == (sas["sas28x5"], sas["decimal"]), (shown, sas)
+    assert shown["spki_sha256"] == spki_of(comp, bot) and sas["started_by"] == "bot", (shown, sas)
 
     talker = Terminal(bob.argv("chat", full), bob.env)
     screen = talker.expect("/quit leave.")

@@ -1,6 +1,7 @@
 //! `xtls listen`: stay online and accept the tunnels that bots and people open to you; print
 //! what arrives, and send the lines you type to whoever spoke last.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use xtls::tunnel::{CloseReason, Event, TrustVerdict, bare};
 use crate::client::Happening;
 use crate::known::{Entry, How, KnownBots};
 use crate::talk::{self, Fail, LoginArgs, Online, Outcome};
+use crate::verify::{Step, Verification};
 
 /// Runs `xtls listen` until the input ends or the connection is lost; returns the exit status.
 pub async fn run(login: &LoginArgs, dir: &Path, timeout: Duration, json: bool) -> Outcome {
@@ -49,6 +51,7 @@ async fn listen(online: &mut Online, json: bool) -> Result<Outcome, Fail> {
         );
     }
     let mut last: Option<String> = None;
+    let mut verifications: HashMap<String, Verification> = HashMap::new();
     loop {
         match online.client.next().await.map_err(talk::lost)? {
             Happening::Tunnel(peer, event) => match event {
@@ -87,9 +90,33 @@ async fn listen(online: &mut Online, json: bool) -> Result<Outcome, Fail> {
                     }
                 }
                 Event::Stanza(stanza) if stanza.name() == "iq" => {
-                    answer_unknown_request(online, &peer, &stanza).await?;
+                    let verification = verifications.entry(peer.clone()).or_default();
+                    let (steps, spki) = match online.client.tunnel(&peer) {
+                        Some(tunnel) => {
+                            let tunnel = &*tunnel;
+                            let export = |out: &mut [u8], label: &[u8], context: &[u8]| {
+                                tunnel.export_keying_material(out, label, context)
+                            };
+                            let spki = tunnel
+                                .established()
+                                .and_then(|e| e.peer.spki_sha256.as_ref())
+                                .map(|f| f.to_string())
+                                .unwrap_or_default();
+                            (verification.on_iq(&stanza, &export), spki)
+                        }
+                        None => (None, String::new()),
+                    };
+                    match steps {
+                        None => answer_unknown_request(online, &peer, &stanza).await?,
+                        Some(steps) => {
+                            for step in steps {
+                                show_step(online, &peer, &spki, step, json).await?;
+                            }
+                        }
+                    }
                 }
                 Event::Closed(reason) => {
+                    verifications.remove(&peer);
                     if let Some((presented, _)) = reason.identity_change() {
                         let warning = format!(
                             "{peer} tried to open a tunnel with a key that is NOT the one you \
@@ -165,6 +192,38 @@ fn remember(
         Some(e) if e.how == How::Verified => "verified",
         _ => "known",
     })
+}
+
+/// Carries out one step of a verification a peer started, and tells the person.
+async fn show_step(
+    online: &mut Online,
+    peer: &str,
+    spki: &str,
+    step: Step,
+    json: bool,
+) -> Result<(), Fail> {
+    match step {
+        Step::Send(stanza) => {
+            let _ = online.client.send(peer, stanza).await.map_err(talk::lost)?;
+        }
+        Step::Code(code) if json => line(serde_json::json!({
+            "event": "sas", "peer": peer, "sas28x5": code.sas28x5, "decimal": code.decimal,
+            "spki_sha256": spki,
+        })),
+        Step::Code(code) => println!(
+            "{peer} compares a short authentication string with you: {code}. If it shows the \
+             same code, its key {spki} is the one you talk to: mark it verified with \
+             `xtls trust {} {spki}`.",
+            bare(peer)
+        ),
+        Step::Failed(why) if json => {
+            line(serde_json::json!({"event": "sas_failed", "peer": peer, "error": why}))
+        }
+        Step::Failed(why) => println!("Verification with {peer} failed: {why}"),
+        // Only the side that types a code starts pairing; a peer cannot make us pair.
+        Step::Paired => {}
+    }
+    Ok(())
 }
 
 /// Answers an inner IQ request nothing here handles (docs/protocol.md §1.9 rule 7).

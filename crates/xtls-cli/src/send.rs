@@ -102,6 +102,12 @@ async fn exchange(online: &mut Online, args: &SendArgs, json: bool) -> Result<Se
                     break Some(body.text());
                 }
             }
+            Happening::Tunnel(p, Event::Stanza(stanza)) if p == peer && stanza.name() == "iq" => {
+                // Nothing here answers the peer's requests, but each gets its one answer.
+                if let Some(reply) = crate::chat::unhandled_request(&stanza) {
+                    let _ = online.client.send(peer, reply).await.map_err(talk::lost)?;
+                }
+            }
             Happening::Tunnel(p, Event::Closed(reason)) if p == peer => {
                 let fate = if delivered {
                     "after the message was delivered, before any answer"
