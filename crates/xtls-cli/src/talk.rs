@@ -455,3 +455,67 @@ pub fn standing(opened: &Opened) -> &'static str {
         None => "new",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn field(var: &str, value: &str) -> Element {
+        let mut value_el = Element::bare("value", "jabber:x:data");
+        value_el.append_text(value);
+        Element::builder("field", "jabber:x:data")
+            .attr(xtls::stanza::name("var"), var)
+            .append(value_el)
+            .build()
+    }
+
+    fn query(features: &[&str], fields: &[(String, String)]) -> Element {
+        let mut query = Element::bare("query", ns::DISCO_INFO);
+        for var in features {
+            query.append_child(
+                Element::builder("feature", ns::DISCO_INFO)
+                    .attr(xtls::stanza::name("var"), *var)
+                    .build(),
+            );
+        }
+        let mut form = Element::builder("x", "jabber:x:data").build();
+        form.append_child(field("FORM_TYPE", ns::XTLS));
+        for (var, value) in fields {
+            form.append_child(field(var, value));
+        }
+        query.append_child(form);
+        query
+    }
+
+    #[test]
+    fn the_announced_key_and_the_feature_are_read_from_the_xtls_form() {
+        let spki = "61:B7:1C:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:48:4E";
+        let fields = [
+            ("spki-sha256".to_owned(), spki.to_owned()),
+            ("not-after".to_owned(), "2036-12-01T00:00:00Z".to_owned()),
+        ];
+        let read = read_disco(&query(&[ns::DISCO_INFO, ns::XTLS], &fields));
+        assert!(read.xtls);
+        assert_eq!(
+            read.spki_sha256.map(|f| f.to_string()).as_deref(),
+            Some(spki)
+        );
+        assert_eq!(read.not_after.as_deref(), Some("2036-12-01T00:00:00Z"));
+        assert!(!read_disco(&query(&[ns::DISCO_INFO], &[])).xtls);
+    }
+
+    proptest! {
+        /// Whatever a peer puts in its form, reading it never panics, and a key is taken only
+        /// when it is a well-formed fingerprint.
+        #[test]
+        fn any_form_is_read_without_panic(
+            fields in proptest::collection::vec(("[a-z-]{0,16}", "\\PC{0,120}"), 0..8),
+        ) {
+            let read = read_disco(&query(&[ns::XTLS], &fields));
+            if let Some(spki) = read.spki_sha256 {
+                prop_assert!(Fingerprint::parse(&spki.to_string()).is_some());
+            }
+        }
+    }
+}
