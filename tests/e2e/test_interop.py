@@ -7,6 +7,7 @@ The Python side runs the package's own examples as separate processes, as their 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -14,8 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import TLS_USERS
-from test_xtls_cli import ECHO, Terminal, Xtls, json_event
+from conftest import TLS_USERS, run
+from test_xtls_cli import ECHO, Terminal, Xtls, json_event, new_bot
 
 CLIENTS = Path(__file__).resolve().parents[2] / "clients" / "python"
 
@@ -96,3 +97,54 @@ def test_a_python_client_talks_to_the_components_bot_and_to_a_person_running_xtl
     assert f"key {alice_key} (new)" in err, err
     os.write(listener.fd, b"\x04")
     assert listener.wait() == 0
+
+
+def test_the_python_client_compares_a_code_with_the_component_and_pairs_with_a_code(
+        tls_component, tls_server, homes):
+    """The plugin's own API, in this process: `start_sas()` gives the code the component shows,
+    and `pair(code)` lets its key into a bot that admits verified keys only."""
+    import slixmpp
+
+    sys.path.insert(0, str(CLIENTS / "src"))
+    import slixmpp_xtls  # noqa: F401  (registers the plugin)
+
+    comp, host = tls_component, tls_server.host
+    bot = new_bot(comp, "pysas")
+    strict = new_bot(comp, "pypair", trust="verified_only")
+    status, minted = comp.post(f"/v1/bots/{strict}/peers/carol@{host}/pairing", {"ttl_secs": 300})
+    assert status == 201, minted
+    home = homes / "carol-python"
+
+    async def scenario():
+        xmpp = slixmpp.ClientXMPP(f"carol@{host}", TLS_USERS["carol"])
+        xmpp.register_plugin("xep_0030")
+        xmpp.register_plugin("xtls", {"key_dir": str(home / "key"), "known_keys": str(home / "known_peers")})
+        xmpp.ca_certs = str(tls_server.ca.ca_file)
+        online = asyncio.get_running_loop().create_future()
+        xmpp.add_event_handler("session_start", lambda _: online.done() or online.set_result(None))
+        xmpp.connect("127.0.0.1", tls_server.c2s_port)
+        await asyncio.wait_for(online, 30)
+        try:
+            tunnel = await xmpp.plugin["xtls"].open(bot)
+            code = await tunnel.start_sas()
+            (row,) = [t for t in comp.get(f"/v1/tunnels?bot={bot}")[1]
+                      if t["peer"] == str(xmpp.boundjid.full) and t["state"] == "open"]
+            sas = comp.get(f"/v1/tunnels/{row['id']}")[1]["sas"]
+            assert (sas["sas28x5"], sas["decimal"]) == code and sas["started_by"] == "peer", (sas, code)
+            await tunnel.close()
+            assert tunnel.state == "closed", tunnel.reason
+
+            paired = await xmpp.plugin["xtls"].open(strict)
+            await paired.pair(minted["code"].lower())
+            assert paired.key_status == "verified"
+            await paired.send_message("paired from python")
+            assert await paired.recv_message() == "paired from python"
+            await paired.close()
+        finally:
+            await xmpp.disconnect()
+
+    run(scenario())
+    _, keys = comp.get(f"/v1/bots/{strict}/peers/carol@{host}/keys")
+    assert [(k["verified"], k["compared"]) for k in keys] == [(True, "pairing")], keys
+    for jid in (bot, strict):
+        comp.delete(f"/v1/bots/{jid}")
