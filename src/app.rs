@@ -22,6 +22,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     mut reloads: mpsc::Receiver<Config>,
 ) -> anyhow::Result<()> {
+    // Before anything else touches the file: a second instance must not reach the start-up
+    // clean-up below, which would close the first one's live tunnels.
+    let _sole = crate::store::claim_sole_instance(&config.store.url)
+        .with_context(|| format!("cannot use the store at {}", config.store.url))?;
     let store = Store::open(&config.store.url)
         .await
         .with_context(|| format!("cannot open the store at {}", config.store.url))?;

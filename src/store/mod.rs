@@ -78,6 +78,9 @@ pub enum StoreError {
     /// A stored value is none of the values its column may hold.
     #[error("stored value unreadable: {0}")]
     Unreadable(String),
+    /// Another process holds the store ([`claim_sole_instance`]), or the claim failed.
+    #[error("{0}")]
+    InUse(String),
 }
 
 impl From<xtls::UnknownName> for StoreError {
@@ -204,6 +207,61 @@ impl Store {
     }
 }
 
+/// The claim of one process on a SQLite store file, held while it lives (an advisory lock on
+/// `<file>.instance`, released by the system when the process ends, however it ends).
+#[derive(Debug)]
+pub struct SoleInstance {
+    _lock: std::fs::File,
+}
+
+/// Claims the SQLite store at `url` for this process alone: SQLite serves one instance, and a
+/// second one on the same file would close the first one's tunnels as stale at its start and
+/// answer for bots the first one owns. `None` for an in-memory store, which no one shares.
+pub fn claim_sole_instance(url: &str) -> Result<Option<SoleInstance>, StoreError> {
+    if url.contains(":memory:") || url.contains("mode=memory") {
+        return Ok(None);
+    }
+    let options = SqliteConnectOptions::from_str(url)?;
+    let file = options.get_filename();
+    let mut path = file.as_os_str().to_owned();
+    path.push(".instance");
+    let path = std::path::PathBuf::from(path);
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| StoreError::InUse(format!("cannot open {}: {e}", path.display())))?;
+    match lock.try_lock() {
+        Ok(()) => {
+            use std::io::Write as _;
+            let mut writing = &lock;
+            let _ = lock.set_len(0);
+            let _ = writeln!(writing, "{}", std::process::id());
+            Ok(Some(SoleInstance { _lock: lock }))
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            let pid = if holder.is_empty() {
+                String::new()
+            } else {
+                format!(" (pid {holder})")
+            };
+            Err(StoreError::InUse(format!(
+                "another xtls-component{pid} already uses the store {}: a SQLite store serves one \
+                 instance; stop the other one, or give this one a store of its own",
+                file.display()
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::InUse(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -276,6 +334,29 @@ pub(crate) mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let url = format!("sqlite://{}/test.db", dir.display());
         (Store::open(&url).await.unwrap(), dir)
+    }
+
+    #[test]
+    fn a_sqlite_store_is_claimed_by_one_instance_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("xtls-claim-{}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}/x.db", dir.display());
+        let first = claim_sole_instance(&url).unwrap();
+        assert!(first.is_some());
+        let refused = claim_sole_instance(&url).unwrap_err().to_string();
+        assert!(
+            refused.contains(&format!("(pid {})", std::process::id()))
+                && refused.contains("x.db")
+                && refused.contains("serves one instance"),
+            "{refused}"
+        );
+        drop(first);
+        assert!(
+            claim_sole_instance(&url).unwrap().is_some(),
+            "released with its holder"
+        );
+        assert!(claim_sole_instance("sqlite::memory:").unwrap().is_none());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]

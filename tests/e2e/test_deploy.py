@@ -170,3 +170,21 @@ def test_healthcheck_subcommand_against_a_running_instance(component):
         text=True,
     )
     assert down.returncode == 1 and "unhealthy" in down.stderr, (down.returncode, down.stderr)
+
+
+def test_a_second_instance_on_the_same_store_file_stops_at_once_and_says_why(component, tmp_path):
+    """A SQLite store serves one instance: a second process given the same file stops before it
+    touches it (its start-up would close the first one's live tunnels as stale), names the
+    holder, and the first one keeps serving."""
+    config = component.config_path.read_text()
+    config = re.sub(r'listen = "127\.0\.0\.1:\d+"', f'listen = "127.0.0.1:{free_port()}"', config, count=1)
+    second = tmp_path / "second.toml"
+    second.write_text(config)
+    env = {"PATH": "/usr/bin:/bin", "RUST_LOG": "info"}
+    done = subprocess.run([str(binary_path()), "serve", "--config", str(second)], capture_output=True, text=True,
+                          timeout=30, env=env, cwd=tmp_path)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0, said
+    assert f"another xtls-component (pid {component.pid}) already uses the store {component.store_path}" in said, said
+    assert component.get("/readyz")[0] == 200
+    assert component.running()
