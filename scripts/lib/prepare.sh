@@ -15,6 +15,7 @@ _command_of() {
         prosody) echo prosody ;;
         ejabberd) echo ejabberdctl ;;
         util-linux) echo setpriv ;;
+        postgresql) echo pg_ctlcluster ;;  # the server, not only psql (postgresql-common)
         g++) echo c++ ;;
         *) echo "$1" ;;
     esac
