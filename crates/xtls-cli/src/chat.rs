@@ -12,7 +12,6 @@ use xtls::stanza::{DefinedCondition, ErrorType, Iq, checked_chat_message, ns};
 use xtls::tunnel::{CloseReason, Event, bare};
 
 use crate::client::Happening;
-use crate::known::{Entry, How};
 use crate::talk::{self, Fail, LoginArgs, Online, Opened, Outcome};
 use crate::verify::{Step, Verification};
 
@@ -109,7 +108,11 @@ impl Chat<'_> {
                     if bare(message.attr("from").unwrap_or("")) == self.peer_bare =>
                 {
                     if let Some(body) = body(&message) {
-                        println!("{} [NOT ENCRYPTED, outside the tunnel]: {body}", self.peer);
+                        println!(
+                            "{} [NOT ENCRYPTED, outside the tunnel]: {}",
+                            self.peer,
+                            talk::on_screen(&body)
+                        );
                     }
                 }
                 _ => {}
@@ -130,7 +133,8 @@ impl Chat<'_> {
                          {}'s key stays as it was.",
                         self.peer
                     );
-                    talk::close(self.online, &self.peer).await;
+                    let late = talk::close(self.online, &self.peer).await;
+                    self.show_late(late);
                     return Ok(Some(Outcome::KeyChanged));
                 }
                 _ => {
@@ -208,7 +212,7 @@ impl Chat<'_> {
                         condition(&stanza)
                     );
                 } else if let Some(body) = body(&stanza) {
-                    println!("{}: {body}", self.peer);
+                    println!("{}: {}", self.peer, talk::on_screen(&body));
                 }
             }
             Event::Established(established) => {
@@ -275,25 +279,25 @@ impl Chat<'_> {
 
     /// Records the peer's key as verified in `known_bots`.
     fn verified(&mut self, how: &str) -> Result<(), Fail> {
-        let entry = Entry {
-            jid: self.peer_bare.clone(),
-            spki_sha256: self.opened.spki_sha256.clone(),
-            how: How::Verified,
-            since: crate::now(),
-        };
-        self.online.known.remember(entry.clone());
-        self.online
-            .known
-            .save()
-            .map_err(|e| Fail::new(Outcome::Failed, e.to_string()))?;
-        self.opened.known = Some(entry);
+        let path = self.online.known.path().to_path_buf();
+        self.online.known =
+            talk::remember_verified(&path, &self.peer_bare, &self.opened.spki_sha256)?;
+        self.opened.known = self.online.known.get(&self.peer_bare).cloned();
         println!("{}'s key is now verified ({how}).", self.peer);
         Ok(())
     }
 
+    /// Shows what the peer wrote while the tunnel was closing.
+    fn show_late(&self, bodies: Vec<String>) {
+        for body in bodies {
+            println!("{}: {}", self.peer, talk::on_screen(&body));
+        }
+    }
+
     async fn quit(&mut self) -> Result<Outcome, Fail> {
         println!("Closing the tunnel...");
-        talk::close(self.online, &self.peer).await;
+        let late = talk::close(self.online, &self.peer).await;
+        self.show_late(late);
         println!("Closed.");
         Ok(Outcome::Delivered)
     }

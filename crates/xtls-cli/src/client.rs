@@ -6,14 +6,14 @@
 //! [`Happening`]; what the tunnels want sent is written before it returns, so a command that
 //! stops calling it loses nothing already accepted.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::time::{Duration, Instant};
 
 use minidom::Element;
 use tokio::sync::mpsc;
 use xtls::stanza::xtls::XtlsElement;
-use xtls::stanza::{DefinedCondition, ErrorType, Iq, IqType, build_iq, ns};
+use xtls::stanza::{DefinedCondition, ErrorType, Iq, IqType, build_iq, error_element, ns};
 use xtls::tunnel::{
     BotCredentials, CloseReason, Event, PeerPolicy, StartDecision, Tunnel, TunnelConfig, TunnelKey,
     TunnelParams, classify_request, decide_start,
@@ -50,7 +50,8 @@ pub struct Client {
     accept: Option<AcceptPolicy>,
     input: Option<mpsc::Receiver<String>>,
     deadline: Option<Instant>,
-    queries: HashSet<String>,
+    /// Our IQ queries awaiting answers: id → the JID asked, which alone may answer.
+    queries: HashMap<String, String>,
     happenings: VecDeque<Happening>,
     outbox: VecDeque<Element>,
     prefix: String,
@@ -68,7 +69,7 @@ impl Client {
             accept: None,
             input: None,
             deadline: None,
-            queries: HashSet::new(),
+            queries: HashMap::new(),
             happenings: VecDeque::new(),
             outbox: VecDeque::new(),
             prefix: format!("c{:016x}-", rand::random::<u64>()),
@@ -139,7 +140,7 @@ impl Client {
     pub async fn query(&mut self, to: &str, payload: Element) -> io::Result<String> {
         let id = self.new_id("q");
         let iq = build_iq(IqType::Get, &id, &self.jid(), to, Some(payload));
-        self.queries.insert(id.clone());
+        self.queries.insert(id.clone(), to.to_owned());
         self.conn.send(iq).await?;
         Ok(id)
     }
@@ -203,11 +204,26 @@ impl Client {
         let el = match incoming {
             Incoming::Stanza(el) => el,
             Incoming::Invalid => return,
+            Incoming::InvalidRequest { id, from } => {
+                let mut reply = build_iq(IqType::Error, &id, &self.jid(), &from, None);
+                reply.append_child(error_element(
+                    ErrorType::Modify,
+                    DefinedCondition::BadRequest,
+                    "",
+                ));
+                return self.reply(reply);
+            }
         };
         match el.name() {
             "iq" => self.on_iq(&el),
             "message" => self.happenings.push_back(Happening::Plain(el)),
-            // Presence: a peer going away ends its tunnel by the tunnel's own timers.
+            "presence" if el.attr("type") == Some("unavailable") => {
+                // The peer's client went away: its tunnel cannot go on (its TLS state is gone).
+                let from = el.attr("from").unwrap_or_default();
+                if let Some(tunnel) = self.tunnels.get_mut(from).filter(|t| !t.is_gone()) {
+                    tunnel.abandon(CloseReason::PeerGone);
+                }
+            }
             _ => {}
         }
     }
@@ -216,7 +232,8 @@ impl Client {
         let Ok(iq) = Iq::parse(el) else { return };
         let now = Instant::now();
         if !iq.type_.is_request() {
-            if self.queries.remove(&iq.id) {
+            if self.queries.get(&iq.id) == Some(&iq.from) {
+                self.queries.remove(&iq.id);
                 self.happenings.push_back(Happening::Answer(iq));
             } else if let Some(tunnel) = self.tunnels.get_mut(&iq.from) {
                 tunnel.handle_iq(now, &iq);
@@ -262,6 +279,14 @@ impl Client {
                 "not accepting tunnels from this address",
             ));
         };
+        let live = self.tunnels.values().filter(|t| !t.is_gone()).count();
+        if !self.tunnels.contains_key(&iq.from) && live >= MAX_TUNNELS {
+            return self.reply(iq.error(
+                ErrorType::Wait,
+                DefinedCondition::ResourceConstraint,
+                "too many tunnels at once",
+            ));
+        }
         match decide_start(self.tunnels.get(&iq.from)) {
             StartDecision::Conflict => {
                 return self.reply(iq.error(ErrorType::Cancel, DefinedCondition::Conflict, ""));
@@ -348,7 +373,12 @@ impl Client {
         }
         self.tunnels.retain(|_, t| !t.is_gone());
         while let Some(stanza) = self.outbox.pop_front() {
-            self.conn.send(stanza).await?;
+            match self.conn.send(stanza).await {
+                // A reply that cannot be a stanza (an address that is no JID) is dropped;
+                // the session goes on.
+                Err(e) if e.kind() == io::ErrorKind::InvalidInput => {}
+                other => other?,
+            }
         }
         Ok(())
     }
@@ -361,6 +391,9 @@ pub fn tunnel_config() -> TunnelConfig {
         ..TunnelConfig::default()
     }
 }
+
+/// Tunnels at once; a peer's `start` beyond is refused, to be tried later.
+const MAX_TUNNELS: usize = 64;
 
 /// How long a disco#info answer may take (docs/protocol.md §1.4).
 pub const DISCO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -211,6 +211,37 @@ impl KnownBots {
     }
 }
 
+/// Reads `path` afresh while holding `<path>.lock`, lets `change` edit it, and saves it when
+/// `change` says it changed: two `xtls` processes (a `listen` and a `trust` in another
+/// terminal) never write over each other's decisions. Returns the file as it now is.
+pub fn update(
+    path: &Path,
+    change: impl FnOnce(&mut KnownBots) -> bool,
+) -> Result<KnownBots, KnownError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let io = |source| KnownError::Io {
+        path: lock_path.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(io)?;
+    }
+    let lock = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(io)?;
+    lock.lock().map_err(io)?;
+    let mut known = KnownBots::load(path)?;
+    if change(&mut known) {
+        known.save()?;
+    }
+    Ok(known)
+}
+
 /// A SHA-256 fingerprint in the colon form (`3F:A0:...`), case-insensitive.
 pub fn parse_spki(s: &str) -> Option<Fingerprint> {
     Fingerprint::parse(s).filter(|f| f.as_bytes().len() == 32)

@@ -10,7 +10,7 @@ use xtls::stanza::{checked_chat_message, ns};
 use xtls::tunnel::{CloseReason, Event, TrustVerdict, bare};
 
 use crate::client::Happening;
-use crate::known::{Entry, How, KnownBots};
+use crate::known::{How, KnownBots};
 use crate::talk::{self, Fail, LoginArgs, Online, Outcome};
 use crate::verify::{Step, Verification};
 
@@ -84,7 +84,7 @@ async fn listen(online: &mut Online, json: bool) -> Result<Outcome, Fail> {
                                 serde_json::json!({"event": "message", "peer": peer, "body": body}),
                             );
                         } else {
-                            println!("{peer}: {body}");
+                            println!("{peer}: {}", talk::on_screen(&body));
                         }
                         last = Some(peer);
                     }
@@ -177,15 +177,7 @@ fn remember(
         return Ok("none");
     };
     if trust == TrustVerdict::TofuNew {
-        known.remember(Entry {
-            jid: bare(peer).to_owned(),
-            spki_sha256: spki.clone(),
-            how: How::Tofu,
-            since: crate::now(),
-        });
-        known
-            .save()
-            .map_err(|e| Fail::new(Outcome::Failed, e.to_string()))?;
+        *known = talk::remember_first_meeting(known.path(), bare(peer), spki)?;
         return Ok("new");
     }
     Ok(match known.get(bare(peer)) {

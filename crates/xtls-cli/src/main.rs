@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use identity::{IdentityError, Stored};
-use known::{Entry, How, KnownBots, KnownError, Verdict};
+use known::{Entry, How, KnownBots, Verdict};
 use talk::{LoginArgs, Outcome};
 
 const EXAMPLES: &str = "\
@@ -191,11 +191,13 @@ fn main() -> ExitCode {
                 eprintln!("xtls: '{peer}' is not a JID like weather@bots.example.org");
                 return ExitCode::from(USAGE);
             };
+            let timeout = std::time::Duration::from_secs(timeout.max(1));
             let args = send::SendArgs {
                 peer,
                 text,
                 wait: !no_wait,
-                timeout: std::time::Duration::from_secs(timeout.max(1)),
+                timeout,
+                deadline: std::time::Instant::now() + timeout,
             };
             let outcome = runtime().block_on(send::run(&login, &dir, args, cli.json));
             exit(outcome)
@@ -276,14 +278,8 @@ fn exit(outcome: Outcome) -> ExitCode {
 
 /// Loads `known_bots`, runs `act` on it, and saves it when `act` says it changed it.
 fn known_bots(path: &std::path::Path, act: impl FnOnce(&mut KnownBots) -> bool) -> ExitCode {
-    let result = KnownBots::load(path).and_then(|mut known| {
-        if act(&mut known) {
-            known.save()?;
-        }
-        Ok::<(), KnownError>(())
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    match known::update(path, act) {
+        Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("xtls: {e}");
             ExitCode::FAILURE

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use xtls::stanza::checked_chat_message;
-use xtls::tunnel::Event;
+use xtls::tunnel::{CloseReason, Event};
 
 use crate::client::Happening;
 use crate::talk::{self, Fail, LoginArgs, Online, Opened, Outcome};
@@ -18,8 +18,10 @@ pub struct SendArgs {
     pub text: String,
     /// Wait for an answer after delivery.
     pub wait: bool,
-    /// How long the whole exchange may take once logged in.
+    /// How long the whole exchange may take, login included.
     pub timeout: Duration,
+    /// When that time is up.
+    pub deadline: Instant,
 }
 
 /// What came of it.
@@ -54,7 +56,7 @@ pub async fn run(login: &LoginArgs, dir: &Path, args: SendArgs, json: bool) -> O
 }
 
 async fn exchange(online: &mut Online, args: &SendArgs, json: bool) -> Result<Sent, Fail> {
-    let deadline = Instant::now() + args.timeout;
+    let deadline = args.deadline;
     let peer = args.peer.as_str();
     let message = checked_chat_message(&args.text, "chat")
         .map_err(|e| Fail::new(Outcome::Usage, format!("the message cannot be sent: {e}")))?;
@@ -109,13 +111,17 @@ async fn exchange(online: &mut Online, args: &SendArgs, json: bool) -> Result<Se
                 }
             }
             Happening::Tunnel(p, Event::Closed(reason)) if p == peer => {
+                let outcome = match reason {
+                    CloseReason::Timeout(_) => Outcome::Timeout,
+                    _ => Outcome::Refused,
+                };
                 let fate = if delivered {
                     "after the message was delivered, before any answer"
                 } else {
                     "before the message was delivered"
                 };
                 return Err(Fail::new(
-                    Outcome::Refused,
+                    outcome,
                     format!("the tunnel to {peer} closed {fate}: {reason}"),
                 ));
             }
@@ -133,7 +139,17 @@ async fn exchange(online: &mut Online, args: &SendArgs, json: bool) -> Result<Se
             _ => {}
         }
     };
-    talk::close(online, peer).await;
+    // Anything more the peer says while the tunnel closes goes after the answer.
+    let mut reply = reply;
+    for late in talk::close(online, peer).await {
+        match reply.as_mut() {
+            Some(text) => {
+                text.push('\n');
+                text.push_str(&late);
+            }
+            None => reply = Some(late),
+        }
+    }
     Ok(Sent { opened, reply })
 }
 

@@ -190,7 +190,10 @@ pub async fn discover(client: &mut Client, peer: &str) -> Result<Announced, Fail
                              offline or does not support XTLS"
                         ),
                         "recipient-unavailable" | "remote-server-timeout" => {
-                            format!("{peer} cannot be reached now ({condition})")
+                            return Err(Fail::new(
+                                Outcome::Timeout,
+                                format!("{peer} cannot be reached now ({condition}); try later"),
+                            ));
                         }
                         _ => format!("{peer}'s server answered {condition}"),
                     };
@@ -308,16 +311,7 @@ pub async fn open(online: &mut Online, peer: &str, limit: Duration) -> Result<Op
                 };
                 let before = online.known.get(&peer_bare).cloned();
                 if established.peer.trust == TrustVerdict::TofuNew {
-                    online.known.remember(Entry {
-                        jid: peer_bare.clone(),
-                        spki_sha256: spki.clone(),
-                        how: How::Tofu,
-                        since: crate::now(),
-                    });
-                    online
-                        .known
-                        .save()
-                        .map_err(|e| Fail::new(Outcome::Failed, e.to_string()))?;
+                    online.known = remember_first_meeting(online.known.path(), &peer_bare, &spki)?;
                 }
                 return Ok(Opened {
                     established,
@@ -341,6 +335,46 @@ pub async fn open(online: &mut Online, peer: &str, limit: Duration) -> Result<Op
             _ => {}
         }
     }
+}
+
+/// Records a first meeting (tofu) unless the file meanwhile knows a key for the peer, which
+/// it keeps: a pin is only ever set where none was. Returns the file as it now is.
+pub fn remember_first_meeting(
+    path: &Path,
+    peer_bare: &str,
+    spki: &Fingerprint,
+) -> Result<KnownBots, Fail> {
+    crate::known::update(path, |known| {
+        if known.get(peer_bare).is_some() {
+            return false;
+        }
+        known.remember(Entry {
+            jid: peer_bare.to_owned(),
+            spki_sha256: spki.clone(),
+            how: How::Tofu,
+            since: crate::now(),
+        });
+        true
+    })
+    .map_err(|e| Fail::new(Outcome::Failed, e.to_string()))
+}
+
+/// Records `peer_bare`'s key as verified. Returns the file as it now is.
+pub fn remember_verified(
+    path: &Path,
+    peer_bare: &str,
+    spki: &Fingerprint,
+) -> Result<KnownBots, Fail> {
+    crate::known::update(path, |known| {
+        known.remember(Entry {
+            jid: peer_bare.to_owned(),
+            spki_sha256: spki.clone(),
+            how: How::Verified,
+            since: crate::now(),
+        });
+        true
+    })
+    .map_err(|e| Fail::new(Outcome::Failed, e.to_string()))
 }
 
 /// Why a tunnel that never opened ended, in words, with its exit status.
@@ -378,7 +412,7 @@ fn closed_early(known: &KnownBots, peer: &str, peer_bare: &str, reason: &CloseRe
             Outcome::Refused,
             format!("{peer} is busy; try again later ({c})"),
         ),
-        CloseReason::PeerAlert(alert) => (
+        CloseReason::PeerAlert(alert) if is_certificate_alert(alert) => (
             Outcome::Refused,
             format!(
                 "{peer} refused your key during the handshake (TLS alert: {alert}): it knows \
@@ -386,6 +420,10 @@ fn closed_early(known: &KnownBots, peer: &str, peer_bare: &str, reason: &CloseRe
                  its operator your fingerprint (xtls whoami), or use a pairing code (xtls chat \
                  --pair CODE)"
             ),
+        ),
+        CloseReason::PeerAlert(alert) => (
+            Outcome::Refused,
+            format!("the TLS handshake with {peer} failed (its TLS sent the alert {alert})"),
         ),
         CloseReason::CertificateRejected(e) => (
             Outcome::Refused,
@@ -405,9 +443,13 @@ fn closed_early(known: &KnownBots, peer: &str, peer_bare: &str, reason: &CloseRe
 
 /// Closes the tunnel and waits a little for the peer's answer, so it ends cleanly on both
 /// sides.
-pub async fn close(online: &mut Online, peer: &str) {
+///
+/// Returns the bodies of the messages the peer sent meanwhile: they were acknowledged to it,
+/// so the caller shows them rather than lose them.
+pub async fn close(online: &mut Online, peer: &str) -> Vec<String> {
+    let mut late = Vec::new();
     if online.client.close(peer).await.is_err() {
-        return;
+        return late;
     }
     online
         .client
@@ -415,10 +457,55 @@ pub async fn close(online: &mut Online, peer: &str) {
     while online.client.any_live() {
         match online.client.next().await {
             Ok(Happening::Deadline) | Err(_) => break,
+            Ok(Happening::Tunnel(p, Event::Stanza(stanza)))
+                if p == peer
+                    && stanza.name() == "message"
+                    && stanza.attr("type") != Some("error") =>
+            {
+                if let Some(body) = stanza.get_child("body", ns::CLIENT) {
+                    late.push(body.text());
+                }
+            }
             Ok(_) => {}
         }
     }
     online.client.set_deadline(None);
+    late
+}
+
+/// A peer's text as it may reach the terminal: the lines after the first are indented, so
+/// that no line can pass for one of ours or another sender's, and control characters (escape
+/// sequences, bidirectional overrides) are shown as escapes instead of acting on the screen.
+pub fn on_screen(text: &str) -> String {
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => shown.push_str("\n    "),
+            '\t' => shown.push('\t'),
+            c if c.is_control()
+                || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}') =>
+            {
+                shown.extend(c.escape_unicode());
+            }
+            c => shown.push(c),
+        }
+    }
+    shown
+}
+
+/// Whether a TLS alert is about our certificate (as opposed to a broken handshake).
+fn is_certificate_alert(alert: &str) -> bool {
+    [
+        "BadCertificate",
+        "CertificateUnknown",
+        "CertificateRequired",
+        "UnsupportedCertificate",
+        "CertificateRevoked",
+        "CertificateExpired",
+        "AccessDenied",
+    ]
+    .iter()
+    .any(|name| alert.contains(name))
 }
 
 /// The session ended under us.
@@ -486,6 +573,17 @@ mod tests {
         }
         query.append_child(form);
         query
+    }
+
+    #[test]
+    fn a_peers_text_cannot_pose_as_another_line_or_drive_the_terminal() {
+        assert_eq!(
+            on_screen("ok\nweather@bots.example.org: your code is 1234"),
+            "ok\n    weather@bots.example.org: your code is 1234"
+        );
+        assert_eq!(on_screen("\u{1b}[2Jhi\r"), "\\u{1b}[2Jhi\\u{d}");
+        assert_eq!(on_screen("a\u{202E}b"), "a\\u{202e}b");
+        assert_eq!(on_screen("plain words\tand tabs"), "plain words\tand tabs");
     }
 
     #[test]

@@ -46,6 +46,8 @@ enum Pair {
 pub struct Verification {
     sas: Option<Sas>,
     pair: Option<Pair>,
+    /// Our commit's request id, when the peer's commit crossed it and ours was given up.
+    abandoned: Option<String>,
     next_id: u64,
 }
 
@@ -101,7 +103,11 @@ impl Verification {
         };
         match message {
             SasMessage::Commit(_) => {
-                // A new commit starts over, whatever was in flight.
+                // A new commit starts over, whatever was in flight; ours, if it crossed theirs,
+                // is given up (its answer is then reported, not ignored).
+                if let Some(Sas::Committed(id, _)) = &self.sas {
+                    self.abandoned = Some(id.clone());
+                }
                 let (answerer, nonce) =
                     Answerer::on_commit(message, rand::random()).expect("a commit");
                 self.sas = Some(Sas::Answered(answerer));
@@ -139,6 +145,13 @@ impl Verification {
     }
 
     fn on_sas_answer(&mut self, iq: &Iq, export: Exporter<'_>) -> Option<Vec<Step>> {
+        if self.abandoned.as_deref() == Some(iq.id.as_str()) {
+            self.abandoned = None;
+            return Some(vec![Step::Failed(
+                "both ends started a comparison at once; the peer's goes on, or run /sas again"
+                    .into(),
+            )]);
+        }
         match self.sas.take() {
             Some(Sas::Committed(id, mut committer)) if id == iq.id => {
                 if iq.type_ == IqType::Error {
@@ -311,6 +324,32 @@ mod tests {
         };
         let steps = c.on_iq(&done, &export).unwrap();
         assert_eq!(steps, vec![Step::Code(code_a)]);
+    }
+
+    #[test]
+    fn crossing_commits_end_in_one_exchange_and_the_given_up_one_is_reported() {
+        let export = |out: &mut [u8], _: &[u8], context: &[u8]| {
+            out.copy_from_slice(&context[..out.len()]);
+            Some(())
+        };
+        let mut a = Verification::default();
+        let mut b = Verification::default();
+        let commit_a = a.start_sas();
+        let commit_b = b.start_sas();
+        // Each gets the other's commit and answers it, giving up its own.
+        let Step::Send(nonce_for_b) = a.on_iq(&commit_b, &export).unwrap().remove(0) else {
+            panic!()
+        };
+        let Step::Send(nonce_for_a) = b.on_iq(&commit_a, &export).unwrap().remove(0) else {
+            panic!()
+        };
+        let told_a = a.on_iq(&nonce_for_a, &export).unwrap();
+        assert!(
+            matches!(&told_a[..], [Step::Failed(why)] if why.contains("at once")),
+            "{told_a:?}"
+        );
+        let told_b = b.on_iq(&nonce_for_b, &export).unwrap();
+        assert!(matches!(&told_b[..], [Step::Failed(_)]), "{told_b:?}");
     }
 
     #[test]

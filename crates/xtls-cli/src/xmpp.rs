@@ -30,8 +30,8 @@ use tokio_xmpp::parsers::iq::{Iq, IqPayload};
 use tokio_xmpp::parsers::starttls;
 use tokio_xmpp::parsers::stream_features::StreamFeatures;
 use tokio_xmpp::xmlstream::{
-    FallibleStreamElement, ReadError, RecvFeaturesError, StreamHeader, Timeouts, XmppStream,
-    XmppStreamElement, initiate_stream,
+    FallibleStreamElement, RawStanzaHeader, ReadError, RecvFeaturesError, StreamElementError,
+    StreamHeader, Timeouts, XmppStream, XmppStreamElement, initiate_stream,
 };
 use tokio_xmpp::{Stanza, client_login};
 
@@ -39,7 +39,7 @@ use tokio_xmpp::{Stanza, client_login};
 const JABBER_CLIENT: &str = "jabber:client";
 
 /// How to reach and log into the user's account.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Account {
     /// The account, e.g. `alice@example.org`.
     pub jid: BareJid,
@@ -51,6 +51,18 @@ pub struct Account {
     pub direct_tls: bool,
     /// PEM certificates to trust instead of the system's roots (a private server's CA).
     pub ca_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Account")
+            .field("jid", &self.jid)
+            .field("password", &"(hidden)")
+            .field("server", &self.server)
+            .field("direct_tls", &self.direct_tls)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
 }
 
 /// Why the login did not succeed, in words for the person at the keyboard.
@@ -128,6 +140,13 @@ pub enum Incoming {
     Stanza(Element),
     /// A stanza that could not be parsed; it is skipped.
     Invalid,
+    /// An IQ request that could not be parsed: it still gets its one answer (`bad-request`).
+    InvalidRequest {
+        /// Its `id`.
+        id: String,
+        /// Its sender.
+        from: String,
+    },
 }
 
 /// How long the stream may be silent before we ping the server, and how long the answer may
@@ -152,8 +171,14 @@ impl Connection {
         &self.jid
     }
 
-    /// Sends one stanza.
-    pub async fn send(&mut self, stanza: Element) -> io::Result<()> {
+    /// Sends one stanza. One that is not a valid stanza (an address that is no JID, say) is
+    /// not sent and is reported as `InvalidInput`; the connection stays usable.
+    pub async fn send(&mut self, mut stanza: Element) -> io::Result<()> {
+        for attr in ["from", "to"] {
+            if stanza.attr(attr) == Some("") {
+                xtls::stanza::remove_attr(&mut stanza, attr);
+            }
+        }
         let stanza = Stanza::try_from(stanza).map_err(|e| {
             io::Error::new(io::ErrorKind::InvalidInput, format!("not a stanza: {e}"))
         })?;
@@ -181,6 +206,19 @@ impl Connection {
                     ));
                 }
                 Ok(FallibleStreamElement::Ok(_)) => {}
+                Ok(FallibleStreamElement::Err(StreamElementError::InvalidStanza {
+                    name,
+                    header:
+                        RawStanzaHeader {
+                            from: Some(from),
+                            id: Some(id),
+                            type_: Some(type_),
+                            ..
+                        },
+                    ..
+                })) if name.to_string() == "iq" && (type_ == "get" || type_ == "set") => {
+                    return Ok(Incoming::InvalidRequest { id, from });
+                }
                 Ok(FallibleStreamElement::Err(_)) => return Ok(Incoming::Invalid),
                 Err(ReadError::SoftTimeout) => self.ping().await?,
                 Err(ReadError::HardError(e)) => return Err(e),
