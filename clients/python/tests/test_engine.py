@@ -78,3 +78,28 @@ def test_known_keys_are_kept_in_the_xtls_clients_file_format(tmp_path):
     again = KnownKeys(path)
     assert again.check("bot@example.org", "AA:BB") == "known"
     assert again.check("bot@example.org", "CC:DD") == "changed"
+
+
+def test_a_peer_cannot_grow_the_parser_without_bound():
+    from xml.etree.ElementTree import ParseError
+
+    from slixmpp_xtls.tls import MAX_STANZA, StanzaParser
+
+    parser = StanzaParser()
+    parser.feed(b"<message xmlns='jabber:client'><body>")
+    with pytest.raises(ParseError, match="larger than"):
+        for _ in range(MAX_STANZA // 4096 + 2):
+            parser.feed(b"x" * 4096)
+    deep = StanzaParser()
+    with pytest.raises(ParseError, match="deeper"):
+        deep.feed(b"<message xmlns='jabber:client'>" + b"<a>" * 40)
+    fine = StanzaParser()
+    (done,) = fine.feed(b"<message xmlns='jabber:client'><body>" + b"y" * 1000 + b"</body></message>")
+    assert done.findtext("{jabber:client}body") == "y" * 1000
+
+
+def test_what_we_write_into_a_tunnel_carries_no_routing():
+    from slixmpp_xtls.tunnel import _without_routing
+
+    stanza = b"<message from='a@b/c' xmlns='jabber:client' to=\"d@e\" id='1'><body to='x'>hi</body></message>"
+    assert _without_routing(stanza) == b"<message xmlns='jabber:client' id='1'><body to='x'>hi</body></message>"

@@ -4,6 +4,7 @@ announced in service discovery, with events for the application."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 import xml.etree.ElementTree as ET
@@ -18,6 +19,8 @@ from slixmpp.xmlstream.matcher.base import MatcherBase
 from .identity import Identity
 from .known import KnownKeys
 from .tunnel import NS_XTLS, Tunnel, TunnelClosed, XtlsError, error_of
+
+log = logging.getLogger(__name__)
 
 NS_DISCO_INFO = "http://jabber.org/protocol/disco#info"
 
@@ -51,6 +54,8 @@ class XTLS(BasePlugin):
       handles events loses nothing to it, and a peer cannot fill memory.
 
     Events: `xtls_opened` (a `Tunnel`), `xtls_stanza` (`(tunnel, stanza)`, routing restored),
+    `xtls_iq` (`(tunnel, iq)`: an inner IQ request, which the handler must answer; without a
+    handler it is answered `service-unavailable`),
     `xtls_sas` (`(tunnel, (code, digits))` when the peer ran the short authentication string
     exchange), `xtls_sas_failed` (a tunnel), `xtls_closed` (a tunnel; `tunnel.reason` says why).
     """
@@ -86,6 +91,7 @@ class XTLS(BasePlugin):
         self.xmpp.register_handler(Callback("xtls answers", _Match(self._is_answer), self._on_answer))
         self.xmpp.register_handler(Callback("xtls requests", _Match(self._is_request), self._on_request))
         self.xmpp.add_event_handler("disconnected", self._on_disconnected)
+        self.xmpp.add_event_handler("presence_unavailable", self._on_unavailable)
 
     def session_bind(self, jid) -> None:
         self.xmpp.plugin["xep_0030"].add_feature(NS_XTLS)
@@ -136,6 +142,15 @@ class XTLS(BasePlugin):
         return iq["type"] in ("set", "get") and any(c.tag.startswith(f"{{{NS_XTLS}}}") for c in iq.xml)
 
     def _on_request(self, iq: Iq) -> None:
+        try:
+            self._handle_request(iq)
+        except Exception:  # one bad tunnel must not bring an error answer to a result
+            log.exception("xtls: handling %s from %s failed", iq["id"], iq["from"])
+            tunnel = self._tunnels.get(str(iq["from"]))
+            if tunnel is not None:
+                tunnel._gone("failed", "internal error; see the log")
+
+    def _handle_request(self, iq: Iq) -> None:
         xml = iq.xml
         child = next(c for c in xml if c.tag.startswith(f"{{{NS_XTLS}}}"))
         name = child.tag.split("}", 1)[1]
@@ -201,11 +216,21 @@ class XTLS(BasePlugin):
         return iq["type"] in ("result", "error") and iq["id"] in self._pending
 
     def _on_answer(self, iq: Iq) -> None:
-        expected, callback = self._pending.pop(iq["id"])
+        expected, callback = self._pending[iq["id"]]
         if str(iq["from"]) != expected:
-            callback(iq["id"], XtlsError("undefined-condition", f"answer from {iq['from']}, not {expected}"))
-            return
-        callback(iq["id"], iq.xml)
+            return  # an answer from anyone but the JID asked is not an answer (ignored)
+        del self._pending[iq["id"]]
+        try:
+            callback(iq["id"], iq.xml)
+        except Exception:
+            log.exception("xtls: handling the answer %s from %s failed", iq["id"], iq["from"])
+
+    def _on_unavailable(self, presence) -> None:
+        """A peer that goes offline takes its TLS state with it: its tunnels end."""
+        gone = str(presence["from"])
+        for tunnel in list(self._tunnels.values()):
+            if tunnel.peer == gone or (JID(gone).resource == "" and JID(tunnel.peer).bare == gone):
+                tunnel._gone("failed", "the peer went offline")
 
     def _reply_result(self, request: ET.Element, payload: ET.Element | None = None) -> None:
         iq = self.xmpp.make_iq(ito=request.get("from"), itype="result", id=request.get("id"))

@@ -33,17 +33,26 @@ class TlsError(Exception):
         self.rejected = rejected
 
 
+#: The largest inner stanza accepted, and its deepest nesting (as the component's engine).
+MAX_STANZA = 256 * 1024
+MAX_DEPTH = 32
+
+
 class StanzaParser:
-    """Incremental parser of the tunnel's plaintext: top-level `jabber:client` stanzas."""
+    """Incremental parser of the tunnel's plaintext: top-level `jabber:client` stanzas, each at
+    most `MAX_STANZA` bytes and `MAX_DEPTH` levels deep, so a peer cannot fill our memory."""
 
     def __init__(self) -> None:
         self._parser = ET.XMLPullParser(events=("start", "end"))
         self._parser.feed(STREAM_PREFIX)
         self._root: ET.Element | None = None
         self._depth = 0
+        self._unfinished = 0  # bytes fed since the last stanza was completed
 
     def feed(self, data: bytes) -> list[ET.Element]:
-        """The stanzas `data` completes; raises `ET.ParseError` on XML that is not well formed."""
+        """The stanzas `data` completes; raises `ET.ParseError` on XML that is not well formed
+        or a stanza over the limits."""
+        self._unfinished += len(data)
         self._parser.feed(data)
         done = []
         for event, elem in self._parser.read_events():
@@ -51,11 +60,17 @@ class StanzaParser:
                 self._depth += 1
                 if self._root is None:
                     self._root = elem
+                if self._depth > MAX_DEPTH + 1:
+                    raise ET.ParseError(f"a stanza nested deeper than {MAX_DEPTH} levels")
             else:
                 self._depth -= 1
                 if self._depth == 1 and self._root is not None:
                     done.append(elem)
                     self._root.remove(elem)
+        if done:
+            self._unfinished = 0
+        if self._unfinished > MAX_STANZA:
+            raise ET.ParseError(f"a stanza larger than {MAX_STANZA} bytes")
         return done
 
 

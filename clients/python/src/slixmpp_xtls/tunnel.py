@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 import os
+import re
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -24,10 +26,15 @@ from .verify import (CHANNEL_BINDING_LABEL, NS_PAIR, NS_SAS, SAS_LABEL, b64, com
 if TYPE_CHECKING:
     from .plugin import XTLS
 
+log = logging.getLogger(__name__)
+
 NS_XTLS = "urn:xmpp:tmp:xtls"
 NS_CLIENT = "jabber:client"
 NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 MAX_CHUNK = 65535
+MAX_QUEUED = 1 << 20  # ciphertext waiting for the window, per tunnel
+HANDSHAKE_TIMEOUT = 90.0
+ACK_TIMEOUT = 60.0
 XML_WHITESPACE = {ord(c): None for c in " \t\r\n"}
 
 
@@ -43,6 +50,10 @@ class XtlsError(Exception):
 
 class TunnelClosed(Exception):
     """The tunnel is gone; `reason` says why."""
+
+
+class TunnelBusy(Exception):
+    """The peer does not take our data fast enough: more than 1 MiB waits for its window."""
 
 
 def bare(jid: str) -> str:
@@ -105,6 +116,8 @@ class Tunnel:
         self._inbox: deque[ET.Element] = deque(maxlen=plugin.config.get("inbox", 256))
         self._waiting: dict[str, asyncio.Future[ET.Element]] = {}
         self._sas_answer: tuple[bytes, bytes] | None = None  # (their commitment, our nonce)
+        loop = asyncio.get_running_loop()
+        self._timers = [loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_deadline)]
 
     # -- what the application uses -------------------------------------------------------
 
@@ -131,9 +144,14 @@ class Tunnel:
         """Queues an inner stanza without waiting (for event handlers)."""
         if self.state != "open" or self._close_notify_sent:
             raise TunnelClosed(f"the tunnel with {self.peer} is {self.state}")
+        if sum(len(chunk) for chunk, _ in self._sendq) > MAX_QUEUED:
+            raise TunnelBusy(f"{self.peer} does not acknowledge our data: more than 1 MiB waits")
         if isinstance(stanza, ET.Element):
+            stanza.attrib.pop("from", None)
+            stanza.attrib.pop("to", None)
             stanza = ET.tostring(stanza)
-        self.engine.write(stanza.encode() if isinstance(stanza, str) else stanza)
+        raw = stanza.encode() if isinstance(stanza, str) else stanza
+        self.engine.write(_without_routing(raw))
         self._enqueue(handshake=False)
 
     async def recv(self, timeout: float = 30.0) -> ET.Element:
@@ -224,6 +242,12 @@ class Tunnel:
     def _judge(self, cert_der: bytes) -> str | None:
         """Called by TLS with the peer's certificate: its XmppAddr must be the peer's bare JID,
         and its key the one we know for it, if we know one."""
+        try:
+            return self._judge_certificate(cert_der)
+        except Exception as exc:  # a hostile certificate must fail the handshake, nothing else
+            return f"the certificate cannot be read: {exc}"
+
+    def _judge_certificate(self, cert_der: bytes) -> str | None:
         from .identity import xmpp_addrs
 
         expected = bare(self.peer)
@@ -272,7 +296,9 @@ class Tunnel:
                 data.set("method", "x509")
                 self._first_data_out = False
             data.text = base64.b64encode(chunk).decode("ascii")
-            self._inflight[self.plugin._send_iq(self.peer, data, self._on_ack)] = handshake
+            iq_id = self.plugin._send_iq(self.peer, data, self._on_ack)
+            self._inflight[iq_id] = handshake
+            self._timers.append(asyncio.get_running_loop().call_later(ACK_TIMEOUT, self._ack_deadline, iq_id))
         self._progress.set()
 
     def _on_ack(self, iq_id: str, reply: ET.Element | BaseException) -> None:
@@ -298,7 +324,11 @@ class Tunnel:
         spki = self.peer_spki_sha256
         peer_bare = bare(self.peer)
         if self._key_verdict == "new" and spki is not None:
-            self.plugin.known.remember(peer_bare, spki, "tofu")
+            try:
+                if self.plugin.known.get(peer_bare) is None:  # a pin is only set where none was
+                    self.plugin.known.remember(peer_bare, spki, "tofu")
+            except OSError as exc:
+                log.warning("cannot record the key of %s: %s", peer_bare, exc)
             self.key_status = "new"
         else:
             known = self.plugin.known.get(peer_bare)
@@ -375,6 +405,14 @@ class Tunnel:
                 return
             if kind == "set" and self._on_sas(stanza):
                 return
+            if kind in ("get", "set"):
+                # Requests have their own event, and get an error when nobody handles it: an
+                # inner IQ request gets exactly one answer.
+                if self.plugin.xmpp.event_handled("xtls_iq"):
+                    self.plugin.xmpp.event("xtls_iq", (self, stanza))
+                elif self.state == "open" and not self._close_notify_sent:
+                    self.write(_inner_error(iq_id, "service-unavailable"))
+                return
         self._inbox.append(stanza)
         self._progress.set()
         self.plugin.xmpp.event("xtls_stanza", (self, stanza))
@@ -386,6 +424,8 @@ class Tunnel:
         iq_id = iq.get("id") or ""
         if commit is None and reveal is None:
             return False
+        if self.state != "open" or self._close_notify_sent:
+            return True  # closing: no answer can go through the tunnel any more
         try:
             if commit is not None:
                 ours = os.urandom(32)
@@ -406,6 +446,8 @@ class Tunnel:
             self.plugin.xmpp.event("xtls_sas", (self, sas_code(self.engine.export(SAS_LABEL, theirs + ours))))
         except ValueError:
             self.write(_inner_error(iq_id, "bad-request"))
+        except TunnelBusy:
+            pass  # the peer floods us with requests and takes no answers: they wait with it
         return True
 
     def _on_close(self, iq: ET.Element) -> None:
@@ -421,6 +463,8 @@ class Tunnel:
         self.state = state
         self.reason = reason
         self._sendq.clear()
+        for timer in self._timers:
+            timer.cancel()
         self.plugin._forget(self)
         if not self._opened.done():
             self._opened.set_exception(TunnelClosed(reason))
@@ -430,6 +474,19 @@ class Tunnel:
                 future.set_exception(TunnelClosed(reason))
         self._progress.set()
         self.plugin.xmpp.event("xtls_closed", self)
+
+    def _handshake_deadline(self) -> None:
+        if self.state in ("starting", "handshaking"):
+            self._fail_and_close(f"the handshake did not finish within {HANDSHAKE_TIMEOUT:.0f} s")
+
+    def _ack_deadline(self, iq_id: str) -> None:
+        if iq_id in self._inflight and self.state not in ("closed", "failed"):
+            self._fail_and_close(f"our data was not acknowledged within {ACK_TIMEOUT:.0f} s")
+
+    def _fail_and_close(self, reason: str) -> None:
+        """Ends the tunnel and tells the peer with `<close/>` (best effort)."""
+        self._gone("failed", reason)
+        self.plugin._send_iq(self.peer, ET.Element(f"{{{NS_XTLS}}}close"), lambda *_: None)
 
     async def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -444,6 +501,15 @@ class Tunnel:
                 await asyncio.wait_for(self._progress.wait(), left)
             except asyncio.TimeoutError:
                 pass
+
+
+def _without_routing(stanza: bytes) -> bytes:
+    """The stanza with `from` and `to` removed from its start tag: the tunnel stands for them."""
+    match = re.match(rb"\s*<[^>]*>", stanza)
+    if match is None:
+        return stanza
+    start = re.sub(rb"""\s(?:from|to)\s*=\s*(?:'[^']*'|"[^"]*")""", b"", match.group(0))
+    return start + stanza[match.end():]
 
 
 def _inner_error(iq_id: str, condition: str) -> bytes:
