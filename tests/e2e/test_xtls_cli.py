@@ -280,18 +280,20 @@ def wait_for(check, timeout: float = 15, what: str = "condition"):
 
 
 def test_listen_takes_a_bots_push_and_two_people_chat_through_their_own_tunnel(tls_component, tls_server, homes):
-    """The bot opens a tunnel to the listening person (xtls is the TLS server then); then another
-    person chats to that person's full JID, and each sees what the other types."""
+    """The bot, told that the listening person is available, opens a tunnel to her bare JID (xtls
+    is the TLS server then); then another person chats to her full JID, and each sees what the
+    other types."""
     comp = tls_component
     alice = Xtls(tls_server, "alice", homes / "alice")
     bob = Xtls(tls_server, "bob", homes / "bob")
-    listener = Terminal(alice.argv("--json", "listen"), alice.env)
+    bot = new_bot(comp, "pusher", handler="api")
+    listener = Terminal(alice.argv("--json", "listen", "--announce", bot), alice.env)
     online = json_event(listener, "online")
     full = online["jid"]
-    assert full.startswith(f"alice@{tls_server.host}/"), online
+    assert full.startswith(f"alice@{tls_server.host}/") and online["announced"] == [bot], online
 
-    bot = new_bot(comp, "pusher", handler="api")
-    status, sent = comp.post(f"/v1/bots/{bot}/messages", {"to": full, "body": "the bot pushes"})
+    # Told that alice is available, the bot reaches her at her bare JID.
+    status, sent = comp.post(f"/v1/bots/{bot}/messages", {"to": f"alice@{tls_server.host}", "body": "the bot pushes"})
     assert status == 202, sent
     listener.expect('"body":"the bot pushes"')
     opened = [json.loads(line) for line in listener.screen.splitlines() if '"event":"opened"' in line]

@@ -145,6 +145,15 @@ impl Client {
         Ok(id)
     }
 
+    /// Tells `to` that we are available (directed presence), so that it may reach this
+    /// session at our bare JID.
+    pub async fn announce(&mut self, to: &str) -> io::Result<()> {
+        let presence = Element::builder("presence", ns::CLIENT)
+            .attr(xtls::stanza::name("to"), to)
+            .build();
+        self.conn.send(presence).await
+    }
+
     /// Ends the session: the stream is closed; live tunnels are simply gone.
     pub async fn logout(self) {
         self.conn.close().await;

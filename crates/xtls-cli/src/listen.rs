@@ -15,9 +15,15 @@ use crate::talk::{self, Fail, LoginArgs, Online, Outcome};
 use crate::verify::{Step, Verification};
 
 /// Runs `xtls listen` until the input ends or the connection is lost; returns the exit status.
-pub async fn run(login: &LoginArgs, dir: &Path, timeout: Duration, json: bool) -> Outcome {
+pub async fn run(
+    login: &LoginArgs,
+    dir: &Path,
+    announce: &[String],
+    timeout: Duration,
+    json: bool,
+) -> Outcome {
     let result = talk::online(login, dir, timeout, async |online| {
-        listen(online, json).await
+        listen(online, announce, json).await
     })
     .await;
     match result {
@@ -33,7 +39,7 @@ pub async fn run(login: &LoginArgs, dir: &Path, timeout: Duration, json: bool) -
     }
 }
 
-async fn listen(online: &mut Online, json: bool) -> Result<Outcome, Fail> {
+async fn listen(online: &mut Online, announce: &[String], json: bool) -> Result<Outcome, Fail> {
     let jid = online.client.jid();
     // Read afresh for every tunnel: a key remembered a moment ago is pinned for the next.
     let path = online.known.path().to_path_buf();
@@ -42,9 +48,17 @@ async fn listen(online: &mut Online, json: bool) -> Result<Outcome, Fail> {
         Some(talk::policy_for(&known, bare(peer)))
     }));
     online.client.read_input(crate::chat::stdin_lines());
+    // Directed presence: those told may reach us at our bare JID. The server tells them we
+    // went away when the session ends (RFC 6121 §4.6.3).
+    for to in announce {
+        online.client.announce(to).await.map_err(talk::lost)?;
+    }
     if json {
-        line(serde_json::json!({"event": "online", "jid": jid}));
+        line(serde_json::json!({"event": "online", "jid": jid, "announced": announce}));
     } else {
+        if !announce.is_empty() {
+            println!("Told {} that you are available.", announce.join(", "));
+        }
         println!(
             "Listening as {jid}. Tunnels that bots and people open to this address are \
              accepted; lines you type go to whoever wrote last. End with Ctrl-D."

@@ -33,7 +33,8 @@ Examples:
                                               chat; /sas to compare a code, /quit to leave
   xtls fingerprint --jid alice@example.org weather@bots.example.org
                                               the key it announces, against the one you know
-  xtls listen --jid alice@example.org         accept tunnels bots and people open to you
+  xtls listen --jid alice@example.org --announce weather@bots.example.org
+                                              accept tunnels bots and people open to you
   XTLS_PASSWORD=... xtls send --jid alice@example.org weather@bots.example.org 'forecast'
                                               one message; prints the answer
 
@@ -108,6 +109,10 @@ enum Command {
     Listen {
         #[command(flatten)]
         login: LoginArgs,
+        /// Tell this bot you are available (directed presence), so that it can reach you at
+        /// your bare JID; repeat for several
+        #[arg(long, value_name = "JID")]
+        announce: Vec<String>,
         /// Seconds the login may take
         #[arg(long, default_value_t = 30, value_name = "SECONDS")]
         timeout: u64,
@@ -231,9 +236,21 @@ fn main() -> ExitCode {
             let timeout = std::time::Duration::from_secs(timeout.max(1));
             exit(runtime().block_on(fingerprint::run(&login, &dir, &peer, timeout, cli.json)))
         }
-        Command::Listen { login, timeout } => {
+        Command::Listen {
+            login,
+            announce,
+            timeout,
+        } => {
+            let mut to = Vec::new();
+            for jid in &announce {
+                let Some(jid) = peer_jid(jid) else {
+                    eprintln!("xtls: '{jid}' is not a JID like weather@bots.example.org");
+                    return ExitCode::from(USAGE);
+                };
+                to.push(jid);
+            }
             let timeout = std::time::Duration::from_secs(timeout.max(1));
-            exit(runtime().block_on(listen::run(&login, &dir, timeout, cli.json)))
+            exit(runtime().block_on(listen::run(&login, &dir, &to, timeout, cli.json)))
         }
         Command::Whoami { jid } => {
             let Some(bare) = identity::bare_jid(&jid) else {
