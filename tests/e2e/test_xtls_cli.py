@@ -292,9 +292,16 @@ def test_listen_takes_a_bots_push_and_two_people_chat_through_their_own_tunnel(t
     full = online["jid"]
     assert full.startswith(f"alice@{tls_server.host}/") and online["announced"] == [bot], online
 
-    # Told that alice is available, the bot reaches her at her bare JID.
-    status, sent = comp.post(f"/v1/bots/{bot}/messages", {"to": f"alice@{tls_server.host}", "body": "the bot pushes"})
-    assert status == 202, sent
+    # Told that alice is available, the bot reaches her at her bare JID. The presence reaches
+    # the component a moment after listen sent it: until then the bot answers peer_unavailable,
+    # and a backend tries again, as this does.
+    def push():
+        status, sent = comp.post(f"/v1/bots/{bot}/messages", {"to": f"alice@{tls_server.host}",
+                                                              "body": "the bot pushes"})
+        assert status == 202, sent
+        return sent if sent["status"] != "peer_unavailable" else None
+
+    sent = wait_for(push, what="the bot learning that alice is available")
     listener.expect('"body":"the bot pushes"')
     opened = [json.loads(line) for line in listener.screen.splitlines() if '"event":"opened"' in line]
     assert opened == [{"event": "opened", "peer": bot, "spki_sha256": spki_of(comp, bot), "key": "new"}], opened
