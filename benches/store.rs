@@ -129,7 +129,7 @@ struct Row {
     data: String,
 }
 
-const INSERT: &str = "INSERT INTO events (bot_jid, seq, id, type, tunnel_id, peer, occurred_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)";
+const INSERT: &str = "INSERT INTO events (bot_jid, seq, id, type, tunnel_id, peer, occurred_at, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
 async fn bare_insert<'c, E>(executor: E, row: &Row, seq: u64, occurred_at: &str)
 where

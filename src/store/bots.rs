@@ -50,7 +50,7 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO bots (jid, localpart, handler, peer_auth, trust, encrypted_only, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
         )
         .bind(&bot.jid)
         .bind(&bot.localpart)
@@ -65,7 +65,7 @@ impl Store {
             return Err(StoreError::Duplicate(format!("bot {}", bot.jid)));
         }
         sqlx::query(
-            "INSERT INTO bot_keys (bot_jid, key_der, cert_der, created_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO bot_keys (bot_jid, key_der, cert_der, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(&bot.jid)
         .bind(self.seal_key(&bot.jid, identity.key_der()))
@@ -117,7 +117,7 @@ impl Store {
 
     /// The stored identity of a bot.
     pub async fn load_identity(&self, jid: &str) -> Result<BotIdentity, StoreError> {
-        let row = sqlx::query("SELECT key_der, cert_der FROM bot_keys WHERE bot_jid = ?")
+        let row = sqlx::query("SELECT key_der, cert_der FROM bot_keys WHERE bot_jid = $1")
             .bind(jid)
             .fetch_optional(&self.pool)
             .await?
@@ -129,7 +129,7 @@ impl Store {
     /// A bot's certificate (DER), without its private key: what offline tools may read with
     /// no store key.
     pub async fn load_certificate(&self, jid: &str) -> Result<Vec<u8>, StoreError> {
-        let row = sqlx::query("SELECT cert_der FROM bot_keys WHERE bot_jid = ?")
+        let row = sqlx::query("SELECT cert_der FROM bot_keys WHERE bot_jid = $1")
             .bind(jid)
             .fetch_optional(&self.pool)
             .await?
@@ -139,7 +139,7 @@ impl Store {
 
     /// Deletes a bot, its key and its pins; `false` when it did not exist.
     pub async fn delete_bot(&self, jid: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM bots WHERE jid = ?")
+        let done = sqlx::query("DELETE FROM bots WHERE jid = $1")
             .bind(jid)
             .execute(&self.writer)
             .await?;
@@ -156,7 +156,7 @@ impl Store {
         actor: &str,
     ) -> Result<bool, StoreError> {
         let mut tx = self.writer.begin().await?;
-        let Some(before) = sqlx::query("SELECT trust FROM bots WHERE jid = ?")
+        let Some(before) = sqlx::query("SELECT trust FROM bots WHERE jid = $1")
             .bind(jid)
             .fetch_optional(&mut *tx)
             .await?
@@ -164,7 +164,7 @@ impl Store {
             return Ok(false);
         };
         let before: BotTrust = before.try_get::<&str, _>(0)?.parse()?;
-        sqlx::query("UPDATE bots SET encrypted_only = ?, trust = ? WHERE jid = ?")
+        sqlx::query("UPDATE bots SET encrypted_only = $1, trust = $2 WHERE jid = $3")
             .bind(encrypted_only)
             .bind(trust.as_str())
             .bind(jid)

@@ -79,7 +79,7 @@ pub fn event_id() -> String {
 impl Store {
     /// The highest `seq` ever given to an event of this bot.
     pub async fn last_seq(&self, bot: &str) -> Result<u64, StoreError> {
-        let row = sqlx::query("SELECT last_seq FROM bots WHERE jid = ?")
+        let row = sqlx::query("SELECT last_seq FROM bots WHERE jid = $1")
             .bind(bot)
             .fetch_optional(self.pool())
             .await?
@@ -97,7 +97,7 @@ impl Store {
         let mut tx = self.writer().begin().await?;
         // Claim the seq range first: a writer that lost track of it cannot fork the log.
         let last = after + events.len() as u64;
-        let done = sqlx::query("UPDATE bots SET last_seq = ? WHERE jid = ? AND last_seq = ?")
+        let done = sqlx::query("UPDATE bots SET last_seq = $1 WHERE jid = $2 AND last_seq = $3")
             .bind(last as i64)
             .bind(bot)
             .bind(after as i64)
@@ -122,7 +122,7 @@ impl Store {
                 data: e.data.clone(),
             };
             sqlx::query(
-                "INSERT INTO events (bot_jid, seq, id, type, tunnel_id, peer, occurred_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO events (bot_jid, seq, id, type, tunnel_id, peer, occurred_at, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(bot)
             .bind(record.seq as i64)
@@ -150,7 +150,7 @@ impl Store {
         pending_only: bool,
     ) -> Result<Vec<EventRecord>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE bot_jid = ? AND seq > ? AND (state = 0 OR NOT ?) ORDER BY seq LIMIT ?"
+            "SELECT {EVENT_COLUMNS} FROM events WHERE bot_jid = $1 AND seq > $2 AND (state = 0 OR NOT $3) ORDER BY seq LIMIT $4"
         ))
         .bind(bot)
         .bind(after as i64)
@@ -164,7 +164,7 @@ impl Store {
     /// One event by `seq`.
     pub async fn event(&self, bot: &str, seq: u64) -> Result<Option<EventRecord>, StoreError> {
         let row = sqlx::query(&format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE bot_jid = ? AND seq = ?"
+            "SELECT {EVENT_COLUMNS} FROM events WHERE bot_jid = $1 AND seq = $2"
         ))
         .bind(bot)
         .bind(seq as i64)
@@ -175,7 +175,7 @@ impl Store {
 
     /// An event's delivery state ([`PENDING`], [`ACKED`] or [`DEAD`]); `None` once deleted.
     pub async fn event_state(&self, bot: &str, seq: u64) -> Result<Option<i64>, StoreError> {
-        let row = sqlx::query("SELECT state FROM events WHERE bot_jid = ? AND seq = ?")
+        let row = sqlx::query("SELECT state FROM events WHERE bot_jid = $1 AND seq = $2")
             .bind(bot)
             .bind(seq as i64)
             .fetch_optional(self.pool())
@@ -194,7 +194,7 @@ impl Store {
     /// The bot's cursor: every event up to it is acknowledged or dead.
     pub async fn cursor(&self, bot: &str) -> Result<u64, StoreError> {
         let row = sqlx::query(
-            "SELECT COALESCE((SELECT MIN(seq) - 1 FROM events WHERE bot_jid = ?1 AND state = 0), (SELECT last_seq FROM bots WHERE jid = ?1), 0)",
+            "SELECT COALESCE((SELECT MIN(seq) - 1 FROM events WHERE bot_jid = $1 AND state = 0), (SELECT last_seq FROM bots WHERE jid = $1), 0)",
         )
         .bind(bot)
         .fetch_one(self.pool())
@@ -205,7 +205,7 @@ impl Store {
     /// Acknowledges every pending event up to `seq`; returns the new cursor.
     pub async fn ack_through(&self, bot: &str, seq: u64) -> Result<u64, StoreError> {
         sqlx::query(
-            "UPDATE events SET state = 1, acked_at = ? WHERE bot_jid = ? AND seq <= ? AND state = 0",
+            "UPDATE events SET state = 1, acked_at = $1 WHERE bot_jid = $2 AND seq <= $3 AND state = 0",
         )
         .bind(now())
         .bind(bot)
@@ -218,16 +218,16 @@ impl Store {
     /// Deletes acknowledged events, delivery attempts and finished messages older than
     /// `before` (RFC 3339).
     pub async fn prune_events(&self, before: &str) -> Result<u64, StoreError> {
-        let done = sqlx::query("DELETE FROM events WHERE state = 1 AND occurred_at < ?")
+        let done = sqlx::query("DELETE FROM events WHERE state = 1 AND occurred_at < $1")
             .bind(before)
             .execute(self.writer())
             .await?;
-        sqlx::query("DELETE FROM delivery_attempts WHERE at < ?")
+        sqlx::query("DELETE FROM delivery_attempts WHERE at < $1")
             .bind(before)
             .execute(self.writer())
             .await?;
-        let finished = vec!["?"; super::MessageStatus::finals().count()].join(", ");
-        let sql = format!("DELETE FROM messages WHERE created_at < ? AND status IN ({finished})");
+        let finished = super::params(2, super::MessageStatus::finals().count());
+        let sql = format!("DELETE FROM messages WHERE created_at < $1 AND status IN ({finished})");
         let mut query = sqlx::query(&sql).bind(before);
         for status in super::MessageStatus::finals() {
             query = query.bind(status);

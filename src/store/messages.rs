@@ -164,7 +164,7 @@ impl Store {
         let stanza = String::from_utf8_lossy(&xtls::xml::to_bytes(&msg.stanza)).into_owned();
         let done = sqlx::query(
             "INSERT INTO messages (id, bot_jid, idempotency_key, to_jid, stanza, reopen, status, history, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
         )
         .bind(&msg.id)
         .bind(bot)
@@ -191,8 +191,8 @@ impl Store {
         reason: Option<&str>,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE messages SET status = ?1, reason = ?2, \
-             history = json_insert(history, '$[#]', json_object('status', ?1, 'at', ?3, 'reason', ?2)) WHERE id = ?4",
+            "UPDATE messages SET status = $1, reason = $2, \
+             history = json_insert(history, '$[#]', json_object('status', $1, 'at', $3, 'reason', $2)) WHERE id = $4",
         )
         .bind(status)
         .bind(reason)
@@ -209,7 +209,7 @@ impl Store {
         id: &str,
         tunnel_id: &TunnelId,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE messages SET tunnel_id = ? WHERE id = ?")
+        sqlx::query("UPDATE messages SET tunnel_id = $1 WHERE id = $2")
             .bind(tunnel_id)
             .bind(id)
             .execute(self.writer())
@@ -219,7 +219,7 @@ impl Store {
 
     /// Removes a message that was not accepted.
     pub async fn delete_message(&self, id: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM messages WHERE id = ?")
+        sqlx::query("DELETE FROM messages WHERE id = $1")
             .bind(id)
             .execute(self.writer())
             .await?;
@@ -228,7 +228,7 @@ impl Store {
 
     /// One message of a bot.
     pub async fn message(&self, bot: &str, id: &str) -> Result<Option<MessageRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM messages WHERE bot_jid = ? AND id = ?")
+        let row = sqlx::query("SELECT * FROM messages WHERE bot_jid = $1 AND id = $2")
             .bind(bot)
             .bind(id)
             .fetch_optional(self.pool())
@@ -242,7 +242,7 @@ impl Store {
         bot: &str,
         key: &str,
     ) -> Result<Option<MessageRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM messages WHERE bot_jid = ? AND idempotency_key = ?")
+        let row = sqlx::query("SELECT * FROM messages WHERE bot_jid = $1 AND idempotency_key = $2")
             .bind(bot)
             .bind(key)
             .fetch_optional(self.pool())
@@ -254,7 +254,7 @@ impl Store {
     pub(crate) async fn bots_with_unfinished_messages(
         &self,
     ) -> Result<std::collections::HashSet<String>, StoreError> {
-        let placeholders = vec!["?"; MessageStatus::finals().count()].join(", ");
+        let placeholders = super::params(1, MessageStatus::finals().count());
         let sql =
             format!("SELECT DISTINCT bot_jid FROM messages WHERE status NOT IN ({placeholders})");
         let mut query = sqlx::query(&sql);
@@ -273,9 +273,9 @@ impl Store {
         bot: &str,
         before: &str,
     ) -> Result<Vec<OutMsg>, StoreError> {
-        let placeholders = vec!["?"; MessageStatus::finals().count()].join(", ");
+        let placeholders = super::params(3, MessageStatus::finals().count());
         let sql = format!(
-            "SELECT id, to_jid, stanza, reopen FROM messages WHERE bot_jid = ? AND created_at < ? AND status NOT IN ({placeholders}) ORDER BY created_at"
+            "SELECT id, to_jid, stanza, reopen FROM messages WHERE bot_jid = $1 AND created_at < $2 AND status NOT IN ({placeholders}) ORDER BY created_at"
         );
         let mut query = sqlx::query(&sql).bind(bot).bind(before);
         for status in MessageStatus::finals() {

@@ -98,6 +98,15 @@ where
     Ok(row.try_get::<&str, _>(column)?.parse()?)
 }
 
+/// `$from, $from+1, …`: `count` numbered parameters for a list built at run time (`IN (…)`).
+/// Statements number their parameters (`$1`), which SQLite and PostgreSQL both read.
+fn params(from: usize, count: usize) -> String {
+    (from..from + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The current time as RFC 3339, with sub-second precision (listings sort on it).
 pub fn now() -> String {
     rfc3339(time::OffsetDateTime::now_utc())
@@ -199,7 +208,7 @@ impl Store {
 
     /// Proves the database accepts writes.
     pub async fn check_writable(&self) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO health (id, checked_at) VALUES (1, ?) ON CONFLICT(id) DO UPDATE SET checked_at = excluded.checked_at")
+        sqlx::query("INSERT INTO health (id, checked_at) VALUES (1, $1) ON CONFLICT(id) DO UPDATE SET checked_at = excluded.checked_at")
             .bind(now())
             .execute(&self.writer)
             .await?;

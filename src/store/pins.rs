@@ -172,7 +172,7 @@ impl Store {
     ) -> Result<(Vec<Fingerprint>, Vec<String>), StoreError> {
         let rows = sqlx::query(
             "SELECT spki_sha256, cert_der FROM peer_pins \
-             WHERE bot_jid = ? AND peer = ? AND (verified OR NOT ?)",
+             WHERE bot_jid = $1 AND peer = $2 AND (verified OR NOT $3)",
         )
         .bind(bot)
         .bind(peer)
@@ -208,8 +208,8 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO peer_pins (bot_jid, peer, spki_sha256, cert_der, first_seen, last_seen) \
-             SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS \
-             (SELECT 1 FROM peer_pins WHERE bot_jid = ? AND peer = ?)",
+             SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS \
+             (SELECT 1 FROM peer_pins WHERE bot_jid = $7 AND peer = $8)",
         )
         .bind(bot)
         .bind(peer)
@@ -230,7 +230,7 @@ impl Store {
             return Ok(FirstUse::Pinned);
         }
         let seen = sqlx::query(
-            "UPDATE peer_pins SET last_seen = ? WHERE bot_jid = ? AND peer = ? AND spki_sha256 = ?",
+            "UPDATE peer_pins SET last_seen = $1 WHERE bot_jid = $2 AND peer = $3 AND spki_sha256 = $4",
         )
         .bind(&at)
         .bind(bot)
@@ -258,8 +258,8 @@ impl Store {
         cert_der: Option<&[u8]>,
     ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE peer_pins SET last_seen = ?, cert_der = COALESCE(?, cert_der) \
-             WHERE bot_jid = ? AND peer = ? AND spki_sha256 = ?",
+            "UPDATE peer_pins SET last_seen = $1, cert_der = COALESCE($2, cert_der) \
+             WHERE bot_jid = $3 AND peer = $4 AND spki_sha256 = $5",
         )
         .bind(now())
         .bind(cert_der)
@@ -274,7 +274,7 @@ impl Store {
     /// The peers a bot knows, with their pins.
     pub async fn list_pins(&self, bot: &str) -> Result<Vec<PeerPin>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {PIN_COLUMNS} FROM peer_pins WHERE bot_jid = ? ORDER BY peer, first_seen"
+            "SELECT {PIN_COLUMNS} FROM peer_pins WHERE bot_jid = $1 ORDER BY peer, first_seen"
         ))
         .bind(bot)
         .fetch_all(&self.pool)
@@ -285,7 +285,7 @@ impl Store {
     /// One peer's pins on a bot, oldest first.
     pub async fn peer_pins(&self, bot: &str, peer: &str) -> Result<Vec<PeerPin>, StoreError> {
         let rows = sqlx::query(&format!(
-            "SELECT {PIN_COLUMNS} FROM peer_pins WHERE bot_jid = ? AND peer = ? ORDER BY first_seen"
+            "SELECT {PIN_COLUMNS} FROM peer_pins WHERE bot_jid = $1 AND peer = $2 ORDER BY first_seen"
         ))
         .bind(bot)
         .bind(peer)
@@ -304,7 +304,7 @@ impl Store {
         let compared = change.compared.clone();
         let mut tx = self.writer.begin().await?;
         let before = sqlx::query(
-            "SELECT verified FROM peer_pins WHERE bot_jid = ? AND peer = ? AND spki_sha256 = ?",
+            "SELECT verified FROM peer_pins WHERE bot_jid = $1 AND peer = $2 AND spki_sha256 = $3",
         )
         .bind(change.bot)
         .bind(change.peer)
@@ -319,7 +319,7 @@ impl Store {
         };
         sqlx::query(
             "INSERT INTO peer_pins (bot_jid, peer, spki_sha256, verified, first_seen, last_seen, verified_at, verified_by, compared) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (bot_jid, peer, spki_sha256) DO UPDATE SET verified = excluded.verified, \
              verified_at = excluded.verified_at, verified_by = excluded.verified_by, compared = excluded.compared",
         )
@@ -350,7 +350,7 @@ impl Store {
         )
         .await?;
         let row = sqlx::query(&format!(
-            "SELECT {PIN_COLUMNS} FROM peer_pins WHERE bot_jid = ? AND peer = ? AND spki_sha256 = ?"
+            "SELECT {PIN_COLUMNS} FROM peer_pins WHERE bot_jid = $1 AND peer = $2 AND spki_sha256 = $3"
         ))
         .bind(change.bot)
         .bind(change.peer)
@@ -371,15 +371,16 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let (at, key) = (now(), spki.to_string());
         let mut tx = self.writer.begin().await?;
-        let removed =
-            sqlx::query("DELETE FROM peer_pins WHERE bot_jid = ? AND peer = ? AND spki_sha256 = ?")
-                .bind(bot)
-                .bind(peer)
-                .bind(&key)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                == 1;
+        let removed = sqlx::query(
+            "DELETE FROM peer_pins WHERE bot_jid = $1 AND peer = $2 AND spki_sha256 = $3",
+        )
+        .bind(bot)
+        .bind(peer)
+        .bind(&key)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
         if removed {
             let entry = Audit::key(PinAction::Removed, &key, None);
             audit(&mut tx, &at, actor, bot, Some(peer), entry).await?;
@@ -390,7 +391,7 @@ impl Store {
 
     /// A peer's own trust mode on a bot, when one is set.
     pub async fn peer_trust(&self, bot: &str, peer: &str) -> Result<Option<BotTrust>, StoreError> {
-        let row = sqlx::query("SELECT trust FROM peer_trust WHERE bot_jid = ? AND peer = ?")
+        let row = sqlx::query("SELECT trust FROM peer_trust WHERE bot_jid = $1 AND peer = $2")
             .bind(bot)
             .bind(peer)
             .fetch_optional(&self.pool)
@@ -414,7 +415,7 @@ impl Store {
         match trust {
             Some(mode) => {
                 sqlx::query(
-                    "INSERT INTO peer_trust (bot_jid, peer, trust, updated_at) VALUES (?, ?, ?, ?) \
+                    "INSERT INTO peer_trust (bot_jid, peer, trust, updated_at) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT (bot_jid, peer) DO UPDATE SET trust = excluded.trust, updated_at = excluded.updated_at",
                 )
                 .bind(bot)
@@ -425,7 +426,7 @@ impl Store {
                 .await?;
             }
             None => {
-                sqlx::query("DELETE FROM peer_trust WHERE bot_jid = ? AND peer = ?")
+                sqlx::query("DELETE FROM peer_trust WHERE bot_jid = $1 AND peer = $2")
                     .bind(bot)
                     .bind(peer)
                     .execute(&mut *tx)
@@ -451,7 +452,7 @@ impl Store {
     ) -> Result<Vec<AuditEntry>, StoreError> {
         let rows = sqlx::query(
             "SELECT seq, at, actor, action, bot_jid, peer, spki_sha256, compared, trust FROM trust_audit \
-             WHERE ? IS NULL OR bot_jid = ? ORDER BY seq DESC LIMIT ?",
+             WHERE $1 IS NULL OR bot_jid = $2 ORDER BY seq DESC LIMIT $3",
         )
         .bind(bot)
         .bind(bot)
@@ -508,7 +509,7 @@ pub(super) async fn audit(
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO trust_audit (at, actor, action, bot_jid, peer, spki_sha256, compared, trust) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(at)
     .bind(actor)

@@ -45,7 +45,7 @@ impl Store {
         let bot = identity.jid.as_str();
         let at = now();
         let mut tx = self.writer.begin().await?;
-        let exists = sqlx::query("SELECT 1 FROM bots WHERE jid = ?")
+        let exists = sqlx::query("SELECT 1 FROM bots WHERE jid = $1")
             .bind(bot)
             .fetch_optional(&mut *tx)
             .await?
@@ -55,7 +55,7 @@ impl Store {
         }
         sqlx::query(
             "INSERT INTO bot_next_keys (bot_jid, key_der, cert_der, created_at, active_at) \
-             VALUES (?, ?, ?, ?, ?) ON CONFLICT (bot_jid) DO UPDATE SET \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (bot_jid) DO UPDATE SET \
              key_der = excluded.key_der, cert_der = excluded.cert_der, \
              created_at = excluded.created_at, active_at = excluded.active_at",
         )
@@ -105,7 +105,7 @@ impl Store {
         let at = now();
         let mut tx = self.writer.begin().await?;
         let Some(next) = sqlx::query(
-            "SELECT key_der, cert_der FROM bot_next_keys WHERE bot_jid = ? AND active_at = ?",
+            "SELECT key_der, cert_der FROM bot_next_keys WHERE bot_jid = $1 AND active_at = $2",
         )
         .bind(bot)
         .bind(active_at)
@@ -120,14 +120,14 @@ impl Store {
             BotIdentity::from_der(bot, cert_der.clone(), self.open_key(bot, key_der.clone())?)?;
         sqlx::query(
             "INSERT INTO bot_retired_certs (bot_jid, cert_der, retired_at) \
-             SELECT bot_jid, cert_der, ? FROM bot_keys WHERE bot_jid = ?",
+             SELECT bot_jid, cert_der, $1 FROM bot_keys WHERE bot_jid = $2",
         )
         .bind(&at)
         .bind(bot)
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "UPDATE bot_keys SET key_der = ?, cert_der = ?, created_at = ? WHERE bot_jid = ?",
+            "UPDATE bot_keys SET key_der = $1, cert_der = $2, created_at = $3 WHERE bot_jid = $4",
         )
         .bind(&key_der)
         .bind(&cert_der)
@@ -135,7 +135,7 @@ impl Store {
         .bind(bot)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM bot_next_keys WHERE bot_jid = ?")
+        sqlx::query("DELETE FROM bot_next_keys WHERE bot_jid = $1")
             .bind(bot)
             .execute(&mut *tx)
             .await?;
@@ -157,7 +157,7 @@ impl Store {
         bot: &str,
     ) -> Result<Vec<RetiredCertificate>, StoreError> {
         let rows = sqlx::query(
-            "SELECT cert_der, retired_at FROM bot_retired_certs WHERE bot_jid = ? \
+            "SELECT cert_der, retired_at FROM bot_retired_certs WHERE bot_jid = $1 \
              ORDER BY retired_at DESC, rowid DESC",
         )
         .bind(bot)

@@ -143,11 +143,13 @@ impl Store {
                     .ok_or_else(|| wrong_key(bot))?;
                 continue;
             }
-            sqlx::query(&format!("UPDATE {table} SET key_der = ? WHERE bot_jid = ?"))
-                .bind(key.seal(&key_context(bot), value))
-                .bind(bot)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(&format!(
+                "UPDATE {table} SET key_der = $1 WHERE bot_jid = $2"
+            ))
+            .bind(key.seal(&key_context(bot), value))
+            .bind(bot)
+            .execute(&mut *tx)
+            .await?;
             sealed_now += 1;
         }
         for row in &hooks {
@@ -156,7 +158,7 @@ impl Store {
                 open_text(Some(&key), &secret_context(&bot), &value)?;
                 continue;
             }
-            sqlx::query("UPDATE webhooks SET secret = ? WHERE bot_jid = ?")
+            sqlx::query("UPDATE webhooks SET secret = $1 WHERE bot_jid = $2")
                 .bind(seal_text(&key, &secret_context(&bot), &value))
                 .bind(&bot)
                 .execute(&mut *tx)
@@ -172,8 +174,8 @@ impl Store {
     /// Whether any secret in the store is sealed (then only its key opens it).
     pub async fn has_sealed_secrets(&self) -> Result<bool, StoreError> {
         let row = sqlx::query(
-            "SELECT EXISTS (SELECT 1 FROM bot_keys WHERE substr(key_der, 1, 4) = ?) \
-             OR EXISTS (SELECT 1 FROM bot_next_keys WHERE substr(key_der, 1, 4) = ?) \
+            "SELECT EXISTS (SELECT 1 FROM bot_keys WHERE substr(key_der, 1, 4) = $1) \
+             OR EXISTS (SELECT 1 FROM bot_next_keys WHERE substr(key_der, 1, 4) = $2) \
              OR EXISTS (SELECT 1 FROM webhooks WHERE secret LIKE 'sealed:%')",
         )
         .bind(MAGIC)

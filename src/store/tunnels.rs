@@ -319,7 +319,7 @@ impl Store {
     /// Marks tunnels left live by a previous process as closed.
     pub async fn close_stale_tunnels(&self) -> Result<u64, StoreError> {
         let done = sqlx::query(
-            "UPDATE tunnels SET state = 'closed', closed_at = ?, close_reason = 'component_restart' WHERE state != 'closed'",
+            "UPDATE tunnels SET state = 'closed', closed_at = $1, close_reason = 'component_restart' WHERE state != 'closed'",
         )
         .bind(now())
         .execute(&self.writer)
@@ -332,7 +332,7 @@ impl Store {
         sqlx::query(
             "INSERT INTO tunnels (id, bot_jid, local_jid, peer, role, state, tls_version, cipher_suite, peer_spki, trust, \
              stanzas_in, stanzas_out, bytes_in, bytes_out, opened_at, established_at, closed_at, close_reason) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
              ON CONFLICT (id) DO UPDATE SET state = excluded.state, tls_version = excluded.tls_version, \
              cipher_suite = excluded.cipher_suite, peer_spki = excluded.peer_spki, trust = excluded.trust, \
              stanzas_in = excluded.stanzas_in, stanzas_out = excluded.stanzas_out, bytes_in = excluded.bytes_in, \
@@ -369,9 +369,9 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<TunnelRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT * FROM tunnels WHERE (?1 IS NULL OR bot_jid = ?1) AND (?2 IS NULL OR state = ?2) \
-             AND (?3 IS NULL OR peer = ?3 OR substr(peer, 1, length(?3) + 1) = ?3 || '/') \
-             ORDER BY opened_at DESC, id DESC LIMIT ?4",
+            "SELECT * FROM tunnels WHERE ($1 IS NULL OR bot_jid = $1) AND ($2 IS NULL OR state = $2) \
+             AND ($3 IS NULL OR peer = $3 OR substr(peer, 1, length($3) + 1) = $3 || '/') \
+             ORDER BY opened_at DESC, id DESC LIMIT $4",
         )
         .bind(&filter.bot)
         .bind(filter.state.map(State::as_str))
@@ -391,7 +391,7 @@ impl Store {
 
     /// One tunnel row.
     pub async fn tunnel(&self, id: &TunnelId) -> Result<Option<TunnelRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM tunnels WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM tunnels WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;

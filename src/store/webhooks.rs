@@ -98,7 +98,7 @@ fn webhook_from_row(row: &sqlx::sqlite::SqliteRow, secret: String) -> Webhook {
 impl Store {
     /// A bot's webhook.
     pub async fn webhook(&self, bot: &str) -> Result<Option<Webhook>, StoreError> {
-        let row = sqlx::query("SELECT * FROM webhooks WHERE bot_jid = ?")
+        let row = sqlx::query("SELECT * FROM webhooks WHERE bot_jid = $1")
             .bind(bot)
             .fetch_optional(self.pool())
             .await?;
@@ -124,7 +124,7 @@ impl Store {
     /// Sets a bot's webhook.
     pub async fn put_webhook(&self, bot: &str, hook: &Webhook) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO webhooks (bot_jid, url, secret, timeout_ms, max_in_flight, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
+            "INSERT INTO webhooks (bot_jid, url, secret, timeout_ms, max_in_flight, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT(bot_jid) DO UPDATE SET url = excluded.url, secret = excluded.secret, timeout_ms = excluded.timeout_ms, \
              max_in_flight = excluded.max_in_flight, updated_at = excluded.updated_at, last_error = NULL",
         )
@@ -141,7 +141,7 @@ impl Store {
 
     /// Removes a bot's webhook; `false` when it had none.
     pub async fn delete_webhook(&self, bot: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM webhooks WHERE bot_jid = ?")
+        let done = sqlx::query("DELETE FROM webhooks WHERE bot_jid = $1")
             .bind(bot)
             .execute(self.writer())
             .await?;
@@ -157,7 +157,7 @@ impl Store {
     ) -> Result<Vec<PendingEvent>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, seq, type, bot_jid, occurred_at, tunnel_id, peer, data, attempts, first_attempt_ms, next_attempt_ms \
-             FROM events WHERE bot_jid = ? AND state = 0 AND seq > ? ORDER BY seq LIMIT ?",
+             FROM events WHERE bot_jid = $1 AND state = 0 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .bind(bot)
         .bind(after as i64)
@@ -185,7 +185,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.writer().begin().await?;
         sqlx::query(
-            "INSERT INTO delivery_attempts (bot_jid, event_id, seq, at, status, error, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO delivery_attempts (bot_jid, event_id, seq, at, status, error, duration_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(bot)
         .bind(&attempt.event_id)
@@ -202,9 +202,9 @@ impl Store {
             Outcome::Dead => (DEAD, None),
         };
         sqlx::query(
-            "UPDATE events SET state = ?, attempts = attempts + 1, first_attempt_ms = COALESCE(first_attempt_ms, ?), \
-             next_attempt_ms = ?, last_error = ?, acked_at = CASE WHEN ? = 1 THEN ? ELSE acked_at END \
-             WHERE bot_jid = ? AND seq = ? AND state = 0",
+            "UPDATE events SET state = $1, attempts = attempts + 1, first_attempt_ms = COALESCE(first_attempt_ms, $2), \
+             next_attempt_ms = $3, last_error = $4, acked_at = CASE WHEN $5 = 1 THEN $6 ELSE acked_at END \
+             WHERE bot_jid = $7 AND seq = $8 AND state = 0",
         )
         .bind(state)
         .bind(first_attempt_ms)
@@ -218,8 +218,8 @@ impl Store {
         .await?;
         let delivered = matches!(outcome, Outcome::Delivered);
         sqlx::query(
-            "UPDATE webhooks SET last_success_at = CASE WHEN ?1 THEN ?2 ELSE last_success_at END, \
-             last_error = CASE WHEN ?1 THEN last_error ELSE ?3 END WHERE bot_jid = ?4",
+            "UPDATE webhooks SET last_success_at = CASE WHEN $1 THEN $2 ELSE last_success_at END, \
+             last_error = CASE WHEN $1 THEN last_error ELSE $3 END WHERE bot_jid = $4",
         )
         .bind(delivered)
         .bind(&attempt.at)
@@ -234,7 +234,7 @@ impl Store {
     /// The latest attempts, newest first.
     pub async fn attempts(&self, bot: &str, limit: u32) -> Result<Vec<Attempt>, StoreError> {
         let rows = sqlx::query(
-            "SELECT event_id, seq, at, status, error, duration_ms FROM delivery_attempts WHERE bot_jid = ? ORDER BY id DESC LIMIT ?",
+            "SELECT event_id, seq, at, status, error, duration_ms FROM delivery_attempts WHERE bot_jid = $1 ORDER BY id DESC LIMIT $2",
         )
         .bind(bot)
         .bind(limit as i64)
@@ -256,7 +256,7 @@ impl Store {
     /// Every dead letter, oldest first.
     pub async fn dead_letters(&self, bot: &str) -> Result<Vec<DeadLetter>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, seq, type, attempts, last_error FROM events WHERE bot_jid = ? AND state = 2 ORDER BY seq",
+            "SELECT id, seq, type, attempts, last_error FROM events WHERE bot_jid = $1 AND state = 2 ORDER BY seq",
         )
         .bind(bot)
         .fetch_all(self.pool())
@@ -276,7 +276,7 @@ impl Store {
     /// Pending and dead event counts.
     pub async fn event_counts(&self, bot: &str) -> Result<(u64, u64), StoreError> {
         let row = sqlx::query(
-            "SELECT COALESCE(SUM(state = 0), 0) AS pending, COALESCE(SUM(state = 2), 0) AS dead FROM events WHERE bot_jid = ?",
+            "SELECT COALESCE(SUM(state = 0), 0) AS pending, COALESCE(SUM(state = 2), 0) AS dead FROM events WHERE bot_jid = $1",
         )
         .bind(bot)
         .fetch_one(self.pool())
@@ -310,7 +310,7 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let mut tx = self.writer().begin().await?;
         let mut total = 0;
-        let base = format!("{action} WHERE bot_jid = ? AND state = 2");
+        let base = format!("{action} WHERE bot_jid = $1 AND state = 2");
         match seqs {
             None => {
                 total += sqlx::query(&base)
@@ -321,7 +321,7 @@ impl Store {
             }
             Some(seqs) => {
                 for seq in seqs {
-                    total += sqlx::query(&format!("{base} AND seq = ?"))
+                    total += sqlx::query(&format!("{base} AND seq = $2"))
                         .bind(bot)
                         .bind(*seq as i64)
                         .execute(&mut *tx)
