@@ -14,6 +14,7 @@ mod xmpp;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -87,23 +88,25 @@ enum Command {
         #[command(flatten)]
         login: LoginArgs,
         /// The bot (weather@bots.example.org) or a person's full JID (bob@example.org/laptop)
+        #[arg(value_parser = peer_jid)]
         peer: String,
         /// Pair with this code from the peer's operator as soon as the tunnel is open
         #[arg(long, value_name = "CODE")]
         pair: Option<String>,
         /// Seconds the login and the tunnel's opening may take
-        #[arg(long, default_value_t = 30, value_name = "SECONDS")]
-        timeout: u64,
+        #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = seconds)]
+        timeout: Duration,
     },
     /// Show the key a bot announces in its service discovery, compared with the one you know
     Fingerprint {
         #[command(flatten)]
         login: LoginArgs,
         /// The bot, e.g. weather@bots.example.org
+        #[arg(value_parser = peer_jid)]
         peer: String,
         /// Seconds the login and the question may take
-        #[arg(long, default_value_t = 30, value_name = "SECONDS")]
-        timeout: u64,
+        #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = seconds)]
+        timeout: Duration,
     },
     /// Stay online and accept the tunnels bots and people open to you; print what arrives
     Listen {
@@ -111,17 +114,18 @@ enum Command {
         login: LoginArgs,
         /// Tell this bot you are available (directed presence), so that it can reach you at
         /// your bare JID; repeat for several
-        #[arg(long, value_name = "JID")]
+        #[arg(long, value_name = "JID", value_parser = peer_jid)]
         announce: Vec<String>,
         /// Seconds the login may take
-        #[arg(long, default_value_t = 30, value_name = "SECONDS")]
-        timeout: u64,
+        #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = seconds)]
+        timeout: Duration,
     },
     /// Send one message through a tunnel and print the answer
     Send {
         #[command(flatten)]
         login: LoginArgs,
         /// The bot (weather@bots.example.org) or a person's full JID (bob@example.org/laptop)
+        #[arg(value_parser = peer_jid)]
         peer: String,
         /// The message
         text: String,
@@ -129,8 +133,8 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
         /// Seconds the exchange may take, login included
-        #[arg(long, default_value_t = 30, value_name = "SECONDS")]
-        timeout: u64,
+        #[arg(long, default_value = "30", value_name = "SECONDS", value_parser = seconds)]
+        timeout: Duration,
     },
 }
 
@@ -192,11 +196,6 @@ fn main() -> ExitCode {
             no_wait,
             timeout,
         } => {
-            let Some(peer) = peer_jid(&peer) else {
-                eprintln!("xtls: '{peer}' is not a JID like weather@bots.example.org");
-                return ExitCode::from(USAGE);
-            };
-            let timeout = std::time::Duration::from_secs(timeout.max(1));
             let args = send::SendArgs {
                 peer,
                 text,
@@ -213,14 +212,10 @@ fn main() -> ExitCode {
             pair,
             timeout,
         } => {
-            let Some(peer) = peer_jid(&peer) else {
-                eprintln!("xtls: '{peer}' is not a JID like weather@bots.example.org");
-                return ExitCode::from(USAGE);
-            };
             let args = chat::ChatArgs {
                 peer,
                 pair,
-                timeout: std::time::Duration::from_secs(timeout.max(1)),
+                timeout,
             };
             exit(runtime().block_on(chat::run(&login, &dir, args)))
         }
@@ -228,30 +223,12 @@ fn main() -> ExitCode {
             login,
             peer,
             timeout,
-        } => {
-            let Some(peer) = peer_jid(&peer) else {
-                eprintln!("xtls: '{peer}' is not a JID like weather@bots.example.org");
-                return ExitCode::from(USAGE);
-            };
-            let timeout = std::time::Duration::from_secs(timeout.max(1));
-            exit(runtime().block_on(fingerprint::run(&login, &dir, &peer, timeout, cli.json)))
-        }
+        } => exit(runtime().block_on(fingerprint::run(&login, &dir, &peer, timeout, cli.json))),
         Command::Listen {
             login,
             announce,
             timeout,
-        } => {
-            let mut to = Vec::new();
-            for jid in &announce {
-                let Some(jid) = peer_jid(jid) else {
-                    eprintln!("xtls: '{jid}' is not a JID like weather@bots.example.org");
-                    return ExitCode::from(USAGE);
-                };
-                to.push(jid);
-            }
-            let timeout = std::time::Duration::from_secs(timeout.max(1));
-            exit(runtime().block_on(listen::run(&login, &dir, &to, timeout, cli.json)))
-        }
+        } => exit(runtime().block_on(listen::run(&login, &dir, &announce, timeout, cli.json))),
         Command::Whoami { jid } => {
             let Some(bare) = identity::bare_jid(&jid) else {
                 eprintln!("xtls: '{jid}' is not a JID like alice@example.org");
@@ -275,10 +252,20 @@ fn main() -> ExitCode {
 }
 
 /// A peer's JID, normalized; a resource is kept (a person's client), a bare JID stays bare.
-fn peer_jid(s: &str) -> Option<String> {
-    let jid = jid::Jid::new(s).ok()?;
-    jid.node()?;
-    Some(jid.to_string())
+fn peer_jid(s: &str) -> Result<String, String> {
+    jid::Jid::new(s)
+        .ok()
+        .filter(|jid| jid.node().is_some())
+        .map(|jid| jid.to_string())
+        .ok_or_else(|| format!("'{s}' is not a JID like weather@bots.example.org"))
+}
+
+/// A number of seconds, at least one.
+fn seconds(s: &str) -> Result<Duration, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Duration::from_secs(n)),
+        _ => Err(format!("'{s}' is not a whole number of seconds above zero")),
+    }
 }
 
 /// The single-threaded runtime of the commands that go online.
