@@ -24,11 +24,13 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Before anything else touches the file: a second instance must not reach the start-up
     // clean-up below, which would close the first one's live tunnels.
+    let shown = crate::store::display_url(&config.store.url);
     let _sole = crate::store::claim_sole_instance(&config.store.url)
-        .with_context(|| format!("cannot use the store at {}", config.store.url))?;
+        .await
+        .with_context(|| format!("cannot use the store at {shown}"))?;
     let store = Store::open(&config.store.url)
         .await
-        .with_context(|| format!("cannot open the store at {}", config.store.url))?;
+        .with_context(|| format!("cannot open the store at {shown}"))?;
     let key = store_key(&config.store, &store).await?;
     let sealed = store
         .use_key(key)

@@ -262,7 +262,7 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// SQLite URL; the file is created when missing.
+    /// `sqlite://FILE` (created when missing) or `postgres://USER@HOST:PORT/DATABASE`.
     #[serde(default = "default_store_url")]
     pub url: String,
     /// The file holding the key that seals private keys and webhook secrets in the store
@@ -287,6 +287,30 @@ impl StoreConfig {
             .or_else(|| self.url.strip_prefix("sqlite:"))?;
         let path = path.split('?').next().unwrap_or_default();
         (!path.is_empty() && !path.starts_with(':')).then(|| PathBuf::from(format!("{path}.key")))
+    }
+}
+
+/// Which database a store URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreBackend {
+    /// One SQLite file, served by one instance.
+    Sqlite,
+    /// A PostgreSQL database.
+    Postgres,
+}
+
+impl StoreBackend {
+    /// The backend of `url`: `sqlite:`, or `postgres:`/`postgresql:`.
+    pub fn of_url(url: &str) -> Result<StoreBackend, String> {
+        let scheme = url.split_once(':').map(|(s, _)| s).unwrap_or_default();
+        match scheme {
+            "sqlite" => Ok(StoreBackend::Sqlite),
+            "postgres" | "postgresql" => Ok(StoreBackend::Postgres),
+            // Only the scheme is quoted: the rest of a URL may hold a password.
+            _ => Err(format!(
+                "the store URL must start with sqlite: or postgres:, not {scheme:?}"
+            )),
+        }
     }
 }
 
@@ -869,8 +893,21 @@ impl Config {
             }
             (None, _) => {}
         }
-        if !self.store.url.starts_with("sqlite:") {
-            return Err(invalid("store.url", "only sqlite: URLs are supported"));
+        match StoreBackend::of_url(&self.store.url) {
+            Err(e) => return Err(invalid("store.url", e)),
+            // Every instance on the database must seal with the same key, and no file beside
+            // the store can hold it: say so before a key of one run seals anything.
+            Ok(StoreBackend::Postgres)
+                if self.store.key.is_none() && self.store.key_file.is_none() =>
+            {
+                return Err(invalid(
+                    "store.key",
+                    "a PostgreSQL store needs store.key or store.key_file (the key that seals the \
+                     bots' private keys, the same for every instance): create one with \
+                     `head -c 32 /dev/urandom | base64`",
+                ));
+            }
+            Ok(_) => {}
         }
         let store_key = match (&self.store.key, self.store.key_path()) {
             (Some(_), Some(_)) if self.store.key_file.is_some() => {
@@ -1084,6 +1121,29 @@ mod tests {
         [admin]
         token = "token-123456"
     "#;
+
+    #[test]
+    fn a_store_url_names_sqlite_or_postgres_and_postgres_needs_a_shared_key() {
+        let with = |store: &str| load(&format!("{MINIMAL}\n[store]\n{store}"));
+        assert!(with(r#"url = "sqlite://x.db""#).is_ok());
+        let err = with(r#"url = "postgres://xtls:pw@db/bots""#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("store.key") && err.contains("same for every instance"),
+            "{err}"
+        );
+        let key = "key = \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"";
+        let c = with(&format!("url = \"postgresql://xtls@db/bots\"\n{key}")).unwrap();
+        assert_eq!(
+            StoreBackend::of_url(&c.store.url),
+            Ok(StoreBackend::Postgres)
+        );
+        let err = with(r#"url = "mysql://root:pw@db/bots""#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store.url") && !err.contains("pw"), "{err}");
+    }
 
     #[test]
     fn minimal_config_gets_documented_defaults() {

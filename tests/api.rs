@@ -1,10 +1,14 @@
 //! The admin and bot API in process: `api::app(state)` called with `oneshot`, each test on a
-//! fresh migrated SQLite file, for every route's success and problem cases. The bots' drivers
+//! fresh migrated store of each backend (a SQLite file, a PostgreSQL database), for every
+//! route's success and problem cases. The bots' drivers
 //! run for real; what they would write to the XMPP server is read from their outbound channel
 //! and answered by the test. The Python suite (`tests/e2e/`) covers the same API over HTTP
 //! through real servers.
 
-use std::path::PathBuf;
+#[path = "common/database.rs"]
+#[macro_use]
+mod database;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +29,8 @@ use xtls_component::link::LinkStatus;
 use xtls_component::session::{BotTable, Shared};
 use xtls_component::store::Store;
 
+use database::TestDb;
+
 const ADMIN: &str = "admin-token-for-tests";
 const DOMAIN: &str = "bots.example.org";
 
@@ -34,7 +40,7 @@ struct Api {
     bots: BotTable,
     out: mpsc::Receiver<Element>,
     link: watch::Sender<LinkStatus>,
-    dir: PathBuf,
+    _db: TestDb,
 }
 
 /// An answer: status, headers, and the body as JSON (`Null` when empty or not JSON).
@@ -45,16 +51,8 @@ struct Answer {
 }
 
 impl Api {
-    async fn new() -> Api {
-        let dir = std::env::temp_dir().join(format!(
-            "xtls-api-{}-{}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::open(&format!("sqlite://{}/api.db", dir.display()))
-            .await
-            .unwrap();
+    async fn new(db: TestDb) -> Api {
+        let store = Store::open(&db.url).await.unwrap();
         let (out_tx, out) = mpsc::channel(256);
         let shared = Shared::new(
             store,
@@ -82,7 +80,7 @@ impl Api {
             bots,
             out,
             link,
-            dir,
+            _db: db,
         }
     }
 
@@ -194,7 +192,6 @@ impl Api {
     async fn close(self) {
         self.bots.stop_all().await;
         self.bots.shared().store.close().await;
-        std::fs::remove_dir_all(&self.dir).unwrap();
     }
 }
 
@@ -210,9 +207,20 @@ fn is_problem(a: &Answer, status: StatusCode) {
     assert!(a.body["detail"].is_string(), "{}", a.body);
 }
 
-#[tokio::test]
-async fn health_readiness_and_metrics() {
-    let api = Api::new().await;
+on_each_backend!(
+    health_readiness_and_metrics,
+    tokens_hosts_and_unknown_routes,
+    bots_are_created_read_and_deleted,
+    bot_tokens_reach_their_own_bot_only,
+    peers_keys_are_managed_and_every_decision_is_audited,
+    the_session_table_and_tunnels_opened_by_the_api,
+    messages_events_and_their_problems,
+    webhooks_and_deliveries,
+    a_rotation_is_announced_then_active_and_the_old_certificate_retired,
+);
+
+async fn health_readiness_and_metrics(db: TestDb) {
+    let api = Api::new(db).await;
     let a = api.call(Method::GET, "/healthz", None, None).await;
     assert_eq!(
         (a.status, a.body.clone()),
@@ -248,9 +256,8 @@ async fn health_readiness_and_metrics() {
     api.close().await;
 }
 
-#[tokio::test]
-async fn tokens_hosts_and_unknown_routes() {
-    let api = Api::new().await;
+async fn tokens_hosts_and_unknown_routes(db: TestDb) {
+    let api = Api::new(db).await;
     let a = api.call(Method::GET, "/v1/bots", None, None).await;
     is_problem(&a, StatusCode::UNAUTHORIZED);
     assert_eq!(a.headers[header::WWW_AUTHENTICATE], "Bearer");
@@ -317,9 +324,8 @@ async fn tokens_hosts_and_unknown_routes() {
     api.close().await;
 }
 
-#[tokio::test]
-async fn bots_are_created_read_and_deleted() {
-    let mut api = Api::new().await;
+async fn bots_are_created_read_and_deleted(db: TestDb) {
+    let mut api = Api::new(db).await;
     let a = api
         .admin(
             Method::POST,
@@ -510,9 +516,8 @@ async fn bots_are_created_read_and_deleted() {
     api.close().await;
 }
 
-#[tokio::test]
-async fn bot_tokens_reach_their_own_bot_only() {
-    let api = Api::new().await;
+async fn bot_tokens_reach_their_own_bot_only(db: TestDb) {
+    let api = Api::new(db).await;
     let weather = api.bot("weather").await;
     api.bot("news").await;
     let a = api
@@ -572,9 +577,8 @@ async fn bot_tokens_reach_their_own_bot_only() {
     api.close().await;
 }
 
-#[tokio::test]
-async fn peers_keys_are_managed_and_every_decision_is_audited() {
-    let api = Api::new().await;
+async fn peers_keys_are_managed_and_every_decision_is_audited(db: TestDb) {
+    let api = Api::new(db).await;
     api.bot("weather").await;
     api.bot("news").await;
     let issued = api
@@ -787,9 +791,8 @@ async fn peers_keys_are_managed_and_every_decision_is_audited() {
     api.close().await;
 }
 
-#[tokio::test]
-async fn the_session_table_and_tunnels_opened_by_the_api() {
-    let mut api = Api::new().await;
+async fn the_session_table_and_tunnels_opened_by_the_api(db: TestDb) {
+    let mut api = Api::new(db).await;
     let weather = api.bot("weather").await;
     let a = api.admin(Method::GET, "/v1/tunnels", None).await;
     assert_eq!((a.status, a.body), (StatusCode::OK, json!([])));
@@ -897,9 +900,8 @@ async fn the_session_table_and_tunnels_opened_by_the_api() {
     api.close().await;
 }
 
-#[tokio::test]
-async fn messages_events_and_their_problems() {
-    let mut api = Api::new().await;
+async fn messages_events_and_their_problems(db: TestDb) {
+    let mut api = Api::new(db).await;
     let weather = api.bot("weather").await;
     let a = api
         .admin(Method::GET, "/v1/bots/weather/events", None)
@@ -1051,9 +1053,8 @@ async fn messages_events_and_their_problems() {
     api.close().await;
 }
 
-#[tokio::test]
-async fn webhooks_and_deliveries() {
-    let api = Api::new().await;
+async fn webhooks_and_deliveries(db: TestDb) {
+    let api = Api::new(db).await;
     api.bot("weather").await;
     is_problem(
         &api.admin(Method::GET, "/v1/bots/weather/webhook", None)
@@ -1139,9 +1140,8 @@ async fn webhooks_and_deliveries() {
     api.close().await;
 }
 
-#[tokio::test]
-async fn a_rotation_is_announced_then_active_and_the_old_certificate_retired() {
-    let api = Api::new().await;
+async fn a_rotation_is_announced_then_active_and_the_old_certificate_retired(db: TestDb) {
+    let api = Api::new(db).await;
     api.bot("weather").await;
     let path = "/v1/bots/weather/certificate";
     let before = api.admin(Method::GET, path, None).await.body;

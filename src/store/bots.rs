@@ -1,7 +1,7 @@
 //! Bots, their keys and certificates.
 
+use super::db::{Row, query};
 use serde::Serialize;
-use sqlx::Row;
 
 use super::{Store, StoreError, named};
 use crate::config::{BotTrust, Handler};
@@ -48,7 +48,7 @@ impl Store {
         identity: &BotIdentity,
     ) -> Result<(), StoreError> {
         let mut tx = self.writer.begin().await?;
-        let inserted = sqlx::query(
+        let inserted = query(
             "INSERT INTO bots (jid, localpart, handler, peer_auth, trust, encrypted_only, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
         )
@@ -59,19 +59,19 @@ impl Store {
         .bind(bot.trust.as_str())
         .bind(bot.encrypted_only)
         .bind(&bot.created_at)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
         if inserted.rows_affected() == 0 {
             return Err(StoreError::Duplicate(format!("bot {}", bot.jid)));
         }
-        sqlx::query(
+        query(
             "INSERT INTO bot_keys (bot_jid, key_der, cert_der, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(&bot.jid)
         .bind(self.seal_key(&bot.jid, identity.key_der()))
         .bind(identity.cert_der().as_ref())
         .bind(&bot.created_at)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
         tx.commit().await?;
         Ok(())
@@ -79,7 +79,7 @@ impl Store {
 
     /// Every bot, by JID.
     pub async fn list_bots(&self) -> Result<Vec<BotRecord>, StoreError> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT jid, localpart, handler, peer_auth, trust, encrypted_only, created_at FROM bots ORDER BY jid",
         )
         .fetch_all(&self.pool)
@@ -89,7 +89,7 @@ impl Store {
 
     /// Every bot with its stored key, certificate and last event `seq`, in one query (start-up).
     pub async fn load_bots(&self) -> Result<Vec<StoredBot>, StoreError> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT b.jid, b.localpart, b.handler, b.peer_auth, b.trust, b.encrypted_only, b.created_at, b.last_seq, \
              k.key_der, k.cert_der \
              FROM bots b LEFT JOIN bot_keys k ON k.bot_jid = b.jid ORDER BY b.jid",
@@ -117,7 +117,7 @@ impl Store {
 
     /// The stored identity of a bot.
     pub async fn load_identity(&self, jid: &str) -> Result<BotIdentity, StoreError> {
-        let row = sqlx::query("SELECT key_der, cert_der FROM bot_keys WHERE bot_jid = $1")
+        let row = query("SELECT key_der, cert_der FROM bot_keys WHERE bot_jid = $1")
             .bind(jid)
             .fetch_optional(&self.pool)
             .await?
@@ -129,7 +129,7 @@ impl Store {
     /// A bot's certificate (DER), without its private key: what offline tools may read with
     /// no store key.
     pub async fn load_certificate(&self, jid: &str) -> Result<Vec<u8>, StoreError> {
-        let row = sqlx::query("SELECT cert_der FROM bot_keys WHERE bot_jid = $1")
+        let row = query("SELECT cert_der FROM bot_keys WHERE bot_jid = $1")
             .bind(jid)
             .fetch_optional(&self.pool)
             .await?
@@ -139,7 +139,7 @@ impl Store {
 
     /// Deletes a bot, its key and its pins; `false` when it did not exist.
     pub async fn delete_bot(&self, jid: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM bots WHERE jid = $1")
+        let done = query("DELETE FROM bots WHERE jid = $1")
             .bind(jid)
             .execute(&self.writer)
             .await?;
@@ -156,19 +156,19 @@ impl Store {
         actor: &str,
     ) -> Result<bool, StoreError> {
         let mut tx = self.writer.begin().await?;
-        let Some(before) = sqlx::query("SELECT trust FROM bots WHERE jid = $1")
+        let Some(before) = query("SELECT trust FROM bots WHERE jid = $1")
             .bind(jid)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut tx)
             .await?
         else {
             return Ok(false);
         };
         let before: BotTrust = before.try_get::<&str, _>(0)?.parse()?;
-        sqlx::query("UPDATE bots SET encrypted_only = $1, trust = $2 WHERE jid = $3")
+        query("UPDATE bots SET encrypted_only = $1, trust = $2 WHERE jid = $3")
             .bind(encrypted_only)
             .bind(trust.as_str())
             .bind(jid)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
         if before != trust {
             let entry = super::pins::Audit {
@@ -184,7 +184,7 @@ impl Store {
     }
 }
 
-fn bot_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<BotRecord, StoreError> {
+fn bot_from_row(r: &Row) -> Result<BotRecord, StoreError> {
     Ok(BotRecord {
         jid: r.try_get("jid")?,
         localpart: r.try_get("localpart")?,

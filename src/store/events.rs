@@ -1,9 +1,8 @@
 //! The per-bot event logs, their delivery states and the shared cursor.
 
+use super::db::{Row, query};
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
 
 use super::{Store, StoreError, TunnelId, now};
 
@@ -53,7 +52,7 @@ pub struct EventRecord {
 
 const EVENT_COLUMNS: &str = "id, seq, type, bot_jid, occurred_at, tunnel_id, peer, data";
 
-pub(super) fn event_from_row(row: &SqliteRow) -> EventRecord {
+pub(super) fn event_from_row(row: &Row) -> EventRecord {
     let data: String = row.get("data");
     EventRecord {
         id: row.get("id"),
@@ -79,7 +78,7 @@ pub fn event_id() -> String {
 impl Store {
     /// The highest `seq` ever given to an event of this bot.
     pub async fn last_seq(&self, bot: &str) -> Result<u64, StoreError> {
-        let row = sqlx::query("SELECT last_seq FROM bots WHERE jid = $1")
+        let row = query("SELECT last_seq FROM bots WHERE jid = $1")
             .bind(bot)
             .fetch_optional(self.pool())
             .await?
@@ -97,11 +96,11 @@ impl Store {
         let mut tx = self.writer().begin().await?;
         // Claim the seq range first: a writer that lost track of it cannot fork the log.
         let last = after + events.len() as u64;
-        let done = sqlx::query("UPDATE bots SET last_seq = $1 WHERE jid = $2 AND last_seq = $3")
+        let done = query("UPDATE bots SET last_seq = $1 WHERE jid = $2 AND last_seq = $3")
             .bind(last as i64)
             .bind(bot)
             .bind(after as i64)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
         if done.rows_affected() != 1 {
             return Err(StoreError::Conflict(format!(
@@ -121,7 +120,7 @@ impl Store {
                 peer: e.peer.clone(),
                 data: e.data.clone(),
             };
-            sqlx::query(
+            query(
                 "INSERT INTO events (bot_jid, seq, id, type, tunnel_id, peer, occurred_at, data) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
             )
             .bind(bot)
@@ -132,7 +131,7 @@ impl Store {
             .bind(&record.peer)
             .bind(&record.occurred_at)
             .bind(record.data.to_string())
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
             stored.push(record);
         }
@@ -149,7 +148,7 @@ impl Store {
         limit: u32,
         pending_only: bool,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
+        let rows = query(format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE bot_jid = $1 AND seq > $2 AND (state = 0 OR NOT $3) ORDER BY seq LIMIT $4"
         ))
         .bind(bot)
@@ -163,7 +162,7 @@ impl Store {
 
     /// One event by `seq`.
     pub async fn event(&self, bot: &str, seq: u64) -> Result<Option<EventRecord>, StoreError> {
-        let row = sqlx::query(&format!(
+        let row = query(format!(
             "SELECT {EVENT_COLUMNS} FROM events WHERE bot_jid = $1 AND seq = $2"
         ))
         .bind(bot)
@@ -175,7 +174,7 @@ impl Store {
 
     /// An event's delivery state ([`PENDING`], [`ACKED`] or [`DEAD`]); `None` once deleted.
     pub async fn event_state(&self, bot: &str, seq: u64) -> Result<Option<i64>, StoreError> {
-        let row = sqlx::query("SELECT state FROM events WHERE bot_jid = $1 AND seq = $2")
+        let row = query("SELECT state FROM events WHERE bot_jid = $1 AND seq = $2")
             .bind(bot)
             .bind(seq as i64)
             .fetch_optional(self.pool())
@@ -185,7 +184,7 @@ impl Store {
 
     /// Events no reader has acknowledged yet, over all bots.
     pub async fn pending_total(&self) -> Result<u64, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) FROM events WHERE state = 0")
+        let row = query("SELECT COUNT(*) FROM events WHERE state = 0")
             .fetch_one(self.pool())
             .await?;
         Ok(row.get::<i64, _>(0) as u64)
@@ -193,7 +192,7 @@ impl Store {
 
     /// The bot's cursor: every event up to it is acknowledged or dead.
     pub async fn cursor(&self, bot: &str) -> Result<u64, StoreError> {
-        let row = sqlx::query(
+        let row = query(
             "SELECT COALESCE((SELECT MIN(seq) - 1 FROM events WHERE bot_jid = $1 AND state = 0), (SELECT last_seq FROM bots WHERE jid = $1), 0)",
         )
         .bind(bot)
@@ -204,7 +203,7 @@ impl Store {
 
     /// Acknowledges every pending event up to `seq`; returns the new cursor.
     pub async fn ack_through(&self, bot: &str, seq: u64) -> Result<u64, StoreError> {
-        sqlx::query(
+        query(
             "UPDATE events SET state = 1, acked_at = $1 WHERE bot_jid = $2 AND seq <= $3 AND state = 0",
         )
         .bind(now())
@@ -218,17 +217,17 @@ impl Store {
     /// Deletes acknowledged events, delivery attempts and finished messages older than
     /// `before` (RFC 3339).
     pub async fn prune_events(&self, before: &str) -> Result<u64, StoreError> {
-        let done = sqlx::query("DELETE FROM events WHERE state = 1 AND occurred_at < $1")
+        let done = query("DELETE FROM events WHERE state = 1 AND occurred_at < $1")
             .bind(before)
             .execute(self.writer())
             .await?;
-        sqlx::query("DELETE FROM delivery_attempts WHERE at < $1")
+        query("DELETE FROM delivery_attempts WHERE at < $1")
             .bind(before)
             .execute(self.writer())
             .await?;
         let finished = super::params(2, super::MessageStatus::finals().count());
         let sql = format!("DELETE FROM messages WHERE created_at < $1 AND status IN ({finished})");
-        let mut query = sqlx::query(&sql).bind(before);
+        let mut query = query(sql).bind(before);
         for status in super::MessageStatus::finals() {
             query = query.bind(status);
         }
@@ -241,11 +240,13 @@ impl Store {
 mod tests {
     use super::*;
     use crate::store::NewEvent;
+    use crate::store::tests::TestDb;
     use xtls::certs::BotIdentity;
 
-    #[tokio::test]
-    async fn append_read_acknowledge_and_prune() {
-        let (store, dir) = super::super::tests::temp_store().await;
+    on_each_backend!(append_read_acknowledge_and_prune);
+
+    async fn append_read_acknowledge_and_prune(db: TestDb) {
+        let store = Store::open(&db.url).await.unwrap();
         let jid = "weather@bots.example.org";
         let bot = super::super::tests::test_bot("weather", crate::config::Handler::Api);
         assert_eq!(bot.jid, jid);
@@ -283,6 +284,6 @@ mod tests {
         assert_eq!(store.prune_events("2000-01-01T00:00:00Z").await.unwrap(), 0);
         assert_eq!(store.prune_events("9999-01-01T00:00:00Z").await.unwrap(), 3);
         assert_eq!(store.cursor(jid).await.unwrap(), 3, "the cursor survives");
-        std::fs::remove_dir_all(dir).unwrap();
+        store.close().await;
     }
 }

@@ -1,9 +1,9 @@
 //! Messages a bot sends, their status history and idempotency keys.
 
+use super::db::{Row, query, query_each};
 use minidom::Element;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sqlx::Row;
 
 use super::{Store, StoreError, TunnelId, now};
 
@@ -21,11 +21,8 @@ pub struct OutMsg {
 }
 
 /// Where a message a bot sends stands (docs/bot-api.md, *Writing*).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, sqlx::Type,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
-#[sqlx(type_name = "TEXT", rename_all = "snake_case")]
 pub enum MessageStatus {
     /// Stored; nothing tried yet.
     Accepted,
@@ -100,6 +97,18 @@ impl MessageStatus {
         }
     }
 
+    /// The status of a stored name.
+    fn from_name(name: &str) -> Result<MessageStatus, xtls::UnknownName> {
+        MessageStatus::ALL
+            .iter()
+            .copied()
+            .find(|s| s.as_str() == name)
+            .ok_or_else(|| xtls::UnknownName {
+                kind: "message status",
+                value: name.to_owned(),
+            })
+    }
+
     /// Whether nothing more happens to a message with this status.
     pub fn is_final(self) -> bool {
         matches!(
@@ -137,13 +146,19 @@ pub struct MessageRecord {
     pub history: Value,
 }
 
-fn message_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<MessageRecord, StoreError> {
+impl From<MessageStatus> for super::db::Value {
+    fn from(status: MessageStatus) -> Self {
+        status.as_str().into()
+    }
+}
+
+fn message_from_row(row: &Row) -> Result<MessageRecord, StoreError> {
     let history: String = row.try_get("history")?;
     Ok(MessageRecord {
         id: row.try_get("id")?,
         bot: row.try_get("bot_jid")?,
         to: row.try_get("to_jid")?,
-        status: row.try_get("status")?,
+        status: MessageStatus::from_name(row.try_get("status")?)?,
         reason: row.try_get("reason")?,
         tunnel_id: row.try_get("tunnel_id")?,
         created_at: row.try_get("created_at")?,
@@ -162,7 +177,7 @@ impl Store {
         let at = now();
         let history = json!([{ "status": MessageStatus::Accepted, "at": at }]).to_string();
         let stanza = String::from_utf8_lossy(&xtls::xml::to_bytes(&msg.stanza)).into_owned();
-        let done = sqlx::query(
+        let done = query(
             "INSERT INTO messages (id, bot_jid, idempotency_key, to_jid, stanza, reopen, status, history, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING",
         )
@@ -190,9 +205,12 @@ impl Store {
         status: MessageStatus,
         reason: Option<&str>,
     ) -> Result<(), StoreError> {
-        sqlx::query(
+        query_each(
             "UPDATE messages SET status = $1, reason = $2, \
              history = json_insert(history, '$[#]', json_object('status', $1, 'at', $3, 'reason', $2)) WHERE id = $4",
+            "UPDATE messages SET status = $1, reason = $2, \
+             history = (history::jsonb || jsonb_build_array(jsonb_build_object('status', $1::text, 'at', $3::text, 'reason', $2::text)))::text \
+             WHERE id = $4",
         )
         .bind(status)
         .bind(reason)
@@ -209,7 +227,7 @@ impl Store {
         id: &str,
         tunnel_id: &TunnelId,
     ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE messages SET tunnel_id = $1 WHERE id = $2")
+        query("UPDATE messages SET tunnel_id = $1 WHERE id = $2")
             .bind(tunnel_id)
             .bind(id)
             .execute(self.writer())
@@ -219,7 +237,7 @@ impl Store {
 
     /// Removes a message that was not accepted.
     pub async fn delete_message(&self, id: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM messages WHERE id = $1")
+        query("DELETE FROM messages WHERE id = $1")
             .bind(id)
             .execute(self.writer())
             .await?;
@@ -228,7 +246,7 @@ impl Store {
 
     /// One message of a bot.
     pub async fn message(&self, bot: &str, id: &str) -> Result<Option<MessageRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM messages WHERE bot_jid = $1 AND id = $2")
+        let row = query("SELECT * FROM messages WHERE bot_jid = $1 AND id = $2")
             .bind(bot)
             .bind(id)
             .fetch_optional(self.pool())
@@ -242,7 +260,7 @@ impl Store {
         bot: &str,
         key: &str,
     ) -> Result<Option<MessageRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM messages WHERE bot_jid = $1 AND idempotency_key = $2")
+        let row = query("SELECT * FROM messages WHERE bot_jid = $1 AND idempotency_key = $2")
             .bind(bot)
             .bind(key)
             .fetch_optional(self.pool())
@@ -257,7 +275,7 @@ impl Store {
         let placeholders = super::params(1, MessageStatus::finals().count());
         let sql =
             format!("SELECT DISTINCT bot_jid FROM messages WHERE status NOT IN ({placeholders})");
-        let mut query = sqlx::query(&sql);
+        let mut query = query(sql);
         for status in MessageStatus::finals() {
             query = query.bind(status);
         }
@@ -277,7 +295,7 @@ impl Store {
         let sql = format!(
             "SELECT id, to_jid, stanza, reopen FROM messages WHERE bot_jid = $1 AND created_at < $2 AND status NOT IN ({placeholders}) ORDER BY created_at"
         );
-        let mut query = sqlx::query(&sql).bind(bot).bind(before);
+        let mut query = query(sql).bind(bot).bind(before);
         for status in MessageStatus::finals() {
             query = query.bind(status);
         }

@@ -1,8 +1,10 @@
-//! Durable state in SQLite: every SQL statement of the program.
+//! Durable state in SQLite or PostgreSQL: every SQL statement of the program.
 //!
-//! The file is created on first start and the migrations in `migrations/` are applied at every
-//! start. Queries are plain SQL over a small pool and one writing connection; every write is
-//! one short transaction. One file per table family:
+//! The store URL picks the backend ([`db`]): `sqlite://FILE` (the default; the file is created
+//! on first start) or `postgres://…` (a database several instances may share). The migrations
+//! of the backend (`migrations/` for SQLite, `migrations/postgres/` for PostgreSQL, one twin
+//! per version) are applied at every start. Queries are plain SQL over a small pool and one
+//! writing connection; every write is one short transaction. One file per table family:
 //!
 //! | module | tables |
 //! |---|---|
@@ -20,7 +22,14 @@
 //! imports nothing of the component's layers above. A stored value that none of its type's
 //! values matches is an error ([`StoreError::Unreadable`]), never a default.
 
+// The tests' throwaway databases, on each backend (shared with the integration tests).
+#[cfg(test)]
+#[path = "../../tests/common/database.rs"]
+#[macro_use]
+mod test_database;
+
 pub mod bots;
+pub mod db;
 pub mod events;
 pub mod messages;
 pub mod pins;
@@ -46,8 +55,11 @@ pub use webhooks::{Attempt, DeadLetter, Outcome, PendingEvent, Webhook};
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row as _, SqlitePool};
+
+pub use db::Backend;
+use db::{Pool, Row, query};
 
 use xtls::certs::{CertError, rfc3339};
 
@@ -78,6 +90,9 @@ pub enum StoreError {
     /// A stored value is none of the values its column may hold.
     #[error("stored value unreadable: {0}")]
     Unreadable(String),
+    /// The store URL names no backend this program has.
+    #[error("{0}")]
+    Unsupported(String),
     /// Another process holds the store ([`claim_sole_instance`]), or the claim failed.
     #[error("{0}")]
     InUse(String),
@@ -91,7 +106,7 @@ impl From<xtls::UnknownName> for StoreError {
 
 /// Reads a column holding one of the engine's enums by its stable name (the engine does not
 /// depend on sqlx, so these are stored by name and parsed back); an unknown name is an error.
-fn named<T>(row: &sqlx::sqlite::SqliteRow, column: &str) -> Result<T, StoreError>
+fn named<T>(row: &Row, column: &str) -> Result<T, StoreError>
 where
     T: FromStr<Err = xtls::UnknownName>,
 {
@@ -116,10 +131,10 @@ pub fn now() -> String {
 #[derive(Debug, Clone)]
 pub struct Store {
     /// Readers.
-    pool: SqlitePool,
-    /// The one writing connection: writers queue here, in order and without SQLite's
-    /// sleep-and-retry busy handler.
-    writer: SqlitePool,
+    pool: Pool,
+    /// The one writing connection: writers queue here, in order (and, on SQLite, without its
+    /// sleep-and-retry busy handler).
+    writer: Pool,
     /// The key secrets are sealed with, once in use ([`Store::use_key`]).
     sealing: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<StoreKey>>>,
 }
@@ -142,23 +157,42 @@ async fn writer_is_clean(conn: &mut sqlx::SqliteConnection) -> Result<bool, sqlx
 }
 
 impl Store {
-    /// Opens (creating when missing) and migrates the database.
+    /// Opens (creating a SQLite file when missing) and migrates the database at `url`.
     pub async fn open(url: &str) -> Result<Store, StoreError> {
-        Self::connect(url, true).await
+        match backend_of(url)? {
+            Backend::Sqlite => Self::open_sqlite(url).await,
+            Backend::Postgres => Self::open_postgres(url).await,
+        }
     }
 
     /// Opens an existing database read-only, as it is (no migration): for the offline
     /// commands, which must neither leave an empty store behind a mistyped path nor change
     /// the schema under a running instance of another version.
     pub async fn open_read_only(url: &str) -> Result<Store, StoreError> {
-        let options = SqliteConnectOptions::from_str(url)?
-            .read_only(true)
-            .create_if_missing(false)
-            .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await?;
+        let pool = match backend_of(url)? {
+            Backend::Sqlite => {
+                let options = SqliteConnectOptions::from_str(url)?
+                    .read_only(true)
+                    .create_if_missing(false)
+                    .busy_timeout(Duration::from_secs(5));
+                Pool::Sqlite(
+                    SqlitePoolOptions::new()
+                        .max_connections(1)
+                        .connect_with(options)
+                        .await?,
+                )
+            }
+            Backend::Postgres => {
+                let options = PgConnectOptions::from_str(url)?
+                    .options([("default_transaction_read_only", "on")]);
+                Pool::Postgres(
+                    PgPoolOptions::new()
+                        .max_connections(1)
+                        .connect_with(options)
+                        .await?,
+                )
+            }
+        };
         Ok(Store {
             writer: pool.clone(),
             pool,
@@ -166,9 +200,9 @@ impl Store {
         })
     }
 
-    async fn connect(url: &str, create: bool) -> Result<Store, StoreError> {
+    async fn open_sqlite(url: &str) -> Result<Store, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(create)
+            .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
@@ -184,19 +218,43 @@ impl Store {
             .connect_with(options)
             .await?;
         Ok(Store {
-            pool,
-            writer,
+            pool: Pool::Sqlite(pool),
+            writer: Pool::Sqlite(writer),
             sealing: Default::default(),
         })
     }
 
+    async fn open_postgres(url: &str) -> Result<Store, StoreError> {
+        let options = PgConnectOptions::from_str(url)?.application_name("xtls-component");
+        let writer = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        // Several instances may start at once: the migrator holds an advisory lock meanwhile.
+        sqlx::migrate!("./migrations/postgres").run(&writer).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        Ok(Store {
+            pool: Pool::Postgres(pool),
+            writer: Pool::Postgres(writer),
+            sealing: Default::default(),
+        })
+    }
+
+    /// The backend this store runs on.
+    pub fn backend(&self) -> Backend {
+        self.pool.backend()
+    }
+
     /// The reading pool.
-    fn pool(&self) -> &SqlitePool {
+    fn pool(&self) -> &Pool {
         &self.pool
     }
 
     /// The writing connection (every INSERT, UPDATE and DELETE goes through it).
-    fn writer(&self) -> &SqlitePool {
+    fn writer(&self) -> &Pool {
         &self.writer
     }
 
@@ -208,7 +266,7 @@ impl Store {
 
     /// Proves the database accepts writes.
     pub async fn check_writable(&self) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO health (id, checked_at) VALUES (1, $1) ON CONFLICT(id) DO UPDATE SET checked_at = excluded.checked_at")
+        query("INSERT INTO health (id, checked_at) VALUES (1, $1) ON CONFLICT(id) DO UPDATE SET checked_at = excluded.checked_at")
             .bind(now())
             .execute(&self.writer)
             .await?;
@@ -216,17 +274,94 @@ impl Store {
     }
 }
 
-/// The claim of one process on a SQLite store file, held while it lives (an advisory lock on
-/// `<file>.instance`, released by the system when the process ends, however it ends).
-#[derive(Debug)]
-pub struct SoleInstance {
-    _lock: std::fs::File,
+/// The backend a store URL names: `sqlite:` or `postgres:`/`postgresql:`.
+pub fn backend_of(url: &str) -> Result<Backend, StoreError> {
+    Backend::of_url(url).map_err(StoreError::Unsupported)
 }
 
-/// Claims the SQLite store at `url` for this process alone: SQLite serves one instance, and a
-/// second one on the same file would close the first one's tunnels as stale at its start and
-/// answer for bots the first one owns. `None` for an in-memory store, which no one shares.
-pub fn claim_sole_instance(url: &str) -> Result<Option<SoleInstance>, StoreError> {
+/// The store URL as it may be shown in logs and errors: a PostgreSQL URL without its
+/// password and parameters (`postgres://USER@HOST:PORT/DATABASE`), a SQLite URL as it is.
+pub fn display_url(url: &str) -> String {
+    if !matches!(backend_of(url), Ok(Backend::Postgres)) {
+        return url.to_owned();
+    }
+    match PgConnectOptions::from_str(url) {
+        Ok(o) => format!(
+            "postgres://{}@{}:{}/{}",
+            o.get_username(),
+            o.get_host(),
+            o.get_port(),
+            o.get_database().unwrap_or_default()
+        ),
+        Err(_) => "postgres://(an unreadable URL)".into(),
+    }
+}
+
+/// The claim of one process on a store, held while it lives, released however it ends: an
+/// advisory lock on `<file>.instance` for SQLite (released by the system), a session advisory
+/// lock for PostgreSQL (released by the server when the claiming connection ends).
+#[derive(Debug)]
+pub struct SoleInstance {
+    _held: Held,
+}
+
+#[derive(Debug)]
+#[expect(dead_code, reason = "held, never read: dropping it releases the claim")]
+enum Held {
+    File(std::fs::File),
+    Postgres(sqlx::PgConnection),
+}
+
+/// The PostgreSQL advisory lock an instance serving a store holds ("xtls" and 1).
+const INSTANCE_LOCK: i64 = 0x7874_6c73_0000_0001;
+
+/// Claims the store at `url` for this process alone: a second instance would close the first
+/// one's tunnels as stale at its start and answer for bots the first one owns. `None` for an
+/// in-memory SQLite store, which no one shares.
+pub async fn claim_sole_instance(url: &str) -> Result<Option<SoleInstance>, StoreError> {
+    match backend_of(url)? {
+        Backend::Sqlite => claim_sqlite_file(url),
+        Backend::Postgres => claim_postgres(url).await.map(Some),
+    }
+}
+
+async fn claim_postgres(url: &str) -> Result<SoleInstance, StoreError> {
+    use sqlx::Connection as _;
+    let options = PgConnectOptions::from_str(url)?.application_name("xtls-component");
+    let mut conn = sqlx::PgConnection::connect_with(&options).await?;
+    let claimed: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(INSTANCE_LOCK)
+        .fetch_one(&mut conn)
+        .await?;
+    if claimed {
+        return Ok(SoleInstance {
+            _held: Held::Postgres(conn),
+        });
+    }
+    // Who holds it, as far as this account may see (pg_stat_activity hides other roles').
+    let holder: Option<(Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT a.client_addr::text, a.backend_start::text FROM pg_locks l \
+         JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted \
+         AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
+    )
+    .bind(INSTANCE_LOCK)
+    .fetch_optional(&mut conn)
+    .await
+    .unwrap_or(None);
+    let from = match holder {
+        Some((Some(addr), Some(since))) => format!(" (connected from {addr} since {since})"),
+        Some((None, Some(since))) => format!(" (connected since {since})"),
+        _ => String::new(),
+    };
+    Err(StoreError::InUse(format!(
+        "another xtls-component{from} already serves the store {}: one instance serves a store; \
+         stop the other one, or give this one a database of its own",
+        display_url(url)
+    )))
+}
+
+fn claim_sqlite_file(url: &str) -> Result<Option<SoleInstance>, StoreError> {
     if url.contains(":memory:") || url.contains("mode=memory") {
         return Ok(None);
     }
@@ -248,7 +383,9 @@ pub fn claim_sole_instance(url: &str) -> Result<Option<SoleInstance>, StoreError
             let mut writing = &lock;
             let _ = lock.set_len(0);
             let _ = writeln!(writing, "{}", std::process::id());
-            Ok(Some(SoleInstance { _lock: lock }))
+            Ok(Some(SoleInstance {
+                _held: Held::File(lock),
+            }))
         }
         Err(std::fs::TryLockError::WouldBlock) => {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
@@ -273,6 +410,7 @@ pub fn claim_sole_instance(url: &str) -> Result<Option<SoleInstance>, StoreError
 
 #[cfg(test)]
 pub(crate) mod tests {
+    pub(crate) use super::test_database::TestDb;
     use super::*;
     use crate::config::{BotTrust, Handler};
     use xtls::certs::{BotIdentity, Fingerprint};
@@ -345,14 +483,171 @@ pub(crate) mod tests {
         (Store::open(&url).await.unwrap(), dir)
     }
 
-    #[test]
-    fn a_sqlite_store_is_claimed_by_one_instance_at_a_time() {
+    on_each_backend!(
+        private_keys_and_webhook_secrets_are_sealed_with_the_store_key,
+        pins_set_over_the_api_are_audited,
+        bots_keys_pins_and_tunnels_round_trip,
+        an_unknown_stored_value_is_an_error_not_a_default,
+        messages_keep_their_history_and_webhook_attempts_their_outcomes,
+    );
+
+    async fn messages_keep_their_history_and_webhook_attempts_their_outcomes(db: TestDb) {
+        let store = Store::open(&db.url).await.unwrap();
+        let bot = test_bot("news", Handler::Api);
+        let id = BotIdentity::generate(&bot.jid).unwrap();
+        store.insert_bot(&bot, &id).await.unwrap();
+        let msg = |n: u32| OutMsg {
+            id: format!("msg_{n}"),
+            to: "alice@example.net".into(),
+            stanza: xtls::xml::parse_stanza(
+                "<message xmlns='jabber:client'><body>hi</body></message>",
+            )
+            .unwrap(),
+            reopen: n.is_multiple_of(2),
+        };
+        store
+            .insert_message(&bot.jid, &msg(1), Some("k1"))
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.insert_message(&bot.jid, &msg(2), Some("k1")).await,
+            Err(StoreError::Duplicate(_))
+        ));
+        store.insert_message(&bot.jid, &msg(2), None).await.unwrap();
+        store
+            .update_message("msg_1", MessageStatus::Sent, None)
+            .await
+            .unwrap();
+        store
+            .update_message("msg_1", MessageStatus::Failed, Some("peer gone"))
+            .await
+            .unwrap();
+        store
+            .set_message_tunnel("msg_1", &"t9".into())
+            .await
+            .unwrap();
+        let one = store.message_by_key(&bot.jid, "k1").await.unwrap().unwrap();
+        assert_eq!(
+            (one.id.as_str(), one.status),
+            ("msg_1", MessageStatus::Failed)
+        );
+        assert_eq!(one.reason.as_deref(), Some("peer gone"));
+        assert_eq!(one.tunnel_id, Some("t9".into()));
+        let history: Vec<(&str, &serde_json::Value)> = one
+            .history
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| (h["status"].as_str().unwrap(), &h["reason"]))
+            .collect();
+        assert_eq!(
+            history,
+            [
+                ("accepted", &serde_json::Value::Null),
+                ("sent", &serde_json::Value::Null),
+                ("failed", &serde_json::json!("peer gone"))
+            ]
+        );
+        let unfinished = store
+            .unfinished_messages(&bot.jid, "9999-01-01T00:00:00Z")
+            .await
+            .unwrap();
+        assert_eq!(
+            unfinished
+                .iter()
+                .map(|m| (m.id.as_str(), m.reopen))
+                .collect::<Vec<_>>(),
+            [("msg_2", true)]
+        );
+        assert_eq!(
+            store.bots_with_unfinished_messages().await.unwrap(),
+            [bot.jid.clone()].into()
+        );
+
+        let hook = Webhook {
+            url: "https://hooks.example.org/x".into(),
+            secret: crate::config::Secret::new("whsec_c2VjcmV0LXNlY3JldC1zZWNyZXQ="),
+            timeout_ms: 5000,
+            max_in_flight: 8,
+            last_success_at: None,
+            last_error: None,
+        };
+        store.put_webhook(&bot.jid, &hook).await.unwrap();
+        let event = NewEvent {
+            kind: "message.received",
+            tunnel_id: None,
+            peer: None,
+            data: serde_json::json!({}),
+        };
+        store
+            .append_events(&bot.jid, 0, &[event.clone(), event.clone(), event])
+            .await
+            .unwrap();
+        let pending = store.pending_events(&bot.jid, 0, 10).await.unwrap();
+        assert_eq!(pending.len(), 3);
+        let attempt = |seq: u64, status: Option<u16>| Attempt {
+            event_id: pending[seq as usize - 1].event.id.clone(),
+            seq,
+            at: now(),
+            status,
+            error: status.is_none().then(|| "timed out".to_owned()),
+            duration_ms: 12,
+        };
+        let retry = Outcome::Retry { at_ms: 1_000 };
+        store
+            .record_attempt(&bot.jid, &attempt(1, None), 500, &retry)
+            .await
+            .unwrap();
+        store
+            .record_attempt(&bot.jid, &attempt(1, Some(204)), 500, &Outcome::Delivered)
+            .await
+            .unwrap();
+        store
+            .record_attempt(&bot.jid, &attempt(2, None), 600, &Outcome::Dead)
+            .await
+            .unwrap();
+        store
+            .record_attempt(&bot.jid, &attempt(3, None), 700, &Outcome::Dead)
+            .await
+            .unwrap();
+        assert_eq!(store.event_counts(&bot.jid).await.unwrap(), (0, 2));
+        let attempts = store.attempts(&bot.jid, 10).await.unwrap();
+        assert_eq!(
+            attempts
+                .iter()
+                .map(|a| (a.seq, a.status))
+                .collect::<Vec<_>>(),
+            [(3, None), (2, None), (1, Some(204)), (1, None)],
+            "newest first"
+        );
+        let dead = store.dead_letters(&bot.jid).await.unwrap();
+        assert_eq!(
+            dead.iter().map(|d| (d.seq, d.attempts)).collect::<Vec<_>>(),
+            [(2, 1), (3, 1)]
+        );
+        let stored = store.webhook(&bot.jid).await.unwrap().unwrap();
+        assert!(stored.last_success_at.is_some());
+        assert_eq!(stored.last_error.as_deref(), Some("timed out"));
+        assert_eq!(store.retry_dead(&bot.jid, Some(&[2, 7])).await.unwrap(), 1);
+        assert_eq!(store.event_counts(&bot.jid).await.unwrap(), (1, 1));
+        assert_eq!(store.drop_dead(&bot.jid, None).await.unwrap(), 1);
+        assert_eq!(store.event_counts(&bot.jid).await.unwrap(), (1, 0));
+        let again = store.pending_events(&bot.jid, 0, 10).await.unwrap();
+        assert_eq!(
+            (again.len(), again[0].attempts, again[0].first_attempt_ms),
+            (1, 0, None)
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_store_is_claimed_by_one_instance_at_a_time() {
         let dir = std::env::temp_dir().join(format!("xtls-claim-{}", rand::random::<u32>()));
         std::fs::create_dir_all(&dir).unwrap();
         let url = format!("sqlite://{}/x.db", dir.display());
-        let first = claim_sole_instance(&url).unwrap();
+        let first = claim_sole_instance(&url).await.unwrap();
         assert!(first.is_some());
-        let refused = claim_sole_instance(&url).unwrap_err().to_string();
+        let refused = claim_sole_instance(&url).await.unwrap_err().to_string();
         assert!(
             refused.contains(&format!("(pid {})", std::process::id()))
                 && refused.contains("x.db")
@@ -361,17 +656,58 @@ pub(crate) mod tests {
         );
         drop(first);
         assert!(
-            claim_sole_instance(&url).unwrap().is_some(),
+            claim_sole_instance(&url).await.unwrap().is_some(),
             "released with its holder"
         );
-        assert!(claim_sole_instance("sqlite::memory:").unwrap().is_none());
-        std::fs::remove_dir_all(dir).unwrap();
+        assert!(
+            claim_sole_instance("sqlite::memory:")
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[tokio::test]
-    async fn private_keys_and_webhook_secrets_are_sealed_with_the_store_key() {
-        let (store, dir) = temp_store().await;
-        let url = format!("sqlite://{}/test.db", dir.display());
+    async fn a_postgres_store_is_claimed_by_one_instance_at_a_time() {
+        let db = TestDb::postgres().await;
+        let first = claim_sole_instance(&db.url).await.unwrap();
+        assert!(first.is_some());
+        let refused = claim_sole_instance(&db.url).await.unwrap_err().to_string();
+        assert!(
+            refused.contains("already serves the store postgres://")
+                && refused.contains("connected from 127.0.0.1"),
+            "{refused}"
+        );
+        drop(first);
+        // The server releases the lock when it sees the connection end.
+        let mut again = None;
+        for _ in 0..100 {
+            if let Ok(claim) = claim_sole_instance(&db.url).await {
+                again = claim;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(again.is_some(), "released with its holder");
+    }
+
+    #[test]
+    fn a_postgres_url_is_shown_without_its_password() {
+        let url = "postgres://xtls:s3cret@db.example.org:5433/bots?sslmode=disable&password=s3cret";
+        assert_eq!(display_url(url), "postgres://xtls@db.example.org:5433/bots");
+        assert_eq!(display_url("sqlite://x.db"), "sqlite://x.db");
+        let err = backend_of("mysql://root:s3cret@h/db")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"mysql\"") && !err.contains("s3cret"),
+            "{err}"
+        );
+    }
+
+    async fn private_keys_and_webhook_secrets_are_sealed_with_the_store_key(db: TestDb) {
+        let store = Store::open(&db.url).await.unwrap();
+        let url = &db.url;
         let id = BotIdentity::generate("echo@bots.example.org").unwrap();
         let bot = test_bot("echo", Handler::Echo);
         // Written before any key is in use (a store from an earlier version): plain.
@@ -386,7 +722,7 @@ pub(crate) mod tests {
         };
         store.put_webhook(&bot.jid, &hook).await.unwrap();
         let raw = |store: Store| async move {
-            let row = sqlx::query("SELECT k.key_der, w.secret FROM bot_keys k JOIN webhooks w ON w.bot_jid = k.bot_jid")
+            let row = query("SELECT k.key_der, w.secret FROM bot_keys k JOIN webhooks w ON w.bot_jid = k.bot_jid")
                 .fetch_one(&store.pool)
                 .await
                 .unwrap();
@@ -417,7 +753,7 @@ pub(crate) mod tests {
 
         // The same file with the same key: everything opens. Without it, or with another
         // key: no private key, and the error says why.
-        let again = Store::open(&url).await.unwrap();
+        let again = Store::open(url).await.unwrap();
         assert_eq!(
             again
                 .use_key(StoreKey::from_text(&text).unwrap())
@@ -427,7 +763,7 @@ pub(crate) mod tests {
         );
         assert_eq!(again.load_bots().await.unwrap()[0].key_der, id.key_der());
         again.close().await;
-        let keyless = Store::open(&url).await.unwrap();
+        let keyless = Store::open(url).await.unwrap();
         let err = keyless
             .load_identity(&bot.jid)
             .await
@@ -445,12 +781,10 @@ pub(crate) mod tests {
             .to_string();
         assert!(err.contains("another key"), "{err}");
         keyless.close().await;
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
-    #[tokio::test]
-    async fn pins_set_over_the_api_are_audited() {
-        let (store, dir) = temp_store().await;
+    async fn pins_set_over_the_api_are_audited(db: TestDb) {
+        let store = Store::open(&db.url).await.unwrap();
         let id = BotIdentity::generate("echo@bots.example.org").unwrap();
         let bot = test_bot("echo", Handler::Echo);
         store.insert_bot(&bot, &id).await.unwrap();
@@ -547,12 +881,10 @@ pub(crate) mod tests {
                 .is_empty()
         );
         store.close().await;
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
-    #[tokio::test]
-    async fn bots_keys_pins_and_tunnels_round_trip() {
-        let (store, dir) = temp_store().await;
+    async fn bots_keys_pins_and_tunnels_round_trip(db: TestDb) {
+        let store = Store::open(&db.url).await.unwrap();
         store.check_writable().await.unwrap();
         let id = BotIdentity::generate("echo@bots.example.org").unwrap();
         let bot = test_bot("echo", Handler::Echo);
@@ -639,12 +971,10 @@ pub(crate) mod tests {
             "history outlives the bot"
         );
         store.close().await;
-        std::fs::remove_dir_all(dir).unwrap();
     }
 
-    #[tokio::test]
-    async fn an_unknown_stored_value_is_an_error_not_a_default() {
-        let (store, dir) = temp_store().await;
+    async fn an_unknown_stored_value_is_an_error_not_a_default(db: TestDb) {
+        let store = Store::open(&db.url).await.unwrap();
         let id = BotIdentity::generate("odd@bots.example.org").unwrap();
         let bot = test_bot("odd", Handler::Echo);
         store.insert_bot(&bot, &id).await.unwrap();
@@ -670,7 +1000,7 @@ pub(crate) mod tests {
                 "trust",
             ),
         ] {
-            sqlx::query(sql).execute(&store.writer).await.unwrap();
+            query(sql).execute(&store.writer).await.unwrap();
             let err = store.list_bots().await.unwrap_err().to_string();
             assert!(
                 err.contains(column) || err.contains("verified-only"),
@@ -678,7 +1008,7 @@ pub(crate) mod tests {
             );
             assert!(store.load_bots().await.is_err());
         }
-        sqlx::query("UPDATE tunnels SET state = 'half-open'")
+        query("UPDATE tunnels SET state = 'half-open'")
             .execute(&store.writer)
             .await
             .unwrap();
@@ -697,7 +1027,7 @@ pub(crate) mod tests {
             )
             .await
             .unwrap();
-        sqlx::query("UPDATE peer_pins SET spki_sha256 = 'AB:CD'")
+        query("UPDATE peer_pins SET spki_sha256 = 'AB:CD'")
             .execute(&store.writer)
             .await
             .unwrap();
@@ -707,7 +1037,7 @@ pub(crate) mod tests {
         ));
         // Rows before the handshake hold 'pending' (NULL in the earliest versions): pending.
         for stored in ["'pending'", "NULL"] {
-            sqlx::query(&format!(
+            query(format!(
                 "UPDATE tunnels SET state = 'open', trust = {stored}"
             ))
             .execute(&store.writer)
@@ -716,7 +1046,7 @@ pub(crate) mod tests {
             let row = store.tunnel(&"t1".into()).await.unwrap().unwrap();
             assert_eq!(row.peer_identity.trust, PeerTrust::Pending, "{stored}");
         }
-        sqlx::query("UPDATE tunnels SET state = 'open', trust = 'trusted'")
+        query("UPDATE tunnels SET state = 'open', trust = 'trusted'")
             .execute(&store.writer)
             .await
             .unwrap();
@@ -727,6 +1057,5 @@ pub(crate) mod tests {
                 .is_err()
         );
         store.close().await;
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

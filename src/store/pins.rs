@@ -5,8 +5,8 @@
 //! race for the first pin cannot both win. Whoever changes a pin over the API (approves,
 //! verifies, removes a key) is written to `trust_audit` in the same transaction.
 
+use super::db::{Row, query};
 use serde::Serialize;
-use sqlx::Row;
 
 use super::{Store, StoreError, now};
 use crate::config::BotTrust;
@@ -170,7 +170,7 @@ impl Store {
         peer: &str,
         verified_only: bool,
     ) -> Result<(Vec<Fingerprint>, Vec<String>), StoreError> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT spki_sha256, cert_der FROM peer_pins \
              WHERE bot_jid = $1 AND peer = $2 AND (verified OR NOT $3)",
         )
@@ -206,7 +206,7 @@ impl Store {
     ) -> Result<FirstUse, StoreError> {
         let (at, key) = (now(), spki.to_string());
         let mut tx = self.writer.begin().await?;
-        let inserted = sqlx::query(
+        let inserted = query(
             "INSERT INTO peer_pins (bot_jid, peer, spki_sha256, cert_der, first_seen, last_seen) \
              SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS \
              (SELECT 1 FROM peer_pins WHERE bot_jid = $7 AND peer = $8)",
@@ -219,7 +219,7 @@ impl Store {
         .bind(&at)
         .bind(bot)
         .bind(peer)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?
         .rows_affected()
             == 1;
@@ -229,14 +229,14 @@ impl Store {
             tx.commit().await?;
             return Ok(FirstUse::Pinned);
         }
-        let seen = sqlx::query(
+        let seen = query(
             "UPDATE peer_pins SET last_seen = $1 WHERE bot_jid = $2 AND peer = $3 AND spki_sha256 = $4",
         )
         .bind(&at)
         .bind(bot)
         .bind(peer)
         .bind(&key)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?
         .rows_affected()
             == 1;
@@ -257,7 +257,7 @@ impl Store {
         spki: &Fingerprint,
         cert_der: Option<&[u8]>,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
+        let done = query(
             "UPDATE peer_pins SET last_seen = $1, cert_der = COALESCE($2, cert_der) \
              WHERE bot_jid = $3 AND peer = $4 AND spki_sha256 = $5",
         )
@@ -273,7 +273,7 @@ impl Store {
 
     /// The peers a bot knows, with their pins.
     pub async fn list_pins(&self, bot: &str) -> Result<Vec<PeerPin>, StoreError> {
-        let rows = sqlx::query(&format!(
+        let rows = query(format!(
             "SELECT {PIN_COLUMNS} FROM peer_pins WHERE bot_jid = $1 ORDER BY peer, first_seen"
         ))
         .bind(bot)
@@ -284,7 +284,7 @@ impl Store {
 
     /// One peer's pins on a bot, oldest first.
     pub async fn peer_pins(&self, bot: &str, peer: &str) -> Result<Vec<PeerPin>, StoreError> {
-        let rows = sqlx::query(&format!(
+        let rows = query(format!(
             "SELECT {PIN_COLUMNS} FROM peer_pins WHERE bot_jid = $1 AND peer = $2 ORDER BY first_seen"
         ))
         .bind(bot)
@@ -303,13 +303,13 @@ impl Store {
         let (at, key) = (now(), change.spki.to_string());
         let compared = change.compared.clone();
         let mut tx = self.writer.begin().await?;
-        let before = sqlx::query(
+        let before = query(
             "SELECT verified FROM peer_pins WHERE bot_jid = $1 AND peer = $2 AND spki_sha256 = $3",
         )
         .bind(change.bot)
         .bind(change.peer)
         .bind(&key)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut tx)
         .await?
         .map(|r| r.get::<bool, _>(0));
         let (verified_at, verified_by) = if change.verified {
@@ -317,7 +317,7 @@ impl Store {
         } else {
             (None, None)
         };
-        sqlx::query(
+        query(
             "INSERT INTO peer_pins (bot_jid, peer, spki_sha256, verified, first_seen, last_seen, verified_at, verified_by, compared) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (bot_jid, peer, spki_sha256) DO UPDATE SET verified = excluded.verified, \
@@ -332,7 +332,7 @@ impl Store {
         .bind(verified_at)
         .bind(verified_by)
         .bind(&compared)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
         let action = match (before, change.verified) {
             (_, true) => PinAction::Verified,
@@ -349,13 +349,13 @@ impl Store {
             entry,
         )
         .await?;
-        let row = sqlx::query(&format!(
+        let row = query(format!(
             "SELECT {PIN_COLUMNS} FROM peer_pins WHERE bot_jid = $1 AND peer = $2 AND spki_sha256 = $3"
         ))
         .bind(change.bot)
         .bind(change.peer)
         .bind(&key)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut tx)
         .await?;
         tx.commit().await?;
         Ok((pin_from_row(&row)?, before.is_none(), action))
@@ -371,16 +371,15 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let (at, key) = (now(), spki.to_string());
         let mut tx = self.writer.begin().await?;
-        let removed = sqlx::query(
-            "DELETE FROM peer_pins WHERE bot_jid = $1 AND peer = $2 AND spki_sha256 = $3",
-        )
-        .bind(bot)
-        .bind(peer)
-        .bind(&key)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
+        let removed =
+            query("DELETE FROM peer_pins WHERE bot_jid = $1 AND peer = $2 AND spki_sha256 = $3")
+                .bind(bot)
+                .bind(peer)
+                .bind(&key)
+                .execute(&mut tx)
+                .await?
+                .rows_affected()
+                == 1;
         if removed {
             let entry = Audit::key(PinAction::Removed, &key, None);
             audit(&mut tx, &at, actor, bot, Some(peer), entry).await?;
@@ -391,7 +390,7 @@ impl Store {
 
     /// A peer's own trust mode on a bot, when one is set.
     pub async fn peer_trust(&self, bot: &str, peer: &str) -> Result<Option<BotTrust>, StoreError> {
-        let row = sqlx::query("SELECT trust FROM peer_trust WHERE bot_jid = $1 AND peer = $2")
+        let row = query("SELECT trust FROM peer_trust WHERE bot_jid = $1 AND peer = $2")
             .bind(bot)
             .bind(peer)
             .fetch_optional(&self.pool)
@@ -414,7 +413,7 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         match trust {
             Some(mode) => {
-                sqlx::query(
+                query(
                     "INSERT INTO peer_trust (bot_jid, peer, trust, updated_at) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT (bot_jid, peer) DO UPDATE SET trust = excluded.trust, updated_at = excluded.updated_at",
                 )
@@ -422,14 +421,14 @@ impl Store {
                 .bind(peer)
                 .bind(mode.as_str())
                 .bind(&at)
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await?;
             }
             None => {
-                sqlx::query("DELETE FROM peer_trust WHERE bot_jid = $1 AND peer = $2")
+                query("DELETE FROM peer_trust WHERE bot_jid = $1 AND peer = $2")
                     .bind(bot)
                     .bind(peer)
-                    .execute(&mut *tx)
+                    .execute(&mut tx)
                     .await?;
             }
         }
@@ -450,7 +449,7 @@ impl Store {
         bot: Option<&str>,
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StoreError> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT seq, at, actor, action, bot_jid, peer, spki_sha256, compared, trust FROM trust_audit \
              WHERE $1 IS NULL OR bot_jid = $2 ORDER BY seq DESC LIMIT $3",
         )
@@ -500,14 +499,14 @@ impl<'a> Audit<'a> {
 }
 
 pub(super) async fn audit(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut super::db::Tx,
     at: &str,
     actor: &str,
     bot: &str,
     peer: Option<&str>,
     entry: Audit<'_>,
 ) -> Result<(), StoreError> {
-    sqlx::query(
+    query(
         "INSERT INTO trust_audit (at, actor, action, bot_jid, peer, spki_sha256, compared, trust) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
@@ -524,7 +523,7 @@ pub(super) async fn audit(
     Ok(())
 }
 
-fn pin_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<PeerPin, StoreError> {
+fn pin_from_row(r: &Row) -> Result<PeerPin, StoreError> {
     Ok(PeerPin {
         peer: r.try_get("peer")?,
         spki_sha256: r.try_get("spki_sha256")?,

@@ -4,7 +4,7 @@
 //! active; activation moves it into `bot_keys` and the replaced certificate into
 //! `bot_retired_certs`, in one transaction. Both steps are audited.
 
-use sqlx::Row;
+use super::db::query;
 
 use super::pins::{Audit, audit};
 use super::{PinAction, Store, StoreError, now};
@@ -45,15 +45,15 @@ impl Store {
         let bot = identity.jid.as_str();
         let at = now();
         let mut tx = self.writer.begin().await?;
-        let exists = sqlx::query("SELECT 1 FROM bots WHERE jid = $1")
+        let exists = query("SELECT 1 FROM bots WHERE jid = $1")
             .bind(bot)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut tx)
             .await?
             .is_some();
         if !exists {
             return Ok(false);
         }
-        sqlx::query(
+        query(
             "INSERT INTO bot_next_keys (bot_jid, key_der, cert_der, created_at, active_at) \
              VALUES ($1, $2, $3, $4, $5) ON CONFLICT (bot_jid) DO UPDATE SET \
              key_der = excluded.key_der, cert_der = excluded.cert_der, \
@@ -64,7 +64,7 @@ impl Store {
         .bind(identity.cert_der().as_ref())
         .bind(&at)
         .bind(active_at)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
         audit_own_key(&mut tx, &at, actor, PinAction::CertificateRotated, identity).await?;
         tx.commit().await?;
@@ -73,7 +73,7 @@ impl Store {
 
     /// Every announced next certificate, by bot.
     pub async fn next_certificates(&self) -> Result<Vec<NextCertificate>, StoreError> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT bot_jid, key_der, cert_der, created_at, active_at FROM bot_next_keys ORDER BY bot_jid",
         )
         .fetch_all(&self.pool)
@@ -104,12 +104,12 @@ impl Store {
     ) -> Result<Option<BotIdentity>, StoreError> {
         let at = now();
         let mut tx = self.writer.begin().await?;
-        let Some(next) = sqlx::query(
+        let Some(next) = query(
             "SELECT key_der, cert_der FROM bot_next_keys WHERE bot_jid = $1 AND active_at = $2",
         )
         .bind(bot)
         .bind(active_at)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut tx)
         .await?
         else {
             return Ok(None);
@@ -118,26 +118,26 @@ impl Store {
         // Checked before anything moves: a key this store cannot open stays where it is.
         let identity =
             BotIdentity::from_der(bot, cert_der.clone(), self.open_key(bot, key_der.clone())?)?;
-        sqlx::query(
+        query(
             "INSERT INTO bot_retired_certs (bot_jid, cert_der, retired_at) \
              SELECT bot_jid, cert_der, $1 FROM bot_keys WHERE bot_jid = $2",
         )
         .bind(&at)
         .bind(bot)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
-        sqlx::query(
+        query(
             "UPDATE bot_keys SET key_der = $1, cert_der = $2, created_at = $3 WHERE bot_jid = $4",
         )
         .bind(&key_der)
         .bind(&cert_der)
         .bind(&at)
         .bind(bot)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
-        sqlx::query("DELETE FROM bot_next_keys WHERE bot_jid = $1")
+        query("DELETE FROM bot_next_keys WHERE bot_jid = $1")
             .bind(bot)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
         audit_own_key(
             &mut tx,
@@ -156,7 +156,7 @@ impl Store {
         &self,
         bot: &str,
     ) -> Result<Vec<RetiredCertificate>, StoreError> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT cert_der, retired_at FROM bot_retired_certs WHERE bot_jid = $1 \
              ORDER BY retired_at DESC, rowid DESC",
         )
@@ -176,7 +176,7 @@ impl Store {
 
 /// Audits a decision about the bot's own certificate, naming its key.
 async fn audit_own_key(
-    tx: &mut sqlx::SqliteConnection,
+    tx: &mut super::db::Tx,
     at: &str,
     actor: &str,
     action: PinAction,
@@ -196,19 +196,23 @@ async fn audit_own_key(
 mod tests {
     use super::*;
     use crate::config::Handler;
-    use crate::store::tests::{temp_store, test_bot};
+    use crate::store::tests::{TestDb, test_bot};
 
-    async fn store_with_bot() -> (Store, BotIdentity, std::path::PathBuf) {
-        let (store, dir) = temp_store().await;
+    async fn store_with_bot(db: &TestDb) -> (Store, BotIdentity) {
+        let store = Store::open(&db.url).await.unwrap();
         let record = test_bot("weather", Handler::Echo);
         let identity = BotIdentity::generate(&record.jid).unwrap();
         store.insert_bot(&record, &identity).await.unwrap();
-        (store, identity, dir)
+        (store, identity)
     }
 
-    #[tokio::test]
-    async fn the_next_certificate_replaces_the_active_one_and_the_old_one_is_retired() {
-        let (store, first, dir) = store_with_bot().await;
+    on_each_backend!(
+        the_next_certificate_replaces_the_active_one_and_the_old_one_is_retired,
+        a_second_rotation_replaces_the_announced_one_and_sealing_covers_it,
+    );
+
+    async fn the_next_certificate_replaces_the_active_one_and_the_old_one_is_retired(db: TestDb) {
+        let (store, first) = store_with_bot(&db).await;
         let bot = first.jid.clone();
         let due = "2030-01-01T00:00:00Z";
         assert!(
@@ -270,12 +274,11 @@ mod tests {
             log[0].spki_sha256.as_deref(),
             Some(next.info.fingerprints.spki_sha256.to_string().as_str())
         );
-        std::fs::remove_dir_all(dir).unwrap();
+        store.close().await;
     }
 
-    #[tokio::test]
-    async fn a_second_rotation_replaces_the_announced_one_and_sealing_covers_it() {
-        let (store, first, dir) = store_with_bot().await;
+    async fn a_second_rotation_replaces_the_announced_one_and_sealing_covers_it(db: TestDb) {
+        let (store, first) = store_with_bot(&db).await;
         let bot = first.jid.clone();
         let reissued = first.reissue().unwrap();
         assert!(
@@ -298,10 +301,11 @@ mod tests {
         // A key added later seals the announced private key in place too.
         let (key, _) = crate::store::StoreKey::generate();
         assert_eq!(store.use_key(key).await.unwrap(), 2);
-        let raw: Vec<u8> = sqlx::query_scalar("SELECT key_der FROM bot_next_keys")
+        let raw: Vec<u8> = query("SELECT key_der FROM bot_next_keys")
             .fetch_one(&store.pool)
             .await
-            .unwrap();
+            .unwrap()
+            .get(0);
         assert!(crate::store::sealed::is_sealed(&raw));
         assert!(store.has_sealed_secrets().await.unwrap());
         let stale = store.activate_next(&bot, "2030-01-01T00:00:00Z", "admin");
@@ -324,6 +328,6 @@ mod tests {
                 .await
                 .unwrap()
         );
-        std::fs::remove_dir_all(dir).unwrap();
+        store.close().await;
     }
 }

@@ -9,11 +9,11 @@
 
 use std::sync::Arc;
 
+use super::db::query;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
-use sqlx::Row;
 
 use super::{Store, StoreError};
 
@@ -122,8 +122,8 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         let mut keys = Vec::new();
         for table in KEY_TABLES {
-            for row in sqlx::query(&format!("SELECT bot_jid, key_der FROM {table}"))
-                .fetch_all(&mut *tx)
+            for row in query(format!("SELECT bot_jid, key_der FROM {table}"))
+                .fetch_all(&mut tx)
                 .await?
             {
                 keys.push((
@@ -133,8 +133,8 @@ impl Store {
                 ));
             }
         }
-        let hooks = sqlx::query("SELECT bot_jid, secret FROM webhooks")
-            .fetch_all(&mut *tx)
+        let hooks = query("SELECT bot_jid, secret FROM webhooks")
+            .fetch_all(&mut tx)
             .await?;
         let mut sealed_now = 0;
         for (table, bot, value) in &keys {
@@ -143,12 +143,12 @@ impl Store {
                     .ok_or_else(|| wrong_key(bot))?;
                 continue;
             }
-            sqlx::query(&format!(
+            query(format!(
                 "UPDATE {table} SET key_der = $1 WHERE bot_jid = $2"
             ))
             .bind(key.seal(&key_context(bot), value))
             .bind(bot)
-            .execute(&mut *tx)
+            .execute(&mut tx)
             .await?;
             sealed_now += 1;
         }
@@ -158,10 +158,10 @@ impl Store {
                 open_text(Some(&key), &secret_context(&bot), &value)?;
                 continue;
             }
-            sqlx::query("UPDATE webhooks SET secret = $1 WHERE bot_jid = $2")
+            query("UPDATE webhooks SET secret = $1 WHERE bot_jid = $2")
                 .bind(seal_text(&key, &secret_context(&bot), &value))
                 .bind(&bot)
-                .execute(&mut *tx)
+                .execute(&mut tx)
                 .await?;
             sealed_now += 1;
         }
@@ -173,7 +173,7 @@ impl Store {
 
     /// Whether any secret in the store is sealed (then only its key opens it).
     pub async fn has_sealed_secrets(&self) -> Result<bool, StoreError> {
-        let row = sqlx::query(
+        let row = query(
             "SELECT EXISTS (SELECT 1 FROM bot_keys WHERE substr(key_der, 1, 4) = $1) \
              OR EXISTS (SELECT 1 FROM bot_next_keys WHERE substr(key_der, 1, 4) = $2) \
              OR EXISTS (SELECT 1 FROM webhooks WHERE secret LIKE 'sealed:%')",

@@ -1,8 +1,8 @@
 //! Bot tokens, stored hashed.
 
+use super::db::query;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use sqlx::Row;
 use utoipa::ToSchema;
 
 use super::{Store, StoreError};
@@ -25,21 +25,19 @@ impl Store {
         token: &str,
         created_at: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO bot_tokens (id, bot_jid, sha256, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(id)
-        .bind(bot)
-        .bind(token_hash(token))
-        .bind(created_at)
-        .execute(self.writer())
-        .await?;
+        query("INSERT INTO bot_tokens (id, bot_jid, sha256, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(id)
+            .bind(bot)
+            .bind(token_hash(token))
+            .bind(created_at)
+            .execute(self.writer())
+            .await?;
         Ok(())
     }
 
     /// The bot a token belongs to, and the token's id.
     pub async fn token_bot(&self, token: &str) -> Result<Option<(String, String)>, StoreError> {
-        let row = sqlx::query("SELECT bot_jid, id FROM bot_tokens WHERE sha256 = $1")
+        let row = query("SELECT bot_jid, id FROM bot_tokens WHERE sha256 = $1")
             .bind(token_hash(token))
             .fetch_optional(self.pool())
             .await?;
@@ -48,12 +46,11 @@ impl Store {
 
     /// A bot's tokens (ids and creation times only).
     pub async fn tokens(&self, bot: &str) -> Result<Vec<TokenInfo>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, created_at FROM bot_tokens WHERE bot_jid = $1 ORDER BY created_at",
-        )
-        .bind(bot)
-        .fetch_all(self.pool())
-        .await?;
+        let rows =
+            query("SELECT id, created_at FROM bot_tokens WHERE bot_jid = $1 ORDER BY created_at")
+                .bind(bot)
+                .fetch_all(self.pool())
+                .await?;
         Ok(rows
             .iter()
             .map(|r| TokenInfo {
@@ -65,7 +62,7 @@ impl Store {
 
     /// Revokes a token; `false` when the bot has no such token.
     pub async fn delete_token(&self, bot: &str, id: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM bot_tokens WHERE bot_jid = $1 AND id = $2")
+        let done = query("DELETE FROM bot_tokens WHERE bot_jid = $1 AND id = $2")
             .bind(bot)
             .bind(id)
             .execute(self.writer())

@@ -1,7 +1,7 @@
 //! The session table's history: every tunnel, live and closed.
 
+use super::db::{Row, query};
 use serde::Serialize;
-use sqlx::Row;
 
 use super::{Store, StoreError, named, now};
 use xtls::tunnel::{Role, State, TrustVerdict};
@@ -34,6 +34,18 @@ impl TunnelId {
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl From<&TunnelId> for super::db::Value {
+    fn from(id: &TunnelId) -> Self {
+        id.as_str().into()
+    }
+}
+
+impl From<&Option<TunnelId>> for super::db::Value {
+    fn from(id: &Option<TunnelId>) -> Self {
+        id.as_ref().map(TunnelId::as_str).into()
     }
 }
 
@@ -318,7 +330,7 @@ impl TunnelFilter {
 impl Store {
     /// Marks tunnels left live by a previous process as closed.
     pub async fn close_stale_tunnels(&self) -> Result<u64, StoreError> {
-        let done = sqlx::query(
+        let done = query(
             "UPDATE tunnels SET state = 'closed', closed_at = $1, close_reason = 'component_restart' WHERE state != 'closed'",
         )
         .bind(now())
@@ -329,7 +341,7 @@ impl Store {
 
     /// Inserts or replaces a tunnel row.
     pub async fn save_tunnel(&self, t: &TunnelRecord) -> Result<(), StoreError> {
-        sqlx::query(
+        query(
             "INSERT INTO tunnels (id, bot_jid, local_jid, peer, role, state, tls_version, cipher_suite, peer_spki, trust, \
              stanzas_in, stanzas_out, bytes_in, bytes_out, opened_at, established_at, closed_at, close_reason) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
@@ -368,7 +380,7 @@ impl Store {
         filter: &TunnelFilter,
         limit: i64,
     ) -> Result<Vec<TunnelRecord>, StoreError> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT * FROM tunnels WHERE ($1 IS NULL OR bot_jid = $1) AND ($2 IS NULL OR state = $2) \
              AND ($3 IS NULL OR peer = $3 OR substr(peer, 1, length($3) + 1) = $3 || '/') \
              ORDER BY opened_at DESC, id DESC LIMIT $4",
@@ -391,7 +403,7 @@ impl Store {
 
     /// One tunnel row.
     pub async fn tunnel(&self, id: &TunnelId) -> Result<Option<TunnelRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM tunnels WHERE id = $1")
+        let row = query("SELECT * FROM tunnels WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -399,7 +411,7 @@ impl Store {
     }
 }
 
-fn tunnel_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<TunnelRecord, StoreError> {
+fn tunnel_from_row(r: &Row) -> Result<TunnelRecord, StoreError> {
     let trust = PeerTrust::from_stored(r.try_get("trust")?)?;
     Ok(TunnelRecord {
         id: r.try_get("id")?,

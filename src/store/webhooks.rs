@@ -1,7 +1,7 @@
 //! Webhooks, their delivery attempts and dead letters.
 
+use super::db::{Row, query};
 use serde::Serialize;
-use sqlx::Row;
 
 use crate::config::Secret;
 
@@ -84,7 +84,7 @@ pub enum Outcome {
     Dead,
 }
 
-fn webhook_from_row(row: &sqlx::sqlite::SqliteRow, secret: String) -> Webhook {
+fn webhook_from_row(row: &Row, secret: String) -> Webhook {
     Webhook {
         url: row.get("url"),
         secret: Secret::new(secret),
@@ -98,7 +98,7 @@ fn webhook_from_row(row: &sqlx::sqlite::SqliteRow, secret: String) -> Webhook {
 impl Store {
     /// A bot's webhook.
     pub async fn webhook(&self, bot: &str) -> Result<Option<Webhook>, StoreError> {
-        let row = sqlx::query("SELECT * FROM webhooks WHERE bot_jid = $1")
+        let row = query("SELECT * FROM webhooks WHERE bot_jid = $1")
             .bind(bot)
             .fetch_optional(self.pool())
             .await?;
@@ -109,7 +109,7 @@ impl Store {
 
     /// Every bot's webhook, by bot JID (start-up: one query instead of one per bot).
     pub async fn webhooks(&self) -> Result<std::collections::HashMap<String, Webhook>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM webhooks")
+        let rows = query("SELECT * FROM webhooks")
             .fetch_all(self.pool())
             .await?;
         rows.iter()
@@ -123,7 +123,7 @@ impl Store {
 
     /// Sets a bot's webhook.
     pub async fn put_webhook(&self, bot: &str, hook: &Webhook) -> Result<(), StoreError> {
-        sqlx::query(
+        query(
             "INSERT INTO webhooks (bot_jid, url, secret, timeout_ms, max_in_flight, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT(bot_jid) DO UPDATE SET url = excluded.url, secret = excluded.secret, timeout_ms = excluded.timeout_ms, \
              max_in_flight = excluded.max_in_flight, updated_at = excluded.updated_at, last_error = NULL",
@@ -141,7 +141,7 @@ impl Store {
 
     /// Removes a bot's webhook; `false` when it had none.
     pub async fn delete_webhook(&self, bot: &str) -> Result<bool, StoreError> {
-        let done = sqlx::query("DELETE FROM webhooks WHERE bot_jid = $1")
+        let done = query("DELETE FROM webhooks WHERE bot_jid = $1")
             .bind(bot)
             .execute(self.writer())
             .await?;
@@ -155,7 +155,7 @@ impl Store {
         after: u64,
         limit: u32,
     ) -> Result<Vec<PendingEvent>, StoreError> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT id, seq, type, bot_jid, occurred_at, tunnel_id, peer, data, attempts, first_attempt_ms, next_attempt_ms \
              FROM events WHERE bot_jid = $1 AND state = 0 AND seq > $2 ORDER BY seq LIMIT $3",
         )
@@ -184,7 +184,7 @@ impl Store {
         outcome: &Outcome,
     ) -> Result<(), StoreError> {
         let mut tx = self.writer().begin().await?;
-        sqlx::query(
+        query(
             "INSERT INTO delivery_attempts (bot_jid, event_id, seq, at, status, error, duration_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(bot)
@@ -194,14 +194,14 @@ impl Store {
         .bind(attempt.status.map(i64::from))
         .bind(&attempt.error)
         .bind(attempt.duration_ms as i64)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
         let (state, next) = match outcome {
             Outcome::Delivered => (ACKED, None),
             Outcome::Retry { at_ms } => (PENDING, Some(*at_ms)),
             Outcome::Dead => (DEAD, None),
         };
-        sqlx::query(
+        query(
             "UPDATE events SET state = $1, attempts = attempts + 1, first_attempt_ms = COALESCE(first_attempt_ms, $2), \
              next_attempt_ms = $3, last_error = $4, acked_at = CASE WHEN $5 = 1 THEN $6 ELSE acked_at END \
              WHERE bot_jid = $7 AND seq = $8 AND state = 0",
@@ -214,10 +214,10 @@ impl Store {
         .bind(&attempt.at)
         .bind(bot)
         .bind(attempt.seq as i64)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
         let delivered = matches!(outcome, Outcome::Delivered);
-        sqlx::query(
+        query(
             "UPDATE webhooks SET last_success_at = CASE WHEN $1 THEN $2 ELSE last_success_at END, \
              last_error = CASE WHEN $1 THEN last_error ELSE $3 END WHERE bot_jid = $4",
         )
@@ -225,7 +225,7 @@ impl Store {
         .bind(&attempt.at)
         .bind(&attempt.error)
         .bind(bot)
-        .execute(&mut *tx)
+        .execute(&mut tx)
         .await?;
         tx.commit().await?;
         Ok(())
@@ -233,7 +233,7 @@ impl Store {
 
     /// The latest attempts, newest first.
     pub async fn attempts(&self, bot: &str, limit: u32) -> Result<Vec<Attempt>, StoreError> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT event_id, seq, at, status, error, duration_ms FROM delivery_attempts WHERE bot_jid = $1 ORDER BY id DESC LIMIT $2",
         )
         .bind(bot)
@@ -255,7 +255,7 @@ impl Store {
 
     /// Every dead letter, oldest first.
     pub async fn dead_letters(&self, bot: &str) -> Result<Vec<DeadLetter>, StoreError> {
-        let rows = sqlx::query(
+        let rows = query(
             "SELECT id, seq, type, attempts, last_error FROM events WHERE bot_jid = $1 AND state = 2 ORDER BY seq",
         )
         .bind(bot)
@@ -275,8 +275,9 @@ impl Store {
 
     /// Pending and dead event counts.
     pub async fn event_counts(&self, bot: &str) -> Result<(u64, u64), StoreError> {
-        let row = sqlx::query(
-            "SELECT COALESCE(SUM(state = 0), 0) AS pending, COALESCE(SUM(state = 2), 0) AS dead FROM events WHERE bot_jid = $1",
+        let row = query(
+            "SELECT COUNT(*) FILTER (WHERE state = 0) AS pending, COUNT(*) FILTER (WHERE state = 2) AS dead \
+             FROM events WHERE bot_jid = $1",
         )
         .bind(bot)
         .fetch_one(self.pool())
@@ -313,18 +314,18 @@ impl Store {
         let base = format!("{action} WHERE bot_jid = $1 AND state = 2");
         match seqs {
             None => {
-                total += sqlx::query(&base)
+                total += query(base.clone())
                     .bind(bot)
-                    .execute(&mut *tx)
+                    .execute(&mut tx)
                     .await?
                     .rows_affected();
             }
             Some(seqs) => {
                 for seq in seqs {
-                    total += sqlx::query(&format!("{base} AND seq = $2"))
+                    total += query(format!("{base} AND seq = $2"))
                         .bind(bot)
                         .bind(*seq as i64)
-                        .execute(&mut *tx)
+                        .execute(&mut tx)
                         .await?
                         .rows_affected();
                 }

@@ -15,6 +15,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -122,3 +123,23 @@ class Postgres:
         """Stops the server and removes its directory."""
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    """`postgres.py run -- COMMAND…`: runs COMMAND beside a private server, with
+    `XTLS_TEST_POSTGRES=postgres://postgres@127.0.0.1:PORT` in its environment (the Rust tests
+    create their databases there), then stops the server by its pid and removes it."""
+    if len(argv) < 3 or argv[0] != "run" or argv[1] != "--":
+        print("usage: postgres.py run -- COMMAND [ARG...]", file=sys.stderr)
+        return 2
+    server = Postgres()
+    try:
+        server.start()
+        env = dict(os.environ, XTLS_TEST_POSTGRES=f"postgres://{USER}@127.0.0.1:{server.port}")
+        return subprocess.run(argv[2:], env=env).returncode
+    finally:
+        server.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
