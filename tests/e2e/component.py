@@ -15,6 +15,7 @@ string as the bearer token instead of the right one; `headers` adds request head
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -68,6 +69,7 @@ class Component:
         extra_config: str = "",
         admin_config: str = "",
         https_ca: Path | None = None,
+        store_url: str | None = None,
     ) -> None:
         self.server = server
         self.binary = binary or binary_path()
@@ -78,6 +80,11 @@ class Component:
         self.config_path = self.dir / "xtls.toml"
         self.log_path = self.dir / "component.log"
         self.store_path = self.dir / "xtls.db"
+        # Another store (PostgreSQL) takes its key in the configuration: every instance on it
+        # must seal with the same one.
+        self.store_url = store_url or f"sqlite://{self.store_path}"
+        self.store_key = "" if store_url is None else base64.b64encode(secrets.token_bytes(32)).decode()
+        store_key_line = f'key = "{self.store_key}"' if self.store_key else ""
         self.base_url = f"http://127.0.0.1:{self.admin_port}"
         self.ssl: ssl.SSLContext | None = None
         if https_ca is not None:
@@ -99,7 +106,8 @@ token = "{self.token}"
 {admin_config}
 
 [store]
-url = "sqlite://{self.store_path}"
+url = "{self.store_url}"
+{store_key_line}
 
 {bots}
 {extra_config}"""
@@ -214,7 +222,7 @@ url = "sqlite://{self.store_path}"
         `request`, and the store key it made beside its store."""
         key_file = self.store_path.with_name(self.store_path.name + ".key")
         store_key = key_file.read_text().strip() if key_file.exists() else ""
-        return {self.server.component_secret, self.token, store_key, *self._secrets} - {""}
+        return {self.server.component_secret, self.token, store_key, self.store_key, *self._secrets} - {""}
 
     def assert_log_has_no_secrets(self) -> None:
         """Raise AssertionError naming the kind of secret found in the component's log."""
@@ -225,6 +233,8 @@ url = "sqlite://{self.store_path}"
         key_file = self.store_path.with_name(self.store_path.name + ".key")
         if key_file.exists():
             kinds[key_file.read_text().strip()] = "the store key"
+        if self.store_key:
+            kinds[self.store_key] = "the store key"
         leaked = sorted({kinds.get(s) or ("a bot token" if s.startswith("xtb_") else
                                           "a pairing code" if len(s) == 11 and s[5] == "-" else "a webhook secret")
                          for s in self.secrets_seen() if s and s in log})

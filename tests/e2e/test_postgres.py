@@ -1,0 +1,103 @@
+"""The component on a PostgreSQL store (Debian's package, run privately by `postgres.py`),
+through a real Prosody: the same bots, keys, pins and tunnels as on SQLite, kept across
+restarts; one instance per store until several can share it; no password in any output."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from component import Component, binary_path
+from conftest import run
+from postgres import Postgres
+from test_e2e import gets_in, new_echo_bot, tunnels_of
+from xmpp_server import free_port
+
+PASSWORD = "pg-password-never-shown"
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    server = Postgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture()
+def pg_component(prosody, postgres):
+    """A component on a fresh database, its URL carrying a password (trust auth ignores it)."""
+    database = f"xtls_{free_port()}"
+    postgres.psql(f"CREATE DATABASE {database}", database="postgres")
+    url = f"postgres://postgres:{PASSWORD}@127.0.0.1:{postgres.port}/{database}"
+    comp = Component(prosody, domain=prosody.api_component_domain, bots="", store_url=url)
+    try:
+        comp.start()
+        yield comp, database
+    finally:
+        log = comp.log_path.read_text(errors="replace") if comp.log_path.exists() else ""
+        comp.cleanup()
+        assert PASSWORD not in log, "the store password is in the component's log"
+
+
+def test_bots_keys_and_pins_live_in_postgres_and_survive_a_restart(pg_component, postgres, users):
+    comp, database = pg_component
+    bot = new_echo_bot(comp, "pg")
+    status, before = comp.get(f"/v1/bots/{bot}")
+    assert status == 200, before
+    assert run(gets_in(users, "alice", bot, echo=True)), "alice reaches the bot and it echoes"
+    assert postgres.psql(f"SELECT count(*) FROM peer_pins WHERE bot_jid = '{bot}'", database=database) == "1"
+    assert postgres.psql(f"SELECT count(*) FROM bots WHERE jid = '{bot}'", database=database) == "1"
+
+    comp.restart()
+    status, after = comp.get(f"/v1/bots/{bot}")
+    assert status == 200 and after["fingerprints"] == before["fingerprints"], (before, after)
+    assert run(gets_in(users, "alice", bot, echo=True)), "the pin of the first run still lets alice in"
+    assert postgres.psql(f"SELECT count(*) FROM peer_pins WHERE bot_jid = '{bot}'", database=database) == "1"
+    closed = [t for t in tunnels_of(comp, bot) if t["state"] == "closed"]
+    assert len(closed) == 2, tunnels_of(comp, bot)
+    # The private key is sealed with the configured key, never stored in clear.
+    magic = postgres.psql(f"SELECT encode(substr(key_der, 1, 4), 'hex') FROM bot_keys WHERE bot_jid = '{bot}'",
+                          database=database)
+    assert magic == b"xk1\0".hex(), magic
+
+
+def test_a_second_instance_on_the_same_database_stops_at_once_and_says_why(pg_component, tmp_path):
+    comp, database = pg_component
+    config = comp.config_path.read_text()
+    config = re.sub(r'listen = "127\.0\.0\.1:\d+"', f'listen = "127.0.0.1:{free_port()}"', config, count=1)
+    second = tmp_path / "second.toml"
+    second.write_text(config)
+    done = subprocess.run([str(binary_path()), "serve", "--config", str(second)], capture_output=True, text=True,
+                          timeout=30, env={"PATH": "/usr/bin:/bin", "RUST_LOG": "info"}, cwd=tmp_path)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0, said
+    assert "another xtls-component (connected from 127.0.0.1" in said, said
+    assert "already serves the store postgres://postgres@127.0.0.1:" in said and f"/{database}" in said, said
+    assert PASSWORD not in said, said
+    assert comp.get("/readyz")[0] == 200
+    assert comp.running()
+
+
+def test_a_postgres_store_without_a_shared_key_is_refused_before_it_starts(prosody, postgres, tmp_path):
+    config = tmp_path / "xtls.toml"
+    config.write_text(f"""[component]
+domain = "{prosody.api_component_domain}"
+server = "127.0.0.1:{prosody.component_port}"
+secret = "{prosody.component_secret}"
+[admin]
+listen = "127.0.0.1:{free_port()}"
+token = "token-0123456789abcdef"
+[store]
+url = "postgres://postgres:{PASSWORD}@127.0.0.1:{postgres.port}/xtls"
+""")
+    done = subprocess.run([str(binary_path()), "serve", "--config", str(config)], capture_output=True, text=True,
+                          timeout=30, env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    said = done.stdout + done.stderr
+    assert done.returncode != 0, said
+    assert "store.key" in said and "same for every instance" in said, said
+    assert PASSWORD not in said, said
