@@ -36,7 +36,9 @@ def bin_dir() -> Path:
 class Postgres:
     """One private PostgreSQL: `url` for clients (database `xtls`), `psql(sql)` for checks."""
 
-    def __init__(self, *, workdir: str | None = None) -> None:
+    def __init__(self, *, workdir: str | None = None, tls_ca=None) -> None:
+        """`tls_ca` (a `PrivateCa`): serve TLS with a certificate it issues for 127.0.0.1, and
+        accept TCP clients over TLS only (`hostssl` in pg_hba.conf)."""
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="xtls-postgres-"))
         self.data = self.dir / "data"
         self.log_path = self.dir / "postgres.log"
@@ -47,6 +49,16 @@ class Postgres:
         os.chown(self.dir, user.pw_uid, user.pw_gid)
         self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), "--auth=trust", "-U", USER,
                           "--encoding=UTF8", "--locale=C", "--no-sync")
+        self._tls: list[str] = []
+        if tls_ca is not None:
+            cert, key = self.data / "server.crt", self.data / "server.key"
+            tls_ca.issue("127.0.0.1", cert, key)
+            for path in (cert, key):
+                os.chown(path, user.pw_uid, user.pw_gid)
+            key.chmod(0o600)  # PostgreSQL refuses a key others may read
+            (self.data / "pg_hba.conf").write_text(
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n")
+            self._tls = ["-c", "ssl=on", "-c", f"ssl_cert_file={cert}", "-c", f"ssl_key_file={key}"]
 
     @property
     def url(self) -> str:
@@ -76,7 +88,7 @@ class Postgres:
                 ["setpriv", f"--reuid={USER}", f"--regid={USER}", "--init-groups", "--",
                  str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
                  "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}",
-                 "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "synchronous_commit=off"],
+                 "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "synchronous_commit=off", *self._tls],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
             )
         finally:

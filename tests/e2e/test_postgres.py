@@ -12,6 +12,7 @@ import pytest
 from component import Component, binary_path
 from conftest import run
 from postgres import Postgres
+from private_ca import PrivateCa
 from test_e2e import gets_in, new_echo_bot, tunnels_of
 from xmpp_server import free_port
 
@@ -101,3 +102,36 @@ url = "postgres://postgres:{PASSWORD}@127.0.0.1:{postgres.port}/xtls"
     assert done.returncode != 0, said
     assert "store.key" in said and "same for every instance" in said, said
     assert PASSWORD not in said, said
+
+
+def test_tls_to_postgres_is_verified_against_the_ca_the_url_names(prosody, tmp_path):
+    """`sslmode=verify-full&sslrootcert=CA` connects over TLS (the server takes TLS clients
+    only) and checks the server's certificate; without that CA the start fails and says why."""
+    ca = PrivateCa(tmp_path / "ca")
+    server = Postgres(tls_ca=ca)
+    try:
+        server.start()
+        url = f"postgres://postgres:{PASSWORD}@127.0.0.1:{server.port}/xtls?sslmode=verify-full&sslrootcert={ca.ca_file}"
+        comp = Component(prosody, domain=prosody.api_component_domain, bots="", store_url=url)
+        try:
+            comp.start()
+            bot = new_echo_bot(comp, "tls")
+            assert server.psql(f"SELECT count(*) FROM bots WHERE jid = '{bot}'") == "1"
+            over_tls = server.psql("SELECT DISTINCT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) "
+                                   "WHERE a.application_name = 'xtls-component'")
+            assert over_tls == "t", over_tls
+        finally:
+            comp.cleanup()
+        unverified = Component(prosody, domain=prosody.api_component_domain, bots="",
+                               store_url=url.split("&sslrootcert=")[0])
+        try:
+            with pytest.raises(RuntimeError):
+                unverified.start(timeout=20)
+            said = unverified.log_path.read_text(errors="replace")
+            assert "cannot use the store at postgres://postgres@127.0.0.1:" in said, said
+            assert "certificate" in said.lower() or "unknown issuer" in said.lower(), said
+            assert PASSWORD not in said, said
+        finally:
+            unverified.cleanup()
+    finally:
+        server.cleanup()
