@@ -1,6 +1,7 @@
 //! Wiring: store, bots, component link, router and admin API, with an ordered shutdown.
 
 use std::future::Future;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
@@ -8,11 +9,11 @@ use tokio::sync::{mpsc, watch};
 use std::sync::Arc;
 
 use crate::api::{self, AdminState, AllowedHosts, HttpLimits, ListenerTls};
-use crate::config::{Config, Live, TlsFiles};
+use crate::config::{Config, InstanceMode, Live, TlsFiles};
 use crate::link::{self, LinkConfig, LinkEvent, LinkStatus};
 use crate::router;
 use crate::session::{BotTable, NewBot, Shared};
-use crate::store::{Store, StoreKey};
+use crate::store::{SoleInstance, Store, StoreError, StoreKey};
 
 /// Runs the component until `shutdown` resolves or the server refuses the configuration.
 /// Each configuration from `reloads` (SIGHUP) applies what can change in a running process
@@ -22,12 +23,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     mut reloads: mpsc::Receiver<Config>,
 ) -> anyhow::Result<()> {
-    // Before anything else touches the file: a second instance must not reach the start-up
-    // clean-up below, which would close the first one's live tunnels.
+    tokio::pin!(shutdown);
+    // Before anything else touches the store: a second instance must not reach the start-up
+    // clean-up below, which would close the first one's live tunnels. A standby waits here.
     let shown = crate::store::display_url(&config.store.url);
-    let _sole = crate::store::claim_sole_instance(&config.store.url)
-        .await
-        .with_context(|| format!("cannot use the store at {shown}"))?;
+    let mut claim = match config.instances.mode {
+        InstanceMode::Single => crate::store::claim_sole_instance(&config.store.url)
+            .await
+            .with_context(|| format!("cannot use the store at {shown}"))?,
+        InstanceMode::Failover => match standby(&config, shutdown.as_mut()).await? {
+            Some(claim) => Some(claim),
+            None => return Ok(()),
+        },
+    };
     let store = Store::open(&config.store.url)
         .await
         .with_context(|| format!("cannot open the store at {shown}"))?;
@@ -208,7 +216,10 @@ pub async fn run(
     });
 
     let outcome = tokio::select! {
-        _ = shutdown => Ok(()),
+        _ = &mut shutdown => Ok(()),
+        lost = claim_lost(&mut claim) => Err(anyhow::Error::new(lost).context(
+            "lost the store's instance lock: stopping, so that no two instances serve the store",
+        )),
         result = &mut link => match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(anyhow::Error::new(e)),
@@ -242,6 +253,63 @@ pub async fn run(
 
 /// The key that seals secrets in the store: `store.key`, or the key file, created (mode 0600)
 /// on first start.
+/// How often the instance that serves a PostgreSQL store checks the connection holding its
+/// lock, and a standby retries a store it cannot reach.
+const CLAIM_CHECK: Duration = Duration::from_secs(2);
+
+/// Waits as a standby while another instance serves the store, answering `/healthz` (alive)
+/// and `/readyz` (not ready: standby) on the admin listener meanwhile. Returns the claim once
+/// this instance holds the store, `None` when shut down first.
+async fn standby(
+    config: &Config,
+    shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> anyhow::Result<Option<SoleInstance>> {
+    let url = &config.store.url;
+    let shown = crate::store::display_url(url);
+    match crate::store::claim_sole_instance(url).await {
+        Ok(Some(claim)) => return Ok(Some(claim)),
+        Err(StoreError::InUse(_)) => {}
+        Ok(None) => anyhow::bail!("instances.mode = failover needs a PostgreSQL store"),
+        Err(e) => return Err(e).with_context(|| format!("cannot use the store at {shown}")),
+    }
+    tracing::info!(store = %shown, "standby: another instance serves the store; this one takes over when it stops");
+    let tls = listener_tls(config.admin.tls.as_ref(), "admin.tls")?;
+    let listener = tokio::net::TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin.listen)", config.admin.listen))?;
+    let limits = HttpLimits::from(&config.admin);
+    let hosts = std::sync::Arc::new(AllowedHosts::new(
+        &config.admin.allowed_hosts,
+        config.admin.listen,
+    ));
+    let app = api::standby_app(
+        hosts,
+        "standby: another instance serves the store; this one takes over when it stops".into(),
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let server =
+        tokio::spawn(async move { api::serve(listener, app, &limits, tls, stop_rx).await });
+    let claimed = tokio::select! {
+        _ = shutdown => Ok(None),
+        claim = SoleInstance::wait_for(url, CLAIM_CHECK) => claim.map(Some),
+    };
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    let claimed = claimed.with_context(|| format!("cannot use the store at {shown}"))?;
+    if claimed.is_some() {
+        tracing::info!(store = %shown, "standby: the store is free; this instance serves it now");
+    }
+    Ok(claimed)
+}
+
+/// Resolves when this instance loses its claim on the store (never for a SQLite file).
+async fn claim_lost(claim: &mut Option<SoleInstance>) -> StoreError {
+    match claim {
+        Some(claim) => claim.lost(CLAIM_CHECK).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn store_key(config: &crate::config::StoreConfig, store: &Store) -> anyhow::Result<StoreKey> {
     if let Some(key) = &config.key {
         return StoreKey::from_text(key.expose()).context("store.key");

@@ -76,6 +76,9 @@ pub struct Config {
     /// The SQL store.
     #[serde(default)]
     pub store: StoreConfig,
+    /// How this instance shares the store with others.
+    #[serde(default)]
+    pub instances: InstancesConfig,
     /// Tunnel timers and sizes (spec §1.13).
     #[serde(default)]
     pub tunnel: TunnelSettings,
@@ -288,6 +291,25 @@ impl StoreConfig {
         let path = path.split('?').next().unwrap_or_default();
         (!path.is_empty() && !path.starts_with(':')).then(|| PathBuf::from(format!("{path}.key")))
     }
+}
+
+/// `[instances]`: how this instance shares its store with others.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstancesConfig {
+    /// What this instance does when another one already serves the store.
+    pub mode: InstanceMode,
+}
+
+/// What an instance does when another one already serves the store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceMode {
+    /// It stops at once and says why: one instance serves a store.
+    #[default]
+    Single,
+    /// It waits as a standby, and serves when the active one stops (a PostgreSQL store).
+    Failover,
 }
 
 /// Which database a store URL names.
@@ -907,6 +929,13 @@ impl Config {
                      `head -c 32 /dev/urandom | base64`",
                 ));
             }
+            Ok(StoreBackend::Sqlite) if self.instances.mode == InstanceMode::Failover => {
+                return Err(invalid(
+                    "instances.mode",
+                    "failover needs a PostgreSQL store: a SQLite file serves one instance, and a \
+                     standby cannot reach it from another host",
+                ));
+            }
             Ok(_) => {}
         }
         let store_key = match (&self.store.key, self.store.key_path()) {
@@ -1043,6 +1072,7 @@ impl Config {
             ("admin", admin != new.admin),
             ("admin.tls", self.admin.tls != new.admin.tls),
             ("store", self.store != new.store),
+            ("instances", self.instances != new.instances),
             ("tunnel", self.tunnel != new.tunnel),
             ("limits", self.limits != new.limits),
             ("events", self.events != new.events),
@@ -1143,6 +1173,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("store.url") && !err.contains("pw"), "{err}");
+        let err = with("url = \"sqlite://x.db\"\n[instances]\nmode = \"failover\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("instances.mode") && err.contains("PostgreSQL"),
+            "{err}"
+        );
+        let c = with(&format!(
+            "url = \"postgres://xtls@db/bots\"\n{key}\n[instances]\nmode = \"failover\""
+        ))
+        .unwrap();
+        assert_eq!(c.instances.mode, InstanceMode::Failover);
+        assert_eq!(load(MINIMAL).unwrap().instances.mode, InstanceMode::Single);
     }
 
     #[test]

@@ -152,6 +152,44 @@ async fn metrics_response(bots: &BotTable) -> Response {
         .into_response()
 }
 
+/// The routes of a standby instance, which waits while another one serves the store: alive
+/// (`/healthz`), not ready (`/readyz` says why), and every other path 503 (`Retry-After`),
+/// for an orchestrator or a load balancer to send nothing here until it serves.
+pub fn standby_app(allowed_hosts: std::sync::Arc<super::AllowedHosts>, reason: String) -> Router {
+    let readiness = move || {
+        let body = Readiness {
+            ready: false,
+            component: Check {
+                ok: false,
+                problem: Some(reason.clone()),
+            },
+            store: Check {
+                ok: true,
+                problem: None,
+            },
+        };
+        async move { (StatusCode::SERVICE_UNAVAILABLE, Json(body)) }
+    };
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readiness))
+        .fallback(|| async {
+            let mut resp = super::error::problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this instance is a standby: the active instance serves the API",
+            );
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("5"),
+            );
+            resp
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            allowed_hosts,
+            super::server::check_host,
+        ))
+}
+
 /// The answer of `/readyz`.
 #[derive(Serialize, ToSchema)]
 struct Readiness {

@@ -41,7 +41,7 @@ use crate::session::BotTable;
 
 pub use auth::{AdminToken, Caller};
 pub use error::ApiError;
-pub use health::{metrics_app, probe_health};
+pub use health::{metrics_app, probe_health, standby_app};
 pub use server::{AllowedHosts, HttpLimits, ListenerTls, serve};
 
 /// What the handlers share.

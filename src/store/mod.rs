@@ -325,10 +325,75 @@ pub async fn claim_sole_instance(url: &str) -> Result<Option<SoleInstance>, Stor
     }
 }
 
-async fn claim_postgres(url: &str) -> Result<SoleInstance, StoreError> {
+/// The connection that holds (or waits for) the instance lock. The server's TCP keepalive is
+/// short on it, so that the server sees a vanished holder (a host that died without closing
+/// its connections) in about 11 seconds, not the system's two hours, and releases its lock.
+async fn claim_connection(url: &str) -> Result<sqlx::PgConnection, StoreError> {
     use sqlx::Connection as _;
-    let options = PgConnectOptions::from_str(url)?.application_name("xtls-component");
-    let mut conn = sqlx::PgConnection::connect_with(&options).await?;
+    let options = PgConnectOptions::from_str(url)?
+        .application_name("xtls-component")
+        .options([
+            ("tcp_keepalives_idle", "5"),
+            ("tcp_keepalives_interval", "2"),
+            ("tcp_keepalives_count", "3"),
+        ]);
+    Ok(sqlx::PgConnection::connect_with(&options).await?)
+}
+
+impl SoleInstance {
+    /// Waits, as a standby, until this process holds the PostgreSQL store's instance lock:
+    /// until the instance that holds it stops, or its connection is seen gone. A failed
+    /// connection is retried every `retry`, with a warning.
+    pub async fn wait_for(url: &str, retry: Duration) -> Result<SoleInstance, StoreError> {
+        loop {
+            let attempt = async {
+                let mut conn = claim_connection(url).await?;
+                sqlx::query("SELECT pg_advisory_lock($1)")
+                    .bind(INSTANCE_LOCK)
+                    .execute(&mut conn)
+                    .await?;
+                Ok::<_, StoreError>(conn)
+            };
+            match attempt.await {
+                Ok(conn) => {
+                    return Ok(SoleInstance {
+                        _held: Held::Postgres(conn),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, store = %display_url(url), "standby: cannot reach the store; retrying");
+                    tokio::time::sleep(retry).await;
+                }
+            }
+        }
+    }
+
+    /// Resolves when the claim is lost: the connection that holds a PostgreSQL lock failed or
+    /// stopped answering (checked every `every`), so another instance may hold it now. Never
+    /// resolves for a SQLite file, whose lock lasts as long as the process.
+    pub async fn lost(&mut self, every: Duration) -> StoreError {
+        let Held::Postgres(conn) = &mut self._held else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(every).await;
+            let check = sqlx::query("SELECT 1").execute(&mut *conn);
+            match tokio::time::timeout(every * 3, check).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return StoreError::Db(e),
+                Err(_) => {
+                    return StoreError::InUse(format!(
+                        "the store did not answer within {:?}",
+                        every * 3
+                    ));
+                }
+            }
+        }
+    }
+}
+
+async fn claim_postgres(url: &str) -> Result<SoleInstance, StoreError> {
+    let mut conn = claim_connection(url).await?;
     let claimed: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(INSTANCE_LOCK)
         .fetch_one(&mut conn)

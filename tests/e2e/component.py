@@ -70,6 +70,7 @@ class Component:
         admin_config: str = "",
         https_ca: Path | None = None,
         store_url: str | None = None,
+        store_key: str | None = None,
     ) -> None:
         self.server = server
         self.binary = binary or binary_path()
@@ -83,7 +84,7 @@ class Component:
         # Another store (PostgreSQL) takes its key in the configuration: every instance on it
         # must seal with the same one.
         self.store_url = store_url or f"sqlite://{self.store_path}"
-        self.store_key = "" if store_url is None else base64.b64encode(secrets.token_bytes(32)).decode()
+        self.store_key = store_key or ("" if store_url is None else base64.b64encode(secrets.token_bytes(32)).decode())
         store_key_line = f'key = "{self.store_key}"' if self.store_key else ""
         self.base_url = f"http://127.0.0.1:{self.admin_port}"
         self.ssl: ssl.SSLContext | None = None
@@ -117,8 +118,9 @@ url = "{self.store_url}"
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Launch the binary and wait until /readyz answers 200."""
+    def start(self, timeout: float = 30.0, *, standby: bool = False) -> None:
+        """Launch the binary and wait until /readyz answers 200 (503 with `standby=True`: an
+        instance that waits while another one serves the store)."""
         if not os.access(self.binary, os.X_OK):
             raise RuntimeError(
                 f"component binary {self.binary} is missing or not executable: "
@@ -142,7 +144,10 @@ url = "{self.store_url}"
                 env=env,
             )
         try:
-            self.wait_ready(timeout)
+            if standby:
+                self._poll_readyz(lambda status: status == 503, timeout, "503")
+            else:
+                self.wait_ready(timeout)
         except Exception:
             self.stop()
             raise
@@ -268,9 +273,15 @@ url = "{self.store_url}"
         except urllib.error.HTTPError as err:
             status, content_type, answer = err.code, err.headers.get("Content-Type"), _decode(err.read())
         self._secrets.update(_secret_values(body) | _secret_values(answer))
-        self.openapi().check(method, path, status, content_type, answer)
+        try:
+            checker = self.openapi()
+        except urllib.error.HTTPError as err:
+            if err.code != 503:
+                raise
+            return status, answer  # a standby: no API document to check against yet
+        checker.check(method, path, status, content_type, answer)
         if 200 <= status < 300:
-            self.openapi().check_request(method, path, body)
+            checker.check_request(method, path, body)
         return status, answer
 
     def openapi(self) -> OpenApiChecker:

@@ -135,3 +135,47 @@ def test_tls_to_postgres_is_verified_against_the_ca_the_url_names(prosody, tmp_p
             unverified.cleanup()
     finally:
         server.cleanup()
+
+
+def test_with_prosody_a_standby_takes_over_when_the_active_instance_dies(prosody, postgres, users):
+    """Prosody takes one connection per component domain, so two instances on one store run
+    as active and standby (`instances.mode = "failover"`). SIGKILL the active one: the
+    standby takes the store's lock, connects, and serves the same bots with the same keys
+    and pins; the old instance, started again, waits as the standby."""
+    database = f"xtls_{free_port()}"
+    postgres.psql(f"CREATE DATABASE {database}", database="postgres")
+    url = f"postgres://postgres:{PASSWORD}@127.0.0.1:{postgres.port}/{database}"
+    mode = '[instances]\nmode = "failover"\n'
+    first = Component(prosody, domain=prosody.api_component_domain, bots="", store_url=url, extra_config=mode)
+    second = Component(prosody, domain=prosody.api_component_domain, bots="", store_url=url,
+                       store_key=first.store_key, extra_config=mode)
+    try:
+        first.start()
+        bot = new_echo_bot(first, "ha")
+        _, before = first.get(f"/v1/bots/{bot}")
+        assert run(gets_in(users, "alice", bot, echo=True))
+
+        second.start(standby=True)
+        status, ready = second.get("/readyz", token=False)
+        assert status == 503 and "standby" in ready["component"]["problem"], ready
+        assert second.get("/healthz", token=False)[0] == 200
+        status, refused = second.get("/v1/bots")
+        assert status == 503 and "standby" in refused["detail"], refused
+
+        first.kill()
+        took = second.wait_ready(timeout=30)
+        print(f"standby ready {took:.2f} s after the active instance was killed")
+        status, after = second.get(f"/v1/bots/{bot}")
+        assert status == 200 and after["fingerprints"] == before["fingerprints"], (before, after)
+        assert run(gets_in(users, "alice", bot, echo=True)), "alice's pin from the first instance holds"
+        assert postgres.psql(f"SELECT count(*) FROM peer_pins WHERE bot_jid = '{bot}'", database=database) == "1"
+        states = sorted(t["state"] for t in tunnels_of(second, bot))
+        assert states == ["closed", "closed"], states
+
+        first.start(standby=True)
+        assert second.get("/readyz", token=False)[0] == 200
+    finally:
+        logs = [c.log_path.read_text(errors="replace") for c in (first, second) if c.log_path.exists()]
+        first.cleanup()
+        second.cleanup()
+        assert not any(PASSWORD in log for log in logs), "the store password is in a component's log"
