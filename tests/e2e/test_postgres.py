@@ -137,17 +137,21 @@ def test_tls_to_postgres_is_verified_against_the_ca_the_url_names(prosody, tmp_p
         server.cleanup()
 
 
-def test_with_prosody_a_standby_takes_over_when_the_active_instance_dies(prosody, postgres, users):
-    """Prosody takes one connection per component domain, so two instances on one store run
-    as active and standby (`instances.mode = "failover"`). SIGKILL the active one: the
+@pytest.mark.parametrize("server_name", ["prosody", "ejabberd"])
+def test_a_standby_takes_over_when_the_active_instance_dies(server_name, request, postgres):
+    """Prosody takes one connection per component domain (and ejabberd, without
+    domain_balancing, would split stanzas between connections), so two instances on one store
+    run as active and standby (`instances.mode = "failover"`). SIGKILL the active one: the
     standby takes the store's lock, connects, and serves the same bots with the same keys
     and pins; the old instance, started again, waits as the standby."""
+    server = request.getfixturevalue(server_name)
+    users = request.getfixturevalue("users" if server_name == "prosody" else "ejabberd_users")
     database = f"xtls_{free_port()}"
     postgres.psql(f"CREATE DATABASE {database}", database="postgres")
     url = f"postgres://postgres:{PASSWORD}@127.0.0.1:{postgres.port}/{database}"
     mode = '[instances]\nmode = "failover"\n'
-    first = Component(prosody, domain=prosody.api_component_domain, bots="", store_url=url, extra_config=mode)
-    second = Component(prosody, domain=prosody.api_component_domain, bots="", store_url=url,
+    first = Component(server, domain=server.api_component_domain, bots="", store_url=url, extra_config=mode)
+    second = Component(server, domain=server.api_component_domain, bots="", store_url=url,
                        store_key=first.store_key, extra_config=mode)
     try:
         first.start()
@@ -164,7 +168,7 @@ def test_with_prosody_a_standby_takes_over_when_the_active_instance_dies(prosody
 
         first.kill()
         took = second.wait_ready(timeout=30)
-        print(f"standby ready {took:.2f} s after the active instance was killed")
+        print(f"{server_name}: standby ready {took:.2f} s after the active instance was killed")
         status, after = second.get(f"/v1/bots/{bot}")
         assert status == 200 and after["fingerprints"] == before["fingerprints"], (before, after)
         assert run(gets_in(users, "alice", bot, echo=True)), "alice's pin from the first instance holds"
