@@ -50,13 +50,34 @@ pub async fn run(
             "secrets written before the store key was in use are sealed now"
         );
     }
-    let stale = store.close_stale_tunnels().await?;
+    let instance = store
+        .register_instance()
+        .await
+        .context("cannot register this instance in the store")?;
+    tracing::info!(instance, "instance registered");
+    // This instance holds the store alone (the claim above): every other one is gone.
+    let stale = store.close_lost_tunnels(None).await?;
     if stale > 0 {
         tracing::info!(
             count = stale,
             "tunnels left open by a previous run marked closed"
         );
     }
+    // Heartbeats are for instances that share a store; a SQLite file has one (the claim), and
+    // a writer held by heartbeats would only delay the bots' own writes when the file is busy.
+    let beat_store = store.clone();
+    let heartbeat = tokio::spawn(async move {
+        if beat_store.backend() == crate::store::Backend::Sqlite {
+            return;
+        }
+        let mut every = tokio::time::interval(HEARTBEAT);
+        loop {
+            every.tick().await;
+            if let Err(e) = beat_store.heartbeat().await {
+                tracing::warn!(error = %e, "cannot record this instance's heartbeat");
+            }
+        }
+    });
 
     let (out_tx, out_rx) = mpsc::channel(config.limits.outbound_queue);
     let shared = Shared::new(
@@ -247,12 +268,19 @@ pub async fn run(
     }
     pruner.abort();
     rotations.abort();
+    heartbeat.abort();
+    if let Err(e) = store.deregister_instance().await {
+        tracing::warn!(error = %e, "cannot remove this instance from the store");
+    }
     store.close().await;
     outcome
 }
 
 /// The key that seals secrets in the store: `store.key`, or the key file, created (mode 0600)
 /// on first start.
+/// How often an instance on a PostgreSQL store records there that it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// How often the instance that serves a PostgreSQL store checks the connection holding its
 /// lock, and a standby retries a store it cannot reach.
 const CLAIM_CHECK: Duration = Duration::from_secs(2);

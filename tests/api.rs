@@ -53,6 +53,7 @@ struct Answer {
 impl Api {
     async fn new(db: TestDb) -> Api {
         let store = Store::open(&db.url).await.unwrap();
+        store.register_instance().await.unwrap();
         let (out_tx, out) = mpsc::channel(256);
         let shared = Shared::new(
             store,
@@ -240,6 +241,19 @@ async fn health_readiness_and_metrics(db: TestDb) {
     assert_eq!(a.body["component"]["ok"], false);
     assert_eq!(a.body["component"]["problem"], "i/o: Connection refused");
     assert_eq!(a.body["store"]["ok"], true);
+
+    // The instances serving the store: this one, just registered.
+    let a = api.admin(Method::GET, "/v1/instances", None).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let listed = a.body["instances"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{}", a.body);
+    assert_eq!(listed[0]["id"], a.body["this"]);
+    assert_eq!(listed[0]["pid"], std::process::id());
+    assert!(listed[0]["heartbeat_age_ms"].as_i64().unwrap() < 60_000);
+    is_problem(
+        &api.call(Method::GET, "/v1/instances", None, None).await,
+        StatusCode::UNAUTHORIZED,
+    );
 
     is_problem(
         &api.call(Method::GET, "/metrics", None, None).await,

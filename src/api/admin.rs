@@ -26,6 +26,28 @@ pub(super) fn routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(get_peers))
         .routes(routes!(list_tunnels, super::bot::open_tunnel))
         .routes(routes!(get_tunnel, delete_tunnel))
+        .routes(routes!(list_instances))
+}
+
+/// The instances registered in the store (the processes serving it), most recently started
+/// first; `this` marks the one that answers.
+#[derive(Serialize, ToSchema)]
+struct InstancesView {
+    /// The id of the instance that answered.
+    this: Option<String>,
+    /// Every registered instance.
+    instances: Vec<crate::store::InstanceRecord>,
+}
+
+/// The instances serving the store, with the age of their last heartbeat.
+#[utoipa::path(get, path = "/instances", tag = "instances", responses(
+    (status = 200, description = "The registered instances", body = InstancesView)))]
+async fn list_instances(State(state): State<AdminState>) -> Result<Json<InstancesView>, ApiError> {
+    let store = &state.bots.shared().store;
+    Ok(Json(InstancesView {
+        this: store.instance_id().map(str::to_owned),
+        instances: store.instances().await?,
+    }))
 }
 
 /// A bot as the API shows it.

@@ -24,6 +24,7 @@ use utoipa::{IntoParams, ToSchema};
         (name = "health", description = "Liveness, readiness and metrics"),
         (name = "bots", description = "Bots and their certificates (admin token)"),
         (name = "tunnels", description = "The session table (admin token)"),
+        (name = "instances", description = "The processes serving the store (admin token)"),
         (name = "tokens", description = "Bot tokens (admin token)"),
         (name = "bot-api", description = "What a bot token may use for its own bot"),
         (name = "trust", description = "Peers' pinned keys and the audit log of decisions \

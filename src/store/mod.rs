@@ -12,6 +12,7 @@
 //! | [`rotation`] | `bot_next_keys`, `bot_retired_certs`: certificate rotation |
 //! | [`pins`] | `peer_pins`, `trust_audit`: peers' keys and every decision about them |
 //! | [`tunnels`] | `tunnels`: the session table's history |
+//! | [`instances`] | `instances`: the processes serving the store, and their heartbeats |
 //! | [`events`] | `events`: the per-bot logs, their delivery states and cursor |
 //! | [`webhooks`] | `webhooks`, `delivery_attempts` |
 //! | [`messages`] | `messages`: what bots send, and its status |
@@ -31,6 +32,7 @@ mod test_database;
 pub mod bots;
 pub mod db;
 pub mod events;
+pub mod instances;
 pub mod messages;
 pub mod pins;
 pub mod rotation;
@@ -41,6 +43,7 @@ pub mod webhooks;
 
 pub use bots::{BotRecord, StoredBot};
 pub use events::{EventRecord, NewEvent};
+pub use instances::InstanceRecord;
 pub use messages::{MessageRecord, MessageStatus, OutMsg};
 pub use pins::{AuditEntry, FirstUse, PeerPin, PinAction, PinChange};
 pub use rotation::{NextCertificate, RetiredCertificate};
@@ -137,6 +140,8 @@ pub struct Store {
     writer: Pool,
     /// The key secrets are sealed with, once in use ([`Store::use_key`]).
     sealing: std::sync::Arc<std::sync::OnceLock<std::sync::Arc<StoreKey>>>,
+    /// This process's instance id, once registered ([`Store::register_instance`]).
+    instance: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 /// Whether the writer connection may be reused: not inside a transaction, in SQLite's view
@@ -197,6 +202,7 @@ impl Store {
             writer: pool.clone(),
             pool,
             sealing: Default::default(),
+            instance: Default::default(),
         })
     }
 
@@ -221,6 +227,7 @@ impl Store {
             pool: Pool::Sqlite(pool),
             writer: Pool::Sqlite(writer),
             sealing: Default::default(),
+            instance: Default::default(),
         })
     }
 
@@ -240,6 +247,7 @@ impl Store {
             pool: Pool::Postgres(pool),
             writer: Pool::Postgres(writer),
             sealing: Default::default(),
+            instance: Default::default(),
         })
     }
 

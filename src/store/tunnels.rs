@@ -3,7 +3,7 @@
 use super::db::{Row, query};
 use serde::Serialize;
 
-use super::{Store, StoreError, named, now};
+use super::{Store, StoreError, named};
 use xtls::tunnel::{Role, State, TrustVerdict};
 
 /// A tunnel's id in the session table, the API and the event log: 16 random hex digits.
@@ -328,23 +328,12 @@ impl TunnelFilter {
 }
 
 impl Store {
-    /// Marks tunnels left live by a previous process as closed.
-    pub async fn close_stale_tunnels(&self) -> Result<u64, StoreError> {
-        let done = query(
-            "UPDATE tunnels SET state = 'closed', closed_at = $1, close_reason = 'component_restart' WHERE state != 'closed'",
-        )
-        .bind(now())
-        .execute(&self.writer)
-        .await?;
-        Ok(done.rows_affected())
-    }
-
-    /// Inserts or replaces a tunnel row.
+    /// Inserts or replaces a tunnel row, naming this instance as the one that ran it.
     pub async fn save_tunnel(&self, t: &TunnelRecord) -> Result<(), StoreError> {
         query(
             "INSERT INTO tunnels (id, bot_jid, local_jid, peer, role, state, tls_version, cipher_suite, peer_spki, trust, \
-             stanzas_in, stanzas_out, bytes_in, bytes_out, opened_at, established_at, closed_at, close_reason) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+             stanzas_in, stanzas_out, bytes_in, bytes_out, opened_at, established_at, closed_at, close_reason, instance_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
              ON CONFLICT (id) DO UPDATE SET state = excluded.state, tls_version = excluded.tls_version, \
              cipher_suite = excluded.cipher_suite, peer_spki = excluded.peer_spki, trust = excluded.trust, \
              stanzas_in = excluded.stanzas_in, stanzas_out = excluded.stanzas_out, bytes_in = excluded.bytes_in, \
@@ -369,6 +358,7 @@ impl Store {
         .bind(&t.established_at)
         .bind(&t.closed_at)
         .bind(&t.close_reason)
+        .bind(self.instance_id())
         .execute(&self.writer)
         .await?;
         Ok(())

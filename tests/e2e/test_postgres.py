@@ -166,15 +166,26 @@ def test_a_standby_takes_over_when_the_active_instance_dies(server_name, request
         status, refused = second.get("/v1/bots")
         assert status == 503 and "standby" in refused["detail"], refused
 
-        first.kill()
-        took = second.wait_ready(timeout=30)
+        async def kill_under_a_live_tunnel():
+            async with users.client("bob") as client:
+                await client.open_tunnel(bot)
+                first.kill()
+                return second.wait_ready(timeout=30)
+
+        took = run(kill_under_a_live_tunnel())
         print(f"{server_name}: standby ready {took:.2f} s after the active instance was killed")
         status, after = second.get(f"/v1/bots/{bot}")
         assert status == 200 and after["fingerprints"] == before["fingerprints"], (before, after)
         assert run(gets_in(users, "alice", bot, echo=True)), "alice's pin from the first instance holds"
-        assert postgres.psql(f"SELECT count(*) FROM peer_pins WHERE bot_jid = '{bot}'", database=database) == "1"
-        states = sorted(t["state"] for t in tunnels_of(second, bot))
-        assert states == ["closed", "closed"], states
+        pinned = postgres.psql(f"SELECT peer FROM peer_pins WHERE bot_jid = '{bot}' ORDER BY peer", database=database)
+        assert pinned.split() == [f"alice@{server.host}", f"bob@{server.host}"], pinned
+        rows = tunnels_of(second, bot)
+        assert [t["state"] for t in rows] == ["closed"] * 3, rows
+        # Bob's tunnel was open on the killed instance: closed for it, by the new one.
+        lost = [t["peer"].split("@")[0] for t in rows if t["close_reason"] == "instance_lost"]
+        assert lost == ["bob"], rows
+        status, instances = second.get("/v1/instances")
+        assert status == 200 and [i["id"] for i in instances["instances"]] == [instances["this"]], instances
 
         first.start(standby=True)
         assert second.get("/readyz", token=False)[0] == 200

@@ -1,0 +1,289 @@
+//! The instances serving the store: each process registers at start with a fresh id, beats
+//! while it runs, and names itself on the tunnel rows it writes. Times are the database's
+//! clock, the one clock every instance shares.
+
+use serde::Serialize;
+
+use super::db::{Row, query, query_each};
+use super::{Store, StoreError, now};
+
+/// A statement that reads the database's clock in Unix milliseconds where it says `NOW_MS`
+/// (split there: the text before, the text after), written for each dialect.
+macro_rules! clocked {
+    ($before:literal NOW_MS $after:literal) => {
+        query_each(
+            concat!(
+                $before,
+                "CAST(unixepoch('subsec') * 1000 AS INTEGER)",
+                $after
+            ),
+            concat!(
+                $before,
+                "(extract(epoch FROM clock_timestamp()) * 1000)::bigint",
+                $after
+            ),
+        )
+    };
+}
+
+/// An instance as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct InstanceRecord {
+    /// Its id (random, one per process start).
+    pub id: String,
+    /// The host it runs on.
+    pub host: String,
+    /// Its process id there.
+    pub pid: i64,
+    /// When it started.
+    pub started_at: String,
+    /// Milliseconds since its last heartbeat.
+    pub heartbeat_age_ms: i64,
+}
+
+impl Store {
+    /// Registers this process as an instance with a fresh id, which the tunnel rows it writes
+    /// from now on carry; returns the id.
+    pub async fn register_instance(&self) -> Result<String, StoreError> {
+        if self.instance.get().is_some() {
+            return Err(StoreError::Conflict(
+                "this store registered its instance already".into(),
+            ));
+        }
+        let id = format!("{:016x}", rand::random::<u64>());
+        let host = hostname();
+        clocked!(
+            "INSERT INTO instances (id, host, pid, started_at, heartbeat_ms) VALUES ($1, $2, $3, $4, "
+            NOW_MS ")"
+        )
+        .bind(&id)
+        .bind(host)
+        .bind(i64::from(std::process::id()))
+        .bind(now())
+        .execute(self.writer())
+        .await?;
+        self.instance.set(id.clone()).map_err(|_| {
+            StoreError::Conflict("this store registered its instance already".into())
+        })?;
+        Ok(id)
+    }
+
+    /// This process's instance id, once registered.
+    pub fn instance_id(&self) -> Option<&str> {
+        self.instance.get().map(String::as_str)
+    }
+
+    /// Records that this instance is alive. An error when its row is gone: another instance
+    /// took it for dead and closed its tunnels.
+    pub async fn heartbeat(&self) -> Result<(), StoreError> {
+        let Some(id) = self.instance_id() else {
+            return Err(StoreError::NotFound("this instance's registration".into()));
+        };
+        let done = clocked!("UPDATE instances SET heartbeat_ms = " NOW_MS " WHERE id = $1")
+            .bind(id)
+            .execute(self.writer())
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::Conflict(format!(
+                "instance {id} was taken for dead by another one"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Removes this instance's row (a clean stop: its tunnels are closed already).
+    pub async fn deregister_instance(&self) -> Result<(), StoreError> {
+        if let Some(id) = self.instance_id() {
+            query("DELETE FROM instances WHERE id = $1")
+                .bind(id)
+                .execute(self.writer())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Every registered instance, this one included, the most recently started first.
+    pub async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
+        let rows = clocked!(
+            "SELECT id, host, pid, started_at, " NOW_MS " - heartbeat_ms AS age \
+             FROM instances ORDER BY started_at DESC, id"
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(instance_from_row).collect()
+    }
+
+    /// Closes the live tunnel rows of instances that are gone and forgets those instances;
+    /// returns how many rows it closed. Gone: every other instance when `alive_within_ms` is
+    /// `None` (this one holds the store alone, so no other runs), else those whose last
+    /// heartbeat is older than that. Rows written before instances were recorded count as
+    /// gone too. Reasons: `instance_lost`, or `component_restart` for those older rows.
+    pub async fn close_lost_tunnels(
+        &self,
+        alive_within_ms: Option<i64>,
+    ) -> Result<u64, StoreError> {
+        let me = self.instance_id().unwrap_or_default();
+        let window = alive_within_ms.unwrap_or(-1);
+        let mut tx = self.writer().begin().await?;
+        // Gone: not this one, and (alone, or silent for longer than the window).
+        let gone = clocked!(
+            "SELECT id FROM instances WHERE id != $1 AND ($2 < 0 OR heartbeat_ms < " NOW_MS " - $2)"
+        )
+        .bind(me)
+        .bind(window)
+        .fetch_all(&mut tx)
+        .await?;
+        let gone: Vec<String> = gone
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        let mut closed = query(
+            "UPDATE tunnels SET state = 'closed', closed_at = $1, close_reason = 'component_restart' \
+             WHERE state != 'closed' AND instance_id IS NULL",
+        )
+        .bind(now())
+        .execute(&mut tx)
+        .await?
+        .rows_affected();
+        for id in &gone {
+            closed += query(
+                "UPDATE tunnels SET state = 'closed', closed_at = $1, close_reason = 'instance_lost' \
+                 WHERE state != 'closed' AND instance_id = $2",
+            )
+            .bind(now())
+            .bind(id)
+            .execute(&mut tx)
+            .await?
+            .rows_affected();
+            query("DELETE FROM instances WHERE id = $1")
+                .bind(id)
+                .execute(&mut tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(closed)
+    }
+}
+
+fn instance_from_row(r: &Row) -> Result<InstanceRecord, StoreError> {
+    Ok(InstanceRecord {
+        id: r.try_get("id")?,
+        host: r.try_get("host")?,
+        pid: r.try_get("pid")?,
+        started_at: r.try_get("started_at")?,
+        heartbeat_age_ms: r.try_get::<i64, _>("age")?.max(0),
+    })
+}
+
+/// This host's name, for people reading the instance list.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::TunnelRecord;
+    use crate::store::tests::TestDb;
+    use xtls::tunnel::{Role, State, TunnelKey};
+
+    on_each_backend!(only_the_tunnels_of_instances_that_are_gone_are_closed);
+
+    async fn live_tunnel(store: &Store, id: &str) {
+        let key = TunnelKey {
+            local: "echo@bots.example.org".into(),
+            peer: format!("alice@example.net/{id}"),
+        };
+        let t = TunnelRecord::new(
+            id.to_owned().into(),
+            "echo@bots.example.org",
+            &key,
+            Role::Responder,
+            State::Open,
+            now(),
+        );
+        store.save_tunnel(&t).await.unwrap();
+    }
+
+    async fn state_of(store: &Store, id: &str) -> (State, Option<String>) {
+        let t = store.tunnel(&id.to_owned().into()).await.unwrap().unwrap();
+        (t.state, t.close_reason)
+    }
+
+    async fn only_the_tunnels_of_instances_that_are_gone_are_closed(db: TestDb) {
+        let (a, b, c) = (
+            Store::open(&db.url).await.unwrap(),
+            Store::open(&db.url).await.unwrap(),
+            Store::open(&db.url).await.unwrap(),
+        );
+        live_tunnel(&a, "from-an-older-version").await; // before any registration: no instance
+        let (ida, idb) = (
+            a.register_instance().await.unwrap(),
+            b.register_instance().await.unwrap(),
+        );
+        assert!(
+            a.register_instance().await.is_err(),
+            "one id per store handle"
+        );
+        c.register_instance().await.unwrap();
+        live_tunnel(&a, "ta").await;
+        live_tunnel(&b, "tb").await;
+        let listed = c.instances().await.unwrap();
+        assert_eq!(listed.len(), 3);
+        assert!(
+            listed
+                .iter()
+                .all(|i| i.heartbeat_age_ms < 60_000 && i.pid > 0)
+        );
+
+        // Everyone beats: only the row older than instances is closed.
+        assert_eq!(c.close_lost_tunnels(Some(60_000)).await.unwrap(), 1);
+        assert_eq!(
+            state_of(&c, "from-an-older-version").await,
+            (State::Closed, Some("component_restart".into()))
+        );
+        assert_eq!(state_of(&c, "ta").await.0, State::Open);
+
+        // B falls silent for two minutes: its tunnel closes, A's stays open.
+        query("UPDATE instances SET heartbeat_ms = heartbeat_ms - 120000 WHERE id = $1")
+            .bind(&idb)
+            .execute(c.writer())
+            .await
+            .unwrap();
+        assert_eq!(c.close_lost_tunnels(Some(60_000)).await.unwrap(), 1);
+        assert_eq!(
+            state_of(&c, "tb").await,
+            (State::Closed, Some("instance_lost".into()))
+        );
+        assert_eq!(state_of(&c, "ta").await.0, State::Open);
+        let err = b.heartbeat().await.unwrap_err().to_string();
+        assert!(err.contains("taken for dead"), "{err}");
+        a.heartbeat().await.unwrap();
+
+        // An instance that holds the store alone takes every other one for gone.
+        assert_eq!(c.close_lost_tunnels(None).await.unwrap(), 1);
+        assert_eq!(
+            state_of(&c, "ta").await,
+            (State::Closed, Some("instance_lost".into()))
+        );
+        let left: Vec<String> = c
+            .instances()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(left, [c.instance_id().unwrap().to_owned()]);
+        assert!(!left.contains(&ida));
+        c.deregister_instance().await.unwrap();
+        assert!(c.instances().await.unwrap().is_empty());
+        for s in [a, b, c] {
+            s.close().await;
+        }
+    }
+}
