@@ -12,7 +12,7 @@ use sqlx::postgres::{PgPool, PgRow, Postgres};
 use sqlx::sqlite::{Sqlite, SqlitePool, SqliteRow};
 use sqlx::{Decode, Row as _, Type};
 
-pub use crate::config::StoreBackend as Backend;
+use super::Backend;
 
 /// A connection pool of either backend.
 #[derive(Debug, Clone)]

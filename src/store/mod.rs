@@ -1,6 +1,6 @@
 //! Durable state in SQLite or PostgreSQL: every SQL statement of the program.
 //!
-//! The store URL picks the backend ([`db`]): `sqlite://FILE` (the default; the file is created
+//! The store URL picks the backend (`store/db.rs`): `sqlite://FILE` (the default; the file is created
 //! on first start) or `postgres://…` (a database several instances may share). The migrations
 //! of the backend (`migrations/` for SQLite, `migrations/postgres/` for PostgreSQL, one twin
 //! per version) are applied at every start. Queries are plain SQL over a small pool and one
@@ -30,7 +30,7 @@
 mod test_database;
 
 pub mod bots;
-pub mod db;
+pub(crate) mod db;
 pub mod events;
 pub mod instances;
 pub mod messages;
@@ -61,7 +61,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-pub use db::Backend;
+pub use crate::config::StoreBackend as Backend;
 use db::{Pool, Row, query};
 
 use xtls::certs::{CertError, rfc3339};
