@@ -33,6 +33,7 @@ pub fn route(stanza: Element, bots: &BotTable) -> Option<Element> {
         Some(bot) => match bot.try_deliver(stanza) {
             Ok(()) => None,
             Err(mpsc::error::TrySendError::Full(crate::session::BotCommand::Stanza(stanza))) => {
+                let stanza = *stanza;
                 tracing::warn!(bot = bot.record.jid, "bot queue full");
                 bots.shared().metrics.rejected("bot_queue");
                 bot.tunnel_refused(&stanza);
@@ -47,7 +48,7 @@ pub fn route(stanza: Element, bots: &BotTable) -> Option<Element> {
             }
             Err(e) => {
                 let stanza = match e.into_inner() {
-                    crate::session::BotCommand::Stanza(s) => s,
+                    crate::session::BotCommand::Stanza(s) => *s,
                     _ => return None,
                 };
                 is_request.then(|| {

@@ -23,8 +23,9 @@ use super::outbound::{self, Submitted};
 /// What a driver is asked to do.
 #[derive(Debug)]
 pub enum BotCommand {
-    /// A stanza addressed to the bot.
-    Stanza(Element),
+    /// A stanza addressed to the bot (boxed: the channel's blocks hold 32 commands each,
+    /// allocated with the channel, so the largest variant sizes every bot's queue).
+    Stanza(Box<Element>),
     /// Close one tunnel gracefully; answers whether it existed.
     CloseTunnel(TunnelId, oneshot::Sender<bool>),
     /// The server link was lost: every tunnel is gone.
@@ -38,7 +39,7 @@ pub enum BotCommand {
     /// Open a tunnel to a full JID.
     Open(String, oneshot::Sender<Submitted>),
     /// Close every tunnel and stop.
-    Stop(CloseReason, oneshot::Sender<()>),
+    Stop(Box<CloseReason>, oneshot::Sender<()>),
     /// Apply a new clear-text policy and trust mode from now on; answers once applied.
     SetPolicy(BotPolicy, oneshot::Sender<()>),
     /// Add an event about the bot (not about a tunnel) to its log.
@@ -46,7 +47,7 @@ pub enum BotCommand {
     /// A short authentication string request from the API for one tunnel.
     Sas(
         TunnelId,
-        super::sas::SasRequest,
+        Box<super::sas::SasRequest>,
         oneshot::Sender<Result<crate::store::SasStatus, super::sas::SasRefusal>>,
     ),
     /// Serve these certificates from now on; answers once applied.
@@ -123,7 +124,12 @@ impl BotHandle {
     /// Closes the bot's tunnels and stops its driver; returns once it stopped.
     pub(super) async fn stop(&self, reason: CloseReason) {
         let (done, wait) = oneshot::channel();
-        if self.tx.send(BotCommand::Stop(reason, done)).await.is_ok() {
+        if self
+            .tx
+            .send(BotCommand::Stop(Box::new(reason), done))
+            .await
+            .is_ok()
+        {
             let _ = wait.await;
         }
     }
@@ -182,7 +188,7 @@ impl BotHandle {
         &self,
         stanza: Element,
     ) -> Result<(), mpsc::error::TrySendError<BotCommand>> {
-        self.tx.try_send(BotCommand::Stanza(stanza))
+        self.tx.try_send(BotCommand::Stanza(Box::new(stanza)))
     }
 }
 
@@ -542,7 +548,7 @@ impl BotTable {
         let (tx, rx) = oneshot::channel();
         handle
             .tx
-            .send(BotCommand::Sas(id.clone(), request, tx))
+            .send(BotCommand::Sas(id.clone(), Box::new(request), tx))
             .await
             .map_err(|_| SasRefusal::NoTunnel)?;
         rx.await.unwrap_or(Err(SasRefusal::NoTunnel))

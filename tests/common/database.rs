@@ -6,7 +6,7 @@
 //! one (`tests/e2e/postgres.py run -- …`) and stops it by its pid afterwards, databases and all.
 //! Shared by the store's unit tests (included by path) and the integration tests.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 use std::path::PathBuf;
 
