@@ -8,8 +8,6 @@
 #[macro_use]
 mod database;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -20,30 +18,11 @@ use xtls_component::config::{BotTrust, EventsConfig, Handler, LimitsConfig, Webh
 use xtls_component::session::{BotTable, Shared};
 use xtls_component::store::{BotRecord, Store};
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+#[path = "common/counting.rs"]
+mod counting;
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: counting::Counting = counting::Counting;
 
 const DOMAIN: &str = "bots.example.org";
 const BOTS: usize = 300;
@@ -79,11 +58,11 @@ async fn heap_per_idle_bot(handler: Handler) -> isize {
         WebhooksConfig::default(),
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = counting::live();
     let bots = BotTable::load(shared).await.unwrap();
     // The drivers' start-up (recovery checks, webhook loads) runs, then they wait.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after = LIVE.load(Ordering::Relaxed);
+    let after = counting::live();
     bots.stop_all().await;
     (after - before) / BOTS as isize
 }
@@ -98,4 +77,3 @@ async fn idle_bots_keep_little_heap() {
     assert!(echo <= 7_500, "an idle echo bot keeps {echo} bytes");
     assert!(api <= 9_500, "an idle api bot keeps {api} bytes");
 }
-

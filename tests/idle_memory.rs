@@ -6,8 +6,6 @@
 //! handshake with client certificates, in memory) and carried one message each way, with
 //! the initiators dropped: what each responder keeps while it idles.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
 use minidom::Element;
@@ -18,30 +16,11 @@ use xtls::tunnel::{
     classify_request,
 };
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+#[path = "common/counting.rs"]
+mod counting;
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: counting::Counting = counting::Counting;
 
 const BOT: &str = "weather@bots.example.org";
 
@@ -120,9 +99,9 @@ fn an_idle_open_responder_tunnel_holds_little_heap() {
     let now = Instant::now();
     // Warm-up: lazily built statics (providers, tables) are not per tunnel.
     drop(open_pair(now, 0, &bot, &peer));
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = counting::live();
     let tunnels: Vec<Tunnel> = (1..=N).map(|n| open_pair(now, n, &bot, &peer)).collect();
-    let per_tunnel = (LIVE.load(Ordering::Relaxed) - before) as usize / N;
+    let per_tunnel = (counting::live() - before) as usize / N;
     let inline = std::mem::size_of::<Tunnel>();
     eprintln!("idle open responder tunnel: {per_tunnel} bytes of heap ({inline} of them inline)");
     assert_eq!(tunnels.len(), N);
