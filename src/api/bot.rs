@@ -350,7 +350,7 @@ async fn put_webhook(
     };
     let store = &state.bots.shared().store;
     store.put_webhook(&bot.record.jid, &hook).await?;
-    bot.webhook_changed.notify_one();
+    bot.webhook_changed();
     tracing::info!(bot = bot.record.jid, "webhook set");
     let (pending, dead) = store.event_counts(&bot.record.jid).await?;
     let mut answer = webhook_view(&hook, pending, dead);
@@ -378,7 +378,7 @@ async fn delete_webhook(
         .delete_webhook(&bot.record.jid)
         .await?
     {
-        bot.webhook_changed.notify_one();
+        bot.webhook_changed();
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!("webhook of {}", bot.record.jid)))
@@ -474,7 +474,7 @@ async fn dead_letters(
     let seqs = body.seq.as_deref();
     Ok(Json(if retry {
         let n = store.retry_dead(&bot.record.jid, seqs).await?;
-        bot.webhook_changed.notify_one();
+        bot.webhook_changed();
         DeadLetterCount {
             retried: Some(n),
             dropped: None,

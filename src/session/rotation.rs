@@ -211,7 +211,7 @@ impl BotTable {
             next: next.clone(),
         };
         let command = BotCommand::SetCertificates(Box::new(certificates), done);
-        if handle.tx.send(command).await.is_ok() {
+        if handle.send(command).await.is_ok() {
             let _ = applied.await;
         }
         Ok(self.update(&handle.record.localpart, |entry| {

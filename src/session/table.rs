@@ -86,8 +86,12 @@ pub struct BotHandle {
     /// The `seq` of the newest committed event.
     pub events: watch::Receiver<u64>,
     /// Wakes the webhook deliverer when the webhook or the dead letters change.
-    pub webhook_changed: Arc<tokio::sync::Notify>,
-    pub(super) tx: mpsc::Sender<BotCommand>,
+    pub(super) webhook_wake: Arc<tokio::sync::Notify>,
+    /// The webhook deliverer of an `api` bot, started with its first webhook: what it
+    /// starts from until then (`None` once started, and for other handlers).
+    deliverer: Arc<std::sync::Mutex<Option<Arc<Shared>>>>,
+    /// The driver, started by the first command sent to the bot.
+    pub(super) driver: Arc<DriverSlot>,
     /// Tunnels whose `data` or `close` the router refused because the queue was full: the
     /// driver ends them at its next step (spec §1.11: after an error a tunnel is gone).
     pub(super) refused: Arc<RefusedTunnels>,
@@ -114,24 +118,135 @@ impl RefusedTunnels {
     }
 }
 
+/// A bot's driver task, started by the first command sent to the bot: a bot that no one has
+/// addressed since the start keeps no task and no queue, only its handle (docs/performance.md,
+/// "Idle bots").
+#[derive(Debug)]
+pub(super) struct DriverSlot(std::sync::Mutex<Slot>);
+
+#[derive(Debug)]
+enum Slot {
+    /// Not started yet: what the driver will take.
+    Waiting(Box<Waiting>),
+    /// Running: its queue.
+    Running(mpsc::Sender<BotCommand>),
+    /// Stopped for good (the bot was deleted, or the component stops).
+    Stopped,
+}
+
+/// What a driver starts from beside the bot's handle.
+#[derive(Debug)]
+struct Waiting {
+    shared: Arc<Shared>,
+    /// The committed-event watch (the handle holds its receiver), at the bot's last `seq`.
+    events_tx: watch::Sender<u64>,
+}
+
+impl DriverSlot {
+    /// Whether the driver runs now.
+    fn running(&self) -> Option<mpsc::Sender<BotCommand>> {
+        match &*self.0.lock().expect("driver slot lock") {
+            Slot::Running(tx) => Some(tx.clone()),
+            _ => None,
+        }
+    }
+}
+
 impl ReplySink for BotHandle {
     async fn reply(&self, tunnel_id: TunnelId, stanzas: Vec<Element>) {
-        let _ = self.tx.send(BotCommand::Reply(tunnel_id, stanzas)).await;
+        let _ = self.send(BotCommand::Reply(tunnel_id, stanzas)).await;
     }
 }
 
 impl BotHandle {
+    /// Says that the bot's webhook or its dead letters changed: the deliverer reads them
+    /// again (started now if the bot had no webhook until now).
+    pub fn webhook_changed(&self) {
+        self.start_deliverer(None);
+        self.webhook_wake.notify_one();
+    }
+
+    /// Starts the webhook deliverer unless it runs, with the webhook when it is known.
+    fn start_deliverer(&self, webhook: Option<Option<crate::store::Webhook>>) {
+        let Some(shared) = self.deliverer.lock().expect("deliverer lock").take() else {
+            return;
+        };
+        let deliverer = Deliverer {
+            bot: self.record.jid.clone(),
+            store: shared.store.clone(),
+            config: shared.webhooks.clone(),
+            committed: self.events.clone(),
+            webhook_changed: self.webhook_wake.clone(),
+            replies: self.clone(),
+            counter: shared.metrics.webhook_deliveries.clone(),
+            client: shared.webhook_client.clone(),
+            networks: shared.webhook_networks.clone(),
+        };
+        tokio::spawn(webhook::run(deliverer, webhook));
+    }
+
+    /// The driver's queue, starting the driver when it waits; `None` once it stopped.
+    fn driver(&self) -> Option<mpsc::Sender<BotCommand>> {
+        self.start_driver(false)
+    }
+
+    /// The driver's queue, starting the driver (recovering the messages a previous run left
+    /// unfinished when `recover`) when it waits; `None` once it stopped.
+    fn start_driver(&self, recover: bool) -> Option<mpsc::Sender<BotCommand>> {
+        let mut slot = self.driver.0.lock().expect("driver slot lock");
+        match &*slot {
+            Slot::Running(tx) => return Some(tx.clone()),
+            Slot::Stopped => return None,
+            Slot::Waiting(_) => {}
+        }
+        let Slot::Waiting(waiting) = std::mem::replace(&mut *slot, Slot::Stopped) else {
+            unreachable!("matched above");
+        };
+        let creds = match BotCredentials::from_shared(self.identity.clone()) {
+            Ok(creds) => creds,
+            Err(e) => {
+                tracing::error!(bot = self.record.jid, error = %e, "bot not started");
+                return None;
+            }
+        };
+        let tx = spawn_driver(self, *waiting, creds, recover);
+        *slot = Slot::Running(tx.clone());
+        Some(tx)
+    }
+
+    /// Sends a command to the driver, starting it when it waits; the command back when the
+    /// driver stopped.
+    pub(super) async fn send(&self, command: BotCommand) -> Result<(), BotCommand> {
+        match self.driver() {
+            Some(tx) => tx.send(command).await.map_err(|e| e.0),
+            None => Err(command),
+        }
+    }
+
     /// Closes the bot's tunnels and stops its driver; returns once it stopped.
     pub(super) async fn stop(&self, reason: CloseReason) {
+        let running = {
+            let mut slot = self.driver.0.lock().expect("driver slot lock");
+            match &*slot {
+                // It keeps taking commands while it closes: the peers' answers to the close.
+                Slot::Running(tx) => Some(tx.clone()),
+                // Never started: nothing to close.
+                Slot::Waiting(_) | Slot::Stopped => {
+                    *slot = Slot::Stopped;
+                    None
+                }
+            }
+        };
+        let Some(tx) = running else { return };
         let (done, wait) = oneshot::channel();
-        if self
-            .tx
+        if tx
             .send(BotCommand::Stop(Box::new(reason), done))
             .await
             .is_ok()
         {
             let _ = wait.await;
         }
+        *self.driver.0.lock().expect("driver slot lock") = Slot::Stopped;
     }
 
     /// Hands a stored message to the driver; its first outcome, or `None` when the driver
@@ -143,10 +258,7 @@ impl BotHandle {
     /// Adds an event about `peer` (a bare JID) to the bot's log, committed with the driver's
     /// next batch; dropped when the bot stops first.
     pub async fn record(&self, event: crate::delivery::event::BotEvent, peer: Option<String>) {
-        let _ = self
-            .tx
-            .send(BotCommand::Record(Box::new(event), peer))
-            .await;
+        let _ = self.send(BotCommand::Record(Box::new(event), peer)).await;
     }
 
     /// Asks the driver to open a tunnel to a full JID.
@@ -160,7 +272,7 @@ impl BotHandle {
         command: impl FnOnce(oneshot::Sender<Submitted>) -> BotCommand,
     ) -> Option<Submitted> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(command(tx)).await.ok()?;
+        self.send(command(tx)).await.ok()?;
         tokio::time::timeout(Duration::from_secs(15), rx)
             .await
             .ok()?
@@ -188,7 +300,11 @@ impl BotHandle {
         &self,
         stanza: Element,
     ) -> Result<(), mpsc::error::TrySendError<BotCommand>> {
-        self.tx.try_send(BotCommand::Stanza(Box::new(stanza)))
+        let command = BotCommand::Stanza(Box::new(stanza));
+        match self.driver() {
+            Some(tx) => tx.try_send(command),
+            None => Err(mpsc::error::TrySendError::Closed(command)),
+        }
     }
 }
 
@@ -246,6 +362,45 @@ pub struct BotTable {
     pub(super) changes: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// Starts the driver of `handle` from what waited for it; returns its queue.
+fn spawn_driver(
+    handle: &BotHandle,
+    waiting: Waiting,
+    creds: BotCredentials,
+    recover: bool,
+) -> mpsc::Sender<BotCommand> {
+    let Waiting { shared, events_tx } = waiting;
+    let last_seq = *events_tx.borrow();
+    let (tx, rx) = mpsc::channel(shared.limits.get().bot_queue);
+    let record = handle.record.clone();
+    let handler = record.handler;
+    let driver = BotDriver {
+        recover_at_start: recover,
+        stopping: None,
+        started_at: crate::store::now(),
+        handler,
+        logging: handler == Handler::Api,
+        last_seq,
+        events_tx,
+        pending_events: Vec::new(),
+        held: Vec::new(),
+        out: outbound::Outbound::default(),
+        peer_auth: record.peer_auth,
+        trust: record.trust,
+        bot: record,
+        creds,
+        next: handle.next.clone(),
+        rx,
+        shared,
+        tunnels: HashMap::new(),
+        former_peers: Arc::default(),
+        pacer_generation: Arc::default(),
+        refused: handle.refused.clone(),
+    };
+    tokio::spawn(driver.run());
+    tx
+}
+
 /// What a bot's tasks start from.
 struct Start {
     /// The highest event `seq` given so far.
@@ -291,21 +446,20 @@ impl BotTable {
                 part.into_iter()
                     .map(|b| {
                         let identity = BotIdentity::from_der(&b.record.jid, b.cert_der, b.key_der)?;
-                        let creds = BotCredentials::new(identity)?;
-                        Ok::<_, BotError>((b.record, creds, b.last_seq))
+                        Ok::<_, BotError>((b.record, Arc::new(identity), b.last_seq))
                     })
                     .collect::<Result<Vec<_>, BotError>>()
             }));
         }
         for job in jobs {
-            for (record, creds, last_seq) in job.await.expect("bot loading does not panic")? {
+            for (record, identity, last_seq) in job.await.expect("bot loading does not panic")? {
                 let start = Start {
                     last_seq,
                     recover: unfinished.contains(&record.jid),
                     webhook: webhooks.remove(&record.jid),
                     next: next.remove(&record.jid),
                 };
-                table.start(record, creds, start);
+                table.start(record, identity, start);
             }
         }
         Ok(table)
@@ -344,71 +498,52 @@ impl BotTable {
             webhook: None,
             next: None,
         };
-        Ok(self.start(record, BotCredentials::new(identity)?, start))
+        // The key must work with TLS before the bot exists.
+        let identity = Arc::new(identity);
+        BotCredentials::from_shared(identity.clone())?;
+        Ok(self.start(record, identity, start))
     }
 
-    fn start(&self, record: BotRecord, creds: BotCredentials, start: Start) -> BotHandle {
+    /// Registers a bot; its driver starts with the first command sent to it (at once when
+    /// messages of a previous run are to be recovered).
+    fn start(&self, record: BotRecord, identity: Arc<BotIdentity>, start: Start) -> BotHandle {
         let Start {
             last_seq,
             recover,
             webhook,
             next,
         } = start;
-        let (tx, rx) = mpsc::channel(self.shared.limits.get().bot_queue);
         let (events_tx, events) = watch::channel(last_seq);
-        let refused: Arc<RefusedTunnels> = Arc::default();
-        let handle = BotHandle {
-            fingerprints: creds.identity.info.fingerprints.clone(),
-            identity: creds.identity.clone(),
-            next: next.clone(),
-            record: record.clone(),
-            events,
-            webhook_changed: Arc::default(),
-            tx,
-            refused: refused.clone(),
-        };
-        let handler = record.handler;
-        let driver = BotDriver {
-            recover_at_start: recover,
-            stopping: None,
-            started_at: crate::store::now(),
-            handler,
-            logging: handler == Handler::Api,
-            last_seq,
-            events_tx,
-            pending_events: Vec::new(),
-            held: Vec::new(),
-            out: outbound::Outbound::default(),
-            peer_auth: record.peer_auth,
-            trust: record.trust,
-            bot: record,
-            creds,
-            next,
-            rx,
+        let record_handler = record.handler;
+        let waiting = Waiting {
             shared: self.shared.clone(),
-            tunnels: HashMap::new(),
-            former_peers: Arc::default(),
-            pacer_generation: Arc::default(),
-            refused,
+            events_tx,
         };
+        let handle = BotHandle {
+            fingerprints: identity.info.fingerprints.clone(),
+            identity,
+            next,
+            record,
+            events,
+            webhook_wake: Arc::default(),
+            deliverer: Arc::new(std::sync::Mutex::new(
+                (record_handler == Handler::Api).then(|| self.shared.clone()),
+            )),
+            driver: Arc::new(DriverSlot(std::sync::Mutex::new(Slot::Waiting(Box::new(
+                waiting,
+            ))))),
+            refused: Arc::default(),
+        };
+        if recover {
+            handle.start_driver(true);
+        }
         self.bots
             .write()
             .expect("bots lock")
             .insert(handle.record.localpart.clone(), handle.clone());
-        tokio::spawn(driver.run());
-        if handler == Handler::Api {
-            let deliverer = Deliverer {
-                bot: handle.record.jid.clone(),
-                store: self.shared.store.clone(),
-                config: self.shared.webhooks.clone(),
-                committed: handle.events.clone(),
-                webhook_changed: handle.webhook_changed.clone(),
-                replies: handle.clone(),
-                counter: self.shared.metrics.webhook_deliveries.clone(),
-                client: self.shared.webhook_client.clone(),
-                networks: self.shared.webhook_networks.clone(),
-            };
-            tokio::spawn(webhook::run(deliverer, Some(webhook)));
+        // An api bot's deliverer runs from its first webhook on (loaded with the others).
+        if webhook.is_some() {
+            handle.start_deliverer(Some(webhook));
         }
         handle
     }
@@ -476,7 +611,6 @@ impl BotTable {
         }
         let (done, applied) = oneshot::channel();
         if handle
-            .tx
             .send(BotCommand::SetPolicy(policy, done))
             .await
             .is_ok()
@@ -526,7 +660,6 @@ impl BotTable {
         };
         let (tx, rx) = oneshot::channel();
         if handle
-            .tx
             .send(BotCommand::CloseTunnel(id.clone(), tx))
             .await
             .is_err()
@@ -547,23 +680,26 @@ impl BotTable {
         let handle = self.by_jid(&record.bot).ok_or(SasRefusal::NoTunnel)?;
         let (tx, rx) = oneshot::channel();
         handle
-            .tx
             .send(BotCommand::Sas(id.clone(), Box::new(request), tx))
             .await
             .map_err(|_| SasRefusal::NoTunnel)?;
         rx.await.unwrap_or(Err(SasRefusal::NoTunnel))
     }
 
-    /// Tells every driver about the link.
+    /// Tells every running driver about the link (one not started has no tunnel to lose and
+    /// no peer to tell).
     pub async fn broadcast_link(&self, up: bool) {
         self.shared.link_up.store(up, Ordering::Relaxed);
         for bot in self.list() {
+            let Some(tx) = bot.driver.running() else {
+                continue;
+            };
             let cmd = if up {
                 BotCommand::LinkUp
             } else {
                 BotCommand::LinkDown
             };
-            let _ = bot.tx.send(cmd).await;
+            let _ = tx.send(cmd).await;
         }
     }
 

@@ -342,6 +342,11 @@ pub struct CredentialsError(#[source] rustls::Error);
 impl BotCredentials {
     /// Loads the bot's key for rustls.
     pub fn new(identity: BotIdentity) -> Result<BotCredentials, CredentialsError> {
+        Self::from_shared(Arc::new(identity))
+    }
+
+    /// Loads the key of an identity others hold too.
+    pub fn from_shared(identity: Arc<BotIdentity>) -> Result<BotCredentials, CredentialsError> {
         let provider = provider();
         let key = CertifiedKey::from_der(
             vec![identity.cert_der().clone()],
@@ -350,7 +355,7 @@ impl BotCredentials {
         )
         .map_err(CredentialsError)?;
         Ok(BotCredentials {
-            identity: Arc::new(identity),
+            identity,
             key: Arc::new(key),
             provider,
         })
