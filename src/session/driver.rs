@@ -110,6 +110,10 @@ pub(super) struct BotDriver {
     pub(super) pacer_generation: Arc<std::sync::atomic::AtomicU64>,
     /// Tunnels the router refused a request of while this driver was busy.
     pub(super) refused: Arc<super::table::RefusedTunnels>,
+    /// Where this driver parks when it has nothing to do.
+    pub(super) slot: Arc<super::table::DriverSlot>,
+    /// When the last command or timer was handled.
+    pub(super) idle_since: Instant,
 }
 
 pub(super) fn normalize(jid: &str) -> Option<String> {
@@ -156,6 +160,7 @@ impl BotDriver {
                 .chain(self.disco_deadline())
                 .chain(self.stopping.as_ref().map(|s| s.deadline))
                 .min();
+            let park_at = self.idle_since + self.shared.park_after();
             tokio::select! {
                 cmd = self.rx.recv() => {
                     let Some(cmd) = cmd else { break };
@@ -179,7 +184,12 @@ impl BotDriver {
                     }
                     Box::pin(self.disco_timeouts(Instant::from_std(now))).await;
                 }
+                _ = tokio::time::sleep_until(park_at), if deadline.is_none() && self.parkable() => {
+                    self.park();
+                    return;
+                }
             }
+            self.idle_since = Instant::now();
             self.end_refused();
             Box::pin(self.pump()).await;
             if !self.out.resubmit.is_empty() {
@@ -191,6 +201,42 @@ impl BotDriver {
                 return;
             }
         }
+    }
+
+    /// Whether nothing would be lost if this driver's task ended now: no tunnel, nothing to
+    /// commit or send, no message on its way, no peer's presence to announce again.
+    pub(super) fn parkable(&self) -> bool {
+        self.tunnels.is_empty()
+            && self.stopping.is_none()
+            && self.pending_events.is_empty()
+            && self.held.is_empty()
+            && self.out.is_idle()
+            && self
+                .former_peers
+                .lock()
+                .expect("former peers lock")
+                .is_empty()
+            && self.rx.is_empty()
+    }
+
+    /// Hands the bot back to its slot as it is now, and ends
+    /// ([`DriverSlot::park`](super::table::DriverSlot::park)).
+    fn park(mut self) {
+        let (events_tx, _) = watch::channel(0);
+        let mut record = self.bot.clone();
+        record.trust = self.trust;
+        record.peer_auth = self.peer_auth;
+        let seed = super::table::Waiting {
+            shared: self.shared.clone(),
+            events_tx: std::mem::replace(&mut self.events_tx, events_tx),
+            record,
+            identity: self.creds.identity.clone(),
+            next: self.next.clone(),
+            refused: self.refused.clone(),
+        };
+        tracing::debug!(bot = self.bot.jid, "driver parked");
+        let slot = self.slot.clone();
+        slot.park(&mut self.rx, seed);
     }
 
     /// Handles one command; `true` once the driver has stopped.

@@ -22,7 +22,7 @@
 //! | `rotation` | the bots' own certificates: announce the next, activate it, rotate the expiring |
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use minidom::Element;
@@ -86,6 +86,8 @@ pub struct Shared {
     /// Counters and histograms.
     pub metrics: crate::metrics::Metrics,
     start_rate: rate::StartRate,
+    /// How long a driver with nothing to do waits before it parks (milliseconds).
+    park_after_ms: std::sync::atomic::AtomicU64,
     handshakes: AtomicUsize,
     tunnels: AtomicUsize,
 }
@@ -122,13 +124,29 @@ impl Shared {
             certificates: Live::new(CertificatesConfig::default()),
             link_up: Default::default(),
             metrics: Default::default(),
+            park_after_ms: std::sync::atomic::AtomicU64::new(PARK_AFTER.as_millis() as u64),
             handshakes: AtomicUsize::new(0),
             tunnels: AtomicUsize::new(0),
         })
     }
 }
 
+/// How long a bot's driver with no tunnel and nothing pending waits before it parks: its task,
+/// queue and TLS credentials are dropped until the next command reaches the bot.
+pub const PARK_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Shared {
+    /// How long an idle driver waits before it parks ([`PARK_AFTER`] unless changed).
+    pub fn park_after(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.park_after_ms.load(Ordering::Relaxed))
+    }
+
+    /// Changes how long an idle driver waits before it parks (tests use a short one).
+    pub fn set_park_after(&self, after: std::time::Duration) {
+        self.park_after_ms
+            .store(after.as_millis() as u64, Ordering::Relaxed);
+    }
+
     /// Puts new caps and a new start rate in effect; the queue sizes stay as they were
     /// ([`LimitsConfig::fixed_changes`]).
     pub fn reload_limits(&self, new: &LimitsConfig) {

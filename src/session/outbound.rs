@@ -79,6 +79,18 @@ pub(super) struct Outbound {
     pub(super) resubmit: Vec<OutMsg>,
 }
 
+impl Outbound {
+    /// Whether no message is on its way and no peer's presence is known.
+    pub(super) fn is_idle(&self) -> bool {
+        self.discos.is_empty()
+            && self.waiting.is_empty()
+            && self.unacked.is_empty()
+            && self.presence.is_empty()
+            && self.reopened.is_empty()
+            && self.resubmit.is_empty()
+    }
+}
+
 impl BotDriver {
     /// Takes one message: into an open tunnel, behind one opening, or opens one.
     pub(super) async fn submit(&mut self, msg: OutMsg, reply: Reply) {

@@ -134,21 +134,76 @@ enum Slot {
     Stopped,
 }
 
-/// What a driver starts from beside the bot's handle.
+/// What a driver starts from: the bot as it is now (its policy, certificate and announced next
+/// one, kept here while no driver runs, since handles elsewhere may be older).
 #[derive(Debug)]
-struct Waiting {
-    shared: Arc<Shared>,
+pub(super) struct Waiting {
+    pub(super) shared: Arc<Shared>,
     /// The committed-event watch (the handle holds its receiver), at the bot's last `seq`.
-    events_tx: watch::Sender<u64>,
+    pub(super) events_tx: watch::Sender<u64>,
+    pub(super) record: BotRecord,
+    pub(super) identity: Arc<BotIdentity>,
+    pub(super) next: Option<Arc<NextCertificate>>,
+    pub(super) refused: Arc<RefusedTunnels>,
 }
 
 impl DriverSlot {
+    /// Whether a driver task runs now.
+    #[cfg(test)]
+    pub(super) fn is_running(&self) -> bool {
+        matches!(*self.0.lock().expect("driver slot lock"), Slot::Running(_))
+    }
+
     /// Whether the driver runs now.
     fn running(&self) -> Option<mpsc::Sender<BotCommand>> {
         match &*self.0.lock().expect("driver slot lock") {
             Slot::Running(tx) => Some(tx.clone()),
             _ => None,
         }
+    }
+
+    /// The driver's queue, starting the driver (recovering the messages a previous run left
+    /// unfinished when `recover`) when it waits; `None` once it stopped.
+    fn sender(self: &Arc<Self>, recover: bool) -> Option<mpsc::Sender<BotCommand>> {
+        let mut slot = self.0.lock().expect("driver slot lock");
+        match &*slot {
+            Slot::Running(tx) => return Some(tx.clone()),
+            Slot::Stopped => return None,
+            Slot::Waiting(_) => {}
+        }
+        let Slot::Waiting(waiting) = std::mem::replace(&mut *slot, Slot::Stopped) else {
+            unreachable!("matched above");
+        };
+        let tx = spawn_driver(self, *waiting, recover)?;
+        *slot = Slot::Running(tx.clone());
+        Some(tx)
+    }
+
+    /// Parks the driver that owns `rx` (it has no tunnel and nothing pending): the bot waits
+    /// again with `seed`. Commands that reached the queue meanwhile go, in order, to a new
+    /// driver started for them, and senders holding the old queue find it closed and ask
+    /// again ([`BotHandle::send`]).
+    pub(super) fn park(self: &Arc<Self>, rx: &mut mpsc::Receiver<BotCommand>, seed: Waiting) {
+        let mut slot = self.0.lock().expect("driver slot lock");
+        rx.close();
+        let mut late = Vec::new();
+        while let Ok(command) = rx.try_recv() {
+            late.push(command);
+        }
+        if late.is_empty() {
+            *slot = Slot::Waiting(Box::new(seed));
+            return;
+        }
+        *slot = match spawn_driver(self, seed, false) {
+            Some(tx) => {
+                // A fresh queue of the same size holds them all.
+                for command in late {
+                    let _ = tx.try_send(command);
+                }
+                Slot::Running(tx)
+            }
+            None => Slot::Stopped,
+        };
     }
 }
 
@@ -187,40 +242,23 @@ impl BotHandle {
 
     /// The driver's queue, starting the driver when it waits; `None` once it stopped.
     fn driver(&self) -> Option<mpsc::Sender<BotCommand>> {
-        self.start_driver(false)
-    }
-
-    /// The driver's queue, starting the driver (recovering the messages a previous run left
-    /// unfinished when `recover`) when it waits; `None` once it stopped.
-    fn start_driver(&self, recover: bool) -> Option<mpsc::Sender<BotCommand>> {
-        let mut slot = self.driver.0.lock().expect("driver slot lock");
-        match &*slot {
-            Slot::Running(tx) => return Some(tx.clone()),
-            Slot::Stopped => return None,
-            Slot::Waiting(_) => {}
-        }
-        let Slot::Waiting(waiting) = std::mem::replace(&mut *slot, Slot::Stopped) else {
-            unreachable!("matched above");
-        };
-        let creds = match BotCredentials::from_shared(self.identity.clone()) {
-            Ok(creds) => creds,
-            Err(e) => {
-                tracing::error!(bot = self.record.jid, error = %e, "bot not started");
-                return None;
-            }
-        };
-        let tx = spawn_driver(self, *waiting, creds, recover);
-        *slot = Slot::Running(tx.clone());
-        Some(tx)
+        self.driver.sender(false)
     }
 
     /// Sends a command to the driver, starting it when it waits; the command back when the
     /// driver stopped.
-    pub(super) async fn send(&self, command: BotCommand) -> Result<(), BotCommand> {
-        match self.driver() {
-            Some(tx) => tx.send(command).await.map_err(|e| e.0),
-            None => Err(command),
+    pub(super) async fn send(&self, mut command: BotCommand) -> Result<(), BotCommand> {
+        // A queue found closed belonged to a driver that parked meanwhile: ask again.
+        for _ in 0..3 {
+            let Some(tx) = self.driver() else {
+                return Err(command);
+            };
+            match tx.send(command).await {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(back)) => command = back,
+            }
         }
+        Err(command)
     }
 
     /// Closes the bot's tunnels and stops its driver; returns once it stopped.
@@ -300,11 +338,16 @@ impl BotHandle {
         &self,
         stanza: Element,
     ) -> Result<(), mpsc::error::TrySendError<BotCommand>> {
-        let command = BotCommand::Stanza(Box::new(stanza));
-        match self.driver() {
-            Some(tx) => tx.try_send(command),
-            None => Err(mpsc::error::TrySendError::Closed(command)),
+        let mut command = BotCommand::Stanza(Box::new(stanza));
+        // A queue found closed belonged to a driver that parked meanwhile: ask again.
+        for _ in 0..3 {
+            let Some(tx) = self.driver() else { break };
+            match tx.try_send(command) {
+                Err(mpsc::error::TrySendError::Closed(back)) => command = back,
+                sent => return sent,
+            }
         }
+        Err(mpsc::error::TrySendError::Closed(command))
     }
 }
 
@@ -362,17 +405,30 @@ pub struct BotTable {
     pub(super) changes: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// Starts the driver of `handle` from what waited for it; returns its queue.
+/// Starts a driver from what waited for it; returns its queue (`None`, logged, when the bot's
+/// key does not work with TLS).
 fn spawn_driver(
-    handle: &BotHandle,
+    slot: &Arc<DriverSlot>,
     waiting: Waiting,
-    creds: BotCredentials,
     recover: bool,
-) -> mpsc::Sender<BotCommand> {
-    let Waiting { shared, events_tx } = waiting;
+) -> Option<mpsc::Sender<BotCommand>> {
+    let Waiting {
+        shared,
+        events_tx,
+        record,
+        identity,
+        next,
+        refused,
+    } = waiting;
+    let creds = match BotCredentials::from_shared(identity) {
+        Ok(creds) => creds,
+        Err(e) => {
+            tracing::error!(bot = record.jid, error = %e, "bot not started");
+            return None;
+        }
+    };
     let last_seq = *events_tx.borrow();
     let (tx, rx) = mpsc::channel(shared.limits.get().bot_queue);
-    let record = handle.record.clone();
     let handler = record.handler;
     let driver = BotDriver {
         recover_at_start: recover,
@@ -389,16 +445,18 @@ fn spawn_driver(
         trust: record.trust,
         bot: record,
         creds,
-        next: handle.next.clone(),
+        next,
         rx,
         shared,
         tunnels: HashMap::new(),
         former_peers: Arc::default(),
         pacer_generation: Arc::default(),
-        refused: handle.refused.clone(),
+        refused,
+        slot: slot.clone(),
+        idle_since: tokio::time::Instant::now(),
     };
     tokio::spawn(driver.run());
-    tx
+    Some(tx)
 }
 
 /// What a bot's tasks start from.
@@ -515,9 +573,14 @@ impl BotTable {
         } = start;
         let (events_tx, events) = watch::channel(last_seq);
         let record_handler = record.handler;
+        let refused: Arc<RefusedTunnels> = Arc::default();
         let waiting = Waiting {
             shared: self.shared.clone(),
             events_tx,
+            record: record.clone(),
+            identity: identity.clone(),
+            next: next.clone(),
+            refused: refused.clone(),
         };
         let handle = BotHandle {
             fingerprints: identity.info.fingerprints.clone(),
@@ -532,10 +595,10 @@ impl BotTable {
             driver: Arc::new(DriverSlot(std::sync::Mutex::new(Slot::Waiting(Box::new(
                 waiting,
             ))))),
-            refused: Arc::default(),
+            refused,
         };
         if recover {
-            handle.start_driver(true);
+            handle.driver.sender(true);
         }
         self.bots
             .write()

@@ -1674,3 +1674,63 @@ async fn an_api_bots_result_waits_for_the_backends_reply_and_leaves_behind_it() 
     assert_eq!(bodies, ["sunny"]);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn an_idle_driver_parks_and_the_next_command_starts_it_again_as_the_bot_is_now() {
+    let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+    bots.shared().set_park_after(Duration::from_millis(100));
+    let bot = new_bot(&bots, "echo", Handler::Echo, BotTrust::Tofu).await;
+    let running = |bot: &BotHandle| bot.driver.is_running();
+    assert!(!running(&bot), "a new bot starts no driver");
+
+    bot.try_deliver(disco_query(&bot, "q1", "alice@example.net/phone"))
+        .unwrap();
+    assert_eq!(next(&mut rx).await.id, "q1");
+    assert!(running(&bot));
+    // The clear-text policy changes while it runs; it parks with it.
+    bots.set_policy(
+        &bot.record.jid,
+        PolicyChange {
+            encrypted_only: Some(true),
+            trust: None,
+        },
+        "admin",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(
+        !running(&bot),
+        "nothing to do for longer than park_after: parked"
+    );
+
+    // Woken by the next stanza (through the handle taken before the change), with the
+    // policy it parked with: a message in clear is refused.
+    let clear: Element = format!(
+        "<message xmlns='jabber:client' id='m1' from='alice@example.net/phone' to='{}'><body>hi</body></message>",
+        bot.record.jid
+    )
+    .parse()
+    .unwrap();
+    bot.try_deliver(clear).unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        refused.attr("type"),
+        Some("error"),
+        "{}",
+        String::from(&refused)
+    );
+    assert!(running(&bot));
+
+    // A live tunnel keeps its driver.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!running(&bot), "parked again");
+    let peer = open_peer(&bot, &mut rx).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(running(&bot), "a driver with a tunnel does not park");
+    assert_eq!(peer.state(), State::Open);
+    std::fs::remove_dir_all(dir).unwrap();
+}
