@@ -53,7 +53,18 @@ pub enum LinkError {
         /// The server's text, if any.
         text: Option<String>,
     },
+    /// The server closed every connection after our handshake without answering it, from
+    /// the first attempt on.
+    #[error(
+        "the server closed the connection after the component handshake, without answering it, \
+         {0} times in a row: a server that cannot route the domain does this (ejabberd: a \
+         domain_balancing entry for it with `type` but no `component_number`); see the server's log"
+    )]
+    HandshakeUnanswered(u32),
 }
+
+/// Unanswered handshakes in a row, before any success, after which the link gives up.
+const UNANSWERED_LIMIT: u32 = 3;
 
 /// A failure of one connection attempt or session.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +80,8 @@ enum SessionError {
     },
     #[error("{0}")]
     Protocol(String),
+    #[error("the server closed the connection after the handshake without answering it")]
+    HandshakeUnanswered,
     #[error("timed out: {0}")]
     Timeout(&'static str),
     #[error("shutting down")]
@@ -82,6 +95,7 @@ impl SessionError {
             SessionError::Xml(_) => "xml",
             SessionError::Stream { .. } => "stream_error",
             SessionError::Protocol(_) => "protocol",
+            SessionError::HandshakeUnanswered => "handshake_unanswered",
             SessionError::Timeout(_) => "timeout",
             SessionError::Shutdown => "shutdown",
         }
@@ -272,6 +286,7 @@ pub async fn run(
         ever_up: false,
     };
     let mut backoff = Duration::from_secs(1);
+    let mut unanswered = 0;
     loop {
         let started = Instant::now();
         let result = link.session().await;
@@ -289,6 +304,16 @@ pub async fn run(
                 condition: condition.clone(),
                 text: text.clone(),
             });
+        }
+        unanswered = match problem {
+            SessionError::HandshakeUnanswered if !link.ever_up => unanswered + 1,
+            _ => 0,
+        };
+        if unanswered >= UNANSWERED_LIMIT {
+            let refused = LinkError::HandshakeUnanswered(unanswered);
+            link.status
+                .send_replace(LinkStatus::Connecting(Some(refused.to_string())));
+            return Err(refused);
         }
         let conflict =
             matches!(&problem, SessionError::Stream { condition, .. } if condition == "conflict");
@@ -373,6 +398,9 @@ impl Link {
                             "<{name}/> before authentication: {reason}"
                         )));
                     }
+                    XmlEvent::End if handshake_sent => {
+                        return Err(SessionError::HandshakeUnanswered);
+                    }
                     XmlEvent::End => {
                         return Err(SessionError::Protocol("server closed the stream".into()));
                     }
@@ -391,6 +419,9 @@ impl Link {
                 }
                 _ = stopped(&mut self.shutdown) => return Err(SessionError::Shutdown),
             };
+            if n == 0 && handshake_sent {
+                return Err(SessionError::HandshakeUnanswered);
+            }
             if n == 0 {
                 return Err(SessionError::Protocol(
                     "server closed the connection during the handshake".into(),

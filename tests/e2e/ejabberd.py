@@ -101,17 +101,19 @@ class Ejabberd(XmppServer):
     stop_timeout = 15.0
 
     def __init__(self, *, log_level: str = "info", workdir: str | None = None, stock_shaper: bool = False,
-                 tls_ca=None, balanced_slots: int | None = None) -> None:
+                 tls_ca=None, balanced_slots: int | None = None, omit_component_number: bool = False) -> None:
         """`stock_shaper=True` limits c2s input as Debian's /etc/ejabberd/ejabberd.yml does
         (`c2s_shaper: normal`, 3,000 bytes/s, bursts of 20,000); by default it is off.
         `tls_ca` (a `PrivateCa`) gives c2s TLS with a certificate it issues: STARTTLS required
         on `c2s_port`, direct TLS on `c2s_direct_tls_port`. `balanced_slots=N` spreads
         `api.localhost` over N component connections by the destination's bare JID
-        (`domain_balancing`, `type: bare_destination`; docs/servers.md has its traps)."""
+        (`domain_balancing`, `type: bare_destination`; docs/servers.md has its traps);
+        `omit_component_number=True` writes the `type` alone, the documented trap."""
         super().__init__(log_level=log_level, workdir=workdir)
         self.stock_shaper = stock_shaper
         self.tls_ca = tls_ca
         self.balanced_slots = balanced_slots
+        self.omit_component_number = omit_component_number
         self.c2s_direct_tls_port = self._new_port() if tls_ca is not None else None
         self.dist_port = self._new_port()
         self.node = f"xtls-e2e-{secrets.token_hex(4)}@localhost"
@@ -160,8 +162,9 @@ class Ejabberd(XmppServer):
         if self.balanced_slots is not None:
             # component_number is required with type: the connection fails at handshake
             # ({badkey,component_number}) without it.
-            balancing = (f"domain_balancing:\n  {self.api_component_domain}:\n    type: bare_destination\n"
-                         f"    component_number: {self.balanced_slots}\n")
+            balancing = f"domain_balancing:\n  {self.api_component_domain}:\n    type: bare_destination\n"
+            if not self.omit_component_number:
+                balancing += f"    component_number: {self.balanced_slots}\n"
         self.config_path.write_text(
             f"""# Private test configuration written by tests/e2e/ejabberd.py.
 hosts:
