@@ -4,6 +4,7 @@ restarts; one instance per store until several can share it; no password in any 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
@@ -62,6 +63,12 @@ def test_bots_keys_and_pins_live_in_postgres_and_survive_a_restart(pg_component,
     closed = [t for t in tunnels_of(comp, bot) if t["state"] == "closed"]
     assert len(closed) == 2, tunnels_of(comp, bot)
     # The private key is sealed with the configured key, never stored in clear.
+    # The offline command reads the same database, beside the running instance.
+    printed = subprocess.run([str(binary_path()), "fingerprint", "--config", str(comp.config_path), bot, "--json"],
+                             capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+    assert printed.returncode == 0, printed.stderr
+    assert json.loads(printed.stdout)["spki_sha256"] == after["fingerprints"]["spki_sha256"]
+    assert PASSWORD not in printed.stdout + printed.stderr
     magic = postgres.psql(f"SELECT encode(substr(key_der, 1, 4), 'hex') FROM bot_keys WHERE bot_jid = '{bot}'",
                           database=database)
     assert magic == b"xk1\0".hex(), magic
