@@ -105,6 +105,8 @@ pub async fn run(
         }
     }
 
+    release_freed_memory();
+
     let rotations = tokio::spawn(bots.clone().run_rotations());
 
     let retention = std::time::Duration::from_secs(config.events.retention_secs);
@@ -276,8 +278,18 @@ pub async fn run(
     outcome
 }
 
-/// The key that seals secrets in the store: `store.key`, or the key file, created (mode 0600)
-/// on first start.
+/// Gives memory freed by the start-up back to the system. Loading reads every bot's row, key
+/// and certificate at once; glibc keeps what was freed mapped: with 100,000 bots the process
+/// held 6.2 KiB per bot at rest without this, 3.4 KiB with it (docs/performance.md).
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of glibc's own heap to the kernel; it takes
+    // no pointer and has no precondition.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// How often an instance on a PostgreSQL store records there that it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
@@ -338,6 +350,8 @@ async fn claim_lost(claim: &mut Option<SoleInstance>) -> StoreError {
     }
 }
 
+/// The key that seals secrets in the store: `store.key`, or the key file, created (mode 0600)
+/// on first start.
 async fn store_key(config: &crate::config::StoreConfig, store: &Store) -> anyhow::Result<StoreKey> {
     if let Some(key) = &config.key {
         return StoreKey::from_text(key.expose()).context("store.key");
