@@ -279,8 +279,9 @@ pub async fn run(
 }
 
 /// Gives memory freed by the start-up back to the system. Loading reads every bot's row, key
-/// and certificate at once; glibc keeps what was freed mapped: with 100,000 bots the process
-/// held 6.2 KiB per bot at rest without this, 3.4 KiB with it (docs/performance.md).
+/// and certificate (a page at a time); glibc keeps what was freed mapped: with 100,000 bots
+/// the process held 6.2 KiB per bot at rest without this, 3.4 KiB with it
+/// (docs/performance.md).
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free pages of glibc's own heap to the kernel; it takes

@@ -87,13 +87,27 @@ impl Store {
         rows.iter().map(bot_from_row).collect()
     }
 
-    /// Every bot with its stored key, certificate and last event `seq`, in one query (start-up).
+    /// Every bot with its stored key, certificate and last event `seq`, in one query.
     pub async fn load_bots(&self) -> Result<Vec<StoredBot>, StoreError> {
+        self.load_bots_after("", i64::MAX).await
+    }
+
+    /// At most `limit` bots whose JID sorts after `after` (`""`: from the first), by JID,
+    /// each with its stored key, certificate and last event `seq`: start-up reads the bots a
+    /// page at a time, so that its memory peak is a page, not every bot's key at once.
+    pub async fn load_bots_after(
+        &self,
+        after: &str,
+        limit: i64,
+    ) -> Result<Vec<StoredBot>, StoreError> {
         let rows = query(
             "SELECT b.jid, b.localpart, b.handler, b.peer_auth, b.trust, b.encrypted_only, b.created_at, b.last_seq, \
              k.key_der, k.cert_der \
-             FROM bots b LEFT JOIN bot_keys k ON k.bot_jid = b.jid ORDER BY b.jid",
+             FROM bots b LEFT JOIN bot_keys k ON k.bot_jid = b.jid \
+             WHERE b.jid > $1 ORDER BY b.jid LIMIT $2",
         )
+        .bind(after)
+        .bind(limit)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()

@@ -1,5 +1,6 @@
 //! The instances serving the store: each process registers at start with a fresh id, beats
-//! while it runs, and names itself on the tunnel rows it writes. Times are the database's
+//! while it runs (on PostgreSQL, where instances share a store), and names itself on the
+//! tunnel rows it writes. Times are the database's
 //! clock, the one clock every instance shares.
 
 use serde::Serialize;

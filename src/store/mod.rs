@@ -562,7 +562,39 @@ pub(crate) mod tests {
         bots_keys_pins_and_tunnels_round_trip,
         an_unknown_stored_value_is_an_error_not_a_default,
         messages_keep_their_history_and_webhook_attempts_their_outcomes,
+        bots_are_read_a_page_at_a_time,
     );
+
+    async fn bots_are_read_a_page_at_a_time(db: TestDb) {
+        let store = Store::open(&db.url).await.unwrap();
+        for name in ["delta", "alpha", "echo", "charlie", "bravo"] {
+            let bot = test_bot(name, Handler::Echo);
+            let id = BotIdentity::generate(&bot.jid).unwrap();
+            store.insert_bot(&bot, &id).await.unwrap();
+        }
+        let mut pages = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = store.load_bots_after(&after, 2).await.unwrap();
+            let Some(last) = page.last() else { break };
+            after.clone_from(&last.record.jid);
+            pages.push(
+                page.iter()
+                    .map(|b| b.record.localpart.clone())
+                    .collect::<Vec<_>>(),
+            );
+        }
+        assert_eq!(
+            pages,
+            [
+                vec!["alpha", "bravo"],
+                vec!["charlie", "delta"],
+                vec!["echo"]
+            ]
+        );
+        assert_eq!(store.load_bots().await.unwrap().len(), 5);
+        store.close().await;
+    }
 
     async fn messages_keep_their_history_and_webhook_attempts_their_outcomes(db: TestDb) {
         let store = Store::open(&db.url).await.unwrap();
