@@ -188,3 +188,27 @@ def test_a_second_instance_on_the_same_store_file_stops_at_once_and_says_why(com
     assert f"another xtls-component (pid {component.pid}) already uses the store {component.store_path}" in said, said
     assert component.get("/readyz")[0] == 200
     assert component.running()
+
+
+def test_the_failover_configuration_in_docs_scaling_passes_check_config(tmp_path):
+    """docs/scaling.md's configuration for an active instance and standbys is a valid one:
+    its secret files put in place, `check-config` accepts it as it is written."""
+    doc = (ROOT / "docs" / "scaling.md").read_text()
+    match = re.search(r"^## An active instance and standbys.*?^```toml\n(.*?)^```", doc, re.M | re.S)
+    assert match, "no toml block in docs/scaling.md's failover section"
+    block = match.group(1)
+    config = tomllib.loads(block)
+    assert config["instances"]["mode"] == "failover"
+    assert config["store"]["url"].startswith("postgres://") and "key_file" in config["store"]
+    # The files it names, made here: a secret, a token, a store key.
+    contents = {"component-secret": "s3cret-component", "admin-token": "admin-token-0123456789",
+                "store-key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}
+    for name, text in contents.items():
+        (tmp_path / name).write_text(text + "\n")
+        block = block.replace(f"/etc/xtls-component/{name}", str(tmp_path / name))
+    assert "/etc/xtls-component" not in block, block
+    path = tmp_path / "xtls.toml"
+    path.write_text(block)
+    done = subprocess.run([str(binary_path()), "check-config", "--config", str(path)], capture_output=True,
+                          text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0 and "configuration ok" in done.stdout + done.stderr, done
