@@ -18,6 +18,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, timeout};
 
 use crate::config::{ComponentConfig, Secret};
+use slot::{Probe, SlotProbe};
+
+mod slot;
 use xtls::stanza::{IqType, build_iq, ns};
 use xtls::xml::{StreamReader, XmlEvent, XmlLimits, to_bytes};
 
@@ -82,6 +85,12 @@ enum SessionError {
     Protocol(String),
     #[error("the server closed the connection after the handshake without answering it")]
     HandshakeUnanswered,
+    #[error(
+        "no slot: the server routes nothing to this connection (none of {0} probes sent to the \
+         component's own domain came back); ejabberd does this to connections beyond \
+         domain_balancing's component_number, so another instance holds every slot"
+    )]
+    NoSlot(u32),
     #[error("timed out: {0}")]
     Timeout(&'static str),
     #[error("shutting down")]
@@ -96,6 +105,7 @@ impl SessionError {
             SessionError::Stream { .. } => "stream_error",
             SessionError::Protocol(_) => "protocol",
             SessionError::HandshakeUnanswered => "handshake_unanswered",
+            SessionError::NoSlot(_) => "no_slot",
             SessionError::Timeout(_) => "timeout",
             SessionError::Shutdown => "shutdown",
         }
@@ -315,8 +325,10 @@ pub async fn run(
                 .send_replace(LinkStatus::Connecting(Some(refused.to_string())));
             return Err(refused);
         }
-        let conflict =
-            matches!(&problem, SessionError::Stream { condition, .. } if condition == "conflict");
+        // Another connection holds the domain (Prosody) or every slot of it (ejabberd): try
+        // again after the longest back-off, in case it is gone by then.
+        let conflict = matches!(&problem, SessionError::Stream { condition, .. } if condition == "conflict")
+            || matches!(problem, SessionError::NoSlot(_));
         tracing::warn!(error = %problem, "component link lost");
         link.status
             .send_replace(LinkStatus::Connecting(Some(problem.to_string())));
@@ -464,9 +476,19 @@ impl Link {
                 "stanzas queued for the lost stream discarded"
             );
         }
-        status.send_replace(LinkStatus::Up);
-        let _ = events.send(LinkEvent::Up).await;
         let (mut rd, mut wr) = stream.into_split();
+        // The link is up once an address is known to reach this connection (slot.rs): pings
+        // are sent from it, and without one the server routes nothing here.
+        let mut slot = SlotProbe::new(&config.domain);
+        let mut anchor: Option<String> = None;
+        let mut round_deadline = Instant::now() + slot::ROUND_WAIT;
+        if let Some(round) = slot.next_round() {
+            let mut probes = Vec::new();
+            for probe in &round {
+                append_outbound(&mut probes, probe, &config.domain);
+            }
+            wr.write_all(&probes).await?;
+        }
         let mut keepalive = tokio::time::interval(config.keepalive);
         keepalive.reset();
         let mut ping = tokio::time::interval(config.ping_interval);
@@ -504,6 +526,21 @@ impl Link {
                                     ping_pending = None;
                                     continue;
                                 }
+                                match slot.classify(&el) {
+                                    Probe::Stanza => {}
+                                    Probe::Ours(to) => {
+                                        if anchor.is_none() {
+                                            tracing::info!(anchor = to, probes = slot.sent(), "the server routes to this connection; link up");
+                                            anchor = Some(to);
+                                            status.send_replace(LinkStatus::Up);
+                                            if events.send(LinkEvent::Up).await.is_err() {
+                                                return Err(SessionError::Shutdown);
+                                            }
+                                        }
+                                        continue;
+                                    }
+                                    Probe::Other => continue,
+                                }
                                 if events.send(LinkEvent::Stanza(el)).await.is_err() {
                                     return Err(SessionError::Shutdown);
                                 }
@@ -538,10 +575,23 @@ impl Link {
                 _ = keepalive.tick() => {
                     wr.write_all(b" ").await?;
                 }
-                _ = ping.tick(), if ping_pending.is_none() => {
+                _ = tokio::time::sleep_until(round_deadline), if anchor.is_none() => {
+                    let Some(round) = slot.next_round() else {
+                        return Err(SessionError::NoSlot(slot.sent()));
+                    };
+                    wbuf.clear();
+                    for probe in &round {
+                        append_outbound(&mut wbuf, probe, &config.domain);
+                    }
+                    wr.write_all(&wbuf).await?;
+                    round_deadline = Instant::now() + slot::ROUND_WAIT;
+                }
+                _ = ping.tick(), if ping_pending.is_none() && anchor.is_some() => {
                     ping_count += 1;
                     let id = format!("{ping_prefix}{ping_count}");
-                    let iq = build_iq(IqType::Get, &id, &config.domain, config.ping_target(), Some(Element::bare("ping", ns::PING)));
+                    // From the anchor, so that the answer comes back to this connection.
+                    let from = anchor.as_deref().unwrap_or(&config.domain);
+                    let iq = build_iq(IqType::Get, &id, from, config.ping_target(), Some(Element::bare("ping", ns::PING)));
                     wr.write_all(&to_stream_bytes(&iq)).await?;
                     ping_pending = Some((id, Instant::now() + config.ping_timeout));
                 }

@@ -54,8 +54,8 @@ class Component:
     By default it serves `echo@bots.localhost` on the component domain `bots.localhost`.
     `domain` picks another domain the server declares (e.g. `server.api_component_domain`),
     `bots` replaces the `[[bots]]` TOML (use "" for none), `admin_config` adds keys to the
-    `[admin]` section and `extra_config` is appended to the file as is (e.g. a `[webhooks]`
-    section). `https_ca` (a PEM file) makes the admin client speak HTTPS, trusting that
+    `[admin]` section, `component_config` to `[component]`, and `extra_config` is appended
+    to the file as is (e.g. a `[webhooks]` section). `https_ca` (a PEM file) makes the admin client speak HTTPS, trusting that
     file to name 127.0.0.1; the config must then give `[admin.tls]`.
     """
 
@@ -71,6 +71,7 @@ class Component:
         https_ca: Path | None = None,
         store_url: str | None = None,
         store_key: str | None = None,
+        component_config: str = "",
     ) -> None:
         self.server = server
         self.binary = binary or binary_path()
@@ -100,6 +101,7 @@ class Component:
 domain = "{self.domain}"
 server = "127.0.0.1:{server.component_port}"
 secret = "{server.component_secret}"
+{component_config}
 
 [admin]
 listen = "127.0.0.1:{self.admin_port}"

@@ -44,3 +44,75 @@ def test_a_balancing_entry_without_component_number_stops_the_component_and_says
     # What the server says about it, for the record (docs/protocol.md §3.7).
     assert "badkey,component_number" in server.log_path.read_text(errors="replace") + \
         server.error_log_path.read_text(errors="replace")
+
+
+# Pings every second, so that a run of a few seconds spans many of them; a connection beyond
+# the slots tries again after 2 s.
+FAST_LINK = "ping_interval_secs = 1\nping_timeout_secs = 2\nreconnect_max_secs = 2"
+
+
+@pytest.fixture(scope="module")
+def ejabberd_three_slots():
+    """A private ejabberd that spreads api.localhost over 3 slots by the destination's bare
+    JID (`domain_balancing`, `bare_destination`, `component_number: 3`)."""
+    server = Ejabberd(balanced_slots=3)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+def _readiness(comp: Component) -> tuple[int, dict]:
+    status, body = comp.get("/readyz", token=False, timeout=2.0)
+    return status, body if isinstance(body, dict) else {}
+
+
+def _wait_for_problem(comp: Component, words: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if comp.exit_status() is not None:
+            raise AssertionError(f"component exited\n{comp.diagnostics()}")
+        status, body = _readiness(comp)
+        problem = (body.get("component") or {}).get("problem") or ""
+        last = (status, problem)
+        if status == 503 and words in problem:
+            return problem
+        time.sleep(0.25)
+    raise AssertionError(f"/readyz never said {words!r} (last: {last})\n{comp.diagnostics()}")
+
+
+def test_one_instance_per_slot_all_stay_connected_and_a_fourth_waits_for_a_slot(ejabberd_three_slots):
+    """Three instances take the three slots. The server's answers to the bare domain reach only
+    one of them, so each one pings from an address that reaches itself: all three stay up over
+    many ping intervals. A fourth gets no slot and says so; once one of the three dies, it takes
+    the freed slot."""
+    server = ejabberd_three_slots
+    comps = [Component(server, domain=server.api_component_domain, bots="",
+                       component_config=FAST_LINK) for _ in range(4)]
+    try:
+        for comp in comps[:3]:
+            comp.start()
+        time.sleep(8)  # eight ping intervals
+        for comp in comps[:3]:
+            status, body = _readiness(comp)
+            assert status == 200, (body, comp.diagnostics())
+            log = comp.log_path.read_text(errors="replace")
+            assert "component link lost" not in log, comp.diagnostics()
+            assert "the server routes to this connection" in log
+
+        extra = comps[3]
+        extra.start(standby=True)
+        problem = _wait_for_problem(extra, "no slot", timeout=40)
+        assert "component_number" in problem, problem
+
+        comps[0].kill()
+        waited = extra.wait_ready(timeout=30)
+        assert "the server routes to this connection" in extra.log_path.read_text(errors="replace")
+        for comp in comps[1:3]:
+            assert _readiness(comp)[0] == 200, comp.diagnostics()
+        print(f"the fourth instance took the freed slot {waited:.1f} s after the kill")
+    finally:
+        for comp in comps:
+            comp.cleanup()
