@@ -218,7 +218,9 @@ impl Store {
             .after_release(|conn, _| Box::pin(writer_is_clean(conn)))
             .connect_with(options.clone())
             .await?;
+        let migrating = lock_sqlite_migrations(&options).await?;
         sqlx::migrate!("./migrations").run(&writer).await?;
+        drop(migrating);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options)
@@ -434,6 +436,37 @@ async fn claim_postgres(url: &str) -> Result<SoleInstance, StoreError> {
     )))
 }
 
+/// Waits for, then holds, an exclusive lock on the file `<store>.migrate`, for one process at
+/// a time to migrate a SQLite store: two processes opening a new store at once would otherwise
+/// both create its tables, and one would fail. `None` for an in-memory database.
+async fn lock_sqlite_migrations(
+    options: &SqliteConnectOptions,
+) -> Result<Option<std::fs::File>, StoreError> {
+    let file = options.get_filename();
+    if file.as_os_str().is_empty() || file.as_os_str() == ":memory:" {
+        return Ok(None);
+    }
+    let mut path = file.as_os_str().to_owned();
+    path.push(".migrate");
+    let path = std::path::PathBuf::from(path);
+    let shown = path.display().to_string();
+    let locked = tokio::task::spawn_blocking(move || {
+        let lock = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        lock.lock()?;
+        Ok::<_, std::io::Error>(lock)
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .flatten()
+    .map_err(|e| StoreError::InUse(format!("cannot lock {shown} to migrate the store: {e}")))?;
+    Ok(Some(locked))
+}
+
 fn claim_sqlite_file(url: &str) -> Result<Option<SoleInstance>, StoreError> {
     if url.contains(":memory:") || url.contains("mode=memory") {
         return Ok(None);
@@ -563,7 +596,21 @@ pub(crate) mod tests {
         an_unknown_stored_value_is_an_error_not_a_default,
         messages_keep_their_history_and_webhook_attempts_their_outcomes,
         bots_are_read_a_page_at_a_time,
+        two_instances_migrate_an_empty_database_at_once,
     );
+
+    async fn two_instances_migrate_an_empty_database_at_once(db: TestDb) {
+        let (a, b) = tokio::join!(Store::open(&db.url), Store::open(&db.url));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        let (first, second) = tokio::join!(a.register_instance(), b.register_instance());
+        assert_ne!(first.unwrap(), second.unwrap());
+        assert_eq!(a.instances().await.unwrap().len(), 2);
+        let bot = test_bot("echo", Handler::Echo);
+        a.insert_bot(&bot, &BotIdentity::generate(&bot.jid).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(b.list_bots().await.unwrap().len(), 1);
+    }
 
     async fn bots_are_read_a_page_at_a_time(db: TestDb) {
         let store = Store::open(&db.url).await.unwrap();
