@@ -66,17 +66,16 @@ pub async fn run(
     // Heartbeats are for instances that share a store; a SQLite file has one (the claim), and
     // a writer held by heartbeats would only delay the bots' own writes when the file is busy.
     let beat_store = store.clone();
-    let heartbeat = tokio::spawn(async move {
-        if beat_store.backend() == crate::store::Backend::Sqlite {
-            return;
-        }
-        let mut every = tokio::time::interval(HEARTBEAT);
-        loop {
-            every.tick().await;
-            if let Err(e) = beat_store.heartbeat().await {
-                tracing::warn!(error = %e, "cannot record this instance's heartbeat");
+    let heartbeat = (store.backend() != crate::store::Backend::Sqlite).then(|| {
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(HEARTBEAT);
+            loop {
+                every.tick().await;
+                if let Err(e) = beat_store.heartbeat().await {
+                    tracing::warn!(error = %e, "cannot record this instance's heartbeat");
+                }
             }
-        }
+        })
     });
 
     let (out_tx, out_rx) = mpsc::channel(config.limits.outbound_queue);
@@ -270,7 +269,9 @@ pub async fn run(
     }
     pruner.abort();
     rotations.abort();
-    heartbeat.abort();
+    if let Some(heartbeat) = heartbeat {
+        heartbeat.abort();
+    }
     if let Err(e) = store.deregister_instance().await {
         tracing::warn!(error = %e, "cannot remove this instance from the store");
     }
