@@ -1,7 +1,7 @@
 //! Bot ownership, for instances that share a store: each bot is run by one instance, the one
 //! the XMPP server routes its stanzas to. A claim carries an epoch that grows at every change
 //! of owner; writes only an owner may make run in a transaction fenced by that epoch
-//! ([`Store::fenced`]), so a former owner that has not noticed its loss writes nothing.
+//! (`Store::fenced`), so a former owner that has not noticed its loss writes nothing.
 
 use serde::Serialize;
 
