@@ -21,6 +21,17 @@ pub fn route(stanza: Element, bots: &BotTable) -> Option<Element> {
         tracing::debug!(to = %to, "stanza for another domain dropped");
         return None;
     }
+    // A route probe from this domain (ours or another instance's): it says where the server
+    // routes its destination, and is never a bot's business.
+    if let Some(id) = crate::link::slot::route_probe_id(&stanza, domain) {
+        if !bots.shared().routes.arrived(id) {
+            tracing::debug!(
+                id,
+                "route probe of another instance, or a late one, dropped"
+            );
+        }
+        return None;
+    }
     let is_request = match stanza.name() {
         "iq" => matches!(stanza.attr("type"), Some("get" | "set")),
         "message" => stanza.attr("type") != Some("error"),

@@ -24,6 +24,7 @@ pub(super) fn routes() -> OpenApiRouter<AdminState> {
         .routes(routes!(get_certificate))
         .routes(routes!(rotate_certificate))
         .routes(routes!(get_peers))
+        .routes(routes!(get_route))
         .routes(routes!(list_tunnels, super::bot::open_tunnel))
         .routes(routes!(get_tunnel, delete_tunnel))
         .routes(routes!(list_instances))
@@ -47,6 +48,46 @@ async fn list_instances(State(state): State<AdminState>) -> Result<Json<Instance
     Ok(Json(InstancesView {
         this: store.instance_id().map(str::to_owned),
         instances: store.instances().await?,
+    }))
+}
+
+/// Whether the XMPP server routes a bot's stanzas to the instance that answers.
+#[derive(Serialize, ToSchema)]
+struct RouteView {
+    /// The bot's bare JID.
+    bot: String,
+    /// Whether a probe sent to the bot's JID came back to this instance's connection.
+    reaches_this_instance: bool,
+    /// The id of the instance that answered.
+    instance: Option<String>,
+    /// Milliseconds until the probe came back, or how long it was waited for.
+    waited_ms: u64,
+}
+
+/// Asks the XMPP server where it routes the bot's stanzas: a message from the component
+/// domain to the bot's JID, waited for up to 3 s. With one connection per domain it always
+/// comes back; under ejabberd's `domain_balancing` it comes back only to the instance whose
+/// slot the bot hashes to.
+#[utoipa::path(get, path = "/bots/{jid}/route", tag = "bots", params(BotPath), responses(
+    (status = 200, description = "Where the bot's stanzas go", body = RouteView),
+    (status = 404, description = "No such bot", body = Problem, content_type = PROBLEM_JSON),
+    (status = 503, description = "The component link is down, or too many probes wait",
+        body = Problem, content_type = PROBLEM_JSON)))]
+async fn get_route(
+    State(state): State<AdminState>,
+    Path(jid): Path<String>,
+) -> Result<Json<RouteView>, ApiError> {
+    let bot = find_bot(&state, &jid)?;
+    let shared = state.bots.shared();
+    let route = shared
+        .probe_route(&bot.record.jid)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    Ok(Json(RouteView {
+        bot: bot.record.jid.clone(),
+        reaches_this_instance: route.reaches_here,
+        instance: shared.store.instance_id().map(str::to_owned),
+        waited_ms: route.waited.as_millis() as u64,
     }))
 }
 

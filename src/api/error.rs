@@ -29,6 +29,8 @@ pub enum ApiError {
     RequestTimeout,
     /// 421: a `Host` this API does not answer to.
     MisdirectedHost,
+    /// 503: what the request needs is not there now (the component link), naming it.
+    Unavailable(String),
     /// 500; the cause is logged, not returned.
     Internal(String),
 }
@@ -46,6 +48,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::MisdirectedHost => StatusCode::MISDIRECTED_REQUEST,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -59,7 +62,9 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden => "this token does not reach that resource".to_owned(),
             ApiError::TooManyRequests(_, what) => what.clone(),
             ApiError::NotFound(what) => format!("{what} not found"),
-            ApiError::Conflict(what) | ApiError::Invalid(what) => what.clone(),
+            ApiError::Conflict(what) | ApiError::Invalid(what) | ApiError::Unavailable(what) => {
+                what.clone()
+            }
             ApiError::PayloadTooLarge(limit) => {
                 format!("the request body is larger than {limit} bytes (admin.max_body_bytes)")
             }

@@ -20,7 +20,7 @@ use tokio::time::{Instant, timeout};
 use crate::config::{ComponentConfig, Secret};
 use slot::{Probe, SlotProbe};
 
-mod slot;
+pub mod slot;
 use xtls::stanza::{IqType, build_iq, ns};
 use xtls::xml::{StreamReader, XmlEvent, XmlLimits, to_bytes};
 

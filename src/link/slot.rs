@@ -11,6 +11,10 @@
 //!
 //! With one connection per domain (Prosody, or ejabberd without balancing) the first probe
 //! comes back at once. This is sans-IO: it builds stanzas and reads them; the link sends them.
+//!
+//! A *route* probe asks the same of one bot's address: sent to the bot's JID, it comes back
+//! to this connection only if the server routes that bot's stanzas here ([`route_probe`]).
+//! The link passes route probes up like any stanza; the router answers them.
 
 use std::time::Duration;
 
@@ -28,6 +32,32 @@ const ROUND: u32 = 16;
 const ROUNDS: u32 = 16;
 /// How long one round waits for a probe to come back.
 pub const ROUND_WAIT: Duration = Duration::from_secs(1);
+
+/// The id prefix of route probes; anchor probes' ids start with `slot-`.
+const ROUTE_PREFIX: &str = "route-";
+
+/// A probe to `to` (a bot's JID) from `domain`, with a fresh id: the id, and the stanza.
+pub fn route_probe(domain: &str, to: &str) -> (String, Element) {
+    let id = format!("{ROUTE_PREFIX}{:016x}", rand::random::<u64>());
+    let stanza = Element::builder("message", ns::CLIENT)
+        .attr(name("from"), domain)
+        .attr(name("to"), to)
+        .attr(name("id"), id.as_str())
+        .append(Element::bare("slot", NS_SLOT))
+        .build();
+    (id, stanza)
+}
+
+/// The id of a route probe that reached this connection, if `stanza` is one. Only the
+/// domain itself can send one: the server stamps every other sender's address.
+pub fn route_probe_id<'s>(stanza: &'s Element, domain: &str) -> Option<&'s str> {
+    (stanza.name() == "message"
+        && stanza.attr("from") == Some(domain)
+        && stanza.has_child("slot", NS_SLOT))
+    .then(|| stanza.attr("id"))
+    .flatten()
+    .filter(|id| id.starts_with(ROUTE_PREFIX))
+}
 
 /// What an inbound stanza is to the probe.
 #[derive(Debug, PartialEq, Eq)]
@@ -89,6 +119,7 @@ impl SlotProbe {
         if stanza.name() != "message"
             || stanza.attr("from") != Some(self.domain.as_str())
             || !stanza.has_child("slot", NS_SLOT)
+            || route_probe_id(stanza, &self.domain).is_some()
         {
             return Probe::Stanza;
         }
@@ -174,6 +205,24 @@ mod tests {
         let mut renamed = round[0].clone();
         set(&mut renamed, "id", "something-else");
         assert_eq!(probe.classify(&renamed), Probe::Other);
+    }
+
+    #[test]
+    fn a_route_probe_passes_the_link_and_is_known_by_its_id() {
+        let mut anchor = SlotProbe::new("bots.example.org");
+        anchor.next_round().unwrap();
+        let (id, probe) = route_probe("bots.example.org", "echo@bots.example.org");
+        assert_eq!(anchor.classify(&back(&probe)), Probe::Stanza);
+        assert_eq!(
+            route_probe_id(&back(&probe), "bots.example.org"),
+            Some(id.as_str())
+        );
+        assert_eq!(route_probe_id(&probe, "other.example.org"), None);
+        let mut forged = probe.clone();
+        set(&mut forged, "from", "mallory@example.net/x");
+        assert_eq!(route_probe_id(&forged, "bots.example.org"), None);
+        let anchor_probe = anchor.next_round().unwrap().remove(0);
+        assert_eq!(route_probe_id(&anchor_probe, "bots.example.org"), None);
     }
 
     #[test]

@@ -42,6 +42,7 @@ mod outbound;
 mod pair;
 mod rate;
 mod rotation;
+mod route;
 mod sas;
 mod table;
 #[cfg(test)]
@@ -51,6 +52,7 @@ pub use inbound::bot_disco_info;
 pub use outbound::Submitted;
 pub use pair::{MAX_ATTEMPTS, Minted, Pairings};
 pub use rotation::{Certificates, Rotation};
+pub use route::{ROUTE_WAIT, Route, RouteError, RouteProbes};
 pub use sas::{SasRefusal, SasRequest};
 pub use table::{BotCommand, BotError, BotHandle, BotPolicy, BotTable, NewBot, PolicyChange};
 
@@ -85,6 +87,8 @@ pub struct Shared {
     pub link_up: std::sync::atomic::AtomicBool,
     /// Counters and histograms.
     pub metrics: crate::metrics::Metrics,
+    /// Route probes waiting to come back.
+    pub routes: RouteProbes,
     start_rate: rate::StartRate,
     /// How long a driver with nothing to do waits before it parks (milliseconds).
     park_after_ms: std::sync::atomic::AtomicU64,
@@ -124,6 +128,7 @@ impl Shared {
             certificates: Live::new(CertificatesConfig::default()),
             link_up: Default::default(),
             metrics: Default::default(),
+            routes: Default::default(),
             park_after_ms: std::sync::atomic::AtomicU64::new(PARK_AFTER.as_millis() as u64),
             handshakes: AtomicUsize::new(0),
             tunnels: AtomicUsize::new(0),

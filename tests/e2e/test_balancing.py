@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -113,6 +114,50 @@ def test_one_instance_per_slot_all_stay_connected_and_a_fourth_waits_for_a_slot(
         for comp in comps[1:3]:
             assert _readiness(comp)[0] == 200, comp.diagnostics()
         print(f"the fourth instance took the freed slot {waited:.1f} s after the kill")
+    finally:
+        for comp in comps:
+            comp.cleanup()
+
+
+def test_the_route_of_a_bot_is_its_own_instance_with_one_connection(component):
+    """With one connection for the domain (Prosody), every probe comes back."""
+    status, body = component.get("/v1/bots/echo@bots.localhost/route")
+    assert status == 200, body
+    assert body["reaches_this_instance"] is True, body
+    assert body["bot"] == "echo@bots.localhost"
+    assert body["waited_ms"] < 3000, body
+    status, body = component.get("/v1/bots/nobody@bots.localhost/route")
+    assert status == 404, body
+
+
+BOTS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india"]
+
+
+def test_each_bot_reaches_exactly_one_of_three_instances_on_three_slots(ejabberd_three_slots):
+    """Three instances on a 3-slot domain, each with the same nine bots (in stores of their
+    own): the server routes each bot's stanzas to exactly one of them, and only that one's
+    probe comes back."""
+    server = ejabberd_three_slots
+    bots = "\n".join(f'[[bots]]\nlocalpart = "{name}"\nhandler = "echo"\n' for name in BOTS)
+    comps = [Component(server, domain=server.api_component_domain, bots=bots,
+                       component_config=FAST_LINK) for _ in range(3)]
+    try:
+        for comp in comps:
+            comp.start()
+        # A probe that does not come back is waited for 3 s: ask all at once.
+        asks = [(name, i) for name in BOTS for i in range(len(comps))]
+        with ThreadPoolExecutor(max_workers=len(asks)) as pool:
+            answers = list(pool.map(
+                lambda ask: comps[ask[1]].get(f"/v1/bots/{ask[0]}@{server.api_component_domain}/route"),
+                asks))
+        owners: dict[str, list[int]] = {}
+        for (name, i), (status, body) in zip(asks, answers):
+            assert status == 200, body
+            if body["reaches_this_instance"]:
+                owners.setdefault(name, []).append(i)
+        assert sorted(owners) == sorted(BOTS), owners
+        assert all(len(held) == 1 for held in owners.values()), owners
+        print("bots per instance:", [sum(held == [i] for held in owners.values()) for i in range(3)])
     finally:
         for comp in comps:
             comp.cleanup()
