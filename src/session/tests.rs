@@ -1734,3 +1734,47 @@ async fn an_idle_driver_parks_and_the_next_command_starts_it_again_as_the_bot_is
     assert_eq!(peer.state(), State::Open);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_route_probe_reports_whether_it_came_back() {
+    let (bots, mut rx, dir) = table(LimitsConfig::default()).await;
+    let shared = bots.shared().clone();
+    assert_eq!(
+        shared.probe_route("echo@bots.example.org").await,
+        Err(RouteError::LinkDown)
+    );
+    shared.link_up.store(true, Ordering::Relaxed);
+
+    // Came back: the router hands the probe over by its id.
+    let probing = tokio::spawn({
+        let shared = shared.clone();
+        async move { shared.probe_route("echo@bots.example.org").await }
+    });
+    let probe = rx.recv().await.unwrap();
+    assert_eq!(probe.attr("to"), Some("echo@bots.example.org"));
+    assert_eq!(probe.attr("from"), Some("bots.example.org"));
+    let id = crate::link::slot::route_probe_id(&probe, "bots.example.org")
+        .unwrap()
+        .to_owned();
+    assert!(shared.routes.arrived(&id));
+    assert!(probing.await.unwrap().unwrap().reaches_here);
+    assert!(
+        !shared.routes.arrived(&id),
+        "each probe wakes its waiter once"
+    );
+
+    // Never came back: "not here" after the wait, and the entry is gone.
+    let probing = tokio::spawn({
+        let shared = shared.clone();
+        async move { shared.probe_route("echo@bots.example.org").await }
+    });
+    let probe = rx.recv().await.unwrap();
+    let id = crate::link::slot::route_probe_id(&probe, "bots.example.org")
+        .unwrap()
+        .to_owned();
+    let route = probing.await.unwrap().unwrap();
+    assert!(!route.reaches_here);
+    assert!(route.waited >= ROUTE_WAIT);
+    assert!(!shared.routes.arrived(&id), "a late probe reaches nobody");
+    std::fs::remove_dir_all(dir).ok();
+}
