@@ -102,6 +102,17 @@ pub(super) struct InnerIqs {
     theirs: VecDeque<String>,
 }
 
+impl InnerIqs {
+    /// Gives back the memory of an empty direction (see `Tunnel::release_idle_queues`).
+    pub(super) fn release_idle(&mut self) {
+        for queue in [&mut self.ours, &mut self.theirs] {
+            if queue.is_empty() && queue.capacity() > 0 {
+                *queue = VecDeque::new();
+            }
+        }
+    }
+}
+
 /// What sending an inner stanza changes in the bookkeeping.
 pub(super) enum SentIq {
     /// Our request with this id now awaits the peer's answer.

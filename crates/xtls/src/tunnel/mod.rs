@@ -408,12 +408,43 @@ impl Tunnel {
         if !self.acks.is_empty() && self.acks_held_until.is_none() {
             self.settle_acks();
         }
-        self.transmit.pop_front()
+        let next = self.transmit.pop_front();
+        if next.is_none() {
+            self.release_idle_queues();
+        }
+        next
     }
 
     /// The next event for the owner.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let next = self.events.pop_front();
+        if next.is_none() {
+            self.release_idle_queues();
+        }
+        next
+    }
+
+    /// Gives back the memory of the queues that are empty: a queue keeps the capacity its
+    /// busiest moment needed, and an idle tunnel would hold about 2 KiB of it for good
+    /// (docs/performance.md). Called when the owner has polled everything out.
+    fn release_idle_queues(&mut self) {
+        fn release<T>(queue: &mut VecDeque<T>) {
+            if queue.is_empty() && queue.capacity() > 0 {
+                *queue = VecDeque::new();
+            }
+        }
+        release(&mut self.transmit);
+        release(&mut self.events);
+        release(&mut self.out_bytes);
+        release(&mut self.outstanding);
+        release(&mut self.marks);
+        if self.acks.is_empty() && self.acks.capacity() > 0 {
+            self.acks = Vec::new();
+        }
+        if self.plaintext.is_empty() && self.plaintext.capacity() > 0 {
+            self.plaintext = Vec::new();
+        }
+        self.inner_iqs.release_idle();
     }
 
     /// Handles an IQ of this tunnel's key other than `start` (which the owner routes to
