@@ -613,7 +613,9 @@ impl Link {
         }
     }
     .await;
-        if !matches!(result, Err(SessionError::Shutdown)) {
+        // Down follows an Up only: a connection that never found a route here (`no slot`)
+        // lost no tunnel, and says so in `run`'s log line instead.
+        if anchor.is_some() && !matches!(result, Err(SessionError::Shutdown)) {
             let (code, reason) = match &result {
                 Err(e) => (e.code(), e.to_string()),
                 Ok(()) => ("closed", "closed".into()),
