@@ -19,10 +19,10 @@ use tokio::time::{Instant, timeout};
 
 use crate::config::{ComponentConfig, Secret};
 use slot::{Probe, SlotProbe};
-
-pub mod slot;
 use xtls::stanza::{IqType, build_iq, ns};
 use xtls::xml::{StreamReader, XmlEvent, XmlLimits, to_bytes};
+
+pub mod slot;
 
 /// What the link reports to the rest of the component.
 #[derive(Debug)]
