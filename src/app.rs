@@ -51,7 +51,7 @@ pub async fn run(
         );
     }
     let instance = store
-        .register_instance()
+        .register_instance(config.instances.advertise_url.as_deref())
         .await
         .context("cannot register this instance in the store")?;
     tracing::info!(instance, "instance registered");

@@ -299,6 +299,9 @@ impl StoreConfig {
 pub struct InstancesConfig {
     /// What this instance does when another one already serves the store.
     pub mode: InstanceMode,
+    /// Where this instance's admin API is reached by people and other instances
+    /// (`http://host:port`), recorded with the instance (`GET /v1/instances`).
+    pub advertise_url: Option<String>,
 }
 
 /// What an instance does when another one already serves the store.
@@ -310,6 +313,27 @@ pub enum InstanceMode {
     Single,
     /// It waits as a standby, and serves when the active one stops (a PostgreSQL store).
     Failover,
+}
+
+/// An admin address to advertise: an absolute `http` or `https` URL of a host, with no
+/// credentials, query or fragment.
+fn check_advertise_url(text: &str) -> Result<(), String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("{text:?} must start with http:// or https://"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{text:?} names no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(
+            "must not carry credentials: it is shown to anyone with the admin token".into(),
+        );
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{text:?} must not have a query or a fragment"));
+    }
+    Ok(())
 }
 
 /// Which database a store URL names.
@@ -938,6 +962,9 @@ impl Config {
             }
             Ok(_) => {}
         }
+        if let Some(url) = &self.instances.advertise_url {
+            check_advertise_url(url).map_err(|why| invalid("instances.advertise_url", &why))?;
+        }
         let store_key = match (&self.store.key, self.store.key_path()) {
             (Some(_), Some(_)) if self.store.key_file.is_some() => {
                 return Err(invalid(
@@ -1186,6 +1213,34 @@ mod tests {
         .unwrap();
         assert_eq!(c.instances.mode, InstanceMode::Failover);
         assert_eq!(load(MINIMAL).unwrap().instances.mode, InstanceMode::Single);
+    }
+
+    #[test]
+    fn an_advertised_admin_url_must_be_a_plain_http_url() {
+        let with = |url: &str| {
+            load(&format!(
+                "{MINIMAL}\n[instances]\nadvertise_url = \"{url}\""
+            ))
+        };
+        let c = with("https://xtls-a.internal:8347").unwrap();
+        assert_eq!(
+            c.instances.advertise_url.as_deref(),
+            Some("https://xtls-a.internal:8347")
+        );
+        assert_eq!(load(MINIMAL).unwrap().instances.advertise_url, None);
+        for (bad, says) in [
+            ("xtls-a:8347", "http"),
+            ("ftp://xtls-a/", "http"),
+            ("http://admin:hunter2@xtls-a:8347", "credentials"),
+            ("http://xtls-a:8347/?token=x", "query"),
+        ] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("instances.advertise_url") && err.contains(says),
+                "{bad}: {err}"
+            );
+            assert!(!err.contains("hunter2"), "{err}");
+        }
     }
 
     #[test]

@@ -53,7 +53,10 @@ struct Answer {
 impl Api {
     async fn new(db: TestDb) -> Api {
         let store = Store::open(&db.url).await.unwrap();
-        store.register_instance().await.unwrap();
+        store
+            .register_instance(Some("http://127.0.0.1:8347"))
+            .await
+            .unwrap();
         let (out_tx, out) = mpsc::channel(256);
         let shared = Shared::new(
             store,
@@ -249,6 +252,7 @@ async fn health_readiness_and_metrics(db: TestDb) {
     assert_eq!(listed.len(), 1, "{}", a.body);
     assert_eq!(listed[0]["id"], a.body["this"]);
     assert_eq!(listed[0]["pid"], std::process::id());
+    assert_eq!(listed[0]["admin_url"], "http://127.0.0.1:8347");
     assert!(listed[0]["heartbeat_age_ms"].as_i64().unwrap() < 60_000);
     is_problem(
         &api.call(Method::GET, "/v1/instances", None, None).await,

@@ -38,14 +38,16 @@ pub struct InstanceRecord {
     pub pid: i64,
     /// When it started.
     pub started_at: String,
+    /// Where its admin API is reached (`instances.advertise_url`), if it says.
+    pub admin_url: Option<String>,
     /// Milliseconds since its last heartbeat.
     pub heartbeat_age_ms: i64,
 }
 
 impl Store {
     /// Registers this process as an instance with a fresh id, which the tunnel rows it writes
-    /// from now on carry; returns the id.
-    pub async fn register_instance(&self) -> Result<String, StoreError> {
+    /// from now on carry, and where its admin API is reached if it says; returns the id.
+    pub async fn register_instance(&self, admin_url: Option<&str>) -> Result<String, StoreError> {
         if self.instance.get().is_some() {
             return Err(StoreError::Conflict(
                 "this store registered its instance already".into(),
@@ -54,13 +56,14 @@ impl Store {
         let id = format!("{:016x}", rand::random::<u64>());
         let host = hostname();
         clocked!(
-            "INSERT INTO instances (id, host, pid, started_at, heartbeat_ms) VALUES ($1, $2, $3, $4, "
-            NOW_MS ")"
+            "INSERT INTO instances (id, host, pid, started_at, admin_url, heartbeat_ms) \
+             VALUES ($1, $2, $3, $4, $5, " NOW_MS ")"
         )
         .bind(&id)
         .bind(host)
         .bind(i64::from(std::process::id()))
         .bind(now())
+        .bind(admin_url)
         .execute(self.writer())
         .await?;
         self.instance.set(id.clone()).map_err(|_| {
@@ -106,7 +109,7 @@ impl Store {
     /// Every registered instance, this one included, the most recently started first.
     pub async fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
         let rows = clocked!(
-            "SELECT id, host, pid, started_at, " NOW_MS " - heartbeat_ms AS age \
+            "SELECT id, host, pid, started_at, admin_url, " NOW_MS " - heartbeat_ms AS age \
              FROM instances ORDER BY started_at DESC, id"
         )
         .fetch_all(self.pool())
@@ -172,6 +175,7 @@ fn instance_from_row(r: &Row) -> Result<InstanceRecord, StoreError> {
         host: r.try_get("host")?,
         pid: r.try_get("pid")?,
         started_at: r.try_get("started_at")?,
+        admin_url: r.try_get("admin_url")?,
         heartbeat_age_ms: r.try_get::<i64, _>("age")?.max(0),
     })
 }
@@ -224,18 +228,31 @@ mod tests {
         );
         live_tunnel(&a, "from-an-older-version").await; // before any registration: no instance
         let (ida, idb) = (
-            a.register_instance().await.unwrap(),
-            b.register_instance().await.unwrap(),
+            a.register_instance(None).await.unwrap(),
+            b.register_instance(Some("http://xtls-b.internal:8347"))
+                .await
+                .unwrap(),
         );
         assert!(
-            a.register_instance().await.is_err(),
+            a.register_instance(None).await.is_err(),
             "one id per store handle"
         );
-        c.register_instance().await.unwrap();
+        c.register_instance(None).await.unwrap();
         live_tunnel(&a, "ta").await;
         live_tunnel(&b, "tb").await;
         let listed = c.instances().await.unwrap();
         assert_eq!(listed.len(), 3);
+        let url_of = |id: &str| {
+            listed
+                .iter()
+                .find(|i| i.id == id)
+                .map(|i| i.admin_url.clone())
+        };
+        assert_eq!(url_of(&ida), Some(None));
+        assert_eq!(
+            url_of(&idb),
+            Some(Some("http://xtls-b.internal:8347".into()))
+        );
         assert!(
             listed
                 .iter()

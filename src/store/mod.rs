@@ -604,7 +604,7 @@ pub(crate) mod tests {
     async fn two_instances_migrate_an_empty_database_at_once(db: TestDb) {
         let (a, b) = tokio::join!(Store::open(&db.url), Store::open(&db.url));
         let (a, b) = (a.unwrap(), b.unwrap());
-        let (first, second) = tokio::join!(a.register_instance(), b.register_instance());
+        let (first, second) = tokio::join!(a.register_instance(None), b.register_instance(None));
         assert_ne!(first.unwrap(), second.unwrap());
         assert_eq!(a.instances().await.unwrap().len(), 2);
         let bot = test_bot("echo", Handler::Echo);

@@ -138,8 +138,8 @@ mod tests {
         let a = Store::open(&db.url).await.unwrap();
         let b = Store::open(&db.url).await.unwrap();
         let (ia, ib) = (
-            a.register_instance().await.unwrap(),
-            b.register_instance().await.unwrap(),
+            a.register_instance(None).await.unwrap(),
+            b.register_instance(None).await.unwrap(),
         );
         let bot = test_bot("echo", Handler::Echo);
         a.insert_bot(&bot, &BotIdentity::generate(&bot.jid).unwrap())
