@@ -295,6 +295,9 @@ fn release_freed_memory() {
 /// How often an instance on a PostgreSQL store records there that it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(5);
 
+/// How often a standby reads which instance serves the store, for its answers.
+const SERVING_POLL: Duration = Duration::from_secs(5);
+
 /// How often the instance that serves a PostgreSQL store checks the connection holding its
 /// lock, and a standby retries a store it cannot reach.
 const CLAIM_CHECK: Duration = Duration::from_secs(2);
@@ -324,10 +327,17 @@ async fn standby(
         &config.admin.allowed_hosts,
         config.admin.listen,
     ));
-    let app = api::standby_app(
-        hosts,
-        "standby: another instance serves the store; this one takes over when it stops".into(),
-    );
+    // Which instance serves, for the answers of this one: read before the first answer, then
+    // every few seconds.
+    let (serving_tx, serving) = watch::channel(read_serving(url).await);
+    let poll_url = url.clone();
+    let poll = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(SERVING_POLL).await;
+            serving_tx.send_replace(read_serving(&poll_url).await);
+        }
+    });
+    let app = api::standby_app(hosts, serving);
     let (stop_tx, stop_rx) = watch::channel(false);
     let server =
         tokio::spawn(async move { api::serve(listener, app, &limits, tls, stop_rx).await });
@@ -335,6 +345,7 @@ async fn standby(
         _ = shutdown => Ok(None),
         claim = SoleInstance::wait_for(url, CLAIM_CHECK) => claim.map(Some),
     };
+    poll.abort();
     let _ = stop_tx.send(true);
     let _ = server.await;
     let claimed = claimed.with_context(|| format!("cannot use the store at {shown}"))?;
@@ -342,6 +353,14 @@ async fn standby(
         tracing::info!(store = %shown, "standby: the store is free; this instance serves it now");
     }
     Ok(claimed)
+}
+
+/// The instance serving the store, as a standby reads it; `None` when unknown (logged).
+async fn read_serving(url: &str) -> Option<crate::store::InstanceRecord> {
+    crate::store::serving_instance(url)
+        .await
+        .inspect_err(|e| tracing::debug!(error = %e, "standby: cannot read which instance serves"))
+        .unwrap_or(None)
 }
 
 /// Resolves when this instance loses its claim on the store (never for a SQLite file).

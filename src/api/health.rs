@@ -13,6 +13,8 @@ use utoipa_axum::routes;
 use super::AdminState;
 use crate::link::LinkStatus;
 use crate::session::BotTable;
+use crate::store::InstanceRecord;
+use tokio::sync::watch;
 
 /// `/healthz` and `/readyz`, which need no token.
 pub(super) fn probe_routes() -> OpenApiRouter<AdminState> {
@@ -152,16 +154,36 @@ async fn metrics_response(bots: &BotTable) -> Response {
         .into_response()
 }
 
-/// The routes of a standby instance, which waits while another one serves the store: alive
-/// (`/healthz`), not ready (`/readyz` says why), and every other path 503 (`Retry-After`),
-/// for an orchestrator or a load balancer to send nothing here until it serves.
-pub fn standby_app(allowed_hosts: std::sync::Arc<super::AllowedHosts>, reason: String) -> Router {
+/// The app of a standby: `/healthz` 200, `/readyz` 503 naming the instance that serves the
+/// store (as `serving` says, kept current by the caller), and 503 with `Retry-After` for
+/// everything else, pointing to the active instance's admin API when it advertises one.
+pub fn standby_app(
+    allowed_hosts: std::sync::Arc<super::AllowedHosts>,
+    serving: watch::Receiver<Option<InstanceRecord>>,
+) -> Router {
+    let ready_view = serving.clone();
     let readiness = move || {
+        let reason = match &*ready_view.borrow() {
+            Some(active) => format!(
+                "standby: instance {} on {} (pid {}{}) serves the store; this one takes over when \
+                 it stops",
+                active.id,
+                active.host,
+                active.pid,
+                active
+                    .admin_url
+                    .as_ref()
+                    .map(|url| format!(", admin API at {url}"))
+                    .unwrap_or_default()
+            ),
+            None => "standby: another instance serves the store; this one takes over when it stops"
+                .to_owned(),
+        };
         let body = Readiness {
             ready: false,
             component: Check {
                 ok: false,
-                problem: Some(reason.clone()),
+                problem: Some(reason),
             },
             store: Check {
                 ok: true,
@@ -173,16 +195,24 @@ pub fn standby_app(allowed_hosts: std::sync::Arc<super::AllowedHosts>, reason: S
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readiness))
-        .fallback(|| async {
-            let mut resp = super::error::problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "this instance is a standby: the active instance serves the API",
-            );
-            resp.headers_mut().insert(
-                header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("5"),
-            );
-            resp
+        .fallback(move || {
+            let at = serving
+                .borrow()
+                .as_ref()
+                .and_then(|active| active.admin_url.clone())
+                .map(|url| format!(" at {url}"))
+                .unwrap_or_default();
+            async move {
+                let mut resp = super::error::problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("this instance is a standby: the active instance serves the API{at}"),
+                );
+                resp.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("5"),
+                );
+                resp
+            }
         })
         .layer(axum::middleware::from_fn_with_state(
             allowed_hosts,

@@ -169,6 +169,39 @@ impl Store {
     }
 }
 
+/// The instance serving a PostgreSQL store now, as a standby sees it: the registered one with
+/// the freshest heartbeat, if that is under 15 s old, read on a short connection of its own (a
+/// standby does not open the store, which would migrate it under the active instance).
+/// `None` for a SQLite store.
+pub async fn serving_instance(url: &str) -> Result<Option<InstanceRecord>, StoreError> {
+    use sqlx::{Connection as _, Row as _};
+    if super::Backend::of_url(url) != Ok(super::Backend::Postgres) {
+        return Ok(None);
+    }
+    let mut conn = super::claim_connection(url).await?;
+    let row = sqlx::query(
+        "SELECT id, host, pid, started_at, admin_url, \
+         (extract(epoch FROM clock_timestamp()) * 1000)::bigint - heartbeat_ms AS age \
+         FROM instances ORDER BY heartbeat_ms DESC LIMIT 1",
+    )
+    .fetch_optional(&mut conn)
+    .await?;
+    let _ = conn.close().await;
+    let Some(r) = row else { return Ok(None) };
+    let age: i64 = r.try_get("age")?;
+    Ok((age < SERVING_WITHIN_MS).then_some(InstanceRecord {
+        id: r.try_get("id")?,
+        host: r.try_get("host")?,
+        pid: r.try_get("pid")?,
+        started_at: r.try_get("started_at")?,
+        admin_url: r.try_get("admin_url")?,
+        heartbeat_age_ms: age.max(0),
+    }))
+}
+
+/// How recent a heartbeat names the serving instance (three beats of five seconds).
+const SERVING_WITHIN_MS: i64 = 15_000;
+
 fn instance_from_row(r: &Row) -> Result<InstanceRecord, StoreError> {
     Ok(InstanceRecord {
         id: r.try_get("id")?,

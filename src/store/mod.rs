@@ -44,7 +44,7 @@ pub mod webhooks;
 
 pub use bots::{BotRecord, StoredBot};
 pub use events::{EventRecord, NewEvent};
-pub use instances::InstanceRecord;
+pub use instances::{InstanceRecord, serving_instance};
 pub use messages::{MessageRecord, MessageStatus, OutMsg};
 pub use owners::{Lease, OwnerRecord};
 pub use pins::{AuditEntry, FirstUse, PeerPin, PinAction, PinChange};

@@ -160,6 +160,8 @@ def test_a_standby_takes_over_when_the_active_instance_dies(server_name, request
     first = Component(server, domain=server.api_component_domain, bots="", store_url=url, extra_config=mode)
     second = Component(server, domain=server.api_component_domain, bots="", store_url=url,
                        store_key=first.store_key, extra_config=mode)
+    # The first one says where its admin API is: the standby points there.
+    first.config_path.write_text(first.config_path.read_text() + f'advertise_url = "{first.base_url}"\n')
     try:
         first.start()
         bot = new_echo_bot(first, "ha")
@@ -168,10 +170,15 @@ def test_a_standby_takes_over_when_the_active_instance_dies(server_name, request
 
         second.start(standby=True)
         status, ready = second.get("/readyz", token=False)
-        assert status == 503 and "standby" in ready["component"]["problem"], ready
+        problem = ready["component"]["problem"]
+        assert status == 503 and "standby" in problem, ready
+        _, listed = first.get("/v1/instances")
+        assert listed["instances"][0]["admin_url"] == first.base_url, listed
+        assert f"instance {listed['this']}" in problem and first.base_url in problem, problem
         assert second.get("/healthz", token=False)[0] == 200
         status, refused = second.get("/v1/bots")
         assert status == 503 and "standby" in refused["detail"], refused
+        assert refused["detail"].endswith(f"serves the API at {first.base_url}"), refused
 
         async def kill_under_a_live_tunnel():
             async with users.client("bob") as client:
