@@ -87,7 +87,9 @@ impl Store {
         rows.iter().map(bot_from_row).collect()
     }
 
-    /// Every bot with its stored key, certificate and last event `seq`, in one query.
+    /// Every bot with its stored key, certificate and last event `seq`, in one query (the
+    /// tests'; start-up reads a page at a time with [`Store::load_bots_after`]).
+    #[cfg(test)]
     pub async fn load_bots(&self) -> Result<Vec<StoredBot>, StoreError> {
         self.load_bots_after("", i64::MAX).await
     }

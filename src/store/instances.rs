@@ -174,7 +174,7 @@ impl Store {
 /// standby does not open the store, which would migrate it under the active instance).
 /// `None` for a SQLite store.
 pub async fn serving_instance(url: &str) -> Result<Option<InstanceRecord>, StoreError> {
-    use sqlx::{Connection as _, Row as _};
+    use sqlx::Connection as _;
     if super::Backend::of_url(url) != Ok(super::Backend::Postgres) {
         return Ok(None);
     }
@@ -187,16 +187,13 @@ pub async fn serving_instance(url: &str) -> Result<Option<InstanceRecord>, Store
     .fetch_optional(&mut conn)
     .await?;
     let _ = conn.close().await;
-    let Some(r) = row else { return Ok(None) };
-    let age: i64 = r.try_get("age")?;
-    Ok((age < SERVING_WITHIN_MS).then_some(InstanceRecord {
-        id: r.try_get("id")?,
-        host: r.try_get("host")?,
-        pid: r.try_get("pid")?,
-        started_at: r.try_get("started_at")?,
-        admin_url: r.try_get("admin_url")?,
-        heartbeat_age_ms: age.max(0),
-    }))
+    let Some(active) = row
+        .map(|r| instance_from_row(&Row::Postgres(r)))
+        .transpose()?
+    else {
+        return Ok(None);
+    };
+    Ok((active.heartbeat_age_ms < SERVING_WITHIN_MS).then_some(active))
 }
 
 /// How recent a heartbeat names the serving instance (three beats of five seconds).

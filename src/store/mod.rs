@@ -220,7 +220,7 @@ impl Store {
             .after_release(|conn, _| Box::pin(writer_is_clean(conn)))
             .connect_with(options.clone())
             .await?;
-        let migrating = lock_sqlite_migrations(&options).await?;
+        let migrating = lock_sqlite_migrations(url).await?;
         sqlx::migrate!("./migrations").run(&writer).await?;
         drop(migrating);
         let pool = SqlitePoolOptions::new()
@@ -438,53 +438,53 @@ async fn claim_postgres(url: &str) -> Result<SoleInstance, StoreError> {
     )))
 }
 
-/// Waits for, then holds, an exclusive lock on the file `<store>.migrate`, for one process at
-/// a time to migrate a SQLite store: two processes opening a new store at once would otherwise
-/// both create its tables, and one would fail. `None` for an in-memory database.
-async fn lock_sqlite_migrations(
-    options: &SqliteConnectOptions,
-) -> Result<Option<std::fs::File>, StoreError> {
-    let file = options.get_filename();
-    if file.as_os_str().is_empty() || file.as_os_str() == ":memory:" {
-        return Ok(None);
-    }
-    let mut path = file.as_os_str().to_owned();
-    path.push(".migrate");
-    let path = std::path::PathBuf::from(path);
-    let shown = path.display().to_string();
-    let locked = tokio::task::spawn_blocking(move || {
-        let lock = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        lock.lock()?;
-        Ok::<_, std::io::Error>(lock)
-    })
-    .await
-    .map_err(std::io::Error::other)
-    .flatten()
-    .map_err(|e| StoreError::InUse(format!("cannot lock {shown} to migrate the store: {e}")))?;
-    Ok(Some(locked))
-}
-
-fn claim_sqlite_file(url: &str) -> Result<Option<SoleInstance>, StoreError> {
+/// The file `<store file><suffix>` beside a SQLite store, opened and created if missing, for
+/// a lock; `None` for an in-memory database, which no other process can open.
+fn sqlite_lock_file(
+    url: &str,
+    suffix: &str,
+) -> Result<Option<(std::path::PathBuf, std::fs::File)>, StoreError> {
     if url.contains(":memory:") || url.contains("mode=memory") {
         return Ok(None);
     }
     let options = SqliteConnectOptions::from_str(url)?;
-    let file = options.get_filename();
-    let mut path = file.as_os_str().to_owned();
-    path.push(".instance");
+    let mut path = options.get_filename().as_os_str().to_owned();
+    path.push(suffix);
     let path = std::path::PathBuf::from(path);
-    let lock = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(&path)
         .map_err(|e| StoreError::InUse(format!("cannot open {}: {e}", path.display())))?;
+    Ok(Some((path, file)))
+}
+
+/// Waits for, then holds, an exclusive lock on the file `<store>.migrate`, for one process at
+/// a time to migrate a SQLite store: two processes opening a new store at once would otherwise
+/// both create its tables, and one would fail. `None` for an in-memory database.
+async fn lock_sqlite_migrations(url: &str) -> Result<Option<std::fs::File>, StoreError> {
+    let Some((path, file)) = sqlite_lock_file(url, ".migrate")? else {
+        return Ok(None);
+    };
+    tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+        .await
+        .map_err(std::io::Error::other)
+        .flatten()
+        .map(Some)
+        .map_err(|e| {
+            StoreError::InUse(format!(
+                "cannot lock {} to migrate the store: {e}",
+                path.display()
+            ))
+        })
+}
+
+fn claim_sqlite_file(url: &str) -> Result<Option<SoleInstance>, StoreError> {
+    let Some((path, lock)) = sqlite_lock_file(url, ".instance")? else {
+        return Ok(None);
+    };
     match lock.try_lock() {
         Ok(()) => {
             use std::io::Write as _;
@@ -506,7 +506,7 @@ fn claim_sqlite_file(url: &str) -> Result<Option<SoleInstance>, StoreError> {
             Err(StoreError::InUse(format!(
                 "another xtls-component{pid} already uses the store {}: a SQLite store serves one \
                  instance; stop the other one, or give this one a store of its own",
-                file.display()
+                path.with_extension("").display()
             )))
         }
         Err(std::fs::TryLockError::Error(e)) => Err(StoreError::InUse(format!(
