@@ -479,16 +479,10 @@ impl Link {
         let (mut rd, mut wr) = stream.into_split();
         // The link is up once an address is known to reach this connection (slot.rs): pings
         // are sent from it, and without one the server routes nothing here.
+        // The first round goes out at once, each next one a round's wait later.
         let mut slot = SlotProbe::new(&config.domain);
         let mut anchor: Option<String> = None;
-        let mut round_deadline = Instant::now() + slot::ROUND_WAIT;
-        if let Some(round) = slot.next_round() {
-            let mut probes = Vec::new();
-            for probe in &round {
-                append_outbound(&mut probes, probe, &config.domain);
-            }
-            wr.write_all(&probes).await?;
-        }
+        let mut round_deadline = Instant::now();
         let mut keepalive = tokio::time::interval(config.keepalive);
         keepalive.reset();
         let mut ping = tokio::time::interval(config.ping_interval);

@@ -39,13 +39,18 @@ const ROUTE_PREFIX: &str = "route-";
 /// A probe to `to` (a bot's JID) from `domain`, with a fresh id: the id, and the stanza.
 pub fn route_probe(domain: &str, to: &str) -> (String, Element) {
     let id = format!("{ROUTE_PREFIX}{:016x}", rand::random::<u64>());
-    let stanza = Element::builder("message", ns::CLIENT)
+    let stanza = probe(domain, to, &id);
+    (id, stanza)
+}
+
+/// A probe: a message from the domain to `to`, known by its `id`.
+fn probe(domain: &str, to: &str, id: &str) -> Element {
+    Element::builder("message", ns::CLIENT)
         .attr(name("from"), domain)
         .attr(name("to"), to)
-        .attr(name("id"), id.as_str())
+        .attr(name("id"), id)
         .append(Element::bare("slot", NS_SLOT))
-        .build();
-    (id, stanza)
+        .build()
 }
 
 /// The id of a route probe that reached this connection, if `stanza` is one. Only the
@@ -101,12 +106,7 @@ impl SlotProbe {
         let round = (self.sent..self.sent + ROUND)
             .map(|n| {
                 let local = format!("{}{n}", self.prefix);
-                Element::builder("message", ns::CLIENT)
-                    .attr(name("from"), self.domain.as_str())
-                    .attr(name("to"), format!("{local}@{}", self.domain))
-                    .attr(name("id"), local)
-                    .append(Element::bare("slot", NS_SLOT))
-                    .build()
+                probe(&self.domain, &format!("{local}@{}", self.domain), &local)
             })
             .collect();
         self.sent += ROUND;
