@@ -41,8 +41,10 @@ pub enum RouteError {
     /// The component link is not up.
     #[error("the component link is down")]
     LinkDown,
-    /// Too many probes are waiting already.
-    #[error("{MAX_WAITING} route probes are waiting already")]
+    /// Too many probes are waiting already, or the outbound queue stayed full.
+    #[error(
+        "the component is busy: {MAX_WAITING} route probes wait, or the outbound queue is full"
+    )]
     Busy,
 }
 
@@ -92,9 +94,11 @@ impl Shared {
             id,
         };
         let started = Instant::now();
-        let sent = tokio::time::timeout(ROUTE_WAIT, self.out.send(probe)).await;
-        if !matches!(sent, Ok(Ok(()))) {
-            return Err(RouteError::LinkDown);
+        match tokio::time::timeout(ROUTE_WAIT, self.out.send(probe)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(RouteError::LinkDown),
+            // The outbound queue stayed full for the whole wait.
+            Err(_) => return Err(RouteError::Busy),
         }
         let came_back = tokio::time::timeout(ROUTE_WAIT.saturating_sub(started.elapsed()), rx)
             .await
