@@ -83,9 +83,11 @@ impl Store {
         let Some(id) = self.instance_id() else {
             return Err(StoreError::NotFound("this instance's registration".into()));
         };
+        // On the pool, not the writer: a beat must not wait behind the bots' writes, nor
+        // they behind it.
         let done = clocked!("UPDATE instances SET heartbeat_ms = " NOW_MS " WHERE id = $1")
             .bind(id)
-            .execute(self.writer())
+            .execute(self.pool())
             .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::Conflict(format!(
@@ -175,7 +177,7 @@ impl Store {
 /// `None` for a SQLite store.
 pub async fn serving_instance(url: &str) -> Result<Option<InstanceRecord>, StoreError> {
     use sqlx::Connection as _;
-    if super::Backend::of_url(url) != Ok(super::Backend::Postgres) {
+    if super::backend_of(url)? != super::Backend::Postgres {
         return Ok(None);
     }
     let mut conn = super::claim_connection(url).await?;
