@@ -482,6 +482,9 @@ impl Link {
         // The first round goes out at once, each next one a round's wait later.
         let mut slot = SlotProbe::new(&config.domain);
         let mut anchor: Option<String> = None;
+        // Whether a stanza went to the router: from then on a failure is a Down, found route
+        // or not (a peer's tunnel may have started meanwhile).
+        let mut delivered = false;
         let mut round_deadline = Instant::now();
         let mut keepalive = tokio::time::interval(config.keepalive);
         keepalive.reset();
@@ -535,6 +538,7 @@ impl Link {
                                     }
                                     Probe::Other => continue,
                                 }
+                                delivered = true;
                                 if events.send(LinkEvent::Stanza(el)).await.is_err() {
                                     return Err(SessionError::Shutdown);
                                 }
@@ -607,9 +611,9 @@ impl Link {
         }
     }
     .await;
-        // Down follows an Up only: a connection that never found a route here (`no slot`)
-        // lost no tunnel, and says so in `run`'s log line instead.
-        if anchor.is_some() && !matches!(result, Err(SessionError::Shutdown)) {
+        // A connection that found no route here (`no slot`) and delivered nothing lost no
+        // tunnel: no Down, and `run`'s log line names the problem instead.
+        if (anchor.is_some() || delivered) && !matches!(result, Err(SessionError::Shutdown)) {
             let (code, reason) = match &result {
                 Err(e) => (e.code(), e.to_string()),
                 Ok(()) => ("closed", "closed".into()),
