@@ -328,13 +328,17 @@ async fn standby(
         config.admin.listen,
     ));
     // Which instance serves, for the answers of this one: read before the first answer, then
-    // every few seconds.
-    let (serving_tx, serving) = watch::channel(read_serving(url).await);
+    // every few seconds; a store that does not answer delays neither the answers nor a stop
+    // for longer than one poll.
+    let first = tokio::time::timeout(SERVING_POLL, read_serving(url)).await;
+    let (serving_tx, serving) = watch::channel(first.unwrap_or(None));
     let poll_url = url.clone();
     let poll = tokio::spawn(async move {
         loop {
             tokio::time::sleep(SERVING_POLL).await;
-            serving_tx.send_replace(read_serving(&poll_url).await);
+            if let Ok(active) = tokio::time::timeout(SERVING_POLL, read_serving(&poll_url)).await {
+                serving_tx.send_replace(active);
+            }
         }
     });
     let app = api::standby_app(hosts, serving);
