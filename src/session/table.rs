@@ -240,6 +240,10 @@ impl BotHandle {
         tokio::spawn(webhook::run(deliverer, webhook));
     }
 
+    /// Tries of a command at a driver's queue: one found closed belonged to a driver that
+    /// parked meanwhile, and the slot then holds the next one.
+    const SEND_ATTEMPTS: usize = 3;
+
     /// The driver's queue, starting the driver when it waits; `None` once it stopped.
     fn driver(&self) -> Option<mpsc::Sender<BotCommand>> {
         self.driver.sender(false)
@@ -249,7 +253,7 @@ impl BotHandle {
     /// driver stopped.
     pub(super) async fn send(&self, mut command: BotCommand) -> Result<(), BotCommand> {
         // A queue found closed belonged to a driver that parked meanwhile: ask again.
-        for _ in 0..3 {
+        for _ in 0..Self::SEND_ATTEMPTS {
             let Some(tx) = self.driver() else {
                 return Err(command);
             };
@@ -263,26 +267,32 @@ impl BotHandle {
 
     /// Closes the bot's tunnels and stops its driver; returns once it stopped.
     pub(super) async fn stop(&self, reason: CloseReason) {
-        let running = {
-            let mut slot = self.driver.0.lock().expect("driver slot lock");
-            match &*slot {
-                // It keeps taking commands while it closes: the peers' answers to the close.
-                Slot::Running(tx) => Some(tx.clone()),
-                // Never started: nothing to close.
-                Slot::Waiting(_) | Slot::Stopped => {
-                    *slot = Slot::Stopped;
-                    None
+        // A driver that parks meanwhile closes its queue, and late commands may start a new
+        // one: look at the slot again and stop that one (as `send` retries).
+        let mut reason = Box::new(reason);
+        for _ in 0..Self::SEND_ATTEMPTS {
+            let running = {
+                let mut slot = self.driver.0.lock().expect("driver slot lock");
+                match &*slot {
+                    // It keeps taking commands while it closes: the peers' answers to the close.
+                    Slot::Running(tx) => Some(tx.clone()),
+                    // Not running: nothing to close.
+                    Slot::Waiting(_) | Slot::Stopped => {
+                        *slot = Slot::Stopped;
+                        None
+                    }
                 }
+            };
+            let Some(tx) = running else { return };
+            let (done, wait) = oneshot::channel();
+            match tx.send(BotCommand::Stop(reason, done)).await {
+                Ok(()) => {
+                    let _ = wait.await;
+                    break;
+                }
+                Err(mpsc::error::SendError(BotCommand::Stop(back, _))) => reason = back,
+                Err(_) => break,
             }
-        };
-        let Some(tx) = running else { return };
-        let (done, wait) = oneshot::channel();
-        if tx
-            .send(BotCommand::Stop(Box::new(reason), done))
-            .await
-            .is_ok()
-        {
-            let _ = wait.await;
         }
         *self.driver.0.lock().expect("driver slot lock") = Slot::Stopped;
     }
@@ -340,7 +350,7 @@ impl BotHandle {
     ) -> Result<(), mpsc::error::TrySendError<BotCommand>> {
         let mut command = BotCommand::Stanza(Box::new(stanza));
         // A queue found closed belonged to a driver that parked meanwhile: ask again.
-        for _ in 0..3 {
+        for _ in 0..Self::SEND_ATTEMPTS {
             let Some(tx) = self.driver() else { break };
             match tx.try_send(command) {
                 Err(mpsc::error::TrySendError::Closed(back)) => command = back,
