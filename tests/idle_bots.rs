@@ -6,7 +6,6 @@
 //! since the start keeps its handle only: no driver task, no queue, no TLS credentials.
 
 #[path = "common/database.rs"]
-#[macro_use]
 mod database;
 
 use std::time::Duration;
