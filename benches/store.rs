@@ -212,7 +212,7 @@ fn store(c: &mut Criterion) {
 fn append(rt: &Runtime, store: &Store, seq: &mut u64, events: &[NewEvent]) {
     let after = *seq;
     let stored = rt
-        .block_on(store.append_events(BOT, after, events))
+        .block_on(store.append_events(BOT, after, events, None))
         .expect("committed");
     *seq += stored.len() as u64;
 }

@@ -356,7 +356,10 @@ mod tests {
         let row = event
             .clone()
             .into_row(Some("t1".into()), Some("alice@example.net/a".into()));
-        let stored = store.append_events(&bot.jid, 0, &[row]).await.unwrap();
+        let stored = store
+            .append_events(&bot.jid, 0, &[row], None)
+            .await
+            .unwrap();
         let served = serde_json::to_value(&stored[0]).unwrap();
         let envelope: EventEnvelope = serde_json::from_value(served).unwrap();
         assert_eq!(envelope.event, event);

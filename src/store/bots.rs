@@ -40,6 +40,10 @@ pub struct StoredBot {
     pub last_seq: u64,
 }
 
+/// The columns a bot is started from.
+const LOAD_BOT: &str = "SELECT b.jid, b.localpart, b.handler, b.peer_auth, b.trust, b.encrypted_only, \
+     b.created_at, b.last_seq, k.key_der, k.cert_der FROM bots b LEFT JOIN bot_keys k ON k.bot_jid = b.jid";
+
 impl Store {
     /// Creates a bot with its identity in one transaction.
     pub async fn insert_bot(
@@ -102,33 +106,40 @@ impl Store {
         after: &str,
         limit: i64,
     ) -> Result<Vec<StoredBot>, StoreError> {
-        let rows = query(
-            "SELECT b.jid, b.localpart, b.handler, b.peer_auth, b.trust, b.encrypted_only, b.created_at, b.last_seq, \
-             k.key_der, k.cert_der \
-             FROM bots b LEFT JOIN bot_keys k ON k.bot_jid = b.jid \
-             WHERE b.jid > $1 ORDER BY b.jid LIMIT $2",
-        )
+        let rows = query(format!(
+            "{LOAD_BOT} WHERE b.jid > $1 ORDER BY b.jid LIMIT $2"
+        ))
         .bind(after)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                let record = bot_from_row(r)?;
-                let (Some(key_der), Some(cert_der)) = (
-                    r.get::<Option<Vec<u8>>, _>("key_der"),
-                    r.get::<Option<Vec<u8>>, _>("cert_der"),
-                ) else {
-                    return Err(StoreError::NotFound(format!("key of bot {}", record.jid)));
-                };
-                Ok(StoredBot {
-                    last_seq: r.get::<i64, _>("last_seq") as u64,
-                    key_der: self.open_key(&record.jid, key_der)?,
-                    record,
-                    cert_der,
-                })
-            })
-            .collect()
+        rows.iter().map(|r| self.stored_bot(r)).collect()
+    }
+
+    /// One bot with its stored key, certificate and last event `seq`, as it is now (another
+    /// instance may have created or changed it).
+    pub async fn load_bot(&self, jid: &str) -> Result<Option<StoredBot>, StoreError> {
+        let row = query(format!("{LOAD_BOT} WHERE b.jid = $1"))
+            .bind(jid)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| self.stored_bot(&r)).transpose()
+    }
+
+    fn stored_bot(&self, r: &Row) -> Result<StoredBot, StoreError> {
+        let record = bot_from_row(r)?;
+        let (Some(key_der), Some(cert_der)) = (
+            r.get::<Option<Vec<u8>>, _>("key_der"),
+            r.get::<Option<Vec<u8>>, _>("cert_der"),
+        ) else {
+            return Err(StoreError::NotFound(format!("key of bot {}", record.jid)));
+        };
+        Ok(StoredBot {
+            last_seq: r.get::<i64, _>("last_seq") as u64,
+            key_der: self.open_key(&record.jid, key_der)?,
+            record,
+            cert_der,
+        })
     }
 
     /// The stored identity of a bot.

@@ -86,14 +86,16 @@ impl Store {
         Ok(row.get::<i64, _>(0) as u64)
     }
 
-    /// Appends events with `seq` from `after + 1`, in one transaction; returns them as stored.
+    /// Appends events with `seq` from `after + 1`, in one transaction (fenced by `lease` when
+    /// given); returns them as stored.
     pub async fn append_events(
         &self,
         bot: &str,
         after: u64,
         events: &[NewEvent],
+        lease: Option<&super::Lease>,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        let mut tx = self.writer().begin().await?;
+        let mut tx = self.begin_for(lease).await?;
         // Claim the seq range first: a writer that lost track of it cannot fork the log.
         let last = after + events.len() as u64;
         let done = query("UPDATE bots SET last_seq = $1 WHERE jid = $2 AND last_seq = $3")
@@ -261,13 +263,13 @@ mod tests {
             data: serde_json::json!({ "body": n.to_string() }),
         };
         let stored = store
-            .append_events(jid, 0, &[event(1), event(2), event(3)])
+            .append_events(jid, 0, &[event(1), event(2), event(3)], None)
             .await
             .unwrap();
         assert_eq!(stored.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
         assert!(
             matches!(
-                store.append_events(jid, 2, &[event(4)]).await,
+                store.append_events(jid, 2, &[event(4)], None).await,
                 Err(StoreError::Conflict(_))
             ),
             "a writer that lost track of seq cannot fork the log"

@@ -244,7 +244,7 @@ mod tests {
             State::Open,
             now(),
         );
-        store.save_tunnel(&t).await.unwrap();
+        store.save_tunnel(&t, None).await.unwrap();
     }
 
     async fn state_of(store: &Store, id: &str) -> (State, Option<String>) {

@@ -46,7 +46,7 @@ pub use bots::{BotRecord, StoredBot};
 pub use events::{EventRecord, NewEvent};
 pub use instances::{InstanceRecord, serving_instance};
 pub use messages::{MessageRecord, MessageStatus, OutMsg};
-pub use owners::{Lease, OwnerRecord};
+pub use owners::{BotOwner, Claim, Lease, OwnerRecord};
 pub use pins::{AuditEntry, FirstUse, PeerPin, PinAction, PinChange};
 pub use rotation::{NextCertificate, RetiredCertificate};
 pub use sealed::StoreKey;
@@ -92,6 +92,9 @@ pub enum StoreError {
     /// A concurrent writer changed what this write depended on.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// Another instance runs the bot now: this one may not write for it.
+    #[error("not the owner: {0}")]
+    NotOwner(String),
     /// A stored value is none of the values its column may hold.
     #[error("stored value unreadable: {0}")]
     Unreadable(String),
@@ -734,7 +737,7 @@ pub(crate) mod tests {
             data: serde_json::json!({}),
         };
         store
-            .append_events(&bot.jid, 0, &[event.clone(), event.clone(), event])
+            .append_events(&bot.jid, 0, &[event.clone(), event.clone(), event], None)
             .await
             .unwrap();
         let pending = store.pending_events(&bot.jid, 0, 10).await.unwrap();
@@ -1096,10 +1099,10 @@ pub(crate) mod tests {
             State::Handshaking,
             now(),
         );
-        store.save_tunnel(&t).await.unwrap();
+        store.save_tunnel(&t, None).await.unwrap();
         t.state = State::Closed;
         t.stanzas_in = 7;
-        store.save_tunnel(&t).await.unwrap();
+        store.save_tunnel(&t, None).await.unwrap();
         assert_eq!(store.tunnel(&"t1".into()).await.unwrap(), Some(t.clone()));
         let by_peer = TunnelFilter {
             peer: Some("alice@example.net".into()),
@@ -1144,7 +1147,7 @@ pub(crate) mod tests {
             State::Open,
             now(),
         );
-        store.save_tunnel(&t).await.unwrap();
+        store.save_tunnel(&t, None).await.unwrap();
 
         // A later version (or a hand edit) wrote values this one does not know.
         for (sql, column) in [

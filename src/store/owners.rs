@@ -19,6 +19,31 @@ pub struct Lease {
     pub epoch: i64,
 }
 
+/// What one claim gave: the lease, and who owned the bot before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// The lease this instance holds now.
+    pub lease: Lease,
+    /// The instance that owned the bot before (this one when it claimed again), if any.
+    pub previous: Option<String>,
+}
+
+impl Claim {
+    /// Whether the bot changed hands with this claim (or had no owner before).
+    pub fn is_new(&self) -> bool {
+        self.previous.as_deref() != Some(self.lease.instance.as_str())
+    }
+}
+
+/// Where a bot runs, for a request about it that reached another instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BotOwner {
+    /// The registered instance that claimed it last, if one did and is still registered.
+    pub instance: Option<String>,
+    /// That instance's admin API (`instances.advertise_url`).
+    pub admin_url: Option<String>,
+}
+
 /// A bot's owner as the store knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct OwnerRecord {
@@ -35,50 +60,82 @@ pub struct OwnerRecord {
 impl Store {
     /// Makes this instance the owner of `bot`. An owner claiming again keeps its epoch; a new
     /// owner gets the previous epoch plus one.
+    #[cfg(test)]
     pub async fn claim_bot(&self, bot: &str) -> Result<Lease, StoreError> {
+        let mut claimed = self.claim_bots(&[bot.to_owned()]).await?;
+        claimed
+            .pop()
+            .map(|c| c.lease)
+            .ok_or_else(|| StoreError::NotFound(format!("bot {bot}")))
+    }
+
+    /// Makes this instance the owner of each of `bots` that exists, in one transaction (see
+    /// [`Store::claim_bot`]); what each claim gave, in the order asked. Bots deleted meanwhile
+    /// are left out.
+    pub async fn claim_bots(&self, bots: &[String]) -> Result<Vec<Claim>, StoreError> {
         let Some(me) = self.instance_id() else {
             return Err(StoreError::NotFound("this instance's registration".into()));
         };
         let mut tx = self.writer().begin().await?;
-        let taken = query(
-            "INSERT INTO bot_owners (bot_jid, instance_id, epoch, claimed_at) VALUES ($1, $2, 1, $3) \
-             ON CONFLICT (bot_jid) DO UPDATE SET instance_id = excluded.instance_id, \
-             epoch = bot_owners.epoch + 1, claimed_at = excluded.claimed_at \
-             WHERE bot_owners.instance_id != excluded.instance_id",
-        )
-        .bind(bot)
-        .bind(me)
-        .bind(now())
-        .execute(&mut tx)
-        .await;
-        if let Err(sqlx::Error::Database(e)) = &taken
-            && e.is_foreign_key_violation()
-        {
-            return Err(StoreError::NotFound(format!("bot {bot}")));
-        }
-        taken?;
-        let row = query("SELECT instance_id, epoch FROM bot_owners WHERE bot_jid = $1")
+        let mut claimed = Vec::with_capacity(bots.len());
+        for bot in bots {
+            let known = query_each(
+                "SELECT instance_id, epoch FROM bot_owners WHERE bot_jid = $1",
+                "SELECT instance_id, epoch FROM bot_owners WHERE bot_jid = $1 FOR UPDATE",
+            )
             .bind(bot)
-            .fetch_one(&mut tx)
+            .fetch_optional(&mut tx)
             .await?;
+            let before: Option<(String, i64)> = match known {
+                Some(row) => Some((row.try_get("instance_id")?, row.try_get("epoch")?)),
+                None => None,
+            };
+            let epoch = match &before {
+                Some((owner, epoch)) if owner == me => {
+                    claimed.push(Claim {
+                        lease: Lease {
+                            bot: bot.clone(),
+                            instance: me.to_owned(),
+                            epoch: *epoch,
+                        },
+                        previous: Some(me.to_owned()),
+                    });
+                    continue;
+                }
+                Some((_, epoch)) => epoch + 1,
+                None => 1,
+            };
+            // A bot deleted meanwhile has no row to own (and no owner row to conflict with).
+            let taken = query(
+                "INSERT INTO bot_owners (bot_jid, instance_id, epoch, claimed_at) \
+                 SELECT jid, $2, $3, $4 FROM bots WHERE jid = $1 \
+                 ON CONFLICT (bot_jid) DO UPDATE SET instance_id = excluded.instance_id, \
+                 epoch = excluded.epoch, claimed_at = excluded.claimed_at",
+            )
+            .bind(bot)
+            .bind(me)
+            .bind(epoch)
+            .bind(now())
+            .execute(&mut tx)
+            .await?;
+            if taken.rows_affected() == 1 {
+                claimed.push(Claim {
+                    lease: Lease {
+                        bot: bot.clone(),
+                        instance: me.to_owned(),
+                        epoch,
+                    },
+                    previous: before.map(|(owner, _)| owner),
+                });
+            }
+        }
         tx.commit().await?;
-        Ok(Lease {
-            bot: bot.to_owned(),
-            instance: row.try_get("instance_id")?,
-            epoch: row.try_get("epoch")?,
-        })
+        Ok(claimed)
     }
 
     /// Starts a transaction for writes only `lease`'s holder may make: a conflict when the bot
     /// has another owner, or the same one under a newer claim. On PostgreSQL the ownership
     /// row stays locked until the transaction ends, so no claim slips in between.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "the writes of instances sharing a store are not fenced yet"
-        )
-    )]
     pub(crate) async fn fenced(&self, lease: &Lease) -> Result<Tx, StoreError> {
         let mut tx = self.writer().begin().await?;
         let row = query_each(
@@ -89,20 +146,49 @@ impl Store {
         .fetch_optional(&mut tx)
         .await?;
         let Some(row) = row else {
-            return Err(StoreError::Conflict(format!(
+            return Err(StoreError::NotOwner(format!(
                 "bot {} has no owner: instance {} lost it",
                 lease.bot, lease.instance
             )));
         };
         let (owner, epoch): (String, i64) = (row.try_get("instance_id")?, row.try_get("epoch")?);
         if owner != lease.instance || epoch != lease.epoch {
-            return Err(StoreError::Conflict(format!(
+            return Err(StoreError::NotOwner(format!(
                 "bot {} is run by instance {owner} (epoch {epoch}); instance {} held epoch {} and \
                  may not write for it",
                 lease.bot, lease.instance, lease.epoch
             )));
         }
         Ok(tx)
+    }
+
+    /// Starts a write transaction: fenced by `lease` when there is one (instances sharing the
+    /// store), a plain one otherwise.
+    pub(crate) async fn begin_for(&self, lease: Option<&Lease>) -> Result<Tx, StoreError> {
+        match lease {
+            Some(lease) => self.fenced(lease).await,
+            None => Ok(self.writer().begin().await?),
+        }
+    }
+
+    /// Who runs `bot` now, as the store knows it: `None` when there is no such bot; a
+    /// [`BotOwner`] without an instance when no live instance has claimed it.
+    pub async fn bot_owner(&self, bot: &str) -> Result<Option<BotOwner>, StoreError> {
+        let row = query(
+            "SELECT i.id, i.admin_url FROM bots b \
+             LEFT JOIN bot_owners o ON o.bot_jid = b.jid \
+             LEFT JOIN instances i ON i.id = o.instance_id WHERE b.jid = $1",
+        )
+        .bind(bot)
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(|r| {
+            Ok(BotOwner {
+                instance: r.try_get(0)?,
+                admin_url: r.try_get(1)?,
+            })
+        })
+        .transpose()
     }
 
     /// Every bot's owner, by bot.
@@ -155,11 +241,31 @@ mod tests {
         );
         let second = b.claim_bot(&bot.jid).await.unwrap();
         assert_eq!((second.instance.as_str(), second.epoch), (ib.as_str(), 2));
+        assert_eq!(
+            a.bot_owner(&bot.jid).await.unwrap(),
+            Some(BotOwner {
+                instance: Some(ib.clone()),
+                admin_url: None
+            })
+        );
+        assert_eq!(a.bot_owner("nobody@bots.example.org").await.unwrap(), None);
+        // A batch says who had each bot before; a bot that does not exist is left out.
+        let batch = a
+            .claim_bots(&[bot.jid.clone(), "nobody@bots.example.org".into()])
+            .await
+            .unwrap();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].previous.as_deref(), Some(ib.as_str()));
+        assert!(batch[0].is_new() && batch[0].lease.epoch == 3);
+        let again = a.claim_bots(std::slice::from_ref(&bot.jid)).await.unwrap();
+        assert!(!again[0].is_new() && again[0].lease.epoch == 3);
+        let second = b.claim_bot(&bot.jid).await.unwrap();
+        assert_eq!(second.epoch, 4);
 
         // The former owner's fenced write is refused, and says who runs the bot now.
         match a.fenced(&first).await {
-            Err(StoreError::Conflict(why)) => {
-                assert!(why.contains(&ib) && why.contains("epoch 2"), "{why}")
+            Err(StoreError::NotOwner(why)) => {
+                assert!(why.contains(&ib) && why.contains("epoch 4"), "{why}")
             }
             other => panic!("expected a conflict, got {other:?}"),
         }
@@ -175,17 +281,17 @@ mod tests {
 
         // Taking the bot back is a new claim, not the old one revived.
         let third = a.claim_bot(&bot.jid).await.unwrap();
-        assert_eq!(third.epoch, 3);
+        assert_eq!(third.epoch, 5);
         assert!(a.fenced(&first).await.is_err());
         assert!(matches!(
             b.fenced(&second).await,
-            Err(StoreError::Conflict(_))
+            Err(StoreError::NotOwner(_))
         ));
         let owners = b.owners().await.unwrap();
         assert_eq!(owners.len(), 1);
         assert_eq!(
             (owners[0].instance.as_str(), owners[0].epoch),
-            (ia.as_str(), 3)
+            (ia.as_str(), 5)
         );
 
         assert!(matches!(

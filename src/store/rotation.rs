@@ -4,7 +4,7 @@
 //! active; activation moves it into `bot_keys` and the replaced certificate into
 //! `bot_retired_certs`, in one transaction. Both steps are audited.
 
-use super::db::query;
+use super::db::{Row, query};
 
 use super::pins::{Audit, audit};
 use super::{PinAction, Store, StoreError, now};
@@ -31,6 +31,9 @@ pub struct RetiredCertificate {
     /// When it stopped being the active one (RFC 3339).
     pub retired_at: String,
 }
+
+/// The columns of an announced next certificate.
+const NEXT: &str = "SELECT bot_jid, key_der, cert_der, created_at, active_at FROM bot_next_keys";
 
 impl Store {
     /// Announces `identity` as the bot's next certificate, active from `active_at`, replacing
@@ -73,23 +76,30 @@ impl Store {
 
     /// Every announced next certificate, by bot.
     pub async fn next_certificates(&self) -> Result<Vec<NextCertificate>, StoreError> {
-        let rows = query(
-            "SELECT bot_jid, key_der, cert_der, created_at, active_at FROM bot_next_keys ORDER BY bot_jid",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                let bot: String = r.try_get("bot_jid")?;
-                let key_der = self.open_key(&bot, r.try_get("key_der")?)?;
-                Ok(NextCertificate {
-                    identity: BotIdentity::from_der(&bot, r.try_get("cert_der")?, key_der)?,
-                    created_at: r.try_get("created_at")?,
-                    active_at: r.try_get("active_at")?,
-                    bot,
-                })
-            })
-            .collect()
+        let rows = query(format!("{NEXT} ORDER BY bot_jid"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| self.next_from_row(r)).collect()
+    }
+
+    /// The next certificate announced for one bot, if any.
+    pub async fn next_certificate(&self, bot: &str) -> Result<Option<NextCertificate>, StoreError> {
+        let row = query(format!("{NEXT} WHERE bot_jid = $1"))
+            .bind(bot)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| self.next_from_row(&r)).transpose()
+    }
+
+    fn next_from_row(&self, r: &Row) -> Result<NextCertificate, StoreError> {
+        let bot: String = r.try_get("bot_jid")?;
+        let key_der = self.open_key(&bot, r.try_get("key_der")?)?;
+        Ok(NextCertificate {
+            identity: BotIdentity::from_der(&bot, r.try_get("cert_der")?, key_der)?,
+            created_at: r.try_get("created_at")?,
+            active_at: r.try_get("active_at")?,
+            bot,
+        })
     }
 
     /// Makes the bot's next certificate the active one and retires the active one, audited as

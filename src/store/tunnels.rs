@@ -328,9 +328,14 @@ impl TunnelFilter {
 }
 
 impl Store {
-    /// Inserts or replaces a tunnel row, naming this instance as the one that ran it.
-    pub async fn save_tunnel(&self, t: &TunnelRecord) -> Result<(), StoreError> {
-        query(
+    /// Inserts or replaces a tunnel row, naming this instance as the one that ran it (fenced by
+    /// `lease` when given).
+    pub async fn save_tunnel(
+        &self,
+        t: &TunnelRecord,
+        lease: Option<&super::Lease>,
+    ) -> Result<(), StoreError> {
+        let save = query(
             "INSERT INTO tunnels (id, bot_jid, local_jid, peer, role, state, tls_version, cipher_suite, peer_spki, trust, \
              stanzas_in, stanzas_out, bytes_in, bytes_out, opened_at, established_at, closed_at, close_reason, instance_id) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19) \
@@ -358,9 +363,17 @@ impl Store {
         .bind(&t.established_at)
         .bind(&t.closed_at)
         .bind(&t.close_reason)
-        .bind(self.instance_id())
-        .execute(&self.writer)
-        .await?;
+        .bind(self.instance_id());
+        match lease {
+            None => {
+                save.execute(&self.writer).await?;
+            }
+            Some(lease) => {
+                let mut tx = self.fenced(lease).await?;
+                save.execute(&mut tx).await?;
+                tx.commit().await?;
+            }
+        }
         Ok(())
     }
 
