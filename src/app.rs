@@ -12,7 +12,7 @@ use crate::api::{self, AdminState, AllowedHosts, HttpLimits, ListenerTls};
 use crate::config::{Config, InstanceMode, Live, TlsFiles};
 use crate::link::{self, LinkConfig, LinkEvent, LinkStatus};
 use crate::router;
-use crate::session::{BotTable, NewBot, Shared};
+use crate::session::{BotTable, NewBot, Ownership, Shared};
 use crate::store::{SoleInstance, Store, StoreError, StoreKey};
 
 /// Runs the component until `shutdown` resolves or the server refuses the configuration.
@@ -35,7 +35,10 @@ pub async fn run(
             Some(claim) => Some(claim),
             None => return Ok(()),
         },
+        // Every instance serves; each runs the bots the server routes to it.
+        InstanceMode::Shared => None,
     };
+    let sharing = config.instances.mode == InstanceMode::Shared;
     let store = Store::open(&config.store.url)
         .await
         .with_context(|| format!("cannot open the store at {shown}"))?;
@@ -55,8 +58,11 @@ pub async fn run(
         .await
         .context("cannot register this instance in the store")?;
     tracing::info!(instance, "instance registered");
-    // This instance holds the store alone (the claim above): every other one is gone.
-    let stale = store.close_lost_tunnels(None).await?;
+    // Alone (the claim above), every other instance is gone; sharing the store, those whose
+    // heartbeat stopped.
+    let stale = store
+        .close_lost_tunnels(sharing.then_some(LOST_AFTER.as_millis() as i64))
+        .await?;
     if stale > 0 {
         tracing::info!(
             count = stale,
@@ -74,13 +80,35 @@ pub async fn run(
                 if let Err(e) = beat_store.heartbeat().await {
                     tracing::warn!(error = %e, "cannot record this instance's heartbeat");
                 }
+                // Sharing the store, the live rows of an instance that died are closed by the
+                // others once its heartbeat is old enough.
+                if sharing {
+                    match beat_store
+                        .close_lost_tunnels(Some(LOST_AFTER.as_millis() as i64))
+                        .await
+                    {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(
+                            count = n,
+                            "tunnels of an instance that stopped answering marked closed"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot close the tunnels of lost instances")
+                        }
+                    }
+                }
             }
         })
     });
 
     let (out_tx, out_rx) = mpsc::channel(config.limits.outbound_queue);
+    let owners = match sharing {
+        true => Ownership::shared(),
+        false => Ownership::sole(),
+    };
     let shared = Shared::new(
         store.clone(),
+        owners,
         out_tx.clone(),
         config.tunnel.to_tunnel_config(),
         config.limits.clone(),
@@ -107,6 +135,7 @@ pub async fn run(
     release_freed_memory();
 
     let rotations = tokio::spawn(bots.clone().run_rotations());
+    let claims = sharing.then(|| tokio::spawn(bots.clone().run_claims()));
 
     let retention = std::time::Duration::from_secs(config.events.retention_secs);
     let pruner_store = store.clone();
@@ -145,7 +174,14 @@ pub async fn run(
             match event {
                 LinkEvent::Up => {
                     router_bots.shared().metrics.connected.set(1);
-                    router_bots.broadcast_link(true).await
+                    router_bots.broadcast_link(true).await;
+                    if sharing {
+                        // Each probe comes back to the bot's owner, which claims it.
+                        tokio::spawn({
+                            let bots = router_bots.clone();
+                            async move { bots.probe_all().await }
+                        });
+                    }
                 }
                 LinkEvent::Down(code, reason) => {
                     let metrics = &router_bots.shared().metrics;
@@ -190,10 +226,10 @@ pub async fn run(
         token: api::AdminToken::new(&config.admin.token.take().expect("validated config")),
         link: status_rx,
         limits: std::sync::Arc::new(limits.clone()),
-        allowed_hosts: std::sync::Arc::new(AllowedHosts::new(
-            &config.admin.allowed_hosts,
-            config.admin.listen,
-        )),
+        allowed_hosts: std::sync::Arc::new(
+            AllowedHosts::new(&config.admin.allowed_hosts, config.admin.listen)
+                .with_advertised(config.instances.advertise_url.as_deref()),
+        ),
         cors_origins: config.admin.cors_origins.clone(),
     };
     let mut running = Running {
@@ -269,6 +305,9 @@ pub async fn run(
     }
     pruner.abort();
     rotations.abort();
+    if let Some(claims) = claims {
+        claims.abort();
+    }
     if let Some(heartbeat) = heartbeat {
         heartbeat.abort();
     }
@@ -294,6 +333,10 @@ fn release_freed_memory() {
 
 /// How often an instance on a PostgreSQL store records there that it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// How old the heartbeat of an instance sharing the store may get before the others take it
+/// for dead and close its tunnel rows (three missed beats).
+const LOST_AFTER: Duration = Duration::from_secs(15);
 
 /// How often a standby reads which instance serves the store, for its answers.
 const SERVING_POLL: Duration = Duration::from_secs(5);

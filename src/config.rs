@@ -313,6 +313,9 @@ pub enum InstanceMode {
     Single,
     /// It waits as a standby, and serves when the active one stops (a PostgreSQL store).
     Failover,
+    /// It serves beside the others, each running the bots whose stanzas the server routes to
+    /// it (a PostgreSQL store and ejabberd's `domain_balancing`).
+    Shared,
 }
 
 /// An admin address to advertise: an absolute `http` or `https` URL of a host, with no
@@ -954,14 +957,21 @@ impl Config {
                      `head -c 32 /dev/urandom | base64`",
                 ));
             }
-            Ok(StoreBackend::Sqlite) if self.instances.mode == InstanceMode::Failover => {
+            Ok(StoreBackend::Sqlite) if self.instances.mode != InstanceMode::Single => {
                 return Err(invalid(
                     "instances.mode",
-                    "failover needs a PostgreSQL store: a SQLite file serves one instance, and a \
-                     standby cannot reach it from another host",
+                    "failover and shared need a PostgreSQL store: a SQLite file serves one \
+                     instance, and another one cannot reach it from another host",
                 ));
             }
             Ok(_) => {}
+        }
+        if self.instances.mode == InstanceMode::Shared && self.instances.advertise_url.is_none() {
+            return Err(invalid(
+                "instances.advertise_url",
+                "instances.mode = \"shared\" needs the address of this instance's admin API \
+                 (http://host:port): the other instances send it the requests for its bots",
+            ));
         }
         if let Some(url) = &self.instances.advertise_url {
             check_advertise_url(url).map_err(|why| invalid("instances.advertise_url", &why))?;
@@ -1214,6 +1224,19 @@ mod tests {
         .unwrap();
         assert_eq!(c.instances.mode, InstanceMode::Failover);
         assert_eq!(load(MINIMAL).unwrap().instances.mode, InstanceMode::Single);
+        let err = with("url = \"sqlite://x.db\"\n[instances]\nmode = \"shared\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("instances.mode") && err.contains("PostgreSQL"),
+            "{err}"
+        );
+        let shared =
+            format!("url = \"postgres://xtls@db/bots\"\n{key}\n[instances]\nmode = \"shared\"");
+        let err = with(&shared).unwrap_err().to_string();
+        assert!(err.contains("instances.advertise_url"), "{err}");
+        let c = with(&format!("{shared}\nadvertise_url = \"http://xtls-a:8347\"")).unwrap();
+        assert_eq!(c.instances.mode, InstanceMode::Shared);
     }
 
     #[test]

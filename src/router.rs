@@ -21,9 +21,20 @@ pub fn route(stanza: Element, bots: &BotTable) -> Option<Element> {
         tracing::debug!(to = %to, "stanza for another domain dropped");
         return None;
     }
+    let probe = crate::link::slot::route_probe_id(&stanza, domain);
+    // With a shared store, a stanza that reaches this instance for a bot makes the bot this
+    // instance's: a known bot's, or a probe's (only instances send those; a bot created on
+    // another one is not known here yet).
+    if bots.shared().owners.is_shared()
+        && let Some(node) = to.node()
+        && (probe.is_some() || bots.by_localpart(node.as_str()).is_some())
+        && let Some(bare) = xtls::certs::normalize_bare(&format!("{node}@{domain}"))
+    {
+        bots.shared().owners.routed_here(&bare);
+    }
     // A route probe from this domain (ours or another instance's): it says where the server
     // routes its destination, and is never a bot's business.
-    if let Some(id) = crate::link::slot::route_probe_id(&stanza, domain) {
+    if let Some(id) = probe {
         if !bots.shared().routes.arrived(id) {
             tracing::debug!(
                 id,

@@ -60,6 +60,7 @@ impl Api {
         let (out_tx, out) = mpsc::channel(256);
         let shared = Shared::new(
             store,
+            xtls_component::session::Ownership::sole(),
             out_tx,
             TunnelConfig::default(),
             LimitsConfig::default(),

@@ -50,6 +50,7 @@ async fn heap_per_idle_bot(handler: Handler) -> isize {
     let (out_tx, _out) = mpsc::channel(256);
     let shared = Shared::new(
         store,
+        xtls_component::session::Ownership::sole(),
         out_tx,
         TunnelConfig::default(),
         LimitsConfig::default(),

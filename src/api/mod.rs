@@ -14,6 +14,7 @@
 //! |---|---|
 //! | `server` | the hyper server: connection cap, deadlines, body cap, `Host` check, HTTPS |
 //! | `error` | [`ApiError`] and its problem+json rendering |
+//! | `forward` | requests about a bot another instance runs, passed to that instance |
 //! | `auth` | bearer tokens: who the caller is and what it may reach |
 //! | `health` | `/healthz`, `/readyz`, `/metrics` |
 //! | `admin` | bots, certificates, peers, the session table |
@@ -25,6 +26,7 @@ mod admin;
 mod auth;
 mod bot;
 mod error;
+mod forward;
 mod health;
 mod openapi;
 mod server;
@@ -147,6 +149,11 @@ pub fn routes(state: AdminState) -> OpenApiRouter<AdminState> {
         // read_body enforces admin.max_body_bytes; the extractors' own 2 MB cap would
         // contradict a larger setting.
         .layer(axum::extract::DefaultBodyLimit::disable())
+        // Sharing the store: a request about a bot another instance runs goes there.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            forward::to_owner,
+        ))
         // Only a caller with a valid token gets its body read.
         .layer(middleware::from_fn_with_state(
             state.limits.clone(),

@@ -192,6 +192,20 @@ impl AllowedHosts {
         AllowedHosts(names)
     }
 
+    /// These names, and the host of `url` (the address this API advertises to other
+    /// instances, which they send requests to) when there is one.
+    pub fn with_advertised(mut self, url: Option<&str>) -> Self {
+        let host = url
+            .and_then(|u| reqwest::Url::parse(u).ok())
+            .and_then(|u| u.host_str().map(str::to_ascii_lowercase));
+        if let Some(host) = host
+            && !self.0.contains(&host)
+        {
+            self.0.push(host);
+        }
+        self
+    }
+
     /// Whether a `Host` header value (with or without port) names this server.
     pub fn allows(&self, host: &str) -> bool {
         let host = host.trim().to_ascii_lowercase();
@@ -262,5 +276,10 @@ mod tests {
         assert!(named.allows("admin.example:443") && !named.allows("localhost"));
         let any = AllowedHosts::new(&["*".into()], "0.0.0.0:1".parse().unwrap());
         assert!(any.allows("anything"));
+        // The address other instances are told to use is one they may use.
+        let advertised = AllowedHosts::new(&["admin.example".into()], "0.0.0.0:1".parse().unwrap())
+            .with_advertised(Some("http://XTLS-B.internal:8347"));
+        assert!(advertised.allows("xtls-b.internal:8347") && advertised.allows("admin.example"));
+        assert!(!advertised.allows("localhost"));
     }
 }

@@ -321,18 +321,25 @@ impl BotDriver {
         if !self.pending_events.is_empty() {
             let (keys, events): (Vec<_>, Vec<_>) =
                 std::mem::take(&mut self.pending_events).into_iter().unzip();
-            match self
-                .shared
-                .store
-                .append_events(&self.bot.jid, self.last_seq, &events)
-                .await
-            {
+            let store = &self.shared.store;
+            let committed = match self.shared.owners.lease(store, &self.bot.jid).await {
+                Ok(lease) => {
+                    store
+                        .append_events(&self.bot.jid, self.last_seq, &events, lease.as_ref())
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match committed {
                 Ok(stored) => {
                     self.last_seq += stored.len() as u64;
                     self.events_tx.send_replace(self.last_seq);
                 }
                 Err(e) => {
                     tracing::error!(bot = self.bot.jid, error = %e, "cannot commit events; refusing the stanzas they carried");
+                    if matches!(e, StoreError::NotOwner(_)) {
+                        self.lost_bot();
+                    }
                     if matches!(e, StoreError::Conflict(_))
                         && let Ok(last) = self.shared.store.last_seq(&self.bot.jid).await
                     {
@@ -492,6 +499,7 @@ impl BotDriver {
             BotCommand::Sas(id, request, done) => {
                 let _ = done.send(self.sas_request(&id, *request).await);
             }
+            BotCommand::Recover => self.recover_messages().await,
             BotCommand::SetCertificates(certificates, done) => {
                 if let Some(active) = certificates.active {
                     self.creds = active;
@@ -580,8 +588,32 @@ impl BotDriver {
     }
 
     pub(super) async fn save(&self, record: &TunnelRecord) {
-        if let Err(e) = self.shared.store.save_tunnel(record).await {
-            tracing::error!(error = %e, tunnel = %record.id, "cannot record tunnel");
+        let store = &self.shared.store;
+        let saved = match self.shared.owners.lease(store, &self.bot.jid).await {
+            Ok(lease) => store.save_tunnel(record, lease.as_ref()).await,
+            Err(e) => Err(e),
+        };
+        match saved {
+            Ok(()) => {}
+            // Its tunnels end at the next commit (`lost_bot`); the row is the new owner's.
+            Err(e @ StoreError::NotOwner(_)) => {
+                tracing::warn!(error = %e, tunnel = %record.id, "tunnel not recorded");
+                self.shared.owners.forget(&self.bot.jid);
+            }
+            Err(e) => tracing::error!(error = %e, tunnel = %record.id, "cannot record tunnel"),
+        }
+    }
+
+    /// Another instance runs this bot now (its write was refused): this one forgets it and
+    /// drops its tunnels, whose stanzas the server now routes there.
+    pub(super) fn lost_bot(&mut self) {
+        tracing::warn!(
+            bot = self.bot.jid,
+            "another instance runs this bot now: its tunnels here end"
+        );
+        self.shared.owners.forget(&self.bot.jid);
+        for live in self.tunnels.values_mut() {
+            live.tunnel.abandon(CloseReason::ConnectionLost);
         }
     }
 

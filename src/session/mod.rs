@@ -12,6 +12,7 @@
 //! | module | what |
 //! |---|---|
 //! | `table` | the registry of bots: create, load, find, delete; [`BotHandle`], [`BotCommand`] |
+//! | `owners` | which bots this instance runs when instances share the store; their leases |
 //! | `driver` | one bot's task and the order of a step: commands, engines, pump, commit, write |
 //! | `inbound` | stanzas from the server: `start`, tunnel IQs, presence, disco, ping |
 //! | `events` | what the engines report, turned into events, metrics and table rows |
@@ -34,11 +35,13 @@ use crate::delivery::webhook::webhook_client;
 use crate::store::{Store, TunnelId, TunnelRecord};
 use xtls::tunnel::TunnelConfig;
 
+mod claims;
 mod driver;
 mod events;
 mod inbound;
 mod limits;
 mod outbound;
+mod owners;
 mod pair;
 mod rate;
 mod rotation;
@@ -50,6 +53,7 @@ mod tests;
 
 pub use inbound::bot_disco_info;
 pub use outbound::Submitted;
+pub use owners::Ownership;
 pub use pair::{MAX_ATTEMPTS, Minted, Pairings};
 pub use rotation::{Certificates, Rotation};
 pub use route::{ROUTE_WAIT, Route, RouteError, RouteProbes};
@@ -89,6 +93,8 @@ pub struct Shared {
     pub metrics: crate::metrics::Metrics,
     /// Route probes waiting to come back.
     pub routes: RouteProbes,
+    /// Which bots this instance runs, when instances share the store.
+    pub owners: Ownership,
     start_rate: rate::StartRate,
     /// How long a driver with nothing to do waits before it parks (milliseconds).
     park_after_ms: std::sync::atomic::AtomicU64,
@@ -98,8 +104,13 @@ pub struct Shared {
 
 impl Shared {
     /// Bundles the shared parts.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one per part, each named at the call"
+    )]
     pub fn new(
         store: Store,
+        owners: Ownership,
         out: mpsc::Sender<Element>,
         tunnel_config: TunnelConfig,
         limits: LimitsConfig,
@@ -129,6 +140,7 @@ impl Shared {
             link_up: Default::default(),
             metrics: Default::default(),
             routes: Default::default(),
+            owners,
             park_after_ms: std::sync::atomic::AtomicU64::new(PARK_AFTER.as_millis() as u64),
             handshakes: AtomicUsize::new(0),
             tunnels: AtomicUsize::new(0),

@@ -115,7 +115,10 @@ impl BotTable {
         let now = OffsetDateTime::now_utc();
         // The handles hold what is announced (the store's truth, loaded at start and kept
         // with every change): nothing is read or unsealed here until something is due.
-        let bots = self.list();
+        // Only the bots this instance runs: another instance rotates its own.
+        let owners = &self.shared().owners;
+        let mut bots = self.list();
+        bots.retain(|b| owners.holds(&b.record.jid));
         let mut activated = 0;
         for handle in &bots {
             let Some(next) = &handle.next else {

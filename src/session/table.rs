@@ -52,6 +52,8 @@ pub enum BotCommand {
     ),
     /// Serve these certificates from now on; answers once applied.
     SetCertificates(Box<super::rotation::Certificates>, oneshot::Sender<()>),
+    /// Finish the messages another run left unfinished (this instance took the bot over).
+    Recover,
 }
 
 /// The settings of a running bot that the API can change.
@@ -474,7 +476,7 @@ const LOAD_PAGE: i64 = 4096;
 
 /// Parses stored certificates and keys, spread over the cores and off the async workers
 /// (CPU work: 100,000 bots must be ready within seconds).
-async fn parse_identities(
+pub(super) async fn parse_identities(
     stored: Vec<StoredBot>,
 ) -> Result<Vec<(BotRecord, Arc<BotIdentity>, u64)>, BotError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -503,28 +505,38 @@ async fn parse_identities(
 }
 
 /// What a bot's tasks start from.
-struct Start {
+pub(super) struct Start {
     /// The highest event `seq` given so far.
-    last_seq: u64,
+    pub(super) last_seq: u64,
     /// Whether messages of a previous run are unfinished.
-    recover: bool,
+    pub(super) recover: bool,
     /// The webhook as loaded with every bot's (`None`: none set).
-    webhook: Option<crate::store::Webhook>,
+    pub(super) webhook: Option<crate::store::Webhook>,
     /// The announced next certificate.
-    next: Option<Arc<NextCertificate>>,
+    pub(super) next: Option<Arc<NextCertificate>>,
 }
 
 impl BotTable {
-    /// Loads every stored bot and starts its driver.
+    /// Loads every stored bot. Its driver starts with the first command sent to it; at once
+    /// when it has messages to recover, and then (with its webhook deliverer) only for bots
+    /// this instance runs: with a shared store, those it claims later (`run_claims`).
     pub async fn load(shared: Arc<Shared>) -> Result<BotTable, BotError> {
         let table = BotTable {
             bots: Arc::default(),
             shared,
             changes: Arc::default(),
         };
-        // What each bot's tasks would otherwise ask the store one by one at start.
-        let unfinished = table.shared.store.bots_with_unfinished_messages().await?;
-        let mut webhooks = table.shared.store.webhooks().await?;
+        // What each bot's tasks would otherwise ask the store one by one at start. With a
+        // shared store, the owner-only work waits for the claims.
+        let sole = !table.shared.owners.is_shared();
+        let unfinished = match sole {
+            true => table.shared.store.bots_with_unfinished_messages().await?,
+            false => Default::default(),
+        };
+        let mut webhooks = match sole {
+            true => table.shared.store.webhooks().await?,
+            false => Default::default(),
+        };
         let mut next: HashMap<String, Arc<NextCertificate>> = (table.shared.store)
             .next_certificates()
             .await?
@@ -595,7 +607,52 @@ impl BotTable {
         // The key must work with TLS before the bot exists.
         let identity = Arc::new(identity);
         BotCredentials::from_shared(identity.clone())?;
-        Ok(self.start(record, identity, start))
+        let handle = self.start(record, identity, start);
+        // With a shared store, the bot's stanzas may reach another instance: that one claims it.
+        self.probe(&handle.record.jid);
+        Ok(handle)
+    }
+
+    /// Runs a bot this instance just took over, as the store has it now: a driver already
+    /// running (started by a stanza that came before the claim) recovers what is unfinished;
+    /// otherwise the bot starts afresh from the store, replacing what was loaded earlier.
+    pub(super) async fn take_over(
+        &self,
+        record: BotRecord,
+        identity: Arc<BotIdentity>,
+        start: Start,
+    ) {
+        if let Some(running) = self.by_jid(&record.jid)
+            && running.driver.running().is_some()
+        {
+            if start.recover {
+                let _ = running.send(BotCommand::Recover).await;
+            }
+            if start.webhook.is_some() {
+                running.start_deliverer(Some(start.webhook));
+            }
+            return;
+        }
+        if let Some(old) = self.by_jid(&record.jid) {
+            // Whatever started from the old handle now would run a second driver.
+            let mut slot = old.driver.0.lock().expect("driver slot lock");
+            if matches!(*slot, Slot::Waiting(_)) {
+                *slot = Slot::Stopped;
+            }
+        }
+        self.start(record, identity, start);
+    }
+
+    /// Drops a bot from the table without touching the store (it is no longer there).
+    pub(super) fn forget(&self, jid: &str) {
+        let Some(handle) = self.by_jid(jid) else {
+            return;
+        };
+        self.bots
+            .write()
+            .expect("bots lock")
+            .remove(&handle.record.localpart);
+        tokio::spawn(async move { handle.stop(CloseReason::BotDeleted).await });
     }
 
     /// Registers a bot; its driver starts with the first command sent to it (at once when

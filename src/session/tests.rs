@@ -39,6 +39,7 @@ async fn table_with(
     let (out, rx) = mpsc::channel(64);
     let shared = Shared::new(
         store,
+        super::Ownership::sole(),
         out,
         tunnel,
         limits,
@@ -1102,6 +1103,7 @@ async fn a_rotation_is_announced_then_activated_and_tunnels_keep_working_across_
     let (out, _restarted_rx) = mpsc::channel(64);
     let restarted = BotTable::load(Shared::new(
         store.clone(),
+        super::Ownership::sole(),
         out,
         TunnelConfig::default(),
         LimitsConfig::default(),

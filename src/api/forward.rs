@@ -1,0 +1,215 @@
+//! Requests about a bot that another instance runs (`instances.mode = "shared"`): passed to
+//! that instance's admin API (`instances.advertise_url`) and its answer passed back, streamed,
+//! so that sends, tunnel opens, event streams and every other call about a bot behave the same
+//! on whichever instance the caller reached.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::{AdminState, ApiError};
+use xtls::certs::normalize_bare;
+
+/// Marks a request one instance passed to another; such a request is never passed on again.
+pub const FORWARDED_BY: &str = "x-xtls-forwarded-by";
+
+/// How long a request waits for the instance that runs the bot to be known.
+const FIND_OWNER: Duration = Duration::from_secs(3);
+
+/// The client requests are passed on with: no proxy from the environment, no redirects
+/// followed, a bounded connect; no overall deadline, since event streams last.
+static CLIENT: LazyLock<reqwest::Client> = LazyLock::new(|| {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(3))
+        .read_timeout(Duration::from_secs(60))
+        .build()
+        .expect("the forwarding client builds")
+});
+
+/// The bot a path is about: `/v1/bots/{jid}` and everything under it, except the route
+/// probe, which asks about the instance that answers.
+fn bot_of(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("/v1/bots/")?;
+    let (jid, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    (!jid.is_empty() && tail != "route").then_some(jid)
+}
+
+/// Passes a request about a bot another instance runs to that instance; every other request
+/// goes on to the handlers here.
+pub async fn to_owner(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    let shared = state.bots.shared();
+    if !shared.owners.is_shared() {
+        return next.run(request).await;
+    }
+    let Some(jid) = bot_of(request.uri().path())
+        .and_then(|raw| percent_encoding::percent_decode_str(raw).decode_utf8().ok())
+        .and_then(|jid| normalize_bare(&jid))
+    else {
+        return next.run(request).await;
+    };
+    if shared.owners.runs(&jid) {
+        return next.run(request).await;
+    }
+    match owner_url(&state, &jid).await {
+        Ok(None) => next.run(request).await,
+        Ok(Some(url)) if request.headers().contains_key(FORWARDED_BY) => {
+            tracing::warn!(bot = jid, owner = url, "request passed on twice: refused");
+            ApiError::Unavailable(format!(
+                "bot {jid}: the instances disagree on which one runs it; try again"
+            ))
+            .into_response()
+        }
+        Ok(Some(url)) => pass_on(&state, &url, request)
+            .await
+            .unwrap_or_else(IntoResponse::into_response),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Where requests about `jid` go: `None` to answer here (this instance runs the bot, or no
+/// such bot exists), else the admin API of the instance that runs it.
+async fn owner_url(state: &AdminState, jid: &str) -> Result<Option<String>, ApiError> {
+    let shared = state.bots.shared();
+    let store = &shared.store;
+    let me = store.instance_id().unwrap_or_default().to_owned();
+    let deadline = tokio::time::Instant::now() + FIND_OWNER;
+    let mut probed = false;
+    loop {
+        let Some(owner) = store.bot_owner(jid).await? else {
+            return Ok(None);
+        };
+        match (owner.instance, owner.admin_url) {
+            (Some(id), _) if id == me => return Ok(None),
+            (Some(_), Some(url)) => return Ok(Some(url)),
+            (Some(id), None) => {
+                return Err(ApiError::Unavailable(format!(
+                    "bot {jid} is run by instance {id}, which advertises no admin address \
+                     (instances.advertise_url)"
+                )));
+            }
+            (None, _) => {}
+        }
+        // No instance claimed it yet: the probe makes the one the server routes it to claim it
+        // (this one, when it comes back here).
+        if !probed {
+            probed = true;
+            if let Ok(route) = shared.probe_route(jid).await
+                && route.reaches_here
+            {
+                return Ok(None);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ApiError::Unavailable(format!(
+                "no instance runs bot {jid} yet: the server routes its stanzas to no connected \
+                 instance"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    header::HOST,
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::UPGRADE,
+    header::CONTENT_LENGTH,
+];
+
+fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    let mut kept = headers.clone();
+    for name in HOP_BY_HOP {
+        kept.remove(name);
+    }
+    kept.remove("keep-alive");
+    kept
+}
+
+/// Sends `request` to the instance at `base`, and streams its answer back.
+async fn pass_on(state: &AdminState, base: &str, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or(parts.uri.path(), |p| p.as_str());
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    // The body was read (and capped) before this layer.
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .map_err(|_| ApiError::Invalid("the request body ended early".into()))?;
+    let me = state
+        .bots
+        .shared()
+        .store
+        .instance_id()
+        .unwrap_or_default()
+        .to_owned();
+    let answer = CLIENT
+        .request(parts.method, &url)
+        .headers(end_to_end(&parts.headers))
+        .header(FORWARDED_BY, me)
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| {
+            tracing::warn!(to = base, error = %e, "cannot pass a request to the instance that runs the bot");
+            ApiError::Unavailable(format!(
+                "the instance that runs this bot does not answer at {base}; try again"
+            ))
+        })?;
+    let mut response = Response::builder().status(answer.status());
+    if let Some(headers) = response.headers_mut() {
+        *headers = end_to_end(answer.headers());
+    }
+    let stream = futures_util::stream::unfold(answer, |mut answer| async move {
+        match answer.chunk().await {
+            Ok(Some(chunk)) => Some((Ok::<_, reqwest::Error>(chunk), answer)),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), answer)),
+        }
+    });
+    response
+        .body(Body::from_stream(stream))
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_about_a_bot_are_found_by_their_path() {
+        assert_eq!(bot_of("/v1/bots/echo@b.example"), Some("echo@b.example"));
+        assert_eq!(
+            bot_of("/v1/bots/echo@b.example/messages"),
+            Some("echo@b.example")
+        );
+        assert_eq!(bot_of("/v1/bots/echo@b.example/route"), None);
+        assert_eq!(bot_of("/v1/bots"), None);
+        assert_eq!(bot_of("/v1/bots/"), None);
+        assert_eq!(bot_of("/v1/tunnels"), None);
+    }
+
+    #[test]
+    fn connection_headers_stay_behind() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, "a:1".parse().unwrap());
+        headers.insert(header::CONNECTION, "close".parse().unwrap());
+        headers.insert(header::AUTHORIZATION, "Bearer t".parse().unwrap());
+        headers.insert("idempotency-key", "k1".parse().unwrap());
+        let kept = end_to_end(&headers);
+        assert_eq!(kept.len(), 2);
+        assert!(kept.contains_key(header::AUTHORIZATION) && kept.contains_key("idempotency-key"));
+    }
+}
