@@ -34,10 +34,13 @@ static CLIENT: LazyLock<reqwest::Client> = LazyLock::new(|| {
         .expect("the forwarding client builds")
 });
 
-/// The bot a path is about: `/v1/bots/{jid}` and everything under it, except the route
-/// probe, which asks about the instance that answers.
+/// Where this layer sits: its requests' paths are under this prefix, which it does not see.
+const NESTED_UNDER: &str = "/v1";
+
+/// The bot a path (under `/v1`) is about: `/bots/{jid}` and everything under it, except the
+/// route probe, which asks about the instance that answers.
 fn bot_of(path: &str) -> Option<&str> {
-    let rest = path.strip_prefix("/v1/bots/")?;
+    let rest = path.strip_prefix("/bots/")?;
     let (jid, tail) = rest.split_once('/').unwrap_or((rest, ""));
     (!jid.is_empty() && tail != "route").then_some(jid)
 }
@@ -143,7 +146,7 @@ async fn pass_on(state: &AdminState, base: &str, request: Request) -> Result<Res
         .uri
         .path_and_query()
         .map_or(parts.uri.path(), |p| p.as_str());
-    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let url = format!("{}{NESTED_UNDER}{path}", base.trim_end_matches('/'));
     // The body was read (and capped) before this layer.
     let body = axum::body::to_bytes(body, usize::MAX)
         .await
@@ -190,15 +193,15 @@ mod tests {
 
     #[test]
     fn requests_about_a_bot_are_found_by_their_path() {
-        assert_eq!(bot_of("/v1/bots/echo@b.example"), Some("echo@b.example"));
+        assert_eq!(bot_of("/bots/echo@b.example"), Some("echo@b.example"));
         assert_eq!(
-            bot_of("/v1/bots/echo@b.example/messages"),
+            bot_of("/bots/echo@b.example/messages"),
             Some("echo@b.example")
         );
-        assert_eq!(bot_of("/v1/bots/echo@b.example/route"), None);
-        assert_eq!(bot_of("/v1/bots"), None);
-        assert_eq!(bot_of("/v1/bots/"), None);
-        assert_eq!(bot_of("/v1/tunnels"), None);
+        assert_eq!(bot_of("/bots/echo@b.example/route"), None);
+        assert_eq!(bot_of("/bots"), None);
+        assert_eq!(bot_of("/bots/"), None);
+        assert_eq!(bot_of("/tunnels"), None);
     }
 
     #[test]

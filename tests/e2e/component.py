@@ -72,13 +72,14 @@ class Component:
         store_url: str | None = None,
         store_key: str | None = None,
         component_config: str = "",
+        token: str | None = None,
     ) -> None:
         self.server = server
         self.binary = binary or binary_path()
         self.domain = domain or server.component_domain
         self.dir = Path(tempfile.mkdtemp(prefix="xtls-component-"))
         self.admin_port = free_port()
-        self.token = secrets.token_urlsafe(24)
+        self.token = token or secrets.token_urlsafe(24)
         self.config_path = self.dir / "xtls.toml"
         self.log_path = self.dir / "component.log"
         self.store_path = self.dir / "xtls.db"
@@ -306,6 +307,9 @@ url = "{self.store_url}"
 
     def put(self, path: str, body=None, **kw):
         return self.request("PUT", path, body=body, **kw)
+
+    def patch(self, path: str, body=None, **kw):
+        return self.request("PATCH", path, body=body, **kw)
 
 
 def _secret_values(value) -> set[str]:

@@ -1,0 +1,155 @@
+"""Several active instances on one PostgreSQL store behind ejabberd's `domain_balancing`
+(`instances.mode = "shared"`): each bot is run by the instance the server routes it to, any
+instance answers for any bot, and a replacement takes over what a killed instance ran."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import urllib.parse
+
+import pytest
+
+from component import Component
+from conftest import Users, _running, run
+from ejabberd import Ejabberd
+from postgres import Postgres
+from test_balancing import FAST_LINK
+from test_e2e import echo_roundtrip
+from xmpp_server import free_port
+
+PASSWORD = "pg-password-never-shown"
+SHARED = '[instances]\nmode = "shared"\n'
+BOTS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india"]
+
+
+@pytest.fixture(scope="module")
+def balanced():
+    """A private ejabberd spreading api.localhost over 3 slots, with the test users."""
+    yield from _running(Ejabberd(balanced_slots=3))
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    server = Postgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+def _instances(server, postgres, count: int) -> tuple[list[Component], str]:
+    database = f"xtls_{free_port()}"
+    postgres.psql(f"CREATE DATABASE {database}", database="postgres")
+    url = f"postgres://postgres:{PASSWORD}@127.0.0.1:{postgres.port}/{database}"
+    token = secrets.token_urlsafe(24)
+    comps: list[Component] = []
+    for _ in range(count):
+        comp = Component(server, domain=server.api_component_domain, bots="", store_url=url,
+                         store_key=comps[0].store_key if comps else None, token=token,
+                         extra_config=SHARED, component_config=FAST_LINK)
+        comp.config_path.write_text(comp.config_path.read_text() + f'advertise_url = "{comp.base_url}"\n')
+        comps.append(comp)
+    return comps, database
+
+
+def _owners(postgres, database: str) -> dict[str, tuple[str, int]]:
+    rows = postgres.psql("SELECT bot_jid, instance_id, epoch FROM bot_owners ORDER BY bot_jid",
+                         database=database)
+    owners = {}
+    for line in rows.splitlines():
+        bot, instance, epoch = line.split("|")
+        owners[bot] = (instance, int(epoch))
+    return owners
+
+
+def _wait_for_owners(postgres, database: str, bots: list[str], timeout: float,
+                     not_on: str | None = None) -> dict[str, tuple[str, int]]:
+    deadline = time.monotonic() + timeout
+    owners: dict = {}
+    while time.monotonic() < deadline:
+        owners = _owners(postgres, database)
+        if all(b in owners and owners[b][0] != not_on for b in bots):
+            return owners
+        time.sleep(0.2)
+    raise AssertionError(f"not every bot has an owner: {owners}")
+
+
+def test_three_instances_share_the_store_and_each_bot_runs_on_one(balanced, postgres):
+    """Three instances on three slots: every bot is claimed by the instance its stanzas reach,
+    tunnels to every bot carry messages, any instance answers for any bot (passing the request
+    to the owner), and after a SIGKILL a replacement takes the freed slot and the dead one's
+    bots, which then open new tunnels with their keys unchanged."""
+    server = balanced
+    users = Users(server)
+    comps, database = _instances(server, postgres, 4)
+    running, spare = comps[:3], comps[3]
+    domain = server.api_component_domain
+    try:
+        for comp in running:
+            comp.start()
+        ids = [comp.get("/v1/instances")[1]["this"] for comp in running]
+        bots = []
+        for name in BOTS:
+            status, made = running[0].post("/v1/bots", {"localpart": name, "handler": "echo"})
+            assert status == 201, made
+            bots.append(made["jid"])
+        owners = _wait_for_owners(postgres, database, bots, timeout=20)
+        assert {owner for owner, _ in owners.values()} <= set(ids), (owners, ids)
+        per_instance = [sum(owner == i for owner, _ in owners.values()) for i in ids]
+        print("bots per instance:", per_instance)
+
+        # The owner is the instance the server routes the bot to.
+        for bot in bots:
+            owner = ids.index(owners[bot][0])
+            _, route = running[owner].get(f"/v1/bots/{bot}/route")
+            assert route["reaches_this_instance"] is True, (bot, route)
+
+        # Tunnels to every bot, wherever it runs.
+        async def talk(bot: str, rounds: int) -> None:
+            async with users.client("alice") as client:
+                tunnel = await client.open_tunnel(bot)
+                for i in range(rounds):
+                    await echo_roundtrip(tunnel, f"{bot} {i}")
+                await tunnel.close()
+
+        async def everyone(rounds: int, bots: list[str] = bots) -> None:
+            await asyncio.gather(*(talk(bot, rounds) for bot in bots))
+
+        run(everyone(10))
+
+        # Any instance answers for any bot: the same view, and a change made through one
+        # instance is the owner's.
+        bot = bots[0]
+        owner = ids.index(owners[bot][0])
+        other = running[(owner + 1) % 3]
+        views = [comp.get(f"/v1/bots/{bot}")[1] for comp in running]
+        assert all("fingerprints" in v and v["fingerprints"] == views[0]["fingerprints"] for v in views), views
+        status, changed = other.patch(f"/v1/bots/{bot}", {"encrypted_only": True})
+        assert status == 200 and changed["encrypted_only"] is True, changed
+        assert running[owner].get(f"/v1/bots/{bot}")[1]["encrypted_only"] is True
+        status, live = other.get("/v1/tunnels?" + urllib.parse.urlencode({"bot": bot}, safe="@"))
+        assert status == 200, live
+
+        # SIGKILL the owner of the most bots; the spare takes the freed slot and its bots.
+        victim = max(range(3), key=lambda i: per_instance[i])
+        lost = [b for b in bots if owners[b][0] == ids[victim]]
+        fingerprints = {b: running[(victim + 1) % 3].get(f"/v1/bots/{b}")[1]["fingerprints"] for b in lost}
+        running[victim].kill()
+        spare.start(timeout=60)
+        spare_id = spare.get("/v1/instances")[1]["this"]
+        after = _wait_for_owners(postgres, database, lost, timeout=30, not_on=ids[victim])
+        for b in lost:
+            assert after[b][0] == spare_id and after[b][1] > owners[b][1], (b, owners[b], after[b])
+        for b in set(bots) - set(lost):
+            assert after[b] == owners[b], "a bot of a live instance changed hands"
+        run(everyone(3))
+        for b in lost:
+            assert spare.get(f"/v1/bots/{b}")[1]["fingerprints"] == fingerprints[b]
+    finally:
+        logs = [c.log_path.read_text(errors="replace") for c in comps if c.log_path.exists()]
+        for comp in comps:
+            comp.cleanup()
+        assert not any(PASSWORD in log for log in logs), "the store password is in a component's log"
