@@ -5,6 +5,7 @@ instance answers for any bot, and a replacement takes over what a killed instanc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 import urllib.parse
@@ -16,7 +17,7 @@ from conftest import Users, _running, run
 from ejabberd import Ejabberd
 from postgres import Postgres
 from test_balancing import FAST_LINK
-from test_e2e import echo_roundtrip
+from test_e2e import data, echo_roundtrip
 from xmpp_server import free_port
 
 PASSWORD = "pg-password-never-shown"
@@ -133,14 +134,39 @@ def test_three_instances_share_the_store_and_each_bot_runs_on_one(balanced, post
         status, live = other.get("/v1/tunnels?" + urllib.parse.urlencode({"bot": bot}, safe="@"))
         assert status == 200, live
 
-        # SIGKILL the owner of the most bots; the spare takes the freed slot and its bots.
+        # SIGKILL the owner of the most bots under live tunnels to every bot. The others' tunnels
+        # go on; the spare takes the freed slot and exactly the dead one's bots; the old tunnels
+        # of those are gone (item-not-found), and new ones open with the same keys.
         victim = max(range(3), key=lambda i: per_instance[i])
         lost = [b for b in bots if owners[b][0] == ids[victim]]
         fingerprints = {b: running[(victim + 1) % 3].get(f"/v1/bots/{b}")[1]["fingerprints"] for b in lost}
-        running[victim].kill()
-        spare.start(timeout=60)
-        spare_id = spare.get("/v1/instances")[1]["this"]
-        after = _wait_for_owners(postgres, database, lost, timeout=30, not_on=ids[victim])
+
+        async def kill_under_traffic() -> tuple[str, dict, float]:
+            async with contextlib.AsyncExitStack() as stack:
+                clients = {b: await stack.enter_async_context(users.client("alice")) for b in bots}
+                tunnels = {b: await clients[b].open_tunnel(b) for b in bots}
+                for b in bots:
+                    await echo_roundtrip(tunnels[b], "before")
+                running[victim].kill()
+                killed = time.monotonic()
+                for b in set(bots) - set(lost):
+                    await echo_roundtrip(tunnels[b], "while the slot is free")
+                await asyncio.to_thread(spare.start, 60)
+                spare_id = spare.get("/v1/instances")[1]["this"]
+                after = await asyncio.to_thread(
+                    _wait_for_owners, postgres, database, lost, 30, ids[victim])
+                took = time.monotonic() - killed
+                for b in bots:
+                    if b in lost:
+                        reply = await clients[b].send_raw_iq(b, data("FgMBAAA="))
+                        assert (reply.condition, reply.error_type) == ("item-not-found", "cancel"), reply
+                    else:
+                        await echo_roundtrip(tunnels[b], "after")
+                        await tunnels[b].close()
+                return spare_id, after, took
+
+        spare_id, after, took = run(kill_under_traffic())
+        print(f"the spare owned the dead instance's {len(lost)} bots {took:.1f} s after the kill")
         for b in lost:
             assert after[b][0] == spare_id and after[b][1] > owners[b][1], (b, owners[b], after[b])
         for b in set(bots) - set(lost):
@@ -148,6 +174,20 @@ def test_three_instances_share_the_store_and_each_bot_runs_on_one(balanced, post
         run(everyone(3))
         for b in lost:
             assert spare.get(f"/v1/bots/{b}")[1]["fingerprints"] == fingerprints[b]
+
+        # Once the dead instance's heartbeat is old enough, the others close its rows.
+        deadline = time.monotonic() + 40
+        left = None
+        while time.monotonic() < deadline:
+            left = postgres.psql(f"SELECT count(*) FROM tunnels WHERE instance_id = '{ids[victim]}' "
+                                 "AND state != 'closed'", database=database)
+            if left == "0":
+                break
+            time.sleep(1)
+        assert left == "0", f"{left} tunnel rows of the dead instance still open"
+        closed = postgres.psql(f"SELECT count(*) FROM tunnels WHERE instance_id = '{ids[victim]}' "
+                               "AND close_reason = 'instance_lost'", database=database)
+        assert int(closed) == len(lost), (closed, lost)
     finally:
         logs = [c.log_path.read_text(errors="replace") for c in comps if c.log_path.exists()]
         for comp in comps:
