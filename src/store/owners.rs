@@ -58,8 +58,7 @@ pub struct OwnerRecord {
 }
 
 impl Store {
-    /// Makes this instance the owner of `bot`. An owner claiming again keeps its epoch; a new
-    /// owner gets the previous epoch plus one.
+    /// Makes this instance the owner of `bot` ([`Store::claim_bots`] for one bot).
     #[cfg(test)]
     pub async fn claim_bot(&self, bot: &str) -> Result<Lease, StoreError> {
         let mut claimed = self.claim_bots(&[bot.to_owned()]).await?;
@@ -69,9 +68,9 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(format!("bot {bot}")))
     }
 
-    /// Makes this instance the owner of each of `bots` that exists, in one transaction (see
-    /// [`Store::claim_bot`]); what each claim gave, in the order asked. Bots deleted meanwhile
-    /// are left out.
+    /// Makes this instance the owner of each of `bots` that exists, in one transaction: an
+    /// owner claiming again keeps its epoch, a new owner gets the previous epoch plus one.
+    /// What each claim gave, in the order asked; bots deleted meanwhile are left out.
     pub async fn claim_bots(&self, bots: &[String]) -> Result<Vec<Claim>, StoreError> {
         let Some(me) = self.instance_id() else {
             return Err(StoreError::NotFound("this instance's registration".into()));

@@ -9,9 +9,11 @@ import contextlib
 import secrets
 import time
 import urllib.parse
+import uuid
 
 import pytest
 
+from botapi_helpers import EventPoller, call, messages_received, new_api_bot, post_message
 from component import Component
 from conftest import Users, _running, run
 from ejabberd import Ejabberd
@@ -193,3 +195,45 @@ def test_three_instances_share_the_store_and_each_bot_runs_on_one(balanced, post
         for comp in comps:
             comp.cleanup()
         assert not any(PASSWORD in log for log in logs), "the store password is in a component's log"
+
+
+def test_any_instance_reads_events_and_sends_once_per_key_for_a_bot_another_runs(balanced, postgres):
+    """An `api` bot runs on one of three instances: its event log read through another one
+    holds what a peer sent it, and one Idempotency-Key sent through two other instances
+    makes one message."""
+    users = Users(balanced)
+    comps, database = _instances(balanced, postgres, 3)
+    try:
+        for comp in comps:
+            comp.start()
+        ids = [comp.get("/v1/instances")[1]["this"] for comp in comps]
+        bot = new_api_bot(comps[0], "relay")
+        owners = _wait_for_owners(postgres, database, [bot], timeout=20)
+        owner = ids.index(owners[bot][0])
+        first, second = (comps[(owner + 1) % 3], comps[(owner + 2) % 3])
+        cert = first.get(f"/v1/bots/{bot}/certificate")[1]
+
+        async def scenario():
+            async with users.client("alice") as alice, users.client("bob") as bob:
+                tunnel = await alice.open_tunnel(bot)
+                await tunnel.send_message("hello through the owner")
+                poller = EventPoller(first, bot)
+                got = await poller.until(messages_received, 15, "the message alice sent")
+                assert [e["data"]["body"] for e in got] == ["hello through the owner"], got
+
+                bob.serve({bot: cert["pem"]}, auto_reply=None)
+                key = uuid.uuid4().hex
+                status, one = await call(post_message, first, bot, {"to": bob.jid, "body": "once"}, key=key)
+                assert status == 202, one
+                status, two = await call(post_message, second, bot, {"to": bob.jid, "body": "once"}, key=key)
+                assert status == 202 and two["id"] == one["id"], (one, two)
+                from_bot = await bob.next_tunnel(timeout=15)
+                assert await from_bot.recv_message(timeout=10) == "once"
+                await tunnel.close()
+
+        run(scenario(), 60)
+        count = postgres.psql(f"SELECT count(*) FROM messages WHERE bot_jid = '{bot}'", database=database)
+        assert count == "1", count
+    finally:
+        for comp in comps:
+            comp.cleanup()
