@@ -180,8 +180,12 @@ pub fn find_bot(state: &AdminState, jid: &str) -> Result<BotHandle, ApiError> {
 /// Every bot.
 #[utoipa::path(get, path = "/bots", tag = "bots",
     responses((status = 200, description = "The bots", body = [BotView])))]
-async fn list_bots(State(state): State<AdminState>) -> Json<Vec<BotView>> {
-    Json(state.bots.list().iter().map(bot_view).collect())
+async fn list_bots(State(state): State<AdminState>) -> Result<Json<Vec<BotView>>, ApiError> {
+    // Sharing the store, other instances create and delete bots too: the store says which.
+    if state.bots.shared().owners.is_shared() {
+        state.bots.follow_store().await?;
+    }
+    Ok(Json(state.bots.list().iter().map(bot_view).collect()))
 }
 
 /// Body of `POST /v1/bots`.

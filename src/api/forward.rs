@@ -52,9 +52,13 @@ pub async fn to_owner(State(state): State<AdminState>, request: Request, next: N
     if !shared.owners.is_shared() {
         return next.run(request).await;
     }
+    // The path names a bot by bare JID or by localpart.
     let Some(jid) = bot_of(request.uri().path())
         .and_then(|raw| percent_encoding::percent_decode_str(raw).decode_utf8().ok())
-        .and_then(|jid| normalize_bare(&jid))
+        .and_then(|named| match named.contains('@') {
+            true => normalize_bare(&named),
+            false => normalize_bare(&format!("{named}@{}", shared.domain)),
+        })
     else {
         return next.run(request).await;
     };
@@ -87,6 +91,8 @@ async fn owner_url(state: &AdminState, jid: &str) -> Result<Option<String>, ApiE
     let mut probed = false;
     loop {
         let Some(owner) = store.bot_owner(jid).await? else {
+            // No such bot: one deleted through another instance is dropped here too.
+            state.bots.forget(jid);
             return Ok(None);
         };
         match (owner.instance, owner.admin_url) {

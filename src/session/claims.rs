@@ -2,12 +2,14 @@
 //! (`instances.mode = "shared"`): probes at every link up, claims as stanzas arrive, and the
 //! owner-only work each new claim starts.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::link::slot::route_probe;
-use crate::store::Claim;
+use crate::store::{Claim, Lease};
 
-use super::table::{BotTable, Start, parse_identities};
+use super::table::{BotCommand, BotTable, Start, parse_identities};
+use xtls::tunnel::TunnelKey;
 
 /// Bots claimed in one store transaction at most.
 const CLAIM_BATCH: usize = 512;
@@ -65,12 +67,52 @@ impl BotTable {
         }
     }
 
-    /// Claims `batch`, and takes over the bots that changed hands.
+    /// Brings the table to the store's bots (instances sharing the store create and delete
+    /// bots the others learn of here): reads the bots it lacks, without running them, and
+    /// drops those deleted.
+    pub async fn follow_store(&self) -> Result<(), super::BotError> {
+        let store = &self.shared().store;
+        let stored: HashSet<String> = store
+            .list_bots()
+            .await?
+            .into_iter()
+            .map(|b| b.jid)
+            .collect();
+        let known: HashSet<String> = self.list().into_iter().map(|b| b.record.jid).collect();
+        for gone in known.difference(&stored) {
+            self.forget(gone);
+        }
+        let mut missing = Vec::new();
+        for jid in stored.difference(&known) {
+            if let Some(bot) = store.load_bot(jid).await? {
+                missing.push(bot);
+            }
+        }
+        for (record, identity, last_seq) in parse_identities(missing).await? {
+            let next = store.next_certificate(&record.jid).await?.map(Arc::new);
+            let start = Start {
+                last_seq,
+                recover: false,
+                webhook: None,
+                next,
+            };
+            if self.by_jid(&record.jid).is_none() {
+                self.start(record, identity, start);
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims `batch`, and takes over the bots that changed hands. An error before the claims
+    /// are made leaves the batch to try again; a bot whose take-over fails afterwards is
+    /// logged and left as far as it got.
     async fn claim(&self, batch: &[String]) -> Result<(), super::BotError> {
         let shared = self.shared();
         let store = &shared.store;
+        // Read first: once claimed, a bot is no longer new to a claim tried again.
+        let unfinished = store.bots_with_unfinished_messages().await?;
+        let mut webhooks = store.webhooks().await?;
         let claims = store.claim_bots(batch).await?;
-        let new: Vec<&Claim> = claims.iter().filter(|c| c.is_new()).collect();
         for claim in &claims {
             shared.owners.granted(claim.lease.clone());
         }
@@ -81,33 +123,58 @@ impl BotTable {
                 self.forget(jid);
             }
         }
-        if new.is_empty() {
-            return Ok(());
-        }
-        let unfinished = store.bots_with_unfinished_messages().await?;
-        let mut webhooks = store.webhooks().await?;
-        let mut stored = Vec::with_capacity(new.len());
+        let new: Vec<&Claim> = claims.iter().filter(|c| c.is_new()).collect();
         for claim in &new {
-            if let Some(bot) = store.load_bot(&claim.lease.bot).await? {
-                stored.push(bot);
+            let jid = &claim.lease.bot;
+            let start = Start {
+                last_seq: 0,
+                recover: unfinished.contains(jid),
+                webhook: webhooks.remove(jid),
+                next: None,
+            };
+            if let Err(e) = self.take_over_claimed(&claim.lease, start).await {
+                tracing::error!(bot = jid, error = %e, "bot claimed, and its take-over failed");
             }
         }
-        for (record, identity, last_seq) in parse_identities(stored).await? {
-            let next = store.next_certificate(&record.jid).await?.map(Arc::new);
-            let start = Start {
-                last_seq,
-                recover: unfinished.contains(&record.jid),
-                webhook: webhooks.remove(&record.jid),
-                next,
-            };
-            tracing::debug!(bot = record.jid, "bot claimed");
-            self.take_over(record, identity, start).await;
+        if new.is_empty() {
+            return Ok(());
         }
         tracing::info!(
             claimed = new.len(),
             held = shared.owners.held(),
             "bots claimed: the server routes their stanzas to this instance"
         );
+        Ok(())
+    }
+
+    /// Runs a bot this instance just claimed from another one (or from none): as the store
+    /// has it now, with the tunnels the previous owner left open closed and their peers told.
+    async fn take_over_claimed(&self, lease: &Lease, start: Start) -> Result<(), super::BotError> {
+        let store = &self.shared().store;
+        let Some(stored) = store.load_bot(&lease.bot).await? else {
+            return Ok(());
+        };
+        let lost = store.close_foreign_tunnels(lease).await?;
+        let next = store.next_certificate(&lease.bot).await?.map(Arc::new);
+        let Some((record, identity, last_seq)) = parse_identities(vec![stored]).await?.pop() else {
+            return Ok(());
+        };
+        tracing::debug!(bot = record.jid, lost = lost.len(), "bot claimed");
+        let start = Start {
+            last_seq,
+            next,
+            ..start
+        };
+        self.take_over(record, identity, start).await;
+        if !lost.is_empty()
+            && let Some(handle) = self.by_jid(&lease.bot)
+        {
+            let keys = lost
+                .into_iter()
+                .map(|(local, peer)| TunnelKey { local, peer })
+                .collect();
+            let _ = handle.send(BotCommand::TakenOver(keys)).await;
+        }
         Ok(())
     }
 }

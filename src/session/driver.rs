@@ -270,6 +270,68 @@ impl BotDriver {
         false
     }
 
+    /// Spec §3.5 rule 4, once the link is back (or the bot was taken over from another
+    /// instance): the bot's presence again to the peers it knows, then paced `<close/>`s to
+    /// its former tunnels' peers.
+    fn tell_former_peers(&mut self) {
+        // Spec §3.5 rule 4: first the bot's presence, again, to the peers it knows (its
+        // former tunnel peers and those who told it they are available); then paced
+        // `<close/>` so peers drop zombie state.
+        // A new tunnel to one of them takes it off the list (`adopt`): its `start`
+        // replaces the stale state, and a late `<close/>` would end the new tunnel.
+        // One pacer per link session: it stops when the link goes down again (the
+        // rest waits for the next one), so no `<close/>` is spent on a dead link.
+        let generation = self.pacer_generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let current = self.pacer_generation.clone();
+        let peers = self.former_peers.clone();
+        let shared = self.shared.clone();
+        let out = self.shared.out.clone();
+        let mut announce: Vec<Element> = Vec::new();
+        let mut told = HashSet::new();
+        let former: Vec<String> = peers
+            .lock()
+            .expect("former peers lock")
+            .iter()
+            .map(|k| bare(&k.peer).to_owned())
+            .collect();
+        for peer in former.into_iter().chain(self.out.presence.keys().cloned()) {
+            if told.insert(peer.clone()) {
+                announce.push(
+                    Element::builder("presence", ns::CLIENT)
+                        .attr(name("from"), self.bot.jid.as_str())
+                        .attr(name("to"), peer.as_str())
+                        .build(),
+                );
+            }
+        }
+        tokio::spawn(async move {
+            // Paced like the closes (10 per second), so a bot that knows many peers
+            // does not crowd the link all other bots share.
+            for presence in announce {
+                if !shared.link_up.load(Ordering::Relaxed)
+                    || current.load(Ordering::Relaxed) != generation
+                    || out.send(presence).await.is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            loop {
+                if !shared.link_up.load(Ordering::Relaxed)
+                    || current.load(Ordering::Relaxed) != generation
+                {
+                    return;
+                }
+                let next = peers.lock().expect("former peers lock").pop_front();
+                let Some(key) = next else { return };
+                if out.send(standalone_close(&key)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+
     /// Once stopping and every tunnel is closed (or the grace period is over): stops.
     pub(super) async fn finish_stopping(&mut self) -> bool {
         let Some(stopping) = self.stopping.as_ref() else {
@@ -406,63 +468,15 @@ impl BotDriver {
                     former.push_back(key.clone());
                 }
             }
-            BotCommand::LinkUp => {
-                // Spec §3.5 rule 4: first the bot's presence, again, to the peers it knows (its
-                // former tunnel peers and those who told it they are available); then paced
-                // `<close/>` so peers drop zombie state.
-                // A new tunnel to one of them takes it off the list (`adopt`): its `start`
-                // replaces the stale state, and a late `<close/>` would end the new tunnel.
-                // One pacer per link session: it stops when the link goes down again (the
-                // rest waits for the next one), so no `<close/>` is spent on a dead link.
-                let generation = self.pacer_generation.fetch_add(1, Ordering::Relaxed) + 1;
-                let current = self.pacer_generation.clone();
-                let peers = self.former_peers.clone();
-                let shared = self.shared.clone();
-                let out = self.shared.out.clone();
-                let mut announce: Vec<Element> = Vec::new();
-                let mut told = HashSet::new();
-                let former: Vec<String> = peers
+            BotCommand::LinkUp => self.tell_former_peers(),
+            BotCommand::TakenOver(lost) => {
+                // The tunnels another instance ran for this bot: their peers are told as
+                // after a link loss (the new owner's presence, then paced `<close/>`s).
+                self.former_peers
                     .lock()
                     .expect("former peers lock")
-                    .iter()
-                    .map(|k| bare(&k.peer).to_owned())
-                    .collect();
-                for peer in former.into_iter().chain(self.out.presence.keys().cloned()) {
-                    if told.insert(peer.clone()) {
-                        announce.push(
-                            Element::builder("presence", ns::CLIENT)
-                                .attr(name("from"), self.bot.jid.as_str())
-                                .attr(name("to"), peer.as_str())
-                                .build(),
-                        );
-                    }
-                }
-                tokio::spawn(async move {
-                    // Paced like the closes (10 per second), so a bot that knows many peers
-                    // does not crowd the link all other bots share.
-                    for presence in announce {
-                        if !shared.link_up.load(Ordering::Relaxed)
-                            || current.load(Ordering::Relaxed) != generation
-                            || out.send(presence).await.is_err()
-                        {
-                            return;
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    loop {
-                        if !shared.link_up.load(Ordering::Relaxed)
-                            || current.load(Ordering::Relaxed) != generation
-                        {
-                            return;
-                        }
-                        let next = peers.lock().expect("former peers lock").pop_front();
-                        let Some(key) = next else { return };
-                        if out.send(standalone_close(&key)).await.is_err() {
-                            return;
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                });
+                    .extend(lost);
+                self.tell_former_peers();
             }
             BotCommand::Reply(id, stanzas) => {
                 let now = Instant::now().into_std();

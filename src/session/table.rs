@@ -54,6 +54,9 @@ pub enum BotCommand {
     SetCertificates(Box<super::rotation::Certificates>, oneshot::Sender<()>),
     /// Finish the messages another run left unfinished (this instance took the bot over).
     Recover,
+    /// Tell the peers of these tunnels, which another instance ran for the bot, that they
+    /// are gone (this instance took the bot over).
+    TakenOver(Vec<xtls::tunnel::TunnelKey>),
 }
 
 /// The settings of a running bot that the API can change.
@@ -644,7 +647,7 @@ impl BotTable {
     }
 
     /// Drops a bot from the table without touching the store (it is no longer there).
-    pub(super) fn forget(&self, jid: &str) {
+    pub fn forget(&self, jid: &str) {
         let Some(handle) = self.by_jid(jid) else {
             return;
         };
@@ -657,7 +660,12 @@ impl BotTable {
 
     /// Registers a bot; its driver starts with the first command sent to it (at once when
     /// messages of a previous run are to be recovered).
-    fn start(&self, record: BotRecord, identity: Arc<BotIdentity>, start: Start) -> BotHandle {
+    pub(super) fn start(
+        &self,
+        record: BotRecord,
+        identity: Arc<BotIdentity>,
+        start: Start,
+    ) -> BotHandle {
         let Start {
             last_seq,
             recover,

@@ -170,6 +170,37 @@ impl Store {
         }
     }
 
+    /// Closes, as `instance_lost`, the live tunnel rows of `bot` that another instance ran
+    /// (the holder of `lease` took the bot over: those tunnels are gone); returns each one's
+    /// local and peer JIDs, whose peers are to be told.
+    pub async fn close_foreign_tunnels(
+        &self,
+        lease: &Lease,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let mut tx = self.fenced(lease).await?;
+        let rows = query(
+            "SELECT local_jid, peer FROM tunnels WHERE bot_jid = $1 AND state != 'closed' \
+             AND (instance_id IS NULL OR instance_id != $2)",
+        )
+        .bind(&lease.bot)
+        .bind(&lease.instance)
+        .fetch_all(&mut tx)
+        .await?;
+        query(
+            "UPDATE tunnels SET state = 'closed', closed_at = $1, close_reason = 'instance_lost' \
+             WHERE bot_jid = $2 AND state != 'closed' AND (instance_id IS NULL OR instance_id != $3)",
+        )
+        .bind(now())
+        .bind(&lease.bot)
+        .bind(&lease.instance)
+        .execute(&mut tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("local_jid")?, r.try_get("peer")?)))
+            .collect()
+    }
+
     /// Who runs `bot` now, as the store knows it: `None` when there is no such bot; a
     /// [`BotOwner`] without an instance when no live instance has claimed it.
     pub async fn bot_owner(&self, bot: &str) -> Result<Option<BotOwner>, StoreError> {
@@ -268,7 +299,24 @@ mod tests {
             }
             other => panic!("expected a conflict, got {other:?}"),
         }
-        // The owner's goes through.
+        // The owner's goes through: a tunnel row, fenced.
+        let key = xtls::tunnel::TunnelKey {
+            local: bot.jid.clone(),
+            peer: "alice@example.net/phone".into(),
+        };
+        let row = crate::store::TunnelRecord::new(
+            "t1".to_owned().into(),
+            &bot.jid,
+            &key,
+            xtls::tunnel::Role::Responder,
+            xtls::tunnel::State::Open,
+            now(),
+        );
+        b.save_tunnel(&row, Some(&second)).await.unwrap();
+        assert!(matches!(
+            a.save_tunnel(&row, Some(&first)).await,
+            Err(StoreError::NotOwner(_))
+        ));
         let mut tx = b.fenced(&second).await.unwrap();
         query("UPDATE bots SET handler = 'api' WHERE jid = $1")
             .bind(&bot.jid)
@@ -278,9 +326,18 @@ mod tests {
         tx.commit().await.unwrap();
         assert_eq!(a.list_bots().await.unwrap()[0].handler, Handler::Api);
 
-        // Taking the bot back is a new claim, not the old one revived.
+        // Taking the bot back is a new claim, not the old one revived; the tunnels the former
+        // owner ran are closed by the new one, which learns whom to tell.
         let third = a.claim_bot(&bot.jid).await.unwrap();
         assert_eq!(third.epoch, 5);
+        assert!(b.close_foreign_tunnels(&second).await.is_err());
+        assert_eq!(
+            a.close_foreign_tunnels(&third).await.unwrap(),
+            [(key.local.clone(), key.peer.clone())]
+        );
+        let closed = a.tunnel(&row.id).await.unwrap().unwrap();
+        assert_eq!(closed.close_reason.as_deref(), Some("instance_lost"));
+        assert!(a.close_foreign_tunnels(&third).await.unwrap().is_empty());
         assert!(a.fenced(&first).await.is_err());
         assert!(matches!(
             b.fenced(&second).await,

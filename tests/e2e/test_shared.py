@@ -158,6 +158,13 @@ def test_three_instances_share_the_store_and_each_bot_runs_on_one(balanced, post
                 after = await asyncio.to_thread(
                     _wait_for_owners, postgres, database, lost, 30, ids[victim])
                 took = time.monotonic() - killed
+                for b in lost:
+                    # The spare closes what the dead instance left open, and tells the peers.
+                    for _ in range(100):
+                        if tunnels[b].closed_by_peer:
+                            break
+                        await asyncio.sleep(0.1)
+                    assert tunnels[b].closed_by_peer, f"no <close/> for the old tunnel to {b}"
                 for b in bots:
                     if b in lost:
                         reply = await clients[b].send_raw_iq(b, data("FgMBAAA="))
@@ -177,7 +184,8 @@ def test_three_instances_share_the_store_and_each_bot_runs_on_one(balanced, post
         for b in lost:
             assert spare.get(f"/v1/bots/{b}")[1]["fingerprints"] == fingerprints[b]
 
-        # Once the dead instance's heartbeat is old enough, the others close its rows.
+        # The spare closed the dead instance's rows of the bots it took (the others would once
+        # its heartbeat is old enough).
         deadline = time.monotonic() + 40
         left = None
         while time.monotonic() < deadline:
