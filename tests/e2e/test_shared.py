@@ -13,7 +13,8 @@ import uuid
 
 import pytest
 
-from botapi_helpers import EventPoller, call, messages_received, new_api_bot, post_message
+from botapi_helpers import (EventPoller, SseStream, call, messages_received, new_api_bot, post_message,
+                            read_log)
 from component import Component
 from conftest import Users, _running, run
 from ejabberd import Ejabberd
@@ -121,7 +122,10 @@ def test_three_instances_share_the_store_and_each_bot_runs_on_one(balanced, post
         async def everyone(rounds: int, bots: list[str] = bots) -> None:
             await asyncio.gather(*(talk(bot, rounds) for bot in bots))
 
-        run(everyone(10))
+        # Thirty tunnels spread over the nine bots, a hundred messages each, all at once.
+        started = time.monotonic()
+        run(everyone(100, [bots[i % len(bots)] for i in range(30)]), 300)
+        print(f"30 tunnels x 100 echoes across three instances in {time.monotonic() - started:.1f} s")
 
         # Any instance answers for any bot: the same view, and a change made through one
         # instance is the owner's.
@@ -141,6 +145,14 @@ def test_three_instances_share_the_store_and_each_bot_runs_on_one(balanced, post
         # of those are gone (item-not-found), and new ones open with the same keys.
         victim = max(range(3), key=lambda i: per_instance[i])
         lost = [b for b in bots if owners[b][0] == ids[victim]]
+        # And an `api` bot of the victim's, whose acknowledged messages must survive it.
+        for i in range(12):
+            relay = new_api_bot(running[0], f"relay{i}")
+            if _wait_for_owners(postgres, database, [relay], timeout=20)[relay][0] == ids[victim]:
+                break
+        else:
+            raise AssertionError("twelve new bots, none on the instance to kill")
+        bodies = [f"durable {i}" for i in range(30)]
         fingerprints = {b: running[(victim + 1) % 3].get(f"/v1/bots/{b}")[1]["fingerprints"] for b in lost}
 
         async def kill_under_traffic() -> tuple[str, dict, float]:
@@ -149,6 +161,10 @@ def test_three_instances_share_the_store_and_each_bot_runs_on_one(balanced, post
                 tunnels = {b: await clients[b].open_tunnel(b) for b in bots}
                 for b in bots:
                     await echo_roundtrip(tunnels[b], "before")
+                durable = await clients[bots[0]].open_tunnel(relay)
+                for body in bodies:
+                    await durable.send_message(body)
+                await durable.flush(timeout=15)  # every data IQ carrying them was acknowledged
                 running[victim].kill()
                 killed = time.monotonic()
                 for b in set(bots) - set(lost):
@@ -181,6 +197,10 @@ def test_three_instances_share_the_store_and_each_bot_runs_on_one(balanced, post
         for b in set(bots) - set(lost):
             assert after[b] == owners[b], "a bot of a live instance changed hands"
         run(everyone(3))
+        # Every acknowledged message reached the log once, read through another instance.
+        survivor = running[(victim + 1) % 3]
+        log = read_log(survivor, relay)
+        assert [m["data"]["body"] for m in messages_received(log)] == bodies, log
         for b in lost:
             assert spare.get(f"/v1/bots/{b}")[1]["fingerprints"] == fingerprints[b]
 
@@ -197,7 +217,13 @@ def test_three_instances_share_the_store_and_each_bot_runs_on_one(balanced, post
         assert left == "0", f"{left} tunnel rows of the dead instance still open"
         closed = postgres.psql(f"SELECT count(*) FROM tunnels WHERE instance_id = '{ids[victim]}' "
                                "AND close_reason = 'instance_lost'", database=database)
-        assert int(closed) == len(lost), (closed, lost)
+        assert int(closed) == len(lost) + 1, (closed, lost)
+
+        # The survivors stayed connected all along, over many ping intervals.
+        for i in set(range(3)) - {victim}:
+            assert running[i].get("/readyz", token=False)[0] == 200
+            log = running[i].log_path.read_text(errors="replace")
+            assert "component link lost" not in log, running[i].diagnostics()
     finally:
         logs = [c.log_path.read_text(errors="replace") for c in comps if c.log_path.exists()]
         for comp in comps:
@@ -206,9 +232,9 @@ def test_three_instances_share_the_store_and_each_bot_runs_on_one(balanced, post
 
 
 def test_any_instance_reads_events_and_sends_once_per_key_for_a_bot_another_runs(balanced, postgres):
-    """An `api` bot runs on one of three instances: its event log read through another one
-    holds what a peer sent it, and one Idempotency-Key sent through two other instances
-    makes one message."""
+    """An `api` bot runs on one of three instances: its event stream and its log, read through
+    another one, hold what a peer sent it, live; one Idempotency-Key sent through two other
+    instances makes one message."""
     users = Users(balanced)
     comps, database = _instances(balanced, postgres, 3)
     try:
@@ -224,7 +250,12 @@ def test_any_instance_reads_events_and_sends_once_per_key_for_a_bot_another_runs
         async def scenario():
             async with users.client("alice") as alice, users.client("bob") as bob:
                 tunnel = await alice.open_tunnel(bot)
+                sse = await call(SseStream, first.base_url, f"/v1/bots/{bot}/events", first.token)
+                assert sse.status == 200, sse.error_body
                 await tunnel.send_message("hello through the owner")
+                streamed = await call(sse.take_until, lambda e: e.event == "message.received", 15)
+                sse.close()
+                assert streamed[-1].json["data"]["body"] == "hello through the owner", streamed
                 poller = EventPoller(first, bot)
                 got = await poller.until(messages_received, 15, "the message alice sent")
                 assert [e["data"]["body"] for e in got] == ["hello through the owner"], got
