@@ -71,6 +71,7 @@ fn fixture() -> &'static Fixture {
             let (out_tx, out_rx) = mpsc::channel(16);
             let shared = Shared::new(
                 store.clone(),
+                xtls_component::session::Ownership::sole(),
                 out_tx,
                 TunnelConfig::default(),
                 LimitsConfig::default(),
