@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, header};
+use axum::http::{HeaderMap, HeaderName, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -37,12 +37,28 @@ static CLIENT: LazyLock<reqwest::Client> = LazyLock::new(|| {
 /// Where this layer sits: its requests' paths are under this prefix, which it does not see.
 const NESTED_UNDER: &str = "/v1";
 
-/// The bot a path (under `/v1`) is about: `/bots/{jid}` and everything under it, except the
-/// route probe, which asks about the instance that answers.
-fn bot_of(path: &str) -> Option<&str> {
-    let rest = path.strip_prefix("/bots/")?;
-    let (jid, tail) = rest.split_once('/').unwrap_or((rest, ""));
-    (!jid.is_empty() && tail != "route").then_some(jid)
+/// What a request (its path under `/v1`) is about, for finding the instance that runs it.
+#[derive(Debug, PartialEq, Eq)]
+enum Subject<'a> {
+    /// `/bots/{jid}` and everything under it (a JID or a localpart), except the route probe,
+    /// which asks about the instance that answers.
+    Bot(&'a str),
+    /// `/tunnels/{id}` and everything under it: the bot that runs the tunnel.
+    Tunnel(&'a str),
+    /// `POST /tunnels`: the bot named in the body.
+    BotInBody,
+}
+
+fn subject<'a>(method: &Method, path: &'a str) -> Option<Subject<'a>> {
+    if let Some(rest) = path.strip_prefix("/bots/") {
+        let (jid, tail) = rest.split_once('/').unwrap_or((rest, ""));
+        return (!jid.is_empty() && tail != "route").then_some(Subject::Bot(jid));
+    }
+    if let Some(rest) = path.strip_prefix("/tunnels/") {
+        let id = rest.split('/').next().unwrap_or_default();
+        return (!id.is_empty()).then_some(Subject::Tunnel(id));
+    }
+    (path == "/tunnels" && method == Method::POST).then_some(Subject::BotInBody)
 }
 
 /// Passes a request about a bot another instance runs to that instance; every other request
@@ -52,14 +68,15 @@ pub async fn to_owner(State(state): State<AdminState>, request: Request, next: N
     if !shared.owners.is_shared() {
         return next.run(request).await;
     }
-    // The path names a bot by bare JID or by localpart.
-    let Some(jid) = bot_of(request.uri().path())
-        .and_then(|raw| percent_encoding::percent_decode_str(raw).decode_utf8().ok())
-        .and_then(|named| match named.contains('@') {
-            true => normalize_bare(&named),
-            false => normalize_bare(&format!("{named}@{}", shared.domain)),
-        })
-    else {
+    let (request, named) = match bot_named(&state, request).await {
+        Ok(found) => found,
+        Err(e) => return e.into_response(),
+    };
+    // A bot by bare JID or by localpart.
+    let Some(jid) = named.and_then(|named| match named.contains('@') {
+        true => normalize_bare(&named),
+        false => normalize_bare(&format!("{named}@{}", shared.domain)),
+    }) else {
         return next.run(request).await;
     };
     if shared.owners.runs(&jid) {
@@ -74,10 +91,51 @@ pub async fn to_owner(State(state): State<AdminState>, request: Request, next: N
             ))
             .into_response()
         }
-        Ok(Some(url)) => pass_on(&state, &url, request)
-            .await
-            .unwrap_or_else(IntoResponse::into_response),
+        Ok(Some(url)) => {
+            tracing::debug!(bot = jid, to = url, path = %request.uri().path(), "request passed to the instance that runs the bot");
+            pass_on(&state, &url, request)
+                .await
+                .unwrap_or_else(IntoResponse::into_response)
+        }
         Err(e) => e.into_response(),
+    }
+}
+
+/// The bot a request is about, if any, as named (the request back, its body read when the
+/// bot is named there).
+async fn bot_named(
+    state: &AdminState,
+    request: Request,
+) -> Result<(Request, Option<String>), ApiError> {
+    let path = request.uri().path().to_owned();
+    let decode = |raw: &str| {
+        percent_encoding::percent_decode_str(raw)
+            .decode_utf8()
+            .ok()
+            .map(|s| s.into_owned())
+    };
+    match subject(request.method(), &path) {
+        None => Ok((request, None)),
+        Some(Subject::Bot(raw)) => Ok((request, decode(raw))),
+        Some(Subject::Tunnel(raw)) => {
+            let Some(id) = decode(raw) else {
+                return Ok((request, None));
+            };
+            let store = &state.bots.shared().store;
+            let tunnel = store.tunnel(&id.into()).await?;
+            Ok((request, tunnel.map(|t| t.bot)))
+        }
+        Some(Subject::BotInBody) => {
+            let (parts, body) = request.into_parts();
+            // The body was read (and capped) before this layer.
+            let bytes = axum::body::to_bytes(body, usize::MAX)
+                .await
+                .map_err(|_| ApiError::Invalid("the request body ended early".into()))?;
+            let bot = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("bot")?.as_str().map(str::to_owned));
+            Ok((Request::from_parts(parts, Body::from(bytes)), bot))
+        }
     }
 }
 
@@ -199,15 +257,28 @@ mod tests {
 
     #[test]
     fn requests_about_a_bot_are_found_by_their_path() {
-        assert_eq!(bot_of("/bots/echo@b.example"), Some("echo@b.example"));
+        let get = Method::GET;
+        let found = |path| subject(&get, path);
         assert_eq!(
-            bot_of("/bots/echo@b.example/messages"),
-            Some("echo@b.example")
+            found("/bots/echo@b.example"),
+            Some(Subject::Bot("echo@b.example"))
         );
-        assert_eq!(bot_of("/bots/echo@b.example/route"), None);
-        assert_eq!(bot_of("/bots"), None);
-        assert_eq!(bot_of("/bots/"), None);
-        assert_eq!(bot_of("/tunnels"), None);
+        assert_eq!(
+            found("/bots/echo@b.example/messages"),
+            Some(Subject::Bot("echo@b.example"))
+        );
+        assert_eq!(found("/bots/echo/events"), Some(Subject::Bot("echo")));
+        assert_eq!(found("/bots/echo@b.example/route"), None);
+        assert_eq!(found("/bots"), None);
+        assert_eq!(found("/bots/"), None);
+        assert_eq!(found("/tunnels/t1"), Some(Subject::Tunnel("t1")));
+        assert_eq!(
+            found("/tunnels/t1/sas/confirm"),
+            Some(Subject::Tunnel("t1"))
+        );
+        assert_eq!(found("/tunnels"), None);
+        assert_eq!(subject(&Method::POST, "/tunnels"), Some(Subject::BotInBody));
+        assert_eq!(found("/instances"), None);
     }
 
     #[test]

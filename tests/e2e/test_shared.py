@@ -270,6 +270,26 @@ def test_any_instance_reads_events_and_sends_once_per_key_for_a_bot_another_runs
                 assert await from_bot.recv_message(timeout=10) == "once"
                 await tunnel.close()
 
+                # A tunnel by its id, through an instance that does not run it: closed by the
+                # owner; and one opened through another such instance.
+                status, rows = await call(second.get, "/v1/tunnels?" + urllib.parse.urlencode(
+                    {"bot": bot, "state": "open"}, safe="@"))
+                assert status == 200, rows
+                rows = rows.get("tunnels") if isinstance(rows, dict) else rows
+                [row] = [r for r in rows if r["peer"] == bob.jid]
+                status, closing = await call(second.delete, f"/v1/tunnels/{row['id']}")
+                assert status == 202, (closing, from_bot.state, [
+                    line for line in comps[owner].log_path.read_text().splitlines() if row["id"] in line])
+                for _ in range(100):
+                    if from_bot.state == "closed":
+                        break
+                    await asyncio.sleep(0.1)
+                assert from_bot.state == "closed" and from_bot.closed_by_peer, from_bot.state
+                status, opening = await call(first.post, "/v1/tunnels", {"bot": bot, "peer": bob.jid})
+                assert status == 202 and opening["bot"] == bot, opening
+                again = await bob.next_tunnel(timeout=15)
+                await again.wait_open(timeout=15)
+
         run(scenario(), 60)
         count = postgres.psql(f"SELECT count(*) FROM messages WHERE bot_jid = '{bot}'", database=database)
         assert count == "1", count
