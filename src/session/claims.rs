@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::link::slot::route_probe;
-use crate::store::{Claim, Lease};
+use crate::store::Claim;
 
 use super::table::{BotCommand, BotTable, Start, parse_identities};
 use xtls::tunnel::TunnelKey;
@@ -104,8 +104,8 @@ impl BotTable {
     }
 
     /// Claims `batch`, and takes over the bots that changed hands. An error before the claims
-    /// are made leaves the batch to try again; a bot whose take-over fails afterwards is
-    /// logged and left as far as it got.
+    /// are made leaves the batch to try again; a take-over that fails afterwards is logged
+    /// and left as far as it got.
     async fn claim(&self, batch: &[String]) -> Result<(), super::BotError> {
         let shared = self.shared();
         let store = &shared.store;
@@ -124,20 +124,43 @@ impl BotTable {
             }
         }
         let new: Vec<&Claim> = claims.iter().filter(|c| c.is_new()).collect();
-        for claim in &new {
-            let jid = &claim.lease.bot;
-            let start = Start {
-                last_seq: 0,
-                recover: unfinished.contains(jid),
-                webhook: webhooks.remove(jid),
-                next: None,
-            };
-            if let Err(e) = self.take_over_claimed(&claim.lease, start).await {
-                tracing::error!(bot = jid, error = %e, "bot claimed, and its take-over failed");
-            }
-        }
         if new.is_empty() {
             return Ok(());
+        }
+        // Read again what another instance ran (it may have changed the bot meanwhile) or
+        // this one does not know yet; a bot no instance ran is as loaded at start.
+        let reread: Vec<String> = new
+            .iter()
+            .filter(|c| c.previous.is_some() || self.by_jid(&c.lease.bot).is_none())
+            .map(|c| c.lease.bot.clone())
+            .collect();
+        if let Err(e) = self.reread(&reread, &unfinished, &mut webhooks).await {
+            tracing::error!(error = %e, bots = reread.len(), "bots claimed, and reading them again failed");
+        }
+        for claim in &new {
+            let Some(handle) = self.by_jid(&claim.lease.bot) else {
+                continue;
+            };
+            if !reread.contains(&claim.lease.bot) {
+                // Known here and run by no instance before: its owner-only work starts now.
+                if unfinished.contains(&claim.lease.bot) {
+                    let _ = handle.send(BotCommand::Recover).await;
+                }
+                if let Some(webhook) = webhooks.remove(&claim.lease.bot) {
+                    handle.start_deliverer(Some(Some(webhook)));
+                }
+            }
+            if !claim.lost.is_empty() {
+                let keys = claim
+                    .lost
+                    .iter()
+                    .map(|(local, peer)| TunnelKey {
+                        local: local.clone(),
+                        peer: peer.clone(),
+                    })
+                    .collect();
+                let _ = handle.send(BotCommand::TakenOver(keys)).await;
+            }
         }
         tracing::info!(
             claimed = new.len(),
@@ -147,33 +170,32 @@ impl BotTable {
         Ok(())
     }
 
-    /// Runs a bot this instance just claimed from another one (or from none): as the store
-    /// has it now, with the tunnels the previous owner left open closed and their peers told.
-    async fn take_over_claimed(&self, lease: &Lease, start: Start) -> Result<(), super::BotError> {
+    /// Runs these bots, just claimed, as the store has them now.
+    async fn reread(
+        &self,
+        jids: &[String],
+        unfinished: &HashSet<String>,
+        webhooks: &mut std::collections::HashMap<String, crate::store::Webhook>,
+    ) -> Result<(), super::BotError> {
+        if jids.is_empty() {
+            return Ok(());
+        }
         let store = &self.shared().store;
-        let Some(stored) = store.load_bot(&lease.bot).await? else {
-            return Ok(());
-        };
-        let lost = store.close_foreign_tunnels(lease).await?;
-        let next = store.next_certificate(&lease.bot).await?.map(Arc::new);
-        let Some((record, identity, last_seq)) = parse_identities(vec![stored]).await?.pop() else {
-            return Ok(());
-        };
-        tracing::debug!(bot = record.jid, lost = lost.len(), "bot claimed");
-        let start = Start {
-            last_seq,
-            next,
-            ..start
-        };
-        self.take_over(record, identity, start).await;
-        if !lost.is_empty()
-            && let Some(handle) = self.by_jid(&lease.bot)
-        {
-            let keys = lost
-                .into_iter()
-                .map(|(local, peer)| TunnelKey { local, peer })
-                .collect();
-            let _ = handle.send(BotCommand::TakenOver(keys)).await;
+        let stored = store.load_bots_named(jids).await?;
+        let mut next: std::collections::HashMap<String, _> = store
+            .next_certificates()
+            .await?
+            .into_iter()
+            .map(|n| (n.bot.clone(), Arc::new(n)))
+            .collect();
+        for (record, identity, last_seq) in parse_identities(stored).await? {
+            let start = Start {
+                last_seq,
+                recover: unfinished.contains(&record.jid),
+                webhook: webhooks.remove(&record.jid),
+                next: next.remove(&record.jid),
+            };
+            self.take_over(record, identity, start).await;
         }
         Ok(())
     }

@@ -227,7 +227,7 @@ impl BotHandle {
     }
 
     /// Starts the webhook deliverer unless it runs, with the webhook when it is known.
-    fn start_deliverer(&self, webhook: Option<Option<crate::store::Webhook>>) {
+    pub(super) fn start_deliverer(&self, webhook: Option<Option<crate::store::Webhook>>) {
         let Some(shared) = self.deliverer.lock().expect("deliverer lock").take() else {
             return;
         };

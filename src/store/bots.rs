@@ -126,6 +126,26 @@ impl Store {
         row.map(|r| self.stored_bot(&r)).transpose()
     }
 
+    /// The named bots that exist, each as [`Store::load_bot`] reads it, by JID.
+    pub async fn load_bots_named(&self, jids: &[String]) -> Result<Vec<StoredBot>, StoreError> {
+        let mut loaded = Vec::with_capacity(jids.len());
+        // Within any database's limit on the parameters of one query.
+        for part in jids.chunks(512) {
+            let sql = format!(
+                "{LOAD_BOT} WHERE b.jid IN ({}) ORDER BY b.jid",
+                super::params(1, part.len())
+            );
+            let mut q = query(sql);
+            for jid in part {
+                q = q.bind(jid);
+            }
+            for r in q.fetch_all(&self.pool).await? {
+                loaded.push(self.stored_bot(&r)?);
+            }
+        }
+        Ok(loaded)
+    }
+
     fn stored_bot(&self, r: &Row) -> Result<StoredBot, StoreError> {
         let record = bot_from_row(r)?;
         let (Some(key_der), Some(cert_der)) = (

@@ -26,6 +26,9 @@ pub struct Claim {
     pub lease: Lease,
     /// The instance that owned the bot before (this one when it claimed again), if any.
     pub previous: Option<String>,
+    /// The bot's tunnels other instances left open, closed by this claim as `instance_lost`:
+    /// each one's local and peer JIDs, whose peers are to be told.
+    pub lost: Vec<(String, String)>,
 }
 
 impl Claim {
@@ -98,6 +101,7 @@ impl Store {
                             epoch: *epoch,
                         },
                         previous: Some(me.to_owned()),
+                        lost: Vec::new(),
                     });
                     continue;
                 }
@@ -118,6 +122,20 @@ impl Store {
             .execute(&mut tx)
             .await?;
             if taken.rows_affected() == 1 {
+                // What another instance ran for the bot is gone: closed with the claim.
+                let lost = query(
+                    "UPDATE tunnels SET state = 'closed', closed_at = $1, close_reason = 'instance_lost' \
+                     WHERE bot_jid = $2 AND state != 'closed' AND (instance_id IS NULL OR instance_id != $3) \
+                     RETURNING local_jid, peer",
+                )
+                .bind(now())
+                .bind(bot)
+                .bind(me)
+                .fetch_all(&mut tx)
+                .await?
+                .iter()
+                .map(|r| Ok((r.try_get("local_jid")?, r.try_get("peer")?)))
+                .collect::<Result<Vec<(String, String)>, StoreError>>()?;
                 claimed.push(Claim {
                     lease: Lease {
                         bot: bot.clone(),
@@ -125,6 +143,7 @@ impl Store {
                         epoch,
                     },
                     previous: before.map(|(owner, _)| owner),
+                    lost,
                 });
             }
         }
@@ -168,37 +187,6 @@ impl Store {
             Some(lease) => self.fenced(lease).await,
             None => Ok(self.writer().begin().await?),
         }
-    }
-
-    /// Closes, as `instance_lost`, the live tunnel rows of `bot` that another instance ran
-    /// (the holder of `lease` took the bot over: those tunnels are gone); returns each one's
-    /// local and peer JIDs, whose peers are to be told.
-    pub async fn close_foreign_tunnels(
-        &self,
-        lease: &Lease,
-    ) -> Result<Vec<(String, String)>, StoreError> {
-        let mut tx = self.fenced(lease).await?;
-        let rows = query(
-            "SELECT local_jid, peer FROM tunnels WHERE bot_jid = $1 AND state != 'closed' \
-             AND (instance_id IS NULL OR instance_id != $2)",
-        )
-        .bind(&lease.bot)
-        .bind(&lease.instance)
-        .fetch_all(&mut tx)
-        .await?;
-        query(
-            "UPDATE tunnels SET state = 'closed', closed_at = $1, close_reason = 'instance_lost' \
-             WHERE bot_jid = $2 AND state != 'closed' AND (instance_id IS NULL OR instance_id != $3)",
-        )
-        .bind(now())
-        .bind(&lease.bot)
-        .bind(&lease.instance)
-        .execute(&mut tx)
-        .await?;
-        tx.commit().await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("local_jid")?, r.try_get("peer")?)))
-            .collect()
     }
 
     /// Who runs `bot` now, as the store knows it: `None` when there is no such bot; a
@@ -327,17 +315,13 @@ mod tests {
         assert_eq!(a.list_bots().await.unwrap()[0].handler, Handler::Api);
 
         // Taking the bot back is a new claim, not the old one revived; the tunnels the former
-        // owner ran are closed by the new one, which learns whom to tell.
-        let third = a.claim_bot(&bot.jid).await.unwrap();
+        // owner ran are closed with it, and the new owner learns whom to tell.
+        let back = a.claim_bots(std::slice::from_ref(&bot.jid)).await.unwrap();
+        let third = back[0].lease.clone();
         assert_eq!(third.epoch, 5);
-        assert!(b.close_foreign_tunnels(&second).await.is_err());
-        assert_eq!(
-            a.close_foreign_tunnels(&third).await.unwrap(),
-            [(key.local.clone(), key.peer.clone())]
-        );
+        assert_eq!(back[0].lost, [(key.local.clone(), key.peer.clone())]);
         let closed = a.tunnel(&row.id).await.unwrap().unwrap();
         assert_eq!(closed.close_reason.as_deref(), Some("instance_lost"));
-        assert!(a.close_foreign_tunnels(&third).await.unwrap().is_empty());
         assert!(a.fenced(&first).await.is_err());
         assert!(matches!(
             b.fenced(&second).await,
