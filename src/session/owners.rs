@@ -126,6 +126,15 @@ impl Ownership {
         state.leases.remove(bot);
     }
 
+    /// Forgets every bot: the link to the server is lost, and the next connection may take
+    /// another slot (its probes find this instance's bots again).
+    pub fn reset(&self) {
+        let mut state = self.state.lock().expect("ownership lock");
+        state.routed.clear();
+        state.leases.clear();
+        state.queued.clear();
+    }
+
     /// The lease that fences writes for `bot`: `None` when this instance serves the store
     /// alone; claimed now when the bot's stanzas reach this instance and its queued claim has
     /// not been made yet; [`StoreError::NotOwner`] when they do not reach it.
@@ -191,5 +200,13 @@ mod tests {
         // Routed again after it was forgotten: claimed again.
         shared.routed_here("a@bots.example.org");
         assert_eq!(shared.queued().await, ["a@bots.example.org"]);
+        // A lost link forgets everything.
+        shared.granted(Lease {
+            bot: "b@bots.example.org".into(),
+            instance: "i1".into(),
+            epoch: 1,
+        });
+        shared.reset();
+        assert!(!shared.runs("a@bots.example.org") && !shared.holds("b@bots.example.org"));
     }
 }

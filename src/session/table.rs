@@ -851,9 +851,13 @@ impl BotTable {
     }
 
     /// Tells every running driver about the link (one not started has no tunnel to lose and
-    /// no peer to tell).
+    /// no peer to tell); a lost link also forgets which bots the server routed here.
     pub async fn broadcast_link(&self, up: bool) {
         self.shared.link_up.store(up, Ordering::Relaxed);
+        if !up {
+            // Sharing the store, the next connection may reach other bots.
+            self.shared.owners.reset();
+        }
         for bot in self.list() {
             let Some(tx) = bot.driver.running() else {
                 continue;
