@@ -72,29 +72,48 @@ pub async fn run(
     // Heartbeats are for instances that share a store; a SQLite file has one (the claim), and
     // a writer held by heartbeats would only delay the bots' own writes when the file is busy.
     let beat_store = store.clone();
+    let advertised = config.instances.advertise_url.clone();
     let heartbeat = (store.backend() != crate::store::Backend::Sqlite).then(|| {
         tokio::spawn(async move {
             let mut every = tokio::time::interval(HEARTBEAT);
             loop {
                 every.tick().await;
-                if let Err(e) = beat_store.heartbeat().await {
-                    tracing::warn!(error = %e, "cannot record this instance's heartbeat");
-                }
-                // Sharing the store, the live rows of an instance that died are closed by the
-                // others once its heartbeat is old enough.
-                if sharing {
-                    match beat_store
-                        .close_lost_tunnels(Some(LOST_AFTER.as_millis() as i64))
-                        .await
-                    {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(
-                            count = n,
-                            "tunnels of an instance that stopped answering marked closed"
-                        ),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot close the tunnels of lost instances")
+                match beat_store.heartbeat().await {
+                    Ok(()) => {}
+                    // Late enough for the others to take it for dead: it is alive after all.
+                    Err(StoreError::Conflict(why)) => {
+                        tracing::warn!(
+                            why,
+                            "this instance was taken for dead; registering it again"
+                        );
+                        if let Err(e) = beat_store.register_again(advertised.as_deref()).await {
+                            tracing::warn!(error = %e, "cannot register this instance again");
                         }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot record this instance's heartbeat"),
+                }
+            }
+        })
+    });
+    // Sharing the store, the live rows of an instance that died are closed by the others once
+    // its heartbeat is old enough (apart from the heartbeats, which must not wait for it).
+    let sweep_store = store.clone();
+    let sweeper = sharing.then(|| {
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(HEARTBEAT);
+            loop {
+                every.tick().await;
+                match sweep_store
+                    .close_lost_tunnels(Some(LOST_AFTER.as_millis() as i64))
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        count = n,
+                        "tunnels of an instance that stopped answering marked closed"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot close the tunnels of lost instances")
                     }
                 }
             }
@@ -310,6 +329,9 @@ pub async fn run(
     }
     if let Some(heartbeat) = heartbeat {
         heartbeat.abort();
+    }
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
     }
     if let Err(e) = store.deregister_instance().await {
         tracing::warn!(error = %e, "cannot remove this instance from the store");

@@ -4,9 +4,8 @@
 //! (type `wait`), so one slow bot never holds up the component stream.
 
 use minidom::Element;
-use tokio::sync::mpsc;
 
-use crate::session::BotTable;
+use crate::session::{Admission, BotTable, is_request};
 use xtls::stanza::{DefinedCondition, ErrorType, Iq, error_reply, name, ns};
 
 /// Routes one inbound stanza; returns the reply to send when the router answers it itself.
@@ -22,19 +21,16 @@ pub fn route(stanza: Element, bots: &BotTable) -> Option<Element> {
         return None;
     }
     let probe = crate::link::slot::route_probe_id(&stanza, domain);
-    // With a shared store, a stanza that reaches this instance for a bot makes the bot this
-    // instance's: a known bot's, or a probe's (only instances send those; a bot created on
-    // another one is not known here yet).
-    if bots.shared().owners.is_shared()
-        && let Some(node) = to.node()
-        && (probe.is_some() || bots.by_localpart(node.as_str()).is_some())
-        && let Some(bare) = xtls::certs::normalize_bare(&format!("{node}@{domain}"))
-    {
-        bots.shared().owners.routed_here(&bare);
-    }
     // A route probe from this domain (ours or another instance's): it says where the server
-    // routes its destination, and is never a bot's business.
+    // routes its destination, and is never a bot's business. With a shared store, the bot it
+    // was sent to is this instance's to claim (one created elsewhere is not known here yet).
     if let Some(id) = probe {
+        if let Some(bare) = to
+            .node()
+            .and_then(|node| xtls::certs::normalize_bare(&format!("{node}@{domain}")))
+        {
+            bots.shared().owners.routed_here(&bare);
+        }
         if !bots.shared().routes.arrived(id) {
             tracing::debug!(
                 id,
@@ -43,48 +39,21 @@ pub fn route(stanza: Element, bots: &BotTable) -> Option<Element> {
         }
         return None;
     }
-    let is_request = match stanza.name() {
-        "iq" => matches!(stanza.attr("type"), Some("get" | "set")),
-        "message" => stanza.attr("type") != Some("error"),
-        _ => false,
-    };
     let Some(node) = to.node() else {
         return component_answer(&stanza);
     };
     match bots.by_localpart(node.as_str()) {
-        Some(bot) => match bot.try_deliver(stanza) {
-            Ok(()) => None,
-            Err(mpsc::error::TrySendError::Full(crate::session::BotCommand::Stanza(stanza))) => {
-                let stanza = *stanza;
-                tracing::warn!(bot = bot.record.jid, "bot queue full");
-                bots.shared().metrics.rejected("bot_queue");
-                bot.tunnel_refused(&stanza);
-                is_request.then(|| {
-                    error_reply(
-                        &stanza,
-                        ErrorType::Wait,
-                        DefinedCondition::ResourceConstraint,
-                        "bot busy",
-                    )
-                })
-            }
-            Err(e) => {
-                let stanza = match e.into_inner() {
-                    crate::session::BotCommand::Stanza(s) => *s,
-                    _ => return None,
-                };
-                is_request.then(|| {
-                    error_reply(
-                        &stanza,
-                        ErrorType::Cancel,
-                        DefinedCondition::ServiceUnavailable,
-                        "",
-                    )
-                })
+        // With a shared store, a bot this instance does not run yet is claimed first.
+        Some(bot) => match bots.shared().owners.admit(&bot.record.jid, stanza) {
+            Admission::Deliver(stanza) => bots.deliver(&bot, stanza),
+            Admission::Held => None,
+            Admission::Refused(stanza) => {
+                tracing::warn!(bot = bot.record.jid, "too much waits for bot claims");
+                bots.busy(&bot, &stanza)
             }
         },
         // RFC 6120 §8.4 and spec §1.5 rule 2: unknown bots are not there.
-        None => is_request.then(|| {
+        None => is_request(&stanza).then(|| {
             error_reply(
                 &stanza,
                 ErrorType::Cancel,

@@ -22,14 +22,15 @@ pub const FORWARDED_BY: &str = "x-xtls-forwarded-by";
 const FIND_OWNER: Duration = Duration::from_secs(3);
 
 /// The client requests are passed on with: no proxy from the environment, no redirects
-/// followed, a bounded connect; no overall deadline, since event streams last.
+/// followed, a bounded connect; no overall deadline, since event streams last, and a read
+/// deadline longer than the longest long poll (60 s).
 static CLIENT: LazyLock<reqwest::Client> = LazyLock::new(|| {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(3))
-        .read_timeout(Duration::from_secs(60))
+        .read_timeout(Duration::from_secs(90))
         .build()
         .expect("the forwarding client builds")
 });
@@ -79,18 +80,20 @@ pub async fn to_owner(State(state): State<AdminState>, request: Request, next: N
     }) else {
         return next.run(request).await;
     };
-    if shared.owners.runs(&jid) {
+    // A bot token reaches its own bot only: refused here, before anything is asked about
+    // another bot.
+    if let Some(caller) = request.extensions().get::<super::Caller>()
+        && let Err(refused) = caller.may_act_for(&jid)
+    {
+        return refused.into_response();
+    }
+    // Passed on by another instance, which read the store: the bot is this one's (or being
+    // claimed by it). Never passed on again.
+    if request.headers().contains_key(FORWARDED_BY) {
         return next.run(request).await;
     }
     match owner_url(&state, &jid).await {
         Ok(None) => next.run(request).await,
-        Ok(Some(url)) if request.headers().contains_key(FORWARDED_BY) => {
-            tracing::warn!(bot = jid, owner = url, "request passed on twice: refused");
-            ApiError::Unavailable(format!(
-                "bot {jid}: the instances disagree on which one runs it; try again"
-            ))
-            .into_response()
-        }
         Ok(Some(url)) => {
             tracing::debug!(bot = jid, to = url, path = %request.uri().path(), "request passed to the instance that runs the bot");
             pass_on(&state, &url, request)
@@ -139,8 +142,9 @@ async fn bot_named(
     }
 }
 
-/// Where requests about `jid` go: `None` to answer here (this instance runs the bot, or no
-/// such bot exists), else the admin API of the instance that runs it.
+/// Where requests about `jid` go: `None` to answer here (the store says this instance runs
+/// the bot, or there is no such bot), else the admin API of the instance that runs it. A bot
+/// no live instance has claimed is probed, so that the instance its stanzas reach claims it.
 async fn owner_url(state: &AdminState, jid: &str) -> Result<Option<String>, ApiError> {
     let shared = state.bots.shared();
     let store = &shared.store;
@@ -154,7 +158,9 @@ async fn owner_url(state: &AdminState, jid: &str) -> Result<Option<String>, ApiE
             return Ok(None);
         };
         match (owner.instance, owner.admin_url) {
-            (Some(id), _) if id == me => return Ok(None),
+            // Claimed by this instance: answered here once it runs the bot.
+            (Some(id), _) if id == me && shared.owners.holds(jid) => return Ok(None),
+            (Some(id), _) if id == me => {}
             (Some(_), Some(url)) => return Ok(Some(url)),
             (Some(id), None) => {
                 return Err(ApiError::Unavailable(format!(
@@ -164,23 +170,17 @@ async fn owner_url(state: &AdminState, jid: &str) -> Result<Option<String>, ApiE
             }
             (None, _) => {}
         }
-        // No instance claimed it yet: the probe makes the one the server routes it to claim it
-        // (this one, when it comes back here).
-        if !probed {
+        if !probed && !shared.owners.holds(jid) {
             probed = true;
-            if let Ok(route) = shared.probe_route(jid).await
-                && route.reaches_here
-            {
-                return Ok(None);
-            }
+            state.bots.probe(jid);
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(ApiError::Unavailable(format!(
                 "no instance runs bot {jid} yet: the server routes its stanzas to no connected \
-                 instance"
+                 instance, or the one it routes them to is still taking it over"
             )));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

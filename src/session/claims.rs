@@ -35,8 +35,9 @@ impl BotTable {
         );
     }
 
-    /// Sends one bot's route probe without waiting (a bot created here may belong elsewhere).
-    pub(super) fn probe(&self, jid: &str) {
+    /// Sends one bot's route probe without waiting, when instances share the store: the
+    /// instance its stanzas reach claims it.
+    pub fn probe(&self, jid: &str) {
         let shared = self.shared();
         if shared.owners.is_shared() {
             let (_, probe) = route_probe(&shared.domain, jid);
@@ -47,21 +48,32 @@ impl BotTable {
     }
 
     /// Claims the bots whose stanzas reach this instance, as they arrive, until the component
-    /// stops. A bot that changes hands is read again from the store (another instance ran it
-    /// meanwhile) and its owner-only work starts: unfinished messages, webhook deliveries.
+    /// stops: each is read again from the store (another instance may have run it), its
+    /// owner-only work starts (unfinished messages, webhook deliveries, telling the peers of
+    /// its former owner's tunnels), and then the stanzas that waited for it go to it.
     pub async fn run_claims(self) {
         let owners = &self.shared().owners;
         loop {
-            let queued = owners.queued().await;
+            let mut queued = owners.queued().await;
+            // In one order on every instance: two claiming overlapping batches do not deadlock.
+            queued.sort_unstable();
             for batch in queued.chunks(CLAIM_BATCH) {
-                loop {
+                let failed = loop {
                     match self.claim(batch).await {
-                        Ok(()) => break,
+                        Ok(failed) => break failed,
                         Err(e) => {
                             tracing::warn!(error = %e, bots = batch.len(), "cannot claim bots; retrying");
                             tokio::time::sleep(CLAIM_RETRY).await;
                         }
                     }
+                };
+                if !failed.is_empty() {
+                    tracing::warn!(
+                        bots = failed.len(),
+                        "bots claimed and not taken over; retrying"
+                    );
+                    tokio::time::sleep(CLAIM_RETRY).await;
+                    owners.retry(&failed);
                 }
             }
         }
@@ -72,13 +84,14 @@ impl BotTable {
     /// drops those deleted.
     pub async fn follow_store(&self) -> Result<(), super::BotError> {
         let store = &self.shared().store;
+        // Known first: a bot added meanwhile is in the store's list, not taken for deleted.
+        let known: HashSet<String> = self.list().into_iter().map(|b| b.record.jid).collect();
         let stored: HashSet<String> = store
             .list_bots()
             .await?
             .into_iter()
             .map(|b| b.jid)
             .collect();
-        let known: HashSet<String> = self.list().into_iter().map(|b| b.record.jid).collect();
         for gone in known.difference(&stored) {
             self.forget(gone);
         }
@@ -90,65 +103,91 @@ impl BotTable {
         }
         for (record, identity, last_seq) in parse_identities(missing).await? {
             let next = store.next_certificate(&record.jid).await?.map(Arc::new);
-            let start = Start {
-                last_seq,
-                recover: false,
-                webhook: None,
-                next,
-            };
-            if self.by_jid(&record.jid).is_none() {
-                self.start(record, identity, start);
-            }
+            self.learn(record, identity, last_seq, next);
         }
         Ok(())
     }
 
-    /// Claims `batch`, and takes over the bots that changed hands. An error before the claims
-    /// are made leaves the batch to try again; a take-over that fails afterwards is logged
-    /// and left as far as it got.
-    async fn claim(&self, batch: &[String]) -> Result<(), super::BotError> {
+    /// Claims `batch` and takes over every bot claimed that this instance did not run under
+    /// that claim yet; returns those whose take-over failed (they keep waiting). An error
+    /// means nothing was claimed.
+    async fn claim(&self, batch: &[String]) -> Result<Vec<String>, super::BotError> {
         let shared = self.shared();
         let store = &shared.store;
-        // Read first: once claimed, a bot is no longer new to a claim tried again.
         let unfinished = store.bots_with_unfinished_messages().await?;
-        let mut webhooks = store.webhooks().await?;
+        // One secret that cannot be opened must not stop every take-over: the deliverers of
+        // this batch then read their webhooks themselves.
+        let webhooks = store
+            .webhooks()
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot read the webhooks; each deliverer reads its own"))
+            .ok();
         let claims = store.claim_bots(batch).await?;
-        for claim in &claims {
-            shared.owners.granted(claim.lease.clone());
-        }
         // Asked for and not claimed: no such bot (deleted, or not a bot at all).
         for jid in batch {
             if !claims.iter().any(|c| &c.lease.bot == jid) {
-                shared.owners.forget(jid);
+                let held = shared.owners.dropped(jid);
+                self.refuse_all(held);
                 self.forget(jid);
             }
         }
-        let new: Vec<&Claim> = claims.iter().filter(|c| c.is_new()).collect();
-        if new.is_empty() {
-            return Ok(());
-        }
-        // Read again what another instance ran (it may have changed the bot meanwhile) or
-        // this one does not know yet; a bot no instance ran is as loaded at start.
-        let reread: Vec<String> = new
+        let mut failed = Vec::new();
+        let fresh: Vec<&Claim> = claims
             .iter()
-            .filter(|c| c.previous.is_some() || self.by_jid(&c.lease.bot).is_none())
-            .map(|c| c.lease.bot.clone())
+            .filter(|c| shared.owners.lease_of(&c.lease.bot).as_ref() != Some(&c.lease))
             .collect();
-        if let Err(e) = self.reread(&reread, &unfinished, &mut webhooks).await {
-            tracing::error!(error = %e, bots = reread.len(), "bots claimed, and reading them again failed");
+        let stored = match store
+            .load_bots_named(
+                &fresh
+                    .iter()
+                    .map(|c| c.lease.bot.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .await
+        {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the bots claimed");
+                return Ok(fresh.iter().map(|c| c.lease.bot.clone()).collect());
+            }
+        };
+        let mut next: std::collections::HashMap<String, _> = match store.next_certificates().await {
+            Ok(all) => all
+                .into_iter()
+                .map(|n| (n.bot.clone(), Arc::new(n)))
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the announced certificates");
+                return Ok(fresh.iter().map(|c| c.lease.bot.clone()).collect());
+            }
+        };
+        let mut parsed = std::collections::HashMap::new();
+        for bot in stored {
+            let jid = bot.record.jid.clone();
+            // One at a time: one unreadable key fails its own bot only.
+            match parse_identities(vec![bot]).await {
+                Ok(mut one) => {
+                    parsed.insert(jid, one.pop().expect("one bot parsed"));
+                }
+                Err(e) => tracing::error!(bot = jid, error = %e, "claimed bot unreadable"),
+            }
         }
-        for claim in &new {
-            let Some(handle) = self.by_jid(&claim.lease.bot) else {
+        for claim in &fresh {
+            let jid = &claim.lease.bot;
+            let Some((record, identity, last_seq)) = parsed.remove(jid) else {
+                failed.push(jid.clone());
                 continue;
             };
-            if !reread.contains(&claim.lease.bot) {
-                // Known here and run by no instance before: its owner-only work starts now.
-                if unfinished.contains(&claim.lease.bot) {
-                    let _ = handle.send(BotCommand::Recover).await;
-                }
-                if let Some(webhook) = webhooks.remove(&claim.lease.bot) {
-                    handle.start_deliverer(Some(Some(webhook)));
-                }
+            let start = Start {
+                last_seq,
+                recover: unfinished.contains(jid),
+                webhook: webhooks.as_ref().and_then(|w| w.get(jid).cloned()),
+                next: next.remove(jid),
+            };
+            let api = record.handler == crate::config::Handler::Api;
+            let handle = self.take_over(record, identity, start).await;
+            if api && webhooks.is_none() {
+                handle.start_deliverer(None);
             }
             if !claim.lost.is_empty() {
                 let keys = claim
@@ -161,42 +200,58 @@ impl BotTable {
                     .collect();
                 let _ = handle.send(BotCommand::TakenOver(keys)).await;
             }
+            let held = shared.owners.granted(claim.lease.clone());
+            for stanza in held {
+                if let Some(answer) = self.deliver(&handle, stanza) {
+                    self.answer(answer);
+                }
+            }
+            tracing::debug!(
+                bot = jid,
+                epoch = claim.lease.epoch,
+                lost = claim.lost.len(),
+                "bot taken over"
+            );
         }
-        tracing::info!(
-            claimed = new.len(),
-            held = shared.owners.held(),
-            "bots claimed: the server routes their stanzas to this instance"
-        );
-        Ok(())
+        // Claimed again under the lease this instance holds (a probe after a reconnect).
+        for claim in claims.iter().filter(|c| !fresh.contains(c)) {
+            let held = shared.owners.granted(claim.lease.clone());
+            if let Some(handle) = self.by_jid(&claim.lease.bot) {
+                for stanza in held {
+                    if let Some(answer) = self.deliver(&handle, stanza) {
+                        self.answer(answer);
+                    }
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            tracing::info!(
+                claimed = fresh.len(),
+                held = shared.owners.held(),
+                "bots claimed: the server routes their stanzas to this instance"
+            );
+        }
+        Ok(failed)
     }
 
-    /// Runs these bots, just claimed, as the store has them now.
-    async fn reread(
-        &self,
-        jids: &[String],
-        unfinished: &HashSet<String>,
-        webhooks: &mut std::collections::HashMap<String, crate::store::Webhook>,
-    ) -> Result<(), super::BotError> {
-        if jids.is_empty() {
-            return Ok(());
+    /// Answers, without waiting, what waited for a bot that is not there.
+    fn refuse_all(&self, held: Vec<minidom::Element>) {
+        for stanza in held {
+            if super::table::is_request(&stanza) {
+                self.answer(xtls::stanza::error_reply(
+                    &stanza,
+                    xtls::stanza::ErrorType::Cancel,
+                    xtls::stanza::DefinedCondition::ServiceUnavailable,
+                    "",
+                ));
+            }
         }
-        let store = &self.shared().store;
-        let stored = store.load_bots_named(jids).await?;
-        let mut next: std::collections::HashMap<String, _> = store
-            .next_certificates()
-            .await?
-            .into_iter()
-            .map(|n| (n.bot.clone(), Arc::new(n)))
-            .collect();
-        for (record, identity, last_seq) in parse_identities(stored).await? {
-            let start = Start {
-                last_seq,
-                recover: unfinished.contains(&record.jid),
-                webhook: webhooks.remove(&record.jid),
-                next: next.remove(&record.jid),
-            };
-            self.take_over(record, identity, start).await;
+    }
+
+    /// Sends an answer without waiting (the claimer must not wait for the link).
+    fn answer(&self, answer: minidom::Element) {
+        if self.shared().out.try_send(answer).is_err() {
+            tracing::warn!("outbound queue full: answer dropped");
         }
-        Ok(())
     }
 }

@@ -114,6 +114,10 @@ pub(super) struct BotDriver {
     pub(super) slot: Arc<super::table::DriverSlot>,
     /// When the last command or timer was handled.
     pub(super) idle_since: Instant,
+    /// Whether another instance took the bot over: nothing more is written for it.
+    pub(super) lost: bool,
+    /// Set by a write the store refused because another instance runs the bot now.
+    pub(super) lost_noticed: std::sync::atomic::AtomicBool,
 }
 
 pub(super) fn normalize(jid: &str) -> Option<String> {
@@ -197,6 +201,9 @@ impl BotDriver {
                 Box::pin(self.pump()).await;
             }
             Box::pin(self.flush()).await;
+            if self.lost_noticed.swap(false, Ordering::Relaxed) {
+                self.lost_bot();
+            }
             if Box::pin(self.finish_stopping()).await {
                 return;
             }
@@ -345,6 +352,10 @@ impl BotDriver {
         for done in stopping.done {
             let _ = done.send(());
         }
+        if self.lost {
+            // Nothing starts from this slot again: a claim of the bot starts it afresh.
+            self.slot.stop();
+        }
         true
     }
 
@@ -384,7 +395,7 @@ impl BotDriver {
             let (keys, events): (Vec<_>, Vec<_>) =
                 std::mem::take(&mut self.pending_events).into_iter().unzip();
             let store = &self.shared.store;
-            let committed = match self.shared.owners.lease(store, &self.bot.jid).await {
+            let committed = match self.shared.owners.lease(&self.bot.jid) {
                 Ok(lease) => {
                     store
                         .append_events(&self.bot.jid, self.last_seq, &events, lease.as_ref())
@@ -603,31 +614,46 @@ impl BotDriver {
 
     pub(super) async fn save(&self, record: &TunnelRecord) {
         let store = &self.shared.store;
-        let saved = match self.shared.owners.lease(store, &self.bot.jid).await {
+        let saved = match self.shared.owners.lease(&self.bot.jid) {
             Ok(lease) => store.save_tunnel(record, lease.as_ref()).await,
             Err(e) => Err(e),
         };
         match saved {
             Ok(()) => {}
-            // Its tunnels end at the next commit (`lost_bot`); the row is the new owner's.
+            // The row is the new owner's; this driver lets the bot go after this step.
             Err(e @ StoreError::NotOwner(_)) => {
-                tracing::warn!(error = %e, tunnel = %record.id, "tunnel not recorded");
-                self.shared.owners.forget(&self.bot.jid);
+                tracing::debug!(error = %e, tunnel = %record.id, "tunnel not recorded");
+                self.lost_noticed.store(true, Ordering::Relaxed);
             }
             Err(e) => tracing::error!(error = %e, tunnel = %record.id, "cannot record tunnel"),
         }
     }
 
-    /// Another instance runs this bot now (its write was refused): this one forgets it and
-    /// drops its tunnels, whose stanzas the server now routes there.
+    /// Another instance runs this bot now (its write was refused): this one lets it go. Its
+    /// tunnels end (their stanzas reach the new owner), nothing more is written for it (the
+    /// new owner finishes its messages), and the driver stops, its webhook deliverer and
+    /// event readers with it.
     pub(super) fn lost_bot(&mut self) {
+        if self.lost {
+            return;
+        }
         tracing::warn!(
             bot = self.bot.jid,
-            "another instance runs this bot now: its tunnels here end"
+            "another instance runs this bot now: this one lets it go"
         );
+        self.lost = true;
         self.shared.owners.forget(&self.bot.jid);
         for live in self.tunnels.values_mut() {
             live.tunnel.abandon(CloseReason::ConnectionLost);
+        }
+        self.out.let_go();
+        self.pending_events.clear();
+        if self.stopping.is_none() {
+            self.stopping = Some(Stopping {
+                deadline: Instant::now(),
+                reason: CloseReason::ConnectionLost,
+                done: Vec::new(),
+            });
         }
     }
 

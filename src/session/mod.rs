@@ -53,12 +53,14 @@ mod tests;
 
 pub use inbound::bot_disco_info;
 pub use outbound::Submitted;
-pub use owners::Ownership;
+pub use owners::{Admission, Ownership};
 pub use pair::{MAX_ATTEMPTS, Minted, Pairings};
 pub use rotation::{Certificates, Rotation};
 pub use route::{ROUTE_WAIT, Route, RouteError, RouteProbes};
 pub use sas::{SasRefusal, SasRequest};
-pub use table::{BotCommand, BotError, BotHandle, BotPolicy, BotTable, NewBot, PolicyChange};
+pub use table::{
+    BotCommand, BotError, BotHandle, BotPolicy, BotTable, NewBot, PolicyChange, is_request,
+};
 
 /// Everything the drivers share.
 #[derive(Debug)]

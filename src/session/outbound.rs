@@ -89,6 +89,15 @@ impl Outbound {
             && self.reopened.is_empty()
             && self.resubmit.is_empty()
     }
+
+    /// Drops every message on its way without settling it: another instance runs the bot
+    /// now, and finishes them (they stay unfinished in the store).
+    pub(super) fn let_go(&mut self) {
+        self.waiting.clear();
+        self.unacked.clear();
+        self.reopened.clear();
+        self.resubmit.clear();
+    }
 }
 
 impl BotDriver {
@@ -611,6 +620,15 @@ impl BotDriver {
         reason: Option<String>,
         reply: Reply,
     ) {
+        if self.lost {
+            // Another instance runs the bot now and finishes the message.
+            let why = "another instance runs this bot now".to_owned();
+            answer(
+                reply,
+                Submitted::new(MessageStatus::Failed, Some(why), None),
+            );
+            return;
+        }
         if status.is_final() {
             self.out.reopened.remove(&msg.id);
         }

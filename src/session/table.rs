@@ -13,7 +13,7 @@ use crate::config::{BotTrust, Handler};
 use crate::delivery::webhook::{self, Deliverer, ReplySink};
 use crate::store::{BotRecord, NextCertificate, OutMsg, StoreError, StoredBot, TunnelId, now};
 use xtls::certs::{BotIdentity, Fingerprints, normalize_bare};
-use xtls::stanza::ns;
+use xtls::stanza::{DefinedCondition, ErrorType, error_reply, ns};
 use xtls::tunnel::{BotCredentials, CloseReason, PeerAuth};
 
 use super::Shared;
@@ -157,6 +157,11 @@ impl DriverSlot {
     #[cfg(test)]
     pub(super) fn is_running(&self) -> bool {
         matches!(*self.0.lock().expect("driver slot lock"), Slot::Running(_))
+    }
+
+    /// Marks the driver stopped for good (its bot was let go).
+    pub(super) fn stop(&self) {
+        *self.0.lock().expect("driver slot lock") = Slot::Stopped;
     }
 
     /// The running driver's queue, if one runs (never starts one).
@@ -469,9 +474,20 @@ fn spawn_driver(
         refused,
         slot: slot.clone(),
         idle_since: tokio::time::Instant::now(),
+        lost: false,
+        lost_noticed: Default::default(),
     };
     tokio::spawn(driver.run());
     Some(tx)
+}
+
+/// Whether a stanza asks for an answer: an IQ get or set, or a message other than an error.
+pub fn is_request(stanza: &Element) -> bool {
+    match stanza.name() {
+        "iq" => matches!(stanza.attr("type"), Some("get" | "set")),
+        "message" => stanza.attr("type") != Some("error"),
+        _ => false,
+    }
 }
 
 /// Bots read from the store per query at start-up.
@@ -574,6 +590,44 @@ impl BotTable {
         Ok(table)
     }
 
+    /// Hands a stanza that reached the component to `bot`'s driver without waiting; the
+    /// error to answer when the driver cannot take it (`None`: taken, or nothing to answer).
+    pub fn deliver(&self, bot: &BotHandle, stanza: Element) -> Option<Element> {
+        match bot.try_deliver(stanza) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(BotCommand::Stanza(stanza))) => {
+                tracing::warn!(bot = bot.record.jid, "bot queue full");
+                self.busy(bot, &stanza)
+            }
+            Err(e) => match e.into_inner() {
+                BotCommand::Stanza(stanza) => is_request(&stanza).then(|| {
+                    error_reply(
+                        &stanza,
+                        ErrorType::Cancel,
+                        DefinedCondition::ServiceUnavailable,
+                        "",
+                    )
+                }),
+                _ => None,
+            },
+        }
+    }
+
+    /// Refuses a stanza `bot` cannot take now: a tunnel request ends its tunnel (spec §1.11),
+    /// and a request is answered `resource-constraint` (type `wait`).
+    pub fn busy(&self, bot: &BotHandle, stanza: &Element) -> Option<Element> {
+        self.shared.metrics.rejected("bot_queue");
+        bot.tunnel_refused(stanza);
+        is_request(stanza).then(|| {
+            error_reply(
+                stanza,
+                ErrorType::Wait,
+                DefinedCondition::ResourceConstraint,
+                "bot busy",
+            )
+        })
+    }
+
     /// The shared parts.
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
@@ -616,34 +670,18 @@ impl BotTable {
         Ok(handle)
     }
 
-    /// Runs a bot this instance just took over, as the store has it now: a driver already
-    /// running (started by a stanza that came before the claim) recovers what is unfinished;
-    /// otherwise the bot starts afresh from the store, replacing what was loaded earlier.
+    /// Runs a bot this instance just took over, as the store has it now: whatever ran it here
+    /// before (a driver of an earlier turn, from older data) is stopped first.
     pub(super) async fn take_over(
         &self,
         record: BotRecord,
         identity: Arc<BotIdentity>,
         start: Start,
-    ) {
-        if let Some(running) = self.by_jid(&record.jid)
-            && running.driver.running().is_some()
-        {
-            if start.recover {
-                let _ = running.send(BotCommand::Recover).await;
-            }
-            if start.webhook.is_some() {
-                running.start_deliverer(Some(start.webhook));
-            }
-            return;
-        }
+    ) -> BotHandle {
         if let Some(old) = self.by_jid(&record.jid) {
-            // Whatever started from the old handle now would run a second driver.
-            let mut slot = old.driver.0.lock().expect("driver slot lock");
-            if matches!(*slot, Slot::Waiting(_)) {
-                *slot = Slot::Stopped;
-            }
+            old.stop(CloseReason::ConnectionLost).await;
         }
-        self.start(record, identity, start);
+        self.start(record, identity, start)
     }
 
     /// Drops a bot from the table without touching the store (it is no longer there).
@@ -672,6 +710,46 @@ impl BotTable {
             webhook,
             next,
         } = start;
+        let handle = self.handle_for(record, identity, last_seq, next);
+        if recover {
+            handle.driver.sender(true);
+        }
+        self.bots
+            .write()
+            .expect("bots lock")
+            .insert(handle.record.localpart.clone(), handle.clone());
+        // An api bot's deliverer runs from its first webhook on (loaded with the others).
+        if webhook.is_some() {
+            handle.start_deliverer(Some(webhook));
+        }
+        handle
+    }
+
+    /// Adds a bot that runs elsewhere (its driver starts only if this instance takes it over),
+    /// unless the table has it already.
+    pub(super) fn learn(
+        &self,
+        record: BotRecord,
+        identity: Arc<BotIdentity>,
+        last_seq: u64,
+        next: Option<Arc<NextCertificate>>,
+    ) {
+        let handle = self.handle_for(record, identity, last_seq, next);
+        self.bots
+            .write()
+            .expect("bots lock")
+            .entry(handle.record.localpart.clone())
+            .or_insert(handle);
+    }
+
+    /// A handle for a bot whose driver waits for the first command sent to it.
+    fn handle_for(
+        &self,
+        record: BotRecord,
+        identity: Arc<BotIdentity>,
+        last_seq: u64,
+        next: Option<Arc<NextCertificate>>,
+    ) -> BotHandle {
         let (events_tx, events) = watch::channel(last_seq);
         let record_handler = record.handler;
         let refused: Arc<RefusedTunnels> = Arc::default();
@@ -683,7 +761,7 @@ impl BotTable {
             next: next.clone(),
             refused: refused.clone(),
         };
-        let handle = BotHandle {
+        BotHandle {
             fingerprints: identity.info.fingerprints.clone(),
             identity,
             next,
@@ -697,19 +775,7 @@ impl BotTable {
                 waiting,
             ))))),
             refused,
-        };
-        if recover {
-            handle.driver.sender(true);
         }
-        self.bots
-            .write()
-            .expect("bots lock")
-            .insert(handle.record.localpart.clone(), handle.clone());
-        // An api bot's deliverer runs from its first webhook on (loaded with the others).
-        if webhook.is_some() {
-            handle.start_deliverer(Some(webhook));
-        }
-        handle
     }
 
     /// The bot with this localpart (case-insensitive per RFC 7622 preparation).
@@ -851,13 +917,10 @@ impl BotTable {
     }
 
     /// Tells every running driver about the link (one not started has no tunnel to lose and
-    /// no peer to tell); a lost link also forgets which bots the server routed here.
+    /// no peer to tell). The bots run here stay this instance's: if the next connection takes
+    /// another slot, the instance that claims them fences this one's writes out.
     pub async fn broadcast_link(&self, up: bool) {
         self.shared.link_up.store(up, Ordering::Relaxed);
-        if !up {
-            // Sharing the store, the next connection may reach other bots.
-            self.shared.owners.reset();
-        }
         for bot in self.list() {
             let Some(tx) = bot.driver.running() else {
                 continue;

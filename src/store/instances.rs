@@ -97,6 +97,26 @@ impl Store {
         Ok(())
     }
 
+    /// Records this instance again, under the same id, after the others took it for dead
+    /// (its heartbeat was refused): requests for its bots reach it again.
+    pub async fn register_again(&self, admin_url: Option<&str>) -> Result<(), StoreError> {
+        let Some(id) = self.instance_id() else {
+            return Err(StoreError::NotFound("this instance's registration".into()));
+        };
+        clocked!(
+            "INSERT INTO instances (id, host, pid, started_at, admin_url, heartbeat_ms) \
+             VALUES ($1, $2, $3, $4, $5, " NOW_MS ") ON CONFLICT (id) DO NOTHING"
+        )
+        .bind(id)
+        .bind(hostname())
+        .bind(i64::from(std::process::id()))
+        .bind(now())
+        .bind(admin_url)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
     /// Removes this instance's row (a clean stop: its tunnels are closed already).
     pub async fn deregister_instance(&self) -> Result<(), StoreError> {
         if let Some(id) = self.instance_id() {
@@ -314,6 +334,18 @@ mod tests {
         let err = b.heartbeat().await.unwrap_err().to_string();
         assert!(err.contains("taken for dead"), "{err}");
         a.heartbeat().await.unwrap();
+        // B, alive after all, records itself again under its id.
+        b.register_again(Some("http://xtls-b.internal:8347"))
+            .await
+            .unwrap();
+        b.heartbeat().await.unwrap();
+        let back = c.instances().await.unwrap();
+        assert!(back.iter().any(|i| i.id == idb && i.admin_url.is_some()));
+        query("DELETE FROM instances WHERE id = $1")
+            .bind(&idb)
+            .execute(c.writer())
+            .await
+            .unwrap();
 
         // An instance that holds the store alone takes every other one for gone.
         assert_eq!(c.close_lost_tunnels(None).await.unwrap(), 1);

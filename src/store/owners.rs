@@ -92,36 +92,36 @@ impl Store {
                 Some(row) => Some((row.try_get("instance_id")?, row.try_get("epoch")?)),
                 None => None,
             };
-            let epoch = match &before {
-                Some((owner, epoch)) if owner == me => {
-                    claimed.push(Claim {
-                        lease: Lease {
-                            bot: bot.clone(),
-                            instance: me.to_owned(),
-                            epoch: *epoch,
-                        },
-                        previous: Some(me.to_owned()),
-                        lost: Vec::new(),
-                    });
-                    continue;
-                }
-                Some((_, epoch)) => epoch + 1,
-                None => 1,
-            };
-            // A bot deleted meanwhile has no row to own (and no owner row to conflict with).
+            if let Some((owner, epoch)) = &before
+                && owner == me
+            {
+                claimed.push(Claim {
+                    lease: Lease {
+                        bot: bot.clone(),
+                        instance: me.to_owned(),
+                        epoch: *epoch,
+                    },
+                    previous: Some(me.to_owned()),
+                    lost: Vec::new(),
+                });
+                continue;
+            }
+            // The epoch grows in the row itself: a claim that raced this one to insert it
+            // still makes a new epoch. A bot deleted meanwhile has no row to own.
             let taken = query(
                 "INSERT INTO bot_owners (bot_jid, instance_id, epoch, claimed_at) \
-                 SELECT jid, $2, $3, $4 FROM bots WHERE jid = $1 \
+                 SELECT jid, $2, 1, $3 FROM bots WHERE jid = $1 \
                  ON CONFLICT (bot_jid) DO UPDATE SET instance_id = excluded.instance_id, \
-                 epoch = excluded.epoch, claimed_at = excluded.claimed_at",
+                 epoch = bot_owners.epoch + 1, claimed_at = excluded.claimed_at \
+                 RETURNING epoch",
             )
             .bind(bot)
             .bind(me)
-            .bind(epoch)
             .bind(now())
-            .execute(&mut tx)
+            .fetch_optional(&mut tx)
             .await?;
-            if taken.rows_affected() == 1 {
+            if let Some(row) = taken {
+                let epoch: i64 = row.try_get("epoch")?;
                 // What another instance ran for the bot is gone: closed with the claim.
                 let lost = query(
                     "UPDATE tunnels SET state = 'closed', closed_at = $1, close_reason = 'instance_lost' \
