@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::link::slot::route_probe;
 use crate::store::Claim;
 
-use super::table::{BotCommand, BotTable, Start, parse_identities};
+use super::table::{BotCommand, BotTable, Start, parse_each, parse_identities};
 use xtls::tunnel::TunnelKey;
 
 /// Bots claimed in one store transaction at most.
@@ -161,13 +161,13 @@ impl BotTable {
                 return Ok(fresh.iter().map(|c| c.lease.bot.clone()).collect());
             }
         };
+        // One unreadable key fails its own bot only.
+        let jids: Vec<String> = stored.iter().map(|b| b.record.jid.clone()).collect();
         let mut parsed = std::collections::HashMap::new();
-        for bot in stored {
-            let jid = bot.record.jid.clone();
-            // One at a time: one unreadable key fails its own bot only.
-            match parse_identities(vec![bot]).await {
-                Ok(mut one) => {
-                    parsed.insert(jid, one.pop().expect("one bot parsed"));
+        for (jid, outcome) in jids.into_iter().zip(parse_each(stored).await) {
+            match outcome {
+                Ok(bot) => {
+                    parsed.insert(jid, bot);
                 }
                 Err(e) => tracing::error!(bot = jid, error = %e, "claimed bot unreadable"),
             }

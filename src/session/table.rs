@@ -498,6 +498,14 @@ const LOAD_PAGE: i64 = 4096;
 pub(super) async fn parse_identities(
     stored: Vec<StoredBot>,
 ) -> Result<Vec<(BotRecord, Arc<BotIdentity>, u64)>, BotError> {
+    parse_each(stored).await.into_iter().collect()
+}
+
+/// A parsed bot: its record, identity and last event `seq`.
+pub(super) type Parsed = (BotRecord, Arc<BotIdentity>, u64);
+
+/// Parses each bot as [`parse_identities`] does, with each one's outcome, in order.
+pub(super) async fn parse_each(stored: Vec<StoredBot>) -> Vec<Result<Parsed, BotError>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let chunk = stored.len().div_ceil(threads).max(1);
     let mut stored = stored.into_iter();
@@ -513,14 +521,14 @@ pub(super) async fn parse_identities(
                     let identity = BotIdentity::from_der(&b.record.jid, b.cert_der, b.key_der)?;
                     Ok::<_, BotError>((b.record, Arc::new(identity), b.last_seq))
                 })
-                .collect::<Result<Vec<_>, BotError>>()
+                .collect::<Vec<_>>()
         }));
     }
     let mut parsed = Vec::new();
     for job in jobs {
-        parsed.extend(job.await.expect("bot loading does not panic")?);
+        parsed.extend(job.await.expect("bot loading does not panic"));
     }
-    Ok(parsed)
+    parsed
 }
 
 /// What a bot's tasks start from.

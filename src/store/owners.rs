@@ -3,6 +3,8 @@
 //! of owner; writes only an owner may make run in a transaction fenced by that epoch
 //! (`Store::fenced`), so a former owner that has not noticed its loss writes nothing.
 
+use std::collections::HashMap;
+
 use serde::Serialize;
 
 use super::db::{Row, Tx, query, query_each};
@@ -72,83 +74,102 @@ impl Store {
     }
 
     /// Makes this instance the owner of each of `bots` that exists, in one transaction: an
-    /// owner claiming again keeps its epoch, a new owner gets the previous epoch plus one.
-    /// What each claim gave, in the order asked; bots deleted meanwhile are left out.
+    /// owner claiming again keeps its epoch, a new owner gets the previous epoch plus one, and
+    /// the bot's tunnel rows other instances left open are closed as `instance_lost`. What
+    /// each claim gave, in the order asked; bots deleted meanwhile are left out. A few
+    /// statements per 512 bots, whatever their number.
     pub async fn claim_bots(&self, bots: &[String]) -> Result<Vec<Claim>, StoreError> {
         let Some(me) = self.instance_id() else {
             return Err(StoreError::NotFound("this instance's registration".into()));
         };
         let mut tx = self.writer().begin().await?;
-        let mut claimed = Vec::with_capacity(bots.len());
-        for bot in bots {
-            let known = query_each(
-                "SELECT instance_id, epoch FROM bot_owners WHERE bot_jid = $1",
-                "SELECT instance_id, epoch FROM bot_owners WHERE bot_jid = $1 FOR UPDATE",
-            )
-            .bind(bot)
-            .fetch_optional(&mut tx)
-            .await?;
-            let before: Option<(String, i64)> = match known {
-                Some(row) => Some((row.try_get("instance_id")?, row.try_get("epoch")?)),
-                None => None,
-            };
-            if let Some((owner, epoch)) = &before
-                && owner == me
-            {
-                claimed.push(Claim {
-                    lease: Lease {
-                        bot: bot.clone(),
-                        instance: me.to_owned(),
-                        epoch: *epoch,
-                    },
-                    previous: Some(me.to_owned()),
-                    lost: Vec::new(),
-                });
+        let mut before: HashMap<String, (String, i64)> = HashMap::new();
+        let mut taken: HashMap<String, i64> = HashMap::new();
+        let mut lost: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        for part in bots.chunks(512) {
+            let list = |from: usize| super::params(from, part.len());
+            // Who owns them now (locked until the claim commits, on PostgreSQL).
+            let mut sql = format!(
+                "SELECT bot_jid, instance_id, epoch FROM bot_owners WHERE bot_jid IN ({})",
+                list(1)
+            );
+            if self.backend() == super::Backend::Postgres {
+                sql.push_str(" FOR UPDATE");
+            }
+            let mut owned = query(sql);
+            for bot in part {
+                owned = owned.bind(bot);
+            }
+            for row in owned.fetch_all(&mut tx).await? {
+                let bot: String = row.try_get("bot_jid")?;
+                before.insert(bot, (row.try_get("instance_id")?, row.try_get("epoch")?));
+            }
+            let others: Vec<&String> = part
+                .iter()
+                .filter(|b| before.get(*b).is_none_or(|(owner, _)| owner != me))
+                .collect();
+            if others.is_empty() {
                 continue;
             }
             // The epoch grows in the row itself: a claim that raced this one to insert it
             // still makes a new epoch. A bot deleted meanwhile has no row to own.
-            let taken = query(
+            let mut claim = query(format!(
                 "INSERT INTO bot_owners (bot_jid, instance_id, epoch, claimed_at) \
-                 SELECT jid, $2, 1, $3 FROM bots WHERE jid = $1 \
+                 SELECT jid, $1, 1, $2 FROM bots WHERE jid IN ({}) \
                  ON CONFLICT (bot_jid) DO UPDATE SET instance_id = excluded.instance_id, \
                  epoch = bot_owners.epoch + 1, claimed_at = excluded.claimed_at \
-                 RETURNING epoch",
-            )
-            .bind(bot)
+                 RETURNING bot_jid, epoch",
+                super::params(3, others.len())
+            ))
             .bind(me)
+            .bind(now());
+            for bot in &others {
+                claim = claim.bind(*bot);
+            }
+            for row in claim.fetch_all(&mut tx).await? {
+                taken.insert(row.try_get("bot_jid")?, row.try_get("epoch")?);
+            }
+            // What another instance ran for those bots is gone: closed with the claim.
+            let mut close = query(format!(
+                "UPDATE tunnels SET state = 'closed', closed_at = $1, close_reason = 'instance_lost' \
+                 WHERE bot_jid IN ({}) AND state != 'closed' \
+                 AND (instance_id IS NULL OR instance_id != $2) \
+                 RETURNING bot_jid, local_jid, peer",
+                super::params(3, others.len())
+            ))
             .bind(now())
-            .fetch_optional(&mut tx)
-            .await?;
-            if let Some(row) = taken {
-                let epoch: i64 = row.try_get("epoch")?;
-                // What another instance ran for the bot is gone: closed with the claim.
-                let lost = query(
-                    "UPDATE tunnels SET state = 'closed', closed_at = $1, close_reason = 'instance_lost' \
-                     WHERE bot_jid = $2 AND state != 'closed' AND (instance_id IS NULL OR instance_id != $3) \
-                     RETURNING local_jid, peer",
-                )
-                .bind(now())
-                .bind(bot)
-                .bind(me)
-                .fetch_all(&mut tx)
-                .await?
-                .iter()
-                .map(|r| Ok((r.try_get("local_jid")?, r.try_get("peer")?)))
-                .collect::<Result<Vec<(String, String)>, StoreError>>()?;
-                claimed.push(Claim {
-                    lease: Lease {
-                        bot: bot.clone(),
-                        instance: me.to_owned(),
-                        epoch,
-                    },
-                    previous: before.map(|(owner, _)| owner),
-                    lost,
-                });
+            .bind(me);
+            for bot in &others {
+                close = close.bind(*bot);
+            }
+            for row in close.fetch_all(&mut tx).await? {
+                lost.entry(row.try_get("bot_jid")?)
+                    .or_default()
+                    .push((row.try_get("local_jid")?, row.try_get("peer")?));
             }
         }
         tx.commit().await?;
-        Ok(claimed)
+        let mine = |epoch: i64, bot: &String| Lease {
+            bot: bot.clone(),
+            instance: me.to_owned(),
+            epoch,
+        };
+        Ok(bots
+            .iter()
+            .filter_map(|bot| match (taken.get(bot), before.get(bot)) {
+                (Some(epoch), previous) => Some(Claim {
+                    lease: mine(*epoch, bot),
+                    previous: previous.map(|(owner, _)| owner.clone()),
+                    lost: lost.remove(bot).unwrap_or_default(),
+                }),
+                (None, Some((owner, epoch))) if owner == me => Some(Claim {
+                    lease: mine(*epoch, bot),
+                    previous: Some(me.to_owned()),
+                    lost: Vec::new(),
+                }),
+                _ => None,
+            })
+            .collect())
     }
 
     /// Starts a transaction for writes only `lease`'s holder may make: a conflict when the bot
