@@ -28,6 +28,7 @@ import secrets
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 
 from component import Component
 from ejabberd import Ejabberd
@@ -35,6 +36,7 @@ from postgres import Postgres
 from xmpp_server import free_port
 
 SHARED = '[instances]\nmode = "shared"\n'
+
 PASSWORD = "scale-password"
 
 
@@ -75,6 +77,20 @@ def start_all(comps: list[Component], timeout: float) -> float:
     if errors:
         raise errors[0]
     return time.monotonic() - started
+
+
+MILESTONES = ("admin API listening", "link up", "route probes sent", "bots claimed")
+
+
+def milestones(comp: Component, since: float) -> dict[str, float]:
+    """Seconds from `since` (a wall-clock time) to the last log line of each milestone."""
+    found: dict[str, float] = {}
+    for line in comp.log_path.read_text(errors="replace").splitlines():
+        for name in MILESTONES:
+            if name in line:
+                stamp = datetime.strptime(line[:26], "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=timezone.utc)
+                found[name] = stamp.timestamp() - since
+    return found
 
 
 def this(comp: Component) -> str:
@@ -151,11 +167,15 @@ def main() -> int:
         spare = instance(SHARED, key)
         shared[victim].kill()
         killed = time.monotonic()
+        killed_at = time.time()  # the wall clock, as the log stamps it
         spare.start(timeout=60)
         spare_id = this(spare)
         wait_owned(postgres, database, per[victim], {spare_id}, 300)
         took = time.monotonic() - killed
         figures["takeover_s"] = took
+        figures["takeover_milestones_s"] = milestones(spare, killed_at)
+        print("  the spare's log, seconds after the kill:",
+              ", ".join(f"{k} {v:.2f}" for k, v in figures["takeover_milestones_s"].items()))
         print(f"takeover: the spare owned the dead instance's {per[victim]} bots {took:.2f} s after the kill")
         for comp in list(comps):
             comp.stop(timeout=30)
