@@ -13,7 +13,8 @@ import uuid
 
 import pytest
 
-from botapi_helpers import (EventPoller, SseStream, call, messages_received, new_api_bot, post_message,
+from botapi_helpers import (FAST_WEBHOOKS_CONFIG, EventPoller, SseStream, WebhookReceiver, call,
+                            delivery_problems, messages_received, new_api_bot, post_message, put_webhook,
                             read_log)
 from component import Component
 from conftest import Users, _running, run
@@ -53,7 +54,7 @@ def _instances(server, postgres, count: int) -> tuple[list[Component], str]:
     for _ in range(count):
         comp = Component(server, domain=server.api_component_domain, bots="", store_url=url,
                          store_key=comps[0].store_key if comps else None, token=token,
-                         extra_config=SHARED, component_config=FAST_LINK)
+                         extra_config=FAST_WEBHOOKS_CONFIG + SHARED, component_config=FAST_LINK)
         comp.config_path.write_text(comp.config_path.read_text() + f'advertise_url = "{comp.base_url}"\n')
         comps.append(comp)
     return comps, database
@@ -296,3 +297,53 @@ def test_any_instance_reads_events_and_sends_once_per_key_for_a_bot_another_runs
     finally:
         for comp in comps:
             comp.cleanup()
+
+
+def test_a_replacement_delivers_the_webhooks_its_dead_predecessor_left_pending(balanced, postgres):
+    """An `api` bot's webhook receiver goes down after three deliveries; three more messages
+    arrive, acknowledged and pending; the bot's instance is SIGKILLed and a spare takes it
+    over. Once the receiver is back, it gets the three pending ones, in order, and none of
+    those it had acknowledged again."""
+    users = Users(balanced)
+    comps, database = _instances(balanced, postgres, 4)
+    running, spare = comps[:3], comps[3]
+    receiver = WebhookReceiver()
+    try:
+        for comp in running:
+            comp.start()
+        ids = [comp.get("/v1/instances")[1]["this"] for comp in running]
+        bot = new_api_bot(running[0], "hooked")
+        owner = ids.index(_wait_for_owners(postgres, database, [bot], timeout=20)[bot][0])
+        other = running[(owner + 1) % 3]
+        put_webhook(other, bot, receiver, timeout_ms=2000)
+        bodies = [f"pending {i}" for i in range(6)]
+
+        async def scenario():
+            async with users.client("alice") as alice:
+                tunnel = await alice.open_tunnel(bot)
+                for body in bodies[:3]:
+                    await tunnel.send_message(body)
+                await call(receiver.wait_for, lambda r: len(r.acked("message.received")) == 3, 15,
+                           "the first three messages")
+                receiver.stop()
+                for body in bodies[3:]:
+                    await tunnel.send_message(body)
+                await tunnel.flush(timeout=15)  # acknowledged: stored, pending delivery
+                running[owner].kill()
+                await asyncio.to_thread(spare.start, 60)
+                spare_id = spare.get("/v1/instances")[1]["this"]
+                await asyncio.to_thread(_wait_for_owners, postgres, database, [bot], 30, ids[owner])
+                assert _owners(postgres, database)[bot][0] == spare_id
+                receiver.start()  # up again, same port
+                await call(receiver.wait_for, lambda r: len(r.acked("message.received")) == 6, 30,
+                           "the three pending messages, from the spare")
+
+        run(scenario(), 90)
+        assert receiver.invalid() == []
+        assert delivery_problems(receiver.deliveries) == []
+        assert receiver.acked_bodies() == bodies, "webhook deliveries lost, repeated or reordered"
+    finally:
+        receiver.stop()
+        for comp in comps:
+            comp.cleanup()
+
