@@ -15,7 +15,7 @@ use tokio::time::Instant;
 
 use super::driver::{BotDriver, normalize};
 use crate::delivery::event::{BotEvent, FailStage};
-use crate::store::{MessageStatus, OutMsg, TunnelId};
+use crate::store::{MessageStatus, OutMsg, StoreError, TunnelId};
 use xtls::stanza::{Iq, IqType, build_iq, ns};
 use xtls::tunnel::{CloseReason, SendError, State, Tunnel, TunnelKey, bare};
 
@@ -632,13 +632,22 @@ impl BotDriver {
         if status.is_final() {
             self.out.reopened.remove(&msg.id);
         }
-        if let Err(e) = self
-            .shared
-            .store
-            .update_message(&msg.id, status, reason.as_deref())
-            .await
-        {
-            tracing::error!(bot = self.bot.jid, message = msg.id, error = %e, "cannot record message status");
+        let store = &self.shared.store;
+        let updated = match self.shared.owners.lease(&self.bot.jid) {
+            Ok(lease) => {
+                let update =
+                    store.update_message(&msg.id, status, reason.as_deref(), lease.as_ref());
+                update.await
+            }
+            Err(e) => Err(e),
+        };
+        match updated {
+            Ok(()) => {}
+            // The new owner finishes the message; this driver lets the bot go.
+            Err(StoreError::NotOwner(_)) => self.lost_noticed.store(true, Ordering::Relaxed),
+            Err(e) => {
+                tracing::error!(bot = self.bot.jid, message = msg.id, error = %e, "cannot record message status")
+            }
         }
         let event = BotEvent::DeliveryStatus {
             message_id: Some(msg.id.clone()),
@@ -651,13 +660,19 @@ impl BotDriver {
     }
 
     pub(super) async fn set_tunnel(&self, msg: &OutMsg, tunnel_id: &TunnelId) {
-        if let Err(e) = self
-            .shared
-            .store
-            .set_message_tunnel(&msg.id, tunnel_id)
-            .await
-        {
-            tracing::error!(message = msg.id, error = %e, "cannot record message tunnel");
+        let store = &self.shared.store;
+        let set = match self.shared.owners.lease(&self.bot.jid) {
+            Ok(lease) => {
+                store
+                    .set_message_tunnel(&msg.id, tunnel_id, lease.as_ref())
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match set {
+            Ok(()) => {}
+            Err(StoreError::NotOwner(_)) => self.lost_noticed.store(true, Ordering::Relaxed),
+            Err(e) => tracing::error!(message = msg.id, error = %e, "cannot record message tunnel"),
         }
     }
 }

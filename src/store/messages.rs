@@ -198,14 +198,16 @@ impl Store {
         Ok(())
     }
 
-    /// Moves a message to a new status, appending it to the history.
+    /// Moves a message to a new status, appending it to the history (fenced by `lease` when
+    /// given).
     pub async fn update_message(
         &self,
         id: &str,
         status: MessageStatus,
         reason: Option<&str>,
+        lease: Option<&super::Lease>,
     ) -> Result<(), StoreError> {
-        query_each(
+        let update = query_each(
             "UPDATE messages SET status = $1, reason = $2, \
              history = json_insert(history, '$[#]', json_object('status', $1, 'at', $3, 'reason', $2)) WHERE id = $4",
             "UPDATE messages SET status = $1, reason = $2, \
@@ -215,24 +217,21 @@ impl Store {
         .bind(status)
         .bind(reason)
         .bind(now())
-        .bind(id)
-        .execute(self.writer())
-        .await?;
-        Ok(())
+        .bind(id);
+        self.write_for(lease, update).await
     }
 
-    /// Records the tunnel that carries a message.
+    /// Records the tunnel that carries a message (fenced by `lease` when given).
     pub async fn set_message_tunnel(
         &self,
         id: &str,
         tunnel_id: &TunnelId,
+        lease: Option<&super::Lease>,
     ) -> Result<(), StoreError> {
-        query("UPDATE messages SET tunnel_id = $1 WHERE id = $2")
+        let update = query("UPDATE messages SET tunnel_id = $1 WHERE id = $2")
             .bind(tunnel_id)
-            .bind(id)
-            .execute(self.writer())
-            .await?;
-        Ok(())
+            .bind(id);
+        self.write_for(lease, update).await
     }
 
     /// Removes a message that was not accepted.

@@ -672,15 +672,15 @@ pub(crate) mod tests {
         ));
         store.insert_message(&bot.jid, &msg(2), None).await.unwrap();
         store
-            .update_message("msg_1", MessageStatus::Sent, None)
+            .update_message("msg_1", MessageStatus::Sent, None, None)
             .await
             .unwrap();
         store
-            .update_message("msg_1", MessageStatus::Failed, Some("peer gone"))
+            .update_message("msg_1", MessageStatus::Failed, Some("peer gone"), None)
             .await
             .unwrap();
         store
-            .set_message_tunnel("msg_1", &"t9".into())
+            .set_message_tunnel("msg_1", &"t9".into(), None)
             .await
             .unwrap();
         let one = store.message_by_key(&bot.jid, "k1").await.unwrap().unwrap();

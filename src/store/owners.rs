@@ -230,6 +230,25 @@ impl Store {
         .transpose()
     }
 
+    /// Runs one write: fenced by `lease` when there is one, on the writer otherwise.
+    pub(crate) async fn write_for(
+        &self,
+        lease: Option<&Lease>,
+        write: super::db::Query,
+    ) -> Result<(), StoreError> {
+        match lease {
+            None => {
+                write.execute(self.writer()).await?;
+            }
+            Some(lease) => {
+                let mut tx = self.fenced(lease).await?;
+                write.execute(&mut tx).await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every bot's owner, by bot.
     pub async fn owners(&self) -> Result<Vec<OwnerRecord>, StoreError> {
         let rows = query(

@@ -364,17 +364,7 @@ impl Store {
         .bind(&t.closed_at)
         .bind(&t.close_reason)
         .bind(self.instance_id());
-        match lease {
-            None => {
-                save.execute(&self.writer).await?;
-            }
-            Some(lease) => {
-                let mut tx = self.fenced(lease).await?;
-                save.execute(&mut tx).await?;
-                tx.commit().await?;
-            }
-        }
-        Ok(())
+        self.write_for(lease, save).await
     }
 
     /// Tunnel rows, newest first.
