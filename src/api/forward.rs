@@ -185,17 +185,31 @@ async fn owner_url(state: &AdminState, jid: &str) -> Result<Option<String>, ApiE
 }
 
 /// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 6] = [
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     header::HOST,
     header::TRANSFER_ENCODING,
     header::TE,
+    header::TRAILER,
     header::UPGRADE,
     header::CONTENT_LENGTH,
+    header::PROXY_AUTHORIZATION,
 ];
 
+/// `headers` without those of one connection: the fixed ones, and those `Connection` names.
 fn end_to_end(headers: &HeaderMap) -> HeaderMap {
     let mut kept = headers.clone();
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect();
+    for name in named {
+        kept.remove(name.as_str());
+    }
     for name in HOP_BY_HOP {
         kept.remove(name);
     }
@@ -285,7 +299,9 @@ mod tests {
     fn connection_headers_stay_behind() {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, "a:1".parse().unwrap());
-        headers.insert(header::CONNECTION, "close".parse().unwrap());
+        headers.insert(header::CONNECTION, "close, x-hop".parse().unwrap());
+        headers.insert("x-hop", "1".parse().unwrap());
+        headers.insert(header::PROXY_AUTHORIZATION, "Basic x".parse().unwrap());
         headers.insert(header::AUTHORIZATION, "Bearer t".parse().unwrap());
         headers.insert("idempotency-key", "k1".parse().unwrap());
         let kept = end_to_end(&headers);

@@ -24,6 +24,10 @@ impl BotTable {
         let shared = self.shared();
         let bots = self.list();
         for bot in &bots {
+            // The link went down meanwhile: the next link up probes again.
+            if !shared.link_up.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
             let (_, probe) = route_probe(&shared.domain, &bot.record.jid);
             if shared.out.send(probe).await.is_err() {
                 return;
