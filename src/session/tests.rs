@@ -1780,3 +1780,77 @@ async fn a_route_probe_reports_whether_it_came_back() {
     assert!(!shared.routes.arrived(&id), "a late probe reaches nobody");
     std::fs::remove_dir_all(dir).ok();
 }
+
+#[tokio::test]
+async fn with_a_shared_store_stanzas_wait_for_the_claim_and_a_refused_write_lets_the_bot_go() {
+    let dir = std::env::temp_dir().join(format!(
+        "xtls-session-shared-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let url = format!("sqlite://{}/t.db", dir.display());
+    let store = Store::open(&url).await.unwrap();
+    let me = store.register_instance(None).await.unwrap();
+    let (out, mut rx) = mpsc::channel(64);
+    let shared = Shared::new(
+        store.clone(),
+        super::Ownership::shared(),
+        out,
+        TunnelConfig::default(),
+        LimitsConfig::default(),
+        "bots.example.org".into(),
+        &EventsConfig::default(),
+        WebhooksConfig::default(),
+    );
+    let bots = BotTable::load(shared).await.unwrap();
+    let bot = new_bot(&bots, "echo", Handler::Echo, BotTrust::Tofu).await;
+    let jid = bot.record.jid.clone();
+    // Created here, probed: the instance the server routes it to claims it.
+    let probe = rx.recv().await.unwrap();
+    assert_eq!(
+        (probe.name(), probe.attr("to")),
+        ("message", Some(jid.as_str()))
+    );
+    let owners = &bots.shared().owners;
+    assert!(!owners.holds(&jid));
+
+    // A start for it waits, unanswered, until the claim is made and the bot taken over.
+    let held = owners.admit(&jid, start("alice@example.net/a", "s1"));
+    assert!(matches!(held, Admission::Held));
+    assert!(rx.try_recv().is_err());
+    let claimer = tokio::spawn(bots.clone().run_claims());
+    let proceed = next(&mut rx).await;
+    assert_eq!((proceed.type_, proceed.id.as_str()), (IqType::Result, "s1"));
+    assert!(owners.holds(&jid));
+    assert_eq!(
+        owners.lease(&jid).unwrap().map(|l| (l.instance, l.epoch)),
+        Some((me.clone(), 1))
+    );
+
+    // Another instance claims it: this one's next write is refused, and it lets the bot go.
+    let other = Store::open(&url).await.unwrap();
+    other.register_instance(None).await.unwrap();
+    assert_eq!(other.claim_bot(&jid).await.unwrap().epoch, 2);
+    let close: Element = "<iq xmlns='jabber:client' type='set' id='c1' from='alice@example.net/a' \
+                          to='echo@bots.example.org'><close xmlns='urn:xmpp:tmp:xtls'/></iq>"
+        .parse()
+        .unwrap();
+    let Admission::Deliver(close) = owners.admit(&jid, close) else {
+        panic!("the bot runs here until a write is refused");
+    };
+    // The take-over replaced the handle made at creation (read again from the store).
+    assert!(bot.try_deliver(close.clone()).is_err());
+    let bot = bots.by_jid(&jid).unwrap();
+    bot.try_deliver(close).unwrap();
+    for _ in 0..100 {
+        if !owners.holds(&jid) && !bot.driver.is_running() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!owners.holds(&jid), "the bot is let go");
+    assert!(!bot.driver.is_running(), "its driver stopped");
+    claimer.abort();
+    std::fs::remove_dir_all(dir).ok();
+}
