@@ -3,12 +3,11 @@
 //! owner-only work each new claim starts.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use crate::link::slot::route_probe;
 use crate::store::Claim;
 
-use super::table::{BotCommand, BotTable, Start, parse_each, parse_identities};
+use super::table::{BotCommand, BotTable, Start, next_by_bot, parse_each, parse_identities};
 use xtls::tunnel::TunnelKey;
 
 /// Bots claimed in one store transaction at most.
@@ -99,14 +98,14 @@ impl BotTable {
         for gone in known.difference(&stored) {
             self.forget(gone);
         }
-        let mut missing = Vec::new();
-        for jid in stored.difference(&known) {
-            if let Some(bot) = store.load_bot(jid).await? {
-                missing.push(bot);
-            }
+        let missing: Vec<String> = stored.difference(&known).cloned().collect();
+        if missing.is_empty() {
+            return Ok(());
         }
-        for (record, identity, last_seq) in parse_identities(missing).await? {
-            let next = store.next_certificate(&record.jid).await?.map(Arc::new);
+        let loaded = store.load_bots_named(&missing).await?;
+        let mut next = next_by_bot(store).await?;
+        for (record, identity, last_seq) in parse_identities(loaded).await? {
+            let next = next.remove(&record.jid);
             self.learn(record, identity, last_seq, next);
         }
         Ok(())
@@ -118,14 +117,6 @@ impl BotTable {
     async fn claim(&self, batch: &[String]) -> Result<Vec<String>, super::BotError> {
         let shared = self.shared();
         let store = &shared.store;
-        let unfinished = store.bots_with_unfinished_messages().await?;
-        // One secret that cannot be opened must not stop every take-over: the deliverers of
-        // this batch then read their webhooks themselves.
-        let webhooks = store
-            .webhooks()
-            .await
-            .inspect_err(|e| tracing::warn!(error = %e, "cannot read the webhooks; each deliverer reads its own"))
-            .ok();
         let claims = store.claim_bots(batch).await?;
         // Asked for and not claimed: no such bot (deleted, or not a bot at all).
         for jid in batch {
@@ -140,6 +131,27 @@ impl BotTable {
             .iter()
             .filter(|c| shared.owners.lease_of(&c.lease.bot).as_ref() != Some(&c.lease))
             .collect();
+        // What the take-overs start from, read once for the batch and only when there are
+        // some (a claim made again under the same lease needs none of it).
+        let (unfinished, webhooks) = match fresh.is_empty() {
+            true => Default::default(),
+            false => match store.bots_with_unfinished_messages().await {
+                Ok(unfinished) => {
+                    // One secret that cannot be opened must not stop every take-over: the
+                    // deliverers of this batch then read their webhooks themselves.
+                    let webhooks = store
+                        .webhooks()
+                        .await
+                        .inspect_err(|e| tracing::warn!(error = %e, "cannot read the webhooks; each deliverer reads its own"))
+                        .ok();
+                    (unfinished, webhooks)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the unfinished messages");
+                    return Ok(fresh.iter().map(|c| c.lease.bot.clone()).collect());
+                }
+            },
+        };
         let stored = match store
             .load_bots_named(
                 &fresh
@@ -155,11 +167,14 @@ impl BotTable {
                 return Ok(fresh.iter().map(|c| c.lease.bot.clone()).collect());
             }
         };
-        let mut next: std::collections::HashMap<String, _> = match store.next_certificates().await {
-            Ok(all) => all
-                .into_iter()
-                .map(|n| (n.bot.clone(), Arc::new(n)))
-                .collect(),
+        let read_next = async {
+            match fresh.is_empty() {
+                true => Ok(Default::default()),
+                false => next_by_bot(store).await,
+            }
+        };
+        let mut next = match read_next.await {
+            Ok(next) => next,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the announced certificates");
                 return Ok(fresh.iter().map(|c| c.lease.bot.clone()).collect());

@@ -490,6 +490,18 @@ pub fn is_request(stanza: &Element) -> bool {
     }
 }
 
+/// Every announced next certificate, by bot.
+pub(super) async fn next_by_bot(
+    store: &crate::store::Store,
+) -> Result<HashMap<String, Arc<NextCertificate>>, StoreError> {
+    Ok(store
+        .next_certificates()
+        .await?
+        .into_iter()
+        .map(|n| (n.bot.clone(), Arc::new(n)))
+        .collect())
+}
+
 /// Bots read from the store per query at start-up.
 const LOAD_PAGE: i64 = 4096;
 
@@ -564,12 +576,7 @@ impl BotTable {
             true => table.shared.store.webhooks().await?,
             false => Default::default(),
         };
-        let mut next: HashMap<String, Arc<NextCertificate>> = (table.shared.store)
-            .next_certificates()
-            .await?
-            .into_iter()
-            .map(|n| (n.bot.clone(), Arc::new(n)))
-            .collect();
+        let mut next = next_by_bot(&table.shared.store).await?;
         // A page of bots at a time: the memory start-up needs is a page's rows and keys, not
         // every bot's at once (100,000 bots peaked at 567 MiB that way, 400 MiB now).
         let mut after = String::new();

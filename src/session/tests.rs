@@ -27,27 +27,43 @@ async fn table_with(
     limits: LimitsConfig,
     tunnel: TunnelConfig,
 ) -> (BotTable, mpsc::Receiver<Element>, std::path::PathBuf) {
+    let (dir, url) = temp_store("xtls-session");
+    let store = Store::open(&url).await.unwrap();
+    let (out, rx) = mpsc::channel(64);
+    let shared = shared_parts(store, super::Ownership::sole(), out, tunnel, limits);
+    (BotTable::load(shared).await.unwrap(), rx, dir)
+}
+
+/// A fresh directory for a SQLite store, and the store's URL in it.
+fn temp_store(prefix: &str) -> (std::path::PathBuf, String) {
     let dir = std::env::temp_dir().join(format!(
-        "xtls-session-{}-{}",
+        "{prefix}-{}-{}",
         std::process::id(),
         rand::random::<u32>()
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let store = Store::open(&format!("sqlite://{}/t.db", dir.display()))
-        .await
-        .unwrap();
-    let (out, rx) = mpsc::channel(64);
-    let shared = Shared::new(
+    let url = format!("sqlite://{}/t.db", dir.display());
+    (dir, url)
+}
+
+/// The drivers' shared parts for the test domain, with default events and webhooks.
+fn shared_parts(
+    store: Store,
+    owners: super::Ownership,
+    out: mpsc::Sender<Element>,
+    tunnel: TunnelConfig,
+    limits: LimitsConfig,
+) -> Arc<Shared> {
+    Shared::new(
         store,
-        super::Ownership::sole(),
+        owners,
         out,
         tunnel,
         limits,
         "bots.example.org".into(),
         &EventsConfig::default(),
         WebhooksConfig::default(),
-    );
-    (BotTable::load(shared).await.unwrap(), rx, dir)
+    )
 }
 
 fn start(from: &str, id: &str) -> Element {
@@ -1101,15 +1117,12 @@ async fn a_rotation_is_announced_then_activated_and_tunnels_keep_working_across_
     assert_eq!(disco["next-active-at"], next.active_at);
     // A restart finds the rotation where it was.
     let (out, _restarted_rx) = mpsc::channel(64);
-    let restarted = BotTable::load(Shared::new(
+    let restarted = BotTable::load(shared_parts(
         store.clone(),
         super::Ownership::sole(),
         out,
         TunnelConfig::default(),
         LimitsConfig::default(),
-        "bots.example.org".into(),
-        &EventsConfig::default(),
-        WebhooksConfig::default(),
     ))
     .await
     .unwrap();
@@ -1783,25 +1796,16 @@ async fn a_route_probe_reports_whether_it_came_back() {
 
 #[tokio::test]
 async fn with_a_shared_store_stanzas_wait_for_the_claim_and_a_refused_write_lets_the_bot_go() {
-    let dir = std::env::temp_dir().join(format!(
-        "xtls-session-shared-{}-{}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let url = format!("sqlite://{}/t.db", dir.display());
+    let (dir, url) = temp_store("xtls-session-shared");
     let store = Store::open(&url).await.unwrap();
     let me = store.register_instance(None).await.unwrap();
     let (out, mut rx) = mpsc::channel(64);
-    let shared = Shared::new(
+    let shared = shared_parts(
         store.clone(),
         super::Ownership::shared(),
         out,
         TunnelConfig::default(),
         LimitsConfig::default(),
-        "bots.example.org".into(),
-        &EventsConfig::default(),
-        WebhooksConfig::default(),
     );
     let bots = BotTable::load(shared).await.unwrap();
     let bot = new_bot(&bots, "echo", Handler::Echo, BotTrust::Tofu).await;

@@ -116,17 +116,8 @@ impl Store {
         rows.iter().map(|r| self.stored_bot(r)).collect()
     }
 
-    /// One bot with its stored key, certificate and last event `seq`, as it is now (another
-    /// instance may have created or changed it).
-    pub async fn load_bot(&self, jid: &str) -> Result<Option<StoredBot>, StoreError> {
-        let row = query(format!("{LOAD_BOT} WHERE b.jid = $1"))
-            .bind(jid)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| self.stored_bot(&r)).transpose()
-    }
-
-    /// The named bots that exist, each as [`Store::load_bot`] reads it, by JID.
+    /// The named bots that exist, each with its stored key, certificate and last event `seq`,
+    /// as they are now (another instance may have created or changed them), by JID.
     pub async fn load_bots_named(&self, jids: &[String]) -> Result<Vec<StoredBot>, StoreError> {
         let mut loaded = Vec::with_capacity(jids.len());
         // Within any database's limit on the parameters of one query.

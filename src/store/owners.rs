@@ -21,23 +21,14 @@ pub struct Lease {
     pub epoch: i64,
 }
 
-/// What one claim gave: the lease, and who owned the bot before.
+/// What one claim gave: the lease, and the tunnels it closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claim {
     /// The lease this instance holds now.
     pub lease: Lease,
-    /// The instance that owned the bot before (this one when it claimed again), if any.
-    pub previous: Option<String>,
     /// The bot's tunnels other instances left open, closed by this claim as `instance_lost`:
     /// each one's local and peer JIDs, whose peers are to be told.
     pub lost: Vec<(String, String)>,
-}
-
-impl Claim {
-    /// Whether the bot changed hands with this claim (or had no owner before).
-    pub fn is_new(&self) -> bool {
-        self.previous.as_deref() != Some(self.lease.instance.as_str())
-    }
 }
 
 /// Where a bot runs, for a request about it that reached another instance.
@@ -83,6 +74,7 @@ impl Store {
             return Err(StoreError::NotFound("this instance's registration".into()));
         };
         let mut tx = self.writer().begin().await?;
+        // Who owned each bot before the claim.
         let mut before: HashMap<String, (String, i64)> = HashMap::new();
         let mut taken: HashMap<String, i64> = HashMap::new();
         let mut lost: HashMap<String, Vec<(String, String)>> = HashMap::new();
@@ -157,14 +149,12 @@ impl Store {
         Ok(bots
             .iter()
             .filter_map(|bot| match (taken.get(bot), before.get(bot)) {
-                (Some(epoch), previous) => Some(Claim {
+                (Some(epoch), _) => Some(Claim {
                     lease: mine(*epoch, bot),
-                    previous: previous.map(|(owner, _)| owner.clone()),
                     lost: lost.remove(bot).unwrap_or_default(),
                 }),
                 (None, Some((owner, epoch))) if owner == me => Some(Claim {
                     lease: mine(*epoch, bot),
-                    previous: Some(me.to_owned()),
                     lost: Vec::new(),
                 }),
                 _ => None,
@@ -307,16 +297,20 @@ mod tests {
             })
         );
         assert_eq!(a.bot_owner("nobody@bots.example.org").await.unwrap(), None);
-        // A batch says who had each bot before; a bot that does not exist is left out.
+        // In a batch a bot that does not exist is left out; one taken from another
+        // instance gets a new epoch, and claiming it again keeps that one.
         let batch = a
             .claim_bots(&[bot.jid.clone(), "nobody@bots.example.org".into()])
             .await
             .unwrap();
         assert_eq!(batch.len(), 1);
-        assert_eq!(batch[0].previous.as_deref(), Some(ib.as_str()));
-        assert!(batch[0].is_new() && batch[0].lease.epoch == 3);
+        assert_eq!(
+            (batch[0].lease.instance.as_str(), batch[0].lease.epoch),
+            (ia.as_str(), 3)
+        );
         let again = a.claim_bots(std::slice::from_ref(&bot.jid)).await.unwrap();
-        assert!(!again[0].is_new() && again[0].lease.epoch == 3);
+        assert_eq!(again[0].lease, batch[0].lease);
+        assert!(again[0].lost.is_empty());
         let second = b.claim_bot(&bot.jid).await.unwrap();
         assert_eq!(second.epoch, 4);
 

@@ -82,15 +82,6 @@ impl Store {
         rows.iter().map(|r| self.next_from_row(r)).collect()
     }
 
-    /// The next certificate announced for one bot, if any.
-    pub async fn next_certificate(&self, bot: &str) -> Result<Option<NextCertificate>, StoreError> {
-        let row = query(format!("{NEXT} WHERE bot_jid = $1"))
-            .bind(bot)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| self.next_from_row(&r)).transpose()
-    }
-
     fn next_from_row(&self, r: &Row) -> Result<NextCertificate, StoreError> {
         let bot: String = r.try_get("bot_jid")?;
         let key_der = self.open_key(&bot, r.try_get("key_der")?)?;
