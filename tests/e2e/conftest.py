@@ -22,6 +22,7 @@ import pytest
 from component import Component
 from ejabberd import Ejabberd
 from private_ca import PrivateCa
+from postgres import Postgres
 from prosody import Prosody
 from xmpp_server import XmppServer
 from xtls_client import Identity, XtlsClient
@@ -152,3 +153,16 @@ def pytest_runtest_makereport(item, call):
             if fixture is not None:
                 report.sections.append((f"{name} log tail", fixture.diagnostics()))
     return report
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A private PostgreSQL (Debian's package, loopback, own data directory and port), one per
+    test module, stopped by its pid."""
+    server = Postgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+

@@ -20,16 +20,6 @@ from xmpp_server import free_port
 PASSWORD = "pg-password-never-shown"
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    server = Postgres()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
-
-
 @pytest.fixture()
 def pg_component(prosody, postgres):
     """A component on a fresh database, its URL carrying a password (trust auth ignores it)."""

@@ -19,7 +19,6 @@ from botapi_helpers import (FAST_WEBHOOKS_CONFIG, EventPoller, SseStream, Webhoo
 from component import Component
 from conftest import Users, _running, run
 from ejabberd import Ejabberd
-from postgres import Postgres
 from test_balancing import FAST_LINK
 from test_e2e import data, echo_roundtrip
 from xmpp_server import free_port
@@ -33,16 +32,6 @@ BOTS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"
 def balanced():
     """A private ejabberd spreading api.localhost over 3 slots, with the test users."""
     yield from _running(Ejabberd(balanced_slots=3))
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    server = Postgres()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.cleanup()
 
 
 def _instances(server, postgres, count: int) -> tuple[list[Component], str]:
